@@ -1,0 +1,12 @@
+"""dualgraph: provable robustness certificates via dual networks (Wong et al., 2018)."""
+
+from .errors import DualgraphError, UnsupportedOpError
+from .interpreter import EVAL_RULES, Interpreter, infer_shapes, register_eval, run_graph
+from .ir import BATCH, Graph, Node, Value, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BATCH", "DualgraphError", "EVAL_RULES", "Graph", "Interpreter", "Node", "UnsupportedOpError",
+    "Value", "infer_shapes", "register_eval", "run_graph", "verify",
+]

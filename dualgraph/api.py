@@ -1,0 +1,138 @@
+"""The public Python API: load a model, compute certified bounds, certify a batch.
+
+This module is the composition root: it wires the frontends (``frontends/``), the passes
+(``passes/``) and the core (IR, dual layers, scheduler). The core modules import
+neither frontends nor passes.
+
+Example::
+
+    from dualgraph.api import load_model, Certifier
+    graph = load_model("model.onnx")
+    cert = Certifier(graph)
+    result = cert.certify(x, y, eps=0.1, clip=(0.0, 1.0))
+    result.certified        # bool per example: every margin logit[y] - logit[j] > 0 proved
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .dual_registry import Bounds
+from .errors import DualgraphError
+from .input_sets import InputSet, make_input_set
+from .interpreter import Interpreter
+from .ir import Graph, Value
+from .scheduler import BoundConfig, BoundScheduler
+
+
+def load_model(source, example_input: torch.Tensor | None = None, *, simplify: bool = True) -> Graph:
+    """An IR graph from an ``.onnx`` path, an ``onnx.ModelProto``, a model name from ``models/``
+    or an ``nn.Module`` (with ``example_input``, through torch.fx), simplified by the passes."""
+    if isinstance(source, torch.nn.Module):
+        from frontends.fx import load_module
+        if example_input is None:
+            raise DualgraphError("a torch module needs an example input to be traced")
+        graph = load_module(source, example_input)
+    elif isinstance(source, Graph):
+        graph = source
+    else:
+        path = Path(str(source))
+        if not path.suffix and not path.exists():
+            from models import resolve_model
+            path = resolve_model(str(source))
+        from frontends.onnx import load_onnx
+        graph = load_onnx(path if isinstance(source, (str, Path)) else source)
+    if simplify:
+        from passes.pipeline import simplify as run_passes
+        graph = run_passes(graph)
+    return graph
+
+
+def strip_softmax(graph: Graph) -> Graph:
+    """Drop a trailing Softmax: certification works on logits (softmax keeps their order)."""
+    out = graph.outputs[0]
+    node = out.producer
+    if node is not None and node.op == ("", "Softmax") and len(graph.outputs) == 1:
+        graph.outputs = [node.inputs[0]]
+        graph.remove_node(node)
+    return graph
+
+
+def margin_spec(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Rows ``e_y - e_j`` for every ``j != y``: ``[B, K-1, K]``; ``C f(x) > 0`` proves class ``y``."""
+    labels = labels.long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DualgraphError(f"labels must be in 0..{num_classes - 1} for a model with {num_classes} outputs, "
+                             f"got values {int(labels.min())}..{int(labels.max())}")
+    eye = torch.eye(num_classes, dtype=torch.float64)
+    spec = eye[labels].unsqueeze(1) - eye.unsqueeze(0)                 # [B, K, K]
+    others = ~torch.nn.functional.one_hot(labels, num_classes).bool()  # drop the j == y row
+    return spec[others].view(len(labels), num_classes - 1, num_classes)
+
+
+@dataclass
+class CertifyResult:
+    """Per-example results of :meth:`Certifier.certify`."""
+
+    predictions: torch.Tensor   # [B] argmax of the logits at the clean input
+    correct: torch.Tensor       # [B] bool
+    certified: torch.Tensor     # [B] bool: correct and every margin bound > 0
+    margins: torch.Tensor       # [B, K-1] certified lower bounds of logit[y] - logit[j]
+
+
+class Certifier:
+    """Exact dual bounds (Theorem 1) for one graph; dual graphs are built once and reused."""
+
+    def __init__(self, graph: Graph, config: BoundConfig = BoundConfig(),
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        from passes.build_dual import build_dual
+        self.graph = strip_softmax(graph)
+        self.config, self.device, self.dtype = config, torch.device(device), dtype
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise DualgraphError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        self.scheduler = BoundScheduler(self.graph, build_dual, config)
+        self.interpreter = Interpreter(self.graph)
+        self.output: Value = self.graph.outputs[0]
+        self.input: Value = self.graph.inputs[0]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.output.numel
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device=self.device, dtype=self.dtype)
+        expect = tuple(self.input.unit_shape)
+        if tuple(x.shape[1:]) != expect:
+            if x[0].numel() == self.input.numel:
+                return x.reshape(x.shape[0], *expect)
+            raise DualgraphError(f"input shape {tuple(x.shape[1:])} does not match the model's input "
+                                 f"{list(expect)} ({self.input.numel} values per example)")
+        return x
+
+    def input_set(self, x: torch.Tensor, eps: float, norm: str = "linf",
+                  clip: tuple[float, float] | None = None) -> InputSet:
+        return make_input_set(self._prepare(x), eps, norm, clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.interpreter.run(self._prepare(x))[0].reshape(x.shape[0], -1)
+
+    def intermediate_bounds(self, input_set: InputSet) -> dict[Value, Bounds]:
+        return self.scheduler.intermediate_bounds(input_set)
+
+    def lower_bounds(self, input_set: InputSet, spec: torch.Tensor) -> torch.Tensor:
+        """Certified lower bounds of ``spec @ f(x')`` for all ``x'`` in the set: ``[B, m]``."""
+        return self.scheduler.bound_output(input_set, spec.to(device=self.device, dtype=self.dtype))
+
+    def certify(self, x: torch.Tensor, labels: torch.Tensor, eps: float, norm: str = "linf",
+                clip: tuple[float, float] | None = None) -> CertifyResult:
+        """Certify that every point within ``eps`` of each ``x`` is classified as its label."""
+        with torch.no_grad():
+            logits = self.forward(x)
+            spec = margin_spec(labels.to(self.device), self.num_outputs)
+            margins = self.lower_bounds(self.input_set(x, eps, norm, clip), spec)
+        preds = logits.argmax(1)
+        correct = preds == labels.to(self.device)
+        return CertifyResult(preds.cpu(), correct.cpu(), (correct & (margins > 0).all(1)).cpu(), margins.cpu())

@@ -1,0 +1,232 @@
+"""The core dual layers, one registration per op (contract: :mod:`dualgraph.dual_registry`).
+
+Affine and structural ops are exact (Corollary 1; structural ops are the adjoint of their
+index map, obtained as a vector-Jacobian product). Activations use linear relaxations on
+the pre-activation bounds ``[l, u]``: ReLU per Corollary 2 (or CROWN's adaptive lower
+slope), the others with the chord slope and offsets from the exact extremes of
+``f(z) - a z`` on ``[l, u]``, which is the tightest pair of parallel bounding lines.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .dual_registry import (AffineRule, Bounds, DualRule, DualStep, Relaxation, const_args,
+                            register_dual, register_relaxation)
+from .errors import UnsupportedOpError
+from .ir import Node
+
+# ---- affine and structural ops --------------------------------------------------------
+
+STRUCTURAL_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice",
+                  "Split", "Pad", "Identity", "Dropout", "AveragePool", "GlobalAveragePool",
+                  "BatchNormalization", "Neg", "Add", "Sub")
+for _op in STRUCTURAL_OPS:
+    register_dual(_op)(type(f"{_op}Dual", (AffineRule,), {}))
+
+
+def _require_const(node: Node, *indices: int) -> None:
+    for i in indices:
+        v = node.inputs[i] if i < len(node.inputs) else None
+        if v is not None and not v.is_const:
+            raise UnsupportedOpError(
+                f"node '{node.name}' ({node.op_type}): input '{v.name}' depends on the network input; "
+                f"{node.op_type} is only supported with a constant operand here (it would not be affine)")
+
+
+@register_dual("Mul")
+class MulDual(AffineRule):
+    def backward(self, node, lam, bounds, config):
+        if len(node.var_inputs) != 1:
+            _require_const(node, 0, 1)
+        return super().backward(node, lam, bounds, config)
+
+
+@register_dual("Div")
+class DivDual(AffineRule):
+    def backward(self, node, lam, bounds, config):
+        _require_const(node, 1)
+        return super().backward(node, lam, bounds, config)
+
+
+@register_dual("Gemm")
+class GemmDual(AffineRule):
+    """``Y = alpha * A' B' + beta * C`` with variable A: ``lam_A = alpha * lam B'^T`` (transposed if transA)."""
+
+    def transpose(self, node, lam_rows):
+        _require_const(node, 1, 2)
+        w = const_args(node, lam_rows)[1]
+        if node.attrs.get("transB", 0):
+            w = w.t()
+        g = lam_rows @ (w.t() * float(node.attrs.get("alpha", 1.0)))
+        return [g.t() if node.attrs.get("transA", 0) else g]
+
+
+@register_dual("MatMul")
+class MatMulDual(AffineRule):
+    def transpose(self, node, lam_rows):
+        _require_const(node, 1)
+        w = const_args(node, lam_rows)[1]
+        if w.dim() != 2:
+            return super().transpose(node, lam_rows)
+        return [lam_rows @ w.t()]
+
+
+@register_dual("Conv")
+class ConvDual(AffineRule):
+    """Transpose of a 2-D convolution is ``conv_transpose2d`` with the same weights."""
+
+    def transpose(self, node, lam_rows):
+        _require_const(node, 1, 2)
+        w = const_args(node, lam_rows)[1]
+        pads = list(node.attrs.get("pads", [0] * 2 * (w.dim() - 2)))
+        half = len(pads) // 2
+        if w.dim() != 4 or pads[:half] != pads[half:] or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return super().transpose(node, lam_rows)  # 1-D or asymmetric padding: generic adjoint
+        stride = list(node.attrs.get("strides", [1, 1]))
+        dil = list(node.attrs.get("dilations", [1, 1]))
+        in_hw = node.inputs[0].unit_shape[1:]
+        out_hw = lam_rows.shape[2:]
+        extra = [in_hw[i] - ((out_hw[i] - 1) * stride[i] - 2 * pads[i] + dil[i] * (w.shape[2 + i] - 1) + 1)
+                 for i in range(2)]
+        return [F.conv_transpose2d(lam_rows, w, stride=stride, padding=pads[:half], output_padding=extra,
+                                   groups=int(node.attrs.get("group", 1)), dilation=dil)]
+
+
+# ---- activations ----------------------------------------------------------------------
+
+def _crossing(b: Bounds) -> torch.Tensor:
+    return (b.lower < 0) & (b.upper > 0)
+
+
+@register_relaxation("Relu", symmetric_if=lambda cfg: cfg.relu_relaxation == "paper")
+def relu_relaxation(node: Node, b: Bounds, config) -> Relaxation:
+    """Corollary 2: slope ``d = u/(u-l)`` on the crossing set, 0 / 1 on the stable sets.
+
+    Upper line ``d (z - l)``; the lower line is ``d z`` (the paper, symmetric) or, with
+    ``relu_relaxation="crown"``, ``a z`` with ``a = 1 if u > -l else 0`` (any ``a`` in [0,1]
+    is valid).
+    """
+    l, u = b
+    cross = _crossing(b)
+    d = torch.where(cross, u / torch.where(cross, u - l, 1.0), (l >= 0).to(l.dtype))
+    b_up = torch.where(cross, -d * l, 0.0)
+    if config.relu_relaxation == "paper":
+        return Relaxation(d, 0.0, d, b_up)
+    a_lo = torch.where(cross, (u > -l).to(l.dtype), d)
+    return Relaxation(a_lo, 0.0, d, b_up)
+
+
+@register_relaxation("LeakyRelu")
+def leaky_relu_relaxation(node: Node, b: Bounds, config) -> Relaxation:
+    """Chord slope ``s`` on crossing units; ``s z`` is below f (alpha <= s <= 1), the chord above."""
+    alpha = float(node.attrs.get("alpha", 0.01))
+    if alpha > 1:
+        return _chord_relaxation(b, lambda z: F.leaky_relu(z, alpha), breakpoints=(0.0,))
+    l, u = b
+    cross = _crossing(b)
+    s = torch.where(cross, (u - alpha * l) / torch.where(cross, u - l, 1.0),
+                    torch.where(l >= 0, 1.0, alpha).to(l.dtype))
+    return Relaxation(s, 0.0, s, torch.where(cross, l * (alpha - s), 0.0))
+
+
+def _chord_relaxation(b: Bounds, f, breakpoints=(), stationary=None) -> Relaxation:
+    """Parallel lines of the chord slope ``a`` through the extremes of ``g(z) = f(z) - a z``.
+
+    The extremes of ``g`` on ``[l, u]`` lie at ``l``, ``u``, the breakpoints of a piecewise
+    linear ``f``, or the stationary points ``f'(z) = a`` (``stationary(a)`` returns them).
+    A tiny absolute margin covers rounding in ``f``.
+    """
+    l, u = b
+    width = u - l
+    flat = width <= 1e-12
+    a = torch.where(flat, 0.0, (f(u) - f(l)) / torch.where(flat, 1.0, width))
+    cands = [l, u] + [torch.full_like(l, p).clamp(min=l, max=u) for p in breakpoints]
+    if stationary is not None:
+        cands += [z.clamp(min=l, max=u) for z in stationary(a)]
+    g = torch.stack([f(z) - a * z for z in cands])
+    tol = 1e-7 if l.dtype == torch.float64 else 1e-5
+    margin = tol * (1 + g.abs().amax(0))
+    return Relaxation(a, g.amin(0) - margin, a, g.amax(0) + margin)
+
+
+@register_relaxation("Clip")
+def clip_relaxation(node: Node, b: Bounds, config) -> Relaxation:
+    """HardTanh / Clip: piecewise linear, breakpoints at ``min`` and ``max``."""
+    args = const_args(node, b.lower)
+    lo = float(args[1]) if len(args) > 1 and args[1] is not None else -math.inf
+    hi = float(args[2]) if len(args) > 2 and args[2] is not None else math.inf
+    bps = tuple(p for p in (lo, hi) if math.isfinite(p))
+    return _chord_relaxation(b, lambda z: z.clamp(min=lo, max=hi), breakpoints=bps)
+
+
+def _sigmoid_stationary(a: torch.Tensor) -> list[torch.Tensor]:
+    # sigma'(z) = s(1-s) = a  ->  s = (1 + sqrt(1-4a))/2, z = +-logit(s); no solution if a > 1/4
+    s = (1 + torch.sqrt((1 - 4 * a).clamp(min=0))) / 2
+    z = torch.log(s.clamp(max=1 - 1e-15) / (1 - s).clamp(min=1e-15))
+    return [z, -z]
+
+
+def _tanh_stationary(a: torch.Tensor) -> list[torch.Tensor]:
+    # tanh'(z) = 1 - t^2 = a  ->  z = +-atanh(sqrt(1-a)); no solution if a > 1
+    t = torch.sqrt((1 - a).clamp(min=0)).clamp(max=1 - 1e-15)
+    z = torch.atanh(t)
+    return [z, -z]
+
+
+@register_relaxation("Sigmoid")
+def sigmoid_relaxation(node: Node, b: Bounds, config) -> Relaxation:
+    return _chord_relaxation(b, torch.sigmoid, stationary=_sigmoid_stationary)
+
+
+@register_relaxation("Tanh")
+def tanh_relaxation(node: Node, b: Bounds, config) -> Relaxation:
+    return _chord_relaxation(b, torch.tanh, stationary=_tanh_stationary)
+
+
+@register_dual("MaxPool")
+class MaxPoolDual(DualRule):
+    """Lower: ``max_k z_k >= z_k*`` with ``k*`` the window entry of largest lower bound.
+    Upper: ``z_k*`` itself when ``l_k* >= u_k`` for every other ``k`` in the window (then
+    the max is exactly ``z_k*``), else the constant ``max_k u_k``. Sign-dependent, so the
+    rule is not symmetric. Windows are formed with ``unfold``; the adjoint is ``fold``.
+    """
+
+    needs_bounds = True
+
+    def symmetric(self, node, config):
+        return False
+
+    def backward(self, node, lam, bounds, config):
+        a = node.attrs
+        k = list(a["kernel_shape"])
+        pads = list(a.get("pads", [0] * 2 * len(k)))
+        if len(k) != 2 or a.get("ceil_mode", 0) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            raise UnsupportedOpError(f"node '{node.name}' (MaxPool): only 2-D pooling without ceil_mode "
+                                     "has a dual layer")
+        geom = dict(kernel_size=k, stride=list(a.get("strides", k)), dilation=list(a.get("dilations", [1, 1])))
+        l, u = bounds[0]
+        B, C, H, W = l.shape
+        pad = (pads[1], pads[3], pads[0], pads[2])  # F.pad order: left, right, top, bottom
+        # padded entries never win the max: pad l and u with -inf
+        l_win = F.unfold(F.pad(l, pad, value=-math.inf), **geom).view(B, C, k[0] * k[1], -1)
+        u_win = F.unfold(F.pad(u, pad, value=-math.inf), **geom).view(B, C, k[0] * k[1], -1)
+        best_l, sel = l_win.max(2, keepdim=True)                       # [B, C, 1, L]
+        max_u = u_win.amax(2)                                          # [B, C, L]
+        others_u = u_win.scatter(2, sel, -math.inf).amax(2)
+        exact = best_l.squeeze(2) >= others_u                          # [B, C, L]
+        b, m = lam.shape[:2]
+        lam_f = lam.flatten(3)                                         # [b, m, C, L]
+        route = lam_f.clamp(min=0) + torch.where(exact.unsqueeze(1), lam_f.clamp(max=0), 0.0)
+        const = torch.where(exact.unsqueeze(1), 0.0, lam_f.clamp(max=0) * max_u.unsqueeze(1))
+        bb = max(b, B)
+        onehot = torch.zeros(B, C, k[0] * k[1], l_win.shape[-1], dtype=lam.dtype, device=lam.device)
+        onehot.scatter_(2, sel, 1.0)
+        cols = onehot.unsqueeze(1) * route.unsqueeze(3)                # [bb, m, C, K, L]
+        Hp, Wp = H + pad[2] + pad[3], W + pad[0] + pad[1]
+        folded = F.fold(cols.reshape(bb * m, C * k[0] * k[1], -1), (Hp, Wp), **geom)
+        lam_in = folded[:, :, pad[2]:pad[2] + H, pad[0]:pad[0] + W].reshape(bb, m, C, H, W)
+        return DualStep([lam_in], const.flatten(2).sum(-1), None)

@@ -1,0 +1,253 @@
+"""The dual-layer registry: how bounds flow backward through each primal op.
+
+Notation. We bound ``c^T z_k`` from below. Instead of the paper's dual variable ``nu``
+we carry ``lam = -nu``, the coefficient of a value in the linear form being bounded, so
+that every rule reads like a vector-Jacobian product in reverse-mode autodiff.
+
+**The rule contract** (the public API that plugins implement). For a primal node
+``y = f(z_1, ..., z_p)`` a rule's :meth:`DualRule.backward` receives ``lam`` (shape
+``[b, m, *y.unit_shape]``: ``m`` specification rows per example, ``b`` examples or 1 when
+the rows are the same for every example) and the pre-computed bounds ``l <= z_i <= u`` of
+its variable inputs, and returns a :class:`DualStep` with one ``lam_i`` per variable input
+and offsets such that for **every** ``z`` within the bounds
+
+    lam . f(z) >= sum_i lam_i . z_i + lower                       (1)
+
+and, if the rule says it is ``symmetric`` (``lam_i`` is linear in ``lam``, so the same
+``lam_i`` also serve ``-lam``),
+
+    lam . f(z) <= sum_i lam_i . z_i + upper.                       (2)
+
+(1) is Theorem 1's dual layer: ``g(nu) = -lam_i`` and ``h = -lower``. Symmetric rules let
+one backward pass give both bounds of every unit (the paper's ReLU relaxation is
+symmetric; CROWN's adaptive lower slope is not). Any rule satisfying (1)/(2) yields a
+sound certificate; ``tests/test_dual_rules.py`` checks every registered rule, plugins
+included, on sampled points.
+
+Register a rule with ``@register_dual("OpType", domain="")`` on a :class:`DualRule`
+subclass, or use the two helpers: :class:`AffineRule` (ops affine in their variable
+inputs; only ``transpose`` is needed, the bias comes from evaluating the op at zero) and
+:func:`register_relaxation` (elementwise activations; only the linear bounding functions
+are needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from .errors import UnsupportedOpError
+from .interpreter import EVAL_RULES
+from .ir import Graph, Node, OpKey
+from .linalg import batched_dot
+
+
+class Bounds(NamedTuple):
+    """Elementwise bounds ``lower <= z <= upper`` of one value, shape ``[B, *unit_shape]``."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+
+
+@dataclass
+class DualStep:
+    """What a dual layer returns: ``lam_in`` per variable input (None = zero) and offsets [b, m]."""
+
+    lam_in: list[torch.Tensor | None]
+    lower: torch.Tensor | float = 0.0
+    upper: torch.Tensor | float | None = 0.0
+
+
+class DualRule:
+    """Base class of dual layers. Subclasses override :meth:`backward`."""
+
+    #: whether the rule needs bounds of its variable inputs (nonlinear ops do)
+    needs_bounds: bool = False
+
+    def symmetric(self, node: Node, config) -> bool:
+        """True if ``backward`` returns ``upper`` (the same lam_in serve ``-lam``)."""
+        return True
+
+    def backward(self, node: Node, lam: torch.Tensor, bounds: list[Bounds | None], config) -> DualStep:
+        raise NotImplementedError
+
+
+DUAL_RULES: dict[OpKey, DualRule] = {}
+
+
+def register_dual(op_type: str, domain: str = "") -> Callable[[type[DualRule]], type[DualRule]]:
+    """Class decorator: register an instance of the decorated DualRule for ``(domain, op_type)``."""
+    def deco(cls: type[DualRule]) -> type[DualRule]:
+        DUAL_RULES[(domain, op_type)] = cls()
+        return cls
+    return deco
+
+
+def dual_rule(node: Node) -> DualRule:
+    """The rule for ``node``'s op, or UnsupportedOpError naming it and how to add one."""
+    _ensure_loaded()
+    rule = DUAL_RULES.get(node.op)
+    if rule is None:
+        raise missing_rules_error([node])
+    return rule
+
+
+def missing_dual_rules(graph: Graph) -> list[Node]:
+    _ensure_loaded()
+    return [n for n in graph.nodes if n.op not in DUAL_RULES]
+
+
+def missing_rules_error(nodes: list[Node]) -> UnsupportedOpError:
+    by_op: dict[str, list[str]] = {}
+    for n in nodes:
+        by_op.setdefault(".".join(filter(None, n.op)), []).append(n.name)
+    listing = "; ".join(f"{op} (node{'s' if len(v) > 1 else ''} {', '.join(repr(x) for x in v)})"
+                        for op, v in by_op.items())
+    return UnsupportedOpError(
+        f"no dual layer for: {listing}; register one with @dualgraph.register_dual in a plugin "
+        "package (entry point group 'dualgraph.plugins', see README 'Plugins')")
+
+
+def _ensure_loaded() -> None:
+    from . import dual_layers  # noqa: F401  (importing fills DUAL_RULES)
+    from .plugins import load_plugins
+    load_plugins()
+
+
+# ---- helpers for rule authors ---------------------------------------------------------
+
+def eval_node(node: Node, args: list) -> list[torch.Tensor]:
+    out = EVAL_RULES[node.op](node, args)
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def const_args(node: Node, like: torch.Tensor) -> list:
+    """The node's constant inputs cast like ``like``; variable inputs as ``None`` placeholders."""
+    out = []
+    for v in node.inputs:
+        if v is not None and v.is_const:
+            c = v.const
+            out.append(c.to(device=like.device, dtype=like.dtype) if c.is_floating_point() else c.to(like.device))
+        else:
+            out.append(None)
+    return out
+
+
+class AffineRule(DualRule):
+    """Dual layer of an op affine in its variable inputs: ``y = A(z) + b`` (Corollary 1).
+
+    ``lam_i = A_i^T lam`` (exact; :meth:`transpose` defaults to a vector-Jacobian product
+    of the op's evaluation rule, so structural ops need no code) and
+    ``lower = upper = lam . b`` with ``b = f(0)`` (the op evaluated at zero inputs).
+    """
+
+    def transpose(self, node: Node, lam_rows) -> list[torch.Tensor | None]:
+        """``A_i^T`` applied to rows ``[r, *out_unit]`` -> ``[r, *in_unit]`` per variable input.
+
+        ``lam_rows`` is a list (one per output) for multi-output ops.
+        """
+        outs_lam = lam_rows if isinstance(lam_rows, list) else [lam_rows]
+        like = outs_lam[0]
+        args = const_args(node, like)
+        zs = []
+        for i, v in enumerate(node.inputs):
+            if args[i] is None and v is not None:
+                # any point will do: the Jacobian of an affine map is the same everywhere
+                z = torch.zeros((like.shape[0], *v.unit_shape), dtype=like.dtype, device=like.device,
+                                requires_grad=True)
+                args[i] = z
+                zs.append(z)
+        # keep the graph of the transpose only when the caller differentiates the bounds
+        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in outs_lam)
+        with torch.enable_grad():
+            outs = eval_node(node, args)
+            grads = torch.autograd.grad(outs, zs, outs_lam, allow_unused=True, create_graph=differentiable)
+        return list(grads)
+
+    def bias(self, node: Node, like: torch.Tensor) -> list[torch.Tensor]:
+        """``f(0)`` per output, ``[1, *out_unit]``; cached unless the weights need gradients."""
+        key = (like.dtype, like.device)
+        cache = node.meta.setdefault("_dual_bias", {})
+        if key in cache:
+            return cache[key]
+        args = const_args(node, like)
+        for i, v in enumerate(node.inputs):
+            if args[i] is None and v is not None:
+                args[i] = torch.zeros((1, *v.unit_shape), dtype=like.dtype, device=like.device)
+        b = eval_node(node, args)
+        if not any(t.requires_grad for t in b):
+            cache[key] = b
+        return b
+
+    def backward(self, node: Node, lam, bounds, config) -> DualStep:
+        lams = lam if isinstance(lam, list) else [lam]
+        bm = tuple(lams[0].shape[:2])
+        rows = [t.reshape(bm[0] * bm[1], *t.shape[2:]) for t in lams]
+        grads = self.transpose(node, rows if isinstance(lam, list) else rows[0])
+        lam_in = [None if g is None else g.reshape(*bm, *g.shape[1:]) for g in grads]
+        offset: torch.Tensor | float = 0.0
+        for t, b in zip(lams, self.bias(node, lams[0])):
+            if b.requires_grad or bool(b.any()):
+                offset = offset + batched_dot(t, b)
+        return DualStep(lam_in, offset, offset)
+
+
+@dataclass
+class Relaxation:
+    """Linear bounds ``a_lo * z + b_lo <= f(z) <= a_up * z + b_up`` valid on ``[l, u]``.
+
+    When ``a_lo is a_up`` the dual layer is linear (symmetric); tensors are ``[B, *unit]``.
+    """
+
+    a_lo: torch.Tensor
+    b_lo: torch.Tensor | float
+    a_up: torch.Tensor
+    b_up: torch.Tensor | float
+
+
+RelaxFn = Callable[[Node, Bounds, object], Relaxation]
+
+
+class ElementwiseRule(DualRule):
+    """Dual layer of an elementwise activation from its linear relaxation.
+
+    With ``lam+ = max(lam, 0)``, ``lam- = min(lam, 0)``: ``lam_in = lam+ a_lo + lam- a_up``,
+    ``lower = sum lam+ b_lo + lam- b_up``; when ``a_lo is a_up`` also
+    ``upper = sum lam+ b_up + lam- b_lo``.
+    """
+
+    needs_bounds = True
+
+    def __init__(self, relax: RelaxFn, symmetric_if: Callable[[object], bool] = lambda cfg: True):
+        self.relax = relax
+        self._symmetric_if = symmetric_if
+
+    def symmetric(self, node: Node, config) -> bool:
+        return self._symmetric_if(config)
+
+    def backward(self, node: Node, lam: torch.Tensor, bounds, config) -> DualStep:
+        r = self.relax(node, bounds[0], config)
+        a_lo, a_up = r.a_lo.unsqueeze(1), r.a_up.unsqueeze(1)
+        pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+        symmetric = r.a_lo is r.a_up
+        lam_in = lam * a_lo if symmetric else pos * a_lo + neg * a_up
+        lower = _offset(pos, r.b_lo) + _offset(neg, r.b_up)
+        upper = _offset(pos, r.b_up) + _offset(neg, r.b_lo) if symmetric else None
+        return DualStep([lam_in], lower, upper)
+
+
+def _offset(lam_part: torch.Tensor, b) -> torch.Tensor | float:
+    if isinstance(b, (int, float)):
+        return lam_part.flatten(2).sum(-1) * b if b else 0.0
+    return batched_dot(lam_part, b)
+
+
+def register_relaxation(op_type: str, domain: str = "", *,
+                        symmetric_if: Callable[[object], bool] = lambda cfg: True) -> Callable[[RelaxFn], RelaxFn]:
+    """Register an elementwise op's dual layer from ``relax(node, bounds, config) -> Relaxation``."""
+    def deco(fn: RelaxFn) -> RelaxFn:
+        DUAL_RULES[(domain, op_type)] = ElementwiseRule(fn, symmetric_if)
+        return fn
+    return deco

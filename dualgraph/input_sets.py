@@ -1,0 +1,117 @@
+"""Input sets ``B(x)`` and the input term of the dual objective.
+
+For a row ``lam`` (the coefficient of the network input), the dual objective needs
+``min_{x' in B} lam . x' = lam . c - rho(lam)`` and ``max = lam . c + rho(lam)``, where
+``c`` is the set's centre and ``rho`` the support function of the centred set:
+
+* box ``[lo, hi]`` (an L-inf ball, an L-inf ball intersected with a pixel range, or a
+  VNN-LIB box): ``rho(lam) = || lam * (hi - lo) / 2 ||_1``;
+* L2 ball of radius ``eps``: ``rho(lam) = eps * ||lam||_2``.
+
+These are the ``-nu^T x - eps ||nu||_*`` terms of Theorem 1 (dual norms L1 and L2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import DualgraphError
+from .linalg import batched_dot, flat_rows
+
+
+def _check_eps(eps: float) -> float:
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise DualgraphError(f"eps must be a finite number >= 0, got {eps}")
+    return eps
+
+
+class InputSet:
+    """A set of inputs, batched: one set per example (``center`` is ``[B, *input_shape]``)."""
+
+    center: torch.Tensor
+    norm_name: str = ""
+
+    def support(self, lam: torch.Tensor) -> torch.Tensor:
+        """``max_{x' in B} lam . (x' - c)`` for rows ``[b, m, *input_shape]`` -> ``[B, m]``."""
+        raise NotImplementedError
+
+    def bounding_box(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest box containing the set (used by attacks and sampling)."""
+        raise NotImplementedError
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` random points of each example's set: ``[n, B, *input_shape]``."""
+        raise NotImplementedError
+
+
+class Box(InputSet):
+    """``{x' : lo <= x' <= hi}``; ``lo``, ``hi`` of shape ``[B, *input_shape]``."""
+
+    norm_name = "linf"
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if lo.shape != hi.shape:
+            raise DualgraphError(f"box bounds have different shapes {tuple(lo.shape)} and {tuple(hi.shape)}")
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise DualgraphError("box bounds must be finite")
+        if (lo > hi).any():
+            raise DualgraphError("box has a lower bound above its upper bound")
+        self.lo, self.hi = lo, hi
+        self.center = (lo + hi) / 2
+        self.radius = (hi - lo) / 2
+
+    def support(self, lam):
+        return batched_dot(lam.abs(), self.radius)
+
+    def bounding_box(self):
+        return self.lo, self.hi
+
+    def sample(self, n, generator=None):
+        t = torch.rand((n, *self.lo.shape), generator=generator, dtype=self.lo.dtype).to(self.lo.device)
+        return self.lo + t * (self.hi - self.lo)
+
+
+def linf_ball(x: torch.Tensor, eps: float, clip: tuple[float, float] | None = None) -> Box:
+    """``{x' : ||x' - x||_inf <= eps}``, intersected with ``clip = (lo, hi)`` if given."""
+    eps = _check_eps(eps)
+    lo, hi = x - eps, x + eps
+    if clip is not None:
+        lo, hi = lo.clamp(min=clip[0], max=clip[1]), hi.clamp(min=clip[0], max=clip[1])
+    return Box(lo, hi)
+
+
+class L2Ball(InputSet):
+    """``{x' : ||x' - x||_2 <= eps}`` per example."""
+
+    norm_name = "l2"
+
+    def __init__(self, x: torch.Tensor, eps: float) -> None:
+        self.center, self.eps = x, _check_eps(eps)
+
+    def support(self, lam):
+        n = flat_rows(lam).norm(dim=-1) * self.eps
+        return n.expand(self.center.shape[0], -1) if n.shape[0] == 1 else n
+
+    def bounding_box(self):
+        return self.center - self.eps, self.center + self.eps
+
+    def sample(self, n, generator=None):
+        shape = (n, *self.center.shape)
+        g = torch.randn(shape, generator=generator, dtype=self.center.dtype).to(self.center.device)
+        g = g / g.flatten(2).norm(dim=-1).clamp(min=1e-30).view(n, -1, *[1] * (len(shape) - 2))
+        rad = torch.rand(shape[:2], generator=generator, dtype=self.center.dtype).to(self.center.device)
+        rad = rad ** (1.0 / self.center[0].numel())
+        return self.center + self.eps * g * rad.view(n, -1, *[1] * (len(shape) - 2))
+
+
+def make_input_set(x: torch.Tensor, eps: float, norm: str = "linf",
+                   clip: tuple[float, float] | None = None) -> InputSet:
+    """An L-inf ball (optionally clipped to a pixel range) or an L2 ball around each row of ``x``."""
+    if norm == "linf":
+        return linf_ball(x, eps, clip)
+    if norm == "l2":
+        return L2Ball(x, eps)
+    raise DualgraphError(f"unknown norm '{norm}'; use linf or l2")

@@ -1,0 +1,28 @@
+"""Small batched linear-algebra helpers shared by dual layers, input sets and the scheduler.
+
+Rows tensors have shape ``[b, m, *unit]``: ``m`` specification rows for each of ``b``
+examples, where ``b == 1`` means the rows are shared by every example of the batch
+(as they are until the first example-dependent dual layer is crossed).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def flat_rows(lam: torch.Tensor) -> torch.Tensor:
+    """``[b, m, *unit] -> [b, m, n]`` (a view when possible)."""
+    return lam.reshape(lam.shape[0], lam.shape[1], -1)
+
+
+def batched_dot(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``sum_units lam[b, m] * t[b]`` for lam ``[b, m, *unit]``, t ``[B, *unit]`` -> ``[max(b, B), m]``.
+
+    Either side may have batch 1 (broadcast); shared rows cost one matrix product.
+    """
+    lf, tf = flat_rows(lam), t.reshape(t.shape[0], -1)
+    if lf.shape[0] == 1:
+        return tf @ lf[0].transpose(0, 1)
+    if tf.shape[0] == 1:
+        return lf @ tf[0]
+    return torch.einsum("bmn,bn->bm", lf, tf)

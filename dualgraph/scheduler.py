@@ -1,0 +1,189 @@
+"""The bound scheduler: runs dual graphs on batches (Theorem 1, exact).
+
+For every value that feeds a nonlinear op (in topological order) it computes elementwise
+bounds ``l <= z <= u`` of all its units at once: the dual graph of that value is run on
+identity rows (one row per unit, chunked to keep memory in check), and because the
+paper's dual layers are linear in ``lam`` (``symmetric``), one pass yields both bounds:
+``l = sum offsets_lower + lam.c - rho(lam)`` and ``u = sum offsets_upper + lam.c + rho(lam)``.
+With sign-dependent layers (CROWN slopes, MaxPool) the pass runs on ``-I`` as well.
+The final objective ``J(C)`` is one more pass on the specification rows.
+
+The identity rows are the same for every example, so they stay un-batched (batch 1)
+until the first example-dependent layer (a ReLU's ``D``) is crossed; for the first
+affine layers this makes the cost independent of the batch size.
+
+The scheduler is an interpreter over the dual graph: an environment keyed by dual value,
+one :meth:`run_node` per dual node, values freed as soon as they are consumed, errors
+that name the primal node. Bounds are differentiable in the graph's constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .dual_registry import Bounds, DualStep, dual_rule
+from .errors import DualgraphError
+from .input_sets import InputSet
+from .ir import Graph, Node, Value
+from .linalg import batched_dot
+
+DualBuilder = Callable[[Graph, Value], Graph]
+
+
+@dataclass(frozen=True)
+class BoundConfig:
+    """How bounds are computed.
+
+    relu_relaxation: ``"paper"`` (Corollary 2: lower slope = upper slope ``u/(u-l)``) or
+        ``"crown"`` (lower slope 1 if ``u > -l`` else 0; tighter, not symmetric).
+    max_elements: memory budget for one chunk of dual variables, in tensor elements;
+        the identity rows of a layer are split into chunks that fit.
+    """
+
+    relu_relaxation: str = "paper"
+    max_elements: int = 1 << 25
+
+    def __post_init__(self) -> None:
+        if self.relu_relaxation not in ("paper", "crown"):
+            raise DualgraphError(f"unknown relu relaxation '{self.relu_relaxation}'; use paper or crown")
+        if self.max_elements < 1:
+            raise DualgraphError("max_elements must be positive")
+
+
+class BoundScheduler:
+    """Computes intermediate bounds and ``J(C)`` for one graph (dual graphs are built once)."""
+
+    def __init__(self, graph: Graph, build_dual: DualBuilder, config: BoundConfig = BoundConfig()) -> None:
+        if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+            raise DualgraphError(f"bounds need a model with one input and one output; '{graph.name}' has "
+                                 f"{len(graph.inputs)} and {len(graph.outputs)}")
+        self.graph, self.config = graph, config
+        self.output = graph.outputs[0]
+        self._build_dual = build_dual
+        self._duals: dict[Value, Graph] = {}
+        self.dual(self.output)  # fails early, listing every op without a dual layer
+        needed: list[Value] = []
+        for node in graph.ancestors(self.output):
+            if dual_rule(node).needs_bounds:
+                needed += [v for v in node.var_inputs if v not in needed]
+        self.bound_targets = needed
+
+    def dual(self, target: Value) -> Graph:
+        if target not in self._duals:
+            self._duals[target] = self._build_dual(self.graph, target)
+        return self._duals[target]
+
+    # ---- public API ---------------------------------------------------------------------
+    def intermediate_bounds(self, input_set: InputSet) -> dict[Value, Bounds]:
+        """Bounds of every value that feeds a nonlinear op, in topological order."""
+        bounds: dict[Value, Bounds] = {}
+        for v in self.bound_targets:
+            bounds[v] = self.value_bounds(v, input_set, bounds)
+        return bounds
+
+    def value_bounds(self, v: Value, input_set: InputSet, bounds: dict[Value, Bounds]) -> Bounds:
+        """Elementwise bounds of ``v`` (``[B, *unit_shape]``) given bounds of earlier values."""
+        dual = self.dual(v)
+        n = v.numel
+        batch = input_set.center.shape[0]
+        symmetric = self._symmetric(dual)
+        widest = max([int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
+                      if val.shape is not None and len(val.shape) > 2] + [n])
+        chunk = max(1, self.config.max_elements // (widest * batch * (1 if symmetric else 2)))
+        like = input_set.center
+        lows, ups = [], []
+        for start in range(0, n, chunk):
+            k = min(chunk, n - start)
+            rows = torch.zeros(1, k, n, dtype=like.dtype, device=like.device)
+            rows[0, torch.arange(k), torch.arange(start, start + k)] = 1.0
+            rows = rows.view(1, k, *v.unit_shape)
+            if symmetric:
+                lo, up = self.run(dual, rows, input_set, bounds)
+            else:
+                lo, _ = self.run(dual, rows, input_set, bounds)
+                neg, _ = self.run(dual, -rows, input_set, bounds)
+                up = -neg
+            lows.append(lo)
+            ups.append(up)
+        shape = (batch, *v.unit_shape)
+        return Bounds(torch.cat(lows, 1).reshape(shape), torch.cat(ups, 1).reshape(shape))
+
+    def bound_output(self, input_set: InputSet, spec: torch.Tensor,
+                     bounds: dict[Value, Bounds] | None = None) -> torch.Tensor:
+        """Lower bounds ``J`` of ``spec @ f(x')`` over the input set: ``[B, m]``.
+
+        ``spec`` is ``[B or 1, m, n_out]``. Intermediate bounds are computed if not given.
+        """
+        if bounds is None:
+            bounds = self.intermediate_bounds(input_set)
+        if spec.dim() != 3 or spec.shape[2] != self.output.numel:
+            raise DualgraphError(f"specification must have shape [batch, rows, {self.output.numel}], "
+                                 f"got {tuple(spec.shape)}")
+        rows = spec.to(input_set.center).reshape(spec.shape[0], spec.shape[1], *self.output.unit_shape)
+        lower, _ = self.run(self.dual(self.output), rows, input_set, bounds)
+        return lower
+
+    # ---- the interpreter over a dual graph ----------------------------------------------
+    def _symmetric(self, dual: Graph) -> bool:
+        return all(n.meta["rule"].symmetric(n.meta["primal"], self.config) for n in dual.nodes if "rule" in n.meta)
+
+    def run(self, dual: Graph, rows: torch.Tensor, input_set: InputSet,
+            bounds: dict[Value, Bounds]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run ``dual`` on ``rows`` (``[b, m, *target_shape]``); returns (lower, upper) ``[B, m]``.
+
+        ``upper`` is the bound for ``max rows . z`` and is None unless every layer is symmetric.
+        """
+        env: dict[Value, torch.Tensor] = {dual.inputs[0]: rows}
+        lower: torch.Tensor | float = 0.0
+        upper: torch.Tensor | float | None = 0.0
+        for node in dual.nodes:
+            step = self.run_node(node, env, input_set, bounds)
+            for v, lam in zip(node.outputs, step.lam_in):
+                env[v] = lam
+            lower = lower + step.lower
+            upper = None if upper is None or step.upper is None else upper + step.upper
+        batch = input_set.center.shape[0]
+        shape = (batch, rows.shape[1])
+        lower = torch.as_tensor(lower, dtype=rows.dtype, device=rows.device).expand(shape)
+        if upper is not None:
+            upper = torch.as_tensor(upper, dtype=rows.dtype, device=rows.device).expand(shape)
+        return lower, upper
+
+    def run_node(self, node: Node, env: dict[Value, torch.Tensor], input_set: InputSet,
+                 bounds: dict[Value, Bounds]) -> DualStep:
+        lams = [env.pop(v) if v is not None else None for v in node.inputs]  # consumed: freed
+        kind = node.op_type
+        if kind == "Sum":
+            total = lams[0]
+            for t in lams[1:]:
+                total = total + t
+            return DualStep([total], 0.0, 0.0)
+        if kind == "InputSet":
+            lam = lams[0]
+            center = batched_dot(lam, input_set.center)
+            radius = input_set.support(lam)
+            return DualStep([], center - radius, center + radius)
+        primal: Node = node.meta["primal"]
+        rule = node.meta["rule"]
+        lam = lams[0] if len(lams) == 1 else _fill_unused(lams, primal)
+        in_bounds = [bounds.get(v) for v in primal.var_inputs] if rule.needs_bounds else []
+        if rule.needs_bounds and any(b is None for b in in_bounds):
+            raise DualgraphError(f"dual of node '{primal.name}' ({primal.op_type}) needs bounds of its inputs "
+                                 "that were not computed")
+        try:
+            return rule.backward(primal, lam, in_bounds, self.config)
+        except DualgraphError:
+            raise
+        except Exception as exc:
+            raise DualgraphError(f"dual layer of node '{primal.name}' ({primal.op_type}) failed: "
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+
+
+def _fill_unused(lams: list, primal: Node) -> list[torch.Tensor]:
+    """Multi-output ops (Split) get one lam per output; outputs the target does not use get zeros."""
+    ref = next(t for t in lams if t is not None)
+    return [t if t is not None else ref.new_zeros((*ref.shape[:2], *v.unit_shape))
+            for t, v in zip(lams, primal.outputs)]

@@ -1,0 +1,102 @@
+"""Build the dual graph of a primal graph, as an explicit IR (Theorem 1).
+
+The dual graph of a target value ``t`` (a pre-activation whose bounds are wanted, or the
+network output) is the reverse of the primal sub-graph that ``t`` depends on, built the
+way reverse-mode autodiff builds a backward graph:
+
+* its input is ``lam:t``, the specification rows (``lam = -nu``, ``nu_k = -c``);
+* one dual node ``("dualgraph.dual", op_type)`` per primal node, taking ``lam`` of the
+  node's output and producing one ``lam`` per variable input (the dual layer ``g``; the
+  objective term ``h`` is the rule's offset);
+* where a primal value fans out to several consumers, their contributions are summed by
+  a ``Sum`` node (cotangents are summed the same way);
+* one ``InputSet`` node at the primal input, where the dual norm term is taken.
+
+Dual values are named ``lam:<primal value>`` and have shape ``[N, M, *unit_shape]``
+(``M`` specification rows). ``node.meta["primal"]`` links each dual node to its primal node.
+
+Math: J = sum of the rules' offsets + min over the input set of lam_x . x, which is the
+bound of Theorem 1 with h_i = -offset_i.
+"""
+
+from __future__ import annotations
+
+from dualgraph.dual_registry import dual_rule, missing_dual_rules, missing_rules_error
+from dualgraph.errors import DualgraphError
+from dualgraph.ir import BATCH, Graph, Value
+
+DUAL_DOMAIN = "dualgraph.dual"
+SPEC = "M"
+
+
+def build_dual(graph: Graph, target: Value | None = None) -> Graph:
+    """The dual graph of ``graph`` for bounds on ``target`` (default: the single output)."""
+    if target is None:
+        if len(graph.outputs) != 1:
+            raise DualgraphError(f"graph '{graph.name}' has {len(graph.outputs)} outputs; name the target value")
+        target = graph.outputs[0]
+    if len(graph.inputs) != 1:
+        raise DualgraphError(f"bounds need a model with exactly one input; '{graph.name}' has {len(graph.inputs)}")
+    primal_nodes = graph.ancestors(target)
+    missing = missing_dual_rules(_Sub(primal_nodes))
+    if missing:
+        raise missing_rules_error(missing)
+    in_subgraph = set(primal_nodes)
+
+    dual = Graph(f"dual[{graph.name}:{target.name}]")
+    lam = dual.add_input(f"lam:{target.name}", ())
+    lam.shape = (BATCH, SPEC, *target.unit_shape)
+    dual.meta.update(primal=graph, target=target)
+
+    # how many dual contributions each primal value will receive
+    pending: dict[Value, list[Value]] = {}
+    fan_in = {v: sum(1 for u in v.users if u in in_subgraph for w in u.inputs if w is v)
+              for n in primal_nodes for v in n.var_inputs}
+    lam_of: dict[Value, Value] = {target: lam}
+
+    def contribution(v: Value, produced: Value) -> None:
+        pending.setdefault(v, []).append(produced)
+        if len(pending[v]) == fan_in[v]:
+            parts = pending.pop(v)
+            if len(parts) == 1:
+                lam_of[v] = parts[0]
+            else:
+                node = dual.add_node((DUAL_DOMAIN, "Sum"), parts, name=f"sum:{v.name}",
+                                     output_names=[f"lam:{v.name}"])
+                node.output.shape = (BATCH, SPEC, *v.unit_shape)
+                lam_of[v] = node.output
+
+    for node in reversed(primal_nodes):
+        outs = [lam_of.get(v) for v in node.outputs]
+        if all(o is None for o in outs):
+            continue
+        var_inputs = node.var_inputs
+        names = [f"lam:{v.name}" if fan_in[v] == 1 else f"lam:{v.name}@{node.name}" for v in var_inputs]
+        dnode = dual.add_node((DUAL_DOMAIN, node.op_type), outs, {"primal": node.name},
+                              name=f"dual:{node.name}", n_outputs=len(var_inputs), output_names=names)
+        dnode.meta["primal"] = node
+        dnode.meta["rule"] = dual_rule(node)
+        for v, out in zip(var_inputs, dnode.outputs):
+            out.shape = (BATCH, SPEC, *v.unit_shape)
+            contribution(v, out)
+
+    x = graph.inputs[0]
+    if x not in lam_of:
+        raise DualgraphError(f"value '{target.name}' does not depend on the model input")
+    final = dual.add_node((DUAL_DOMAIN, "InputSet"), [lam_of[x]], {"primal": x.name},
+                          name=f"input:{x.name}", output_names=[f"J:{target.name}"])
+    final.output.shape = (BATCH, SPEC)
+    dual.outputs = [final.output]
+    return dual
+
+
+class _Sub:
+    """A view of some nodes, enough for ``missing_dual_rules``."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+
+def is_symmetric(dual: Graph, config) -> bool:
+    """True when every dual layer in ``dual`` is linear in lam (one pass gives both bounds)."""
+    return all(n.meta["rule"].symmetric(n.meta["primal"], config) for n in dual.nodes if "rule" in n.meta)
