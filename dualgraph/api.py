@@ -51,6 +51,43 @@ def load_model(source, example_input: torch.Tensor | None = None, *, simplify: b
     return graph
 
 
+def add_input_normalization(graph: Graph, mean, std) -> Graph:
+    """Prepend ``(x - mean) / std`` (per channel) so inputs and eps live in pixel space.
+
+    The passes fold it into the first affine op where that is exact.
+    """
+    from .interpreter import infer_shapes
+    from .ir import verify
+    x = graph.inputs[0]
+    channels = x.unit_shape[0] if len(x.unit_shape) >= 1 else 1
+    mean = list(mean or [0.0])
+    std = list(std or [1.0])
+    for name, vals in (("--mean", mean), ("--std", std)):
+        if len(vals) not in (1, channels):
+            raise DualgraphError(f"{name} needs 1 or {channels} values (one per input channel), got {len(vals)}")
+    if any(s <= 0 for s in std):
+        raise DualgraphError("--std values must be positive")
+    tail = [1] * (len(x.unit_shape) - 1)
+    shape = [len(mean) if len(mean) > 1 else 1, *tail] if x.unit_shape else [1]
+    mean_v = graph.add_const(graph.fresh_name("input_mean"), torch.tensor(mean).reshape(shape))
+    std_v = graph.add_const(graph.fresh_name("input_std"),
+                            torch.tensor(std).reshape([len(std) if len(std) > 1 else 1, *tail] if x.unit_shape else [1]))
+    users = list(x.users)
+    sub = graph.add_node("Sub", [x, mean_v], name=graph.fresh_name("normalize_sub"))
+    div = graph.add_node("Div", [sub.output, std_v], name=graph.fresh_name("normalize_div"))
+    for node in users:
+        node.inputs = [div.output if v is x else v for v in node.inputs]
+        div.output.users.append(node)
+    x.users[:] = [sub]
+    graph.outputs = [div.output if v is x else v for v in graph.outputs]
+    graph.nodes.remove(sub)
+    graph.nodes.remove(div)
+    graph.nodes[:0] = [sub, div]
+    infer_shapes(graph)
+    verify(graph)
+    return graph
+
+
 def strip_softmax(graph: Graph) -> Graph:
     """Drop a trailing Softmax: certification works on logits (softmax keeps their order)."""
     out = graph.outputs[0]

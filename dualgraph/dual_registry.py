@@ -34,7 +34,7 @@ are needed).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 
@@ -44,11 +44,31 @@ from .ir import Graph, Node, OpKey
 from .linalg import batched_dot
 
 
-class Bounds(NamedTuple):
-    """Elementwise bounds ``lower <= z <= upper`` of one value, shape ``[B, *unit_shape]``."""
+class Bounds:
+    """Elementwise bounds ``lower <= z <= upper`` of one value, shape ``[B, *unit_shape]``.
 
-    lower: torch.Tensor
-    upper: torch.Tensor
+    Unpacks like a pair (``l, u = bounds``). ``cache`` holds what rules derive from these
+    bounds (relaxations): it lives and dies with the bounds in the scheduler's
+    environment, never on the graph.
+    """
+
+    __slots__ = ("lower", "upper", "cache")
+
+    def __init__(self, lower: torch.Tensor, upper: torch.Tensor) -> None:
+        self.lower, self.upper = lower, upper
+        self.cache: dict = {}
+
+    def __iter__(self):
+        return iter((self.lower, self.upper))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return (self.lower, self.upper)[i]
+
+    def __len__(self) -> int:
+        return 2
+
+    def __repr__(self) -> str:
+        return f"Bounds(shape={tuple(self.lower.shape)})"
 
 
 @dataclass
@@ -167,9 +187,15 @@ class AffineRule(DualRule):
         return list(grads)
 
     def bias(self, node: Node, like: torch.Tensor) -> list[torch.Tensor]:
-        """``f(0)`` per output, ``[1, *out_unit]``; cached unless the weights need gradients."""
-        key = (like.dtype, like.device)
-        cache = node.meta.setdefault("_dual_bias", {})
+        """``f(0)`` per output, ``[1, *out_unit]``.
+
+        Cached on the node, keyed by dtype, device and the identity and version of the
+        constant tensors (so an edited weight invalidates it); never cached when the
+        weights need gradients.
+        """
+        consts = tuple((id(v.const), v.const._version) for v in node.inputs if v is not None and v.is_const)
+        key = (like.dtype, like.device, consts)
+        cache = node.meta.setdefault("_affine_bias", {})
         if key in cache:
             return cache[key]
         args = const_args(node, like)
@@ -178,8 +204,22 @@ class AffineRule(DualRule):
                 args[i] = torch.zeros((1, *v.unit_shape), dtype=like.dtype, device=like.device)
         b = eval_node(node, args)
         if not any(t.requires_grad for t in b):
+            cache.clear()
             cache[key] = b
         return b
+
+    def apply_linear(self, node: Node, xs: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The linear part ``A(z) = f(z) - f(0)`` on rows ``[r, *in_unit]`` per variable input
+        (``None`` = zero input). Used by the forward (Appendix F) direction."""
+        like = next(x for x in xs if x is not None)
+        args = const_args(node, like)
+        it = iter(xs)
+        for i, v in enumerate(node.inputs):
+            if args[i] is None and v is not None:
+                x = next(it)
+                args[i] = x if x is not None else like.new_zeros((like.shape[0], *v.unit_shape))
+        outs = eval_node(node, args)
+        return [o - b if (b.requires_grad or bool(b.any())) else o for o, b in zip(outs, self.bias(node, like))]
 
     def backward(self, node: Node, lam, bounds, config) -> DualStep:
         lams = lam if isinstance(lam, list) else [lam]
@@ -227,8 +267,15 @@ class ElementwiseRule(DualRule):
     def symmetric(self, node: Node, config) -> bool:
         return self._symmetric_if(config)
 
+    def relaxation(self, node: Node, bounds: Bounds, config) -> Relaxation:
+        """The relaxation on ``bounds``, computed once per bounds object and config."""
+        key = (node.name, getattr(config, "relu_relaxation", None))
+        if key not in bounds.cache:
+            bounds.cache[key] = self.relax(node, bounds, config)
+        return bounds.cache[key]
+
     def backward(self, node: Node, lam: torch.Tensor, bounds, config) -> DualStep:
-        r = self.relax(node, bounds[0], config)
+        r = self.relaxation(node, bounds[0], config)
         a_lo, a_up = r.a_lo.unsqueeze(1), r.a_up.unsqueeze(1)
         pos, neg = lam.clamp(min=0), lam.clamp(max=0)
         symmetric = r.a_lo is r.a_up

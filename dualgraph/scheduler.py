@@ -26,6 +26,7 @@ import torch
 
 from .dual_registry import Bounds, DualStep, dual_rule
 from .errors import DualgraphError
+from .forward import ForwardBounds, forward_supported
 from .input_sets import InputSet
 from .ir import Graph, Node, Value
 from .linalg import batched_dot
@@ -41,12 +42,19 @@ class BoundConfig:
         ``"crown"`` (lower slope 1 if ``u > -l`` else 0; tighter, not symmetric).
     max_elements: memory budget for one chunk of dual variables, in tensor elements;
         the identity rows of a layer are split into chunks that fit.
+    direction: how intermediate bounds are computed: ``"backward"`` (one dual pass from
+        each layer's units), ``"forward"`` (Appendix F: identity columns of the input and
+        of every activation's crossing units pushed forward; needs linear dual layers) or
+        ``"auto"`` (the cheaper by an operation count; the bounds are the same).
     """
 
     relu_relaxation: str = "paper"
     max_elements: int = 1 << 25
+    direction: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.direction not in ("auto", "backward", "forward"):
+            raise DualgraphError(f"unknown direction '{self.direction}'; use auto, backward or forward")
         if self.relu_relaxation not in ("paper", "crown"):
             raise DualgraphError(f"unknown relu relaxation '{self.relu_relaxation}'; use paper or crown")
         if self.max_elements < 1:
@@ -80,9 +88,49 @@ class BoundScheduler:
     def intermediate_bounds(self, input_set: InputSet) -> dict[Value, Bounds]:
         """Bounds of every value that feeds a nonlinear op, in topological order."""
         bounds: dict[Value, Bounds] = {}
+        if self.bound_targets and self.uses_forward:
+            return ForwardBounds(self.graph, self.config).bounds(self.bound_targets, input_set, bounds)
         for v in self.bound_targets:
             bounds[v] = self.value_bounds(v, input_set, bounds)
         return bounds
+
+    @property
+    def uses_forward(self) -> bool:
+        """Whether intermediate bounds run forward (Appendix F) rather than backward."""
+        if self.config.direction == "backward" or not self.bound_targets:
+            return False
+        nodes = self.graph.ancestors(self.bound_targets[-1])
+        if not forward_supported(self.graph, nodes, self.config):
+            if self.config.direction == "forward":
+                raise DualgraphError("direction 'forward' needs linear dual layers everywhere (paper ReLU "
+                                     "relaxation, no MaxPool); use direction 'backward' or 'auto'")
+            return False
+        if self.config.direction == "forward":
+            return True
+        fwd, bwd = self.operation_counts()
+        return fwd < bwd
+
+    def operation_counts(self) -> tuple[float, float]:
+        """Rough multiply counts (per example) of the forward and backward directions.
+
+        A row or column costs about one multiply-accumulate per weight use of each node.
+        Backward: every target's units are rows pushed through all of its ancestors.
+        Forward: the input's columns plus (about half of) each activation's units are
+        columns pushed through every node once.
+        """
+        ops = self.graph.ancestors(self.bound_targets[-1])
+        size = {n: _macs(n) for n in ops}
+        bwd = sum(t.numel * sum(size[n] for n in self.graph.ancestors(t)) for t in self.bound_targets)
+        columns = {self.graph.inputs[0]: float(self.graph.inputs[0].numel)}
+        fwd = 0.0
+        for n in ops:
+            k = max((columns.get(v, 0.0) for v in n.var_inputs), default=0.0)
+            if dual_rule(n).needs_bounds:
+                k += n.output.numel / 2
+            for o in n.outputs:
+                columns[o] = k
+            fwd += k * size[n]
+        return fwd, bwd
 
     def value_bounds(self, v: Value, input_set: InputSet, bounds: dict[Value, Bounds]) -> Bounds:
         """Elementwise bounds of ``v`` (``[B, *unit_shape]``) given bounds of earlier values."""
@@ -180,6 +228,18 @@ class BoundScheduler:
         except Exception as exc:
             raise DualgraphError(f"dual layer of node '{primal.name}' ({primal.op_type}) failed: "
                                  f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+
+
+def _macs(node: Node) -> float:
+    """Multiply-accumulates of one application of ``node``: outputs times weight fan-in."""
+    out = float(sum(o.numel for o in node.outputs))
+    if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1 and node.inputs[1].is_const:
+        w = node.inputs[1].const
+        if node.op_type == "Conv":
+            return out * w[0].numel()
+        k = w.shape[1] if node.op_type == "Gemm" and node.attrs.get("transB", 0) else w.shape[0]
+        return out * float(k)
+    return out
 
 
 def _fill_unused(lams: list, primal: Node) -> list[torch.Tensor]:

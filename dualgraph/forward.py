@@ -1,0 +1,202 @@
+"""Intermediate bounds in the forward direction (the paper's Appendix F / Algorithm 1).
+
+When every dual layer is linear (``symmetric``), the dual network for all units of a
+value ``v`` at once is a linear map, and its transpose can be run *forward* along the
+primal DAG. Each symmetric relaxation ``a z + b_lo <= f(z) <= a z + b_up`` is split into
+its linear part ``a z + mid`` (``mid = (b_lo + b_up)/2``) and a half-gap
+``gap = (b_up - b_lo)/2 >= 0``, so for every unit ``j`` of ``v``
+
+    bounds = center_j -/+ ( rho(F_x[:, j]) + sum_acts sum_k |F_act[k, j]| )
+
+where ``center`` is the linearised network (ReLU -> ``a z + mid``) run on the input
+set's centre, ``F_x`` holds the columns obtained by pushing the input set's directions
+(the identity, one column per input dimension) forward, and ``F_act`` the columns pushed
+from each activation's gap units (identity scaled by ``gap``; only units with a gap).
+This is Theorem 1 with ``c = +-e_j`` for every ``j`` at once; for the paper's ReLU
+``mid = gap = -d l / 2`` on the crossing set, which recovers ``sum l [nu]_+``.
+
+Columns of different sources are kept apart and pushed through each primal node with
+its linear map (skip connections: contributions are added where the primal DAG adds).
+A :class:`ColumnScheme` decides which columns to push and how to reduce them to the
+``rho`` / ``sum |.|`` terms: :class:`ExactColumns` (identity; exact) here, random
+projections elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dual_registry import AffineRule, Bounds, ElementwiseRule, dual_rule
+from .errors import DualgraphError
+from .input_sets import InputSet
+from .ir import Graph, Node, Value
+
+
+class ColumnScheme:
+    """Which columns are pushed forward and how the pushed columns become bound terms."""
+
+    def input_columns(self, input_set: InputSet, unit_shape: tuple[int, ...]) -> torch.Tensor:
+        """Columns ``[b, k, *input_shape]`` for the input term."""
+        raise NotImplementedError
+
+    def input_term(self, input_set: InputSet, cols: torch.Tensor) -> torch.Tensor:
+        """``rho`` of each unit's row from pushed columns ``[b, k, n_v]`` -> ``[B, n_v]``."""
+        raise NotImplementedError
+
+    def gap_columns(self, gap: torch.Tensor) -> torch.Tensor | None:
+        """Columns ``[B, k, *unit]`` for an activation with half-gaps ``gap`` ``[B, *unit]``."""
+        raise NotImplementedError
+
+    def gap_term(self, cols: torch.Tensor) -> torch.Tensor:
+        """``sum_k |F[k, j]|`` (or its estimate) from pushed columns ``[b, k, n_v]`` -> ``[b, n_v]``."""
+        raise NotImplementedError
+
+
+class ExactColumns(ColumnScheme):
+    """One column per input dimension and per gap unit: the exact bound (quadratic cost)."""
+
+    def input_columns(self, input_set, unit_shape):
+        n = input_set.center[0].numel()
+        like = input_set.center
+        return torch.eye(n, dtype=like.dtype, device=like.device).view(1, n, *unit_shape)
+
+    def input_term(self, input_set, cols):
+        # cols[:, i, j] is the coefficient of input i in unit j: rows of unit j are cols^T
+        rows = cols.transpose(1, 2)
+        return input_set.support(rows.reshape(rows.shape[0], rows.shape[1], *input_set.center.shape[1:]))
+
+    def gap_columns(self, gap):
+        flat = gap.flatten(1)
+        units = torch.nonzero(flat.ne(0).any(0)).flatten()  # union over the batch, like one tensor
+        if units.numel() == 0:
+            return None
+        cols = flat.new_zeros(flat.shape[0], units.numel(), flat.shape[1])
+        cols[:, torch.arange(units.numel(), device=flat.device), units] = flat[:, units]
+        return cols.view(flat.shape[0], units.numel(), *gap.shape[1:])
+
+    def gap_term(self, cols):
+        return cols.abs().sum(1)
+
+
+def forward_supported(graph: Graph, nodes: list[Node], config) -> bool:
+    """Forward mode needs linear dual layers that know how to run forward."""
+    for n in nodes:
+        rule = dual_rule(n)
+        if isinstance(rule, AffineRule):
+            continue
+        if not (isinstance(rule, ElementwiseRule) and rule.symmetric(n, config)):
+            return False
+    return True
+
+
+class ForwardBounds:
+    """Runs the transposed dual network forward once, giving bounds of every target."""
+
+    def __init__(self, graph: Graph, config, scheme: ColumnScheme | None = None) -> None:
+        self.graph, self.config = graph, config
+        self.scheme = scheme or ExactColumns()
+
+    def bounds(self, targets: list[Value], input_set: InputSet,
+               bounds: dict[Value, Bounds] | None = None) -> dict[Value, Bounds]:
+        """Bounds of ``targets`` (in topological order); fills and returns ``bounds``."""
+        bounds = {} if bounds is None else bounds
+        if not targets:
+            return bounds
+        x = self.graph.inputs[0]
+        wanted = set(targets)
+        keep = set()
+        for t in targets:
+            keep.update(self.graph.ancestors(t))
+        nodes = [n for n in self.graph.nodes if n in keep]
+        frees = _last_uses(nodes)
+        center: dict[Value, torch.Tensor] = {x: input_set.center}
+        cols: dict[Value, dict[object, torch.Tensor]] = {
+            x: {"input": self.scheme.input_columns(input_set, tuple(x.unit_shape))}}
+        if x in wanted:
+            bounds[x] = self._finish(x, center[x], cols[x], input_set)
+        for node in nodes:
+            self._run_node(node, center, cols, bounds)
+            for v in node.outputs:
+                if v in wanted and v in center:
+                    bounds[v] = self._finish(v, center[v], cols[v], input_set)
+            for v in frees.get(node, ()):
+                center.pop(v, None)
+                cols.pop(v, None)
+        return bounds
+
+    def _finish(self, v: Value, c: torch.Tensor, srcs: dict, input_set: InputSet) -> Bounds:
+        n = v.numel
+        radius = torch.zeros_like(c).flatten(1)
+        for key, f in srcs.items():
+            f = f.reshape(f.shape[0], f.shape[1], n)
+            radius = radius + (self.scheme.input_term(input_set, f) if key == "input" else self.scheme.gap_term(f))
+        radius = radius.view_as(c)
+        return Bounds(c - radius, c + radius)
+
+    def _run_node(self, node: Node, center, cols, bounds) -> None:
+        rule = dual_rule(node)
+        ins = node.var_inputs
+        if isinstance(rule, AffineRule):
+            args = _with_consts(node, center)
+            center.update(zip(node.outputs, _eval(node, args)))
+            sources = {k for v in ins for k in cols[v]}
+            out_cols: list[dict] = [{} for _ in node.outputs]
+            for key in sources:
+                parts = [cols[v].get(key) for v in ins]
+                b = max(p.shape[0] for p in parts if p is not None)
+                k = next(p.shape[1] for p in parts if p is not None)
+                rows = [None if p is None else p.expand(b, *p.shape[1:]).reshape(b * k, *p.shape[2:]) for p in parts]
+                for i, o in enumerate(rule.apply_linear(node, rows)):
+                    out_cols[i][key] = o.reshape(b, k, *o.shape[1:])
+            for v, d in zip(node.outputs, out_cols):
+                cols[v] = d
+            return
+        if not isinstance(rule, ElementwiseRule) or not rule.symmetric(node, self.config):
+            raise DualgraphError(f"node '{node.name}' ({node.op_type}) has no linear dual layer; "
+                                 "the forward direction cannot be used (use direction='backward')")
+        z = ins[0]
+        r = rule.relaxation(node, bounds[z], self.config)
+        mid = (_as_tensor(r.b_lo, center[z]) + _as_tensor(r.b_up, center[z])) / 2
+        gap = (_as_tensor(r.b_up, center[z]) - _as_tensor(r.b_lo, center[z])) / 2
+        out = node.output
+        center[out] = r.a_lo * center[z] + mid
+        a = r.a_lo.unsqueeze(1)
+        cols[out] = {key: a * f for key, f in cols[z].items()}
+        new = self.scheme.gap_columns(gap)
+        if new is not None:
+            cols[out][node.name] = new
+
+
+def _as_tensor(b, like: torch.Tensor) -> torch.Tensor:
+    return b if torch.is_tensor(b) else torch.full_like(like, float(b))
+
+
+def _with_consts(node: Node, env: dict[Value, torch.Tensor]) -> list:
+    like = next(env[v] for v in node.var_inputs)
+    out = []
+    for v in node.inputs:
+        if v is None:
+            out.append(None)
+        elif v.is_const:
+            c = v.const
+            out.append(c.to(device=like.device, dtype=like.dtype) if c.is_floating_point() else c.to(like.device))
+        else:
+            out.append(env[v])
+    return out
+
+
+def _eval(node: Node, args: list) -> list[torch.Tensor]:
+    from .dual_registry import eval_node
+    return eval_node(node, args)
+
+
+def _last_uses(nodes: list[Node]) -> dict[Node, list[Value]]:
+    """Values to free after each node: inputs whose last consumer (among ``nodes``) it is."""
+    last: dict[Value, Node] = {}
+    for n in nodes:
+        for v in n.var_inputs:
+            last[v] = n
+    out: dict[Node, list[Value]] = {}
+    for v, n in last.items():
+        out.setdefault(n, []).append(v)
+    return out
