@@ -24,7 +24,8 @@ from typing import Callable
 
 import torch
 
-from .dual_registry import Bounds, DualStep, dual_rule
+from . import patches
+from .dual_registry import Bounds, DualStep, ElementwiseRule, dual_rule
 from .errors import DualgraphError
 from .forward import ForwardBounds, forward_supported
 from .input_sets import InputSet
@@ -46,11 +47,18 @@ class BoundConfig:
         each layer's units), ``"forward"`` (Appendix F: identity columns of the input and
         of every activation's crossing units pushed forward; needs linear dual layers) or
         ``"auto"`` (the cheaper by an operation count; the bounds are the same).
+    patches: run backward passes from a convolution's units on local windows
+        (:mod:`dualgraph.patches`); same numbers, far less work. Off only for testing.
     """
 
     relu_relaxation: str = "paper"
     max_elements: int = 1 << 25
     direction: str = "auto"
+    patches: bool = True
+    proj: int | None = None
+    proj_seed: int | None = None
+    proj_estimator: str = "median"
+    delta: float | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in ("auto", "backward", "forward"):
@@ -59,6 +67,36 @@ class BoundConfig:
             raise DualgraphError(f"unknown relu relaxation '{self.relu_relaxation}'; use paper or crown")
         if self.max_elements < 1:
             raise DualgraphError("max_elements must be positive")
+        self._check_projections()
+
+    def _check_projections(self) -> None:
+        if self.proj is None:
+            if self.delta is not None or self.proj_seed is not None:
+                raise DualgraphError("delta and proj_seed only apply with random projections (set proj)")
+            return
+        if isinstance(self.proj, bool) or not isinstance(self.proj, int) or self.proj < 1:
+            raise DualgraphError(f"proj (projection dimension) must be a positive integer, got {self.proj!r}")
+        if self.direction == "backward":
+            raise DualgraphError("random projections run in the forward direction; use direction 'auto' or 'forward'")
+        if self.proj_estimator not in ("median", "geometric"):
+            raise DualgraphError(f"unknown projection estimator '{self.proj_estimator}'; use median or geometric")
+        if self.delta is not None:
+            if not 0 < self.delta < 1:
+                raise DualgraphError(f"delta must be in (0, 1), got {self.delta}")
+            if self.proj_estimator != "geometric":
+                raise DualgraphError("high-probability bounds (delta) need proj_estimator 'geometric'")
+        if self.proj_estimator == "geometric" and self.proj < 2:
+            raise DualgraphError("the geometric estimator needs proj >= 2")
+
+    @property
+    def sound(self) -> bool:
+        """Whether bounds are proofs. With ``proj`` they are estimates (``delta``: probabilistic)."""
+        return self.proj is None
+
+    @property
+    def probabilistic(self) -> bool:
+        """Whether each intermediate bound holds with probability >= 1 - delta (not a proof)."""
+        return self.proj is not None and self.delta is not None
 
 
 class BoundScheduler:
@@ -72,6 +110,8 @@ class BoundScheduler:
         self.output = graph.outputs[0]
         self._build_dual = build_dual
         self._duals: dict[Value, Graph] = {}
+        self._patch_cache: dict = {}  # window-to-window transpose matrices of Convs
+        self._proj_state = None  # random-projection generators (dualgraph.projections), on first use
         self.dual(self.output)  # fails early, listing every op without a dual layer
         needed: list[Value] = []
         for node in graph.ancestors(self.output):
@@ -88,11 +128,31 @@ class BoundScheduler:
     def intermediate_bounds(self, input_set: InputSet) -> dict[Value, Bounds]:
         """Bounds of every value that feeds a nonlinear op, in topological order."""
         bounds: dict[Value, Bounds] = {}
+        if self.bound_targets and self.config.proj is not None:
+            scheme = self._projections().scheme(input_set)
+            return ForwardBounds(self.graph, self.config, scheme).bounds(self.bound_targets, input_set, bounds)
         if self.bound_targets and self.uses_forward:
             return ForwardBounds(self.graph, self.config).bounds(self.bound_targets, input_set, bounds)
         for v in self.bound_targets:
             bounds[v] = self.value_bounds(v, input_set, bounds)
         return bounds
+
+    def _projections(self):
+        """Random-projection state (generators), created on first use; the network must have
+        linear dual layers only (Theorem 2)."""
+        if self._proj_state is None:
+            from .projections import Projections, nonlinear_dual_nodes
+            keep = {n for t in self.bound_targets for n in self.graph.ancestors(t)}
+            nodes = [n for n in self.graph.nodes if n in keep]
+            bad = nonlinear_dual_nodes(nodes, self.config)
+            if bad:
+                names = ", ".join(f"'{n.name}' ({n.op_type})" for n in bad[:5])
+                raise DualgraphError(f"random projections (proj={self.config.proj}) need linear dual layers "
+                                     f"everywhere (the paper's ReLU relaxation, no MaxPool); not linear: {names}. "
+                                     "Compute exact bounds (no proj) or use relu_relaxation 'paper'")
+            sources = 1 + sum(1 for n in nodes if dual_rule(n).needs_bounds)
+            self._proj_state = Projections(self.config, sources)
+        return self._proj_state
 
     @property
     def uses_forward(self) -> bool:
@@ -142,6 +202,9 @@ class BoundScheduler:
                       if val.shape is not None and len(val.shape) > 2] + [n])
         chunk = max(1, self.config.max_elements // (widest * batch * (1 if symmetric else 2)))
         like = input_set.center
+        if self.config.patches and v.producer is not None and patches.conv_geometry(v.producer) is not None:
+            lo, up = self._patch_bounds(dual, input_set, bounds, symmetric)
+            return Bounds(lo.reshape(batch, *v.unit_shape), up.reshape(batch, *v.unit_shape))
         lows, ups = [], []
         for start in range(0, n, chunk):
             k = min(chunk, n - start)
@@ -152,8 +215,7 @@ class BoundScheduler:
                 lo, up = self.run(dual, rows, input_set, bounds)
             else:
                 lo, _ = self.run(dual, rows, input_set, bounds)
-                neg, _ = self.run(dual, -rows, input_set, bounds)
-                up = -neg
+                up = -self.run(dual, -rows, input_set, bounds)[0]
             lows.append(lo)
             ups.append(up)
         shape = (batch, *v.unit_shape)
@@ -184,21 +246,59 @@ class BoundScheduler:
 
         ``upper`` is the bound for ``max rows . z`` and is None unless every layer is symmetric.
         """
-        env: dict[Value, torch.Tensor] = {dual.inputs[0]: rows}
-        lower: torch.Tensor | float = 0.0
-        upper: torch.Tensor | float | None = 0.0
-        for node in dual.nodes:
+        return self._run_from(dual, 0, {dual.inputs[0]: rows}, input_set, bounds, 0.0, 0.0, rows.shape[1])
+
+    def _run_from(self, dual: Graph, first: int, env: dict, input_set: InputSet, bounds: dict,
+                  lower, upper, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for node in dual.nodes[first:]:
             step = self.run_node(node, env, input_set, bounds)
             for v, lam in zip(node.outputs, step.lam_in):
                 env[v] = lam
             lower = lower + step.lower
             upper = None if upper is None or step.upper is None else upper + step.upper
-        batch = input_set.center.shape[0]
-        shape = (batch, rows.shape[1])
-        lower = torch.as_tensor(lower, dtype=rows.dtype, device=rows.device).expand(shape)
+        like = input_set.center
+        shape = (like.shape[0], m)
+        lower = torch.as_tensor(lower, dtype=like.dtype, device=like.device).expand(shape)
         if upper is not None:
-            upper = torch.as_tensor(upper, dtype=rows.dtype, device=rows.device).expand(shape)
+            upper = torch.as_tensor(upper, dtype=like.dtype, device=like.device).expand(shape)
         return lower, upper
+
+    def _patch_bounds(self, dual: Graph, input_set: InputSet, bounds: dict, symmetric: bool):
+        """Bounds of a Conv output through the patch path (see :mod:`dualgraph.patches`)."""
+        if symmetric:
+            return self._run_patches(dual, 1.0, input_set, bounds)
+        lower, _ = self._run_patches(dual, 1.0, input_set, bounds)
+        neg, _ = self._run_patches(dual, -1.0, input_set, bounds)
+        return lower, -neg
+
+    def _run_patches(self, dual: Graph, sign: float, input_set: InputSet, bounds: dict):
+        nodes = dual.nodes
+        first = nodes[0].meta["primal"]
+        p, offset = patches.start(first, sign, input_set.center)
+        lower = upper = offset
+        current, space = nodes[0].outputs[0], first.inputs[0]
+        for i, node in enumerate(nodes[1:], start=1):
+            if node.inputs[0] is not current or len(node.inputs) != 1:
+                break  # the dual graph branches here: continue densely
+            if node.op_type == "InputSet":
+                center, radius = patches.input_terms(p, input_set)
+                upper = None if upper is None else upper + center + radius
+                return lower + center - radius, upper
+            primal, rule = node.meta["primal"], node.meta["rule"]
+            if patches.conv_geometry(primal) is not None:
+                p, off = patches.through_conv(p, primal, self._patch_cache)
+                lower, upper = lower + off, None if upper is None else upper + off
+            elif isinstance(rule, ElementwiseRule):
+                p, lo, up = patches.through_elementwise(p, primal, rule, bounds[primal.var_inputs[0]], self.config)
+                lower = lower + lo
+                upper = None if upper is None or up is None else upper + up
+            else:
+                break
+            current, space = node.outputs[0], primal.inputs[0]
+        else:
+            i = len(nodes)
+        rows = p.to_dense(tuple(space.unit_shape))
+        return self._run_from(dual, i, {current: rows}, input_set, bounds, lower, upper, rows.shape[1])
 
     def run_node(self, node: Node, env: dict[Value, torch.Tensor], input_set: InputSet,
                  bounds: dict[Value, Bounds]) -> DualStep:

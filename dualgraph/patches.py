@@ -1,0 +1,174 @@
+"""Backward passes from a convolution's units, kept as local windows ("patches").
+
+The bounds of a Conv output need one dual row per unit ``(c, p)`` (channel, position).
+After the transpose of that Conv, row ``(c, p)`` is the filter ``W[c]`` placed at the
+window of position ``p``; after further convolutions and elementwise layers it is still
+zero outside a window of the input. Storing only the window, ``[b, C_t, P, C, K, K]``
+(target channel, position, channel, window), instead of a dense ``[b, C_t*P, C, H, W]``
+row does the same arithmetic as the dense path on ``K*K`` instead of ``H*W`` entries.
+
+Window geometry: row ``p = (ph, pw)`` covers rows ``ph*S - Pd .. ph*S - Pd + K - 1`` of
+the current value (likewise columns). Through a Conv with stride ``s``, padding ``q`` and
+kernel ``k``: ``K -> (K-1)s + k``, ``S -> S s``, ``Pd -> Pd s + q``. Entries that fall
+outside the value (its zero padding) are masked to zero, as the dense rows have no
+such entries. Elementwise layers multiply by their slopes' windows; the input term
+takes the windows of the input set's centre and radius. Anything else converts the
+patches to dense rows and the ordinary dual layers continue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .dual_registry import ElementwiseRule, const_args
+from .ir import Node
+
+
+@dataclass
+class Patches:
+    data: torch.Tensor        # [b, C_t, P or 1, C, K, K]
+    kernel: int
+    stride: int
+    padding: int
+    out_hw: tuple[int, int]   # positions of the target: P = Ho * Wo
+
+    @property
+    def positions(self) -> int:
+        return self.out_hw[0] * self.out_hw[1]
+
+    def windows(self, t: torch.Tensor) -> torch.Tensor:
+        """Windows of ``t`` ``[B, C, H, W]`` for every position: ``[B, 1, P, C, K, K]``."""
+        B, C, H, W = t.shape
+        Ho, Wo = self.out_hw
+        K, S, Pd = self.kernel, self.stride, self.padding
+        need_h, need_w = (Ho - 1) * S + K, (Wo - 1) * S + K
+        t = F.pad(t, (Pd, need_w - W - Pd, Pd, need_h - H - Pd))  # negative amounts crop
+        # a strided view instead of F.unfold, which is two orders of magnitude slower on CPU here
+        u = t.unfold(2, K, S).unfold(3, K, S)                     # [B, C, Ho, Wo, K, K]
+        return u.permute(0, 2, 3, 1, 4, 5).reshape(B, 1, Ho * Wo, C, K, K)
+
+    def masked(self, shape_chw: tuple[int, int, int]) -> Patches:
+        """Zero the entries outside a value of shape ``(C, H, W)`` (its padding)."""
+        ones = self.data.new_ones(1, 1, *shape_chw[1:])
+        self.data = self.data * self.windows(ones)
+        return self
+
+    def to_dense(self, shape_chw: tuple[int, int, int]) -> torch.Tensor:
+        """Dense rows ``[b, C_t * P, C, H, W]``."""
+        C, H, W = shape_chw
+        b, Ct, _, _, K, _ = self.data.shape
+        Ho, Wo = self.out_hw
+        S, Pd = self.stride, self.padding
+        full_h, full_w = max(H + Pd, (Ho - 1) * S + K), max(W + Pd, (Wo - 1) * S + K)
+        dense = self.data.new_zeros(b, Ct, self.positions, C, full_h, full_w)
+        data = self.data.expand(b, Ct, self.positions, C, K, K)
+        for p in range(self.positions):
+            y, x = (p // Wo) * S, (p % Wo) * S
+            dense[:, :, p, :, y:y + K, x:x + K] = data[:, :, p]
+        dense = dense[..., Pd:Pd + H, Pd:Pd + W]
+        return dense.reshape(b, Ct * self.positions, C, H, W)
+
+
+def conv_geometry(node: Node) -> tuple[int, int] | None:
+    """``(stride, padding)`` if ``node`` is a 2-D, ungrouped, undilated conv with square,
+    symmetric geometry (what the patch path handles), else None."""
+    if node.op != ("", "Conv") or len(node.inputs) < 2 or not node.inputs[1].is_const:
+        return None
+    w = node.inputs[1].const
+    a = node.attrs
+    pads = list(a.get("pads", [0, 0, 0, 0]))
+    strides = list(a.get("strides", [1, 1]))
+    if (w.dim() != 4 or w.shape[2] != w.shape[3] or int(a.get("group", 1)) != 1
+            or any(d != 1 for d in a.get("dilations", [1, 1])) or len(set(pads)) != 1
+            or len(set(strides)) != 1 or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
+        return None
+    return strides[0], pads[0]
+
+
+def start(node: Node, sign: float, like: torch.Tensor) -> tuple[Patches, torch.Tensor]:
+    """Identity rows of ``node``'s output pushed through its transpose; and the bias term."""
+    stride, pad = conv_geometry(node)
+    args = const_args(node, like)
+    w = args[1]
+    Ct = w.shape[0]
+    Ho, Wo = node.output.unit_shape[1:]
+    p = Patches((sign * w).view(1, Ct, 1, *w.shape[1:]), w.shape[2], stride, pad, (Ho, Wo))
+    p.masked(node.inputs[0].unit_shape)
+    bias = args[2] if len(args) > 2 and args[2] is not None else None
+    offset = (sign * bias).view(1, Ct, 1).expand(1, Ct, Ho * Wo).reshape(1, -1) if bias is not None else 0.0
+    return p, offset
+
+
+MAX_DENSE_TRANSPOSE = 1 << 22
+"""Largest window-to-window matrix (entries) used for a Conv transpose on patches."""
+
+
+def through_conv(p: Patches, node: Node, cache: dict | None = None) -> tuple[Patches, torch.Tensor | float]:
+    """Transpose of a Conv on patches (``p`` lives in the conv's output space).
+
+    The map from a ``[C, K, K]`` window to a ``[C', K', K']`` window is a small fixed
+    matrix; one matrix product with it is much faster on CPU than ``conv_transpose2d``
+    on many tiny images, so it is built once (per node, window size, dtype and device;
+    kept in ``cache``) unless it would be large or the weights need gradients.
+    """
+    stride, pad = conv_geometry(node)
+    args = const_args(node, p.data)
+    w, bias = args[1], (args[2] if len(args) > 2 else None)
+    b, Ct, P, C, K, _ = p.data.shape
+    offset: torch.Tensor | float = 0.0
+    if bias is not None:  # sum over the window of lam * bias[channel]; padding entries are already zero
+        offset = torch.einsum("btpckl,c->btp", p.data, bias).expand(b, Ct, p.positions).reshape(b, -1)
+    Kn, Cn = (K - 1) * stride + w.shape[2], w.shape[1]
+    rows = p.data.reshape(b * Ct * P, C * K * K)
+    if C * K * K * Cn * Kn * Kn <= MAX_DENSE_TRANSPOSE:
+        key = (node.name, K, w.dtype, w.device)
+        T = None if cache is None or w.requires_grad else cache.get(key)
+        if T is None:
+            basis = torch.eye(C * K * K, dtype=w.dtype, device=w.device).view(-1, C, K, K)
+            T = F.conv_transpose2d(basis, w, stride=stride).reshape(C * K * K, Cn * Kn * Kn)
+            if cache is not None and not w.requires_grad:
+                cache[key] = T
+        x = rows @ T
+    else:
+        x = F.conv_transpose2d(rows.view(-1, C, K, K), w, stride=stride)
+    q = Patches(x.view(b, Ct, P, Cn, Kn, Kn), Kn, p.stride * stride, p.padding * stride + pad, p.out_hw)
+    return q.masked(node.inputs[0].unit_shape), offset
+
+
+def through_elementwise(p: Patches, node: Node, rule: ElementwiseRule, bounds, config):
+    """An elementwise dual layer on patches: slopes and offsets are taken window-wise."""
+    r = rule.relaxation(node, bounds, config)
+    like = bounds.lower
+
+    def win(t):
+        return p.windows(t if torch.is_tensor(t) else torch.full_like(like, float(t)))
+
+    data = p.data
+    pos, neg = data.clamp(min=0), data.clamp(max=0)
+    symmetric = r.a_lo is r.a_up
+    new = data * win(r.a_lo) if symmetric else pos * win(r.a_lo) + neg * win(r.a_up)
+    b_lo, b_up = win(r.b_lo), win(r.b_up)
+    lower = _window_sum(pos * b_lo + neg * b_up, p.positions)
+    upper = _window_sum(pos * b_up + neg * b_lo, p.positions) if symmetric else None
+    return Patches(new, p.kernel, p.stride, p.padding, p.out_hw), lower, upper
+
+
+def input_terms(p: Patches, input_set) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lam . c`` and ``rho(lam)`` of the input set for every row, ``[B, rows]``."""
+    data = p.data
+    center = _window_sum(data * p.windows(input_set.center), p.positions)
+    if hasattr(input_set, "radius"):
+        radius = _window_sum(data.abs() * p.windows(input_set.radius), p.positions)
+    else:  # L2 ball: eps * ||lam||_2; entries outside the value are already zero
+        radius = data.pow(2).sum((3, 4, 5)).sqrt().reshape(data.shape[0], -1) * input_set.eps
+        radius = radius.expand(center.shape[0], -1) if radius.shape[0] == 1 else radius
+    return center, radius
+
+
+def _window_sum(t: torch.Tensor, positions: int) -> torch.Tensor:
+    """``[b, C_t, P or 1, C, K, K] -> [b, C_t * P]``."""
+    s = t.sum((3, 4, 5))
+    return s.expand(s.shape[0], s.shape[1], positions).reshape(s.shape[0], -1)
