@@ -246,6 +246,21 @@ class Relaxation:
     a_up: torch.Tensor
     b_up: torch.Tensor | float
 
+    @property
+    def symmetric(self) -> bool:
+        return self.a_lo is self.a_up
+
+    def mid_gap(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mid = (b_lo + b_up)/2`` and ``gap = (b_up - b_lo)/2 >= 0`` as ``[B, *unit]`` tensors.
+
+        For a symmetric relaxation, ``lam . b`` picked by sign equals
+        ``lam . mid -/+ |lam| . gap``: a linear part and an absolute part (the paper's
+        ``[a]_+ = (|a| + a)/2`` split).
+        """
+        b_lo = self.b_lo if torch.is_tensor(self.b_lo) else torch.full_like(self.a_lo, float(self.b_lo))
+        b_up = self.b_up if torch.is_tensor(self.b_up) else torch.full_like(self.a_lo, float(self.b_up))
+        return (b_lo + b_up) / 2, (b_up - b_lo) / 2
+
 
 RelaxFn = Callable[[Node, Bounds, object], Relaxation]
 
@@ -255,7 +270,7 @@ class ElementwiseRule(DualRule):
 
     With ``lam+ = max(lam, 0)``, ``lam- = min(lam, 0)``: ``lam_in = lam+ a_lo + lam- a_up``,
     ``lower = sum lam+ b_lo + lam- b_up``; when ``a_lo is a_up`` also
-    ``upper = sum lam+ b_up + lam- b_lo``.
+    ``upper = sum lam+ b_up + lam- b_lo`` (computed as ``lam.mid -/+ |lam|.gap``).
     """
 
     needs_bounds = True
@@ -276,13 +291,20 @@ class ElementwiseRule(DualRule):
 
     def backward(self, node: Node, lam: torch.Tensor, bounds, config) -> DualStep:
         r = self.relaxation(node, bounds[0], config)
-        a_lo, a_up = r.a_lo.unsqueeze(1), r.a_up.unsqueeze(1)
+        if r.symmetric:  # linear in lam: lam_in = a lam, offsets lam.mid -/+ |lam|.gap
+            mid, gap = _cached_mid_gap(r, bounds[0], node)
+            linear, absolute = batched_dot(lam, mid), batched_dot(lam.abs(), gap)
+            return DualStep([lam * r.a_lo.unsqueeze(1)], linear - absolute, linear + absolute)
         pos, neg = lam.clamp(min=0), lam.clamp(max=0)
-        symmetric = r.a_lo is r.a_up
-        lam_in = lam * a_lo if symmetric else pos * a_lo + neg * a_up
-        lower = _offset(pos, r.b_lo) + _offset(neg, r.b_up)
-        upper = _offset(pos, r.b_up) + _offset(neg, r.b_lo) if symmetric else None
-        return DualStep([lam_in], lower, upper)
+        lam_in = pos * r.a_lo.unsqueeze(1) + neg * r.a_up.unsqueeze(1)
+        return DualStep([lam_in], _offset(pos, r.b_lo) + _offset(neg, r.b_up), None)
+
+
+def _cached_mid_gap(r: Relaxation, bounds: Bounds, node: Node):
+    key = ("mid_gap", node.name, id(r))
+    if key not in bounds.cache:
+        bounds.cache[key] = (r, r.mid_gap())  # r kept alive so its id stays unique
+    return bounds.cache[key][1]
 
 
 def _offset(lam_part: torch.Tensor, b) -> torch.Tensor | float:

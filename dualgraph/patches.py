@@ -147,21 +147,24 @@ def through_elementwise(p: Patches, node: Node, rule: ElementwiseRule, bounds, c
         return p.windows(t if torch.is_tensor(t) else torch.full_like(like, float(t)))
 
     data = p.data
+    if r.symmetric:
+        mid, gap = r.mid_gap()
+        linear = _window_dot(data, p.windows(mid), p.positions)
+        absolute = _window_dot(data.abs(), p.windows(gap), p.positions)
+        new = data * win(r.a_lo)
+        return Patches(new, p.kernel, p.stride, p.padding, p.out_hw), linear - absolute, linear + absolute
     pos, neg = data.clamp(min=0), data.clamp(max=0)
-    symmetric = r.a_lo is r.a_up
-    new = data * win(r.a_lo) if symmetric else pos * win(r.a_lo) + neg * win(r.a_up)
-    b_lo, b_up = win(r.b_lo), win(r.b_up)
-    lower = _window_sum(pos * b_lo + neg * b_up, p.positions)
-    upper = _window_sum(pos * b_up + neg * b_lo, p.positions) if symmetric else None
-    return Patches(new, p.kernel, p.stride, p.padding, p.out_hw), lower, upper
+    new = pos * win(r.a_lo) + neg * win(r.a_up)
+    lower = _window_sum(pos * win(r.b_lo) + neg * win(r.b_up), p.positions)
+    return Patches(new, p.kernel, p.stride, p.padding, p.out_hw), lower, None
 
 
 def input_terms(p: Patches, input_set) -> tuple[torch.Tensor, torch.Tensor]:
     """``lam . c`` and ``rho(lam)`` of the input set for every row, ``[B, rows]``."""
     data = p.data
-    center = _window_sum(data * p.windows(input_set.center), p.positions)
+    center = _window_dot(data, p.windows(input_set.center), p.positions)
     if hasattr(input_set, "radius"):
-        radius = _window_sum(data.abs() * p.windows(input_set.radius), p.positions)
+        radius = _window_dot(data.abs(), p.windows(input_set.radius), p.positions)
     else:  # L2 ball: eps * ||lam||_2; entries outside the value are already zero
         radius = data.pow(2).sum((3, 4, 5)).sqrt().reshape(data.shape[0], -1) * input_set.eps
         radius = radius.expand(center.shape[0], -1) if radius.shape[0] == 1 else radius
@@ -172,3 +175,17 @@ def _window_sum(t: torch.Tensor, positions: int) -> torch.Tensor:
     """``[b, C_t, P or 1, C, K, K] -> [b, C_t * P]``."""
     s = t.sum((3, 4, 5))
     return s.expand(s.shape[0], s.shape[1], positions).reshape(s.shape[0], -1)
+
+
+def _window_dot(data: torch.Tensor, win: torch.Tensor, positions: int) -> torch.Tensor:
+    """``sum over (C, K, K) of data * win`` without materialising the product: ``[b', C_t * P]``.
+
+    ``data`` is ``[b, C_t, P or 1, C, K, K]``, ``win`` is ``[B, 1, P, C, K, K]``.
+    """
+    b, Ct, P0 = data.shape[:3]
+    B = win.shape[0]
+    n = data[0, 0, 0].numel()
+    d = data.expand(b, Ct, positions, *data.shape[3:]).reshape(b, Ct, positions, n).permute(0, 2, 1, 3)
+    w = win.reshape(B, positions, n, 1)
+    out = torch.matmul(d, w).squeeze(-1)                     # [max(b,B), P, C_t]
+    return out.permute(0, 2, 1).reshape(out.shape[0], -1)

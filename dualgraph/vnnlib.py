@@ -1,0 +1,399 @@
+"""VNN-LIB 1.0 property reader (hand-written; the PyPI ``vnnlib`` package reads 2.0 only).
+
+A file declares inputs ``X_0..X_{n-1}`` and outputs ``Y_0..Y_{m-1}`` (``declare-const``)
+and asserts formulas built from ``and``/``or`` over linear comparisons (``<= >= < > =``
+of terms with ``+ - *``). The conjunction of all asserts is put in disjunctive normal
+form (an ``and`` of ``or``s is distributed into an ``or`` of ``and``s). Each DNF term is a
+box on the inputs (an input comparison must bound one ``X_i`` by a constant) plus rows
+``c^T y <= d`` on the outputs. Terms with the same box are grouped into one property:
+
+    unsafe(y)  <=>  OR_m ( C_m @ y <= d_m )      (row-wise; a union of polyhedra)
+
+The property *holds* (competition answer ``unsat``) iff no ``x`` in ``[input_lo, input_hi]``
+has ``f(x)`` in the unsafe region. Strict comparisons are read as non-strict: the closed
+region contains the strict one, so proving the closed region unreachable is still sound;
+a counterexample exactly on the boundary of a strict comparison is not a real one.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from dualgraph.errors import DualgraphError
+
+_TOKEN = re.compile(r"[()\n@]|[^\s()@]+")  # "\n" is a token so lines are counted for free
+_COMMENT = re.compile(r";[^\n]*")
+_NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_NUMBER = re.compile(_NUM + "$")
+_VARIABLE = re.compile(r"([XY])_(\d+)$")
+# Fast paths. A big file is mostly declarations, one-line input bounds and simple
+# comparisons inside large disjunctions. Regexes find these in C: declarations and
+# one-line bounds are blanked out, and each simple comparison `(op a b)` is replaced by
+# "@" and converted directly; the tokenizer puts the converted atoms back in order. No
+# replacement removes a newline, so line numbers of what remains do not move. Anything
+# else (a comparison split over lines, nested terms) goes through the general parser.
+_S, _S1 = r"[ \t\r]*", r"[ \t\r]+"
+_DECL = re.compile(r"\(\s*declare-const\s+([XY]_\d+)\s+Real\s*\)")
+_BOUND = re.compile(
+    rf"^{_S}\(assert{_S}\({_S}(<=|>=){_S1}(?:X_(\d+){_S1}({_NUM})|({_NUM}){_S1}X_(\d+)){_S}\){_S}\){_S}$", re.M
+)
+_SIMPLE = re.compile(rf"\({_S}(<=|>=|<|>){_S1}([^\s()]+){_S1}([^\s()]+){_S}\)")
+_IGNORED = {"set-logic", "set-info", "set-option", "check-sat", "get-model", "exit"}
+
+Atom = tuple  # ("x", i, is_upper, bound) or ("y", {j: coef}, d) meaning sum coef*Y_j <= d
+Linear = tuple[dict[tuple[bool, int], float], float]  # ({(is_output, index): coef}, const)
+Dnf = list[list[Atom]]  # a disjunction of terms, each a conjunction of atoms
+
+
+@dataclass(frozen=True, eq=False)
+class Conjunction:
+    """The polyhedron ``{y : C @ y <= d}`` (``C``: ``k x n_outputs``, ``d``: ``k``).
+
+    ``k == 0`` is the whole output space: every input in the box is a counterexample.
+    """
+
+    C: np.ndarray
+    d: np.ndarray
+
+    def violations(self, y_batch: Any) -> np.ndarray:
+        """``max_rows (C @ y - d)`` for each ``y`` of a ``[B, n_outputs]`` batch; ``<= 0``: inside."""
+        y = np.asarray(y_batch, dtype=np.float64).reshape(-1, self.C.shape[1])
+        return np.max(y @ self.C.T - self.d, axis=1, initial=-np.inf)
+
+    def holds(self, y: Any, tol: float = 0.0) -> bool:
+        """Whether ``C @ y <= d + tol`` for one output vector ``y``."""
+        return bool(self.violations(y)[0] <= tol)
+
+
+@dataclass(frozen=True, eq=False)
+class VnnlibProperty:
+    """One input box and the unsafe output region over it (the union of ``unsafe``)."""
+
+    input_lo: np.ndarray
+    input_hi: np.ndarray
+    n_outputs: int
+    unsafe: tuple[Conjunction, ...]
+
+    @property
+    def n_inputs(self) -> int:
+        return int(self.input_lo.shape[0])
+
+    def violations(self, y_batch: Any) -> np.ndarray:
+        """``[B, len(unsafe)]``: each conjunction's violation; ``y`` is unsafe iff its row's min is ``<= 0``."""
+        y = np.asarray(y_batch, dtype=np.float64).reshape(-1, self.n_outputs)
+        return np.stack([c.violations(y) for c in self.unsafe], axis=1) if self.unsafe else np.empty((len(y), 0))
+
+
+def read_vnnlib(path: str | Path) -> list[VnnlibProperty]:
+    """Read a VNN-LIB 1.0 file: one :class:`VnnlibProperty` per distinct input box."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise DualgraphError(f"cannot read VNN-LIB file {path}: {e.strerror}; check the path") from None
+    return parse_vnnlib(text, source=str(path))
+
+
+def parse_vnnlib(text: str, source: str = "<string>") -> list[VnnlibProperty]:
+    """Parse VNN-LIB 1.0 text, one property per input box (``[]``: the asserts are unsatisfiable)."""
+    # The parser makes millions of small containers and no reference cycles; the cyclic
+    # GC would rescan them again and again (10x slower on multi-MB files), so pause it.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _parse(text, source)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _parse(text: str, source: str) -> list[VnnlibProperty]:
+    text = _COMMENT.sub("", text)
+    if "@" in text:  # "@" is the placeholder of the fast path below
+        _fail(source, _line_at(text, text.index("@")), "unexpected character '@'")
+    names = {n: (n[0] == "Y", int(n[2:])) for n in _DECL.findall(text)}
+    stripped = _DECL.sub("", text)
+    if stripped.count("\n") != text.count("\n"):  # a declaration over several lines: keep its newlines
+        stripped = _DECL.sub(lambda m: "\n" * m[0].count("\n"), text)
+    text = stripped
+    n_in, n_out = _count(names, False, source), _count(names, True, source)
+    base_lo, base_hi = _top_bounds(_BOUND.findall(text), n_in, text, source)
+    text = _BOUND.sub("", text)
+    reader = _Reader(names, source)
+    text, atoms = reader.simple_atoms(text)
+    forms, lines = _parse_sexprs(text, source, iter(atoms))
+    asserts = []
+    for form, line in zip(forms, lines):
+        if form[:1] == ["assert"] and len(form) == 2:
+            asserts.append((form[1], line))
+        elif not (form and isinstance(form[0], str) and form[0] in _IGNORED):
+            _fail(source, line, f"unsupported command {_show(form)}; expected (declare-const X_i Real) or (assert formula)")
+    common, terms = _conjoin([reader.dnf(e, line) for e, line in asserts])
+    if terms is None:
+        return []
+    for i, (l, h) in _narrow(common, base_lo, base_hi).items():
+        base_lo[i], base_hi[i] = l, h
+    common_rows = [a for a in common if a[0] == "y"]
+    conjunctions = _conjunctions([common_rows + [a for a in t if a[0] == "y"] for t in terms], n_out)
+    groups: dict[tuple, list[Conjunction]] = {}
+    for term, conj in zip(terms, conjunctions):
+        # Key a term's box by where it differs from the common box: hashing whole
+        # arrays would cost O(n_inputs) for each of possibly thousands of disjuncts.
+        key = tuple(sorted(_narrow(term, base_lo, base_hi).items()))
+        groups.setdefault(key, []).append(conj)
+    props = []
+    for key, unsafe in groups.items():
+        lo, hi = base_lo.copy(), base_hi.copy()
+        for i, (l, h) in key:
+            lo[i], hi[i] = l, h
+        for arr, what, op in ((lo, "lower", ">="), (hi, "upper", "<=")):
+            if not np.isfinite(arr).all():
+                i = int(np.argmin(np.isfinite(arr)))
+                _fail(source, None, f"input X_{i} has no {what} bound; add (assert ({op} X_{i} c))")
+        if (lo > hi).any():
+            i = int(np.argmax(lo > hi))
+            _fail(source, None, f"input X_{i} has lower bound {float(lo[i])!r} > upper bound {float(hi[i])!r}; fix its bounds")
+        props.append(VnnlibProperty(_frozen(lo), _frozen(hi), n_out, tuple(unsafe)))
+    return props
+
+
+def format_counterexample(x: Any, y: Any) -> str:
+    """The VNN-COMP result text of a counterexample: ``sat`` then ``((X_0 v)\\n (X_1 v) ... (Y_0 v) ...)``."""
+    xs, ys = (np.asarray(a.detach().cpu() if hasattr(a, "detach") else a, np.float64).ravel() for a in (x, y))
+    items = [f"(X_{i} {float(v)!r})" for i, v in enumerate(xs)] + [f"(Y_{j} {float(v)!r})" for j, v in enumerate(ys)]
+    return "sat\n(" + "\n ".join(items) + ")\n"
+
+
+def _fail(source: str, line: int | None, msg: str) -> NoReturn:
+    raise DualgraphError(f"{source}:{line}: {msg}" if line is not None else f"{source}: {msg}")
+
+
+def _line_at(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _top_bounds(bounds: list[tuple[str, ...]], n_in: int, text: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The box given by the one-line input bounds ``(op, i, c, c, i)`` that ``_BOUND`` found."""
+    lo, hi = np.full(n_in, -np.inf), np.full(n_in, np.inf)
+    idx = np.array([int(b[1] or b[4]) for b in bounds], dtype=np.int64)
+    val = np.array([float(b[2] or b[3]) for b in bounds], dtype=np.float64)
+    upper = np.array([(b[0] == "<=") == bool(b[1]) for b in bounds], dtype=bool)  # (<= X c), (>= c X)
+    if len(idx) and idx.max() >= n_in:
+        name = f"X_{idx.max()}"
+        line = _line_at(text, re.search(rf"\b{name}\b", text).start())
+        _fail(source, line, f"undeclared variable {name!r}; add (declare-const {name} Real)")
+    np.minimum.at(hi, idx[upper], val[upper])
+    np.maximum.at(lo, idx[~upper], val[~upper])
+    return lo, hi
+
+
+def _parse_sexprs(text: str, source: str, atoms: Iterator[Atom | bool]) -> tuple[list[Any], list[int]]:
+    """Nested lists of strings for each top-level form, and the line where it starts.
+
+    Each "@" token is replaced by the next of the already converted ``atoms``.
+    """
+    top: list[Any] = []
+    lines: list[int] = []
+    stack: list[list[Any]] = []
+    cur, line = top, 1
+    for tok in _TOKEN.findall(text):  # the hot loop: only cheap comparisons in it
+        if tok == "(":
+            if cur is top:
+                lines.append(line)
+            new: list[Any] = []
+            cur.append(new)
+            stack.append(cur)
+            cur = new
+        elif tok == ")":
+            if not stack:
+                _fail(source, line, "unbalanced parentheses: unexpected ')'; remove it or add the missing '('")
+            cur = stack.pop()
+        elif tok == "\n":
+            line += 1
+        elif cur is top:
+            _fail(source, line, f"unexpected {'comparison' if tok == '@' else repr(tok)} outside parentheses")
+        else:
+            cur.append(next(atoms) if tok == "@" else tok)
+    if stack:
+        _fail(source, lines[-1], "unbalanced parentheses: this '(' is never closed; add the missing ')'")
+    return top, lines
+
+
+def _count(names: dict[str, tuple[bool, int]], is_out: bool, source: str) -> int:
+    """The number of X (or Y) variables, which must be declared as ``_0 .. _{n-1}``."""
+    idx = {i for o, i in names.values() if o == is_out}
+    var, n = "Y" if is_out else "X", max(idx, default=-1) + 1
+    missing = min(set(range(max(n, 1))) - idx, default=None)
+    if missing is not None:
+        _fail(source, None, f"{var}_{missing} is not declared; add (declare-const {var}_{missing} Real)")
+    return n
+
+
+def _conjoin(dnfs: list[Dnf]) -> tuple[list[Atom], Dnf | None]:
+    """AND of DNFs as (atoms common to all terms, product of the multi-term DNFs or None if false).
+
+    Keeping single-term children apart avoids copying thousands of input bounds into every term.
+    """
+    common: list[Atom] = []
+    terms: Dnf = [[]]
+    for dnf in dnfs:
+        if len(dnf) == 1:
+            common.extend(dnf[0])
+        elif dnf:
+            terms = [t + s for t in terms for s in dnf]
+        else:
+            return common, None
+    return common, terms
+
+
+def _axpy(a: Linear, b: Linear, s: float) -> Linear:  # a + s * b
+    coefs = dict(a[0])
+    for v, c in b[0].items():
+        coefs[v] = coefs.get(v, 0.0) + s * c
+    return coefs, a[1] + s * b[1]
+
+
+class _Reader:
+    """Turns one assert's s-expression into DNF, with errors that name the assert's line."""
+
+    def __init__(self, names: dict[str, tuple[bool, int]], source: str) -> None:
+        self.names, self.source, self.line = names, source, 0
+
+    def fail(self, msg: str) -> NoReturn:
+        _fail(self.source, self.line, msg)
+
+    def simple_atoms(self, text: str) -> tuple[str, list[Atom | bool]]:
+        """Replace each simple comparison ``(op a b)`` by "@"; return its atoms in order."""
+        atoms: list[Atom | bool] = []
+        try:
+            for groups in _SIMPLE.findall(text):  # positions are only needed for errors
+                atoms.append(self.simple(*groups))
+        except DualgraphError:  # convert the failing one again, knowing its line this time
+            m = next(itertools.islice(_SIMPLE.finditer(text), len(atoms), None))
+            self.line = _line_at(text, m.start())
+            self.simple(*m.groups())
+        return _SIMPLE.sub("@", text), atoms
+
+    def simple(self, op: str, a: str, b: str) -> Atom | bool:
+        """``(op a b)`` with variables or numbers ``a, b``; the common shapes skip linear forms."""
+        if op[0] == ">":
+            a, b = b, a  # now a <= b
+        va, vb = self.names.get(a), self.names.get(b)
+        if va is not None and vb is None and _NUMBER.match(b):
+            return ("y", {va[1]: 1.0}, float(b)) if va[0] else ("x", va[1], True, float(b))
+        if vb is not None and va is None and _NUMBER.match(a):
+            return ("y", {vb[1]: -1.0}, 0.0 - float(a)) if vb[0] else ("x", vb[1], False, float(a))
+        if va is not None and vb is not None and va[0] and vb[0] and va != vb:
+            return ("y", {va[1]: 1.0, vb[1]: -1.0}, 0.0)
+        return self._atom(_axpy(self._linear(a), self._linear(b), -1.0))  # the rest, errors included
+
+    def dnf(self, e: Any, line: int | None = None) -> Dnf:
+        self.line = line or self.line  # nested calls keep the line of the assert
+        if isinstance(e, (tuple, bool)):  # an atom converted by the fast path
+            return [[e]] if isinstance(e, tuple) else [[]] if e else []
+        if e in ("true", "false"):
+            return [[]] if e == "true" else []
+        head = self._head(e, "a formula")
+        if head == "and":
+            # atoms from the fast path skip the recursive call: `and`s of 100k bounds exist
+            common, terms = _conjoin([[[a]] if type(a) is tuple else self.dnf(a) for a in e[1:]])
+            return [] if terms is None else [common + t for t in terms]
+        if head == "or":
+            return [t for a in e[1:] for t in self.dnf(a)]
+        if head not in ("<=", ">=", "<", ">", "=") or len(e) < 3:
+            self.fail(f"unknown function symbol or arity in {_show(e)}; supported: and, or, <=, >=, <, >, =")
+        args = [self._linear(a) for a in e[1:]]
+        atoms: list[Atom | bool] = []
+        for a, b in zip(args, args[1:]):  # a chain (<= a b c) means a <= b and b <= c
+            if head in ("<=", "<", "="):
+                atoms.append(self._atom(_axpy(a, b, -1.0)))
+            if head in (">=", ">", "="):
+                atoms.append(self._atom(_axpy(b, a, -1.0)))
+        return [] if any(a is False for a in atoms) else [[a for a in atoms if a is not True]]
+
+    def _head(self, e: Any, what: str) -> str:
+        if not isinstance(e, list) or not e or not isinstance(e[0], str):
+            self.fail(f"expected {what}, got {_show(e)}")
+        return e[0]
+
+    def _atom(self, form: Linear) -> Atom | bool:
+        """Normalise ``form <= 0``; a comparison of constants is simply ``True``/``False``."""
+        coefs, k = {v: c for v, c in form[0].items() if c != 0.0}, form[1]
+        n_out = sum(1 for v in coefs if v[0])
+        if not coefs:
+            return bool(k <= 0)
+        if n_out == len(coefs):
+            return ("y", {j: c for (_, j), c in coefs.items()}, 0.0 - k)  # 0.0 - k: never -0.0
+        if n_out:
+            self.fail("mixed input/output constraints are not supported; compare X and Y in separate asserts")
+        if len(coefs) > 1:
+            self.fail("an input constraint must bound one X_i by a constant; linear input constraints are not supported")
+        ((_, i), c), = coefs.items()
+        return ("x", i, c > 0, -k / c)  # c*x + k <= 0: an upper bound if c > 0, else a lower one
+
+    def _linear(self, e: Any) -> Linear:
+        if isinstance(e, str):
+            if e in self.names:
+                return {self.names[e]: 1.0}, 0.0
+            if _NUMBER.match(e):
+                return {}, float(e)
+            if _VARIABLE.match(e):
+                self.fail(f"undeclared variable {e!r}; add (declare-const {e} Real)")
+            self.fail(f"unknown symbol {e!r}; expected a declared X_i/Y_j or a decimal number")
+        head = self._head(e, "a term")
+        args = [self._linear(a) for a in e[1:]]
+        if head in ("+", "-") and args:
+            acc = ({}, 0.0) if head == "-" and len(args) == 1 else args.pop(0)  # unary minus: 0 - a
+            for a in args:
+                acc = _axpy(acc, a, -1.0 if head == "-" else 1.0)
+            return acc
+        if head == "*" and args:
+            if sum(1 for a in args if a[0]) > 1:
+                self.fail(f"non-linear term {_show(e)}: at most one factor of * may contain a variable")
+            scale = math.prod(a[1] for a in args if not a[0])
+            var = next((a for a in args if a[0]), ({}, 1.0))
+            return {v: c * scale for v, c in var[0].items()}, var[1] * scale
+        self.fail(f"unknown function symbol {head!r} in the term {_show(e)}; supported: + - *")
+
+
+def _show(e: Any) -> str:
+    """A short one-line rendering of an s-expression for error messages."""
+    s = "(" + " ".join(map(_show, e)) + ")" if isinstance(e, list) else e if isinstance(e, str) else "(comparison)"
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _narrow(atoms: list[Atom], lo: np.ndarray, hi: np.ndarray) -> dict[int, tuple[float, float]]:
+    """``{i: (lo_i, hi_i)}`` for the inputs whose bounds the atoms narrow inside ``[lo, hi]``."""
+    box: dict[int, tuple[float, float]] = {}
+    for a in atoms:
+        if a[0] == "x":
+            l, h = box.get(a[1], (float(lo[a[1]]), float(hi[a[1]])))
+            box[a[1]] = (l, min(h, a[3])) if a[2] else (max(l, a[3]), h)
+    return {i: b for i, b in box.items() if b != (lo[i], hi[i])}
+
+
+def _conjunctions(row_lists: list[list[Atom]], n_out: int) -> list[Conjunction]:
+    """One conjunction per list of output atoms, as views of one matrix (one fill, not 50k)."""
+    flat = [a for rows in row_lists for a in rows]
+    entries = [(r, j, c) for r, a in enumerate(flat) for j, c in a[1].items()]
+    C = np.zeros((len(flat), n_out))
+    if entries:
+        r, j, c = zip(*entries)
+        C[list(r), list(j)] = c
+    C, d = _frozen(C), _frozen(np.array([a[2] for a in flat], dtype=np.float64))
+    ends = np.cumsum([len(x) for x in row_lists]).tolist()
+    return [Conjunction(C[e - len(x) : e], d[e - len(x) : e]) for x, e in zip(row_lists, ends)]
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)  # the dataclasses are frozen; make their arrays read-only too
+    return a
+
