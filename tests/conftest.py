@@ -1,0 +1,38 @@
+"""Shared pytest fixtures: the ``shared/`` folder beside the repository and zoo exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+
+def find_shared_dir() -> Path | None:
+    """``/work/shared`` (real models and data) when it exists beside the repository, else None."""
+    return SHARED_DIR if SHARED_DIR.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path | None:
+    """The shared folder (VNN-COMP instances, the paper's models, MNIST), or None when absent."""
+    return find_shared_dir()
+
+
+@pytest.fixture(scope="session")
+def zoo_onnx(tmp_path_factory) -> Callable[..., Path]:
+    """``zoo_onnx(name, dynamic=True, opset=None)``: the zoo model exported once per session."""
+    from models_zoo import ZOO, export_onnx
+
+    folder = tmp_path_factory.mktemp("zoo_onnx")
+    cache: dict[tuple, Path] = {}
+
+    def get(name: str, dynamic: bool = True, opset: int | None = None) -> Path:
+        key = (name, dynamic, opset)
+        if key not in cache:
+            path = folder / f"{name}_{'dyn' if dynamic else 'b1'}_{opset or 'default'}.onnx"
+            cache[key] = export_onnx(ZOO[name], path, dynamic=dynamic, opset=opset)
+        return cache[key]
+    return get
