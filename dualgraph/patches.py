@@ -3,8 +3,8 @@
 The bounds of a Conv output need one dual row per unit ``(c, p)`` (channel, position).
 After the transpose of that Conv, row ``(c, p)`` is the filter ``W[c]`` placed at the
 window of position ``p``; after further convolutions and elementwise layers it is still
-zero outside a window of the input. Storing only the window, ``[b, C_t, P, C, K, K]``
-(target channel, position, channel, window), instead of a dense ``[b, C_t*P, C, H, W]``
+zero outside a window of the input. Storing only the window, ``[b, P, C_t, C, K, K]``
+(position, target channel, channel, window), instead of a dense ``[b, C_t*P, C, H, W]``
 row does the same arithmetic as the dense path on ``K*K`` instead of ``H*W`` entries.
 
 Window geometry: row ``p = (ph, pw)`` covers rows ``ph*S - Pd .. ph*S - Pd + K - 1`` of
@@ -29,7 +29,7 @@ from .ir import Node
 
 @dataclass
 class Patches:
-    data: torch.Tensor        # [b, C_t, P or 1, C, K, K]
+    data: torch.Tensor        # [b, P, C_t, C, K, K]
     kernel: int
     stride: int
     padding: int
@@ -40,7 +40,7 @@ class Patches:
         return self.out_hw[0] * self.out_hw[1]
 
     def windows(self, t: torch.Tensor) -> torch.Tensor:
-        """Windows of ``t`` ``[B, C, H, W]`` for every position: ``[B, 1, P, C, K, K]``."""
+        """Windows of ``t`` ``[B, C, H, W]`` for every position: ``[B, P, 1, C, K, K]``."""
         B, C, H, W = t.shape
         Ho, Wo = self.out_hw
         K, S, Pd = self.kernel, self.stride, self.padding
@@ -48,7 +48,7 @@ class Patches:
         t = F.pad(t, (Pd, need_w - W - Pd, Pd, need_h - H - Pd))  # negative amounts crop
         # a strided view instead of F.unfold, which is two orders of magnitude slower on CPU here
         u = t.unfold(2, K, S).unfold(3, K, S)                     # [B, C, Ho, Wo, K, K]
-        return u.permute(0, 2, 3, 1, 4, 5).reshape(B, 1, Ho * Wo, C, K, K)
+        return u.permute(0, 2, 3, 1, 4, 5).reshape(B, Ho * Wo, 1, C, K, K)
 
     def masked(self, shape_chw: tuple[int, int, int]) -> Patches:
         """Zero the entries outside a value of shape ``(C, H, W)`` (its padding)."""
@@ -59,15 +59,14 @@ class Patches:
     def to_dense(self, shape_chw: tuple[int, int, int]) -> torch.Tensor:
         """Dense rows ``[b, C_t * P, C, H, W]``."""
         C, H, W = shape_chw
-        b, Ct, _, _, K, _ = self.data.shape
+        b, _, Ct, _, K, _ = self.data.shape
         Ho, Wo = self.out_hw
         S, Pd = self.stride, self.padding
         full_h, full_w = max(H + Pd, (Ho - 1) * S + K), max(W + Pd, (Wo - 1) * S + K)
         dense = self.data.new_zeros(b, Ct, self.positions, C, full_h, full_w)
-        data = self.data.expand(b, Ct, self.positions, C, K, K)
         for p in range(self.positions):
             y, x = (p // Wo) * S, (p % Wo) * S
-            dense[:, :, p, :, y:y + K, x:x + K] = data[:, :, p]
+            dense[:, :, p, :, y:y + K, x:x + K] = self.data[:, p]
         dense = dense[..., Pd:Pd + H, Pd:Pd + W]
         return dense.reshape(b, Ct * self.positions, C, H, W)
 
@@ -95,7 +94,7 @@ def start(node: Node, sign: float, like: torch.Tensor) -> tuple[Patches, torch.T
     w = args[1]
     Ct = w.shape[0]
     Ho, Wo = node.output.unit_shape[1:]
-    p = Patches((sign * w).view(1, Ct, 1, *w.shape[1:]), w.shape[2], stride, pad, (Ho, Wo))
+    p = Patches((sign * w).view(1, 1, Ct, *w.shape[1:]), w.shape[2], stride, pad, (Ho, Wo))
     p.masked(node.inputs[0].unit_shape)
     bias = args[2] if len(args) > 2 and args[2] is not None else None
     offset = (sign * bias).view(1, Ct, 1).expand(1, Ct, Ho * Wo).reshape(1, -1) if bias is not None else 0.0
@@ -117,12 +116,12 @@ def through_conv(p: Patches, node: Node, cache: dict | None = None) -> tuple[Pat
     stride, pad = conv_geometry(node)
     args = const_args(node, p.data)
     w, bias = args[1], (args[2] if len(args) > 2 else None)
-    b, Ct, P, C, K, _ = p.data.shape
+    b, P, Ct, C, K, _ = p.data.shape
     offset: torch.Tensor | float = 0.0
     if bias is not None:  # sum over the window of lam * bias[channel]; padding entries are already zero
-        offset = torch.einsum("btpckl,c->btp", p.data, bias).expand(b, Ct, p.positions).reshape(b, -1)
+        offset = _rows(torch.einsum("bptckl,c->bpt", p.data, bias))
     Kn, Cn = (K - 1) * stride + w.shape[2], w.shape[1]
-    rows = p.data.reshape(b * Ct * P, C * K * K)
+    rows = p.data.reshape(b * P * Ct, C * K * K)
     if C * K * K * Cn * Kn * Kn <= MAX_DENSE_TRANSPOSE:
         key = (node.name, K, w.dtype, w.device)
         T = None if cache is None or w.requires_grad else cache.get(key)
@@ -134,7 +133,7 @@ def through_conv(p: Patches, node: Node, cache: dict | None = None) -> tuple[Pat
         x = rows @ T
     else:
         x = F.conv_transpose2d(rows.view(-1, C, K, K), w, stride=stride)
-    q = Patches(x.view(b, Ct, P, Cn, Kn, Kn), Kn, p.stride * stride, p.padding * stride + pad, p.out_hw)
+    q = Patches(x.view(b, P, Ct, Cn, Kn, Kn), Kn, p.stride * stride, p.padding * stride + pad, p.out_hw)
     return q.masked(node.inputs[0].unit_shape), offset
 
 
@@ -149,43 +148,39 @@ def through_elementwise(p: Patches, node: Node, rule: ElementwiseRule, bounds, c
     data = p.data
     if r.symmetric:
         mid, gap = r.mid_gap()
-        linear = _window_dot(data, p.windows(mid), p.positions)
-        absolute = _window_dot(data.abs(), p.windows(gap), p.positions)
+        linear = _window_dot(data, p.windows(mid))
+        absolute = _window_dot(data.abs(), p.windows(gap))
         new = data * win(r.a_lo)
         return Patches(new, p.kernel, p.stride, p.padding, p.out_hw), linear - absolute, linear + absolute
     pos, neg = data.clamp(min=0), data.clamp(max=0)
     new = pos * win(r.a_lo) + neg * win(r.a_up)
-    lower = _window_sum(pos * win(r.b_lo) + neg * win(r.b_up), p.positions)
+    lower = _rows((pos * win(r.b_lo) + neg * win(r.b_up)).sum((3, 4, 5)))
     return Patches(new, p.kernel, p.stride, p.padding, p.out_hw), lower, None
 
 
 def input_terms(p: Patches, input_set) -> tuple[torch.Tensor, torch.Tensor]:
     """``lam . c`` and ``rho(lam)`` of the input set for every row, ``[B, rows]``."""
     data = p.data
-    center = _window_dot(data, p.windows(input_set.center), p.positions)
+    center = _window_dot(data, p.windows(input_set.center))
     if hasattr(input_set, "radius"):
-        radius = _window_dot(data.abs(), p.windows(input_set.radius), p.positions)
+        radius = _window_dot(data.abs(), p.windows(input_set.radius))
     else:  # L2 ball: eps * ||lam||_2; entries outside the value are already zero
-        radius = data.pow(2).sum((3, 4, 5)).sqrt().reshape(data.shape[0], -1) * input_set.eps
+        radius = _rows(data.pow(2).sum((3, 4, 5)).sqrt()) * input_set.eps
         radius = radius.expand(center.shape[0], -1) if radius.shape[0] == 1 else radius
     return center, radius
 
 
-def _window_sum(t: torch.Tensor, positions: int) -> torch.Tensor:
-    """``[b, C_t, P or 1, C, K, K] -> [b, C_t * P]``."""
-    s = t.sum((3, 4, 5))
-    return s.expand(s.shape[0], s.shape[1], positions).reshape(s.shape[0], -1)
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[b, P, C_t] -> [b, C_t * P]``: rows in the target's (channel, position) order."""
+    return t.transpose(1, 2).reshape(t.shape[0], -1)
 
 
-def _window_dot(data: torch.Tensor, win: torch.Tensor, positions: int) -> torch.Tensor:
+def _window_dot(data: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
     """``sum over (C, K, K) of data * win`` without materialising the product: ``[b', C_t * P]``.
 
-    ``data`` is ``[b, C_t, P or 1, C, K, K]``, ``win`` is ``[B, 1, P, C, K, K]``.
+    ``data`` is ``[b, P, C_t, C, K, K]``, ``win`` is ``[B, P, 1, C, K, K]``.
     """
-    b, Ct, P0 = data.shape[:3]
-    B = win.shape[0]
-    n = data[0, 0, 0].numel()
-    d = data.expand(b, Ct, positions, *data.shape[3:]).reshape(b, Ct, positions, n).permute(0, 2, 1, 3)
-    w = win.reshape(B, positions, n, 1)
-    out = torch.matmul(d, w).squeeze(-1)                     # [max(b,B), P, C_t]
-    return out.permute(0, 2, 1).reshape(out.shape[0], -1)
+    b, P, Ct = data.shape[:3]
+    d = data.reshape(b, P, Ct, -1)
+    w = win.reshape(win.shape[0], P, -1, 1)
+    return _rows(torch.matmul(d, w).squeeze(-1))
