@@ -190,20 +190,21 @@ class AffineRule(DualRule):
         """``f(0)`` per output, ``[1, *out_unit]``.
 
         Cached on the node, keyed by dtype, device and the identity and version of the
-        constant tensors (so an edited weight invalidates it); never cached when the
-        weights need gradients.
+        constant tensors (so an edited weight invalidates it); never cached for weights
+        that require gradients (each differentiable call needs its own graph).
         """
-        consts = tuple((id(v.const), v.const._version) for v in node.inputs if v is not None and v.is_const)
-        key = (like.dtype, like.device, consts)
+        consts = [v.const for v in node.inputs if v is not None and v.is_const]
+        trainable = any(c.requires_grad for c in consts)  # then every call must build its own graph
+        key = (like.dtype, like.device, tuple((id(c), c._version) for c in consts))
         cache = node.meta.setdefault("_affine_bias", {})
-        if key in cache:
+        if key in cache and not trainable:
             return cache[key]
         args = const_args(node, like)
         for i, v in enumerate(node.inputs):
             if args[i] is None and v is not None:
                 args[i] = torch.zeros((1, *v.unit_shape), dtype=like.dtype, device=like.device)
         b = eval_node(node, args)
-        if not any(t.requires_grad for t in b):
+        if not trainable:
             cache.clear()
             cache[key] = b
         return b

@@ -123,7 +123,8 @@ def through_conv(p: Patches, node: Node, cache: dict | None = None) -> tuple[Pat
     Kn, Cn = (K - 1) * stride + w.shape[2], w.shape[1]
     rows = p.data.reshape(b * P * Ct, C * K * K)
     if C * K * K * Cn * Kn * Kn <= MAX_DENSE_TRANSPOSE:
-        key = (node.name, K, w.dtype, w.device)
+        raw = node.inputs[1].const  # identity and version: an edited weight invalidates the entry
+        key = (node.name, K, w.dtype, w.device, id(raw), raw._version)
         T = None if cache is None or w.requires_grad else cache.get(key)
         if T is None:
             basis = torch.eye(C * K * K, dtype=w.dtype, device=w.device).view(-1, C, K, K)
@@ -182,5 +183,7 @@ def _window_dot(data: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
     """
     b, P, Ct = data.shape[:3]
     d = data.reshape(b, P, Ct, -1)
-    w = win.reshape(win.shape[0], P, -1, 1)
-    return _rows(torch.matmul(d, w).squeeze(-1))
+    w = win.reshape(win.shape[0], P, -1)
+    if b == 1:  # rows shared by the batch: one product per position, no broadcast copy
+        return _rows(torch.einsum("ptn,bpn->bpt", d[0], w))
+    return _rows(torch.einsum("bptn,bpn->bpt", d, w.expand(b, -1, -1)))
