@@ -108,11 +108,12 @@ class ConvDual(AffineRule):
 
 
 def _conv_transpose_by_taps(lam: torch.Tensor, w: torch.Tensor, stride, pad, dil, in_hw) -> torch.Tensor:
-    """``conv_transpose2d`` as ``lam^T W`` (one column per filter tap) + a strided add per tap."""
+    """``conv_transpose2d`` as ``W^T lam`` (one plane per filter tap) + a strided add per tap."""
     r, c_out, ho, wo = lam.shape
     c_in, kh, kw = w.shape[1:]
-    cols = torch.matmul(lam.reshape(r, c_out, ho * wo).transpose(1, 2), w.reshape(c_out, c_in * kh * kw))
-    cols = cols.view(r, ho, wo, c_in, kh, kw)
+    # [c_in*kh*kw, c_out] @ [r, c_out, P]: each tap's plane comes out contiguous
+    planes = torch.matmul(w.reshape(c_out, c_in * kh * kw).t(), lam.reshape(r, c_out, ho * wo))
+    planes = planes.view(r, c_in, kh, kw, ho, wo)
     full_h = max(in_hw[0] + 2 * pad[0], (ho - 1) * stride[0] + dil[0] * (kh - 1) + 1)
     full_w = max(in_hw[1] + 2 * pad[1], (wo - 1) * stride[1] + dil[1] * (kw - 1) + 1)
     out = lam.new_zeros(r, c_in, full_h, full_w)
@@ -120,7 +121,7 @@ def _conv_transpose_by_taps(lam: torch.Tensor, w: torch.Tensor, stride, pad, dil
         for j in range(kw):
             y, x = i * dil[0], j * dil[1]
             out[:, :, y:y + (ho - 1) * stride[0] + 1:stride[0], x:x + (wo - 1) * stride[1] + 1:stride[1]] += \
-                cols[:, :, :, :, i, j].permute(0, 3, 1, 2)
+                planes[:, :, i, j]
     return out[:, :, pad[0]:pad[0] + in_hw[0], pad[1]:pad[1] + in_hw[1]]
 
 
