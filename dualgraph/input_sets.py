@@ -21,7 +21,8 @@ from .errors import DualgraphError
 from .linalg import batched_dot, flat_rows
 
 
-def _check_eps(eps: float) -> float:
+def check_eps(eps: float) -> float:
+    """``eps`` as a float, or a DualgraphError if it is negative or not finite."""
     eps = float(eps)
     if not math.isfinite(eps) or eps < 0:
         raise DualgraphError(f"eps must be a finite number >= 0, got {eps}")
@@ -76,7 +77,7 @@ class Box(InputSet):
 
 def linf_ball(x: torch.Tensor, eps: float, clip: tuple[float, float] | None = None) -> Box:
     """``{x' : ||x' - x||_inf <= eps}``, intersected with ``clip = (lo, hi)`` if given."""
-    eps = _check_eps(eps)
+    eps = check_eps(eps)
     lo, hi = x - eps, x + eps
     if clip is not None:
         lo, hi = lo.clamp(min=clip[0], max=clip[1]), hi.clamp(min=clip[0], max=clip[1])
@@ -89,7 +90,7 @@ class L2Ball(InputSet):
     norm_name = "l2"
 
     def __init__(self, x: torch.Tensor, eps: float) -> None:
-        self.center, self.eps = x, _check_eps(eps)
+        self.center, self.eps = x, check_eps(eps)
 
     def support(self, lam):
         n = flat_rows(lam).norm(dim=-1) * self.eps
