@@ -1,0 +1,31 @@
+"""Benchmarks, run as ``dualgraph bench NAME``.
+
+Each benchmark is a module here with ``add_arguments(parser)`` and ``main(args) -> int``;
+register it in :data:`BENCHES` (name -> module path, one-line help) and the CLI picks it up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES: dict[str, tuple[str, str]] = {
+    "certify": ("dualgraph.bench.certify",
+                "exact certification throughput of the paper's MNIST model vs the reference implementation"),
+    "scaling": ("dualgraph.bench.scaling",
+                "time and peak memory of one robust-loss step as the network grows: exact vs random projections"),
+}
+
+
+def add_parsers(sub) -> None:
+    """Add ``bench`` with one sub-command per registered benchmark to the CLI's sub-parsers."""
+    p = sub.add_parser("bench", help="run a benchmark (" + ", ".join(BENCHES) + ")")
+    names = p.add_subparsers(dest="bench", required=True, metavar="NAME")
+    for name, (module, help_text) in BENCHES.items():
+        q = names.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(q)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark named by ``args.bench``."""
+    return importlib.import_module(BENCHES[args.bench][0]).main(args)
