@@ -29,6 +29,49 @@ def _add_bound_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
 
 
+def _add_projection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--proj", type=int, metavar="R",
+                   help="estimate intermediate bounds with R random projections (Section 3.2; linear cost). "
+                        "The results are ESTIMATES, not certificates; default: exact bounds")
+    p.add_argument("--proj-seed", type=int, help="seed of the random projections (default: random)")
+    p.add_argument("--delta", type=float,
+                   help="with --proj: high-probability bounds (geometric-mean estimator), each intermediate "
+                        "bound valid with probability >= 1 - DELTA; still not a certificate")
+
+
+def _add_verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attack-restarts", type=int, default=16, help="PGD restarts per round (default 16)")
+    p.add_argument("--attack-steps", type=int, default=100, help="PGD steps per round (default 100)")
+    p.add_argument("--attack-rounds", type=int, default=3,
+                   help="PGD rounds (seeds): one before the bounds, the rest if they prove nothing (default 3)")
+    p.add_argument("--no-split", action="store_true", help="never split the input box (default: split when the "
+                                                           "property has at most 16 inputs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attack (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); 1 is much "
+                                               "faster for small networks on a busy machine")
+
+
+def _add_verify_parsers(sub) -> None:
+    p = sub.add_parser("verify", help="answer a VNN-LIB property: sat (with a counterexample), unsat, unknown "
+                                      "or timeout, as in VNN-COMP")
+    p.add_argument("model", help="the .onnx file")
+    p.add_argument("property", help="the .vnnlib file (VNN-LIB 1.0)")
+    p.add_argument("--timeout", type=float, default=60.0, help="time limit in seconds (default 60)")
+    p.add_argument("--results", metavar="FILE", help="write the competition result file here")
+    _add_verify_args(p)
+
+    p = sub.add_parser("run-instances", help="answer every instance (onnx,vnnlib,timeout) of a VNN-COMP CSV")
+    p.add_argument("instances", help="the instances CSV")
+    p.add_argument("--root", help="folder the CSV's paths are relative to (default: the CSV's folder)")
+    p.add_argument("--out", default="results.csv", help="results CSV to write (default results.csv)")
+    p.add_argument("--results-dir", help="also write one competition result file per instance here")
+    p.add_argument("--max-timeout", type=float, help="cap every instance's timeout at this many seconds")
+    p.add_argument("--limit", type=int, help="run only the first N instances")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_verify_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dualgraph", description="Provable robustness certificates for neural networks via dual networks "
@@ -48,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     _add_bound_args(p)
+    _add_projection_args(p)
 
     p = sub.add_parser("dump", help="print the primal IR, the dual graph or per-layer bounds")
     _add_model_args(p)
@@ -62,8 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vnnlib", help="take the --bounds input box from a VNN-LIB property instead")
     p.add_argument("--no-simplify", action="store_true", help="show the graph as imported, before the passes")
     _add_bound_args(p)
+    _add_projection_args(p)
 
     p = sub.add_parser("models", help="list the models shipped in the zoo")
+
+    _add_verify_parsers(sub)
+
+    from .bench import add_parsers as add_bench_parsers
+    add_bench_parsers(sub)
     return parser
 
 

@@ -26,10 +26,49 @@ def _load(args, simplify: bool = True):
     return graph
 
 
+def _bound_config(args):
+    from .scheduler import BoundConfig
+    proj = getattr(args, "proj", None)
+    extra = {}
+    if proj is not None or getattr(args, "delta", None) is not None or getattr(args, "proj_seed", None) is not None:
+        if proj is None:
+            raise DualgraphError("--delta and --proj-seed need --proj R (random projections)")
+        extra = dict(proj=proj, proj_seed=args.proj_seed, delta=args.delta,
+                     proj_estimator="geometric" if args.delta is not None else "median")
+    return BoundConfig(relu_relaxation=args.relaxation, **extra)
+
+
 def _certifier(args, graph):
     from .api import Certifier
-    from .scheduler import BoundConfig
-    return Certifier(graph, BoundConfig(relu_relaxation=args.relaxation), device=args.device, dtype=_dtype(args))
+    return Certifier(graph, _bound_config(args), device=args.device, dtype=_dtype(args))
+
+
+def _estimate_labels(config, n_bounds: int) -> dict:
+    """JSON fields that mark results computed with random projections as estimates."""
+    out = {"sound": False, "proj": config.proj, "proj_estimator": config.proj_estimator}
+    if config.delta is not None:
+        out.update(probabilistic=True, delta=config.delta, bounded_units=n_bounds,
+                   delta_union=min(1.0, n_bounds * config.delta))
+    return out
+
+
+def _estimate_report(report, config, n_bounds: int) -> tuple[dict, str]:
+    """(JSON, table) of a certify run with projected bounds: estimates, never "certified"."""
+    data = report.to_json()
+    robust = data.pop("robust_error")
+    passed = data.pop("certified")
+    data.update(estimated_robust_error=robust, estimated_robust=passed, **_estimate_labels(config, n_bounds))
+    kind = (f"probabilistic: each intermediate bound holds with probability >= {1 - config.delta:g}"
+            f" ({n_bounds} bounded units per example; union bound {min(1.0, n_bounds * config.delta):.3g})"
+            if config.delta is not None else "estimate, not sound")
+    rows = [("examples", f"{report.n}"), ("eps", f"{report.eps:g} ({report.norm})"),
+            ("clean error", f"{100 * report.clean_error:.2f}%"),
+            ("estimated robust error", f"{100 * report.robust_error:.2f}%"),
+            ("robust by estimate", f"{passed} / {report.n}"),
+            ("bounds", f"random projections, r = {config.proj} ({kind})"),
+            ("time", f"{report.seconds:.2f} s ({report.images_per_second:.1f} images/s)")]
+    width = max(len(k) for k, _ in rows)
+    return data, "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
@@ -46,15 +85,23 @@ def cmd_certify(args: argparse.Namespace) -> int:
         raise DualgraphError("--eps is required for this model")
     if info and args.model == DEFAULT_MODEL and args.mean is None:
         args.mean, args.std = info.get("mean"), info.get("std")
+    from .input_sets import check_eps
+    eps = check_eps(eps)
+    if args.batch_size < 1:
+        raise DualgraphError(f"--batch-size must be at least 1, got {args.batch_size}")
+    certifier = _certifier(args, _load(args))  # the model first: its errors matter more than the data's
     data = load_dataset(dataset, args.data_dir, split=args.split, limit=args.limit)
-    certifier = _certifier(args, _load(args))
     report = certify_dataset(certifier, data, eps, args.norm, None if args.no_clip else (0.0, 1.0),
-                             args.batch_size)
+                             args.batch_size, progress=certifier.config.sound)  # its bar says "certified"
+    data, table = report.to_json(), None
+    if not certifier.config.sound:
+        n_bounds = sum(v.numel for v in certifier.scheduler.bound_targets)
+        data, table = _estimate_report(report, certifier.config, n_bounds)
     if args.json:
-        print(json.dumps({"model": str(args.model), "dataset": dataset, **report.to_json()}))
+        print(json.dumps({"model": str(args.model), "dataset": dataset, **data}))
     else:
         print(f"model    {args.model}\ndataset  {dataset} ({args.split})")
-        print(report.table())
+        print(table or report.table())
     return 0
 
 
@@ -73,9 +120,14 @@ def cmd_dump(args: argparse.Namespace) -> int:
     input_set = _bounds_input_set(args, certifier)
     with torch.no_grad():
         bounds = certifier.intermediate_bounds(input_set)
+    estimate = not certifier.config.sound
     if args.format == "json":
-        print(json.dumps({"graph": graph.name, "bounds": printer.bounds_summary(graph, bounds)}, indent=1))
+        extra = _estimate_labels(certifier.config, sum(v.numel for v in certifier.scheduler.bound_targets)) \
+            if estimate else {}
+        print(json.dumps({"graph": graph.name, "bounds": printer.bounds_summary(graph, bounds), **extra}, indent=1))
     else:
+        if estimate:
+            print(f"# bounds ESTIMATED with random projections (r = {certifier.config.proj}); not sound")
         print(printer.format_bounds(graph, bounds))
     return 0
 
@@ -85,8 +137,8 @@ def _bounds_input_set(args, certifier):
     if args.vnnlib:
         from .vnnlib import read_vnnlib
         prop = read_vnnlib(args.vnnlib)[0]
-        lo = torch.as_tensor(prop.input_lo, dtype=certifier.dtype).unsqueeze(0)
-        hi = torch.as_tensor(prop.input_hi, dtype=certifier.dtype).unsqueeze(0)
+        lo = torch.tensor(prop.input_lo, dtype=certifier.dtype).unsqueeze(0)
+        hi = torch.tensor(prop.input_hi, dtype=certifier.dtype).unsqueeze(0)
         return Box(certifier._prepare(lo), certifier._prepare(hi))
     if args.eps is None:
         raise DualgraphError("dump --bounds needs --eps (and --dataset/--data-dir) or --vnnlib PROPERTY")
@@ -102,4 +154,48 @@ def cmd_models(args: argparse.Namespace) -> int:
     from models import ZOO
     for name, info in ZOO.items():
         print(f"{name:<16} {info['description']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+    return run(args)
+
+
+def _verify_config(args):
+    from .verification import VerifyConfig
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DualgraphError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return VerifyConfig(attack_steps=args.attack_steps, attack_restarts=args.attack_restarts,
+                        attack_rounds=args.attack_rounds, split_max_inputs=0 if args.no_split else 16,
+                        seed=args.seed, device=args.device)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import sys
+    from .verification import verify_instance, write_result
+    try:
+        result = verify_instance(args.model, args.property, args.timeout, _verify_config(args))
+    except Exception:
+        if args.results:  # the harness reads the file: say "error" there too
+            write_result(args.results, "error\n")
+        raise
+    text = result.result_text()
+    if args.results:
+        write_result(args.results, text)
+    print(text, end="")
+    how = result.details.get("method")
+    print(f"dualgraph: {result.answer} in {result.seconds:.2f} s" + (f" ({how})" if how else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_run_instances(args: argparse.Namespace) -> int:
+    from .verification import run_instances
+    summary = run_instances(args.instances, args.root, args.out, _verify_config(args), results_dir=args.results_dir,
+                            max_timeout=args.max_timeout, limit=args.limit, progress=not args.no_progress)
+    print(summary.text())
+    if args.out:
+        print(f"results written to {args.out}")
     return 0

@@ -1,0 +1,580 @@
+"""Verification mode: answer VNN-LIB instances the way VNN-COMP does.
+
+An instance is an ONNX model and a VNN-LIB property (:mod:`dualgraph.vnnlib`): input
+boxes and, over each, an unsafe output region ``OR_m (C_m y <= d_m)``. The answer is
+
+* ``unsat`` -- the property holds: for every box, every conjunction ``m`` is proved
+  empty, i.e. some row ``c_i`` has a certified lower bound ``min c_i . f(x') > d_i``
+  over the box (or a non-negative combination of the rows does; we also try their mean);
+* ``sat`` -- a counterexample: an ``x`` in a box whose outputs, computed by onnxruntime
+  on the *original* ONNX file in the model's own precision, satisfy every row of one
+  conjunction; it is found by PGD (:mod:`dualgraph.attack`) or at the centre of a box
+  of the input splitting below, and never reported without that check;
+* ``unknown`` -- neither, with every method tried; ``timeout`` -- the time ran out first
+  (an answer that arrives after the time limit is reported as ``timeout`` too, as the
+  competition would score it); ``error`` -- a bad file or an unsupported model (CLI).
+
+Order of work, cheapest first: one PGD round (counterexamples are often found in a few
+milliseconds), the dual bounds of Wong et al. in float64 with the paper's ReLU relaxation,
+then CROWN slopes (tighter) on the conjunctions still open; for low-dimensional inputs
+(ACAS Xu style) the box is then split along its widest side and every piece bounded,
+which also tests the centre of each piece as a candidate counterexample; last, a few more
+PGD rounds with other seeds. Proofs from different relaxations or pieces combine soundly
+(each bound is valid on its own).
+
+Soundness. Bounds run in float64 (the float32 weights convert exactly) and a proof needs
+``lower > d + unsat_margin * (1 + |d|)``. Before bounding, the lowered IR is compared
+with onnxruntime at the box centre: a frontend that lowered the model wrongly would make
+proofs about another function, so a disagreement is an error, not an answer. A model
+whose last op is Softmax is refused (:class:`~dualgraph.api.Certifier` strips a final
+Softmax, which is right for argmax margins but changes VNN-LIB's ``Y``).
+
+Several instances on one model share a :class:`VerifyModel` (lowered, simplified and
+opened in onnxruntime once): :func:`run_instances` keeps one per ONNX file.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DualgraphError, UnsupportedOpError
+from .vnnlib import VnnlibProperty, format_counterexample, read_vnnlib
+
+ANSWERS = ("sat", "unsat", "unknown", "timeout", "error")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """How hard to try.
+
+    relaxations: ReLU relaxations tried in order (each on the conjunctions still open).
+    attack_steps, attack_restarts: one PGD round (restarts run as one batch).
+    attack_rounds: PGD rounds in all (different seeds): one before the bounds, the rest
+        after them if no proof was found (each is cut short by the time limit).
+    split_max_inputs: split the input box when the property has at most this many
+        inputs (0: never); ``split_batch`` pieces are bounded per call, and splitting
+        gives up (``unknown``) after ``split_max_boxes`` pieces.
+    unsat_margin: relative safety margin of a proof (see the module docstring).
+    """
+
+    relaxations: tuple[str, ...] = ("paper", "crown")
+    attack_steps: int = 100
+    attack_restarts: int = 16
+    attack_rounds: int = 3
+    split_max_inputs: int = 16
+    split_batch: int = 256
+    split_max_boxes: int = 200_000
+    unsat_margin: float = 1e-9
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.relaxations or any(r not in ("paper", "crown") for r in self.relaxations):
+            raise DualgraphError(f"relaxations must be a non-empty list of paper/crown, got {self.relaxations!r}")
+        if self.attack_rounds < 0 or self.attack_restarts < 1 or self.attack_steps < 0:
+            raise DualgraphError("attack_rounds and attack_steps must be >= 0 and attack_restarts >= 1")
+        if self.split_batch < 1 or self.split_max_boxes < 1 or self.unsat_margin < 0:
+            raise DualgraphError("split_batch and split_max_boxes must be >= 1 and unsat_margin >= 0")
+
+
+@dataclass
+class VerifyResult:
+    """The answer to one instance; ``x``/``y`` (flat) only for ``sat``: the input fed to
+    onnxruntime and its outputs there."""
+
+    answer: str
+    seconds: float
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def result_text(self) -> str:
+        """The competition result file: the answer, and for ``sat`` the counterexample."""
+        if self.answer == "sat":
+            return format_counterexample(self.x, self.y)
+        return self.answer + "\n"
+
+
+def write_result(path: str | Path, text: str) -> None:
+    """Write a competition result file (``text`` from :meth:`VerifyResult.result_text`)."""
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise DualgraphError(f"cannot write results file {path}: {e.strerror}") from None
+
+
+class VerifyModel:
+    """An ONNX model prepared once for many properties: the simplified IR (bounds and
+    attacks run on it in float64), a Certifier per relaxation, and an onnxruntime session
+    of the original file (counterexamples are confirmed there)."""
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        from .api import load_model
+        self.path = Path(path)
+        self.graph = load_model(self.path)
+        if len(self.graph.inputs) != 1 or len(self.graph.outputs) != 1:
+            raise DualgraphError(f"'{self.path}' has {len(self.graph.inputs)} inputs and {len(self.graph.outputs)} "
+                                 "outputs; VNN-LIB verification needs exactly one of each")
+        last = self.graph.outputs[0].producer
+        if last is not None and last.op_type == "Softmax":
+            raise UnsupportedOpError(f"'{self.path}' ends in Softmax (node '{last.name}'); VNN-LIB outputs would be "
+                                     "probabilities, and bounds through Softmax are not supported")
+        self.device = device
+        self.n_inputs = self.graph.inputs[0].numel
+        self.n_outputs = self.graph.outputs[0].numel
+        self.input_shape = tuple(self.graph.inputs[0].unit_shape)
+        self._certifiers: dict[str, Any] = {}
+        self._session = None
+        self._interpreter = None
+        self.certifier(  # fails early, naming every op without a dual layer
+            "paper")
+
+    def certifier(self, relaxation: str):
+        """The float64 :class:`~dualgraph.api.Certifier` with this ReLU relaxation (cached)."""
+        if relaxation not in self._certifiers:
+            from .api import Certifier
+            from .scheduler import BoundConfig
+            self._certifiers[relaxation] = Certifier(self.graph, BoundConfig(relu_relaxation=relaxation),
+                                                     device=self.device, dtype=torch.float64)
+        return self._certifiers[relaxation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The IR in float64 on flat inputs ``[B, n_inputs]`` -> ``[B, n_outputs]`` (differentiable)."""
+        return self.certifier("paper").forward(x.reshape(x.shape[0], *self.input_shape))
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The IR in the graph's own precision (float32 for most models; no weight
+        conversion per call): what the attack runs on. ``[B, n_inputs]`` -> ``[B, n_outputs]``."""
+        if self._interpreter is None:
+            from .interpreter import Interpreter
+            self._interpreter = Interpreter(self.graph)
+        out = self._interpreter.run(x.reshape(x.shape[0], *self.input_shape).to(self.graph.inputs[0].dtype))[0]
+        return out.reshape(x.shape[0], -1)
+
+    def run_onnx(self, x: np.ndarray) -> np.ndarray:
+        """The original ONNX model in onnxruntime on flat inputs ``[B, n_inputs]``; ``[B, n_outputs]`` float64.
+
+        VNN-LIB numbers ``X_i`` row-major over the ONNX input tensor and the IR input is
+        that tensor with a batch axis in front (added or already there), so a flat row
+        reshaped to the IR's example shape is the ONNX tensor of one example.
+        """
+        from frontends.onnx import onnx_feeds
+        session = self._ort()
+        x = np.asarray(x).reshape(-1, *self.input_shape)
+        out_name = self.graph.meta["onnx_outputs"][0]["name"]
+        feeds = onnx_feeds(self.graph, x)
+        ys = [np.asarray(session.run([out_name], feed)[0], dtype=np.float64) for feed in feeds]
+        return np.concatenate([y.reshape(-1, self.n_outputs) for y in ys]) if len(feeds) > 1 \
+            else ys[0].reshape(x.shape[0], self.n_outputs)
+
+    def onnx_input_dtype(self) -> np.dtype:
+        return np.dtype(self.graph.meta["onnx_inputs"][0]["dtype"])
+
+    def _ort(self):
+        if self._session is None:
+            import onnxruntime as ort
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1  # tiny batches: threads cost more than they give
+            options.log_severity_level = 3
+            self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        return self._session
+
+
+class _Clock:
+    def __init__(self, timeout: float, start: float | None = None) -> None:
+        self.start = time.monotonic() if start is None else start
+        self.deadline = self.start + max(0.0, float(timeout))
+
+    @property
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @property
+    def expired(self) -> bool:
+        return self.remaining <= 0
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+class _Found(Exception):
+    """A confirmed counterexample (raised out of the search loops)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, method: str) -> None:
+        self.x, self.y, self.method = x, y, method
+
+
+class _Timeout(Exception):
+    pass
+
+
+def verify_property(model: VerifyModel, prop: VnnlibProperty | Sequence[VnnlibProperty], timeout: float,
+                    config: VerifyConfig = VerifyConfig(), *, start: float | None = None) -> VerifyResult:
+    """Answer one instance: ``prop`` is one property or all of a file's (one per input box).
+
+    ``start`` (a ``time.monotonic()`` value) lets the time limit include earlier work
+    such as reading the files. Raises :class:`DualgraphError` when the property does not
+    fit the model.
+    """
+    props = [prop] if isinstance(prop, VnnlibProperty) else list(prop)
+    clock = _Clock(timeout, start)
+    details: dict[str, Any] = {"boxes": len(props), "unconfirmed": 0}
+    for p in props:
+        if p.n_inputs != model.n_inputs or p.n_outputs != model.n_outputs:
+            raise DualgraphError(f"the property has {p.n_inputs} inputs and {p.n_outputs} outputs but the model "
+                                 f"'{model.path.name}' has {model.n_inputs} and {model.n_outputs}")
+    search = _Search(model, config, clock, details)
+    try:
+        answer = search.run(props)
+    except _Found as found:
+        details["method"] = found.method
+        return _finish(VerifyResult("sat", clock.elapsed, found.x, found.y, details), timeout)
+    except _Timeout:
+        answer = "timeout"
+    return _finish(VerifyResult(answer, clock.elapsed, details=details), timeout)
+
+
+def _finish(result: VerifyResult, timeout: float) -> VerifyResult:
+    if result.answer in ("sat", "unsat") and result.seconds > timeout:
+        result.details["late_answer"] = result.answer
+        result.answer, result.x, result.y = "timeout", None, None
+    return result
+
+
+class _Search:
+    """The phases of :func:`verify_property` for one instance."""
+
+    def __init__(self, model: VerifyModel, config: VerifyConfig, clock: _Clock, details: dict) -> None:
+        self.model, self.config, self.clock, self.details = model, config, clock, details
+
+    def run(self, props: list[VnnlibProperty]) -> str:
+        cfg = self.config
+        if not props:
+            self.details["method"] = "the assertions are unsatisfiable"
+            return "unsat"
+        with torch.no_grad():
+            for p in props:
+                self._check_lowering(p)
+        if cfg.attack_rounds:
+            for p in props:
+                self._attack(p, cfg.seed)
+        # open[k]: indices of the conjunctions of box k not yet proved empty
+        open_ = [set(range(len(p.unsafe))) for p in props]
+        for relaxation in cfg.relaxations:
+            for p, todo in zip(props, open_):
+                self._tick()
+                if todo:
+                    todo -= self._prove(p, relaxation, sorted(todo))
+            self.details.setdefault("open_after", {})[relaxation] = sum(map(len, open_))
+            if not any(open_):
+                self.details["method"] = f"bounds ({relaxation})"
+                return "unsat"
+        if cfg.split_max_inputs:
+            for p, todo in zip(props, open_):
+                if todo and p.n_inputs <= cfg.split_max_inputs and self._split(p):
+                    todo.clear()
+            if not any(open_):
+                self.details["method"] = "input splitting"
+                return "unsat"
+        for round_ in range(1, cfg.attack_rounds):
+            for p in props:
+                self._tick()
+                self._attack(p, cfg.seed + round_)
+        return "unknown"
+
+    def _tick(self) -> None:
+        if self.clock.expired:
+            raise _Timeout
+
+    # ---- counterexamples -------------------------------------------------------------
+    def _attack(self, p: VnnlibProperty, seed: int) -> None:
+        from .attack import pgd_attack
+        self._tick()
+        cfg = self.config
+        # In the model's precision (float32: twice as fast as float64); the hit is then
+        # moved into the exact box and checked in onnxruntime by _confirm.
+        dtype = self.model.graph.inputs[0].dtype
+        lo, hi = (torch.tensor(a, dtype=dtype) for a in (p.input_lo, p.input_hi))
+        # Aim a hair inside the unsafe set, so that onnxruntime agrees on the hit.
+        unsafe = [(torch.tensor(c.C), torch.tensor(c.d - 1e-5 * (1 + np.abs(c.d)))) for c in p.unsafe]
+        res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=cfg.attack_steps,
+                         restarts=cfg.attack_restarts, seed=seed, time_limit=max(self.clock.remaining, 0.0))
+        self.details["attack_rounds"] = self.details.get("attack_rounds", 0) + 1
+        if bool(res.found[0]):
+            self._confirm(p, res.x.reshape(1, -1).double().numpy(), f"attack (PGD, seed {seed})")
+
+    def _confirm(self, p: VnnlibProperty, xs: np.ndarray, method: str) -> None:
+        """Raise :class:`_Found` for the first of the candidates ``xs [B, n]`` that
+        onnxruntime confirms (inside the box, outputs in a conjunction)."""
+        dtype = self.model.onnx_input_dtype()
+        cand = np.stack([_cast_into_box(x, p.input_lo, p.input_hi, dtype) for x in xs])
+        ys = self.model.run_onnx(cand)
+        inside = np.all((cand >= p.input_lo) & (cand <= p.input_hi), axis=1)
+        hit = inside & (p.violations(ys).min(axis=1, initial=np.inf) <= 0)
+        if hit.any():
+            i = int(np.argmax(hit))
+            raise _Found(cand[i], ys[i], method)
+        self.details["unconfirmed"] += len(xs)
+
+    def _check_lowering(self, p: VnnlibProperty) -> None:
+        """The IR must compute what onnxruntime computes (else a proof would be about another function)."""
+        centre = ((p.input_lo + p.input_hi) / 2)[None]
+        centre = np.stack([_cast_into_box(centre[0], p.input_lo, p.input_hi, self.model.onnx_input_dtype())])
+        ir = self.model.forward(torch.as_tensor(centre, dtype=torch.float64)).numpy()
+        ort = self.model.run_onnx(centre)
+        diff = np.abs(ir - ort)
+        tol = 1e-3 * (1 + np.abs(ort))
+        self.details["ir_vs_onnxruntime"] = float(diff.max(initial=0.0))
+        if not np.all(diff <= tol):
+            j = int(np.argmax(diff - tol))
+            raise DualgraphError(f"the lowered model disagrees with onnxruntime on '{self.model.path.name}' "
+                                 f"(output {j}: {ir[0, j]!r} vs {ort[0, j]!r}); refusing to verify a different "
+                                 "function -- please report this frontend bug")
+        # the centre is a free candidate counterexample
+        if (p.violations(ort).min(initial=np.inf) <= 0):
+            self._confirm(p, centre, "box centre")
+
+    # ---- proofs ----------------------------------------------------------------------
+    def _rows(self, p: VnnlibProperty, conjs: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Spec rows of the conjunctions ``conjs``: every row, plus the mean of each
+        multi-row conjunction's rows; returns ``(C [m, n_out], d [m], owner [m])``."""
+        rows, rhs, owner = [], [], []
+        for k in conjs:
+            c = p.unsafe[k]
+            rows.append(c.C)
+            rhs.append(c.d)
+            owner += [k] * len(c.d)
+            if len(c.d) > 1:
+                rows.append(c.C.mean(0, keepdims=True))
+                rhs.append(c.d.mean(keepdims=True))
+                owner.append(k)
+        n = p.n_outputs
+        C = np.concatenate(rows) if rows else np.zeros((0, n))
+        d = np.concatenate(rhs) if rhs else np.zeros(0)
+        return C, d, np.asarray(owner, dtype=np.int64)
+
+    def _infeasible(self, lower: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return lower > d + self.config.unsat_margin * (1 + np.abs(d))
+
+    def _prove(self, p: VnnlibProperty, relaxation: str, conjs: list[int]) -> set[int]:
+        """The conjunctions among ``conjs`` whose emptiness the bounds prove over the box."""
+        from .input_sets import Box
+        C, d, owner = self._rows(p, conjs)
+        if not len(d):
+            return set()  # only row-less conjunctions: all of the output space
+        cert = self.model.certifier(relaxation)
+        lo, hi = (torch.tensor(a, dtype=torch.float64).reshape(1, *self.model.input_shape)
+                  for a in (p.input_lo, p.input_hi))
+        with torch.no_grad():
+            lower = cert.lower_bounds(Box(lo, hi), torch.as_tensor(C, dtype=torch.float64)[None])[0].cpu().numpy()
+        # how far the conjunction furthest from a proof is (> 0: every one proved)
+        best = np.full(len(p.unsafe), -np.inf)
+        np.maximum.at(best, owner, lower - d)
+        gaps = self.details.setdefault("worst_margin", {})
+        gaps[relaxation] = min(gaps.get(relaxation, np.inf), float(best[conjs].min()))
+        return {int(k) for k in owner[self._infeasible(lower, d)]}
+
+    def _split(self, p: VnnlibProperty) -> bool:
+        """Bisect the box until every piece is proved (True) or too many pieces (False);
+        raises :class:`_Found` for a confirmed centre and :class:`_Timeout` when time runs out."""
+        from .input_sets import Box
+        cfg = self.config
+        C, d, owner = self._rows(p, range(len(p.unsafe)))
+        if (np.bincount(owner, minlength=len(p.unsafe)) == 0).any():
+            return False  # a row-less conjunction can never be proved empty
+        cert = self.model.certifier(cfg.relaxations[-1])
+        spec = torch.as_tensor(C, dtype=torch.float64)[None]
+        lo0, hi0 = (torch.tensor(a, dtype=torch.float64)[None] for a in (p.input_lo, p.input_hi))
+        scale = torch.where(hi0 > lo0, hi0 - lo0, torch.ones_like(lo0))
+        queue_lo, queue_hi = lo0, hi0
+        done = 0
+        while len(queue_lo):
+            self._tick()
+            if done >= cfg.split_max_boxes:
+                self.details["split_boxes"] = done
+                return False
+            lo, hi = queue_lo[:cfg.split_batch], queue_hi[:cfg.split_batch]
+            queue_lo, queue_hi = queue_lo[cfg.split_batch:], queue_hi[cfg.split_batch:]
+            B = len(lo)
+            with torch.no_grad():
+                box = Box(lo.reshape(B, *self.model.input_shape), hi.reshape(B, *self.model.input_shape))
+                lower = cert.lower_bounds(box, spec).cpu().numpy()  # [B, m]
+                empty = np.zeros((B, len(p.unsafe)), dtype=bool)
+                np.logical_or.at(empty.T, owner, self._infeasible(lower, d).T)
+                open_ = torch.as_tensor(~empty.all(1))
+                done += B
+                if not open_.any():
+                    continue
+                lo, hi = lo[open_], hi[open_]
+                centre = (lo + hi) / 2
+                y = self.model.forward(centre).numpy()
+                hits = p.violations(y).min(axis=1, initial=np.inf) <= 1e-6
+                if hits.any():
+                    self._confirm(p, centre[torch.as_tensor(hits)].numpy()[:16], "input splitting (box centre)")
+                widest = ((hi - lo) / scale).argmax(1)
+                rows = torch.arange(len(lo))
+                mid = centre[rows, widest]
+                left_hi, right_lo = hi.clone(), lo.clone()
+                left_hi[rows, widest] = mid
+                right_lo[rows, widest] = mid
+                queue_lo = torch.cat([queue_lo, lo, right_lo])
+                queue_hi = torch.cat([queue_hi, left_hi, hi])
+        self.details["split_boxes"] = self.details.get("split_boxes", 0) + done
+        return True
+
+
+def _cast_into_box(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` in the model's input precision, nudged by one ulp back into ``[lo, hi]``
+    where rounding pushed it out (values stay as close to ``x`` as the precision allows)."""
+    x = np.clip(np.asarray(x, dtype=np.float64).ravel(), lo, hi)
+    c = x.astype(dtype)
+    below, above = c.astype(np.float64) < lo, c.astype(np.float64) > hi
+    c[below] = np.nextafter(c[below], np.asarray(np.inf, dtype))
+    c[above] = np.nextafter(c[above], np.asarray(-np.inf, dtype))
+    return c.astype(np.float64)
+
+
+# ---- instances ---------------------------------------------------------------------------
+def verify_instance(onnx_path: str | Path, vnnlib_path: str | Path, timeout: float,
+                    config: VerifyConfig = VerifyConfig(), model: VerifyModel | None = None) -> VerifyResult:
+    """Read the files and answer; the time limit covers reading the property and, when no
+    ``model`` is given, loading the ONNX file."""
+    start = time.monotonic()
+    if model is None:
+        model = VerifyModel(onnx_path, config.device)
+    props = read_vnnlib(vnnlib_path)
+    return verify_property(model, props, timeout, config, start=start)
+
+
+@dataclass
+class InstanceRow:
+    instance: str
+    onnx: str
+    vnnlib: str
+    answer: str
+    seconds: float
+    message: str = ""
+
+
+@dataclass
+class RunSummary:
+    rows: list[InstanceRow]
+    total_seconds: float
+    load_seconds: float
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c = Counter(r.answer for r in self.rows)
+        return {a: c.get(a, 0) for a in ANSWERS}
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(r.seconds for r in self.rows) if self.rows else 0.0
+
+    def text(self) -> str:
+        counts = ", ".join(f"{a} {n}" for a, n in self.counts.items())
+        inst = sum(r.seconds for r in self.rows)
+        return (f"{len(self.rows)} instances: {counts}\n"
+                f"time: total {self.total_seconds:.1f} s (instances {inst:.1f} s, model loading "
+                f"{self.load_seconds:.1f} s), median {self.median_seconds:.2f} s per instance")
+
+
+def read_instances(csv_path: str | Path, root: str | Path | None = None) -> list[tuple[Path, Path, float]]:
+    """Rows ``onnx,vnnlib,timeout`` of a competition instances CSV, paths resolved against
+    ``root`` (default: the CSV's folder)."""
+    csv_path = Path(csv_path)
+    try:
+        text = csv_path.read_text()
+    except OSError as e:
+        raise DualgraphError(f"cannot read instances file {csv_path}: {e.strerror}") from None
+    base = Path(root) if root is not None else csv_path.parent
+    rows = []
+    for i, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) != 3:
+            raise DualgraphError(f"{csv_path}:{i}: expected 'onnx,vnnlib,timeout', got {','.join(row)!r}")
+        try:
+            timeout = float(row[2])
+        except ValueError:
+            raise DualgraphError(f"{csv_path}:{i}: timeout {row[2]!r} is not a number") from None
+        rows.append((base / row[0].strip(), base / row[1].strip(), timeout))
+    return rows
+
+
+def run_instances(csv_path: str | Path, root: str | Path | None = None, out: str | Path | None = None,
+                  config: VerifyConfig = VerifyConfig(), *, results_dir: str | Path | None = None,
+                  max_timeout: float | None = None, limit: int | None = None,
+                  progress: bool = True) -> RunSummary:
+    """Answer every instance of a CSV; models are loaded once per ONNX file.
+
+    Writes the results CSV (``instance,onnx,vnnlib,answer,seconds``) to ``out`` and, with
+    ``results_dir``, one competition result file per instance. An instance that fails
+    (bad file, unsupported op) is answered ``error`` and the run goes on.
+    """
+    from tqdm import tqdm
+    t0 = time.monotonic()
+    instances = read_instances(csv_path, root)[:limit]
+    if results_dir is not None:
+        Path(results_dir).mkdir(parents=True, exist_ok=True)
+    models: dict[Path, VerifyModel | Exception] = {}
+    load_seconds = 0.0
+    rows: list[InstanceRow] = []
+    bar = tqdm(instances, desc="instances", unit="inst", disable=not progress, file=sys.stderr)
+    for onnx_path, vnnlib_path, timeout in bar:
+        timeout = min(timeout, max_timeout) if max_timeout is not None else timeout
+        name = f"{onnx_path.stem}/{vnnlib_path.stem}"
+        key = onnx_path.resolve()
+        if key not in models:
+            t = time.monotonic()
+            try:
+                models[key] = VerifyModel(onnx_path, config.device)
+            except DualgraphError as exc:
+                models[key] = exc
+            load_seconds += time.monotonic() - t
+        model = models[key]
+        t = time.monotonic()
+        try:
+            if isinstance(model, Exception):
+                raise model
+            result = verify_instance(onnx_path, vnnlib_path, timeout, config, model=model)
+            row = InstanceRow(name, str(onnx_path), str(vnnlib_path), result.answer, result.seconds)
+            text = result.result_text()
+        except Exception as exc:  # noqa: BLE001 -- one bad instance must not stop the run
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if not isinstance(exc, DualgraphError):
+                message = f"{type(exc).__name__}: {message} (a bug: please report it)"
+            tqdm.write(f"dualgraph: error: {name}: {message}", file=sys.stderr)
+            row = InstanceRow(name, str(onnx_path), str(vnnlib_path), "error", time.monotonic() - t, message)
+            text = "error\n"
+        rows.append(row)
+        if results_dir is not None:
+            write_result(Path(results_dir) / f"{onnx_path.stem}__{vnnlib_path.stem}.txt", text)
+        bar.set_postfix(Counter(r.answer for r in rows), refresh=False)
+    summary = RunSummary(rows, time.monotonic() - t0, load_seconds)
+    if out is not None:
+        write_results_csv(out, rows)
+    return summary
+
+
+def write_results_csv(path: str | Path, rows: Sequence[InstanceRow]) -> None:
+    try:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["instance", "onnx", "vnnlib", "answer", "seconds"])
+            for r in rows:
+                w.writerow([r.instance, r.onnx, r.vnnlib, r.answer, f"{r.seconds:.3f}"])
+    except OSError as e:
+        raise DualgraphError(f"cannot write results CSV {path}: {e.strerror}") from None

@@ -1,0 +1,342 @@
+"""Tests of verification mode (dualgraph.verification): answers on VNN-COMP instances, soundness
+of unsat and sat, counterexamples checked independently in onnxruntime, run_instances."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from dualgraph.errors import DualgraphError, UnsupportedOpError
+from dualgraph import verification as verify_mod
+from dualgraph.verification import (VerifyConfig, VerifyModel, VerifyResult, read_instances, run_instances,
+                              verify_instance, verify_property)
+from dualgraph.vnnlib import parse_vnnlib, read_vnnlib
+
+VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp2021"
+FAST = VerifyConfig(attack_restarts=8, attack_steps=50, attack_rounds=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks: one torch thread is faster, and far faster on a busy machine."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def vnncomp(*parts: str) -> Path:
+    if not VNNCOMP.is_dir():
+        pytest.skip(f"../shared/vnncomp2021 not found (looked in {VNNCOMP}); the benchmark instances are not available")
+    return VNNCOMP.joinpath(*parts)
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def parse_counterexample(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """``sat`` + ``((X_0 v) ... (Y_0 v))`` -> (x, y), independently of dualgraph's writer."""
+    lines = text.splitlines()
+    assert lines[0] == "sat"
+    pairs = re.findall(r"\((X|Y)_(\d+)\s+([^\s()]+)\)", "\n".join(lines[1:]))
+    xs = {int(i): float(v) for k, i, v in pairs if k == "X"}
+    ys = {int(i): float(v) for k, i, v in pairs if k == "Y"}
+    assert sorted(xs) == list(range(len(xs))) and sorted(ys) == list(range(len(ys)))
+    return np.array([xs[i] for i in range(len(xs))]), np.array([ys[i] for i in range(len(ys))])
+
+
+def check_counterexample(onnx_path: Path, vnnlib_path_or_props, text: str) -> None:
+    """The counterexample of a ``sat`` result file, checked with a fresh onnxruntime session:
+    inside one input box, and the outputs inside one unsafe conjunction of that box."""
+    x, y_written = parse_counterexample(text)
+    props = vnnlib_path_or_props if isinstance(vnnlib_path_or_props, list) else read_vnnlib(vnnlib_path_or_props)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+    y = sess.run(None, {inp.name: x.astype(np.float32).reshape(shape)})[0].astype(np.float64).ravel()
+    assert x.astype(np.float32).astype(np.float64).tolist() == x.tolist(), "X values are not the float32 inputs"
+    np.testing.assert_allclose(y, y_written, rtol=0, atol=0)
+    ok = [p for p in props if np.all(x >= p.input_lo) and np.all(x <= p.input_hi)
+          and any(np.all(c.C @ y <= c.d) for c in p.unsafe)]
+    assert ok, "the counterexample does not violate the property"
+
+
+def make_onnx(path: Path, layers: list[tuple[np.ndarray, np.ndarray]], rank1: bool = False,
+              softmax: bool = False) -> Path:
+    """A Gemm/ReLU network (ReLU between layers); input ``[n]`` (rank1) or ``[1, n]``."""
+    n_in = layers[0][0].shape[1]
+    nodes, inits = [], []
+    cur = "x"
+    if rank1:
+        inits.append(numpy_helper.from_array(np.array([1, n_in], np.int64), "shape_in"))
+        nodes.append(helper.make_node("Reshape", ["x", "shape_in"], ["x2"]))
+        cur = "x2"
+    for i, (w, b) in enumerate(layers):
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(b.astype(np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [cur, f"w{i}", f"b{i}"], [f"g{i}"], transB=1))
+        cur = f"g{i}"
+        if i < len(layers) - 1:
+            nodes.append(helper.make_node("Relu", [cur], [f"r{i}"]))
+            cur = f"r{i}"
+    n_out = layers[-1][0].shape[0]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", [cur], ["sm"], axis=1))
+        cur = "sm"
+    if rank1:
+        inits.append(numpy_helper.from_array(np.array([n_out], np.int64), "shape_out"))
+        nodes.append(helper.make_node("Reshape", [cur, "shape_out"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", [cur], ["y"]))
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                           [n_in] if rank1 else [1, n_in])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n_out] if rank1 else [1, n_out])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def vnnlib_text(n_in: int, n_out: int, box: list[tuple[float, float]] | None, body: str) -> str:
+    head = "".join(f"(declare-const X_{i} Real)\n" for i in range(n_in))
+    head += "".join(f"(declare-const Y_{j} Real)\n" for j in range(n_out))
+    if box:
+        head += "".join(f"(assert (>= X_{i} {lo!r}))\n(assert (<= X_{i} {hi!r}))\n" for i, (lo, hi) in enumerate(box))
+    return head + body
+
+
+IDENTITY = [(np.eye(1), np.zeros(1))]                                   # y = x
+TWIN_RELUS = [(np.array([[1.0], [1.0]]), np.zeros(2)),                   # y = relu(x) - relu(x) = 0
+              (np.array([[1.0, -1.0]]), np.zeros(1))]
+
+
+def answer(tmp_path: Path, layers, vnnlib: str, rank1: bool = False, config: VerifyConfig = FAST,
+           timeout: float = 30.0, name: str = "net") -> tuple[VerifyResult, Path, list]:
+    onnx_path = make_onnx(tmp_path / f"{name}.onnx", layers, rank1)
+    props = parse_vnnlib(vnnlib)
+    result = verify_property(VerifyModel(onnx_path), props, timeout, config)
+    if result.answer == "sat":
+        check_counterexample(onnx_path, props, result.result_text())
+    return result, onnx_path, props
+
+
+# ---- the competition's test/ instances ---------------------------------------------------------
+# The truth: nano y = relu(x)/2 in [0, 0.5], tiny/small y in [0, 1] / [30.5, 78.5] (never the
+# unsafe y <= -1 / y >= 100); test_sat / test_unsat are ACAS Xu property 3 (see test/README.md).
+TEST_TRUTH = {"test_nano": "unsat", "test_tiny": "unsat", "test_small": "unsat", "test_sat": "sat",
+              "test_unsat": "unsat"}
+
+
+@pytest.mark.parametrize("row", range(5))
+def test_vnncomp_test_instances(row):
+    instances = read_instances(vnncomp("test", "test_instances.csv"))
+    onnx_path, vnnlib_path, timeout = instances[row]
+    result = verify_instance(onnx_path, vnnlib_path, timeout)
+    assert result.answer == TEST_TRUTH[onnx_path.stem], result.details
+    if result.answer == "sat":
+        check_counterexample(onnx_path, vnnlib_path, result.result_text())
+
+
+@pytest.mark.parametrize("net,prop,truth", [
+    ("mnist-net_256x2", "prop_2_0.03", "unsat"),    # proved by the paper's bounds
+    ("mnist-net_256x2", "prop_1_0.05", "sat"),      # PGD finds a counterexample at once
+    ("mnist-net_256x6", "prop_11_0.05", "unsat"),   # needs the CROWN slopes
+])
+def test_mnistfc_instances(net, prop, truth):
+    onnx_path, vnnlib_path = vnncomp("mnistfc", f"{net}.onnx"), vnncomp("mnistfc", f"{prop}.vnnlib")
+    result = verify_instance(onnx_path, vnnlib_path, 120, FAST)
+    assert result.answer == truth, result.details
+    if truth == "sat":
+        check_counterexample(onnx_path, vnnlib_path, result.result_text())
+    else:
+        assert result.details["worst_margin"][result.details["method"][8:-1]] > 0
+
+
+# ---- small networks with known answers ---------------------------------------------------------
+@pytest.mark.parametrize("rank1", [False, True])
+def test_attack_finds_counterexample_away_from_centre(tmp_path, rank1):
+    text = vnnlib_text(1, 1, [(-1.0, 1.0)], "(assert (>= Y_0 0.9))")
+    result, _, _ = answer(tmp_path, IDENTITY, text, rank1)
+    assert result.answer == "sat" and result.details["method"].startswith("attack")
+    assert result.x[0] >= 0.9 and result.y[0] >= 0.9
+
+
+@pytest.mark.parametrize("rank1", [False, True])
+def test_bounds_prove_unsat(tmp_path, rank1):
+    text = vnnlib_text(1, 1, [(-1.0, 1.0)], "(assert (>= Y_0 1.5))")
+    result, _, _ = answer(tmp_path, IDENTITY, text, rank1)
+    assert result.answer == "unsat" and result.details["method"] == "bounds (paper)"
+    assert result.result_text() == "unsat\n"
+
+
+def test_input_splitting_proves_what_the_relaxation_cannot(tmp_path):
+    # y = relu(x) - relu(x) = 0; one relaxation alone bounds y >= -0.5 at best on [-1, 1]
+    text = vnnlib_text(1, 1, [(-1.0, 1.0)], "(assert (<= Y_0 -0.25))")
+    result, onnx_path, props = answer(tmp_path, TWIN_RELUS, text)
+    assert result.answer == "unsat" and result.details["method"] == "input splitting"
+    assert result.details["open_after"] == {"paper": 1, "crown": 1}
+    no_split = verify_property(VerifyModel(onnx_path), props, 30, VerifyConfig(split_max_inputs=0, attack_rounds=1))
+    assert no_split.answer == "unknown"
+
+
+def test_mean_of_rows_proves_a_contradictory_conjunction(tmp_path):
+    # Y_0 <= 1 and Y_0 >= 2 together: no single row is infeasible, their mean is
+    text = vnnlib_text(1, 1, [(-1.0, 1.0)], "(assert (and (<= Y_0 1.0) (>= Y_0 2.0)))")
+    result, _, _ = answer(tmp_path, IDENTITY, text)
+    assert result.answer == "unsat" and result.details["method"] == "bounds (paper)"
+
+
+def test_several_input_boxes(tmp_path):
+    # box A: x in [-1, 0] (y <= 0.5 never), box B: x in [0.6, 1] (y >= 0.5 always)
+    body = ("(assert (or (and (>= X_0 -1.0) (<= X_0 0.0) (>= Y_0 0.5))"
+            " (and (>= X_0 0.6) (<= X_0 1.0) (>= Y_0 0.5))))")
+    result, _, props = answer(tmp_path, IDENTITY, vnnlib_text(1, 1, None, body))
+    assert len(props) == 2 and result.answer == "sat" and result.details["boxes"] == 2
+    assert 0.6 <= result.x[0] <= 1.0
+    body_safe = ("(assert (or (and (>= X_0 -1.0) (<= X_0 0.0) (>= Y_0 0.5))"
+                 " (and (>= X_0 0.6) (<= X_0 1.0) (<= Y_0 0.5))))")
+    result, _, props = answer(tmp_path, IDENTITY, vnnlib_text(1, 1, None, body_safe))
+    assert len(props) == 2 and result.answer == "unsat"
+
+
+def test_empty_conjunction_is_unsafe_everywhere(tmp_path):
+    result, _, _ = answer(tmp_path, IDENTITY, vnnlib_text(1, 1, [(0.25, 0.5)], "(assert (<= X_0 0.5))"))
+    assert result.answer == "sat" and 0.25 <= result.x[0] <= 0.5
+
+
+def test_false_assertions_are_unsat(tmp_path):
+    result, _, props = answer(tmp_path, IDENTITY, vnnlib_text(1, 1, [(0.0, 1.0)], "(assert false)"))
+    assert props == [] and result.answer == "unsat"
+
+
+def test_counterexample_is_cast_into_the_box(tmp_path):
+    # float32(0.7) < 0.7: the attack's point on the lower face must be nudged up by one ulp
+    text = vnnlib_text(1, 1, [(0.7, 0.9)], "(assert (<= Y_0 0.75))")
+    result, _, _ = answer(tmp_path, IDENTITY, text)
+    assert float(np.float32(0.7)) < 0.7
+    assert result.answer == "sat"
+    x = result.x[0]
+    assert float(np.float32(x)) == x and 0.7 <= x <= 0.75
+
+
+def test_timeout(tmp_path):
+    result, _, _ = answer(tmp_path, IDENTITY, vnnlib_text(1, 1, [(-1.0, 1.0)], "(assert (>= Y_0 1.5))"), timeout=0)
+    assert result.answer == "timeout" and result.x is None
+    late = verify_mod._finish(VerifyResult("unsat", 2.0), timeout=1.0)
+    assert late.answer == "timeout" and late.details["late_answer"] == "unsat"
+
+
+def test_property_must_fit_the_model(tmp_path):
+    with pytest.raises(DualgraphError, match="2 inputs and 1 outputs but the model"):
+        answer(tmp_path, IDENTITY, vnnlib_text(2, 1, [(0.0, 1.0)] * 2, "(assert (>= Y_0 1.5))"))
+
+
+def test_softmax_output_is_refused(tmp_path):
+    path = make_onnx(tmp_path / "sm.onnx", [(np.eye(2), np.zeros(2))], softmax=True)
+    with pytest.raises(UnsupportedOpError, match="Softmax"):
+        VerifyModel(path)
+
+
+def test_disagreement_with_onnxruntime_is_an_error(tmp_path, monkeypatch):
+    model = VerifyModel(make_onnx(tmp_path / "id.onnx", IDENTITY))
+    real = model.run_onnx
+    monkeypatch.setattr(model, "run_onnx", lambda x: real(x) + 1.0)
+    props = parse_vnnlib(vnnlib_text(1, 1, [(-1.0, 1.0)], "(assert (>= Y_0 1.5))"))
+    with pytest.raises(DualgraphError, match="disagrees with onnxruntime"):
+        verify_property(model, props, 30, FAST)
+
+
+def test_sat_needs_onnxruntime_to_agree(tmp_path, monkeypatch):
+    # The attack's own evaluation lies (everything looks unsafe): nothing is confirmed,
+    # and the bounds still prove the property.
+    model = VerifyModel(make_onnx(tmp_path / "id.onnx", IDENTITY))
+    monkeypatch.setattr(model, "forward_fast", lambda x: 10.0 + 0.0 * x.reshape(x.shape[0], -1).sum(1, keepdim=True))
+    props = parse_vnnlib(vnnlib_text(1, 1, [(-1.0, 1.0)], "(assert (>= Y_0 1.5))"))
+    result = verify_property(model, props, 30, FAST)
+    assert result.answer == "unsat" and result.details["unconfirmed"] >= 1
+
+
+# ---- soundness on random networks -------------------------------------------------------------
+def _forward_np(layers, x):
+    for i, (w, b) in enumerate(layers):
+        x = x @ w.T.astype(np.float32).astype(np.float64) + b.astype(np.float32).astype(np.float64)
+        if i < len(layers) - 1:
+            x = np.maximum(x, 0)
+    return x
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), hidden=st.integers(2, 6), n_rows=st.integers(1, 2),
+       n_conj=st.integers(1, 2), d=st.floats(-1.0, 1.0))
+def test_random_networks_answers_are_sound(tmp_path, seed, hidden, n_rows, n_conj, d):
+    rng = np.random.default_rng(seed)
+    layers = [(rng.normal(size=(hidden, 2)), rng.normal(size=hidden) * 0.3),
+              (rng.normal(size=(2, hidden)), rng.normal(size=2) * 0.3)]
+    conjs = []
+    for _ in range(n_conj):
+        rows = [f"(<= (+ (* {float(c0)!r} Y_0) (* {float(c1)!r} Y_1)) {float(d)!r})"
+                for c0, c1 in rng.normal(size=(n_rows, 2))]
+        conjs.append("(and " + " ".join(rows) + ")")
+    text = vnnlib_text(2, 2, [(-1.0, 0.5), (-0.5, 1.0)], f"(assert (or {' '.join(conjs)}))")
+    config = VerifyConfig(attack_restarts=8, attack_steps=30, attack_rounds=1, split_max_boxes=4000, seed=seed % 100)
+    result, _, props = answer(tmp_path, layers, text, config=config, timeout=5.0, name=f"net{seed}")
+    if result.answer == "unsat":  # a dense grid of the box never reaches the unsafe region
+        g0, g1 = np.meshgrid(np.linspace(-1.0, 0.5, 121), np.linspace(-0.5, 1.0, 121))
+        y = _forward_np(layers, np.stack([g0.ravel(), g1.ravel()], 1))
+        assert (props[0].violations(y).min(1) > -1e-6).all()
+    assert result.answer in ("sat", "unsat", "unknown", "timeout")  # sat was checked in answer()
+
+
+# ---- run_instances ----------------------------------------------------------------------------
+def test_run_instances_loads_each_model_once_and_survives_errors(tmp_path, monkeypatch):
+    test_dir = vnncomp("test")
+    rows = ["test_nano.onnx,test_nano.vnnlib,60", "missing.onnx,test_nano.vnnlib,60",
+            "test_nano.onnx,missing.vnnlib,60", "test_tiny.onnx,test_tiny.vnnlib,60",
+            "test_nano.onnx,test_nano.vnnlib,60", "", "test_sat.onnx,test_prop.vnnlib,60"]
+    instances = tmp_path / "instances.csv"
+    instances.write_text("\n".join(rows) + "\n")
+    loads = []
+    real = verify_mod.VerifyModel
+
+    def counting(path, *args):
+        loads.append(Path(path).name)
+        return real(path, *args)
+    monkeypatch.setattr(verify_mod, "VerifyModel", counting)
+    out, results_dir = tmp_path / "results.csv", tmp_path / "res"
+    summary = run_instances(instances, root=test_dir, out=out, config=FAST, results_dir=results_dir, progress=False)
+    assert sorted(loads) == ["missing.onnx", "test_nano.onnx", "test_sat.onnx", "test_tiny.onnx"]
+    assert [r.answer for r in summary.rows] == ["unsat", "error", "error", "unsat", "unsat", "sat"]
+    assert summary.counts == {"sat": 1, "unsat": 3, "unknown": 0, "timeout": 0, "error": 2}
+    assert "does not exist" in summary.rows[1].message and "missing.vnnlib" in summary.rows[2].message
+    assert "6 instances: sat 1, unsat 3, unknown 0, timeout 0, error 2" in summary.text()
+    with open(out) as f:
+        table = list(csv.DictReader(f))
+    assert [r["answer"] for r in table] == [r.answer for r in summary.rows]
+    assert table[0]["instance"] == "test_nano/test_nano" and float(table[0]["seconds"]) >= 0
+    assert (results_dir / "missing__test_nano.txt").read_text() == "error\n"
+    check_counterexample(test_dir / "test_sat.onnx", test_dir / "test_prop.vnnlib",
+                         (results_dir / "test_sat__test_prop.txt").read_text())
+
+
+def test_read_instances_errors(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a.onnx,b.vnnlib\n")
+    with pytest.raises(DualgraphError, match="expected 'onnx,vnnlib,timeout'"):
+        read_instances(bad)
+    bad.write_text("a.onnx,b.vnnlib,soon\n")
+    with pytest.raises(DualgraphError, match="not a number"):
+        read_instances(bad)
+    with pytest.raises(DualgraphError, match="cannot read instances file"):
+        read_instances(tmp_path / "none.csv")
+    good = tmp_path / "good.csv"
+    good.write_text("# comment\nm.onnx, p.vnnlib ,60\n")
+    assert read_instances(good, root="/r") == [(Path("/r/m.onnx"), Path("/r/p.vnnlib"), 60.0)]
