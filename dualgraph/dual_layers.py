@@ -158,7 +158,7 @@ def leaky_relu_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     l, u = b
     cross = _crossing(b)
     s = torch.where(cross, (u - alpha * l) / torch.where(cross, u - l, 1.0),
-                    torch.where(l >= 0, 1.0, alpha).to(l.dtype))
+                    torch.where(l >= 0, torch.ones_like(l), torch.full_like(l, alpha)))  # alpha in l's precision
     return Relaxation(s, 0.0, s, torch.where(cross, l * (alpha - s), 0.0))
 
 
@@ -185,9 +185,12 @@ def _chord_relaxation(b: Bounds, f, breakpoints=(), stationary=None) -> Relaxati
 @register_relaxation("Clip")
 def clip_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     """HardTanh / Clip: piecewise linear, breakpoints at ``min`` and ``max``."""
-    args = const_args(node, b.lower)
-    lo = float(args[1]) if len(args) > 1 and args[1] is not None else -math.inf
-    hi = float(args[2]) if len(args) > 2 and args[2] is not None else math.inf
+    args = const_args(node, b.lower) + [None, None]
+    # bounds as inputs (opset >= 11) or, before that, as attributes: the same reading as the eval rule
+    lo_v = args[1] if args[1] is not None else node.attrs.get("min")
+    hi_v = args[2] if args[2] is not None else node.attrs.get("max")
+    lo = float(lo_v) if lo_v is not None else -math.inf
+    hi = float(hi_v) if hi_v is not None else math.inf
     bps = tuple(p for p in (lo, hi) if math.isfinite(p))
     return _chord_relaxation(b, lambda z: z.clamp(min=lo, max=hi), breakpoints=bps)
 
