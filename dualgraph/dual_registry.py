@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from .errors import UnsupportedOpError
-from .interpreter import EVAL_RULES
+from .interpreter import EVAL_RULES, node_args
 from .ir import Graph, Node, OpKey
 from .linalg import batched_dot
 
@@ -145,14 +145,7 @@ def eval_node(node: Node, args: list) -> list[torch.Tensor]:
 
 def const_args(node: Node, like: torch.Tensor) -> list:
     """The node's constant inputs cast like ``like``; variable inputs as ``None`` placeholders."""
-    out = []
-    for v in node.inputs:
-        if v is not None and v.is_const:
-            c = v.const
-            out.append(c.to(device=like.device, dtype=like.dtype) if c.is_floating_point() else c.to(like.device))
-        else:
-            out.append(None)
-    return out
+    return node_args(node, None, like)
 
 
 class AffineRule(DualRule):

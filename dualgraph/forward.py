@@ -29,6 +29,7 @@ import torch
 from .dual_registry import AffineRule, Bounds, ElementwiseRule, dual_rule
 from .errors import DualgraphError
 from .input_sets import InputSet
+from .interpreter import node_args
 from .ir import Graph, Node, Value
 
 
@@ -50,6 +51,12 @@ class ColumnScheme:
     def gap_term(self, cols: torch.Tensor) -> torch.Tensor:
         """``sum_k |F[k, j]|`` (or its estimate) from pushed columns ``[b, k, n_v]`` -> ``[b, n_v]``."""
         raise NotImplementedError
+
+    def source_key(self, node_name: str) -> object:
+        """Key under which an activation's gap columns are kept. Columns under one key are
+        added together (a random projection may merge sources); ``"input"`` merges them
+        into the input columns (reduced with :meth:`input_term`)."""
+        return node_name
 
 
 class ExactColumns(ColumnScheme):
@@ -164,7 +171,8 @@ class ForwardBounds:
         cols[out] = {key: a * f for key, f in cols[z].items()}
         new = self.scheme.gap_columns(gap)
         if new is not None:
-            cols[out][node.name] = new
+            key = self.scheme.source_key(node.name)
+            cols[out][key] = new if key not in cols[out] else cols[out][key] + new
 
 
 def _as_tensor(b, like: torch.Tensor) -> torch.Tensor:
@@ -172,17 +180,7 @@ def _as_tensor(b, like: torch.Tensor) -> torch.Tensor:
 
 
 def _with_consts(node: Node, env: dict[Value, torch.Tensor]) -> list:
-    like = next(env[v] for v in node.var_inputs)
-    out = []
-    for v in node.inputs:
-        if v is None:
-            out.append(None)
-        elif v.is_const:
-            c = v.const
-            out.append(c.to(device=like.device, dtype=like.dtype) if c.is_floating_point() else c.to(like.device))
-        else:
-            out.append(env[v])
-    return out
+    return node_args(node, env, next(env[v] for v in node.var_inputs))
 
 
 def _eval(node: Node, args: list) -> list[torch.Tensor]:

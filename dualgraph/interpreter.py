@@ -35,6 +35,40 @@ def register_eval(op_type: str, domain: str = "") -> Callable[[EvalRule], EvalRu
     return deco
 
 
+def constant_like(v: Value, like: torch.Tensor) -> torch.Tensor:
+    """Constant ``v`` in the dtype (floating constants only) and device of ``like``.
+
+    The converted copy is cached in ``v.meta`` keyed by dtype, device and the tensor's
+    identity and version, so float64 runs do not convert every weight on every call;
+    constants that require gradients are converted afresh (the conversion is differentiable).
+    """
+    c = v.const
+    dtype = like.dtype if c.is_floating_point() else c.dtype
+    if c.dtype == dtype and c.device == like.device:
+        return c
+    if c.requires_grad:
+        return c.to(device=like.device, dtype=dtype)
+    key = (dtype, like.device, id(c), c._version)
+    cached = v.meta.get("_cast")
+    if cached is None or cached[0] != key:
+        cached = (key, c.to(device=like.device, dtype=dtype))
+        v.meta["_cast"] = cached
+    return cached[1]
+
+
+def node_args(node: Node, env: dict[Value, torch.Tensor] | None, like: torch.Tensor) -> list:
+    """The node's inputs: constants cast like ``like``, variables from ``env`` (None without env)."""
+    out = []
+    for v in node.inputs:
+        if v is None:
+            out.append(None)
+        elif v.is_const:
+            out.append(constant_like(v, like))
+        else:
+            out.append(env[v] if env is not None else None)
+    return out
+
+
 def _ensure_rules_loaded() -> None:
     from . import eval_rules  # noqa: F401  (importing fills EVAL_RULES)
     from .plugins import load_plugins
@@ -60,15 +94,7 @@ class Interpreter:
         self._frees = graph.last_uses()
 
     def run_node(self, node: Node, env: dict[Value, torch.Tensor], like: torch.Tensor) -> list[torch.Tensor]:
-        args = []
-        for v in node.inputs:
-            if v is None:
-                args.append(None)
-            elif v.is_const:
-                c = v.const
-                args.append(c.to(device=like.device, dtype=like.dtype) if c.is_floating_point() else c.to(like.device))
-            else:
-                args.append(env[v])
+        args = node_args(node, env, like)
         try:
             out = EVAL_RULES[node.op](node, args)
         except DualgraphError:
