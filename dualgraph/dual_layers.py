@@ -100,11 +100,8 @@ class ConvDual(AffineRule):
                  for i in range(2)]
         if any(e < 0 or e >= max(stride[i], dil[i]) for i, e in enumerate(extra)):
             return super().transpose(node, lam_rows)
-        # channels-last rows make the CPU kernel about 1.4x faster (measured on the paper's models)
-        rows = lam_rows.contiguous(memory_format=torch.channels_last) if lam_rows.device.type == "cpu" else lam_rows
-        out = F.conv_transpose2d(rows, w, stride=stride, padding=pads[:half], output_padding=extra,
-                                 groups=groups, dilation=dil)
-        return [out.contiguous()]
+        return [F.conv_transpose2d(lam_rows, w, stride=stride, padding=pads[:half], output_padding=extra,
+                                   groups=groups, dilation=dil)]
 
 
 def _conv_transpose_by_taps(lam: torch.Tensor, w: torch.Tensor, stride, pad, dil, in_hw) -> torch.Tensor:

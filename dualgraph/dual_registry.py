@@ -286,18 +286,30 @@ class ElementwiseRule(DualRule):
     def backward(self, node: Node, lam: torch.Tensor, bounds, config) -> DualStep:
         r = self.relaxation(node, bounds[0], config)
         if r.symmetric:  # linear in lam: lam_in = a lam, offsets lam.mid -/+ |lam|.gap
-            mid, gap = _cached_mid_gap(r, bounds[0], node)
-            linear, absolute = batched_dot(lam, mid), batched_dot(lam.abs(), gap)
+            units, mid, gap = _cached_offsets(r, bounds[0], node)
+            part = lam.flatten(2) if units is None else lam.flatten(2)[..., units]
+            linear, absolute = batched_dot(part, mid), batched_dot(part.abs(), gap)
             return DualStep([lam * r.a_lo.unsqueeze(1)], linear - absolute, linear + absolute)
         pos, neg = lam.clamp(min=0), lam.clamp(max=0)
         lam_in = pos * r.a_lo.unsqueeze(1) + neg * r.a_up.unsqueeze(1)
         return DualStep([lam_in], _offset(pos, r.b_lo) + _offset(neg, r.b_up), None)
 
 
-def _cached_mid_gap(r: Relaxation, bounds: Bounds, node: Node):
-    key = ("mid_gap", node.name, id(r))
+def _cached_offsets(r: Relaxation, bounds: Bounds, node: Node):
+    """``(units, mid, gap)`` restricted to the units where either is nonzero in some example.
+
+    For ReLU these are the crossing units, usually a small part of the layer, so the
+    offset dot products read only those columns of lam. ``units`` is None when most are.
+    """
+    key = ("offsets", node.name, id(r))
     if key not in bounds.cache:
-        bounds.cache[key] = (r, r.mid_gap())  # r kept alive so its id stays unique
+        mid, gap = (t.flatten(1) for t in r.mid_gap())
+        used = torch.nonzero((mid != 0).any(0) | (gap != 0).any(0)).flatten()
+        if used.numel() > mid.shape[1] // 2:
+            entry = (None, mid, gap)
+        else:
+            entry = (used, mid[:, used], gap[:, used])
+        bounds.cache[key] = (r, entry)  # r kept alive so its id stays unique
     return bounds.cache[key][1]
 
 

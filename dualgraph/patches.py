@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .dual_layers import _conv_transpose_by_taps
 from .dual_registry import ElementwiseRule, const_args
 from .ir import Node
 
@@ -123,9 +122,7 @@ def through_conv(p: Patches, node: Node, cache: dict | None = None) -> tuple[Pat
         offset = _rows(torch.einsum("bptckl,c->bpt", p.data, bias))
     Kn, Cn = (K - 1) * stride + w.shape[2], w.shape[1]
     rows = p.data.reshape(b * P * Ct, C * K * K)
-    if Cn * w.shape[2] * w.shape[3] <= 64:  # few input channels: per-tap adds (see ConvDual)
-        x = _conv_transpose_by_taps(rows.view(-1, C, K, K), w, [stride] * 2, [0, 0], [1, 1], (Kn, Kn))
-    elif C * K * K * Cn * Kn * Kn <= MAX_DENSE_TRANSPOSE:
+    if C * K * K * Cn * Kn * Kn <= MAX_DENSE_TRANSPOSE:
         raw = node.inputs[1].const  # identity and version: an edited weight invalidates the entry
         key = (node.name, K, w.dtype, w.device, id(raw), raw._version)
         T = None if cache is None or w.requires_grad else cache.get(key)

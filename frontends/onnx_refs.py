@@ -1,0 +1,98 @@
+"""What ONNX tensor names refer to while :mod:`frontends.onnx` imports a model, and the
+registry of per-op conversion handlers (filled by :mod:`frontends.onnx_ops`).
+
+A name refers to a :class:`_Var` (a variable tensor with its IR value and batch layout), a
+:class:`_Const` (a constant in the batch-1 and batch-2 worlds) or a :class:`_Missing`
+output; see :mod:`frontends.onnx` for the layouts and the two worlds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+from onnx import TensorProto
+
+from dualgraph.ir import Value
+
+if TYPE_CHECKING:
+    from frontends.onnx_importer import _Importer
+
+_FLOAT_TYPES = {TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64,
+                TensorProto.FLOAT16: torch.float16, TensorProto.BFLOAT16: torch.bfloat16}
+_CONTROL_FLOW = {"If", "Loop", "Scan", "SequenceMap"}  # subgraphs: never folded or lowered
+_SHAPE_OPS = {"Shape", "Size"}  # constant even on variable values: shapes are static
+
+
+@dataclass(slots=True)
+class _Var:
+    """A variable ONNX tensor: its IR value and whether the IR added the batch axis."""
+
+    value: Value
+    added: bool
+
+    @property
+    def rank(self) -> int:
+        """Rank of the ONNX tensor."""
+        return len(self.value.shape) - (1 if self.added else 0)
+
+    def onnx_shape(self, batch: int = 1) -> list[int]:
+        """Shape of the ONNX tensor for one example (batch-first values: ``batch`` examples)."""
+        rest = [int(d) for d in self.value.shape[1:]]
+        return rest if self.added else [batch, *rest]
+
+
+@dataclass(slots=True)
+class _Const:
+    """A constant ONNX tensor in the batch-1 and batch-2 worlds (``t2 is t1`` when equal)."""
+
+    t1: np.ndarray
+    t2: np.ndarray
+
+    @staticmethod
+    def of(array: np.ndarray) -> _Const:
+        return _Const(array, array)
+
+    @property
+    def batch_dependent(self) -> bool:
+        return self.t2 is not self.t1
+
+    def map(self, f: Callable[[np.ndarray], np.ndarray]) -> _Const:
+        t1 = f(self.t1)
+        return _Const(t1, f(self.t2) if self.batch_dependent else t1)
+
+
+@dataclass(slots=True)
+class _Missing:
+    """An ONNX output the frontend does not provide (e.g. Dropout's mask); using it fails."""
+
+    reason: str
+
+
+Ref = _Var | _Const
+
+
+@dataclass(slots=True)
+class _N:
+    """The ONNX node being converted, as the handlers see it."""
+
+    name: str                   # unique IR node name (ONNX name, else its first output)
+    op: str
+    attrs: dict[str, Any]
+    ins: list[Ref | None]
+    in_names: list[str]
+    outs: list[str]             # ONNX output names ('' for an omitted optional output)
+
+
+_HANDLERS: dict[str, Callable[["_Importer", _N], list]] = {}
+
+
+def _handles(*ops: str):
+    """Register a conversion handler for default-domain ONNX ops (like EVAL_RULES)."""
+    def deco(fn):
+        for op in ops:
+            _HANDLERS[op] = fn
+        return fn
+    return deco
