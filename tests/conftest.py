@@ -36,3 +36,14 @@ def zoo_onnx(tmp_path_factory) -> Callable[..., Path]:
             cache[key] = export_onnx(ZOO[name], path, dynamic=dynamic, opset=opset)
         return cache[key]
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread():
+    """The tests use small tensors, where intra-op threads only add overhead (and on a busy
+    2-core machine make the suite several times slower); benchmarks set their own count."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
