@@ -145,18 +145,6 @@ class DagNet(nn.Module):
 
 # ---- test-suite helpers ---------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add overhead, and on a busy 2-core machine they make
-    these tests 10x slower (threads spin waiting for each other). Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # ---- module helpers ---------------------------------------------------------------------------
 
 def _scale(module: nn.Module, gain: float) -> nn.Module:

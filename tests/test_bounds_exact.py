@@ -31,7 +31,7 @@ from dualgraph.input_sets import L2Ball, linf_ball
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 from passes.build_dual import build_dual
 
-from strategies import DTYPE, DagNet, SetCase, affine_pieces, input_sets, relu_nets, single_thread, to_ir  # noqa: F401  (fixture)
+from strategies import DTYPE, DagNet, SetCase, affine_pieces, input_sets, relu_nets, to_ir
 
 SETTINGS = dict(derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

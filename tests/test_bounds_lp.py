@@ -29,7 +29,7 @@ from dualgraph.scheduler import BoundConfig, BoundScheduler
 from passes.build_dual import build_dual
 
 from strategies import (DTYPE, DagNet, affine_pieces, dense_nets, input_sets, mlp_nets, residual_nets,
-                        sample_points, single_thread, to_ir)  # noqa: F401  (fixture)
+                        sample_points, to_ir)
 
 SETTINGS = dict(derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -22,7 +22,7 @@ from dualgraph.interpreter import Interpreter
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 from passes.build_dual import build_dual
 
-from strategies import DTYPE, DagNet, any_nets, input_sets, relu_nets, sample_points, single_thread, to_ir  # noqa: F401  (fixture)
+from strategies import DTYPE, DagNet, any_nets, input_sets, relu_nets, sample_points, to_ir
 
 RELAXATIONS = ("paper", "crown")
 SETTINGS = dict(derandomize=True, deadline=None, database=None,

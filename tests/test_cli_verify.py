@@ -18,15 +18,6 @@ SCRIPTS = REPO / "scripts" / "vnncomp"
 FAST = ["--attack-restarts", "8", "--attack-steps", "50", "--attack-rounds", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one torch thread is faster, and far faster on a busy machine."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_verify import check_counterexample  # noqa: E402
 

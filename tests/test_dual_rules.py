@@ -33,7 +33,6 @@ from dualgraph.plugins import load_plugins
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 from passes.build_dual import build_dual
 
-from strategies import single_thread  # noqa: F401  (fixture: one intra-op thread)
 
 load_plugins()
 

@@ -25,16 +25,6 @@ VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp2021"
 FAST = VerifyConfig(attack_restarts=8, attack_steps=50, attack_rounds=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one torch thread is faster, and far faster on a busy machine."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def vnncomp(*parts: str) -> Path:
     if not VNNCOMP.is_dir():
         pytest.skip(f"../shared/vnncomp2021 not found (looked in {VNNCOMP}); the benchmark instances are not available")

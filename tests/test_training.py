@@ -1,0 +1,124 @@
+"""The differentiable robust loss (dualgraph.training): gradients, caching, the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dualgraph.errors import DualgraphError
+from dualgraph.scheduler import BoundConfig
+from dualgraph.training import bind_parameters, lower_module, robust_bounds, robust_loss
+
+
+def model() -> nn.Sequential:
+    """The paper's small architecture shrunk to 8x8 inputs (convex_adversarial's kernel 4,
+    stride 2, padding 1 geometry, which its transposed convolutions invert exactly)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 4, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(4, 8, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 2 * 2, 20), nn.ReLU(), nn.Linear(20, 10)).double()
+
+
+def data(n: int = 5):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("clip", [None, (0.0, 1.0)])
+def test_matches_convex_adversarial(clip):
+    """Exact mode: the loss, robust error and every parameter gradient equal the authors' code."""
+    ca = pytest.importorskip("convex_adversarial")
+    net = model()
+    x, y = data()
+    loss, err = robust_loss(net, x, y, 0.05, clip=clip)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    ref_loss, ref_err = ca.robust_loss(net, 0.05, x, y, bounded_input=clip is not None)
+    ref_grads = torch.autograd.grad(ref_loss, list(net.parameters()))
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-10)
+    assert err == pytest.approx(ref_err)
+    for (name, _), g, h in zip(net.named_parameters(), grads, ref_grads):
+        assert torch.allclose(g, h, rtol=1e-8, atol=1e-12), name
+
+
+def test_gradient_matches_finite_differences():
+    net = model()
+    x, y = data()
+    params = list(net.parameters())
+    loss, _ = robust_loss(net, x, y, 0.05, clip=(0.0, 1.0))
+    grads = torch.autograd.grad(loss, params)
+    g = torch.Generator().manual_seed(2)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    analytic = sum(float((gr * d).sum()) for gr, d in zip(grads, direction))
+    h = 1e-6
+
+    def at(t: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(t * d)
+            val = float(robust_loss(net, x, y, 0.05, clip=(0.0, 1.0))[0])
+            for p, d in zip(params, direction):
+                p.sub_(t * d)
+        return val
+    numeric = (at(h) - at(-h)) / (2 * h)
+    assert numeric == pytest.approx(analytic, rel=1e-5, abs=1e-9)
+
+
+def test_lowered_once_and_relowered_when_a_parameter_is_replaced():
+    net = model()
+    x, y = data(3)
+    robust_loss(net, x, y, 0.05)
+    low = lower_module(net, x)
+    robust_loss(net, x, y, 0.05, BoundConfig(proj=5, proj_seed=0))
+    assert lower_module(net, x) is low
+    net[5].weight = nn.Parameter(net[5].weight.detach().clone())
+    low2 = lower_module(net, x)
+    assert low2 is not low
+    loss, _ = robust_loss(net, x, y, 0.05)
+    loss.backward()
+    assert net[5].weight.grad is not None
+
+
+def test_bounds_are_valid_margins():
+    """J_j <= logit_y - logit_j at the centre (the ball contains it)."""
+    net = model()
+    x, y = data()
+    with torch.no_grad():
+        j = robust_bounds(net, x, y, 0.05)
+        logits = net(x)
+    others = ~torch.nn.functional.one_hot(y, 10).bool()
+    margins = (logits.gather(1, y[:, None]) - logits)[others].view(len(y), 9)
+    assert bool((j <= margins + 1e-9).all())
+
+
+def test_folded_parameter_is_an_error():
+    class Folded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return torch.relu(x @ self.w.t())  # w.t() is folded into a new constant
+
+    from frontends.fx import load_module
+    mod = Folded()
+    graph = load_module(mod, torch.rand(2, 4))
+    with pytest.raises(DualgraphError, match="w"):
+        bind_parameters(graph, mod)
+    assert bind_parameters(graph, mod, strict=False) == {}
+
+
+def test_projected_training_step_reduces_the_loss():
+    net = model()
+    x, y = data(8)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    cfg = BoundConfig(proj=20, proj_seed=0)
+    first = None
+    for _ in range(8):
+        loss, _ = robust_loss(net, x, y, 0.02, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = float(loss) if first is None else first
+    exact, _ = robust_loss(net, x, y, 0.02)
+    assert float(exact) < first
