@@ -150,8 +150,7 @@ class BoundScheduler:
                 raise DualgraphError(f"random projections (proj={self.config.proj}) need linear dual layers "
                                      f"everywhere (the paper's ReLU relaxation, no MaxPool); not linear: {names}. "
                                      "Compute exact bounds (no proj) or use relu_relaxation 'paper'")
-            sources = 1 + sum(1 for n in nodes if dual_rule(n).needs_bounds)
-            self._proj_state = Projections(self.config, sources)
+            self._proj_state = Projections(self.config)
         return self._proj_state
 
     @property

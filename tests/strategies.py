@@ -25,7 +25,6 @@ import io
 import random
 from dataclasses import dataclass
 
-import pytest
 import torch
 import torch.nn as nn
 from hypothesis import strategies as st
