@@ -129,8 +129,7 @@ class BoundScheduler:
         """Bounds of every value that feeds a nonlinear op, in topological order."""
         bounds: dict[Value, Bounds] = {}
         if self.bound_targets and self.config.proj is not None:
-            scheme = self._projections().scheme(input_set)
-            return ForwardBounds(self.graph, self.config, scheme).bounds(self.bound_targets, input_set, bounds)
+            return self._projections().bounds(self.graph, self.bound_targets, input_set, bounds)
         if self.bound_targets and self.uses_forward:
             return ForwardBounds(self.graph, self.config).bounds(self.bound_targets, input_set, bounds)
         for v in self.bound_targets:

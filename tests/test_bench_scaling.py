@@ -13,7 +13,7 @@ from models.architectures import hidden_units, mnist_small
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory, capsys_module=None):
+def result(tmp_path_factory):
     import contextlib
     import io
     out = tmp_path_factory.mktemp("bench")
@@ -36,6 +36,7 @@ def test_json_rows(result):
         assert isinstance(r["hidden_units"], int) and r["hidden_units"] > 0
         assert r["seconds"] > 0 and r["peak_mb"] >= 0
         assert (r["r"] is None) == (r["method"] == "exact")
+    assert any(r["variant"] == "forward" and r["direction"] == "forward" for r in rows)  # Appendix F exact
     assert {f["method"] for f in data["fits"]} == {"exact", "proj"}
     assert all("seconds_exponent" in f for f in data["fits"])
     assert data["machine"]["cores"] >= 1 and "bench scaling" in data["command"]

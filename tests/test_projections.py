@@ -250,13 +250,17 @@ def test_config_errors(net):
     assert BoundConfig(proj=5, proj_estimator="geometric", delta=0.1).probabilistic
 
 
-def test_maxpool_is_refused():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(32, 3)).double()
+def test_maxpool_is_refused_only_before_a_bounded_value():
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
-    graph = load_model(model, x)
+    head = [nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32, 6)]
+    # a MaxPool feeding a ReLU: its (sign-dependent) dual layer would sit inside the projections
+    graph = load_model(nn.Sequential(*head, nn.ReLU(), nn.Linear(6, 3)).double(), x)
     with pytest.raises(DualgraphError, match="MaxPool"):
         certifier(graph, proj=10).intermediate_bounds(linf_ball(x, 0.05))
+    # after the last ReLU it only enters the exact final pass: fine
+    graph = load_model(nn.Sequential(*head).double(), x)
+    cert = certifier(graph, proj=10, proj_seed=0)
+    assert torch.isfinite(cert.lower_bounds(linf_ball(x, 0.05), margin_spec(torch.tensor([0, 1]), 6))).all()
 
 
 def test_gaussian_scheme_needs_l2_and_cauchy_needs_box(net):
@@ -276,3 +280,24 @@ def test_cuda_projected_bounds(net):
     ra, rb = radii(a.intermediate_bounds(s)), radii(b.intermediate_bounds(s))
     assert all(t.is_cuda and torch.isfinite(t).all() for t in ra)
     assert all(torch.equal(p, q) for p, q in zip(ra, rb))
+
+
+def test_cli_labels_projected_results_as_estimates(capsys):
+    """With --proj the certify output is an estimate: never "certified"/"verified"."""
+    import json
+
+    from dualgraph.cli import main
+    assert main(["certify", "--limit", "6", "--proj", "10", "--proj-seed", "0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["sound"] is False and data["proj"] == 10 and "estimated_robust_error" in data
+    assert not any("certif" in k or "verif" in k for k in data)
+    assert main(["certify", "--limit", "6", "--proj", "10", "--delta", "0.01", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["probabilistic"] is True and data["delta"] == 0.01 and data["proj_estimator"] == "geometric"
+    assert data["delta_union"] == min(1.0, data["bounded_units"] * 0.01)
+    assert main(["certify", "--limit", "6", "--proj", "10"]) == 0
+    out = capsys.readouterr()
+    assert "estimated robust error" in out.out and "not sound" in out.out
+    assert "certif" not in (out.out + out.err).lower() and "verif" not in (out.out + out.err).lower()
+    assert main(["certify", "--limit", "6", "--delta", "0.1"]) == 2
+    assert "--proj" in capsys.readouterr().err

@@ -35,7 +35,7 @@ def test_matches_convex_adversarial(clip):
     grads = torch.autograd.grad(loss, list(net.parameters()))
     ref_loss, ref_err = ca.robust_loss(net, 0.05, x, y, bounded_input=clip is not None)
     ref_grads = torch.autograd.grad(ref_loss, list(net.parameters()))
-    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-10)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-10)
     assert err == pytest.approx(ref_err)
     for (name, _), g, h in zip(net.named_parameters(), grads, ref_grads):
         assert torch.allclose(g, h, rtol=1e-8, atol=1e-12), name
@@ -119,6 +119,30 @@ def test_projected_training_step_reduces_the_loss():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        first = float(loss) if first is None else first
+        first = loss.item() if first is None else first
     exact, _ = robust_loss(net, x, y, 0.02)
-    assert float(exact) < first
+    assert exact.item() < first
+
+
+@pytest.mark.xfail(reason="dual_registry.AffineRule.transpose decides create_graph from the rows only: when the "
+                          "first op of the dual pass (from the output) uses the generic VJP transpose and has "
+                          "trainable constants (here BatchNorm), their gradient through the transposed map is "
+                          "dropped", strict=False)
+def test_gradient_of_trailing_batchnorm_matches_finite_differences():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.BatchNorm1d(4)).double().eval()
+    with torch.no_grad():
+        net[3].running_mean.normal_()
+        net[3].running_var.uniform_(0.5, 2)
+        net[3].weight.normal_()
+    x, y = torch.rand(5, 6, dtype=torch.float64), torch.randint(0, 4, (5,))
+    loss, _ = robust_loss(net, x, y, 0.05)
+    loss.backward()
+    w, d, h = net[3].weight, torch.randn(4, dtype=torch.float64), 1e-6
+    with torch.no_grad():
+        w += h * d
+        up = robust_loss(net, x, y, 0.05)[0].item()
+        w -= 2 * h * d
+        down = robust_loss(net, x, y, 0.05)[0].item()
+        w += h * d
+    assert (up - down) / (2 * h) == pytest.approx(float((w.grad * d).sum()), rel=1e-5)
