@@ -164,6 +164,7 @@ class AffineRule(DualRule):
         outs_lam = lam_rows if isinstance(lam_rows, list) else [lam_rows]
         like = outs_lam[0]
         args = const_args(node, like)
+        trainable = any(a.requires_grad for a in args if torch.is_tensor(a))
         zs = []
         for i, v in enumerate(node.inputs):
             if args[i] is None and v is not None:
@@ -173,7 +174,8 @@ class AffineRule(DualRule):
                 args[i] = z
                 zs.append(z)
         # keep the graph of the transpose only when the caller differentiates the bounds
-        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in outs_lam)
+        # (through the rows, or through trainable weights of this op)
+        differentiable = torch.is_grad_enabled() and (trainable or any(t.requires_grad for t in outs_lam))
         with torch.enable_grad():
             outs = eval_node(node, args)
             grads = torch.autograd.grad(outs, zs, outs_lam, allow_unused=True, create_graph=differentiable)

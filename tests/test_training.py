@@ -124,10 +124,6 @@ def test_projected_training_step_reduces_the_loss():
     assert exact.item() < first
 
 
-@pytest.mark.xfail(reason="dual_registry.AffineRule.transpose decides create_graph from the rows only: when the "
-                          "first op of the dual pass (from the output) uses the generic VJP transpose and has "
-                          "trainable constants (here BatchNorm), their gradient through the transposed map is "
-                          "dropped", strict=False)
 def test_gradient_of_trailing_batchnorm_matches_finite_differences():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.BatchNorm1d(4)).double().eval()
