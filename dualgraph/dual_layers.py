@@ -93,7 +93,9 @@ class ConvDual(AffineRule):
         dil = list(node.attrs.get("dilations", [1, 1]))
         groups = int(node.attrs.get("group", 1))
         in_hw = node.inputs[0].unit_shape[1:]
-        if groups == 1 and w.shape[1] * w.shape[2] * w.shape[3] <= 64:
+        differentiable = torch.is_grad_enabled() and (lam_rows.requires_grad or w.requires_grad)
+        if groups == 1 and w.shape[1] * w.shape[2] * w.shape[3] <= 64 and not differentiable:
+            # (its backward, many strided adds, is slower than the library kernel's: training uses that)
             return [_conv_transpose_by_taps(lam_rows, w, stride, pads[:half], dil, in_hw)]
         out_hw = lam_rows.shape[2:]
         extra = [in_hw[i] - ((out_hw[i] - 1) * stride[i] - 2 * pads[i] + dil[i] * (w.shape[2 + i] - 1) + 1)

@@ -324,11 +324,11 @@ def fit_exponents(rows: list[dict]) -> list[dict]:
     per-step overheads no longer flatten the curve."""
     import numpy as np
     fits = []
-    def key(x):
+    def group(x):
         return x["library"], x["method"], x["r"], x.get("variant", "")
-    keys = sorted({key(r) for r in rows}, key=lambda k: (k[0], k[1], k[2] or 0, k[3]))
+    keys = sorted({group(r) for r in rows}, key=lambda k: (k[0], k[1], k[2] or 0, k[3]))
     for k in keys:
-        ok = [x for x in rows if key(x) == k and x["status"] == "ok"]
+        ok = [x for x in rows if group(x) == k and x["status"] == "ok"]
         fit = {"library": k[0], "method": k[1], "r": k[2], "variant": k[3], "points": len(ok)}
         if len(ok) >= 2:
             u = np.log([x["hidden_units"] for x in ok])
@@ -484,16 +484,26 @@ def plot(result: dict, path: str) -> None:
     for r in result["rows"]:
         if r["status"] == "ok":
             groups.setdefault(_label(r), []).append(r)
-    styles = {"dualgraph": "-", "convex_adversarial": "--"}
+    colors: dict[tuple, str] = {}  # one colour per (method, r, variant); the library sets the line style
     for label, rs in groups.items():
+        r0 = rs[0]
+        color = colors.setdefault((r0["method"], r0["r"], r0.get("variant", "")), f"C{len(colors)}")
+        ls = "-" if r0["library"] == "dualgraph" else "--"
         u = [r["hidden_units"] for r in rs]
-        ls = styles["dualgraph" if label.startswith("dualgraph") else "convex_adversarial"]
-        axes[0].loglog(u, [r["seconds"] for r in rs], ls, marker="o", label=label)
-        axes[1].loglog(u, [max(r["peak_mb"], 1e-1) for r in rs], ls, marker="o", label=label)
-    plain = sorted({(r["hidden_units"], r["plain_seconds"]) for rs in groups.values() for r in rs
-                    if r["library"] == "dualgraph"})
+        axes[0].loglog(u, [r["seconds"] for r in rs], ls, color=color, marker="o", label=label)
+        axes[1].loglog(u, [max(r["peak_mb"], 1e-1) for r in rs], ls, color=color, marker="o", label=label)
+    plain: dict[int, float] = {}
+    for rs in groups.values():
+        for r in rs:
+            plain[r["hidden_units"]] = min(plain.get(r["hidden_units"], math.inf), r["plain_seconds"])
     if plain:
-        axes[0].loglog([p[0] for p in plain], [p[1] for p in plain], ":", color="gray", label="plain CE step")
+        u = sorted(plain)
+        axes[0].loglog(u, [plain[k] for k in u], ":", color="gray", label="plain CE step")
+        # guides: slopes 1 and 2, starting between the plain step and the fastest robust step
+        low = math.sqrt(plain[u[0]] * min(r["seconds"] for rs in groups.values() for r in rs))
+        for power, style in ((1, (0, (1, 3))), (2, (0, (5, 5)))):
+            axes[0].loglog(u, [low * (k / u[0]) ** power for k in u], color="black", lw=0.8,
+                           linestyle=style, alpha=0.5, label=f"slope {power} (guide)")
     axes[0].set_ylabel("seconds per robust-loss step (forward + backward)")
     axes[1].set_ylabel("peak memory above baseline (MB)")
     for ax in axes:
@@ -512,8 +522,9 @@ def report_markdown(result: dict, png_name: str) -> str:
     stops = [f"- {_label(r)}: stopped at {r['hidden_units']} hidden units: {r['status']} ({r.get('reason', '')})"
              for i, r in enumerate(result["rows"]) if r["status"] != "ok" and
              not any(_label(q) == _label(r) and q["status"] != "ok" for q in result["rows"][:i])]
-    shared = m.get("load_average_start", [0])[0] > 0.5 * (m.get("cores") or 1) or \
-        m.get("load_average_end", [0])[0] > 0.5 * (m.get("cores") or 1)
+    # the load average counts this benchmark's own thread(s): flag clearly more than that
+    busy = result.get("threads", 1) + 0.25 * (m.get("cores") or 1)
+    shared = max(m.get("load_average_start", [0])[0], m.get("load_average_end", [0])[0]) > busy
     lines = [
         "# Scaling benchmark: exact bounds vs random projections",
         "",
@@ -564,7 +575,8 @@ def report_markdown(result: dict, png_name: str) -> str:
     lines += ["", "## Where methods stopped", ""]
     lines += stops or ["- every method ran every size"]
     lines += ["", "## Machine", "",
-              f"- {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+              f"- {m['cpu']}, {m['cores']} cores, {m['memory_mb']} MB available at the start, torch {m['torch']} "
+              f"(measured with {result.get('threads', '?')} intra-op thread(s); default {m['torch_threads']}), "
               f"Python {m['python']}, {m['platform']}",
               f"- device: {result['device']}" + (f" ({m['gpu']})" if "gpu" in m else ""),
               f"- convex_adversarial {m.get('convex_adversarial')}",
