@@ -16,7 +16,6 @@ def _dtype(args) -> torch.dtype:
 
 def _load(args, simplify: bool = True):
     from .api import add_input_normalization, load_model
-    from .ir import Graph  # noqa: F401
     graph = load_model(args.model, simplify=False)
     if args.mean or args.std:
         graph = add_input_normalization(graph, args.mean, args.std)

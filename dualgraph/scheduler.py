@@ -195,7 +195,8 @@ class BoundScheduler:
         dual = self.dual(v)
         n = v.numel
         batch = input_set.center.shape[0]
-        symmetric = self._symmetric(dual)
+        symmetric = all(n.meta["rule"].symmetric(n.meta["primal"], self.config)
+                        for n in dual.nodes if "rule" in n.meta)
         widest = max([int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
                       if val.shape is not None and len(val.shape) > 2] + [n])
         chunk = max(1, self.config.max_elements // (widest * batch * (1 if symmetric else 2)))
@@ -235,9 +236,6 @@ class BoundScheduler:
         return lower
 
     # ---- the interpreter over a dual graph ----------------------------------------------
-    def _symmetric(self, dual: Graph) -> bool:
-        return all(n.meta["rule"].symmetric(n.meta["primal"], self.config) for n in dual.nodes if "rule" in n.meta)
-
     def run(self, dual: Graph, rows: torch.Tensor, input_set: InputSet,
             bounds: dict[Value, Bounds]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``dual`` on ``rows`` (``[b, m, *target_shape]``); returns (lower, upper) ``[B, m]``.

@@ -95,8 +95,3 @@ class _Sub:
 
     def __init__(self, nodes):
         self.nodes = nodes
-
-
-def is_symmetric(dual: Graph, config) -> bool:
-    """True when every dual layer in ``dual`` is linear in lam (one pass gives both bounds)."""
-    return all(n.meta["rule"].symmetric(n.meta["primal"], config) for n in dual.nodes if "rule" in n.meta)
