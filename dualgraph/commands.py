@@ -25,7 +25,7 @@ def _load(args, simplify: bool = True):
     return graph
 
 
-def _bound_config(args):
+def _bound_config(args, **options):
     from .scheduler import BoundConfig
     proj = getattr(args, "proj", None)
     extra = {}
@@ -34,12 +34,12 @@ def _bound_config(args):
             raise DualgraphError("--delta and --proj-seed need --proj R (random projections)")
         extra = dict(proj=proj, proj_seed=args.proj_seed, delta=args.delta,
                      proj_estimator="geometric" if args.delta is not None else "median")
-    return BoundConfig(relu_relaxation=args.relaxation, **extra)
+    return BoundConfig(relu_relaxation=args.relaxation, **extra, **options)
 
 
-def _certifier(args, graph):
+def _certifier(args, graph, **options):
     from .api import Certifier
-    return Certifier(graph, _bound_config(args), device=args.device, dtype=_dtype(args))
+    return Certifier(graph, _bound_config(args, **options), device=args.device, dtype=_dtype(args))
 
 
 def _estimate_labels(config, n_bounds: int) -> dict:
@@ -115,7 +115,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     if not args.bounds:
         print({"text": printer.format_text, "json": printer.format_json, "dot": printer.format_dot}[args.format](shown))
         return 0
-    certifier = _certifier(args, graph)
+    certifier = _certifier(args, graph, prune_stable=False)  # every unit's exact bound, for its width
     input_set = _bounds_input_set(args, certifier)
     with torch.no_grad():
         bounds = certifier.intermediate_bounds(input_set)

@@ -130,7 +130,8 @@ def _crossing(b: Bounds) -> torch.Tensor:
     return (b.lower < 0) & (b.upper > 0)
 
 
-@register_relaxation("Relu", symmetric_if=lambda cfg: cfg.relu_relaxation == "paper")
+@register_relaxation("Relu", symmetric_if=lambda cfg: cfg.relu_relaxation == "paper",
+                     breakpoints=lambda node: (0.0,))
 def relu_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     """Corollary 2: slope ``d = u/(u-l)`` on the crossing set, 0 / 1 on the stable sets.
 
@@ -148,7 +149,8 @@ def relu_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     return Relaxation(a_lo, 0.0, d, b_up)
 
 
-@register_relaxation("LeakyRelu")
+@register_relaxation("LeakyRelu",  # alpha > 1 takes the chord relaxation, which depends on l and u
+                     breakpoints=lambda node: (0.0,) if float(node.attrs.get("alpha", 0.01)) <= 1 else None)
 def leaky_relu_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     """Chord slope ``s`` on crossing units; ``s z`` is below f (alpha <= s <= 1), the chord above."""
     alpha = float(node.attrs.get("alpha", 0.01))

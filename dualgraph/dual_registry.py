@@ -33,7 +33,7 @@ are needed).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -41,7 +41,7 @@ import torch
 from .errors import UnsupportedOpError
 from .interpreter import EVAL_RULES, node_args
 from .ir import Graph, Node, OpKey
-from .linalg import batched_dot
+from .linalg import batched_dot, take_examples
 
 
 class Bounds:
@@ -70,6 +70,13 @@ class Bounds:
     def __repr__(self) -> str:
         return f"Bounds(shape={tuple(self.lower.shape)})"
 
+    def take(self, examples: torch.Tensor) -> Bounds:
+        """The bounds of the given examples (an index tensor into the batch), in that order;
+        cached relaxations are taken along rather than derived again."""
+        out = Bounds(take_examples(self.lower, examples), take_examples(self.upper, examples))
+        out.cache = {k: v.take(examples) for k, v in self.cache.items() if isinstance(v, Relaxation)}
+        return out
+
 
 @dataclass
 class DualStep:
@@ -89,6 +96,14 @@ class DualRule:
     def symmetric(self, node: Node, config) -> bool:
         """True if ``backward`` returns ``upper`` (the same lam_in serve ``-lam``)."""
         return True
+
+    def breakpoints(self, node: Node) -> tuple[float, ...] | None:
+        """For a piecewise-linear activation: the points between its linear pieces, if the
+        relaxation on any ``[l, u]`` inside one piece is that piece's line whatever ``l``
+        and ``u`` are (a stable ReLU). Then only such units' *piece* matters, not their
+        bounds, and the scheduler may skip their exact bounds (``BoundConfig.prune_stable``).
+        None (the default) when the relaxation depends on the bounds themselves."""
+        return None
 
     def backward(self, node: Node, lam: torch.Tensor, bounds: list[Bounds | None], config) -> DualStep:
         raise NotImplementedError
@@ -241,10 +256,22 @@ class Relaxation:
     b_lo: torch.Tensor | float
     a_up: torch.Tensor
     b_up: torch.Tensor | float
+    offsets: tuple | None = field(default=None, repr=False)  # (units, mid, gap), see _cached_offsets
 
     @property
     def symmetric(self) -> bool:
         return self.a_lo is self.a_up
+
+    def take(self, examples: torch.Tensor) -> Relaxation:
+        """The relaxation of the given examples (an index tensor into the batch)."""
+        def pick(t):
+            return take_examples(t, examples) if torch.is_tensor(t) and t.dim() > 0 else t
+        a_lo = pick(self.a_lo)
+        out = Relaxation(a_lo, pick(self.b_lo), a_lo if self.symmetric else pick(self.a_up), pick(self.b_up))
+        if self.offsets is not None:
+            units, mid, gap = self.offsets
+            out.offsets = (units, pick(mid), pick(gap))
+        return out
 
     def mid_gap(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``mid = (b_lo + b_up)/2`` and ``gap = (b_up - b_lo)/2 >= 0`` as ``[B, *unit]`` tensors.
@@ -271,12 +298,17 @@ class ElementwiseRule(DualRule):
 
     needs_bounds = True
 
-    def __init__(self, relax: RelaxFn, symmetric_if: Callable[[object], bool] = lambda cfg: True):
+    def __init__(self, relax: RelaxFn, symmetric_if: Callable[[object], bool] = lambda cfg: True,
+                 breakpoints: Callable[[Node], tuple[float, ...] | None] = lambda node: None):
         self.relax = relax
         self._symmetric_if = symmetric_if
+        self._breakpoints = breakpoints
 
     def symmetric(self, node: Node, config) -> bool:
         return self._symmetric_if(config)
+
+    def breakpoints(self, node: Node) -> tuple[float, ...] | None:
+        return self._breakpoints(node)
 
     def relaxation(self, node: Node, bounds: Bounds, config) -> Relaxation:
         """The relaxation on ``bounds``, computed once per bounds object and config."""
@@ -285,34 +317,39 @@ class ElementwiseRule(DualRule):
             bounds.cache[key] = self.relax(node, bounds, config)
         return bounds.cache[key]
 
+    def symmetric_terms(self, node: Node, lam: torch.Tensor, bounds: Bounds, config):
+        """``(r, linear, absolute)`` of a symmetric relaxation ``r``: the offsets are
+        ``linear -/+ absolute`` with ``linear = lam . mid`` and ``absolute = |lam| . gap``."""
+        r = self.relaxation(node, bounds, config)
+        units, mid, gap = _cached_offsets(r)
+        part = lam.flatten(2) if units is None else lam.flatten(2)[..., units]
+        return r, batched_dot(part, mid), batched_dot(part.abs(), gap)
+
     def backward(self, node: Node, lam: torch.Tensor, bounds, config) -> DualStep:
         r = self.relaxation(node, bounds[0], config)
         if r.symmetric:  # linear in lam: lam_in = a lam, offsets lam.mid -/+ |lam|.gap
-            units, mid, gap = _cached_offsets(r, bounds[0], node)
-            part = lam.flatten(2) if units is None else lam.flatten(2)[..., units]
-            linear, absolute = batched_dot(part, mid), batched_dot(part.abs(), gap)
+            r, linear, absolute = self.symmetric_terms(node, lam, bounds[0], config)
             return DualStep([lam * r.a_lo.unsqueeze(1)], linear - absolute, linear + absolute)
         pos, neg = lam.clamp(min=0), lam.clamp(max=0)
         lam_in = pos * r.a_lo.unsqueeze(1) + neg * r.a_up.unsqueeze(1)
         return DualStep([lam_in], _offset(pos, r.b_lo) + _offset(neg, r.b_up), None)
 
 
-def _cached_offsets(r: Relaxation, bounds: Bounds, node: Node):
-    """``(units, mid, gap)`` restricted to the units where either is nonzero in some example.
+def _cached_offsets(r: Relaxation):
+    """``(units, mid, gap)`` restricted to the units where either is nonzero in some example
+    (kept on ``r``).
 
     For ReLU these are the crossing units, usually a small part of the layer, so the
     offset dot products read only those columns of lam. ``units`` is None when most are.
     """
-    key = ("offsets", node.name, id(r))
-    if key not in bounds.cache:
+    if r.offsets is None:
         mid, gap = (t.flatten(1) for t in r.mid_gap())
         used = torch.nonzero((mid != 0).any(0) | (gap != 0).any(0)).flatten()
         if used.numel() > mid.shape[1] // 2:
-            entry = (None, mid, gap)
+            r.offsets = (None, mid, gap)
         else:
-            entry = (used, mid[:, used], gap[:, used])
-        bounds.cache[key] = (r, entry)  # r kept alive so its id stays unique
-    return bounds.cache[key][1]
+            r.offsets = (used, mid[:, used], gap[:, used])
+    return r.offsets
 
 
 def _offset(lam_part: torch.Tensor, b) -> torch.Tensor | float:
@@ -322,9 +359,15 @@ def _offset(lam_part: torch.Tensor, b) -> torch.Tensor | float:
 
 
 def register_relaxation(op_type: str, domain: str = "", *,
-                        symmetric_if: Callable[[object], bool] = lambda cfg: True) -> Callable[[RelaxFn], RelaxFn]:
-    """Register an elementwise op's dual layer from ``relax(node, bounds, config) -> Relaxation``."""
+                        symmetric_if: Callable[[object], bool] = lambda cfg: True,
+                        breakpoints: Callable[[Node], tuple[float, ...] | None] = lambda node: None,
+                        ) -> Callable[[RelaxFn], RelaxFn]:
+    """Register an elementwise op's dual layer from ``relax(node, bounds, config) -> Relaxation``.
+
+    ``breakpoints(node)``: see :meth:`DualRule.breakpoints` (leave the default unless the
+    relaxation of a unit within one linear piece is exactly that piece, bound-independent).
+    """
     def deco(fn: RelaxFn) -> RelaxFn:
-        DUAL_RULES[(domain, op_type)] = ElementwiseRule(fn, symmetric_if)
+        DUAL_RULES[(domain, op_type)] = ElementwiseRule(fn, symmetric_if, breakpoints)
         return fn
     return deco

@@ -43,6 +43,10 @@ class InputSet:
         """The smallest box containing the set (used by attacks and sampling)."""
         raise NotImplementedError
 
+    def take(self, examples: torch.Tensor) -> InputSet:
+        """The sets of the given examples (an index tensor into the batch), in that order."""
+        raise NotImplementedError
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` random points of each example's set: ``[n, B, *input_shape]``."""
         raise NotImplementedError
@@ -69,6 +73,11 @@ class Box(InputSet):
 
     def bounding_box(self):
         return self.lo, self.hi
+
+    def take(self, examples):
+        box = object.__new__(Box)  # already checked: skip the checks of __init__
+        box.lo, box.hi, box.center, box.radius = (t[examples] for t in (self.lo, self.hi, self.center, self.radius))
+        return box
 
     def sample(self, n, generator=None):
         t = torch.rand((n, *self.lo.shape), generator=generator, dtype=self.lo.dtype).to(self.lo.device)
@@ -98,6 +107,9 @@ class L2Ball(InputSet):
 
     def bounding_box(self):
         return self.center - self.eps, self.center + self.eps
+
+    def take(self, examples):
+        return L2Ball(self.center[examples], self.eps)
 
     def sample(self, n, generator=None):
         shape = (n, *self.center.shape)

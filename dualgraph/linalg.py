@@ -26,3 +26,8 @@ def batched_dot(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if tf.shape[0] == 1:
         return lf @ tf[0]
     return torch.einsum("bmn,bn->bm", lf, tf)
+
+
+def take_examples(t: torch.Tensor, examples: torch.Tensor) -> torch.Tensor:
+    """Rows ``examples`` of a batched tensor ``[B, ...]``; a batch of 1 is shared by all."""
+    return t[examples if t.shape[0] > 1 else torch.zeros_like(examples)]

@@ -14,11 +14,15 @@ outside the value (its zero padding) are masked to zero, as the dense rows have 
 such entries. Elementwise layers multiply by their slopes' windows; the input term
 takes the windows of the input set's centre and radius. Anything else converts the
 patches to dense rows and the ordinary dual layers continue.
+
+When only some units need exact bounds (``BoundConfig.prune_stable``), :func:`select`
+keeps those rows as patches ``[U, 1, 1, C, K, K]`` with the example and position of
+each row in ``rows``; windows of per-example tensors are then taken row by row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +38,15 @@ class Patches:
     stride: int
     padding: int
     out_hw: tuple[int, int]   # positions of the target: P = Ho * Wo
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (example, position) per row, after select
 
     @property
     def positions(self) -> int:
         return self.out_hw[0] * self.out_hw[1]
 
     def windows(self, t: torch.Tensor) -> torch.Tensor:
-        """Windows of ``t`` ``[B, C, H, W]`` for every position: ``[B, P, 1, C, K, K]``."""
+        """Windows of ``t`` ``[B, C, H, W]`` for every position: ``[B, P, 1, C, K, K]``
+        (after :func:`select`: each row's own window, ``[U, 1, 1, C, K, K]``)."""
         B, C, H, W = t.shape
         Ho, Wo = self.out_hw
         K, S, Pd = self.kernel, self.stride, self.padding
@@ -48,6 +54,10 @@ class Patches:
         t = F.pad(t, (Pd, need_w - W - Pd, Pd, need_h - H - Pd))  # negative amounts crop
         # a strided view instead of F.unfold, which is two orders of magnitude slower on CPU here
         u = t.unfold(2, K, S).unfold(3, K, S)                     # [B, C, Ho, Wo, K, K]
+        if self.rows is not None:
+            examples, pos = self.rows
+            u = u.permute(0, 2, 3, 1, 4, 5).reshape(B, Ho * Wo, C, K, K)
+            return u[examples if B > 1 else 0, pos].view(-1, 1, 1, C, K, K)
         return u.permute(0, 2, 3, 1, 4, 5).reshape(B, Ho * Wo, 1, C, K, K)
 
     def masked(self, shape_chw: tuple[int, int, int]) -> Patches:
@@ -57,12 +67,19 @@ class Patches:
         return self
 
     def to_dense(self, shape_chw: tuple[int, int, int]) -> torch.Tensor:
-        """Dense rows ``[b, C_t * P, C, H, W]``."""
+        """Dense rows ``[b, C_t * P, C, H, W]`` (after :func:`select`: ``[U, 1, C, H, W]``)."""
         C, H, W = shape_chw
         b, _, Ct, _, K, _ = self.data.shape
         Ho, Wo = self.out_hw
         S, Pd = self.stride, self.padding
         full_h, full_w = max(H + Pd, (Ho - 1) * S + K), max(W + Pd, (Wo - 1) * S + K)
+        if self.rows is not None:
+            dense = self.data.new_zeros(b, 1, C, full_h, full_w)
+            for p in self.rows[1].unique().tolist():
+                y, x = (p // Wo) * S, (p % Wo) * S
+                at = self.rows[1] == p
+                dense[at, :, :, y:y + K, x:x + K] = self.data[at, 0]
+            return dense[..., Pd:Pd + H, Pd:Pd + W]
         dense = self.data.new_zeros(b, Ct, self.positions, C, full_h, full_w)
         for p in range(self.positions):
             y, x = (p // Wo) * S, (p % Wo) * S
@@ -134,7 +151,8 @@ def through_conv(p: Patches, node: Node, cache: dict | None = None) -> tuple[Pat
         x = rows @ T
     else:
         x = F.conv_transpose2d(rows.view(-1, C, K, K), w, stride=stride)
-    q = Patches(x.view(b, P, Ct, Cn, Kn, Kn), Kn, p.stride * stride, p.padding * stride + pad, p.out_hw)
+    q = replace(p, data=x.view(b, P, Ct, Cn, Kn, Kn), kernel=Kn, stride=p.stride * stride,
+                padding=p.padding * stride + pad)
     return q.masked(node.inputs[0].unit_shape), offset
 
 
@@ -148,15 +166,39 @@ def through_elementwise(p: Patches, node: Node, rule: ElementwiseRule, bounds, c
 
     data = p.data
     if r.symmetric:
-        mid, gap = r.mid_gap()
-        linear = _window_dot(data, p.windows(mid))
-        absolute = _window_dot(data.abs(), p.windows(gap))
-        new = data * win(r.a_lo)
-        return Patches(new, p.kernel, p.stride, p.padding, p.out_hw), linear - absolute, linear + absolute
+        linear, absolute = relaxation_terms(p, r)
+        return replace(p, data=data * win(r.a_lo)), linear - absolute, linear + absolute
     pos, neg = data.clamp(min=0), data.clamp(max=0)
     new = pos * win(r.a_lo) + neg * win(r.a_up)
     lower = _rows((pos * win(r.b_lo) + neg * win(r.b_up)).sum((3, 4, 5)))
-    return Patches(new, p.kernel, p.stride, p.padding, p.out_hw), lower, None
+    return replace(p, data=new), lower, None
+
+
+def relaxation_terms(p: Patches, r) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lam . mid`` and ``|lam| . gap`` of a symmetric relaxation (its offsets are
+    ``linear -/+ absolute``) for every row, ``[B, rows]``."""
+    mid, gap = r.mid_gap()
+    return _window_dot(p.data, p.windows(mid)), _window_dot(p.data.abs(), p.windows(gap))
+
+
+def box_terms(p: Patches, slope: torch.Tensor, bounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lam' . (l + u)/2`` and ``|lam'| . (u - l)/2`` for ``lam' = slope * lam`` (the rows
+    after a symmetric elementwise layer) and the bounds ``l, u`` of its input, ``[B, rows]``,
+    without forming ``lam'``."""
+    lo, up = bounds
+    return (_window_dot(p.data, p.windows(slope * (lo + up) / 2)),
+            _window_dot(p.data.abs(), p.windows(slope.abs() * (up - lo) / 2)))
+
+
+def select(p: Patches, slope: torch.Tensor, examples: torch.Tensor, rows: torch.Tensor) -> Patches:
+    """Rows ``rows`` (indices into ``C_t * P``, channel-major) of ``examples`` of ``slope * lam``,
+    as patches of one row each."""
+    assert p.rows is None, "rows are selected once"
+    P = p.positions
+    pos = rows % P
+    data = p.data[examples if p.data.shape[0] > 1 else 0, pos, rows // P]   # [U, C, K, K]
+    q = replace(p, data=data.unsqueeze(1).unsqueeze(1), rows=(examples, pos))
+    return replace(q, data=q.data * q.windows(slope))
 
 
 def input_terms(p: Patches, input_set) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,15 @@ The identity rows are the same for every example, so they stay un-batched (batch
 until the first example-dependent layer (a ReLU's ``D``) is crossed; for the first
 affine layers this makes the cost independent of the batch size.
 
+Stable units are pruned (``BoundConfig.prune_stable``): each pass first stops after its
+first relaxation and bounds the rest of the network by the box of that layer's bounds.
+That bound is never tighter than the exact one, since ``min_z sum_k lam_k z_k >= sum_k
+min_z lam_k z_k`` over the relaxed set (the box is each unit's own min/max over it);
+units it already places on one linear piece of their activation (a stably active or
+inactive ReLU) keep it, and only the other rows are run to the end. The relaxation of
+a stable unit does not depend on its bounds, so every later bound and ``J(C)`` are the
+same as without pruning.
+
 The scheduler is an interpreter over the dual graph: an environment keyed by dual value,
 one :meth:`run_node` per dual node, values freed as soon as they are consumed, errors
 that name the primal node. Bounds are differentiable in the graph's constants.
@@ -19,7 +28,7 @@ that name the primal node. Bounds are differentiable in the graph's constants.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -30,7 +39,7 @@ from .errors import DualgraphError
 from .forward import ForwardBounds, forward_supported
 from .input_sets import InputSet
 from .ir import Graph, Node, Value
-from .linalg import batched_dot
+from .linalg import batched_dot, take_examples
 
 DualBuilder = Callable[[Graph, Value], Graph]
 
@@ -49,12 +58,19 @@ class BoundConfig:
         ``"auto"`` (the cheaper by an operation count; the bounds are the same).
     patches: run backward passes from a convolution's units on local windows
         (:mod:`dualgraph.patches`); same numbers, far less work. Off only for testing.
+    prune_stable: compute exact bounds only for units that a cheaper, never tighter bound
+        (the backward pass cut after its first relaxation, see the module docstring)
+        does not place on one linear piece of every activation they feed. The others keep
+        that looser bound; as their relaxation depends only on the piece, every crossing
+        unit's bound and ``J(C)`` are unchanged. False: every unit's exact bound (to
+        inspect bound widths).
     """
 
     relu_relaxation: str = "paper"
     max_elements: int = 1 << 25
     direction: str = "auto"
     patches: bool = True
+    prune_stable: bool = True
     proj: int | None = None
     proj_seed: int | None = None
     proj_estimator: str = "median"
@@ -201,8 +217,9 @@ class BoundScheduler:
                       if val.shape is not None and len(val.shape) > 2] + [n])
         chunk = max(1, self.config.max_elements // (widest * batch * (1 if symmetric else 2)))
         like = input_set.center
+        prune = self.stable_pieces(v) if symmetric else None
         if self.config.patches and v.producer is not None and patches.conv_geometry(v.producer) is not None:
-            lo, up = self._patch_bounds(dual, input_set, bounds, symmetric)
+            lo, up = self._patch_bounds(dual, input_set, bounds, symmetric, prune)
             return Bounds(lo.reshape(batch, *v.unit_shape), up.reshape(batch, *v.unit_shape))
         lows, ups = [], []
         for start in range(0, n, chunk):
@@ -211,7 +228,7 @@ class BoundScheduler:
             rows[0, torch.arange(k), torch.arange(start, start + k)] = 1.0
             rows = rows.view(1, k, *v.unit_shape)
             if symmetric:
-                lo, up = self.run(dual, rows, input_set, bounds)
+                lo, up = self.run(dual, rows, input_set, bounds, prune)
             else:
                 lo, _ = self.run(dual, rows, input_set, bounds)
                 up = -self.run(dual, -rows, input_set, bounds)[0]
@@ -219,6 +236,21 @@ class BoundScheduler:
             ups.append(up)
         shape = (batch, *v.unit_shape)
         return Bounds(torch.cat(lows, 1).reshape(shape), torch.cat(ups, 1).reshape(shape))
+
+    def stable_pieces(self, v: Value) -> tuple[float, ...] | None:
+        """The breakpoints of every activation fed by ``v`` if its stable units may be pruned
+        (``prune_stable`` and all of them piecewise linear, see ``DualRule.breakpoints``)."""
+        if not self.config.prune_stable:
+            return None
+        points: set[float] = set()
+        for user in v.users:
+            rule = dual_rule(user)
+            if rule.needs_bounds:
+                pieces = rule.breakpoints(user)
+                if pieces is None:
+                    return None
+                points.update(pieces)
+        return tuple(sorted(points)) or None
 
     def bound_output(self, input_set: InputSet, spec: torch.Tensor,
                      bounds: dict[Value, Bounds] | None = None) -> torch.Tensor:
@@ -236,17 +268,22 @@ class BoundScheduler:
         return lower
 
     # ---- the interpreter over a dual graph ----------------------------------------------
-    def run(self, dual: Graph, rows: torch.Tensor, input_set: InputSet,
-            bounds: dict[Value, Bounds]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(self, dual: Graph, rows: torch.Tensor, input_set: InputSet, bounds: dict[Value, Bounds],
+            prune: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``dual`` on ``rows`` (``[b, m, *target_shape]``); returns (lower, upper) ``[B, m]``.
 
         ``upper`` is the bound for ``max rows . z`` and is None unless every layer is symmetric.
+        With ``prune`` (breakpoints), rows whose cheaper bound lies between two breakpoints
+        get that bound instead (see the module docstring).
         """
-        return self._run_from(dual, 0, {dual.inputs[0]: rows}, input_set, bounds, 0.0, 0.0, rows.shape[1])
+        return self._run_from(dual, 0, {dual.inputs[0]: rows}, input_set, bounds, 0.0, 0.0, rows.shape[1], prune)
 
     def _run_from(self, dual: Graph, first: int, env: dict, input_set: InputSet, bounds: dict,
-                  lower, upper, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        for node in dual.nodes[first:]:
+                  lower, upper, m: int, prune=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for i in range(first, len(dual.nodes)):
+            node = dual.nodes[i]
+            if prune is not None and upper is not None and self._can_prune_at(node, env, bounds):
+                return self._pruned(dual, i, env, input_set, bounds, lower, upper, m, prune)
             step = self.run_node(node, env, input_set, bounds)
             for v, lam in zip(node.outputs, step.lam_in):
                 env[v] = lam
@@ -259,21 +296,69 @@ class BoundScheduler:
             upper = torch.as_tensor(upper, dtype=like.dtype, device=like.device).expand(shape)
         return lower, upper
 
-    def _patch_bounds(self, dual: Graph, input_set: InputSet, bounds: dict, symmetric: bool):
+    # ---- pruning stable units ------------------------------------------------------------
+    def _can_prune_at(self, node: Node, env: dict, bounds: dict) -> bool:
+        """A symmetric elementwise dual layer whose input has bounds, on the only live rows."""
+        rule = node.meta.get("rule")
+        return (isinstance(rule, ElementwiseRule) and len(env) == 1 and node.inputs[0] in env
+                and rule.symmetric(node.meta["primal"], self.config)
+                and node.meta["primal"].var_inputs[0] in bounds)
+
+    def _pruned(self, dual: Graph, i: int, env: dict, input_set: InputSet, bounds: dict,
+                lower, upper, m: int, prune: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run dual node ``i`` (an elementwise relaxation), bound the rest of the network by the
+        box of its input's bounds, and run to the end only the rows that box leaves open."""
+        node = dual.nodes[i]
+        primal, rule = node.meta["primal"], node.meta["rule"]
+        (lam,) = env.values()
+        env.clear()
+        w = bounds[primal.var_inputs[0]]
+        r, linear, absolute = rule.symmetric_terms(primal, lam, w, self.config)
+        lower, upper = lower + linear - absolute, upper + linear + absolute
+        slope = r.a_lo
+        center = batched_dot(lam, slope * (w.lower + w.upper) / 2)
+        radius = batched_dot(lam.abs(), slope.abs() * (w.upper - w.lower) / 2)
+
+        def exact(examples, rows):
+            lam_in = lam[examples if lam.shape[0] > 1 else 0, rows] * take_examples(slope, examples)
+            sub_set, sub_bounds = self._take_examples(dual, i + 1, input_set, bounds, examples)
+            return self._run_from(dual, i + 1, {node.outputs[0]: lam_in.unsqueeze(1)}, sub_set, sub_bounds,
+                                  _pick(lower, examples, rows), _pick(upper, examples, rows), 1)
+
+        def every_row():
+            env[node.outputs[0]] = lam * slope.unsqueeze(1)
+            return self._run_from(dual, i + 1, env, input_set, bounds, lower, upper, m)
+
+        return _refine(lower + center - radius, upper + center + radius, prune, exact, every_row)
+
+    def _take_examples(self, dual: Graph, first: int, input_set: InputSet, bounds: dict, examples: torch.Tensor):
+        """The input set and the bounds the dual nodes from ``first`` on need, for ``examples``."""
+        needed = {v for node in dual.nodes[first:] if node.meta.get("rule") is not None
+                  and node.meta["rule"].needs_bounds for v in node.meta["primal"].var_inputs}
+        return input_set.take(examples), {v: bounds[v].take(examples) for v in needed if v in bounds}
+
+    # ---- the patch path -------------------------------------------------------------------
+    def _patch_bounds(self, dual: Graph, input_set: InputSet, bounds: dict, symmetric: bool, prune=None):
         """Bounds of a Conv output through the patch path (see :mod:`dualgraph.patches`)."""
         if symmetric:
-            return self._run_patches(dual, 1.0, input_set, bounds)
+            return self._run_patches(dual, 1.0, input_set, bounds, prune)
         lower, _ = self._run_patches(dual, 1.0, input_set, bounds)
         neg, _ = self._run_patches(dual, -1.0, input_set, bounds)
         return lower, -neg
 
-    def _run_patches(self, dual: Graph, sign: float, input_set: InputSet, bounds: dict):
-        nodes = dual.nodes
-        first = nodes[0].meta["primal"]
+    def _run_patches(self, dual: Graph, sign: float, input_set: InputSet, bounds: dict, prune=None):
+        first = dual.nodes[0].meta["primal"]
         p, offset = patches.start(first, sign, input_set.center)
-        lower = upper = offset
-        current, space = nodes[0].outputs[0], first.inputs[0]
-        for i, node in enumerate(nodes[1:], start=1):
+        return self._patches_from(dual, 1, p, dual.nodes[0].outputs[0], first.inputs[0], input_set, bounds,
+                                  offset, offset, prune)
+
+    def _patches_from(self, dual: Graph, first: int, p: patches.Patches, current: Value, space: Value,
+                      input_set: InputSet, bounds: dict, lower, upper, prune):
+        """Continue a pass on patches ``p`` (rows of dual value ``current``, in the unit space
+        of primal value ``space``) from dual node ``first``."""
+        nodes = dual.nodes
+        for i in range(first, len(nodes)):
+            node = nodes[i]
             if node.inputs[0] is not current or len(node.inputs) != 1:
                 break  # the dual graph branches here: continue densely
             if node.op_type == "InputSet":
@@ -285,7 +370,10 @@ class BoundScheduler:
                 p, off = patches.through_conv(p, primal, self._patch_cache)
                 lower, upper = lower + off, None if upper is None else upper + off
             elif isinstance(rule, ElementwiseRule):
-                p, lo, up = patches.through_elementwise(p, primal, rule, bounds[primal.var_inputs[0]], self.config)
+                w = bounds[primal.var_inputs[0]]
+                if prune is not None and upper is not None and rule.symmetric(primal, self.config):
+                    return self._pruned_patches(dual, i, p, input_set, bounds, lower, upper, prune)
+                p, lo, up = patches.through_elementwise(p, primal, rule, w, self.config)
                 lower = lower + lo
                 upper = None if upper is None or up is None else upper + up
             else:
@@ -294,7 +382,32 @@ class BoundScheduler:
         else:
             i = len(nodes)
         rows = p.to_dense(tuple(space.unit_shape))
-        return self._run_from(dual, i, {current: rows}, input_set, bounds, lower, upper, rows.shape[1])
+        if p.rows is not None:  # one row per selected unit: each with its own example's data
+            input_set, bounds = self._take_examples(dual, i, input_set, bounds, p.rows[0])
+        return self._run_from(dual, i, {current: rows}, input_set, bounds, lower, upper, rows.shape[1], prune)
+
+    def _pruned_patches(self, dual: Graph, i: int, p: patches.Patches, input_set: InputSet, bounds: dict,
+                        lower, upper, prune: tuple[float, ...]):
+        """:meth:`_pruned` on patches: node ``i`` is a symmetric elementwise relaxation."""
+        node = dual.nodes[i]
+        primal, rule = node.meta["primal"], node.meta["rule"]
+        w = bounds[primal.var_inputs[0]]
+        r = rule.relaxation(primal, w, self.config)
+        linear, absolute = patches.relaxation_terms(p, r)
+        lower, upper = lower + linear - absolute, upper + linear + absolute
+        center, radius = patches.box_terms(p, r.a_lo, w)
+
+        def exact(examples, rows):
+            q = patches.select(p, r.a_lo, examples, rows)
+            return self._patches_from(dual, i + 1, q, node.outputs[0], primal.inputs[0], input_set, bounds,
+                                      _pick(lower, examples, rows), _pick(upper, examples, rows), None)
+
+        def every_row():
+            q = replace(p, data=p.data * p.windows(r.a_lo))
+            return self._patches_from(dual, i + 1, q, node.outputs[0], primal.inputs[0], input_set, bounds,
+                                      lower, upper, None)
+
+        return _refine(lower + center - radius, upper + center + radius, prune, exact, every_row)
 
     def run_node(self, node: Node, env: dict[Value, torch.Tensor], input_set: InputSet,
                  bounds: dict[Value, Bounds]) -> DualStep:
@@ -336,6 +449,36 @@ def _macs(node: Node) -> float:
         k = w.shape[1] if node.op_type == "Gemm" and node.attrs.get("transB", 0) else w.shape[0]
         return out * float(k)
     return out
+
+
+MAX_OPEN_SHARE = 0.5
+"""Above this share of open rows, all rows run to the end: taking each open row's example
+data along would cost more than the rows saved."""
+
+
+def _refine(lower: torch.Tensor, upper: torch.Tensor, breakpoints: tuple[float, ...], exact, every_row):
+    """Cheaper bounds ``[B, m]`` with the rows that straddle a breakpoint replaced by
+    ``exact(examples, rows)`` (bounds ``[R, 1]`` of those rows, run to the end), or, when
+    most rows are open, ``every_row()`` (exact bounds ``[B, m]`` of all rows)."""
+    open_rows = torch.zeros_like(lower, dtype=torch.bool)
+    for point in breakpoints:
+        open_rows |= (lower < point) & (upper > point)
+    examples, rows = open_rows.nonzero(as_tuple=True)
+    if examples.numel() == 0:
+        return lower, upper
+    if examples.numel() > MAX_OPEN_SHARE * open_rows.numel():
+        return every_row()
+    lo, up = exact(examples, rows)
+    return lower.index_put((examples, rows), lo[:, 0]), upper.index_put((examples, rows), up[:, 0])
+
+
+def _pick(offset, examples: torch.Tensor, rows: torch.Tensor):
+    """Offsets (``[b, m]`` or a number) of the selected rows, ``[R, 1]``."""
+    if not torch.is_tensor(offset):
+        return offset
+    if offset.dim() < 2:
+        return offset
+    return offset[examples if offset.shape[0] > 1 else 0, rows].unsqueeze(1)
 
 
 def _fill_unused(lams: list, primal: Node) -> list[torch.Tensor]:

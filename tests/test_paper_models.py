@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dualgraph.api import Certifier, load_model
+from dualgraph.api import Certifier, load_model, margin_spec
 from dualgraph.data import load_mnist
 from dualgraph.scheduler import BoundConfig
 
@@ -54,18 +54,32 @@ def test_certified_set_matches_reference(case, mnist, shared_dir):
 
 
 def test_directions_and_patches_agree_on_the_paper_model(mnist, shared_dir):
-    """Backward with patches, backward dense and forward (Appendix F) give the same bounds."""
+    """Backward with patches, backward dense and forward (Appendix F) give the same bounds;
+    pruning stable units (the default) changes no crossing unit's bound and no margin."""
     path = shared_dir / "paper_models" / "mnist_small_0_3_stage0.onnx"
     if not path.exists():
         pytest.skip(f"{path} not found")
     graph = load_model(path)
-    x = mnist.images[:3].double()
-    results = []
-    for cfg in (BoundConfig(direction="backward"), BoundConfig(direction="backward", patches=False),
-                BoundConfig(direction="forward")):
+    x, y = mnist.images[:3].double(), mnist.labels[:3]
+    results, margins = [], []
+    for cfg in (BoundConfig(direction="backward", prune_stable=False),
+                BoundConfig(direction="backward", patches=False, prune_stable=False),
+                BoundConfig(direction="forward"),
+                BoundConfig(direction="backward"), BoundConfig(direction="backward", patches=False)):
         cert = Certifier(graph, cfg, dtype=torch.float64)
-        results.append(cert.intermediate_bounds(cert.input_set(x, 0.1, clip=(0.0, 1.0))))
-    for other in results[1:]:
-        for v, b in results[0].items():
-            assert torch.allclose(b.lower, other[v].lower, atol=1e-9)
-            assert torch.allclose(b.upper, other[v].upper, atol=1e-9)
+        input_set = cert.input_set(x, 0.3, clip=(0.0, 1.0))
+        results.append(cert.intermediate_bounds(input_set))
+        margins.append(cert.lower_bounds(input_set, margin_spec(y, 10).double()))
+    exact = results[0]
+    for cfg_index, other in enumerate(results[1:], start=1):
+        pruned = cfg_index >= 3
+        for v, b in exact.items():
+            crossing = (b.lower < 0) & (b.upper > 0)
+            same = crossing if pruned else torch.ones_like(crossing)
+            assert torch.allclose(b.lower[same], other[v].lower[same], atol=1e-9)
+            assert torch.allclose(b.upper[same], other[v].upper[same], atol=1e-9)
+            if pruned:
+                got_crossing = (other[v].lower < 0) & (other[v].upper > 0)
+                assert torch.equal(got_crossing, crossing), v.name
+                assert (other[v].lower <= b.lower + 1e-9).all() and (other[v].upper >= b.upper - 1e-9).all()
+        assert torch.allclose(margins[cfg_index], margins[0], atol=1e-9)
