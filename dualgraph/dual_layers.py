@@ -93,9 +93,7 @@ class ConvDual(AffineRule):
         dil = list(node.attrs.get("dilations", [1, 1]))
         groups = int(node.attrs.get("group", 1))
         in_hw = node.inputs[0].unit_shape[1:]
-        differentiable = torch.is_grad_enabled() and (lam_rows.requires_grad or w.requires_grad)
-        if groups == 1 and w.shape[1] * w.shape[2] * w.shape[3] <= 64 and not differentiable:
-            # (its backward, many strided adds, is slower than the library kernel's: training uses that)
+        if groups == 1 and w.shape[1] * w.shape[2] * w.shape[3] <= 64:
             return [_conv_transpose_by_taps(lam_rows, w, stride, pads[:half], dil, in_hw)]
         out_hw = lam_rows.shape[2:]
         extra = [in_hw[i] - ((out_hw[i] - 1) * stride[i] - 2 * pads[i] + dil[i] * (w.shape[2 + i] - 1) + 1)
@@ -108,20 +106,63 @@ class ConvDual(AffineRule):
 
 def _conv_transpose_by_taps(lam: torch.Tensor, w: torch.Tensor, stride, pad, dil, in_hw) -> torch.Tensor:
     """``conv_transpose2d`` as ``W^T lam`` (one plane per filter tap) + a strided add per tap."""
-    r, c_out, ho, wo = lam.shape
-    c_in, kh, kw = w.shape[1:]
-    # [c_in*kh*kw, c_out] @ [r, c_out, P]: each tap's plane comes out contiguous
-    planes = torch.matmul(w.reshape(c_out, c_in * kh * kw).t(), lam.reshape(r, c_out, ho * wo))
-    planes = planes.view(r, c_in, kh, kw, ho, wo)
-    full_h = max(in_hw[0] + 2 * pad[0], (ho - 1) * stride[0] + dil[0] * (kh - 1) + 1)
-    full_w = max(in_hw[1] + 2 * pad[1], (wo - 1) * stride[1] + dil[1] * (kw - 1) + 1)
-    out = lam.new_zeros(r, c_in, full_h, full_w)
-    for i in range(kh):
-        for j in range(kw):
-            y, x = i * dil[0], j * dil[1]
-            out[:, :, y:y + (ho - 1) * stride[0] + 1:stride[0], x:x + (wo - 1) * stride[1] + 1:stride[1]] += \
-                planes[:, :, i, j]
-    return out[:, :, pad[0]:pad[0] + in_hw[0], pad[1]:pad[1] + in_hw[1]]
+    return _TapsTranspose.apply(lam, w, (tuple(stride), tuple(pad), tuple(dil), tuple(in_hw)))
+
+
+class _TapsTranspose(torch.autograd.Function):
+    """The transposed convolution by filter taps, with a backward of the same shape: the
+    strided views of the output gradient, one per tap (the adjoint of the strided adds),
+    then one matrix product for ``lam``'s gradient and one for the filters'."""
+
+    @staticmethod
+    def _full_size(lam, w, stride, pad, dil, in_hw):
+        (ho, wo), (kh, kw) = lam.shape[2:], w.shape[2:]
+        return (max(in_hw[0] + 2 * pad[0], (ho - 1) * stride[0] + dil[0] * (kh - 1) + 1),
+                max(in_hw[1] + 2 * pad[1], (wo - 1) * stride[1] + dil[1] * (kw - 1) + 1))
+
+    @staticmethod
+    def _tap_views(t, lam, w, stride, dil):
+        """The strided view of padded ``t`` ``[r, c_in, H, W]`` that each tap writes to."""
+        (ho, wo), (kh, kw) = lam.shape[2:], w.shape[2:]
+        for i in range(kh):
+            for j in range(kw):
+                y, x = i * dil[0], j * dil[1]
+                yield t[:, :, y:y + (ho - 1) * stride[0] + 1:stride[0], x:x + (wo - 1) * stride[1] + 1:stride[1]]
+
+    @staticmethod
+    def forward(ctx, lam, w, geometry):
+        stride, pad, dil, in_hw = geometry
+        ctx.save_for_backward(lam, w)
+        ctx.geometry = geometry
+        r, c_out, ho, wo = lam.shape
+        c_in, kh, kw = w.shape[1:]
+        # [c_in*kh*kw, c_out] @ [r, c_out, P]: each tap's plane comes out contiguous (bmm on the
+        # expanded filters: matmul would fold the rows into one product through two copies)
+        filters = w.reshape(c_out, c_in * kh * kw).t()
+        planes = torch.bmm(filters.expand(r, *filters.shape), lam.reshape(r, c_out, ho * wo))
+        planes = planes.view(r, c_in, kh * kw, ho, wo)
+        out = lam.new_zeros(r, c_in, *_TapsTranspose._full_size(lam, w, stride, pad, dil, in_hw))
+        for k, view in enumerate(_TapsTranspose._tap_views(out, lam, w, stride, dil)):
+            view += planes[:, :, k]
+        return out[:, :, pad[0]:pad[0] + in_hw[0], pad[1]:pad[1] + in_hw[1]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        lam, w = ctx.saved_tensors
+        stride, pad, dil, in_hw = ctx.geometry
+        r, c_out, ho, wo = lam.shape
+        full = grad.new_zeros(r, grad.shape[1], *_TapsTranspose._full_size(lam, w, stride, pad, dil, in_hw))
+        full[:, :, pad[0]:pad[0] + in_hw[0], pad[1]:pad[1] + in_hw[1]] = grad
+        planes = torch.stack(list(_TapsTranspose._tap_views(full, lam, w, stride, dil)), 2)
+        planes = planes.view(r, -1, ho * wo)                                    # [r, c_in*kh*kw, P]
+        grad_lam = grad_w = None
+        if ctx.needs_input_grad[0]:
+            filters = w.reshape(c_out, -1)
+            grad_lam = torch.bmm(filters.expand(r, *filters.shape), planes).view_as(lam)
+        if ctx.needs_input_grad[1]:
+            # sum over rows of [c_out, P] @ [P, c_in*kh*kw] (einsum picks a far slower order here)
+            grad_w = torch.bmm(lam.reshape(r, c_out, -1), planes.transpose(1, 2)).sum(0).reshape_as(w)
+        return grad_lam, grad_w, None
 
 
 # ---- activations ----------------------------------------------------------------------

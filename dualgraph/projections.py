@@ -91,7 +91,10 @@ def median_abs(cols: torch.Tensor, dim: int = 1) -> torch.Tensor:
     r = cols.shape[dim]
     with torch.no_grad():
         a = cols.detach().abs()
-        if r % 2:
+        if r <= MAX_NETWORK_R:
+            idx = torch.cat([(a == m.unsqueeze(dim)).to(torch.uint8).max(dim, keepdim=True).indices
+                             for m in _middle_values(a, dim)], dim)
+        elif r % 2:
             idx = a.kthvalue((r + 1) // 2, dim=dim, keepdim=True).indices
         else:  # the r/2 + 1 smallest, ascending: one selection gives both middle entries
             idx = a.topk(r // 2 + 1, dim, largest=False, sorted=True).indices.narrow(dim, r // 2 - 1, 2)
@@ -103,6 +106,34 @@ def median_abs(cols: torch.Tensor, dim: int = 1) -> torch.Tensor:
     tiny = torch.finfo(prod.dtype).tiny
     # sqrt has an infinite slope at 0: clamp (zero gradient below tiny), then zero exactly
     return torch.where(prod > tiny, prod.clamp(min=tiny).sqrt(), torch.zeros_like(prod))
+
+
+MAX_NETWORK_R = 16
+"""Up to this ``r`` the middle order statistics come from a comparator network: elementwise
+min/max over whole slices, several times faster on CPU than ``topk``/``kthvalue`` along a
+short dimension."""
+
+
+@functools.lru_cache(maxsize=None)
+def _middle_network(r: int) -> tuple[tuple[int, int], ...]:
+    """Comparators of odd-even transposition sort on ``r`` entries, keeping only those
+    that the middle output position(s) depend on."""
+    comparators = [(i, i + 1) for step in range(r) for i in range(step % 2, r - 1, 2)]
+    live, kept = {(r - 1) // 2, r // 2}, []
+    for i, j in reversed(comparators):
+        if i in live or j in live:
+            kept.append((i, j))
+            live |= {i, j}
+    return tuple(reversed(kept))
+
+
+def _middle_values(a: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    """The middle order statistic of ``a`` along ``dim`` (odd size) or the two middle ones."""
+    r = a.shape[dim]
+    xs = list(a.unbind(dim))
+    for i, j in _middle_network(r):
+        xs[i], xs[j] = torch.minimum(xs[i], xs[j]), torch.maximum(xs[i], xs[j])
+    return [xs[r // 2]] if r % 2 else [xs[r // 2 - 1], xs[r // 2]]
 
 
 def geometric_mean_abs(cols: torch.Tensor, dim: int = 1) -> torch.Tensor:

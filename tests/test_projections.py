@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from dualgraph import projections
 from dualgraph.api import Certifier, load_model, margin_spec
 from dualgraph.errors import DualgraphError
 from dualgraph.input_sets import L2Ball, linf_ball
@@ -40,6 +41,24 @@ def test_median_abs_is_the_sample_median():
     s = y.abs().sort(1).values
     assert torch.allclose(median_abs(y, 1), (s[:, 3] * s[:, 4]).sqrt())  # even r: geometric mean of the middle two
     assert torch.equal(median_abs(torch.zeros(2, 4, 3), 1), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 9, 10, 16, 17, 50])
+def test_median_abs_every_r_and_path(r, monkeypatch):
+    """The comparator network (small r) and topk/kthvalue (large r) agree with a sort, ties
+    (zeros) included, along any dimension; the gradient reaches only the middle entries."""
+    x = torch.randn(4, r, 50, generator=torch.Generator().manual_seed(r), dtype=torch.float64)
+    x[0, :, :5] = 0.0
+    x[1, : r // 2 + 1, 5:9] = 3.0
+    s = x.abs().sort(1).values
+    want = s[:, r // 2] if r % 2 else (s[:, r // 2 - 1] * s[:, r // 2]).sqrt()
+    for network in (16, 0):
+        monkeypatch.setattr(projections, "MAX_NETWORK_R", network)
+        assert torch.allclose(median_abs(x, 1), want, rtol=0, atol=1e-15)
+        assert torch.allclose(median_abs(x.transpose(1, 2), 2), want, rtol=0, atol=1e-15)
+        leaf = x.clone().requires_grad_()
+        median_abs(leaf, 1).sum().backward()
+        assert ((leaf.grad != 0).sum(1) <= 2).all() and leaf.grad.abs().sum() > 0
 
 
 def test_cauchy_sampler_is_standard_cauchy():
