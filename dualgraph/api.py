@@ -116,8 +116,9 @@ class CertifyResult:
 
     predictions: torch.Tensor   # [B] argmax of the logits at the clean input
     correct: torch.Tensor       # [B] bool
-    certified: torch.Tensor     # [B] bool: correct and every margin bound > 0
-    margins: torch.Tensor       # [B, K-1] certified lower bounds of logit[y] - logit[j]
+    certified: torch.Tensor     # [B] bool: correct and every margin bound > 0 (a proof only if `sound`)
+    margins: torch.Tensor       # [B, K-1] lower bounds of logit[y] - logit[j]
+    sound: bool = True          # False with random projections: `certified` and `margins` are estimates
 
 
 class Certifier:
@@ -172,4 +173,5 @@ class Certifier:
             margins = self.lower_bounds(self.input_set(x, eps, norm, clip), spec)
         preds = logits.argmax(1)
         correct = preds == labels.to(self.device)
-        return CertifyResult(preds.cpu(), correct.cpu(), (correct & (margins > 0).all(1)).cpu(), margins.cpu())
+        return CertifyResult(preds.cpu(), correct.cpu(), (correct & (margins > 0).all(1)).cpu(), margins.cpu(),
+                             sound=self.config.sound)

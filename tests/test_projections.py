@@ -303,6 +303,13 @@ def test_cuda_projected_bounds(net):
     assert all(torch.equal(p, q) for p, q in zip(ra, rb))
 
 
+def test_api_marks_projected_results_unsound(net):
+    graph, _, x = net
+    y = torch.zeros(len(x), dtype=torch.long)
+    assert certifier(graph).certify(x, y, 0.01).sound
+    assert not certifier(graph, proj=10, proj_seed=0).certify(x, y, 0.01).sound
+
+
 def test_cli_labels_projected_results_as_estimates(capsys):
     """With --proj the certify output is an estimate: never "certified"/"verified"."""
     import json
