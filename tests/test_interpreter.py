@@ -75,7 +75,7 @@ def test_shared_models_match_onnxruntime(path):
 
 def test_shared_models_found():
     if SHARED is None:
-        pytest.skip("the shared folder is absent")
+        pytest.skip("../shared is absent: no shared ONNX models (paper_models, vnncomp2021) to list")
     names = {p.name for p in SHARED_MODELS}
     assert {"test_nano.onnx", "mnist-net_256x2.onnx", "mnist_small_0_3_stage0.onnx"} <= names
 

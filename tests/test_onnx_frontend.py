@@ -407,7 +407,7 @@ def test_plugin_ops_pass_through():
 def test_shared_vnncomp_models_layouts(shared_dir):
     shared = shared_dir
     if shared is None:
-        pytest.skip("the shared folder is absent")
+        pytest.skip("../shared is absent: the VNN-COMP test models (test_nano.onnx, ...) live in ../shared/vnncomp2021")
     nano = load_onnx(shared / "vnncomp2021" / "test" / "test_nano.onnx")
     assert nano.inputs[0].shape == ("N", 1) and nano.meta["onnx_inputs"][0]["layout"] == "added"
     fc = load_onnx(shared / "vnncomp2021" / "mnistfc" / "mnist-net_256x2.onnx")

@@ -58,7 +58,7 @@ def test_directions_and_patches_agree_on_the_paper_model(mnist, shared_dir):
     pruning stable units (the default) changes no crossing unit's bound and no margin."""
     path = shared_dir / "paper_models" / "mnist_small_0_3_stage0.onnx"
     if not path.exists():
-        pytest.skip(f"{path} not found")
+        pytest.skip(f"{path} not found: the authors' released models live in ../shared/paper_models")
     graph = load_model(path)
     x, y = mnist.images[:3].double(), mnist.labels[:3]
     results, margins = [], []
