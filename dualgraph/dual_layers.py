@@ -67,7 +67,11 @@ class GemmDual(AffineRule):
 
 @register_dual("MatMul")
 class MatMulDual(AffineRule):
+    """``x @ W`` or ``W @ x`` with one constant operand (affine); two variables are bilinear."""
+
     def transpose(self, node, lam_rows):
+        if node.inputs[0].is_const and not node.inputs[1].is_const:
+            return super().transpose(node, lam_rows)  # W @ x: the generic adjoint (W^T applied on the left)
         _require_const(node, 1)
         w = const_args(node, lam_rows)[1]
         if w.dim() != 2:

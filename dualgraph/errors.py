@@ -13,3 +13,8 @@ class DualgraphError(Exception):
 
 class UnsupportedOpError(DualgraphError):
     """The model uses ops that a frontend, the interpreter or the dual registry lacks."""
+
+
+class InternalError(Exception):
+    """A broken invariant inside dualgraph (a bug, never the user's fault): it keeps its
+    traceback so that it can be reported."""

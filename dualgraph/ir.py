@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import networkx as nx
 import torch
@@ -33,7 +33,12 @@ OpKey = tuple  # (domain, op_type)
 
 @dataclass(slots=True, eq=False)
 class Value:
-    """A tensor-valued edge: produced by at most one node, consumed by any number."""
+    """A tensor-valued edge: produced by at most one node, consumed by any number.
+
+    ``users`` has **one entry per input slot** that reads the value: a node reading it
+    twice (``Add(v, v)``, ``Concat(v, v)``) is listed twice. Every pass and the dual-graph
+    builder count uses this way (one dual contribution per slot); :func:`verify` checks it.
+    """
 
     name: str
     shape: Shape | None = None
@@ -261,8 +266,10 @@ def verify(graph: Graph) -> None:
                 raise DualgraphError(f"node '{node.name}': input {i} '{v.name}' is not owned by the graph")
             if not v.is_const and id(v) not in produced:
                 raise DualgraphError(f"node '{node.name}': input '{v.name}' is used before it is produced")
-            if node not in v.users:
-                raise DualgraphError(f"value '{v.name}' does not list its user '{node.name}'")
+            if v.users.count(node) != sum(1 for w in node.inputs if w is v):
+                raise DualgraphError(f"value '{v.name}' lists its user '{node.name}' {v.users.count(node)} "
+                                     f"times, but the node reads it in {sum(1 for w in node.inputs if w is v)} "
+                                     "input slots (users has one entry per slot)")
         for v in node.outputs:
             if v.producer is not node:
                 raise DualgraphError(f"value '{v.name}' does not name '{node.name}' as its producer")
@@ -281,12 +288,3 @@ def verify(graph: Graph) -> None:
     if not nx.is_directed_acyclic_graph(graph.to_networkx()):
         raise DualgraphError(f"graph '{graph.name}' has a cycle")
 
-
-def consumers(values: Iterable[Value]) -> list[Node]:
-    """All distinct nodes that consume any of ``values``."""
-    out: list[Node] = []
-    for v in values:
-        for n in v.users:
-            if n not in out:
-                out.append(n)
-    return out

@@ -22,7 +22,7 @@ bound of Theorem 1 with h_i = -offset_i.
 from __future__ import annotations
 
 from dualgraph.dual_registry import dual_rule, missing_dual_rules, missing_rules_error
-from dualgraph.errors import DualgraphError
+from dualgraph.errors import DualgraphError, InternalError
 from dualgraph.ir import BATCH, Graph, Value
 
 DUAL_DOMAIN = "dualgraph.dual"
@@ -48,30 +48,38 @@ def build_dual(graph: Graph, target: Value | None = None) -> Graph:
     lam.shape = (BATCH, SPEC, *target.unit_shape)
     dual.meta.update(primal=graph, target=target)
 
-    # how many dual contributions each primal value will receive
+    # One dual contribution per input *slot* that reads a value inside the sub-graph: a
+    # node reading ``v`` twice (``Add(v, v)``, ``Concat(v, v)``) adds two, exactly as
+    # ``v.users`` lists it twice (the IR's definition of a use).
+    expected = {v: _uses_in(v, in_subgraph) for n in primal_nodes for v in n.var_inputs}
     pending: dict[Value, list[Value]] = {}
-    fan_in = {v: sum(1 for u in v.users if u in in_subgraph for w in u.inputs if w is v)
-              for n in primal_nodes for v in n.var_inputs}
     lam_of: dict[Value, Value] = {target: lam}
 
     def contribution(v: Value, produced: Value) -> None:
-        pending.setdefault(v, []).append(produced)
-        if len(pending[v]) == fan_in[v]:
-            parts = pending.pop(v)
-            if len(parts) == 1:
-                lam_of[v] = parts[0]
-            else:
-                node = dual.add_node((DUAL_DOMAIN, "Sum"), parts, name=f"sum:{v.name}",
-                                     output_names=[f"lam:{v.name}"])
-                node.output.shape = (BATCH, SPEC, *v.unit_shape)
-                lam_of[v] = node.output
+        parts = pending.setdefault(v, [])
+        parts.append(produced)
+        if len(parts) < expected[v]:
+            return
+        del pending[v]
+        if len(parts) == 1:
+            lam_of[v] = parts[0]
+        else:
+            node = dual.add_node((DUAL_DOMAIN, "Sum"), parts, name=f"sum:{v.name}",
+                                 output_names=[f"lam:{v.name}"])
+            node.output.shape = (BATCH, SPEC, *v.unit_shape)
+            lam_of[v] = node.output
 
     for node in reversed(primal_nodes):
         outs = [lam_of.get(v) for v in node.outputs]
+        for v, out in zip(node.outputs, outs):
+            if out is None and (v is target or _uses_in(v, in_subgraph)):
+                raise InternalError(f"dual graph of '{target.name}': output '{v.name}' of node '{node.name}' "
+                                    f"is used but received {len(pending.get(v, []))} of its "
+                                    f"{expected.get(v, 1)} dual contributions")
         if all(o is None for o in outs):
-            continue
+            continue  # cannot happen for an ancestor of the target; kept for safety
         var_inputs = node.var_inputs
-        names = [f"lam:{v.name}" if fan_in[v] == 1 else f"lam:{v.name}@{node.name}" for v in var_inputs]
+        names = [f"lam:{v.name}" if expected[v] == 1 else f"lam:{v.name}@{node.name}" for v in var_inputs]
         dnode = dual.add_node((DUAL_DOMAIN, node.op_type), outs, {"primal": node.name},
                               name=f"dual:{node.name}", n_outputs=len(var_inputs), output_names=names)
         dnode.meta["primal"] = node
@@ -79,6 +87,10 @@ def build_dual(graph: Graph, target: Value | None = None) -> Graph:
         for v, out in zip(var_inputs, dnode.outputs):
             out.shape = (BATCH, SPEC, *v.unit_shape)
             contribution(v, out)
+    if pending:
+        v, parts = next(iter(pending.items()))
+        raise InternalError(f"dual graph of '{target.name}': value '{v.name}' received {len(parts)} of its "
+                            f"{expected[v]} dual contributions")
 
     x = graph.inputs[0]
     if x not in lam_of:
@@ -88,6 +100,11 @@ def build_dual(graph: Graph, target: Value | None = None) -> Graph:
     final.output.shape = (BATCH, SPEC)
     dual.outputs = [final.output]
     return dual
+
+
+def _uses_in(v: Value, nodes: set) -> int:
+    """How many input slots of ``nodes`` read ``v`` (``v.users`` has one entry per slot)."""
+    return sum(1 for u in v.users if u in nodes)
 
 
 class _Sub:

@@ -9,7 +9,9 @@ reading the *features* of earlier nodes (feature 0 is the input ``x``)::
 
 Edges are affine modules (Linear, Conv2d with random stride / padding / dilation / groups,
 AvgPool2d followed by Conv2d, Flatten followed by Linear, Linear / Conv2d followed by
-BatchNorm1d / BatchNorm2d with random running statistics), so
+BatchNorm1d / BatchNorm2d with random running statistics, and :class:`MultiUse` edges: a
+value read in several input slots of one node, Split outputs used unevenly, Slice / Pad /
+Concat of one value), so
 ``z_i`` is an affine function of its parents' features and ``act_i`` is the only
 nonlinearity. The tests rely on that: :meth:`DagNet.pre` evaluates the affine piece alone
 (the exactness test takes its dense Jacobian), and :attr:`DagNet.bounded` lists the nodes
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from dualgraph.input_sets import Box, InputSet, L2Ball, linf_ball
@@ -133,7 +136,8 @@ class DagNet(nn.Module):
     def describe(self) -> str:
         parts = []
         for i, n in enumerate(self.dag, start=1):
-            edges = ",".join("skip" if s else type(e).__name__ for e, s in zip(n.edges, n.skips))
+            edges = ",".join("skip" if s else f"MultiUse.{e.kind}" if isinstance(e, MultiUse) else type(e).__name__
+                             for e, s in zip(n.edges, n.skips))
             parts.append(f"{i}<-{n.parents}:{n.combine}[{edges}]{n.act_kind or ''}"
                          f"{'+' + type(n.post).__name__ if n.post is not None else ''}->{self.pre_shapes[i]}")
         return f"{self.kind}{self.input_shape}: " + "; ".join(parts)
@@ -173,6 +177,77 @@ def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+class MultiUse(nn.Module):
+    """An affine edge ``inner(g(h))`` where ``g`` reads ``h`` in several input slots of one node
+    or through a multi-output op, the graph shapes a single-use generator never makes:
+
+    * ``add``: ``h + h``; ``sub``: ``h + (h - h)``; ``mulc``: ``h * c + h`` (Mul by a constant);
+    * ``cat``: ``cat([h, h])`` (Concat of one value twice);
+    * ``split``: ``a, b, *rest = split(h)`` used unevenly: ``cat([b, a + a, b])`` (a value used
+      twice by one node, another output used by two nodes, the rest unused);
+    * ``slicepad``: ``cat([h[:, :k], pad(h), h])`` (Slice, Pad and Concat of one value).
+
+    ``kind`` and the split sizes are fixed at construction; :func:`multi_use` builds ``inner``
+    for the resulting width (dense features) or channel count (feature maps)."""
+
+    KINDS = ("add", "sub", "mulc", "cat", "split", "slicepad")
+
+    def __init__(self, kind: str, sizes: list[int], pad: int, inner: nn.Module) -> None:
+        super().__init__()
+        self.kind, self.sizes, self.pad, self.inner = kind, list(sizes), pad, inner
+
+    @staticmethod
+    def width(kind: str, n: int, sizes: list[int], pad: int) -> int:
+        """Width along dim 1 of ``g(h)`` for an ``h`` of width ``n``."""
+        if kind == "cat":
+            return 2 * n
+        if kind == "split":
+            return 2 * sizes[1] + sizes[0]
+        if kind == "slicepad":
+            return sizes[0] + 2 * n + 2 * pad
+        return n
+
+    def combine(self, h: torch.Tensor) -> torch.Tensor:
+        k = self.kind
+        if k == "add":
+            return h + h
+        if k == "sub":
+            return h + (h - h)
+        if k == "mulc":
+            return h * 0.75 + h
+        if k == "cat":
+            return torch.cat([h, h], 1)
+        if k == "split":
+            parts = torch.split(h, self.sizes, dim=1)  # indexed: torch.fx cannot unpack a proxy
+            a, b = parts[0], parts[1]
+            return torch.cat([b, a + a, b], 1)
+        # slicepad: pad dim 1 only (a zero-padded copy), so spatial shapes stay as they are
+        pads = [0, 0] * (h.dim() - 2) + [self.pad, self.pad]
+        return torch.cat([h[:, :self.sizes[0]], F.pad(h, pads), h], 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.combine(h))
+
+
+MULTI_USE_SHARE = 0.3
+"""Share of edges built as :class:`MultiUse` (a value read twice by one node, Split outputs
+used unevenly, Slice/Pad/Concat of one value)."""
+
+
+def multi_use(rng: random.Random, n: int, make_inner) -> MultiUse:
+    """A :class:`MultiUse` edge on features of width (or channels) ``n``; ``make_inner(width)``
+    builds the affine module that follows."""
+    kind = rng.choice(MultiUse.KINDS if n >= 2 else ("add", "sub", "mulc", "cat", "slicepad"))
+    if kind == "split":
+        a = rng.randint(1, n - 1)
+        b = rng.randint(1, n - a)
+        sizes = [a, b] + ([n - a - b] if n - a - b else [])
+    else:
+        sizes = [rng.randint(1, n)]
+    pad = rng.randint(0, 1)
+    return MultiUse(kind, sizes, pad, make_inner(MultiUse.width(kind, n, sizes, pad)))
+
+
 # ---- network builders (structure and weights from one seed) ----------------------------------------
 #
 # Each builder takes a ``random.Random`` and derives everything from it; the strategies draw
@@ -190,7 +265,11 @@ def build_mlp(rng: random.Random, acts=("relu",), max_width: int = 12, max_depth
         prev, size = 0, n_in
         for _ in range(depth):
             w = rng.randint(1, max_width)
-            prev = net.add([prev], [_linear(size, w, gain, rng.random() < 0.25)], act=rng.choice(acts))
+            if rng.random() < MULTI_USE_SHARE:
+                edge = multi_use(rng, size, lambda width: _linear(width, w, gain))
+            else:
+                edge = _linear(size, w, gain, rng.random() < 0.25)
+            prev = net.add([prev], [edge], act=rng.choice(acts))
             size = w
         net.add([prev], [_linear(size, rng.randint(1, 4), gain)])
     return net.eval()
@@ -208,7 +287,11 @@ def build_residual(rng: random.Random, acts=("relu",), max_width: int = 12) -> D
         p = net.add([0], [_linear(n_in, h, gain)], act=rng.choice(acts)) if stem else 0
         for _ in range(rng.randint(1, 2)):
             inner = rng.randint(1, max_width)
-            q = net.add([p], [_linear(h, inner, gain)], act=rng.choice(acts))
+            if rng.random() < MULTI_USE_SHARE:
+                first = multi_use(rng, h, lambda width: _linear(width, inner, gain))
+            else:
+                first = _linear(h, inner, gain)
+            q = net.add([p], [first], act=rng.choice(acts))
             p = net.add([p, q], [nn.Identity(), _linear(inner, h, gain)], skips=[True, False],
                         act=rng.choice(tuple(acts) + (None,)))
         net.add([p], [_linear(h, rng.randint(1, 4), gain)])
@@ -232,7 +315,9 @@ def build_dense(rng: random.Random, acts=("relu",), max_width: int = 10, max_nod
             if len(parents) > 1 and rng.random() < 0.5:
                 net.add(parents, [_linear(sum(sizes), width, gain)], combine="cat", act=act)
             else:
-                net.add(parents, [_linear(s, width, gain) for s in sizes], act=act)
+                edges = [multi_use(rng, s, lambda w_in: _linear(w_in, width, gain))
+                         if rng.random() < MULTI_USE_SHARE else _linear(s, width, gain) for s in sizes]
+                net.add(parents, edges, act=act)
     return net.eval()
 
 
@@ -255,7 +340,7 @@ def build_cnn(rng: random.Random, acts=("relu",), maxpool: bool = False, max_cha
             if g > 1 and rng.random() < 0.5:
                 cout, groups = g, g
             act = rng.choice(acts)
-            kind = rng.choice(["conv", "conv", "avgconv", "residual", "concat"])
+            kind = rng.choice(["conv", "conv", "avgconv", "residual", "concat", "multiuse"])
             if kind == "avgconv" and size >= 2:
                 pad = rng.randint(0, 1) if size >= 3 else 0
                 pool = nn.AvgPool2d(2, stride=rng.randint(1, 2), padding=pad,
@@ -271,6 +356,10 @@ def build_cnn(rng: random.Random, acts=("relu",), maxpool: bool = False, max_cha
                 a = net.add([prev], [_scale(nn.Conv2d(cin, c, 3, padding=1), gain)], act=act)
                 cur = net.add([prev, a], [_scale(nn.Conv2d(cin + c, cout, k, stride=s, padding=p, dilation=d),
                                                  gain)], combine="cat", act=act)
+            elif kind == "multiuse":
+                edge = multi_use(rng, cin, lambda c: _scale(nn.Conv2d(c, cout, k, stride=s, padding=p, dilation=d),
+                                                            gain))
+                cur = net.add([prev], [edge], act=act)
             else:
                 conv = _scale(nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=groups), gain)
                 edge = nn.Sequential(conv, _batchnorm(nn.BatchNorm2d(cout))) if rng.random() < 0.25 else conv
