@@ -175,12 +175,12 @@ def _crossing(b: Bounds) -> torch.Tensor:
     return (b.lower < 0) & (b.upper > 0)
 
 
-@register_relaxation("Relu", symmetric_if=lambda cfg: cfg.relu_relaxation == "paper",
+@register_relaxation("Relu", linear_if=lambda cfg: cfg.relu_relaxation == "paper",
                      breakpoints=lambda node: (0.0,))
 def relu_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     """Corollary 2: slope ``d = u/(u-l)`` on the crossing set, 0 / 1 on the stable sets.
 
-    Upper line ``d (z - l)``; the lower line is ``d z`` (the paper, symmetric) or, with
+    Upper line ``d (z - l)``; the lower line is ``d z`` (the paper: a linear dual layer) or, with
     ``relu_relaxation="crown"``, ``a z`` with ``a = 1 if u > -l else 0`` (any ``a`` in [0,1]
     is valid).
     """
@@ -194,7 +194,7 @@ def relu_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     return Relaxation(a_lo, 0.0, d, b_up)
 
 
-@register_relaxation("LeakyRelu",  # alpha > 1 takes the chord relaxation, which depends on l and u
+@register_relaxation("LeakyRelu", linear_if=lambda cfg: True,  # alpha > 1 takes the chord relaxation, which depends on l and u
                      breakpoints=lambda node: (0.0,) if float(node.attrs.get("alpha", 0.01)) <= 1 else None)
 def leaky_relu_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     """Chord slope ``s`` on crossing units; ``s z`` is below f (alpha <= s <= 1), the chord above."""
@@ -228,7 +228,7 @@ def _chord_relaxation(b: Bounds, f, breakpoints=(), stationary=None) -> Relaxati
     return Relaxation(a, g.amin(0) - margin, a, g.amax(0) + margin)
 
 
-@register_relaxation("Clip")
+@register_relaxation("Clip", linear_if=lambda cfg: True)
 def clip_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     """HardTanh / Clip: piecewise linear, breakpoints at ``min`` and ``max``."""
     args = const_args(node, b.lower) + [None, None]
@@ -255,12 +255,12 @@ def _tanh_stationary(a: torch.Tensor) -> list[torch.Tensor]:
     return [z, -z]
 
 
-@register_relaxation("Sigmoid")
+@register_relaxation("Sigmoid", linear_if=lambda cfg: True)
 def sigmoid_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     return _chord_relaxation(b, torch.sigmoid, stationary=_sigmoid_stationary)
 
 
-@register_relaxation("Tanh")
+@register_relaxation("Tanh", linear_if=lambda cfg: True)
 def tanh_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     return _chord_relaxation(b, torch.tanh, stationary=_tanh_stationary)
 
@@ -270,13 +270,10 @@ class MaxPoolDual(DualRule):
     """Lower: ``max_k z_k >= z_k*`` with ``k*`` the window entry of largest lower bound.
     Upper: ``z_k*`` itself when ``l_k* >= u_k`` for every other ``k`` in the window (then
     the max is exactly ``z_k*``), else the constant ``max_k u_k``. Sign-dependent, so the
-    rule is not symmetric. Windows are formed with ``unfold``; the adjoint is ``fold``.
+    rule is not linear. Windows are formed with ``unfold``; the adjoint is ``fold``.
     """
 
     needs_bounds = True
-
-    def symmetric(self, node, config):
-        return False
 
     def backward(self, node, lam, bounds, config):
         a = node.attrs

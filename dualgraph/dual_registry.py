@@ -13,14 +13,17 @@ and offsets such that for **every** ``z`` within the bounds
 
     lam . f(z) >= sum_i lam_i . z_i + lower                       (1)
 
-and, if the rule says it is ``symmetric`` (``lam_i`` is linear in ``lam``, so the same
+and, if the rule declares itself ``linear`` (``lam_i`` is linear in ``lam``, so the same
 ``lam_i`` also serve ``-lam``),
 
     lam . f(z) <= sum_i lam_i . z_i + upper.                       (2)
 
-(1) is Theorem 1's dual layer: ``g(nu) = -lam_i`` and ``h = -lower``. Symmetric rules let
-one backward pass give both bounds of every unit (the paper's ReLU relaxation is
-symmetric; CROWN's adaptive lower slope is not). Any rule satisfying (1)/(2) yields a
+(1) is Theorem 1's dual layer: ``g(nu) = -lam_i`` and ``h = -lower``. Linear rules let
+one backward pass give both bounds of every unit and run forward (Appendix F) and with
+random projections (the paper's ReLU relaxation is linear; CROWN's adaptive lower slope
+is not). **Linearity is decided in one place**, :meth:`DualRule.linear`, and the safe
+answer (not linear) is the default; a rule that declares itself linear and returns
+something else is stopped with an error naming the op and the node. Any rule satisfying (1)/(2) yields a
 sound certificate; ``tests/test_dual_rules.py`` checks every registered rule, plugins
 included, on sampled points.
 
@@ -33,12 +36,13 @@ are needed).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from .errors import UnsupportedOpError
+from .errors import DualgraphError, UnsupportedOpError
 from .interpreter import EVAL_RULES, node_args
 from .ir import Graph, Node, OpKey
 from .linalg import batched_dot, take_examples
@@ -93,9 +97,11 @@ class DualRule:
     #: whether the rule needs bounds of its variable inputs (nonlinear ops do)
     needs_bounds: bool = False
 
-    def symmetric(self, node: Node, config) -> bool:
-        """True if ``backward`` returns ``upper`` (the same lam_in serve ``-lam``)."""
-        return True
+    def linear(self, node: Node, config) -> bool:
+        """True if the dual layer is linear in ``lam``: ``backward`` then returns ``upper``
+        too (the same ``lam_in`` serve ``-lam``). The one place linearity is decided; the
+        default is the safe answer, False."""
+        return False
 
     def breakpoints(self, node: Node) -> tuple[float, ...] | None:
         """For a piecewise-linear activation: the points between its linear pieces, if the
@@ -170,6 +176,9 @@ class AffineRule(DualRule):
     of the op's evaluation rule, so structural ops need no code) and
     ``lower = upper = lam . b`` with ``b = f(0)`` (the op evaluated at zero inputs).
     """
+
+    def linear(self, node: Node, config) -> bool:
+        return True
 
     def transpose(self, node: Node, lam_rows) -> list[torch.Tensor | None]:
         """``A_i^T`` applied to rows ``[r, *out_unit]`` -> ``[r, *in_unit]`` per variable input.
@@ -249,7 +258,8 @@ class AffineRule(DualRule):
 class Relaxation:
     """Linear bounds ``a_lo * z + b_lo <= f(z) <= a_up * z + b_up`` valid on ``[l, u]``.
 
-    When ``a_lo is a_up`` the dual layer is linear (symmetric); tensors are ``[B, *unit]``.
+    Tensors are ``[B, *unit]``. A rule that declares a linear dual layer must return the
+    same slopes (``a_up`` may be ``a_lo`` itself); the offsets may differ.
     """
 
     a_lo: torch.Tensor
@@ -258,16 +268,15 @@ class Relaxation:
     b_up: torch.Tensor | float
     offsets: tuple | None = field(default=None, repr=False)  # (units, mid, gap), see _cached_offsets
 
-    @property
-    def symmetric(self) -> bool:
-        return self.a_lo is self.a_up
+    def has_equal_slopes(self) -> bool:
+        return self.a_lo is self.a_up or bool(torch.equal(self.a_lo, self.a_up))
 
     def take(self, examples: torch.Tensor) -> Relaxation:
         """The relaxation of the given examples (an index tensor into the batch)."""
         def pick(t):
             return take_examples(t, examples) if torch.is_tensor(t) and t.dim() > 0 else t
         a_lo = pick(self.a_lo)
-        out = Relaxation(a_lo, pick(self.b_lo), a_lo if self.symmetric else pick(self.a_up), pick(self.b_up))
+        out = Relaxation(a_lo, pick(self.b_lo), a_lo if self.a_up is self.a_lo else pick(self.a_up), pick(self.b_up))
         if self.offsets is not None:
             units, mid, gap = self.offsets
             out.offsets = (units, pick(mid), pick(gap))
@@ -276,7 +285,7 @@ class Relaxation:
     def mid_gap(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``mid = (b_lo + b_up)/2`` and ``gap = (b_up - b_lo)/2 >= 0`` as ``[B, *unit]`` tensors.
 
-        For a symmetric relaxation, ``lam . b`` picked by sign equals
+        With equal slopes, ``lam . b`` picked by sign equals
         ``lam . mid -/+ |lam| . gap``: a linear part and an absolute part (the paper's
         ``[a]_+ = (|a| + a)/2`` split).
         """
@@ -292,33 +301,41 @@ class ElementwiseRule(DualRule):
     """Dual layer of an elementwise activation from its linear relaxation.
 
     With ``lam+ = max(lam, 0)``, ``lam- = min(lam, 0)``: ``lam_in = lam+ a_lo + lam- a_up``,
-    ``lower = sum lam+ b_lo + lam- b_up``; when ``a_lo is a_up`` also
+    ``lower = sum lam+ b_lo + lam- b_up``. If the rule is declared linear (``linear_if``;
+    then the relaxation must have equal slopes ``a``): ``lam_in = a lam`` and also
     ``upper = sum lam+ b_up + lam- b_lo`` (computed as ``lam.mid -/+ |lam|.gap``).
     """
 
     needs_bounds = True
 
-    def __init__(self, relax: RelaxFn, symmetric_if: Callable[[object], bool] = lambda cfg: True,
+    def __init__(self, relax: RelaxFn, linear_if: Callable[[object], bool] = lambda cfg: False,
                  breakpoints: Callable[[Node], tuple[float, ...] | None] = lambda node: None):
         self.relax = relax
-        self._symmetric_if = symmetric_if
+        self._linear_if = linear_if
         self._breakpoints = breakpoints
 
-    def symmetric(self, node: Node, config) -> bool:
-        return self._symmetric_if(config)
+    def linear(self, node: Node, config) -> bool:
+        return bool(self._linear_if(config))
 
     def breakpoints(self, node: Node) -> tuple[float, ...] | None:
         return self._breakpoints(node)
 
     def relaxation(self, node: Node, bounds: Bounds, config) -> Relaxation:
-        """The relaxation on ``bounds``, computed once per bounds object and config."""
+        """The relaxation on ``bounds``, computed once per bounds object and config, and
+        checked against the declared linearity (every bound path reads it through here)."""
         key = (node.name, getattr(config, "relu_relaxation", None))
         if key not in bounds.cache:
-            bounds.cache[key] = self.relax(node, bounds, config)
+            with naming_node(node, "relaxation"):
+                r = self.relax(node, bounds, config)
+            if self.linear(node, config) and not r.has_equal_slopes():
+                raise DualgraphError(
+                    f"the relaxation of node '{node.name}' ({_op_name(node)}) is declared linear (linear_if) "
+                    "but returned different lower and upper slopes; declare it non-linear or return equal slopes")
+            bounds.cache[key] = r
         return bounds.cache[key]
 
-    def symmetric_terms(self, node: Node, lam: torch.Tensor, bounds: Bounds, config):
-        """``(r, linear, absolute)`` of a symmetric relaxation ``r``: the offsets are
+    def linear_terms(self, node: Node, lam: torch.Tensor, bounds: Bounds, config):
+        """``(r, linear, absolute)`` of a linear rule's relaxation ``r``: the offsets are
         ``linear -/+ absolute`` with ``linear = lam . mid`` and ``absolute = |lam| . gap``."""
         r = self.relaxation(node, bounds, config)
         units, mid, gap = _cached_offsets(r)
@@ -326,10 +343,10 @@ class ElementwiseRule(DualRule):
         return r, batched_dot(part, mid), batched_dot(part.abs(), gap)
 
     def backward(self, node: Node, lam: torch.Tensor, bounds, config) -> DualStep:
-        r = self.relaxation(node, bounds[0], config)
-        if r.symmetric:  # linear in lam: lam_in = a lam, offsets lam.mid -/+ |lam|.gap
-            r, linear, absolute = self.symmetric_terms(node, lam, bounds[0], config)
+        if self.linear(node, config):  # lam_in = a lam, offsets lam.mid -/+ |lam|.gap
+            r, linear, absolute = self.linear_terms(node, lam, bounds[0], config)
             return DualStep([lam * r.a_lo.unsqueeze(1)], linear - absolute, linear + absolute)
+        r = self.relaxation(node, bounds[0], config)
         pos, neg = lam.clamp(min=0), lam.clamp(max=0)
         lam_in = pos * r.a_lo.unsqueeze(1) + neg * r.a_up.unsqueeze(1)
         return DualStep([lam_in], _offset(pos, r.b_lo) + _offset(neg, r.b_up), None)
@@ -359,15 +376,43 @@ def _offset(lam_part: torch.Tensor, b) -> torch.Tensor | float:
 
 
 def register_relaxation(op_type: str, domain: str = "", *,
-                        symmetric_if: Callable[[object], bool] = lambda cfg: True,
+                        linear_if: Callable[[object], bool] = lambda cfg: False,
                         breakpoints: Callable[[Node], tuple[float, ...] | None] = lambda node: None,
                         ) -> Callable[[RelaxFn], RelaxFn]:
     """Register an elementwise op's dual layer from ``relax(node, bounds, config) -> Relaxation``.
 
+    ``linear_if(config)``: True when the relaxation has equal lower and upper slopes under
+    ``config`` (a linear dual layer: one pass gives both bounds, and the forward direction
+    and random projections can run through it). Default False, always safe.
     ``breakpoints(node)``: see :meth:`DualRule.breakpoints` (leave the default unless the
     relaxation of a unit within one linear piece is exactly that piece, bound-independent).
     """
     def deco(fn: RelaxFn) -> RelaxFn:
-        DUAL_RULES[(domain, op_type)] = ElementwiseRule(fn, symmetric_if, breakpoints)
+        DUAL_RULES[(domain, op_type)] = ElementwiseRule(fn, linear_if, breakpoints)
         return fn
     return deco
+
+
+def runs_forward(node: Node, config) -> bool:
+    """Whether ``node``'s dual layer can run in the forward direction (Appendix F) and with
+    random projections: an affine op, or an elementwise relaxation declared linear."""
+    rule = dual_rule(node)
+    return isinstance(rule, AffineRule) or (isinstance(rule, ElementwiseRule) and rule.linear(node, config))
+
+
+@contextmanager
+def naming_node(node: Node, what: str = "dual layer") -> Iterator[None]:
+    """Re-raise any failure of a rule's code as one DualgraphError naming the node and op
+    (every bound path runs rule code inside this)."""
+    try:
+        yield
+    except DualgraphError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DualgraphError(f"{what} of node '{node.name}' ({_op_name(node)}) failed: "
+                             f"{type(exc).__name__}: {first}") from exc
+
+
+def _op_name(node: Node) -> str:
+    return ".".join(filter(None, node.op))

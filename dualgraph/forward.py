@@ -1,8 +1,8 @@
 """Intermediate bounds in the forward direction (the paper's Appendix F / Algorithm 1).
 
-When every dual layer is linear (``symmetric``), the dual network for all units of a
+When every dual layer is linear (:meth:`DualRule.linear`), the dual network for all units of a
 value ``v`` at once is a linear map, and its transpose can be run *forward* along the
-primal DAG. Each symmetric relaxation ``a z + b_lo <= f(z) <= a z + b_up`` is split into
+primal DAG. Each linear relaxation ``a z + b_lo <= f(z) <= a z + b_up`` is split into
 its linear part ``a z + mid`` (``mid = (b_lo + b_up)/2``) and a half-gap
 ``gap = (b_up - b_lo)/2 >= 0``, so for every unit ``j`` of ``v``
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .dual_registry import AffineRule, Bounds, ElementwiseRule, dual_rule
+from .dual_registry import AffineRule, Bounds, dual_rule, naming_node, runs_forward
 from .errors import DualgraphError
 from .input_sets import InputSet
 from .interpreter import node_args
@@ -87,13 +87,7 @@ class ExactColumns(ColumnScheme):
 
 def forward_supported(graph: Graph, nodes: list[Node], config) -> bool:
     """Forward mode needs linear dual layers that know how to run forward."""
-    for n in nodes:
-        rule = dual_rule(n)
-        if isinstance(rule, AffineRule):
-            continue
-        if not (isinstance(rule, ElementwiseRule) and rule.symmetric(n, config)):
-            return False
-    return True
+    return all(runs_forward(n, config) for n in nodes)
 
 
 class ForwardBounds:
@@ -141,6 +135,10 @@ class ForwardBounds:
         return Bounds(c - radius, c + radius)
 
     def _run_node(self, node: Node, center, cols, bounds) -> None:
+        with naming_node(node, "forward dual layer"):
+            self._push(node, center, cols, bounds)
+
+    def _push(self, node: Node, center, cols, bounds) -> None:
         rule = dual_rule(node)
         ins = node.var_inputs
         if isinstance(rule, AffineRule):
@@ -158,7 +156,7 @@ class ForwardBounds:
             for v, d in zip(node.outputs, out_cols):
                 cols[v] = d
             return
-        if not isinstance(rule, ElementwiseRule) or not rule.symmetric(node, self.config):
+        if not runs_forward(node, self.config):
             raise DualgraphError(f"node '{node.name}' ({node.op_type}) has no linear dual layer; "
                                  "the forward direction cannot be used (use direction='backward')")
         z = ins[0]

@@ -159,15 +159,16 @@ def through_conv(p: Patches, node: Node, cache: dict | None = None) -> tuple[Pat
 def through_elementwise(p: Patches, node: Node, rule: ElementwiseRule, bounds, config):
     """An elementwise dual layer on patches: slopes and offsets are taken window-wise."""
     r = rule.relaxation(node, bounds, config)
+    linear = rule.linear(node, config)
     like = bounds.lower
 
     def win(t):
         return p.windows(t if torch.is_tensor(t) else torch.full_like(like, float(t)))
 
     data = p.data
-    if r.symmetric:
-        linear, absolute = relaxation_terms(p, r)
-        return replace(p, data=data * win(r.a_lo)), linear - absolute, linear + absolute
+    if linear:
+        centre, absolute = relaxation_terms(p, r)
+        return replace(p, data=data * win(r.a_lo)), centre - absolute, centre + absolute
     pos, neg = data.clamp(min=0), data.clamp(max=0)
     new = pos * win(r.a_lo) + neg * win(r.a_up)
     lower = _rows((pos * win(r.b_lo) + neg * win(r.b_up)).sum((3, 4, 5)))
@@ -175,7 +176,7 @@ def through_elementwise(p: Patches, node: Node, rule: ElementwiseRule, bounds, c
 
 
 def relaxation_terms(p: Patches, r) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lam . mid`` and ``|lam| . gap`` of a symmetric relaxation (its offsets are
+    """``lam . mid`` and ``|lam| . gap`` of a linear rule's relaxation (its offsets are
     ``linear -/+ absolute``) for every row, ``[B, rows]``."""
     mid, gap = r.mid_gap()
     return _window_dot(p.data, p.windows(mid)), _window_dot(p.data.abs(), p.windows(gap))
@@ -183,7 +184,7 @@ def relaxation_terms(p: Patches, r) -> tuple[torch.Tensor, torch.Tensor]:
 
 def box_terms(p: Patches, slope: torch.Tensor, bounds) -> tuple[torch.Tensor, torch.Tensor]:
     """``lam' . (l + u)/2`` and ``|lam'| . (u - l)/2`` for ``lam' = slope * lam`` (the rows
-    after a symmetric elementwise layer) and the bounds ``l, u`` of its input, ``[B, rows]``,
+    after a linear elementwise layer) and the bounds ``l, u`` of its input, ``[B, rows]``,
     without forming ``lam'``."""
     lo, up = bounds
     return (_window_dot(p.data, p.windows(slope * (lo + up) / 2)),

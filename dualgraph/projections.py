@@ -348,12 +348,5 @@ class Projections:
 
 def nonlinear_dual_nodes(nodes, config) -> list:
     """Nodes whose dual layer is not linear (random projections cannot run through them)."""
-    from .dual_registry import AffineRule, ElementwiseRule, dual_rule
-    out = []
-    for n in nodes:
-        rule = dual_rule(n)
-        if isinstance(rule, AffineRule):
-            continue
-        if not (isinstance(rule, ElementwiseRule) and rule.symmetric(n, config)):
-            out.append(n)
-    return out
+    from .dual_registry import runs_forward
+    return [n for n in nodes if not runs_forward(n, config)]

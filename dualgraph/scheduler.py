@@ -3,7 +3,7 @@
 For every value that feeds a nonlinear op (in topological order) it computes elementwise
 bounds ``l <= z <= u`` of all its units at once: the dual graph of that value is run on
 identity rows (one row per unit, chunked to keep memory in check), and because the
-paper's dual layers are linear in ``lam`` (``symmetric``), one pass yields both bounds:
+paper's dual layers are linear in ``lam`` (:meth:`DualRule.linear`), one pass yields both bounds:
 ``l = sum offsets_lower + lam.c - rho(lam)`` and ``u = sum offsets_upper + lam.c + rho(lam)``.
 With sign-dependent layers (CROWN slopes, MaxPool) the pass runs on ``-I`` as well.
 The final objective ``J(C)`` is one more pass on the specification rows.
@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from . import patches
-from .dual_registry import Bounds, DualStep, ElementwiseRule, dual_rule
+from .dual_registry import Bounds, DualStep, ElementwiseRule, dual_rule, naming_node
 from .errors import DualgraphError
 from .forward import ForwardBounds, forward_supported
 from .input_sets import InputSet
@@ -49,7 +49,7 @@ class BoundConfig:
     """How bounds are computed.
 
     relu_relaxation: ``"paper"`` (Corollary 2: lower slope = upper slope ``u/(u-l)``) or
-        ``"crown"`` (lower slope 1 if ``u > -l`` else 0; tighter, not symmetric).
+        ``"crown"`` (lower slope 1 if ``u > -l`` else 0; tighter, not a linear dual layer).
     max_elements: memory budget for one chunk of dual variables, in tensor elements;
         the identity rows of a layer are split into chunks that fit.
     direction: how intermediate bounds are computed: ``"backward"`` (one dual pass from
@@ -211,15 +211,14 @@ class BoundScheduler:
         dual = self.dual(v)
         n = v.numel
         batch = input_set.center.shape[0]
-        symmetric = all(n.meta["rule"].symmetric(n.meta["primal"], self.config)
-                        for n in dual.nodes if "rule" in n.meta)
+        linear = all(d.meta["rule"].linear(d.meta["primal"], self.config) for d in dual.nodes if "rule" in d.meta)
         widest = max([int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
                       if val.shape is not None and len(val.shape) > 2] + [n])
-        chunk = max(1, self.config.max_elements // (widest * batch * (1 if symmetric else 2)))
+        chunk = max(1, self.config.max_elements // (widest * batch * (1 if linear else 2)))
         like = input_set.center
-        prune = self.stable_pieces(v) if symmetric else None
+        prune = self.stable_pieces(v) if linear else None
         if self.config.patches and v.producer is not None and patches.conv_geometry(v.producer) is not None:
-            lo, up = self._patch_bounds(dual, input_set, bounds, symmetric, prune)
+            lo, up = self._patch_bounds(dual, input_set, bounds, linear, prune)
             return Bounds(lo.reshape(batch, *v.unit_shape), up.reshape(batch, *v.unit_shape))
         lows, ups = [], []
         for start in range(0, n, chunk):
@@ -227,7 +226,7 @@ class BoundScheduler:
             rows = torch.zeros(1, k, n, dtype=like.dtype, device=like.device)
             rows[0, torch.arange(k), torch.arange(start, start + k)] = 1.0
             rows = rows.view(1, k, *v.unit_shape)
-            if symmetric:
+            if linear:
                 lo, up = self.run(dual, rows, input_set, bounds, prune)
             else:
                 lo, _ = self.run(dual, rows, input_set, bounds)
@@ -272,7 +271,7 @@ class BoundScheduler:
             prune: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``dual`` on ``rows`` (``[b, m, *target_shape]``); returns (lower, upper) ``[B, m]``.
 
-        ``upper`` is the bound for ``max rows . z`` and is None unless every layer is symmetric.
+        ``upper`` is the bound for ``max rows . z`` and is None unless every layer is linear.
         With ``prune`` (breakpoints), rows whose cheaper bound lies between two breakpoints
         get that bound instead (see the module docstring).
         """
@@ -298,10 +297,10 @@ class BoundScheduler:
 
     # ---- pruning stable units ------------------------------------------------------------
     def _can_prune_at(self, node: Node, env: dict, bounds: dict) -> bool:
-        """A symmetric elementwise dual layer whose input has bounds, on the only live rows."""
+        """A linear elementwise dual layer whose input has bounds, on the only live rows."""
         rule = node.meta.get("rule")
         return (isinstance(rule, ElementwiseRule) and len(env) == 1 and node.inputs[0] in env
-                and rule.symmetric(node.meta["primal"], self.config)
+                and rule.linear(node.meta["primal"], self.config)
                 and node.meta["primal"].var_inputs[0] in bounds)
 
     def _pruned(self, dual: Graph, i: int, env: dict, input_set: InputSet, bounds: dict,
@@ -313,7 +312,7 @@ class BoundScheduler:
         (lam,) = env.values()
         env.clear()
         w = bounds[primal.var_inputs[0]]
-        r, linear, absolute = rule.symmetric_terms(primal, lam, w, self.config)
+        r, linear, absolute = rule.linear_terms(primal, lam, w, self.config)
         lower, upper = lower + linear - absolute, upper + linear + absolute
         slope = r.a_lo
         center = batched_dot(lam, slope * (w.lower + w.upper) / 2)
@@ -338,9 +337,9 @@ class BoundScheduler:
         return input_set.take(examples), {v: bounds[v].take(examples) for v in needed if v in bounds}
 
     # ---- the patch path -------------------------------------------------------------------
-    def _patch_bounds(self, dual: Graph, input_set: InputSet, bounds: dict, symmetric: bool, prune=None):
+    def _patch_bounds(self, dual: Graph, input_set: InputSet, bounds: dict, linear: bool, prune=None):
         """Bounds of a Conv output through the patch path (see :mod:`dualgraph.patches`)."""
-        if symmetric:
+        if linear:
             return self._run_patches(dual, 1.0, input_set, bounds, prune)
         lower, _ = self._run_patches(dual, 1.0, input_set, bounds)
         neg, _ = self._run_patches(dual, -1.0, input_set, bounds)
@@ -371,7 +370,7 @@ class BoundScheduler:
                 lower, upper = lower + off, None if upper is None else upper + off
             elif isinstance(rule, ElementwiseRule):
                 w = bounds[primal.var_inputs[0]]
-                if prune is not None and upper is not None and rule.symmetric(primal, self.config):
+                if prune is not None and upper is not None and rule.linear(primal, self.config):
                     return self._pruned_patches(dual, i, p, input_set, bounds, lower, upper, prune)
                 p, lo, up = patches.through_elementwise(p, primal, rule, w, self.config)
                 lower = lower + lo
@@ -388,7 +387,7 @@ class BoundScheduler:
 
     def _pruned_patches(self, dual: Graph, i: int, p: patches.Patches, input_set: InputSet, bounds: dict,
                         lower, upper, prune: tuple[float, ...]):
-        """:meth:`_pruned` on patches: node ``i`` is a symmetric elementwise relaxation."""
+        """:meth:`_pruned` on patches: node ``i`` is a linear elementwise relaxation."""
         node = dual.nodes[i]
         primal, rule = node.meta["primal"], node.meta["rule"]
         w = bounds[primal.var_inputs[0]]
@@ -430,13 +429,12 @@ class BoundScheduler:
         if rule.needs_bounds and any(b is None for b in in_bounds):
             raise DualgraphError(f"dual of node '{primal.name}' ({primal.op_type}) needs bounds of its inputs "
                                  "that were not computed")
-        try:
-            return rule.backward(primal, lam, in_bounds, self.config)
-        except DualgraphError:
-            raise
-        except Exception as exc:
-            raise DualgraphError(f"dual layer of node '{primal.name}' ({primal.op_type}) failed: "
-                                 f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        with naming_node(primal):
+            step = rule.backward(primal, lam, in_bounds, self.config)
+        if step.upper is None and rule.linear(primal, self.config):
+            raise DualgraphError(f"the dual layer of node '{primal.name}' ({primal.op_type}) is declared linear "
+                                 "but returned no upper offset; declare it non-linear (DualRule.linear)")
+        return step
 
 
 def _macs(node: Node) -> float:

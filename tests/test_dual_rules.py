@@ -4,7 +4,7 @@ The contract (:mod:`dualgraph.dual_registry`): for a node ``y = f(z_1..z_p)``, r
 and bounds ``l <= z_i <= u``, ``rule.backward`` returns ``lam_i`` and offsets with
 
     lam . f(z) >= sum_i lam_i . z_i + lower                       (1)
-    lam . f(z) <= sum_i lam_i . z_i + upper   if rule.symmetric   (2)
+    lam . f(z) <= sum_i lam_i . z_i + upper   if rule.linear      (2)
 
 for EVERY ``z`` in the bounds. The checker iterates over ``DUAL_RULES`` (after loading the
 plugins), builds the small example nodes listed for the op in :data:`EXAMPLES` (a
@@ -301,8 +301,8 @@ def check_rule(rule: DualRule, n: Node, config, gen: torch.Generator, mode: str,
     what = f"{n.op} ({mode} bounds, rows b={b_rows}, {config.relu_relaxation})"
     gap = rhs + lower - lhs - tol
     assert gap.max() <= 0, f"{what}: inequality (1) violated by {float(gap.max()):.3g}"
-    if rule.symmetric(n, config):
-        assert step.upper is not None, f"{what}: a symmetric rule must return an upper offset"
+    if rule.linear(n, config):
+        assert step.upper is not None, f"{what}: a linear rule must return an upper offset"
         upper = as_offset(step.upper)
         gap = lhs - rhs - upper - 1e-9 * (scale + upper.abs())
         assert gap.max() <= 0, f"{what}: inequality (2) violated by {float(gap.max()):.3g}"
@@ -356,12 +356,12 @@ def plugin_square():
         return inputs[0] * inputs[0]
 
     def relax(n, b: Bounds, config) -> Relaxation:
-        # convex: tangent at the midpoint below, chord above (different slopes: not symmetric)
+        # convex: tangent at the midpoint below, chord above (different slopes: not linear)
         l, u = b
         m = (l + u) / 2
         return Relaxation(2 * m, -m * m, u + l, -u * l)
 
-    register_relaxation("Square", domain=PLUGIN, symmetric_if=lambda cfg: False)(relax)
+    register_relaxation("Square", domain=PLUGIN, linear_if=lambda cfg: False)(relax)
     try:
         yield (PLUGIN, "Square"), relax
     finally:
@@ -388,7 +388,7 @@ def test_checker_catches_a_wrong_plugin_rule(plugin_square):
         r = relax(n, b, config)
         return Relaxation(r.a_up, r.b_up, r.a_lo, r.b_lo)
 
-    register_relaxation("Square", domain=PLUGIN, symmetric_if=lambda cfg: False)(swapped)
+    register_relaxation("Square", domain=PLUGIN, linear_if=lambda cfg: False)(swapped)
     with pytest.raises(AssertionError, match="inequality \\(1\\) violated"):
         check_op(op, [node("Square", [V((4,))], domain=PLUGIN)])
 
