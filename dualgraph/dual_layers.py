@@ -21,11 +21,92 @@ from .ir import Node
 
 # ---- affine and structural ops --------------------------------------------------------
 
-STRUCTURAL_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice",
-                  "Split", "Pad", "Identity", "Dropout", "AveragePool", "GlobalAveragePool",
-                  "BatchNormalization", "Neg", "Add", "Sub")
-for _op in STRUCTURAL_OPS:
-    register_dual(_op)(type(f"{_op}Dual", (AffineRule,), {}))
+# Each class states, besides its adjoint, the arithmetic that dualgraph.rounding bounds:
+# ``abs_by_eval`` (the op with |constants| computes |A| x + c), ``eval_length`` and
+# ``dual_length`` (the most nonzero terms of one sum in the op's evaluation / its dual).
+
+def _offset_dot(rule: AffineRule, node: Node) -> int:
+    """Length of the dot product ``lam . f(0)`` (0 when the op has no constant term)."""
+    return max(o.numel for o in node.outputs) + 1 if rule.has_offsets(node) else 0
+
+
+class IndexMapDual(AffineRule):
+    """Ops that only move, copy or zero-fill entries: no arithmetic but a padding constant."""
+
+    abs_by_eval = True
+
+    def eval_length(self, node, bounds, config):
+        return 0
+
+    def dual_length(self, node, bounds, config):
+        return _offset_dot(self, node)
+
+
+INDEX_MAP_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice",
+                 "Split", "Pad", "Identity", "Dropout")
+for _op in INDEX_MAP_OPS:
+    register_dual(_op)(type(f"{_op}Dual", (IndexMapDual,), {}))
+
+
+def _broadcast_factor(node: Node) -> int:
+    """How many output entries one variable input entry reaches (its adjoint sums them)."""
+    return max(1, max(o.numel for o in node.outputs) // max(1, min(v.numel for v in node.var_inputs)))
+
+
+class ElementwiseAffineDual(AffineRule):
+    """Elementwise arithmetic with constants or between variables (broadcasting allowed)."""
+
+    abs_by_eval = True
+
+    def eval_length(self, node, bounds, config):
+        return 4  # (x - mean) / sqrt(var + eps) * scale + B at most
+
+    def dual_length(self, node, bounds, config):
+        return max(_broadcast_factor(node) + 2, _offset_dot(self, node))
+
+
+@register_dual("Add")
+class AddDual(ElementwiseAffineDual):
+    pass
+
+
+@register_dual("BatchNormalization")
+class BatchNormDual(ElementwiseAffineDual):
+    """Inference BatchNorm: with |scale| and |B| its linear part is |scale| / sqrt(var + eps)."""
+
+
+@register_dual("Sub")
+class SubDual(ElementwiseAffineDual):
+    def abs_linear(self, node, xs, bounds, config):
+        return self.eval_with_abs_constants(node, xs, ("", "Add"))  # |a - b| <= |a| + |b|
+
+
+@register_dual("Neg")
+class NegDual(ElementwiseAffineDual):
+    def abs_linear(self, node, xs, bounds, config):
+        return [xs[0]]
+
+
+@register_dual("AveragePool")
+class AveragePoolDual(AffineRule):
+    abs_by_eval = True
+
+    def eval_length(self, node, bounds, config):
+        return math.prod(node.attrs["kernel_shape"]) + 1
+
+    def dual_length(self, node, bounds, config):
+        return math.prod(node.attrs["kernel_shape"]) + 1  # overlapping windows add up per input unit
+
+
+@register_dual("GlobalAveragePool")
+class GlobalAveragePoolDual(AffineRule):
+    abs_by_eval = True
+
+    def eval_length(self, node, bounds, config):
+        return math.prod(node.inputs[0].unit_shape[1:]) + 1
+
+    def dual_length(self, node, bounds, config):
+        return 1
 
 
 def _require_const(node: Node, *indices: int) -> None:
@@ -38,7 +119,7 @@ def _require_const(node: Node, *indices: int) -> None:
 
 
 @register_dual("Mul")
-class MulDual(AffineRule):
+class MulDual(ElementwiseAffineDual):
     def backward(self, node, lam, bounds, config):
         if len(node.var_inputs) != 1:
             _require_const(node, 0, 1)
@@ -46,7 +127,7 @@ class MulDual(AffineRule):
 
 
 @register_dual("Div")
-class DivDual(AffineRule):
+class DivDual(ElementwiseAffineDual):
     def backward(self, node, lam, bounds, config):
         _require_const(node, 1)
         return super().backward(node, lam, bounds, config)
@@ -64,10 +145,33 @@ class GemmDual(AffineRule):
         g = lam_rows @ (w.t() * float(node.attrs.get("alpha", 1.0)))
         return [g.t() if node.attrs.get("transA", 0) else g]
 
+    def abs_linear(self, node, xs, bounds, config):
+        if node.attrs.get("transA", 0):
+            return self._abs_jacobian(node, xs)
+        w = const_args(node, xs[0])[1].abs()
+        return [xs[0] @ (w.t() if node.attrs.get("transB", 0) else w) * abs(float(node.attrs.get("alpha", 1.0)))]
+
+    def eval_length(self, node, bounds, config):
+        w = node.inputs[1].const
+        return w.shape[1 if node.attrs.get("transB", 0) else 0] + 3  # K products, then alpha, beta * C
+
+    def dual_length(self, node, bounds, config):
+        return node.output.numel + 2  # the adjoint sums over the outputs; so does lam . bias
+
 
 @register_dual("MatMul")
 class MatMulDual(AffineRule):
     """``x @ W`` or ``W @ x`` with one constant operand (affine); two variables are bilinear."""
+
+    abs_by_eval = True
+
+    def eval_length(self, node, bounds, config):
+        w = next(v.const for v in node.inputs if v.is_const)
+        return (w.shape[-2] if node.inputs[1].is_const else w.shape[-1]) + 1  # the contracted axis
+
+    def dual_length(self, node, bounds, config):
+        w = next(v.const for v in node.inputs if v.is_const)
+        return (w.shape[-1] if node.inputs[1].is_const else w.shape[-2]) + 1
 
     def transpose(self, node, lam_rows):
         if node.inputs[0].is_const and not node.inputs[1].is_const:
@@ -85,6 +189,16 @@ class ConvDual(AffineRule):
     convolutions with few input channels (typically the first layer), a matrix product
     with the filters followed by one strided add per filter tap, which is several times
     faster on CPU than the library's transposed convolution for that shape."""
+
+    abs_by_eval = True
+
+    def eval_length(self, node, bounds, config):
+        w = node.inputs[1].const
+        return w.shape[1] * math.prod(w.shape[2:]) + 1  # c_in / groups * taps, then the bias
+
+    def dual_length(self, node, bounds, config):
+        w = node.inputs[1].const
+        return max(w.shape[0] * math.prod(w.shape[2:]) + 1, _offset_dot(self, node))  # c_out * taps per input
 
     def transpose(self, node, lam_rows):
         _require_const(node, 1, 2)
@@ -176,7 +290,7 @@ def _crossing(b: Bounds) -> torch.Tensor:
 
 
 @register_relaxation("Relu", linear_if=lambda cfg: cfg.relu_relaxation == "paper",
-                     breakpoints=lambda node: (0.0,))
+                     breakpoints=lambda node: (0.0,), eval_roundings=0)
 def relu_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     """Corollary 2: slope ``d = u/(u-l)`` on the crossing set, 0 / 1 on the stable sets.
 
@@ -194,7 +308,7 @@ def relu_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     return Relaxation(a_lo, 0.0, d, b_up)
 
 
-@register_relaxation("LeakyRelu", linear_if=lambda cfg: True,  # alpha > 1 takes the chord relaxation, which depends on l and u
+@register_relaxation("LeakyRelu", linear_if=lambda cfg: True, eval_roundings=1,  # alpha > 1 takes the chord relaxation, which depends on l and u
                      breakpoints=lambda node: (0.0,) if float(node.attrs.get("alpha", 0.01)) <= 1 else None)
 def leaky_relu_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     """Chord slope ``s`` on crossing units; ``s z`` is below f (alpha <= s <= 1), the chord above."""
@@ -228,7 +342,7 @@ def _chord_relaxation(b: Bounds, f, breakpoints=(), stationary=None) -> Relaxati
     return Relaxation(a, g.amin(0) - margin, a, g.amax(0) + margin)
 
 
-@register_relaxation("Clip", linear_if=lambda cfg: True)
+@register_relaxation("Clip", linear_if=lambda cfg: True, eval_roundings=0)
 def clip_relaxation(node: Node, b: Bounds, config) -> Relaxation:
     """HardTanh / Clip: piecewise linear, breakpoints at ``min`` and ``max``."""
     args = const_args(node, b.lower) + [None, None]
@@ -275,6 +389,21 @@ class MaxPoolDual(DualRule):
 
     needs_bounds = True
 
+    def abs_linear(self, node, xs, bounds, config):
+        return [_eval_rule(node)(node, [xs[0]])]  # |max_k z_k| <= max_k |z_k|
+
+    def constant_magnitude(self, node, m_in, bounds, config):
+        return [_eval_rule(node)(node, [m_in[0]])]  # the constant max_u of the upper line
+
+    def output_magnitude(self, node, m_in, bounds, config, terms):
+        return [_eval_rule(node)(node, [m_in[0]])]
+
+    def eval_length(self, node, bounds, config):
+        return 0
+
+    def dual_length(self, node, bounds, config):
+        return max(math.prod(node.attrs["kernel_shape"]), node.output.numel) + 1
+
     def backward(self, node, lam, bounds, config):
         a = node.attrs
         k = list(a["kernel_shape"])
@@ -305,3 +434,8 @@ class MaxPoolDual(DualRule):
         folded = F.fold(cols.reshape(bb * m, C * k[0] * k[1], -1), (Hp, Wp), **geom)
         lam_in = folded[:, :, pad[2]:pad[2] + H, pad[0]:pad[0] + W].reshape(bb, m, C, H, W)
         return DualStep([lam_in], const.flatten(2).sum(-1), None)
+
+
+def _eval_rule(node: Node):
+    from .interpreter import EVAL_RULES
+    return EVAL_RULES[node.op]

@@ -114,6 +114,39 @@ class DualRule:
     def backward(self, node: Node, lam: torch.Tensor, bounds: list[Bounds | None], config) -> DualStep:
         raise NotImplementedError
 
+    # ---- floating point (see dualgraph.rounding): three facts about the op's arithmetic ----
+    def abs_linear(self, node: Node, xs: list[torch.Tensor], bounds: list[Bounds | None], config) -> list[torch.Tensor]:
+        """``|A| x`` per output for nonnegative ``xs`` (one ``[B, *in_unit]`` per variable input),
+        where ``A`` is the linear part of the relaxed op (``|lam_in| <= A^T |lam|``-wise): the
+        absolute weights of an affine op, the larger absolute slope of a relaxation.
+        Any elementwise upper bound is sound."""
+        raise UnsupportedOpError(
+            f"the dual layer of node '{node.name}' ({_op_name(node)}) does not describe its arithmetic for the "
+            "rounding allowance; implement DualRule.abs_linear, constant_magnitude, eval_length and dual_length")
+
+    def constant_magnitude(self, node: Node, m_in: list[torch.Tensor], bounds: list[Bounds | None],
+                           config) -> list[torch.Tensor | float]:
+        """Upper bound of the absolute constant terms per output (``|b|`` of ``A z + b``, the
+        offsets of a relaxation) given ``|z_i| <= m_in[i]``; ``[B or 1, *out_unit]`` or a number."""
+        return [0.0] * len(node.outputs)
+
+    def output_magnitude(self, node: Node, m_in: list[torch.Tensor], bounds: list[Bounds | None], config,
+                         terms: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Upper bound of ``|y|`` per output given ``|z_i| <= m_in[i]`` (and the input bounds);
+        ``terms`` is ``|A| m_in + |b|``, which bounds it for an affine op (the default)."""
+        return terms
+
+    def eval_length(self, node: Node, bounds: list[Bounds | None], config) -> int:
+        """Roundings behind one output entry of the op's floating-point evaluation: the most
+        nonzero terms of one sum (0: exact, like ReLU or a reshape). Safe default: all inputs."""
+        return sum(v.numel for v in node.var_inputs) + 2
+
+    def dual_length(self, node: Node, bounds: list[Bounds | None], config) -> int:
+        """The most nonzero terms of one floating-point sum in this dual layer, per row (the
+        adjoint's sums and the dot product of ``lam`` with the offsets; 0: exact, no offsets).
+        Safe default: every output unit."""
+        return sum(o.numel for o in node.outputs) + 2
+
 
 DUAL_RULES: dict[OpKey, DualRule] = {}
 
@@ -180,6 +213,56 @@ class AffineRule(DualRule):
     def linear(self, node: Node, config) -> bool:
         return True
 
+    #: whether evaluating the op with every floating-point constant replaced by its absolute
+    #: value gives ``|A| x + c`` (true for sums of products of inputs and constants: Gemm
+    #: without a negative alpha, Conv, pooling, index maps); otherwise ``abs_linear`` forms
+    #: the dense Jacobian (small plugin ops) unless a subclass overrides it.
+    abs_by_eval: bool = False
+
+    def abs_linear(self, node: Node, xs, bounds, config) -> list[torch.Tensor]:
+        return self.eval_with_abs_constants(node, xs) if self.abs_by_eval else self._abs_jacobian(node, xs)
+
+    def eval_with_abs_constants(self, node: Node, xs: list[torch.Tensor], op: OpKey | None = None) -> list[torch.Tensor]:
+        """The op (or ``op`` on the same inputs) with ``|float constants|``, at ``xs`` minus at zero."""
+        like = xs[0]
+        args = [a.abs() if torch.is_tensor(a) and a.is_floating_point() else a for a in const_args(node, like)]
+        it = iter(xs)
+        for i, v in enumerate(node.inputs):
+            if args[i] is None and v is not None:
+                x = next(it)
+                args[i] = torch.cat([x, torch.zeros_like(x[:1])])  # one evaluation at xs and at zero
+        outs = EVAL_RULES[op or node.op](node, args)
+        outs = [outs] if torch.is_tensor(outs) else list(outs)
+        return [o[:-1] - o[-1:] for o in outs]
+
+    def _abs_jacobian(self, node: Node, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``|A| x`` from the dense Jacobian (one identity row per input unit)."""
+        var = node.var_inputs
+        total = sum(v.numel for v in var) * sum(o.numel for o in node.outputs)
+        if total > 50_000_000:
+            raise UnsupportedOpError(
+                f"node '{node.name}' ({_op_name(node)}) is too large for the dense rounding analysis; "
+                "set abs_by_eval or implement abs_linear on its dual layer")
+        outs = [xs[0].new_zeros(xs[0].shape[0], o.numel) for o in node.outputs]
+        for i, (v, x) in enumerate(zip(var, xs)):
+            eye = torch.eye(v.numel, dtype=x.dtype, device=x.device).view(v.numel, *v.unit_shape)
+            cols = self.apply_linear(node, [eye if j == i else None for j in range(len(var))])
+            for k, c in enumerate(cols):
+                outs[k] = outs[k] + x.reshape(x.shape[0], -1) @ c.reshape(v.numel, -1).abs()
+        return [t.view(t.shape[0], *o.unit_shape) for t, o in zip(outs, node.outputs)]
+
+    def constant_magnitude(self, node: Node, m_in, bounds, config) -> list[torch.Tensor]:
+        return [b.abs() for b in self.bias(node, m_in[0])]
+
+    def has_offsets(self, node: Node) -> bool:
+        """Whether the constant term ``f(0)`` is nonzero (then ``lam . f(0)`` is a dot product)."""
+        like = torch.empty(0, dtype=torch.float64)
+        return any(bool(b.detach().any()) for b in self.bias(node, like))
+
+    def dual_length(self, node: Node, bounds, config) -> int:
+        """Safe default: every output unit (the adjoint of a plugin's op may sum them all)."""
+        return sum(o.numel for o in node.outputs) + 2
+
     def transpose(self, node: Node, lam_rows) -> list[torch.Tensor | None]:
         """``A_i^T`` applied to rows ``[r, *out_unit]`` -> ``[r, *in_unit]`` per variable input.
 
@@ -224,7 +307,8 @@ class AffineRule(DualRule):
                 args[i] = torch.zeros((1, *v.unit_shape), dtype=like.dtype, device=like.device)
         b = eval_node(node, args)
         if not trainable:
-            cache.clear()
+            if len(cache) >= 4:  # stale entries (edited weights); a few dtypes/devices coexist
+                cache.clear()
             cache[key] = b
         return b
 
@@ -309,8 +393,10 @@ class ElementwiseRule(DualRule):
     needs_bounds = True
 
     def __init__(self, relax: RelaxFn, linear_if: Callable[[object], bool] = lambda cfg: False,
-                 breakpoints: Callable[[Node], tuple[float, ...] | None] = lambda node: None):
+                 breakpoints: Callable[[Node], tuple[float, ...] | None] = lambda node: None,
+                 eval_roundings: int = 8):
         self.relax = relax
+        self._eval_roundings = eval_roundings
         self._linear_if = linear_if
         self._breakpoints = breakpoints
 
@@ -320,10 +406,37 @@ class ElementwiseRule(DualRule):
     def breakpoints(self, node: Node) -> tuple[float, ...] | None:
         return self._breakpoints(node)
 
+    def abs_linear(self, node: Node, xs, bounds, config) -> list[torch.Tensor]:
+        r = self.relaxation(node, bounds[0], config)
+        return [xs[0] * torch.maximum(r.a_lo.abs(), r.a_up.abs())]
+
+    def constant_magnitude(self, node: Node, m_in, bounds, config) -> list[torch.Tensor]:
+        r = self.relaxation(node, bounds[0], config)
+        b_lo, b_up = (torch.as_tensor(t, dtype=r.a_lo.dtype, device=r.a_lo.device).abs() for t in (r.b_lo, r.b_up))
+        return [torch.maximum(b_lo, b_up)]
+
+    def output_magnitude(self, node: Node, m_in, bounds, config, terms) -> list[torch.Tensor]:
+        """The lines at the ends of ``[l, u]``: ``f`` lies between them there."""
+        r = self.relaxation(node, bounds[0], config)
+        l, u = bounds[0]
+        ends = [a * z + b for a, b in ((r.a_lo, r.b_lo), (r.a_up, r.b_up)) for z in (l, u)]
+        return [torch.stack(torch.broadcast_tensors(*ends)).abs().amax(0)]
+
+    def eval_length(self, node: Node, bounds, config) -> int:
+        return self._eval_roundings
+
+    def dual_length(self, node: Node, bounds, config) -> int:
+        # lam_in = a lam: one product; offsets: dot products over the units with an offset
+        r = self.relaxation(node, bounds[0], config)
+        b_lo, b_up = (torch.as_tensor(t, dtype=r.a_lo.dtype, device=r.a_lo.device) for t in (r.b_lo, r.b_up))
+        with_offset = (b_lo != 0) | (b_up != 0)
+        count = int(with_offset.expand_as(r.a_lo).flatten(1).sum(1).max()) if r.a_lo.numel() else 0
+        return count + 2
+
     def relaxation(self, node: Node, bounds: Bounds, config) -> Relaxation:
         """The relaxation on ``bounds``, computed once per bounds object and config, and
         checked against the declared linearity (every bound path reads it through here)."""
-        key = (node.name, getattr(config, "relu_relaxation", None))
+        key = self._cache_key(node, config)
         if key not in bounds.cache:
             with naming_node(node, "relaxation"):
                 r = self.relax(node, bounds, config)
@@ -333,6 +446,14 @@ class ElementwiseRule(DualRule):
                     "but returned different lower and upper slopes; declare it non-linear or return equal slopes")
             bounds.cache[key] = r
         return bounds.cache[key]
+
+    def set_relaxation(self, node: Node, bounds: Bounds, config, r: Relaxation) -> None:
+        """Replace the relaxation kept for ``bounds`` (the rounding allowance moves its offsets out)."""
+        bounds.cache[self._cache_key(node, config)] = r
+
+    @staticmethod
+    def _cache_key(node: Node, config) -> tuple:
+        return (node.name, getattr(config, "relu_relaxation", None))
 
     def linear_terms(self, node: Node, lam: torch.Tensor, bounds: Bounds, config):
         """``(r, linear, absolute)`` of a linear rule's relaxation ``r``: the offsets are
@@ -378,7 +499,7 @@ def _offset(lam_part: torch.Tensor, b) -> torch.Tensor | float:
 def register_relaxation(op_type: str, domain: str = "", *,
                         linear_if: Callable[[object], bool] = lambda cfg: False,
                         breakpoints: Callable[[Node], tuple[float, ...] | None] = lambda node: None,
-                        ) -> Callable[[RelaxFn], RelaxFn]:
+                        eval_roundings: int = 8) -> Callable[[RelaxFn], RelaxFn]:
     """Register an elementwise op's dual layer from ``relax(node, bounds, config) -> Relaxation``.
 
     ``linear_if(config)``: True when the relaxation has equal lower and upper slopes under
@@ -386,9 +507,11 @@ def register_relaxation(op_type: str, domain: str = "", *,
     and random projections can run through it). Default False, always safe.
     ``breakpoints(node)``: see :meth:`DualRule.breakpoints` (leave the default unless the
     relaxation of a unit within one linear piece is exactly that piece, bound-independent).
+    ``eval_roundings``: how many ulps the op's own floating-point evaluation may be off (0
+    for ReLU, which is exact; the default 8 suits library ``exp``/``tanh``-based functions).
     """
     def deco(fn: RelaxFn) -> RelaxFn:
-        DUAL_RULES[(domain, op_type)] = ElementwiseRule(fn, linear_if, breakpoints)
+        DUAL_RULES[(domain, op_type)] = ElementwiseRule(fn, linear_if, breakpoints, eval_roundings)
         return fn
     return deco
 

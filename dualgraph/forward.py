@@ -98,8 +98,12 @@ class ForwardBounds:
         self.scheme = scheme or ExactColumns()
 
     def bounds(self, targets: list[Value], input_set: InputSet,
-               bounds: dict[Value, Bounds] | None = None) -> dict[Value, Bounds]:
-        """Bounds of ``targets`` (in topological order); fills and returns ``bounds``."""
+               bounds: dict[Value, Bounds] | None = None, widen=None) -> dict[Value, Bounds]:
+        """Bounds of ``targets`` (in topological order); fills and returns ``bounds``.
+
+        ``widen(v, bounds) -> bounds`` (the rounding allowance) is applied to each target's
+        bounds as soon as they are formed, before any later relaxation uses them."""
+        self._widen = widen or (lambda v, b: b)
         bounds = {} if bounds is None else bounds
         if not targets:
             return bounds
@@ -132,7 +136,7 @@ class ForwardBounds:
             f = f.reshape(f.shape[0], f.shape[1], n)
             radius = radius + (self.scheme.input_term(input_set, f) if key == "input" else self.scheme.gap_term(f))
         radius = radius.view_as(c)
-        return Bounds(c - radius, c + radius)
+        return self._widen(v, Bounds(c - radius, c + radius))
 
     def _run_node(self, node: Node, center, cols, bounds) -> None:
         with naming_node(node, "forward dual layer"):

@@ -85,9 +85,13 @@ class Box(InputSet):
 
 
 def linf_ball(x: torch.Tensor, eps: float, clip: tuple[float, float] | None = None) -> Box:
-    """``{x' : ||x' - x||_inf <= eps}``, intersected with ``clip = (lo, hi)`` if given."""
+    """``{x' : ||x' - x||_inf <= eps}``, intersected with ``clip = (lo, hi)`` if given.
+
+    The box is rounded outward (:func:`outward`): ``x - eps`` in float32 may round up, and
+    the certificate must cover every point of the real ball."""
     eps = check_eps(eps)
-    lo, hi = x - eps, x + eps
+    wide = x.detach().to(torch.float64)
+    lo, hi = outward(wide - eps, wide + eps, x.dtype)
     if clip is not None:
         lo, hi = lo.clamp(min=clip[0], max=clip[1]), hi.clamp(min=clip[0], max=clip[1])
     return Box(lo, hi)
@@ -118,6 +122,18 @@ class L2Ball(InputSet):
         rad = torch.rand(shape[:2], generator=generator, dtype=self.center.dtype).to(self.center.device)
         rad = rad ** (1.0 / self.center[0].numel())
         return self.center + self.eps * g * rad.view(n, -1, *[1] * (len(shape) - 2))
+
+
+def outward(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[lo, hi]`` (any precision) as a box in ``dtype`` that contains it: rounded down /
+    up, and one more step out where the rounding could not be checked (same precision)."""
+    lo_c, hi_c = lo.to(dtype), hi.to(dtype)
+    if lo.dtype == dtype or torch.finfo(lo.dtype).eps > torch.finfo(dtype).eps:
+        # the inputs were themselves rounded in (at most) this precision: one step out
+        return torch.nextafter(lo_c, lo_c.new_tensor(-float("inf"))), torch.nextafter(hi_c, hi_c.new_tensor(float("inf")))
+    lo_c = torch.where(lo_c.to(lo.dtype) > lo, torch.nextafter(lo_c, lo_c.new_tensor(-float("inf"))), lo_c)
+    hi_c = torch.where(hi_c.to(hi.dtype) < hi, torch.nextafter(hi_c, hi_c.new_tensor(float("inf"))), hi_c)
+    return lo_c, hi_c
 
 
 def make_input_set(x: torch.Tensor, eps: float, norm: str = "linf",

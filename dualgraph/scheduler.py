@@ -40,6 +40,7 @@ from .forward import ForwardBounds, forward_supported
 from .input_sets import InputSet
 from .ir import Graph, Node, Value
 from .linalg import batched_dot, take_examples
+from .rounding import RoundingAllowance, full_precision_matmul
 
 DualBuilder = Callable[[Graph, Value], Graph]
 
@@ -58,6 +59,11 @@ class BoundConfig:
         ``"auto"`` (the cheaper by an operation count; the bounds are the same).
     patches: run backward passes from a convolution's units on local windows
         (:mod:`dualgraph.patches`); same numbers, far less work. Off only for testing.
+    rounding_allowance: widen every bound by a rigorous bound on its floating-point error
+        and on the network's own evaluation error (:mod:`dualgraph.rounding`), so that a
+        certificate holds in exact arithmetic and as the network is evaluated. False only
+        to compare bound paths or implementations number for number: bounds are then not
+        proofs (``sound`` is False).
     prune_stable: compute exact bounds only for units that a cheaper, never tighter bound
         (the backward pass cut after its first relaxation, see the module docstring)
         does not place on one linear piece of every activation they feed. The others keep
@@ -71,6 +77,7 @@ class BoundConfig:
     direction: str = "auto"
     patches: bool = True
     prune_stable: bool = True
+    rounding_allowance: bool = True
     proj: int | None = None
     proj_seed: int | None = None
     proj_estimator: str = "median"
@@ -106,13 +113,39 @@ class BoundConfig:
 
     @property
     def sound(self) -> bool:
-        """Whether bounds are proofs. With ``proj`` they are estimates (``delta``: probabilistic)."""
-        return self.proj is None
+        """Whether bounds are proofs: not with ``proj`` (estimates; ``delta``: probabilistic)
+        nor without the rounding allowance."""
+        return self.proj is None and self.rounding_allowance
 
     @property
     def probabilistic(self) -> bool:
         """Whether each intermediate bound holds with probability >= 1 - delta (not a proof)."""
         return self.proj is not None and self.delta is not None
+
+
+@dataclass
+class Batch:
+    """What every dual pass over one batch of examples reads: its input set, the bounds
+    computed so far and their rounding allowance (:meth:`take` selects some examples)."""
+
+    input_set: InputSet
+    bounds: dict[Value, Bounds]
+    rounding: RoundingAllowance
+    per_row: bool = False  # add each dual step's rounding allowance to the rows' offsets
+
+    def take(self, examples: torch.Tensor, values) -> Batch:
+        """The given examples (an index tensor into the batch), with the bounds of ``values``."""
+        return Batch(self.input_set.take(examples),
+                     {v: self.bounds[v].take(examples) for v in values if v in self.bounds},
+                     self.rounding.take(examples), self.per_row)
+
+
+class BoundMap(dict):
+    """Bounds of one batch keyed by value (what :meth:`BoundScheduler.intermediate_bounds`
+    returns), remembering the :class:`Batch` they were computed in so that ``J`` reuses its
+    rounding analysis."""
+
+    batch: Batch | None = None
 
 
 class BoundScheduler:
@@ -142,15 +175,24 @@ class BoundScheduler:
 
     # ---- public API ---------------------------------------------------------------------
     def intermediate_bounds(self, input_set: InputSet) -> dict[Value, Bounds]:
-        """Bounds of every value that feeds a nonlinear op, in topological order."""
-        bounds: dict[Value, Bounds] = {}
-        if self.bound_targets and self.config.proj is not None:
-            return self._projections().bounds(self.graph, self.bound_targets, input_set, bounds)
-        if self.bound_targets and self.uses_forward:
-            return ForwardBounds(self.graph, self.config).bounds(self.bound_targets, input_set, bounds)
-        for v in self.bound_targets:
-            bounds[v] = self.value_bounds(v, input_set, bounds)
-        return bounds
+        """Bounds of every value that feeds a nonlinear op, in topological order, each sound
+        in floating point (:mod:`dualgraph.rounding`) before anything uses it."""
+        bounds = BoundMap()
+        batch = bounds.batch = self.batch(input_set, bounds)
+        with full_precision_matmul(input_set.center.device):
+            if self.bound_targets and self.config.proj is not None:
+                return self._projections().bounds(self.graph, self.bound_targets, input_set, batch.bounds,
+                                                  batch.rounding.widen_forward)
+            if self.bound_targets and self.uses_forward:
+                return ForwardBounds(self.graph, self.config).bounds(self.bound_targets, input_set, batch.bounds,
+                                                                     batch.rounding.widen_forward)
+            for v in self.bound_targets:
+                batch.bounds[v] = batch.rounding.widen(v, self.value_bounds(v, batch))
+        return batch.bounds
+
+    def batch(self, input_set: InputSet, bounds: dict[Value, Bounds]) -> Batch:
+        """The state the passes over one batch share (bounds are filled in as computed)."""
+        return Batch(input_set, bounds, RoundingAllowance(self.graph, input_set, bounds, self.config))
 
     def _projections(self):
         """Random-projection state (generators), created on first use; the network must have
@@ -206,20 +248,20 @@ class BoundScheduler:
             fwd += k * size[n]
         return fwd, bwd
 
-    def value_bounds(self, v: Value, input_set: InputSet, bounds: dict[Value, Bounds]) -> Bounds:
+    def value_bounds(self, v: Value, batch: Batch) -> Bounds:
         """Elementwise bounds of ``v`` (``[B, *unit_shape]``) given bounds of earlier values."""
         dual = self.dual(v)
         n = v.numel
-        batch = input_set.center.shape[0]
+        size = batch.input_set.center.shape[0]
         linear = all(d.meta["rule"].linear(d.meta["primal"], self.config) for d in dual.nodes if "rule" in d.meta)
         widest = max([int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
                       if val.shape is not None and len(val.shape) > 2] + [n])
-        chunk = max(1, self.config.max_elements // (widest * batch * (1 if linear else 2)))
-        like = input_set.center
+        chunk = max(1, self.config.max_elements // (widest * size * (1 if linear else 2)))
+        like = batch.input_set.center
         prune = self.stable_pieces(v) if linear else None
         if self.config.patches and v.producer is not None and patches.conv_geometry(v.producer) is not None:
-            lo, up = self._patch_bounds(dual, input_set, bounds, linear, prune)
-            return Bounds(lo.reshape(batch, *v.unit_shape), up.reshape(batch, *v.unit_shape))
+            lo, up = self._patch_bounds(dual, batch, linear, prune)
+            return Bounds(lo.reshape(size, *v.unit_shape), up.reshape(size, *v.unit_shape))
         lows, ups = [], []
         for start in range(0, n, chunk):
             k = min(chunk, n - start)
@@ -227,13 +269,13 @@ class BoundScheduler:
             rows[0, torch.arange(k), torch.arange(start, start + k)] = 1.0
             rows = rows.view(1, k, *v.unit_shape)
             if linear:
-                lo, up = self.run(dual, rows, input_set, bounds, prune)
+                lo, up = self.run(dual, rows, batch, prune)
             else:
-                lo, _ = self.run(dual, rows, input_set, bounds)
-                up = -self.run(dual, -rows, input_set, bounds)[0]
+                lo, _ = self.run(dual, rows, batch)
+                up = -self.run(dual, -rows, batch)[0]
             lows.append(lo)
             ups.append(up)
-        shape = (batch, *v.unit_shape)
+        shape = (size, *v.unit_shape)
         return Bounds(torch.cat(lows, 1).reshape(shape), torch.cat(ups, 1).reshape(shape))
 
     def stable_pieces(self, v: Value) -> tuple[float, ...] | None:
@@ -253,7 +295,9 @@ class BoundScheduler:
 
     def bound_output(self, input_set: InputSet, spec: torch.Tensor,
                      bounds: dict[Value, Bounds] | None = None) -> torch.Tensor:
-        """Lower bounds ``J`` of ``spec @ f(x')`` over the input set: ``[B, m]``.
+        """Lower bounds ``J`` of ``spec @ f(x')`` over the input set: ``[B, m]``, valid for the
+        network in exact arithmetic and as evaluated in its own precision (each dual step's
+        rounding allowance is included, :mod:`dualgraph.rounding`).
 
         ``spec`` is ``[B or 1, m, n_out]``. Intermediate bounds are computed if not given.
         """
@@ -263,11 +307,15 @@ class BoundScheduler:
             raise DualgraphError(f"specification must have shape [batch, rows, {self.output.numel}], "
                                  f"got {tuple(spec.shape)}")
         rows = spec.to(input_set.center).reshape(spec.shape[0], spec.shape[1], *self.output.unit_shape)
-        lower, _ = self.run(self.dual(self.output), rows, input_set, bounds)
+        batch = getattr(bounds, "batch", None)
+        if batch is None or batch.input_set is not input_set:
+            batch = self.batch(input_set, bounds)
+        with full_precision_matmul(input_set.center.device):
+            lower, _ = self.run(self.dual(self.output), rows, replace(batch, per_row=True))
         return lower
 
     # ---- the interpreter over a dual graph ----------------------------------------------
-    def run(self, dual: Graph, rows: torch.Tensor, input_set: InputSet, bounds: dict[Value, Bounds],
+    def run(self, dual: Graph, rows: torch.Tensor, batch: Batch,
             prune: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``dual`` on ``rows`` (``[b, m, *target_shape]``); returns (lower, upper) ``[B, m]``.
 
@@ -275,20 +323,20 @@ class BoundScheduler:
         With ``prune`` (breakpoints), rows whose cheaper bound lies between two breakpoints
         get that bound instead (see the module docstring).
         """
-        return self._run_from(dual, 0, {dual.inputs[0]: rows}, input_set, bounds, 0.0, 0.0, rows.shape[1], prune)
+        return self._run_from(dual, 0, {dual.inputs[0]: rows}, batch, 0.0, 0.0, rows.shape[1], prune)
 
-    def _run_from(self, dual: Graph, first: int, env: dict, input_set: InputSet, bounds: dict,
+    def _run_from(self, dual: Graph, first: int, env: dict, batch: Batch,
                   lower, upper, m: int, prune=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         for i in range(first, len(dual.nodes)):
             node = dual.nodes[i]
-            if prune is not None and upper is not None and self._can_prune_at(node, env, bounds):
-                return self._pruned(dual, i, env, input_set, bounds, lower, upper, m, prune)
-            step = self.run_node(node, env, input_set, bounds)
+            if prune is not None and upper is not None and self._can_prune_at(node, env, batch.bounds):
+                return self._pruned(dual, i, env, batch, lower, upper, m, prune)
+            step = self.run_node(node, env, batch)
             for v, lam in zip(node.outputs, step.lam_in):
                 env[v] = lam
             lower = lower + step.lower
             upper = None if upper is None or step.upper is None else upper + step.upper
-        like = input_set.center
+        like = batch.input_set.center
         shape = (like.shape[0], m)
         lower = torch.as_tensor(lower, dtype=like.dtype, device=like.device).expand(shape)
         if upper is not None:
@@ -303,7 +351,7 @@ class BoundScheduler:
                 and rule.linear(node.meta["primal"], self.config)
                 and node.meta["primal"].var_inputs[0] in bounds)
 
-    def _pruned(self, dual: Graph, i: int, env: dict, input_set: InputSet, bounds: dict,
+    def _pruned(self, dual: Graph, i: int, env: dict, batch: Batch,
                 lower, upper, m: int, prune: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run dual node ``i`` (an elementwise relaxation), bound the rest of the network by the
         box of its input's bounds, and run to the end only the rows that box leaves open."""
@@ -311,7 +359,7 @@ class BoundScheduler:
         primal, rule = node.meta["primal"], node.meta["rule"]
         (lam,) = env.values()
         env.clear()
-        w = bounds[primal.var_inputs[0]]
+        w = batch.bounds[primal.var_inputs[0]]
         r, linear, absolute = rule.linear_terms(primal, lam, w, self.config)
         lower, upper = lower + linear - absolute, upper + linear + absolute
         slope = r.a_lo
@@ -320,39 +368,33 @@ class BoundScheduler:
 
         def exact(examples, rows):
             lam_in = lam[examples if lam.shape[0] > 1 else 0, rows] * take_examples(slope, examples)
-            sub_set, sub_bounds = self._take_examples(dual, i + 1, input_set, bounds, examples)
-            return self._run_from(dual, i + 1, {node.outputs[0]: lam_in.unsqueeze(1)}, sub_set, sub_bounds,
+            return self._run_from(dual, i + 1, {node.outputs[0]: lam_in.unsqueeze(1)},
+                                  batch.take(examples, _needed_bounds(dual, i + 1)),
                                   _pick(lower, examples, rows), _pick(upper, examples, rows), 1)
 
         def every_row():
             env[node.outputs[0]] = lam * slope.unsqueeze(1)
-            return self._run_from(dual, i + 1, env, input_set, bounds, lower, upper, m)
+            return self._run_from(dual, i + 1, env, batch, lower, upper, m)
 
         return _refine(lower + center - radius, upper + center + radius, prune, exact, every_row)
 
-    def _take_examples(self, dual: Graph, first: int, input_set: InputSet, bounds: dict, examples: torch.Tensor):
-        """The input set and the bounds the dual nodes from ``first`` on need, for ``examples``."""
-        needed = {v for node in dual.nodes[first:] if node.meta.get("rule") is not None
-                  and node.meta["rule"].needs_bounds for v in node.meta["primal"].var_inputs}
-        return input_set.take(examples), {v: bounds[v].take(examples) for v in needed if v in bounds}
-
     # ---- the patch path -------------------------------------------------------------------
-    def _patch_bounds(self, dual: Graph, input_set: InputSet, bounds: dict, linear: bool, prune=None):
+    def _patch_bounds(self, dual: Graph, batch: Batch, linear: bool, prune=None):
         """Bounds of a Conv output through the patch path (see :mod:`dualgraph.patches`)."""
         if linear:
-            return self._run_patches(dual, 1.0, input_set, bounds, prune)
-        lower, _ = self._run_patches(dual, 1.0, input_set, bounds)
-        neg, _ = self._run_patches(dual, -1.0, input_set, bounds)
+            return self._run_patches(dual, 1.0, batch, prune)
+        lower, _ = self._run_patches(dual, 1.0, batch)
+        neg, _ = self._run_patches(dual, -1.0, batch)
         return lower, -neg
 
-    def _run_patches(self, dual: Graph, sign: float, input_set: InputSet, bounds: dict, prune=None):
+    def _run_patches(self, dual: Graph, sign: float, batch: Batch, prune=None):
         first = dual.nodes[0].meta["primal"]
-        p, offset = patches.start(first, sign, input_set.center)
-        return self._patches_from(dual, 1, p, dual.nodes[0].outputs[0], first.inputs[0], input_set, bounds,
+        p, offset = patches.start(first, sign, batch.input_set.center)
+        return self._patches_from(dual, 1, p, dual.nodes[0].outputs[0], first.inputs[0], batch,
                                   offset, offset, prune)
 
     def _patches_from(self, dual: Graph, first: int, p: patches.Patches, current: Value, space: Value,
-                      input_set: InputSet, bounds: dict, lower, upper, prune):
+                      batch: Batch, lower, upper, prune):
         """Continue a pass on patches ``p`` (rows of dual value ``current``, in the unit space
         of primal value ``space``) from dual node ``first``."""
         nodes = dual.nodes
@@ -361,7 +403,7 @@ class BoundScheduler:
             if node.inputs[0] is not current or len(node.inputs) != 1:
                 break  # the dual graph branches here: continue densely
             if node.op_type == "InputSet":
-                center, radius = patches.input_terms(p, input_set)
+                center, radius = patches.input_terms(p, batch.input_set)
                 upper = None if upper is None else upper + center + radius
                 return lower + center - radius, upper
             primal, rule = node.meta["primal"], node.meta["rule"]
@@ -369,9 +411,9 @@ class BoundScheduler:
                 p, off = patches.through_conv(p, primal, self._patch_cache)
                 lower, upper = lower + off, None if upper is None else upper + off
             elif isinstance(rule, ElementwiseRule):
-                w = bounds[primal.var_inputs[0]]
+                w = batch.bounds[primal.var_inputs[0]]
                 if prune is not None and upper is not None and rule.linear(primal, self.config):
-                    return self._pruned_patches(dual, i, p, input_set, bounds, lower, upper, prune)
+                    return self._pruned_patches(dual, i, p, batch, lower, upper, prune)
                 p, lo, up = patches.through_elementwise(p, primal, rule, w, self.config)
                 lower = lower + lo
                 upper = None if upper is None or up is None else upper + up
@@ -382,15 +424,15 @@ class BoundScheduler:
             i = len(nodes)
         rows = p.to_dense(tuple(space.unit_shape))
         if p.rows is not None:  # one row per selected unit: each with its own example's data
-            input_set, bounds = self._take_examples(dual, i, input_set, bounds, p.rows[0])
-        return self._run_from(dual, i, {current: rows}, input_set, bounds, lower, upper, rows.shape[1], prune)
+            batch = batch.take(p.rows[0], _needed_bounds(dual, i))
+        return self._run_from(dual, i, {current: rows}, batch, lower, upper, rows.shape[1], prune)
 
-    def _pruned_patches(self, dual: Graph, i: int, p: patches.Patches, input_set: InputSet, bounds: dict,
+    def _pruned_patches(self, dual: Graph, i: int, p: patches.Patches, batch: Batch,
                         lower, upper, prune: tuple[float, ...]):
         """:meth:`_pruned` on patches: node ``i`` is a linear elementwise relaxation."""
         node = dual.nodes[i]
         primal, rule = node.meta["primal"], node.meta["rule"]
-        w = bounds[primal.var_inputs[0]]
+        w = batch.bounds[primal.var_inputs[0]]
         r = rule.relaxation(primal, w, self.config)
         linear, absolute = patches.relaxation_terms(p, r)
         lower, upper = lower + linear - absolute, upper + linear + absolute
@@ -398,19 +440,28 @@ class BoundScheduler:
 
         def exact(examples, rows):
             q = patches.select(p, r.a_lo, examples, rows)
-            return self._patches_from(dual, i + 1, q, node.outputs[0], primal.inputs[0], input_set, bounds,
+            return self._patches_from(dual, i + 1, q, node.outputs[0], primal.inputs[0], batch,
                                       _pick(lower, examples, rows), _pick(upper, examples, rows), None)
 
         def every_row():
             q = replace(p, data=p.data * p.windows(r.a_lo))
-            return self._patches_from(dual, i + 1, q, node.outputs[0], primal.inputs[0], input_set, bounds,
+            return self._patches_from(dual, i + 1, q, node.outputs[0], primal.inputs[0], batch,
                                       lower, upper, None)
 
         return _refine(lower + center - radius, upper + center + radius, prune, exact, every_row)
 
-    def run_node(self, node: Node, env: dict[Value, torch.Tensor], input_set: InputSet,
-                 bounds: dict[Value, Bounds]) -> DualStep:
+    def run_node(self, node: Node, env: dict[Value, torch.Tensor], batch: Batch) -> DualStep:
+        """One dual step; on the specification rows (``batch.per_row``) its offsets are
+        widened by the step's own rounding allowance."""
         lams = [env.pop(v) if v is not None else None for v in node.inputs]  # consumed: freed
+        step = self._dual_step(node, lams, batch)
+        if not batch.per_row:
+            return step
+        slack = batch.rounding.slack(node, lams)
+        upper = None if step.upper is None else step.upper + slack
+        return DualStep(step.lam_in, step.lower - slack, upper)
+
+    def _dual_step(self, node: Node, lams: list, batch: Batch) -> DualStep:
         kind = node.op_type
         if kind == "Sum":
             total = lams[0]
@@ -419,13 +470,13 @@ class BoundScheduler:
             return DualStep([total], 0.0, 0.0)
         if kind == "InputSet":
             lam = lams[0]
-            center = batched_dot(lam, input_set.center)
-            radius = input_set.support(lam)
+            center = batched_dot(lam, batch.input_set.center)
+            radius = batch.input_set.support(lam)
             return DualStep([], center - radius, center + radius)
         primal: Node = node.meta["primal"]
         rule = node.meta["rule"]
         lam = lams[0] if len(lams) == 1 else _fill_unused(lams, primal)
-        in_bounds = [bounds.get(v) for v in primal.var_inputs] if rule.needs_bounds else []
+        in_bounds = [batch.bounds.get(v) for v in primal.var_inputs] if rule.needs_bounds else []
         if rule.needs_bounds and any(b is None for b in in_bounds):
             raise DualgraphError(f"dual of node '{primal.name}' ({primal.op_type}) needs bounds of its inputs "
                                  "that were not computed")
@@ -468,6 +519,12 @@ def _refine(lower: torch.Tensor, upper: torch.Tensor, breakpoints: tuple[float, 
         return every_row()
     lo, up = exact(examples, rows)
     return lower.index_put((examples, rows), lo[:, 0]), upper.index_put((examples, rows), up[:, 0])
+
+
+def _needed_bounds(dual: Graph, first: int) -> set[Value]:
+    """The primal values whose bounds the dual nodes from ``first`` on read."""
+    return {v for node in dual.nodes[first:] if node.meta.get("rule") is not None
+            and node.meta["rule"].needs_bounds for v in node.meta["primal"].var_inputs}
 
 
 def _pick(offset, examples: torch.Tensor, rows: torch.Tensor):

@@ -67,6 +67,7 @@ def build_dual(graph: Graph, target: Value | None = None) -> Graph:
             node = dual.add_node((DUAL_DOMAIN, "Sum"), parts, name=f"sum:{v.name}",
                                  output_names=[f"lam:{v.name}"])
             node.output.shape = (BATCH, SPEC, *v.unit_shape)
+            node.meta["primal_value"] = v
             lam_of[v] = node.output
 
     for node in reversed(primal_nodes):

@@ -311,8 +311,97 @@ def check_rule(rule: DualRule, n: Node, config, gen: torch.Generator, mode: str,
         assert err.max() <= 0, f"{what}: affine rule is not exact (error {float(err.max()):.3g})"
 
 
+# ---- every bound path through the rule ------------------------------------------------------------
+
+PATH_CONFIGS = (
+    BoundConfig(direction="backward"),                                        # patches, pruned
+    BoundConfig(direction="backward", patches=False, prune_stable=False),     # dense rows, every unit
+    BoundConfig(direction="backward", max_elements=7),                        # small chunks
+    BoundConfig(direction="forward"),                                         # Appendix F (linear rules)
+    BoundConfig(relu_relaxation="crown"),
+)
+
+
+def embed(make: Callable[[], Node], seed: int) -> Graph:
+    """The example node inside a network, so that every bound path runs through its rule:
+
+        x -> per variable slot: Gemm -> Reshape -> Relu -> [the node] -> per output: Relu
+          -> Flatten -> Concat -> Gemm -> Relu -> Gemm
+
+    Each output of the node is a bound target (its dual is the first dual step, on patches
+    for a Conv); the last hidden layer's bounds and ``J`` are computed through it."""
+    template = make()
+    gen = torch.Generator().manual_seed(seed)
+    g = Graph(f"paths_{template.op_type}")
+    x = g.add_input("x", (5,), DTYPE)
+    chains: list = []
+    for k, v in enumerate(template.inputs):
+        if v is None or v.is_const:
+            chains.append(None if v is None else g.add_const(f"c{k}", v.const))
+            continue
+        same = next((chains[j] for j, w in enumerate(template.inputs[:k]) if w is v), None)
+        if same is not None:
+            chains.append(same)
+            continue
+        n = v.numel
+        w = g.add_const(f"w{k}", torch.randn(n, 5, generator=gen, dtype=DTYPE))
+        bias = g.add_const(f"b{k}", torch.randn(n, generator=gen, dtype=DTYPE) * 0.5)
+        h = g.add_node("Gemm", [x, w, bias], {"transB": 1}, name=f"in{k}").output
+        h = g.add_node("Reshape", [h, g.add_const(f"s{k}", torch.tensor([0, *v.unit_shape]))], name=f"shape{k}").output
+        chains.append(g.add_node("Relu", [h], name=f"act{k}").output)
+    under = g.add_node(template.op, chains, dict(template.attrs), name="under_test", n_outputs=len(template.outputs))
+    flat = []
+    for i, out in enumerate(under.outputs):
+        r = g.add_node("Relu", [out], name=f"after{i}").output
+        flat.append(g.add_node("Flatten", [r], {"axis": 1}, name=f"flat{i}").output)
+    h = flat[0] if len(flat) == 1 else g.add_node("Concat", flat, {"axis": 1}, name="cat").output
+    infer_shapes(g, DTYPE)
+    n = h.numel
+    w1 = g.add_const("head_w1", torch.randn(4, n, generator=gen, dtype=DTYPE) / n ** 0.5)
+    w2 = g.add_const("head_w2", torch.randn(2, 4, generator=gen, dtype=DTYPE))
+    h = g.add_node("Gemm", [h, w1], {"transB": 1}, name="head1").output
+    h = g.add_node("Relu", [h], name="head_act").output
+    g.outputs = [g.add_node("Gemm", [h, w2], {"transB": 1}, name="head2").output]
+    infer_shapes(g, DTYPE)
+    return g
+
+
+def check_paths(make: Callable[[], Node], seed: int = 0) -> None:
+    """Intermediate bounds and ``J`` through the node, on every path, below/above sampled values."""
+    from dualgraph.forward import forward_supported
+    from dualgraph.input_sets import linf_ball
+    from dualgraph.interpreter import Interpreter
+
+    graph = embed(make, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    centre = torch.randn(B, 5, generator=gen, dtype=DTYPE)
+    box = linf_ball(centre, 0.4)
+    pts = torch.cat([box.sample(300, gen), torch.where(torch.rand(100, B, 5, generator=gen) < 0.5, box.hi, box.lo)])
+    interp = Interpreter(graph)
+    env = {graph.inputs[0]: pts.reshape(-1, 5)}
+    for node_ in graph.nodes:
+        for v, t in zip(node_.outputs, interp.run_node(node_, env, env[graph.inputs[0]])):
+            env[v] = t
+    spec = torch.randn(1, 3, 2, generator=gen, dtype=DTYPE)
+    reached = (env[graph.outputs[0]].reshape(len(pts), B, 1, 2) * spec).sum(-1).amin(0)
+    for config in PATH_CONFIGS:
+        if config.direction == "forward" and not forward_supported(graph, graph.nodes, config):
+            continue
+        sched = BoundScheduler(graph, build_dual, config)
+        what = f"example {make.desc}, {config}"
+        bounds = sched.intermediate_bounds(box)
+        for v, b in bounds.items():
+            val = env[v].reshape(len(pts), B, *v.unit_shape)
+            slack = 1e-9 * (1 + val.abs())
+            assert (b.lower <= val + slack).all() and (b.upper >= val - slack).all(), \
+                f"{what}: sampled value of '{v.name}' outside its bounds"
+        J = sched.bound_output(box, spec, bounds)
+        assert (J <= reached + 1e-9 * (1 + reached.abs())).all(), f"{what}: J above a sampled value"
+
+
 def check_op(op, factories=None) -> None:
-    """Every example of ``op`` under every bound mode, both configs, shared and per-example rows."""
+    """Every example of ``op`` under every bound mode, both configs, shared and per-example rows,
+    and inside a network through every bound path."""
     rule = DUAL_RULES[op]
     factories = factories if factories is not None else EXAMPLES.get(op)
     if not factories:
@@ -330,6 +419,8 @@ def check_op(op, factories=None) -> None:
                     check_rule(rule, n, config, gen, mode, b_rows, exact=isinstance(rule, AffineRule))
                 except AssertionError as exc:
                     raise AssertionError(f"example {make.desc}: {exc}") from None
+        if all(v.is_const or v.shape is not None for v in n.inputs if v is not None):
+            check_paths(make)
 
 
 @pytest.mark.parametrize("op", sorted(DUAL_RULES), ids=lambda op: ".".join(filter(None, op)))

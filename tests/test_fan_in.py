@@ -64,8 +64,8 @@ def test_split_output_used_twice_by_one_node_keeps_its_branch(tmp_path, directio
     box = Box(torch.tensor([[0.0, 0.5]], dtype=torch.float64), torch.tensor([[1.0, 1.0]], dtype=torch.float64))
     J = sched.bound_output(box, torch.eye(2, dtype=torch.float64)[None])
     # y1 = -2 b reaches -2 at b = 1: the bound must be at most that (it is exact here)
-    assert J[0, 1] <= -2.0 + 1e-9 and J[0, 1] > -2.0 - 1e-6, J
-    assert abs(J[0, 0]) < 1e-9
+    assert J[0, 1] <= -2.0 and J[0, 1] > -2.0 - 1e-5, J  # float32 model: a rounding allowance
+    assert -1e-5 < J[0, 0] <= 0.0
 
 
 def test_verify_finds_the_counterexample_the_old_builder_hid(tmp_path):

@@ -5,7 +5,9 @@ images the reference implementation (convex-adversarial 0.4.4, the paper's code;
 bounds, float32) certifies and its smallest margin bound, for the 3-stage cascade's first
 model at eps 0.3 (L∞ ∩ [0,1]) and the Wong & Kolter 2017 model at eps 0.1 (with and
 without the pixel box). Same relaxation, so the certified sets must agree image by image
-and the margins to float32 tolerance. Needs ../shared (models and MNIST).
+and the margins to float32 tolerance -- without the rounding allowance, which the
+reference does not have; with it (the default) certificates are a subset and margins are
+lower by at most the allowance. Needs ../shared (models and MNIST).
 """
 
 from __future__ import annotations
@@ -38,34 +40,42 @@ def test_certified_set_matches_reference(case, mnist, shared_dir):
     path = shared_dir / "paper_models" / f"{ref['model']}.onnx"
     if not path.exists():
         pytest.skip(f"{path} not found: the authors' released models live in ../shared/paper_models")
-    cert = Certifier(load_model(path))
+    graph = load_model(path)
     x, y = mnist.images[:SLICE], mnist.labels[:SLICE]
     clip = (0.0, 1.0) if ref["clip"] else None
-    certified, margins = [], []
-    for i in range(0, SLICE, 50):
-        r = cert.certify(x[i:i + 50], y[i:i + 50], ref["eps"], clip=clip)
-        certified.append(r.certified)
-        margins.append(r.margins.min(1).values)
-    ours = torch.cat(certified)
+    results = {}
+    for allowance in (False, True):
+        cert = Certifier(graph, BoundConfig(rounding_allowance=allowance))
+        batches = [cert.certify(x[i:i + 50], y[i:i + 50], ref["eps"], clip=clip) for i in range(0, SLICE, 50)]
+        results[allowance] = (torch.cat([r.certified for r in batches]),
+                              torch.cat([r.margins.min(1).values for r in batches]))
+    ours, margins = results[False]
     expected = torch.tensor([c == "1" for c in ref["certified"][:SLICE]])
     assert torch.equal(ours, expected), f"images certified differently: {torch.nonzero(ours != expected).flatten().tolist()}"
     ref_min = torch.tensor(ref["min_margin"][:SLICE])
-    assert torch.allclose(torch.cat(margins), ref_min, atol=2e-4, rtol=1e-4)
+    assert torch.allclose(margins, ref_min, atol=2e-4, rtol=1e-4)
+    # the sound default: a subset, margins lower by the allowance (small next to the margins)
+    sound, sound_margins = results[True]
+    assert not (sound & ~ours).any()
+    assert (sound_margins <= margins).all()
+    assert (margins - sound_margins).max() < 0.05 * (1 + margins.abs().max())
 
 
 def test_directions_and_patches_agree_on_the_paper_model(mnist, shared_dir):
     """Backward with patches, backward dense and forward (Appendix F) give the same bounds;
-    pruning stable units (the default) changes no crossing unit's bound and no margin."""
+    pruning stable units (the default) changes no crossing unit's bound and no margin.
+    (Compared without the rounding allowance, whose size each path bounds its own way.)"""
     path = shared_dir / "paper_models" / "mnist_small_0_3_stage0.onnx"
     if not path.exists():
         pytest.skip(f"{path} not found: the authors' released models live in ../shared/paper_models")
     graph = load_model(path)
     x, y = mnist.images[:3].double(), mnist.labels[:3]
     results, margins = [], []
-    for cfg in (BoundConfig(direction="backward", prune_stable=False),
-                BoundConfig(direction="backward", patches=False, prune_stable=False),
-                BoundConfig(direction="forward"),
-                BoundConfig(direction="backward"), BoundConfig(direction="backward", patches=False)):
+    raw = dict(rounding_allowance=False)
+    for cfg in (BoundConfig(direction="backward", prune_stable=False, **raw),
+                BoundConfig(direction="backward", patches=False, prune_stable=False, **raw),
+                BoundConfig(direction="forward", **raw),
+                BoundConfig(direction="backward", **raw), BoundConfig(direction="backward", patches=False, **raw)):
         cert = Certifier(graph, cfg, dtype=torch.float64)
         input_set = cert.input_set(x, 0.3, clip=(0.0, 1.0))
         results.append(cert.intermediate_bounds(input_set))

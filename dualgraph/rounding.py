@@ -1,0 +1,324 @@
+"""Floating-point soundness: a rigorous rounding-error allowance for every bound.
+
+A certificate must hold for the network **in exact arithmetic and as it is evaluated in
+its own precision** (float32 for float32 weights), while the bounds themselves are
+computed in floating point (float32 by default). One argument covers both.
+
+*The family of networks.* Node ``k`` computes ``y = A_k z + b_k`` (affine) or ``y = f(z)``
+(an activation). Evaluated with unit roundoff ``u_e`` it returns ``y + eta_k`` with
+``|eta_k| <= gamma(n_e, u_e) T_k``: ``T_k = |A_k| m_z + |b_k|`` bounds the magnitudes of
+the terms summed (``m_z >= |z|``), ``n_e`` is the most nonzero terms of one sum of its
+evaluation and ``gamma(n, u) = n u / (1 - n u)`` (Higham, *Accuracy and Stability of
+Numerical Algorithms*, Section 3.1, valid for any summation order, with or without FMA;
+zero terms add no error, so ``n`` counts nonzero ones). Bounds valid for every "exact
+network plus any ``|eta_k| <= eta_max_k`` at every node" hold for the exact network
+(``eta = 0``) and for the evaluated one. ``m_v >= |v|`` over this family is propagated
+forward (``m_out = |A| m + |b| + eta_max``; through an activation, its relaxation lines at
+the ends of ``[l, u]``), and replaced by the value's own bounds where those are smaller.
+
+*A dual step in floating point* (the final bound ``J``; :meth:`RoundingAllowance.slack`).
+An affine step computes ``lam_in = A^T lam`` (sums of ``n_d`` products) and the offset
+``lam . b``. For the dual variables ``lam`` *as computed*, ``lam . y = (A^T lam) . z +
+lam . b + lam . eta``, and the rounding ``e`` of ``A^T lam`` changes the bound by at most
+``|e| . m_z <= gamma(n_d) |lam| . |A| m_z``. So the bound computed from the computed
+``lam`` is valid after subtracting ``|lam| . W_k`` with
+
+    W_k = (gamma(n_d + L, u_c) + gamma(n_e, u_e)) T_k
+
+(``L`` terms add up to ``J``: their rounding is folded into ``n_d + L``). The input term
+and the sums at fan-outs get the same treatment. This uses the actual ``|lam|``: tight.
+
+*Activations* are folded into their relaxation: after the bounds ``[l, u]`` of a value
+are final, the offsets of each relaxation that reads it are moved outward by
+``(gamma(n_o + 8 + L, u_c) + gamma(n_e, u_e)) (|a| m + |b_lo| + |b_up|)`` on every unit
+whose slope is not exactly 0 or 1 or whose offsets are nonzero (a stable ReLU unit is
+exact). That covers the products ``a * lam``, the offset dot products (``n_o`` units with
+an offset), the rounding of the relaxation's own slope and offsets, and the activation's
+evaluation, on every bound path at once.
+
+*Intermediate bounds* (one row per unit: per-row allowances would cost as much as the
+bounds). The dual variable of a bound on ``c . v`` is ``lam_k = M_{v<-k}^T c``, ``M`` the
+product of the linear maps from node ``k`` to ``v``, so ``|lam_k| <= |M_{v<-k}|^T |c|`` and
+``sum_k |lam_k| . W_k <= |c| . eps_v`` with ``eps_v = sum_k |M_{v<-k}| W_k``: one vector per
+value, propagated forward with absolute weights (``eps_out = |A| eps_in + W``; rule
+:meth:`DualRule.abs_linear`) plus the dual's sums at fan-outs and the dot products of the
+pruning box. Every intermediate bound is widened by ``eps_v`` before anything uses it.
+The forward path (Appendix F) pushes columns instead of rows; its ``eps`` uses the
+magnitudes of the linearised network it evaluates and the final reduction over columns
+(:meth:`RoundingAllowance.widen_forward`).
+
+``SAFETY = 1.01`` covers the rounding of the allowance itself and the second-order
+difference between computed and exact dual variables (each ``n u`` is kept below
+0.005). The input box is rounded outward when it is formed
+(:func:`dualgraph.input_sets.outward`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator
+
+import torch
+
+from .dual_registry import AffineRule, Bounds, ElementwiseRule, Relaxation, dual_rule, naming_node
+from .errors import InternalError
+from .input_sets import InputSet
+from .ir import Graph, Value
+from .linalg import batched_dot, take_examples
+
+SAFETY = 1.01
+"""Covers the rounding of the allowance's own arithmetic and second-order terms (see the
+module docstring; :func:`gamma` refuses ``n u >= 0.005``)."""
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u = eps / 2`` of a floating-point dtype (2^-24 for float32, 2^-53 for float64)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(n: int, u: float) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: the relative error bound of a sum of ``n`` products."""
+    nu = n * u
+    if nu >= 0.005:
+        raise InternalError(f"sums of {n} terms are too long for a rounding analysis at unit roundoff {u:g}")
+    return nu / (1 - nu)
+
+
+class RoundingAllowance:
+    """The rounding allowance of ``graph``'s bounds on one input set (module docstring).
+
+    ``bounds`` is the scheduler's bounds dictionary, filled as bounds are computed: the
+    analysis of a node reads the bounds of its inputs, which the scheduler's topological
+    order has finalised (through :meth:`widen`) before any later bound needs them.
+    Results are memoised per node and value; :meth:`take` gives a view of some examples.
+    """
+
+    def __init__(self, graph: Graph, input_set: InputSet, bounds: dict[Value, Bounds], config) -> None:
+        self.graph, self.bounds, self.config = graph, bounds, config
+        self.enabled = getattr(config, "rounding_allowance", True)
+        self.u_c = unit_roundoff(input_set.center.dtype)
+        self.u_e = max(unit_roundoff(graph.inputs[0].dtype), self.u_c)
+        self.terms = len(graph.nodes) + 4  # L: one offset per dual node, the input term, the allowance
+        self._pick = lambda t: t
+        self._m: dict[Value, torch.Tensor] = {}      # |v| over the family
+        self._eps: dict[Value, torch.Tensor] = {}    # eps_v of the backward paths
+        self._w: dict = {}                           # node -> W per output (None: exact step)
+        self._m_lin: dict[Value, torch.Tensor] = {}  # |v| over the linearised network (forward path)
+        self._eps_fwd: dict[Value, torch.Tensor] = {}
+        self._noise: dict = {}                       # node -> (gamma of its evaluation, T per output)
+        x = graph.inputs[0]
+        lo, hi = (t.detach() for t in input_set.bounding_box())
+        self._columns = x.numel  # columns the forward path reduces at a bounded value (grows per activation)
+        self._m[x] = self._m_lin[x] = torch.maximum(lo.abs(), hi.abs())
+        # the input term lam.c - rho(lam): dot products over the input's units
+        self._w_input = SAFETY * gamma(x.numel + self.terms, self.u_c) * (input_set.center.detach().abs()
+                                                                          + (hi - lo) / 2)
+        self._eps[x] = self._eps_fwd[x] = self._w_input
+
+    # ---- the final bound: one allowance per row and dual step ------------------------------------
+    def slack(self, dual_node, lams: list) -> torch.Tensor | float:
+        """``sum_o |lam_o| . W_o`` for the dual variables ``lams`` at the outputs of the primal
+        node behind ``dual_node`` (a fan-out ``Sum``: at the summed value; ``InputSet``: at the
+        input), ``[B, m]``: subtract from the step's lower offset, add to its upper one."""
+        if not self.enabled:
+            return 0.0
+        kind = dual_node.op_type
+        if kind == "Sum":
+            weights = [self._fanout_weight(dual_node.meta["primal_value"])] * len(lams)
+        elif kind == "InputSet":
+            weights = [self._pick(self._w_input)]
+        else:
+            weights = self._weights(dual_node.meta["primal"])
+        total: torch.Tensor | float = 0.0
+        for lam, w in zip(lams, weights):
+            if lam is not None and w is not None:
+                total = total + batched_dot(lam.detach().abs(), w.to(lam.dtype))
+        return total
+
+    def take(self, examples: torch.Tensor) -> RoundingAllowance:
+        """A view of the given examples (an index tensor into the batch) sharing the memos."""
+        view = copy.copy(self)
+        outer = self._pick
+        view._pick = lambda t: take_examples(outer(t), examples)
+        return view
+
+    # ---- intermediate bounds: one vector per value ------------------------------------------------
+    def widen(self, v: Value, b: Bounds) -> Bounds:
+        """Raw bounds of ``v`` from a backward path, widened by ``eps_v``; the relaxations
+        that read ``v`` are rounded outward on them. A new Bounds (gradients flow through ``b``)."""
+        if not self.enabled:
+            return b
+        self._compute(v)
+        return self._finish(v, b, self._eps[v])
+
+    def widen_forward(self, v: Value, b: Bounds) -> Bounds:
+        """:meth:`widen` for bounds formed by the forward path (its own ``eps`` and the final
+        reduction over the pushed columns)."""
+        if not self.enabled:
+            return b
+        self._compute_forward(v)
+        reduce = SAFETY * gamma(self._columns + self.terms, self.u_c) * self._m_lin[v]
+        return self._finish(v, b, self._eps_fwd[v] + reduce)
+
+    def _finish(self, v: Value, b: Bounds, eps: torch.Tensor) -> Bounds:
+        e = self._pick(eps).to(b.lower.dtype)
+        out = Bounds(b.lower - e, b.upper + e)
+        for node in dict.fromkeys(v.users):  # each consumer once
+            rule = dual_rule(node)
+            if isinstance(rule, ElementwiseRule):
+                rule.set_relaxation(node, out, self.config, self._outward(node, rule, out))
+        return out
+
+    def _outward(self, node, rule: ElementwiseRule, b: Bounds) -> Relaxation:
+        """The relaxation of ``node`` on ``b`` with its offsets moved out by its rounding."""
+        r = rule.relaxation(node, b, self.config)
+        like = r.a_lo
+        b_lo, b_up = (torch.as_tensor(t, dtype=like.dtype, device=like.device) for t in (r.b_lo, r.b_up))
+        a = torch.maximum(r.a_lo.abs(), r.a_up.abs()).detach()
+        rounds = ((r.a_lo != 0) & (r.a_lo != 1)) | ((r.a_up != 0) & (r.a_up != 1)) | (b_lo != 0) | (b_up != 0)
+        with naming_node(node, "rounding analysis"):
+            n_off, n_eval = rule.dual_length(node, [b], self.config), rule.eval_length(node, [b], self.config)
+        coef = SAFETY * (gamma(n_off + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e))
+        m = torch.maximum(b.lower.abs(), b.upper.abs()).detach()
+        delta = torch.where(rounds, coef * (a * m + b_lo.detach().abs() + b_up.detach().abs()), 0.0)
+        return Relaxation(r.a_lo, b_lo - delta, r.a_up, b_up + delta)
+
+    # ---- the forward passes over magnitudes -------------------------------------------------------
+    # Not under no_grad: a relaxation computed here is cached on its bounds and reused by the
+    # dual pass, which must see its graph when gradients are wanted. Results are detached.
+    def _compute(self, v: Value) -> None:
+        if v not in self._eps:
+            for node in self._pending_producers(v, self._eps):
+                self._run_node(node)
+
+    def _compute_forward(self, v: Value) -> None:
+        self._compute(v)
+        if v not in self._eps_fwd:
+            for node in self._pending_producers(v, self._eps_fwd):
+                self._run_node_forward(node)
+
+    def _pending_producers(self, v: Value, done: dict) -> list:
+        """Producers of ``v`` and of its ancestors not yet in ``done``, in topological order."""
+        order: list = []
+        seen: set = set()
+        stack = [v]
+        while stack:
+            w = stack.pop()
+            node = w.producer
+            if w in done or node is None or node in seen:
+                continue
+            seen.add(node)
+            order.append(node)
+            stack.extend(i for i in node.var_inputs if i not in done)
+        position = {n: i for i, n in enumerate(self.graph.nodes)}
+        return sorted(order, key=position.__getitem__)
+
+    def _weights(self, node) -> list[torch.Tensor | None]:
+        if node not in self._w:
+            self._compute(node.outputs[0])
+        return [None if w is None else self._pick(w) for w in self._w[node]]
+
+    def _fanout_weight(self, v: Value) -> torch.Tensor:
+        """The rounding of the dual's sum over the consumers of ``v``, ``[B, *unit]``."""
+        self._compute(v)
+        return self._pick(SAFETY * gamma(len(v.users), self.u_c) * self._magnitude(v))
+
+    def _magnitude(self, v: Value) -> torch.Tensor:
+        """``m_v``, tightened by the value's own (sound, hence family-wide) bounds if it has them."""
+        b = self.bounds.get(v)
+        if b is None:
+            return self._m[v]
+        return torch.minimum(self._m[v], torch.maximum(b.lower.abs(), b.upper.abs()).detach())
+
+    def _inputs(self, node):
+        rule = dual_rule(node)
+        ins = node.var_inputs
+        if not ins:
+            raise InternalError(f"node '{node.name}' has no variable input but produces a variable value")
+        in_bounds = [self.bounds.get(v) for v in ins] if rule.needs_bounds else []
+        if any(b is None for b in in_bounds):
+            raise InternalError(f"rounding allowance of node '{node.name}' asked before its input bounds exist")
+        return rule, ins, in_bounds
+
+    def _run_node(self, node) -> None:
+        """``m``, ``W`` and ``eps`` of the node's outputs (what the backward paths need)."""
+        rule, ins, in_bounds = self._inputs(node)
+        cfg = self.config
+        m_in = [self._magnitude(v) for v in ins]
+        folded = isinstance(rule, ElementwiseRule)  # its rounding is in the (outward) relaxation
+        with naming_node(node, "rounding analysis"):
+            n_eval = 0 if folded else rule.eval_length(node, in_bounds, cfg)
+            n_dual = 0 if folded else rule.dual_length(node, in_bounds, cfg)
+            spread, carried = _abs_pair(rule, node, m_in, [self._eps[v] for v in ins], in_bounds, cfg)
+            terms = _add(spread, _detach(rule.constant_magnitude(node, m_in, in_bounds, cfg)))
+            m_out = _detach(rule.output_magnitude(node, m_in, in_bounds, cfg, terms))
+            prunable = rule.breakpoints(node) is not None
+        evaluation = gamma(n_eval, self.u_e)                               # the network's own rounding
+        dual = gamma(n_dual + self.terms, self.u_c) if n_dual else 0.0     # this dual step's rounding
+        box = gamma(node.output.numel + self.terms, self.u_c) if prunable else 0.0  # the pruning box's dots
+        self._noise[node] = (evaluation, terms)
+        weights = []
+        for out, t, s, m, e in zip(node.outputs, terms, spread, m_out, carried):
+            self._m[out] = m + evaluation * t
+            w = SAFETY * (dual + evaluation) * t if dual or evaluation else None
+            weights.append(w)
+            eps = e if w is None else e + w
+            if box:
+                eps = eps + SAFETY * box * s
+            if len(out.users) > 1:  # the dual sums the contributions of the consumers
+                eps = eps + SAFETY * gamma(len(out.users), self.u_c) * self._m[out]
+            self._eps[out] = eps
+        self._w[node] = weights
+
+    def _run_node_forward(self, node) -> None:
+        """``eps_fwd = |A| eps_in + (rounding of the columns pushed through node) + noise``."""
+        rule, ins, in_bounds = self._inputs(node)
+        cfg = self.config
+        lin_in = [self._m_lin[v] for v in ins]
+        with naming_node(node, "rounding analysis"):
+            n_eval = rule.eval_length(node, in_bounds, cfg)
+            spread, carried = _abs_pair(rule, node, lin_in, [self._eps_fwd[v] for v in ins], in_bounds, cfg)
+            terms_lin = _add(spread, _detach(rule.constant_magnitude(node, lin_in, in_bounds, cfg)))
+        forward = gamma(n_eval + 2 + self.terms, self.u_c)  # columns pushed through the node
+        evaluation, terms = self._noise[node]
+        for out, t, t_lin, e in zip(node.outputs, terms, terms_lin, carried):
+            noise = evaluation * t
+            self._m_lin[out] = t_lin + noise
+            self._eps_fwd[out] = e + SAFETY * (forward * t_lin + noise)
+        if rule.needs_bounds:
+            self._columns += node.output.numel  # the forward path may add a gap column per unit
+
+
+def _abs_pair(rule, node, xs: list, ys: list, bounds, config) -> tuple[list, list]:
+    """``rule.abs_linear`` of two sets of inputs, in one evaluation for affine ops (whose
+    ``|A|`` does not depend on the examples: the two are stacked along the batch)."""
+    if isinstance(rule, AffineRule):
+        n = xs[0].shape[0]
+        both = _detach(rule.abs_linear(node, [torch.cat([x, y]) for x, y in zip(xs, ys)], bounds, config))
+        return [t[:n] for t in both], [t[n:] for t in both]
+    return (_detach(rule.abs_linear(node, xs, bounds, config)), _detach(rule.abs_linear(node, ys, bounds, config)))
+
+
+def _add(a: list, b: list) -> list:
+    return [x + y for x, y in zip(a, b)]
+
+
+def _detach(ts: list) -> list:
+    return [t.detach() if torch.is_tensor(t) else t for t in ts]
+
+
+@contextlib.contextmanager
+def full_precision_matmul(device: torch.device) -> Iterator[None]:
+    """No TF32 in matrix products and cuDNN convolutions on CUDA while bounds are computed
+    (TF32 keeps 10 mantissa bits: the allowance assumes IEEE float32)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

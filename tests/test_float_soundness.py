@@ -1,0 +1,193 @@
+"""Certificates hold in floating point: for the network in exact arithmetic and as it is
+evaluated in float32 (torch and onnxruntime), whatever precision the bounds run in.
+
+Adversarial constructions (the audit's): ReLU networks with first-layer weights around 1e4,
+a dyadic eps (``2^-k``), margins within 1e-4 of zero and pre-activations exactly zero at
+the centre. The network is evaluated **exactly** (rational arithmetic on the float32
+weights, :class:`fractions.Fraction`) at every vertex of the input box, and in float32 at
+those vertices rounded into the box; every lower bound must be at most all of them, and a
+"certified" must mean every one of them is positive. Without the rounding allowance
+(:mod:`dualgraph.rounding`) float32 bounds certify such networks although a vertex
+violates the margin.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from fractions import Fraction
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from dualgraph.api import Certifier, load_model, margin_spec
+from dualgraph.input_sets import linf_ball
+from dualgraph.scheduler import BoundConfig
+
+SETTINGS = dict(derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class Net:
+    """``y = W2 relu(W1 x + b1) + b2`` with float32 weights, and its exact evaluation."""
+
+    def __init__(self, W1, b1, W2, b2):
+        self.W1, self.b1, self.W2, self.b2 = (np.asarray(t, dtype=np.float32) for t in (W1, b1, W2, b2))
+        self.exact = [[[Fraction(float(v)) for v in row] for row in W] for W in (self.W1, self.W2)]
+        self.exact_b = [[Fraction(float(v)) for v in b] for b in (self.b1, self.b2)]
+
+    def pre_exact(self, x: list[Fraction]) -> list[Fraction]:
+        return [sum((w * xi for w, xi in zip(row, x)), Fraction(0)) + b
+                for row, b in zip(self.exact[0], self.exact_b[0])]
+
+    def out_exact(self, x: list[Fraction]) -> list[Fraction]:
+        h = [max(z, Fraction(0)) for z in self.pre_exact(x)]
+        return [sum((w * hi for w, hi in zip(row, h)), Fraction(0)) + b
+                for row, b in zip(self.exact[1], self.exact_b[1])]
+
+    def onnx(self, path) -> str:
+        inits = [numpy_helper.from_array(t, n) for t, n in
+                 ((self.W1, "W1"), (self.b1, "b1"), (self.W2, "W2"), (self.b2, "b2"))]
+        nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["z"], transB=1), helper.make_node("Relu", ["z"], ["h"]),
+                 helper.make_node("Gemm", ["h", "W2", "b2"], ["y"], transB=1)]
+        n_in, n_out = self.W1.shape[1], self.W2.shape[0]
+        graph = helper.make_graph(nodes, "adversarial", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_out])], inits)
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        return str(path)
+
+
+def adversarial_net(rng: random.Random, n_in: int, hidden: int, centre: np.ndarray, eps: float,
+                    margin: float, zero_units: int) -> Net:
+    """Weights ~1e4 in the first layer; ``zero_units`` hidden units have pre-activation exactly
+    0 at the centre (their bias is the negated centre value, when that is exact in float32),
+    the rest are active with room to spare; the output bias puts the exact minimum of
+    ``y0 - y1`` over the box vertices at ``margin``."""
+    W1 = np.array([[rng.uniform(-1, 1) * 1e4 for _ in range(n_in)] for _ in range(hidden)], dtype=np.float32)
+    pre = [sum(Fraction(float(w)) * Fraction(float(c)) for w, c in zip(row, centre)) for row in W1]
+    spread = [sum(abs(Fraction(float(w))) for w in row) * Fraction(eps) for row in W1]
+    b1 = np.zeros(hidden, dtype=np.float32)
+    for j in range(hidden):
+        if j < zero_units and float(np.float32(-pre[j])) == -pre[j]:
+            b1[j] = np.float32(-pre[j])                       # exactly zero at the centre
+        else:
+            b1[j] = np.float32(-pre[j] + 2 * spread[j] + 1)  # stably active on the box
+    W2 = np.array([[rng.uniform(-1, 1) for _ in range(hidden)] for _ in range(2)], dtype=np.float32)
+    net = Net(W1, b1, W2, np.zeros(2, dtype=np.float32))
+    worst = min(m[0] - m[1] for m in (net.out_exact(v) for v in vertices(centre, eps)))
+    net.b2 = np.array([np.float32(float(margin - worst)), 0.0], dtype=np.float32)
+    net.exact_b[1] = [Fraction(float(v)) for v in net.b2]
+    return net
+
+
+def vertices(centre: np.ndarray, eps: float) -> list[list[Fraction]]:
+    c = [Fraction(float(v)) for v in centre]
+    e = Fraction(eps)
+    return [[ci + s * e for ci, s in zip(c, signs)] for signs in itertools.product((-1, 1), repeat=len(c))]
+
+
+def float32_into_box(points: list[list[Fraction]], centre: np.ndarray, eps: float) -> np.ndarray:
+    """The vertices as float32 inputs inside the real box (rounded towards the centre)."""
+    out = np.empty((len(points), len(centre)), dtype=np.float32)
+    lo = [Fraction(float(c)) - Fraction(eps) for c in centre]
+    hi = [Fraction(float(c)) + Fraction(eps) for c in centre]
+    for i, p in enumerate(points):
+        for j, v in enumerate(p):
+            f = np.float32(float(v))
+            if Fraction(float(f)) < lo[j]:
+                f = np.nextafter(f, np.float32(np.inf))
+            elif Fraction(float(f)) > hi[j]:
+                f = np.nextafter(f, np.float32(-np.inf))
+            out[i, j] = f
+    return out
+
+
+def check_net(net: Net, centre: np.ndarray, eps: float, tmp_path) -> dict:
+    """Every bound and certificate against exact and float32 values at the vertices."""
+    path = net.onnx(tmp_path / "net.onnx")
+    points = vertices(centre, eps)
+    exact_margin = [float(m[0] - m[1]) for m in (net.out_exact(v) for v in points)]
+    exact_pre = np.array([[float(z) for z in net.pre_exact(v)] for v in points])
+    x32 = float32_into_box(points, centre, eps)
+    y_ort = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x32})[0]
+    graph = load_model(path)
+    y_torch = Certifier(graph).forward(torch.from_numpy(x32)).numpy()
+    f32_margin = np.minimum(y_ort[:, 0] - y_ort[:, 1], y_torch[:, 0] - y_torch[:, 1]).astype(np.float64)
+    lowest = min(min(exact_margin), float(f32_margin.min()))
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        for relaxation in ("paper", "crown"):
+            cert = Certifier(graph, BoundConfig(relu_relaxation=relaxation), dtype=dtype)
+            x = torch.from_numpy(centre).reshape(1, -1)
+            result = cert.certify(x, torch.tensor([0]), eps)
+            J = float(result.margins[0, 0])
+            assert J <= lowest, f"{dtype} {relaxation}: margin bound {J!r} above a reached value {lowest!r}"
+            if bool(result.certified[0]):
+                assert lowest > 0, f"{dtype} {relaxation}: certified, but a vertex has margin {lowest!r}"
+            bounds = cert.intermediate_bounds(cert.input_set(x, eps))
+            (b,) = bounds.values()
+            pre_lo, pre_hi = b.lower[0].double().numpy(), b.upper[0].double().numpy()
+            assert (pre_lo <= exact_pre.min(0)).all() and (pre_hi >= exact_pre.max(0)).all(), (dtype, relaxation)
+            results[(dtype, relaxation)] = (J, bool(result.certified[0]))
+    return {"results": results, "exact_min": min(exact_margin), "float32_min": float(f32_margin.min())}
+
+
+def test_the_audit_case_is_not_certified_in_float32(tmp_path):
+    """10-20-2, weights ~1e4, eps 2^-20, exact minimum margin -3e-5: no precision certifies it."""
+    rng = random.Random(7)
+    centre = np.array([rng.random() for _ in range(10)], dtype=np.float32)
+    net = adversarial_net(rng, 10, 20, centre, 2.0 ** -20, -3e-5, zero_units=0)
+    out = check_net(net, centre, 2.0 ** -20, tmp_path)
+    assert out["exact_min"] < 0
+    assert not any(certified for _, certified in out["results"].values())
+
+
+def test_without_the_allowance_float32_certifies_the_audit_case(tmp_path):
+    """The test above is not vacuous: the raw float32 bound is above the true minimum here."""
+    rng = random.Random(7)
+    centre = np.array([rng.random() for _ in range(10)], dtype=np.float32)
+    eps = 2.0 ** -20
+    net = adversarial_net(rng, 10, 20, centre, eps, -3e-5, zero_units=0)
+    cert = Certifier(load_model(net.onnx(tmp_path / "net.onnx")), BoundConfig(rounding_allowance=False))
+    J = float(cert.lower_bounds(cert.input_set(torch.from_numpy(centre)[None], eps), margin_spec(torch.tensor([0]), 2))[0, 0])
+    exact = min(float(m[0] - m[1]) for m in (net.out_exact(v) for v in vertices(centre, eps)))
+    assert J > exact, (J, exact)
+    assert not cert.config.sound
+
+
+@settings(max_examples=12, **SETTINGS)
+@given(seed=st.integers(0, 2 ** 31 - 1), k=st.integers(14, 24), margin=st.sampled_from([-1e-4, -3e-5, 0.0, 3e-5, 1e-4, 1e-2]),
+       zero_units=st.integers(0, 6), n_in=st.integers(2, 8), hidden=st.integers(2, 20))
+def test_float32_bounds_hold_against_exact_and_float32_evaluation(tmp_path_factory, seed, k, margin, zero_units,
+                                                                   n_in, hidden):
+    rng = random.Random(seed)
+    centre = np.array([rng.random() for _ in range(n_in)], dtype=np.float32)
+    eps = 2.0 ** -k
+    net = adversarial_net(rng, n_in, hidden, centre, eps, margin, zero_units)
+    check_net(net, centre, eps, tmp_path_factory.mktemp("f32"))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_zero_radius_with_zero_preactivations(tmp_path, seed):
+    """eps = 0 and pre-activations exactly 0 at the centre: every bound contains the value
+    the network reaches there, exactly and in float32."""
+    rng = random.Random(seed)
+    centre = np.array([rng.random() for _ in range(6)], dtype=np.float32)
+    net = adversarial_net(rng, 6, 12, centre, 0.0, 0.0, zero_units=12)
+    check_net(net, centre, 0.0, tmp_path)
+
+
+def test_input_box_is_rounded_outward():
+    """x - eps in float32 may round towards x: the box must contain the real ball."""
+    x = torch.tensor([[0.3, 0.7, 1e-3]], dtype=torch.float32)
+    eps = 0.1
+    box = linf_ball(x, eps)
+    for j in range(3):
+        centre = Fraction(float(x[0, j]))
+        assert Fraction(float(box.lo[0, j])) <= centre - Fraction(eps)
+        assert Fraction(float(box.hi[0, j])) >= centre + Fraction(eps)
