@@ -88,11 +88,16 @@ def add_input_normalization(graph: Graph, mean, std) -> Graph:
     return graph
 
 
+def ends_in_softmax(graph: Graph) -> bool:
+    node = graph.outputs[0].producer if len(graph.outputs) == 1 else None
+    return node is not None and node.op == ("", "Softmax")
+
+
 def strip_softmax(graph: Graph) -> Graph:
-    """Drop a trailing Softmax: certification works on logits (softmax keeps their order)."""
-    out = graph.outputs[0]
-    node = out.producer
-    if node is not None and node.op == ("", "Softmax") and len(graph.outputs) == 1:
+    """Drop a trailing Softmax **in place** (certification works on logits: softmax keeps
+    their order); the graph itself when there is none."""
+    if ends_in_softmax(graph):
+        node = graph.outputs[0].producer
         graph.outputs = [node.inputs[0]]
         graph.remove_node(node)
     return graph
@@ -122,12 +127,19 @@ class CertifyResult:
 
 
 class Certifier:
-    """Exact dual bounds (Theorem 1) for one graph; dual graphs are built once and reused."""
+    """Exact dual bounds (Theorem 1) for one graph; dual graphs are built once and reused.
+
+    ``logits=True`` (the default): a trailing Softmax is left out (from a copy; the caller's
+    graph is never changed), so :meth:`forward` and :meth:`lower_bounds` are about the
+    logits, which is what margin certificates need (softmax keeps their order).
+    ``logits=False`` keeps the graph as it is (a trailing Softmax then has no dual layer).
+    """
 
     def __init__(self, graph: Graph, config: BoundConfig = BoundConfig(),
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
+                 logits: bool = True) -> None:
         from passes.build_dual import build_dual
-        self.graph = strip_softmax(graph)
+        self.graph = strip_softmax(graph.copy()) if logits and ends_in_softmax(graph) else graph
         self.config, self.device, self.dtype = config, torch.device(device), dtype
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise DualgraphError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
@@ -161,7 +173,8 @@ class Certifier:
         return self.scheduler.intermediate_bounds(input_set)
 
     def lower_bounds(self, input_set: InputSet, spec: torch.Tensor) -> torch.Tensor:
-        """Certified lower bounds of ``spec @ f(x')`` for all ``x'`` in the set: ``[B, m]``."""
+        """Certified lower bounds of ``spec @ f(x')`` for all ``x'`` in the set: ``[B, m]``,
+        where ``f`` is ``self.graph`` (the logits when a trailing Softmax was left out)."""
         return self.scheduler.bound_output(input_set, spec.to(device=self.device, dtype=self.dtype))
 
     def certify(self, x: torch.Tensor, labels: torch.Tensor, eps: float, norm: str = "linf",

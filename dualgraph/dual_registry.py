@@ -351,6 +351,15 @@ class Relaxation:
     a_up: torch.Tensor
     b_up: torch.Tensor | float
     offsets: tuple | None = field(default=None, repr=False)  # (units, mid, gap), see _cached_offsets
+    _magnitudes: tuple | None = field(default=None, repr=False)  # (|a|, |b|), see magnitudes
+
+    def magnitudes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``max(|a_lo|, |a_up|)`` and ``max(|b_lo|, |b_up|)``, ``[B, *unit]`` (detached, kept)."""
+        if self._magnitudes is None:
+            a = self.a_lo.abs() if self.a_up is self.a_lo else torch.maximum(self.a_lo.abs(), self.a_up.abs())
+            b_lo, b_up = (torch.as_tensor(t, dtype=a.dtype, device=a.device).abs() for t in (self.b_lo, self.b_up))
+            self._magnitudes = (a.detach(), torch.maximum(b_lo, b_up).detach().expand_as(a))
+        return self._magnitudes
 
     def has_equal_slopes(self) -> bool:
         return self.a_lo is self.a_up or bool(torch.equal(self.a_lo, self.a_up))
@@ -406,32 +415,16 @@ class ElementwiseRule(DualRule):
     def breakpoints(self, node: Node) -> tuple[float, ...] | None:
         return self._breakpoints(node)
 
+    # The rounding of a relaxation step is folded into the relaxation itself (its offsets
+    # are moved out, dualgraph.rounding), so only magnitudes and the evaluation are stated.
     def abs_linear(self, node: Node, xs, bounds, config) -> list[torch.Tensor]:
-        r = self.relaxation(node, bounds[0], config)
-        return [xs[0] * torch.maximum(r.a_lo.abs(), r.a_up.abs())]
+        return [xs[0] * self.relaxation(node, bounds[0], config).magnitudes()[0]]
 
     def constant_magnitude(self, node: Node, m_in, bounds, config) -> list[torch.Tensor]:
-        r = self.relaxation(node, bounds[0], config)
-        b_lo, b_up = (torch.as_tensor(t, dtype=r.a_lo.dtype, device=r.a_lo.device).abs() for t in (r.b_lo, r.b_up))
-        return [torch.maximum(b_lo, b_up)]
-
-    def output_magnitude(self, node: Node, m_in, bounds, config, terms) -> list[torch.Tensor]:
-        """The lines at the ends of ``[l, u]``: ``f`` lies between them there."""
-        r = self.relaxation(node, bounds[0], config)
-        l, u = bounds[0]
-        ends = [a * z + b for a, b in ((r.a_lo, r.b_lo), (r.a_up, r.b_up)) for z in (l, u)]
-        return [torch.stack(torch.broadcast_tensors(*ends)).abs().amax(0)]
+        return [self.relaxation(node, bounds[0], config).magnitudes()[1]]
 
     def eval_length(self, node: Node, bounds, config) -> int:
         return self._eval_roundings
-
-    def dual_length(self, node: Node, bounds, config) -> int:
-        # lam_in = a lam: one product; offsets: dot products over the units with an offset
-        r = self.relaxation(node, bounds[0], config)
-        b_lo, b_up = (torch.as_tensor(t, dtype=r.a_lo.dtype, device=r.a_lo.device) for t in (r.b_lo, r.b_up))
-        with_offset = (b_lo != 0) | (b_up != 0)
-        count = int(with_offset.expand_as(r.a_lo).flatten(1).sum(1).max()) if r.a_lo.numel() else 0
-        return count + 2
 
     def relaxation(self, node: Node, bounds: Bounds, config) -> Relaxation:
         """The relaxation on ``bounds``, computed once per bounds object and config, and

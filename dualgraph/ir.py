@@ -167,6 +167,36 @@ class Graph:
         self.values[name] = v
         return v
 
+    def copy(self) -> Graph:
+        """A structural copy: new values and nodes, so that editing one graph never changes
+        the other (constant tensors and attribute values are shared, not cloned)."""
+        g = Graph(self.name)
+        g.meta = dict(self.meta)
+        new: dict[int, Value] = {}
+
+        def value(v: Value | None) -> Value | None:
+            if v is None:
+                return None
+            if id(v) not in new:
+                w = Value(v.name, v.shape, v.dtype, const=v.const, meta=dict(v.meta))
+                new[id(v)] = g.values[v.name] = w
+            return new[id(v)]
+
+        g.inputs = [value(v) for v in self.inputs]
+        for n in self.nodes:
+            m = Node(n.name, n.op, [value(v) for v in n.inputs], [value(v) for v in n.outputs],
+                     dict(n.attrs), dict(n.meta))
+            for out in m.outputs:
+                out.producer = m
+            for v in m.inputs:
+                if v is not None:
+                    v.users.append(m)
+            g.nodes.append(m)
+        g.outputs = [value(v) for v in self.outputs]
+        for v in self.values.values():
+            value(v)
+        return g
+
     # ---- editing (used by passes) ---------------------------------------------------
     def replace_all_uses(self, old: Value, new: Value) -> None:
         """Make every consumer of ``old`` (and the graph outputs) read ``new`` instead."""

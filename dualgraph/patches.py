@@ -182,13 +182,13 @@ def relaxation_terms(p: Patches, r) -> tuple[torch.Tensor, torch.Tensor]:
     return _window_dot(p.data, p.windows(mid)), _window_dot(p.data.abs(), p.windows(gap))
 
 
-def box_terms(p: Patches, slope: torch.Tensor, bounds) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lam' . (l + u)/2`` and ``|lam'| . (u - l)/2`` for ``lam' = slope * lam`` (the rows
-    after a linear elementwise layer) and the bounds ``l, u`` of its input, ``[B, rows]``,
-    without forming ``lam'``."""
+def box_terms(p: Patches, slope: torch.Tensor, bounds, radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lam' . (l + u)/2`` and ``|lam'| . radius`` (``radius``: the box's half-widths) for
+    ``lam' = slope * lam`` (the rows after a linear elementwise layer) and the bounds ``l, u``
+    of its input, ``[B, rows]``, without forming ``lam'``."""
     lo, up = bounds
     return (_window_dot(p.data, p.windows(slope * (lo + up) / 2)),
-            _window_dot(p.data.abs(), p.windows(slope.abs() * (up - lo) / 2)))
+            _window_dot(p.data.abs(), p.windows(slope.abs() * radius)))
 
 
 def select(p: Patches, slope: torch.Tensor, examples: torch.Tensor, rows: torch.Tensor) -> Patches:

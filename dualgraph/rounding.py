@@ -41,8 +41,10 @@ bounds). The dual variable of a bound on ``c . v`` is ``lam_k = M_{v<-k}^T c``, 
 product of the linear maps from node ``k`` to ``v``, so ``|lam_k| <= |M_{v<-k}|^T |c|`` and
 ``sum_k |lam_k| . W_k <= |c| . eps_v`` with ``eps_v = sum_k |M_{v<-k}| W_k``: one vector per
 value, propagated forward with absolute weights (``eps_out = |A| eps_in + W``; rule
-:meth:`DualRule.abs_linear`) plus the dual's sums at fan-outs and the dot products of the
-pruning box. Every intermediate bound is widened by ``eps_v`` before anything uses it.
+:meth:`DualRule.abs_linear`) plus the dual's sums at fan-outs. Every intermediate bound is
+widened by ``eps_v`` before anything uses it. The pruning box (a bound of the rest of a
+pass by the box of one layer's bounds) adds the rounding of its own dot products to its
+radius where it is formed (:meth:`RoundingAllowance.box_gamma`).
 The forward path (Appendix F) pushes columns instead of rows; its ``eps`` uses the
 magnitudes of the linearised network it evaluates and the final reduction over columns
 (:meth:`RoundingAllowance.widen_forward`).
@@ -107,6 +109,7 @@ class RoundingAllowance:
         self._m_lin: dict[Value, torch.Tensor] = {}  # |v| over the linearised network (forward path)
         self._eps_fwd: dict[Value, torch.Tensor] = {}
         self._noise: dict = {}                       # node -> (gamma of its evaluation, T per output)
+        self._tightened: set = set()                 # values whose m already uses their bounds
         x = graph.inputs[0]
         lo, hi = (t.detach() for t in input_set.bounding_box())
         self._columns = x.numel  # columns the forward path reduces at a bounded value (grows per activation)
@@ -171,18 +174,22 @@ class RoundingAllowance:
         return out
 
     def _outward(self, node, rule: ElementwiseRule, b: Bounds) -> Relaxation:
-        """The relaxation of ``node`` on ``b`` with its offsets moved out by its rounding."""
+        """The relaxation of ``node`` on ``b`` with its offsets moved out by its rounding:
+        ``(gamma(n_o + 8 + L, u_c) + gamma(n_e, u_e)) (|a| m + 2 |b|)`` on the units whose
+        step is not exact (slope not 0 or 1, or an offset); ``n_o``: units with an offset."""
         r = rule.relaxation(node, b, self.config)
-        like = r.a_lo
-        b_lo, b_up = (torch.as_tensor(t, dtype=like.dtype, device=like.device) for t in (r.b_lo, r.b_up))
-        a = torch.maximum(r.a_lo.abs(), r.a_up.abs()).detach()
-        rounds = ((r.a_lo != 0) & (r.a_lo != 1)) | ((r.a_up != 0) & (r.a_up != 1)) | (b_lo != 0) | (b_up != 0)
+        a, b_abs = r.magnitudes()
+        with_offset = b_abs != 0
+        rounds = with_offset | ((r.a_lo != 0) & (r.a_lo != 1))
+        if r.a_up is not r.a_lo:
+            rounds |= (r.a_up != 0) & (r.a_up != 1)
+        n_off = int(with_offset.flatten(1).sum(1).max()) if with_offset.numel() else 0
         with naming_node(node, "rounding analysis"):
-            n_off, n_eval = rule.dual_length(node, [b], self.config), rule.eval_length(node, [b], self.config)
+            n_eval = rule.eval_length(node, [b], self.config)
         coef = SAFETY * (gamma(n_off + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e))
         m = torch.maximum(b.lower.abs(), b.upper.abs()).detach()
-        delta = torch.where(rounds, coef * (a * m + b_lo.detach().abs() + b_up.detach().abs()), 0.0)
-        return Relaxation(r.a_lo, b_lo - delta, r.a_up, b_up + delta)
+        delta = torch.where(rounds, coef * (a * m + 2 * b_abs), 0.0)
+        return Relaxation(r.a_lo, r.b_lo - delta, r.a_up, r.b_up + delta)
 
     # ---- the forward passes over magnitudes -------------------------------------------------------
     # Not under no_grad: a relaxation computed here is cached on its bounds and reused by the
@@ -225,11 +232,22 @@ class RoundingAllowance:
         return self._pick(SAFETY * gamma(len(v.users), self.u_c) * self._magnitude(v))
 
     def _magnitude(self, v: Value) -> torch.Tensor:
-        """``m_v``, tightened by the value's own (sound, hence family-wide) bounds if it has them."""
+        """``m_v``, tightened (once) by the value's own sound, hence family-wide, bounds."""
         b = self.bounds.get(v)
-        if b is None:
-            return self._m[v]
-        return torch.minimum(self._m[v], torch.maximum(b.lower.abs(), b.upper.abs()).detach())
+        if b is not None and v not in self._tightened:
+            self._m[v] = torch.minimum(self._m[v], torch.maximum(b.lower.abs(), b.upper.abs()).detach())
+            self._tightened.add(v)
+        return self._m[v]
+
+    def box_gamma(self, v: Value) -> float:
+        """Relative rounding of the pruning box's dot products over the units of ``v`` (the
+        scheduler adds ``gamma |lam a| . m`` to the box's radius, :meth:`magnitude`)."""
+        return SAFETY * gamma(v.numel + self.terms, self.u_c) if self.enabled else 0.0
+
+    def magnitude(self, v: Value) -> torch.Tensor:
+        """``m_v >= |v|`` over the family (for a value with final bounds: ``max(|l|, |u|)`` or less)."""
+        self._compute(v)
+        return self._pick(self._magnitude(v))
 
     def _inputs(self, node):
         rule = dual_rule(node)
@@ -253,19 +271,15 @@ class RoundingAllowance:
             spread, carried = _abs_pair(rule, node, m_in, [self._eps[v] for v in ins], in_bounds, cfg)
             terms = _add(spread, _detach(rule.constant_magnitude(node, m_in, in_bounds, cfg)))
             m_out = _detach(rule.output_magnitude(node, m_in, in_bounds, cfg, terms))
-            prunable = rule.breakpoints(node) is not None
         evaluation = gamma(n_eval, self.u_e)                               # the network's own rounding
         dual = gamma(n_dual + self.terms, self.u_c) if n_dual else 0.0     # this dual step's rounding
-        box = gamma(node.output.numel + self.terms, self.u_c) if prunable else 0.0  # the pruning box's dots
         self._noise[node] = (evaluation, terms)
         weights = []
-        for out, t, s, m, e in zip(node.outputs, terms, spread, m_out, carried):
-            self._m[out] = m + evaluation * t
+        for out, t, m, e in zip(node.outputs, terms, m_out, carried):
+            self._m[out] = m + evaluation * t if evaluation else m
             w = SAFETY * (dual + evaluation) * t if dual or evaluation else None
             weights.append(w)
             eps = e if w is None else e + w
-            if box:
-                eps = eps + SAFETY * box * s
             if len(out.users) > 1:  # the dual sums the contributions of the consumers
                 eps = eps + SAFETY * gamma(len(out.users), self.u_c) * self._m[out]
             self._eps[out] = eps

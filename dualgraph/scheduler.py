@@ -364,7 +364,7 @@ class BoundScheduler:
         lower, upper = lower + linear - absolute, upper + linear + absolute
         slope = r.a_lo
         center = batched_dot(lam, slope * (w.lower + w.upper) / 2)
-        radius = batched_dot(lam.abs(), slope.abs() * (w.upper - w.lower) / 2)
+        radius = batched_dot(lam.abs(), slope.abs() * _box_radius(batch, primal.var_inputs[0], w))
 
         def exact(examples, rows):
             lam_in = lam[examples if lam.shape[0] > 1 else 0, rows] * take_examples(slope, examples)
@@ -436,7 +436,7 @@ class BoundScheduler:
         r = rule.relaxation(primal, w, self.config)
         linear, absolute = patches.relaxation_terms(p, r)
         lower, upper = lower + linear - absolute, upper + linear + absolute
-        center, radius = patches.box_terms(p, r.a_lo, w)
+        center, radius = patches.box_terms(p, r.a_lo, w, _box_radius(batch, primal.var_inputs[0], w))
 
         def exact(examples, rows):
             q = patches.select(p, r.a_lo, examples, rows)
@@ -519,6 +519,13 @@ def _refine(lower: torch.Tensor, upper: torch.Tensor, breakpoints: tuple[float, 
         return every_row()
     lo, up = exact(examples, rows)
     return lower.index_put((examples, rows), lo[:, 0]), upper.index_put((examples, rows), up[:, 0])
+
+
+def _box_radius(batch: Batch, v: Value, w: Bounds) -> torch.Tensor:
+    """Half-widths ``(u - l)/2`` of ``v``'s box, plus the rounding of the box's dot products."""
+    radius = (w.upper - w.lower) / 2
+    g = batch.rounding.box_gamma(v)
+    return radius + g * batch.rounding.magnitude(v) if g else radius
 
 
 def _needed_bounds(dual: Graph, first: int) -> set[Value]:

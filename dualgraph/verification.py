@@ -22,8 +22,11 @@ which also tests the centre of each piece as a candidate counterexample; last, a
 PGD rounds with other seeds. Proofs from different relaxations or pieces combine soundly
 (each bound is valid on its own).
 
-Soundness. Bounds run in float64 (the float32 weights convert exactly) and a proof needs
-``lower > d + unsat_margin * (1 + |d|)``. Before bounding, the lowered IR is compared
+Soundness. Bounds run in float64 (the float32 weights convert exactly); they include the
+rounding allowance of :mod:`dualgraph.rounding` (the bound computation and the model's own
+float32 evaluation, scaled by the magnitudes of the terms summed), the boxes are rounded
+outward, and a proof needs ``lower > d + unsat_margin * (1 + |d|)`` (a small extra margin
+for the property's decimal constants). Before bounding, the lowered IR is compared
 with onnxruntime at the box centre: a frontend that lowered the model wrongly would make
 proofs about another function, so a disagreement is an error, not an answer. A model
 whose last op is Softmax is refused (:class:`~dualgraph.api.Certifier` strips a final
@@ -317,15 +320,26 @@ class _Search:
 
     def _confirm(self, p: VnnlibProperty, xs: np.ndarray, method: str) -> None:
         """Raise :class:`_Found` for the first of the candidates ``xs [B, n]`` that
-        onnxruntime confirms (inside the box, outputs in a conjunction)."""
+        onnxruntime confirms (inside the box, outputs in a conjunction).
+
+        A coordinate whose interval holds no value of the model's input precision (a point
+        box at a value float32 cannot represent) can only be fed as its nearest value: the
+        reported point is then the exact one in the box, and the method says so."""
         dtype = self.model.onnx_input_dtype()
-        cand = np.stack([_cast_into_box(x, p.input_lo, p.input_hi, dtype) for x in xs])
-        ys = self.model.run_onnx(cand)
-        inside = np.all((cand >= p.input_lo) & (cand <= p.input_hi), axis=1)
-        hit = inside & (p.violations(ys).min(axis=1, initial=np.inf) <= 0)
+        lo, hi = p.input_lo, p.input_hi
+        feed = np.stack([_cast_into_box(x, lo, hi, dtype) for x in xs])
+        report = feed.copy()
+        unrepresentable = (feed < lo) | (feed > hi)
+        if unrepresentable.any():
+            exact = np.clip(np.asarray(xs, dtype=np.float64).reshape(feed.shape), lo, hi)
+            report[unrepresentable] = exact[unrepresentable]
+            feed[unrepresentable] = exact[unrepresentable].astype(dtype).astype(np.float64)
+            method += f" (inputs the box holds no {np.dtype(dtype).name} value for, fed rounded to nearest)"
+        ys = self.model.run_onnx(feed)
+        hit = p.violations(ys).min(axis=1, initial=np.inf) <= 0
         if hit.any():
             i = int(np.argmax(hit))
-            raise _Found(cand[i], ys[i], method)
+            raise _Found(report[i], ys[i], method)
         self.details["unconfirmed"] += len(xs)
 
     def _check_lowering(self, p: VnnlibProperty) -> None:
@@ -370,13 +384,14 @@ class _Search:
 
     def _prove(self, p: VnnlibProperty, relaxation: str, conjs: list[int]) -> set[int]:
         """The conjunctions among ``conjs`` whose emptiness the bounds prove over the box."""
-        from .input_sets import Box
+        from .input_sets import Box, outward
         C, d, owner = self._rows(p, conjs)
         if not len(d):
             return set()  # only row-less conjunctions: all of the output space
         cert = self.model.certifier(relaxation)
         lo, hi = (torch.tensor(a, dtype=torch.float64).reshape(1, *self.model.input_shape)
                   for a in (p.input_lo, p.input_hi))
+        lo, hi = outward(lo, hi, torch.float64)  # the decimals of the file were rounded to binary
         with torch.no_grad():
             lower = cert.lower_bounds(Box(lo, hi), torch.as_tensor(C, dtype=torch.float64)[None])[0].cpu().numpy()
         # how far the conjunction furthest from a proof is (> 0: every one proved)
@@ -389,14 +404,15 @@ class _Search:
     def _split(self, p: VnnlibProperty) -> bool:
         """Bisect the box until every piece is proved (True) or too many pieces (False);
         raises :class:`_Found` for a confirmed centre and :class:`_Timeout` when time runs out."""
-        from .input_sets import Box
+        from .input_sets import Box, outward
         cfg = self.config
         C, d, owner = self._rows(p, range(len(p.unsafe)))
         if (np.bincount(owner, minlength=len(p.unsafe)) == 0).any():
             return False  # a row-less conjunction can never be proved empty
         cert = self.model.certifier(cfg.relaxations[-1])
         spec = torch.as_tensor(C, dtype=torch.float64)[None]
-        lo0, hi0 = (torch.tensor(a, dtype=torch.float64)[None] for a in (p.input_lo, p.input_hi))
+        lo0, hi0 = outward(*(torch.tensor(a, dtype=torch.float64)[None] for a in (p.input_lo, p.input_hi)),
+                           torch.float64)
         scale = torch.where(hi0 > lo0, hi0 - lo0, torch.ones_like(lo0))
         queue_lo, queue_hi = lo0, hi0
         done = 0

@@ -103,7 +103,10 @@ def read_vnnlib(path: str | Path) -> list[VnnlibProperty]:
 
 
 def parse_vnnlib(text: str, source: str = "<string>") -> list[VnnlibProperty]:
-    """Parse VNN-LIB 1.0 text, one property per input box (``[]``: the asserts are unsatisfiable)."""
+    """Parse VNN-LIB 1.0 text, one property per input box (``[]``: the asserts are unsatisfiable).
+
+    A disjunct whose input box is empty (some lower bound above its upper bound) is false
+    and left out; the other disjuncts are kept."""
     # The parser makes millions of small containers and no reference cycles; the cyclic
     # GC would rescan them again and again (10x slower on multi-MB files), so pause it.
     gc_was_enabled = gc.isenabled()
@@ -159,8 +162,7 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
                 i = int(np.argmin(np.isfinite(arr)))
                 _fail(source, None, f"input X_{i} has no {what} bound; add (assert ({op} X_{i} c))")
         if (lo > hi).any():
-            i = int(np.argmax(lo > hi))
-            _fail(source, None, f"input X_{i} has lower bound {float(lo[i])!r} > upper bound {float(hi[i])!r}; fix its bounds")
+            continue  # no input satisfies this disjunct: it is false, the others still count
         props.append(VnnlibProperty(_frozen(lo), _frozen(hi), n_out, tuple(unsafe)))
     return props
 

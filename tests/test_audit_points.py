@@ -1,0 +1,70 @@
+"""The smaller soundness and correctness points of the audit: the caller's graph is never
+edited, a VNN-LIB disjunct with an empty box is false (the others are still decided), and a
+point box at a value float32 cannot represent still gets its counterexample tested."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from dualgraph.api import Certifier, load_model
+from dualgraph.errors import UnsupportedOpError
+from dualgraph.input_sets import Box
+from dualgraph.verification import VerifyConfig, VerifyModel, verify_property
+from dualgraph.vnnlib import parse_vnnlib
+
+
+def test_certifier_leaves_the_callers_softmax_in_place():
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2), torch.nn.Softmax(1))
+    x = torch.rand(2, 3)
+    graph = load_model(module, x)
+    ops = [n.op_type for n in graph.nodes]
+    cert = Certifier(graph)
+    assert [n.op_type for n in graph.nodes] == ops and ops[-1] == "Softmax"
+    assert graph.outputs[0].producer.op_type == "Softmax"
+    assert cert.graph is not graph and cert.graph.nodes[-1].op_type != "Softmax"
+    # lower_bounds are about the logits (documented); the caller's graph still computes probabilities
+    logits = module[:3](x).detach()
+    J = cert.lower_bounds(Box(x, x.clone()), torch.eye(2)[None])
+    assert torch.allclose(J, logits, atol=1e-4)
+    with pytest.raises(UnsupportedOpError, match="Softmax"):  # logits=False keeps it: no dual layer
+        Certifier(graph, logits=False)
+    assert graph.nodes[-1].op_type == "Softmax"
+
+
+def _identity_model(path) -> str:
+    w = numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "id",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+HEAD = "(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"
+
+
+def test_point_box_at_a_value_float32_cannot_hold_is_tested(tmp_path):
+    """X_0 = 0.1 exactly (no float32 equals it); y = x, unsafe iff Y_0 >= 0.05: sat at once."""
+    model = VerifyModel(_identity_model(tmp_path / "id.onnx"))
+    text = HEAD + ("(assert (>= X_0 0.1))\n(assert (<= X_0 0.1))\n(assert (>= X_1 0.0))\n(assert (<= X_1 1.0))\n"
+                   "(assert (>= Y_0 0.05))\n")
+    result = verify_property(model, parse_vnnlib(text), 10.0, VerifyConfig())
+    assert result.answer == "sat", result
+    assert "nearest" in result.details["method"]
+    assert "(X_0 0.1)" in result.result_text()
+    assert result.seconds < 5
+
+
+def test_an_empty_disjunct_does_not_hide_the_others(tmp_path):
+    model = VerifyModel(_identity_model(tmp_path / "id.onnx"))
+    text = HEAD + ("(assert (or (and (>= X_0 2.0) (<= X_0 1.0) (>= X_1 0.0) (<= X_1 1.0) (<= Y_0 5.0))\n"
+                   "            (and (>= X_0 0.0) (<= X_0 1.0) (>= X_1 0.0) (<= X_1 1.0) (>= Y_1 0.9))))\n")
+    result = verify_property(model, parse_vnnlib(text), 10.0, VerifyConfig())
+    assert result.answer == "sat"
+    text = HEAD + ("(assert (or (and (>= X_0 2.0) (<= X_0 1.0) (>= X_1 0.0) (<= X_1 1.0) (<= Y_0 5.0))\n"
+                   "            (and (>= X_0 0.0) (<= X_0 1.0) (>= X_1 0.0) (<= X_1 1.0) (>= Y_1 1.5))))\n")
+    assert verify_property(model, parse_vnnlib(text), 10.0, VerifyConfig()).answer == "unsat"
