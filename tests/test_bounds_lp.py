@@ -129,7 +129,10 @@ def lp_check(net: DagNet, data) -> None:
         ys = net(pts.reshape(-1, *net.input_shape)).reshape(pts.shape[0], B, 1, -1)
         sampled = (ys * spec.unsqueeze(0)).sum(-1).amin(0)              # [B, m]
 
-    scheds = {r: BoundScheduler(graph, build_dual, BoundConfig(relu_relaxation=r)) for r in ("paper", "crown")}
+    configs = {"paper": BoundConfig(), "crown": BoundConfig(relu_relaxation="crown"),
+               "paper/forward": BoundConfig(direction="forward"),
+               "paper/dense": BoundConfig(direction="backward", patches=False, prune_stable=False)}
+    scheds = {r: BoundScheduler(graph, build_dual, cfg) for r, cfg in configs.items()}
     all_bounds = {r: s.intermediate_bounds(box) for r, s in scheds.items()}
     for r, bounds in all_bounds.items():
         J = scheds[r].bound_output(box, spec, bounds)

@@ -25,6 +25,9 @@ from passes.build_dual import build_dual
 from strategies import DTYPE, DagNet, any_nets, input_sets, relu_nets, sample_points, to_ir
 
 RELAXATIONS = ("paper", "crown")
+PATHS = {  # every bound path: default (auto, patches, pruned), dense unpruned rows, forward
+    "auto": {}, "dense": dict(direction="backward", patches=False, prune_stable=False),
+    "forward": dict(direction="forward")}
 SETTINGS = dict(derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -118,8 +121,12 @@ def check_soundness(net: DagNet, graph, data, relaxations=RELAXATIONS, rtol: flo
         assert torch.allclose((ref * spec.unsqueeze(0)).sum(-1).amin(0), sampled, rtol=rtol, atol=rtol)
     interp = Interpreter(graph)
     attacked = pgd_minimise(lambda x: interp.run(x)[0], input_set, spec)
-    for relaxation in relaxations:
-        sched = BoundScheduler(graph, build_dual, BoundConfig(relu_relaxation=relaxation))
+    from dualgraph.forward import forward_supported
+    for relaxation, path in ((r, p) for r in relaxations for p in PATHS):
+        config = BoundConfig(relu_relaxation=relaxation, **PATHS[path])
+        if path == "forward" and not forward_supported(graph, graph.nodes, config):
+            continue
+        sched = BoundScheduler(graph, build_dual, config)
         bounds = sched.intermediate_bounds(input_set)
         # (a) intermediate bounds contain the values at sampled points
         for v, b in bounds.items():
@@ -129,15 +136,15 @@ def check_soundness(net: DagNet, graph, data, relaxations=RELAXATIONS, rtol: flo
             below = (b.lower - val - tol(b.lower, val)).amax()
             above = (val - b.upper - tol(b.upper, val)).amax()
             assert below <= 0 and above <= 0, (
-                f"value '{v.name}' ({relaxation}, {case.kind}): sampled value outside its bounds by "
+                f"value '{v.name}' ({relaxation}, {path}, {case.kind}): sampled value outside its bounds by "
                 f"{max(float(below), float(above)):.3g}")
         # (b) the final bound is below spec @ f at sampled and attacked points
         J = sched.bound_output(input_set, spec, bounds)
         assert J.shape == (B, spec.shape[1]) and torch.isfinite(J).all()
         gap = (J - sampled - tol(J, sampled)).amax()
-        assert gap <= 0, f"bound {relaxation} above a sampled value by {float(gap):.3g}"
+        assert gap <= 0, f"bound {relaxation}/{path} above a sampled value by {float(gap):.3g}"
         gap = (J - attacked - tol(J, attacked)).amax()
-        assert gap <= 0, f"bound {relaxation} above a PGD value by {float(gap):.3g}"
+        assert gap <= 0, f"bound {relaxation}/{path} above a PGD value by {float(gap):.3g}"
 
 
 @settings(max_examples=150, **SETTINGS)
