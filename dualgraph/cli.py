@@ -72,13 +72,55 @@ def _add_verify_parsers(sub) -> None:
     _add_verify_args(p)
 
 
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a provably robust network (robust loss on the dual bound, epsilon "
+                                     "schedule, optional random projections, cascades) and export it to ONNX")
+    p.add_argument("--dataset", choices=["mnist", "cifar10", "digits"], default="digits",
+                   help="training data (default: scikit-learn's bundled 8x8 digits, no download)")
+    p.add_argument("--data-dir", help="folder with the dataset files (MNIST IDX or CIFAR-10 python batches)")
+    p.add_argument("--model", default="small", help="architecture (see 'dualgraph models'; default small)")
+    p.add_argument("--eps", type=float, default=0.1, help="target radius of the ball (pixel scale [0,1]; default 0.1)")
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    p.add_argument("--no-clip", action="store_true", help="do not intersect the L-inf ball with the [0,1] pixel box")
+    p.add_argument("--epochs", type=int, default=60, help="epochs (default 60, the paper's)")
+    p.add_argument("--ramp-epochs", type=int, default=20,
+                   help="epochs over which eps ramps linearly from --eps-start to --eps (default 20)")
+    p.add_argument("--eps-start", type=float, help="first eps of the ramp (default: 0.01 MNIST/digits, 0.001 CIFAR)")
+    p.add_argument("--lr-halve-every", type=int, default=10,
+                   help="halve the learning rate every N epochs after the ramp (0: never; default 10)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--recipe", choices=["mnist", "cifar"],
+                   help="optimiser recipe: mnist = Adam 1e-3, cifar = SGD 0.05, momentum 0.9, weight decay 5e-4 "
+                        "(default: by dataset)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], help="override the recipe's optimiser")
+    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--momentum", type=float, help="override the recipe's momentum (SGD)")
+    p.add_argument("--weight-decay", type=float, help="override the recipe's weight decay")
+    p.add_argument("--proj", type=int, metavar="R",
+                   help="random projections of dimension R for the intermediate bounds during training "
+                        "(Section 3.2); evaluation is always exact. Default: exact")
+    p.add_argument("--cascade", type=int, metavar="K", help="train a K-stage cascade (Section 3.3): stage m+1 on the "
+                                                            "training examples stages 1..m do not certify")
+    p.add_argument("--limit", type=int, help="train on a seeded random subset of N training examples")
+    p.add_argument("--eval-limit", type=int, default=1000,
+                   help="test examples certified after each epoch (default 1000; 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and projections")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--out", default="runs/train", help="output folder (default runs/train): checkpoint.pt, "
+                                                       "metrics.csv, metrics.png, model.onnx (cascade.json)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dualgraph", description="Provable robustness certificates for neural networks via dual networks "
                                       "(Wong et al., 'Scaling provable adversarial defenses', NeurIPS 2018).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("certify", help="certify a model on dataset points in an L-inf or L2 ball")
+    p = sub.add_parser("certify", help="certify a model (or a cascade manifest, .json) on dataset points in an "
+                                       "L-inf or L2 ball")
     _add_model_args(p, optional=True)
     p.add_argument("--dataset", choices=["mnist", "cifar10", "digits"], default=None,
                    help="dataset (default: digits for the default model, else required)")
@@ -108,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bound_args(p)
     _add_projection_args(p)
 
-    p = sub.add_parser("models", help="list the models shipped in the zoo")
+    p = sub.add_parser("models", help="list the models shipped in the zoo and the architectures 'train' builds")
+
+    _add_train_parser(sub)
 
     _add_verify_parsers(sub)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -71,6 +72,8 @@ def _estimate_report(report, config, n_bounds: int) -> tuple[dict, str]:
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
+    if str(args.model).endswith(".json"):
+        return _certify_cascade(args)
     from models import model_info
     from .certify import certify_dataset
     from .cli import DEFAULT_MODEL
@@ -101,6 +104,81 @@ def cmd_certify(args: argparse.Namespace) -> int:
     else:
         print(f"model    {args.model}\ndataset  {dataset} ({args.split})")
         print(table or report.table())
+    return 0
+
+
+def _certify_cascade(args: argparse.Namespace) -> int:
+    from .cascade import certify_cascade, load_stages, read_manifest
+    from .data import load_dataset
+    from .input_sets import check_eps
+    files, manifest_eps = read_manifest(args.model)
+    if args.dataset is None:
+        raise DualgraphError("--dataset is required to certify a cascade (mnist, cifar10 or digits)")
+    eps = check_eps(args.eps if args.eps is not None else manifest_eps if manifest_eps is not None else -1)
+    if args.proj is not None:
+        raise DualgraphError("a cascade is certified with exact bounds; drop --proj")
+    certs = load_stages(files, _bound_config(args), device=args.device, dtype=_dtype(args))
+    data = load_dataset(args.dataset, args.data_dir, split=args.split, limit=args.limit)
+    names = [str(f.relative_to(Path(args.model).parent)) for f in files]
+    report = certify_cascade(certs, names, data, eps, args.norm,
+                             None if args.no_clip else (0.0, 1.0), args.batch_size, progress=True)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "dataset": args.dataset, **report.to_json()}))
+    else:
+        print(f"cascade  {args.model}\ndataset  {args.dataset} ({args.split})")
+        print(report.table())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .train import TrainConfig, recipe_for, save_config, train
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DualgraphError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        raise DualgraphError(f"--device {args.device}: no such device here; use cpu" +
+                             ("" if args.device.startswith("cuda") else " or cuda"))
+    from models.architectures import ARCHITECTURES
+    if args.model not in ARCHITECTURES:
+        raise DualgraphError(f"unknown architecture '{args.model}' for train; choose one of {', '.join(ARCHITECTURES)}")
+    config = TrainConfig(model=args.model, eps=args.eps, norm=args.norm,
+                         clip=None if args.no_clip or args.norm == "l2" else (0.0, 1.0), epochs=args.epochs,
+                         ramp_epochs=args.ramp_epochs, lr_halve_every=args.lr_halve_every,
+                         batch_size=args.batch_size, recipe=args.recipe or recipe_for(args.dataset),
+                         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                         eps_start=args.eps_start, proj=args.proj, seed=args.seed, device=args.device,
+                         eval_limit=args.eval_limit or None)
+    if args.cascade is not None and args.cascade < 1:
+        raise DualgraphError(f"--cascade needs at least 1 stage, got {args.cascade}")
+    train_set = load_dataset(args.dataset, args.data_dir, split="train")
+    test_set = load_dataset(args.dataset, args.data_dir, split="test")
+    if args.limit is not None:
+        if args.limit < 1:
+            raise DualgraphError(f"--limit must be a positive number of examples, got {args.limit}")
+        pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[:args.limit]
+        train_set = type(train_set)(train_set.images[pick], train_set.labels[pick], train_set.name,
+                                    train_set.num_classes)
+    out = Path(args.out)
+    if not args.resume and any((out / f).exists() for f in ("checkpoint.pt", "cascade.json", "stage0/checkpoint.pt")):
+        raise DualgraphError(f"{out} already holds a training run; pass --resume to continue it or choose "
+                             "another --out")
+    progress = not args.no_progress
+    if args.cascade:
+        from .cascade import certify_cascade, load_stages, read_manifest, train_cascade
+        path = train_cascade(config, args.cascade, train_set, test_set, out, resume=args.resume, progress=progress)
+        files, eps = read_manifest(path)
+        from .scheduler import BoundConfig
+        report = certify_cascade(load_stages(files, BoundConfig()),
+                                 [str(f.relative_to(out)) for f in files],
+                                 test_set, eps, config.norm, config.clip, config.batch_size, progress=progress)
+        print(report.table())
+        print(f"wrote {path}")
+    else:
+        train(config, train_set, test_set, out, resume=args.resume, progress=progress)
+        print(f"wrote {out / 'model.onnx'}, {out / 'metrics.csv'}, {out / 'metrics.png'}")
+    save_config(out, config, {"dataset": args.dataset, "limit": args.limit, "cascade": args.cascade})
     return 0
 
 
@@ -151,8 +229,13 @@ def _bounds_input_set(args, certifier):
 
 def cmd_models(args: argparse.Namespace) -> int:
     from models import ZOO
+    from models.architectures import ARCHITECTURES
+    print("trained models (certify MODEL):")
     for name, info in ZOO.items():
-        print(f"{name:<16} {info['description']}")
+        print(f"  {name:<16} {info['description']}")
+    print("architectures (train --model NAME; shaped by the dataset):")
+    for name, (description, _) in ARCHITECTURES.items():
+        print(f"  {name:<16} {description}")
     return 0
 
 

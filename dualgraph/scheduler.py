@@ -194,6 +194,13 @@ class BoundScheduler:
         """The state the passes over one batch share (bounds are filled in as computed)."""
         return Batch(input_set, bounds, RoundingAllowance(self.graph, input_set, bounds, self.config))
 
+    def projection_generator(self, device: str | torch.device = "cpu") -> torch.Generator:
+        """The generator of the random projections on ``device`` (``config.proj`` set): saving
+        and restoring its state replays the same draws (training checkpoints do)."""
+        if self.config.proj is None:
+            raise DualgraphError("projection_generator needs BoundConfig(proj=R)")
+        return self._projections().generator(torch.device(device))
+
     def _projections(self):
         """Random-projection state (generators), created on first use; the network must have
         linear dual layers only (Theorem 2)."""
