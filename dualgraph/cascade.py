@@ -177,7 +177,11 @@ def train_cascade(config, stages: int, train_set: Dataset, test_set: Dataset, ou
             break
     manifest = {"kind": "cascade", "eps": config.eps, "stages": [str(f.relative_to(out)) for f in files]}
     path = out / "cascade.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    from .distributed import barrier, world
+    w = world(config.device)
+    if w.is_main:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, path)
+    barrier(w)
     return path

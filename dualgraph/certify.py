@@ -54,7 +54,17 @@ class CertifyReport:
 def certify_dataset(certifier: Certifier, data: Dataset, eps: float, norm: str = "linf",
                     clip: tuple[float, float] | None = (0.0, 1.0), batch_size: int = 50,
                     progress: bool = True) -> CertifyReport:
-    """Certify every example of ``data`` in batches; see the module docstring for the errors."""
+    """Certify every example of ``data`` in batches; see the module docstring for the errors.
+
+    Under ``torchrun`` each rank certifies a contiguous slice and every rank returns the
+    report of the whole set (:mod:`dualgraph.distributed`)."""
+    from .distributed import gather, world
+    w = world(certifier.device.type)
+    full = len(data)
+    if w.size > 1:
+        part = w.share(full)
+        data = Dataset(data.images[part], data.labels[part], data.name, data.num_classes)
+        progress = progress and w.is_main
     if batch_size < 1:
         raise DualgraphError(f"batch size must be at least 1, got {batch_size}")
     if data.num_classes != certifier.num_outputs:
@@ -72,6 +82,10 @@ def certify_dataset(certifier: Certifier, data: Dataset, eps: float, norm: str =
             bar.update(len(y))
             bar.set_postfix(certified=f"{int(torch.cat(certified).sum())}/{bar.n}")
     seconds = time.perf_counter() - start
-    cert, corr = torch.cat(certified), torch.cat(correct)
+    cert, corr = torch.cat(certified) if certified else torch.zeros(0, dtype=torch.bool), \
+        torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+    if w.size > 1:
+        cert, corr, n = gather(cert, w), gather(corr, w), full
+        seconds = float(gather(torch.tensor([seconds]), w).max())
     return CertifyReport(n, eps, norm, 1 - corr.double().mean().item(), 1 - cert.double().mean().item(),
                          seconds, cert, corr)

@@ -95,6 +95,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
     data = load_dataset(dataset, args.data_dir, split=args.split, limit=args.limit)
     report = certify_dataset(certifier, data, eps, args.norm, None if args.no_clip else (0.0, 1.0),
                              args.batch_size, progress=certifier.config.sound)  # its bar says "certified"
+    from .distributed import world
+    if not world(args.device).is_main:
+        return 0  # rank 0 reports for all (torchrun)
     data, table = report.to_json(), None
     if not certifier.config.sound:
         n_bounds = sum(v.numel for v in certifier.scheduler.bound_targets)
@@ -164,7 +167,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.resume and any((out / f).exists() for f in ("checkpoint.pt", "cascade.json", "stage0/checkpoint.pt")):
         raise DualgraphError(f"{out} already holds a training run; pass --resume to continue it or choose "
                              "another --out")
-    progress = not args.no_progress
+    from .distributed import world
+    main_rank = world(args.device).is_main
+    progress = not args.no_progress and main_rank
     if args.cascade:
         from .cascade import certify_cascade, load_stages, read_manifest, train_cascade
         path = train_cascade(config, args.cascade, train_set, test_set, out, resume=args.resume, progress=progress)
@@ -173,12 +178,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         report = certify_cascade(load_stages(files, BoundConfig()),
                                  [str(f.relative_to(out)) for f in files],
                                  test_set, eps, config.norm, config.clip, config.batch_size, progress=progress)
-        print(report.table())
-        print(f"wrote {path}")
+        if main_rank:
+            print(report.table())
+            print(f"wrote {path}")
     else:
         train(config, train_set, test_set, out, resume=args.resume, progress=progress)
-        print(f"wrote {out / 'model.onnx'}, {out / 'metrics.csv'}, {out / 'metrics.png'}")
-    save_config(out, config, {"dataset": args.dataset, "limit": args.limit, "cascade": args.cascade})
+        if main_rank:
+            print(f"wrote {out / 'model.onnx'}, {out / 'metrics.csv'}, {out / 'metrics.png'}")
+    if main_rank:
+        save_config(out, config, {"dataset": args.dataset, "limit": args.limit, "cascade": args.cascade})
     return 0
 
 

@@ -15,6 +15,8 @@ error / error, test error / robust error at the target eps, seconds) and ``metri
 ``resume=True`` continues from the checkpoint; nothing in an epoch depends on the total
 number of epochs, so a resumed run ends with the same weights as an uninterrupted one.
 At the end ``model.onnx`` is exported and checked against the module in onnxruntime.
+Under ``torchrun`` the batches are shared by the ranks and the gradients summed
+(:mod:`dualgraph.distributed`); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -118,9 +120,12 @@ def train(config: TrainConfig, train_set: Dataset, test_set: Dataset, out: str |
     """Train ``config.model`` robustly on ``train_set``; see the module docstring for what is
     written to ``out``. Returns the trained module (in eval mode)."""
     from models.architectures import build_architecture
+    from .distributed import all_reduce_gradients, all_reduce_sum, barrier, world
     from .training import robust_loss
 
     out = Path(out)
+    w = world(config.device)
+    progress = progress and w.is_main
     seed = config.seed + seed_offset
     torch.manual_seed(seed)
     model = build_architecture(config.model, tuple(train_set.images.shape[1:]), train_set.num_classes)
@@ -133,7 +138,7 @@ def train(config: TrainConfig, train_set: Dataset, test_set: Dataset, out: str |
     checkpoint = out / "checkpoint.pt"
     if resume:
         first_epoch, history, projection_state = _load_checkpoint(checkpoint, config, model, opt, shuffle)
-    else:
+    elif w.is_main:
         out.mkdir(parents=True, exist_ok=True)
     n = len(train_set)
     steps = (n + config.batch_size - 1) // config.batch_size
@@ -151,18 +156,24 @@ def train(config: TrainConfig, train_set: Dataset, test_set: Dataset, out: str |
         with tqdm(total=n, unit="img", desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
                   leave=False) as bar:
             for b in range(steps):
-                idx = perm[b * config.batch_size:(b + 1) * config.batch_size]
+                batch = perm[b * config.batch_size:(b + 1) * config.batch_size]
+                idx = batch[w.share(len(batch))]  # this rank's share of the batch
                 x, y = x_all[idx].to(config.device), y_all[idx].to(config.device)
                 eps = config.eps_at(epoch * steps + b, steps)
-                loss, robust_err = robust_loss(model, x, y, eps, bound_config, config.clip, config.norm)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if len(idx):
+                    loss, robust_err = robust_loss(model, x, y, eps, bound_config, config.clip, config.norm)
+                    (loss * (len(idx) / len(batch))).backward()  # summed over ranks: the batch mean
+                    with torch.no_grad():
+                        err = float((model(x).argmax(1) != y).double().mean())
+                    sums = torch.tensor([float(loss.detach()), robust_err, err], dtype=torch.float64) * len(idx)
+                else:
+                    sums = torch.zeros(3, dtype=torch.float64)
+                all_reduce_gradients(model, w)
                 opt.step()
-                with torch.no_grad():
-                    err = float((model(x).argmax(1) != y).double().mean())
-                totals += np.array([float(loss.detach()), robust_err, err]) * len(y)
-                bar.update(len(y))
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", eps=f"{eps:.3f}")
+                totals += all_reduce_sum(sums, w).numpy()
+                bar.update(len(batch))
+                bar.set_postfix(loss=f"{totals[0] / max(1, bar.n):.3f}", eps=f"{eps:.3f}")
         model.eval()
         test_err, test_rob = evaluate(model, test_set, config)
         history.append(dict(zip(METRICS, [epoch + 1, eps, config.lr_at(epoch), *(totals / n), test_err, test_rob,
@@ -173,11 +184,15 @@ def train(config: TrainConfig, train_set: Dataset, test_set: Dataset, out: str |
                        f"train robust err {row['train_robust_error']:.4f} test err {test_err:.4f} "
                        f"test robust err {test_rob:.4f} ({row['seconds']:.1f} s)")
         generator = _projection_generator(model, x_all, bound_config)
-        _save_checkpoint(checkpoint, config, model, opt, shuffle, history, epoch + 1,
-                         None if generator is None else generator.get_state())
-        write_metrics(out, history)
+        if w.is_main:
+            _save_checkpoint(checkpoint, config, model, opt, shuffle, history, epoch + 1,
+                             None if generator is None else generator.get_state())
+            write_metrics(out, history)
+        barrier(w)
     model.eval()
-    export_onnx(model, out / "model.onnx", test_set.images[:8])
+    if w.is_main:
+        export_onnx(model, out / "model.onnx", test_set.images[:8])
+    barrier(w)
     return model
 
 
