@@ -148,7 +148,7 @@ class ForwardBounds:
         if isinstance(rule, AffineRule):
             args = _with_consts(node, center)
             center.update(zip(node.outputs, _eval(node, args)))
-            sources = {k for v in ins for k in cols[v]}
+            sources = list(dict.fromkeys(k for v in ins for k in cols[v]))  # fixed order: float sums repeat
             out_cols: list[dict] = [{} for _ in node.outputs]
             for key in sources:
                 parts = [cols[v].get(key) for v in ins]
