@@ -14,6 +14,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                 "exact certification throughput of the paper's MNIST model vs the reference implementation"),
     "scaling": ("dualgraph.bench.scaling",
                 "time and peak memory of one robust-loss step as the network grows: exact vs random projections"),
+    "train": ("dualgraph.bench.train",
+              "robust training of the paper's small MNIST model vs the reference implementation, same loop"),
 }
 
 
