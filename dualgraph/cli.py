@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="certify only the first N examples")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds and report the examples finished")
     _add_bound_args(p)
     _add_projection_args(p)
 

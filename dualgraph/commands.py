@@ -93,8 +93,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
         raise DualgraphError(f"--batch-size must be at least 1, got {args.batch_size}")
     certifier = _certifier(args, _load(args))  # the model first: its errors matter more than the data's
     data = load_dataset(dataset, args.data_dir, split=args.split, limit=args.limit)
+    from .deadline import Deadline
+    if args.timeout is not None and not (args.timeout > 0 and args.timeout < float("inf")):
+        raise DualgraphError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     report = certify_dataset(certifier, data, eps, args.norm, None if args.no_clip else (0.0, 1.0),
-                             args.batch_size, progress=certifier.config.sound)  # its bar says "certified"
+                             args.batch_size, progress=certifier.config.sound,  # its bar says "certified"
+                             deadline=Deadline(args.timeout))
     from .distributed import world
     if not world(args.device).is_main:
         return 0  # rank 0 reports for all (torchrun)
@@ -264,8 +268,11 @@ def _verify_config(args):
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    import math
     import sys
     from .verification import verify_instance, write_result
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise DualgraphError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     try:
         result = verify_instance(args.model, args.property, args.timeout, _verify_config(args))
     except Exception:

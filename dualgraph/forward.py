@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from .deadline import NEVER, Deadline
 from .dual_registry import AffineRule, Bounds, dual_rule, naming_node, runs_forward
 from .errors import DualgraphError
 from .input_sets import InputSet
@@ -93,9 +94,10 @@ def forward_supported(graph: Graph, nodes: list[Node], config) -> bool:
 class ForwardBounds:
     """Runs the transposed dual network forward once, giving bounds of every target."""
 
-    def __init__(self, graph: Graph, config, scheme: ColumnScheme | None = None) -> None:
+    def __init__(self, graph: Graph, config, scheme: ColumnScheme | None = None, deadline: Deadline = NEVER) -> None:
         self.graph, self.config = graph, config
         self.scheme = scheme or ExactColumns()
+        self.deadline = deadline
 
     def bounds(self, targets: list[Value], input_set: InputSet,
                bounds: dict[Value, Bounds] | None = None, widen=None) -> dict[Value, Bounds]:
@@ -120,6 +122,7 @@ class ForwardBounds:
         if x in wanted:
             bounds[x] = self._finish(x, center[x], cols[x], input_set)
         for node in nodes:
+            self.deadline.check()
             self._run_node(node, center, cols, bounds)
             for v in node.outputs:
                 if v in wanted and v in center:

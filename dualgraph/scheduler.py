@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from . import patches
+from .deadline import NEVER, Deadline
 from .dual_registry import Bounds, DualStep, ElementwiseRule, dual_rule, naming_node
 from .errors import DualgraphError
 from .forward import ForwardBounds, forward_supported
@@ -161,6 +162,7 @@ class BoundScheduler:
         self._duals: dict[Value, Graph] = {}
         self._patch_cache: dict = {}  # window-to-window transpose matrices of Convs
         self._proj_state = None  # random-projection generators (dualgraph.projections), on first use
+        self.deadline: Deadline = NEVER  # checked before every dual step, chunk and forward node
         self.dual(self.output)  # fails early, listing every op without a dual layer
         needed: list[Value] = []
         for node in graph.ancestors(self.output):
@@ -184,8 +186,8 @@ class BoundScheduler:
                 return self._projections().bounds(self.graph, self.bound_targets, input_set, batch.bounds,
                                                   batch.rounding.widen_forward)
             if self.bound_targets and self.uses_forward:
-                return ForwardBounds(self.graph, self.config).bounds(self.bound_targets, input_set, batch.bounds,
-                                                                     batch.rounding.widen_forward)
+                return ForwardBounds(self.graph, self.config, deadline=self.deadline).bounds(
+                    self.bound_targets, input_set, batch.bounds, batch.rounding.widen_forward)
             for v in self.bound_targets:
                 batch.bounds[v] = batch.rounding.widen(v, self.value_bounds(v, batch))
         return batch.bounds
@@ -271,6 +273,7 @@ class BoundScheduler:
             return Bounds(lo.reshape(size, *v.unit_shape), up.reshape(size, *v.unit_shape))
         lows, ups = [], []
         for start in range(0, n, chunk):
+            self.deadline.check()
             k = min(chunk, n - start)
             rows = torch.zeros(1, k, n, dtype=like.dtype, device=like.device)
             rows[0, torch.arange(k), torch.arange(start, start + k)] = 1.0
@@ -335,6 +338,7 @@ class BoundScheduler:
     def _run_from(self, dual: Graph, first: int, env: dict, batch: Batch,
                   lower, upper, m: int, prune=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         for i in range(first, len(dual.nodes)):
+            self.deadline.check()
             node = dual.nodes[i]
             if prune is not None and upper is not None and self._can_prune_at(node, env, batch.bounds):
                 return self._pruned(dual, i, env, batch, lower, upper, m, prune)
@@ -406,6 +410,7 @@ class BoundScheduler:
         of primal value ``space``) from dual node ``first``."""
         nodes = dual.nodes
         for i in range(first, len(nodes)):
+            self.deadline.check()
             node = nodes[i]
             if node.inputs[0] is not current or len(node.inputs) != 1:
                 break  # the dual graph branches here: continue densely

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .deadline import Deadline, DeadlineExceeded
 from .errors import DualgraphError, UnsupportedOpError
 from .vnnlib import VnnlibProperty, format_counterexample, read_vnnlib
 
@@ -190,26 +191,12 @@ class VerifyModel:
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1  # tiny batches: threads cost more than they give
             options.log_severity_level = 3
-            self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            source = str(self.path)
+            if self.path.suffix == ".gz":
+                from .files import read_bytes
+                source = read_bytes(self.path, "ONNX file")
+            self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         return self._session
-
-
-class _Clock:
-    def __init__(self, timeout: float, start: float | None = None) -> None:
-        self.start = time.monotonic() if start is None else start
-        self.deadline = self.start + max(0.0, float(timeout))
-
-    @property
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
-
-    @property
-    def expired(self) -> bool:
-        return self.remaining <= 0
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
 
 
 class _Found(Exception):
@@ -232,7 +219,7 @@ def verify_property(model: VerifyModel, prop: VnnlibProperty | Sequence[VnnlibPr
     fit the model.
     """
     props = [prop] if isinstance(prop, VnnlibProperty) else list(prop)
-    clock = _Clock(timeout, start)
+    clock = Deadline(timeout, start)
     details: dict[str, Any] = {"boxes": len(props), "unconfirmed": 0}
     for p in props:
         if p.n_inputs != model.n_inputs or p.n_outputs != model.n_outputs:
@@ -244,7 +231,7 @@ def verify_property(model: VerifyModel, prop: VnnlibProperty | Sequence[VnnlibPr
     except _Found as found:
         details["method"] = found.method
         return _finish(VerifyResult("sat", clock.elapsed, found.x, found.y, details), timeout)
-    except _Timeout:
+    except (_Timeout, DeadlineExceeded):  # between phases, or inside a bound computation
         answer = "timeout"
     return _finish(VerifyResult(answer, clock.elapsed, details=details), timeout)
 
@@ -259,7 +246,7 @@ def _finish(result: VerifyResult, timeout: float) -> VerifyResult:
 class _Search:
     """The phases of :func:`verify_property` for one instance."""
 
-    def __init__(self, model: VerifyModel, config: VerifyConfig, clock: _Clock, details: dict) -> None:
+    def __init__(self, model: VerifyModel, config: VerifyConfig, clock: Deadline, details: dict) -> None:
         self.model, self.config, self.clock, self.details = model, config, clock, details
 
     def run(self, props: list[VnnlibProperty]) -> str:
@@ -389,6 +376,7 @@ class _Search:
         if not len(d):
             return set()  # only row-less conjunctions: all of the output space
         cert = self.model.certifier(relaxation)
+        cert.scheduler.deadline = self.clock
         lo, hi = (torch.tensor(a, dtype=torch.float64).reshape(1, *self.model.input_shape)
                   for a in (p.input_lo, p.input_hi))
         lo, hi = outward(lo, hi, torch.float64)  # the decimals of the file were rounded to binary
@@ -410,6 +398,7 @@ class _Search:
         if (np.bincount(owner, minlength=len(p.unsafe)) == 0).any():
             return False  # a row-less conjunction can never be proved empty
         cert = self.model.certifier(cfg.relaxations[-1])
+        cert.scheduler.deadline = self.clock
         spec = torch.as_tensor(C, dtype=torch.float64)[None]
         lo0, hi0 = outward(*(torch.tensor(a, dtype=torch.float64)[None] for a in (p.input_lo, p.input_hi)),
                            torch.float64)

@@ -94,12 +94,9 @@ class VnnlibProperty:
 
 
 def read_vnnlib(path: str | Path) -> list[VnnlibProperty]:
-    """Read a VNN-LIB 1.0 file: one :class:`VnnlibProperty` per distinct input box."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise DualgraphError(f"cannot read VNN-LIB file {path}: {e.strerror}; check the path") from None
-    return parse_vnnlib(text, source=str(path))
+    """Read a VNN-LIB 1.0 file (``.vnnlib.gz`` too): one :class:`VnnlibProperty` per distinct input box."""
+    from .files import read_text
+    return parse_vnnlib(read_text(path, "VNN-LIB file"), source=str(path))
 
 
 def parse_vnnlib(text: str, source: str = "<string>") -> list[VnnlibProperty]:

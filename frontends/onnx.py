@@ -36,6 +36,7 @@ import onnx
 import torch
 
 from dualgraph.errors import DualgraphError
+from dualgraph.files import read_bytes
 from dualgraph.ir import Graph
 from frontends.onnx_importer import _Importer, supported_ops
 
@@ -96,8 +97,9 @@ def _read_model(path: Path) -> onnx.ModelProto:
         raise DualgraphError(f"ONNX file '{path}' does not exist")
     if path.is_dir():
         raise DualgraphError(f"'{path}' is a directory, not an ONNX file")
+    data = read_bytes(path, "ONNX file")  # .onnx.gz is decompressed
     try:
-        model = onnx.load(str(path))
+        model = onnx.load_from_string(data)
     except Exception as exc:  # DecodeError, truncated files, bad external-data references
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise DualgraphError(f"'{path}' is not a valid ONNX model (cannot parse it: {reason})") from None

@@ -1,0 +1,36 @@
+"""Reading input files: gzip-compressed ones (``.gz``, as VNN-COMP distributes its
+``.onnx.gz`` and ``.vnnlib.gz`` files) are decompressed transparently."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+from .errors import DualgraphError
+
+
+def read_bytes(path: str | Path, what: str) -> bytes:
+    """The contents of ``path`` (decompressed if it ends in ``.gz``); one-line errors."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise DualgraphError(f"'{path}' is a directory, not a {what}") from None
+    except OSError as e:
+        raise DualgraphError(f"cannot read {what} '{path}': {e.strerror}; check the path") from None
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DualgraphError(f"'{path}' is not a valid gzip file ({e}); decompress or re-download it") from None
+    return data
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """:func:`read_bytes` decoded as UTF-8 (an error names the file and the offset)."""
+    data = read_bytes(path, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DualgraphError(f"'{path}' is not UTF-8 text (byte {e.start}); is it really a {what}?") from None
