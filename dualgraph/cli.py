@@ -22,11 +22,18 @@ def _add_model_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("--std", type=float, nargs="+", help="input normalisation the model expects: per-channel std")
 
 
+def _add_memory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory budget of the bound computations, e.g. 4G or 500M (default: half of the memory "
+                        "available now): chunks are sized to it and a direction that cannot fit is not chosen")
+
+
 def _add_bound_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--relaxation", choices=["paper", "crown"], default="paper",
                    help="ReLU lower slope: paper = u/(u-l) as in Wong et al. (default), crown = adaptive (tighter)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    _add_memory_arg(p)
 
 
 def _add_projection_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +57,7 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); 1 is much "
                                                "faster for small networks on a busy machine")
+    _add_memory_arg(p)
 
 
 def _add_verify_parsers(sub) -> None:

@@ -35,7 +35,28 @@ def _bound_config(args, **options):
             raise DualgraphError("--delta and --proj-seed need --proj R (random projections)")
         extra = dict(proj=proj, proj_seed=args.proj_seed, delta=args.delta,
                      proj_estimator="geometric" if args.delta is not None else "median")
-    return BoundConfig(relu_relaxation=args.relaxation, **extra, **options)
+    return BoundConfig(relu_relaxation=args.relaxation, max_memory=max_memory(args), **extra, **options)
+
+
+def max_memory(args) -> int:
+    """``--max-memory`` in bytes (``4G``, ``500M``, ``123456``), default half of the memory
+    available now (``MemAvailable`` on Linux; 4 GB where it cannot be read)."""
+    text = getattr(args, "max_memory", None)
+    if text is None:
+        try:
+            with open("/proc/meminfo") as f:
+                kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+            return max(kb * 1024 // 2, 1 << 26)
+        except (OSError, StopIteration, ValueError):
+            return 4 << 30
+    import re
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)I?B?\s*", str(text).upper())
+    if not m:
+        raise DualgraphError(f"--max-memory: cannot read '{text}'; give a size such as 4G, 500M or 1073741824")
+    size = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
+    if size < (1 << 20):
+        raise DualgraphError(f"--max-memory must be at least 1M, got '{text}'")
+    return int(size)
 
 
 def _certifier(args, graph, **options):
@@ -264,7 +285,7 @@ def _verify_config(args):
         torch.set_num_threads(args.threads)
     return VerifyConfig(attack_steps=args.attack_steps, attack_restarts=args.attack_restarts,
                         attack_rounds=args.attack_rounds, split_max_inputs=0 if args.no_split else 16,
-                        seed=args.seed, device=args.device)
+                        seed=args.seed, device=args.device, max_memory=max_memory(args))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -28,8 +28,10 @@ that name the primal node. Bounds are differentiable in the graph's constants.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -54,6 +56,10 @@ class BoundConfig:
         ``"crown"`` (lower slope 1 if ``u > -l`` else 0; tighter, not a linear dual layer).
     max_elements: memory budget for one chunk of dual variables, in tensor elements;
         the identity rows of a layer are split into chunks that fit.
+    max_memory: a memory budget in bytes (None: only ``max_elements``). Chunks of rows are
+        sized to fit it, and the forward direction (whose identity columns are not chunked)
+        is not chosen when its estimated peak exceeds it (``direction="forward"`` is then an
+        error naming the node and the size).
     direction: how intermediate bounds are computed: ``"backward"`` (one dual pass from
         each layer's units), ``"forward"`` (Appendix F: identity columns of the input and
         of every activation's crossing units pushed forward; needs linear dual layers) or
@@ -75,6 +81,7 @@ class BoundConfig:
 
     relu_relaxation: str = "paper"
     max_elements: int = 1 << 25
+    max_memory: int | None = None
     direction: str = "auto"
     patches: bool = True
     prune_stable: bool = True
@@ -91,6 +98,8 @@ class BoundConfig:
             raise DualgraphError(f"unknown relu relaxation '{self.relu_relaxation}'; use paper or crown")
         if self.max_elements < 1:
             raise DualgraphError("max_elements must be positive")
+        if self.max_memory is not None and self.max_memory < (1 << 20):
+            raise DualgraphError(f"max_memory must be at least 1 MB, got {self.max_memory} bytes")
         self._check_projections()
 
     def _check_projections(self) -> None:
@@ -185,11 +194,14 @@ class BoundScheduler:
             if self.bound_targets and self.config.proj is not None:
                 return self._projections().bounds(self.graph, self.bound_targets, input_set, batch.bounds,
                                                   batch.rounding.widen_forward)
-            if self.bound_targets and self.uses_forward:
-                return ForwardBounds(self.graph, self.config, deadline=self.deadline).bounds(
-                    self.bound_targets, input_set, batch.bounds, batch.rounding.widen_forward)
+            center = input_set.center
+            if self.bound_targets and self.forward_for(center.shape[0], center.element_size()):
+                with _out_of_memory_as_error("the forward direction"):
+                    return ForwardBounds(self.graph, self.config, deadline=self.deadline).bounds(
+                        self.bound_targets, input_set, batch.bounds, batch.rounding.widen_forward)
             for v in self.bound_targets:
-                batch.bounds[v] = batch.rounding.widen(v, self.value_bounds(v, batch))
+                with _out_of_memory_as_error(v.name):
+                    batch.bounds[v] = batch.rounding.widen(v, self.value_bounds(v, batch))
         return batch.bounds
 
     def batch(self, input_set: InputSet, bounds: dict[Value, Bounds]) -> Batch:
@@ -221,19 +233,61 @@ class BoundScheduler:
 
     @property
     def uses_forward(self) -> bool:
-        """Whether intermediate bounds run forward (Appendix F) rather than backward."""
+        """Whether intermediate bounds run forward (Appendix F) rather than backward (for one example)."""
+        return self.forward_for(1, 4)
+
+    def forward_for(self, batch: int, itemsize: int) -> bool:
+        """Whether intermediate bounds of ``batch`` examples run forward: linear dual layers,
+        cheaper by the operation count, and within ``max_memory``."""
         if self.config.direction == "backward" or not self.bound_targets:
             return False
+        if not self._forward_possible():
+            return False
+        peak, node = self.forward_peak_bytes(batch, itemsize)
+        budget = self.config.max_memory
+        if budget is not None and peak > budget:
+            if self.config.direction == "forward":
+                raise DualgraphError(f"the forward direction needs about {peak / 2**20:.0f} MB at node '{node}' "
+                                     f"(budget {budget / 2**20:.0f} MB); use direction 'auto' or 'backward', or "
+                                     "a larger --max-memory")
+            return False
+        if self.config.direction == "forward":
+            return True
+        fwd, bwd = self.operation_counts()
+        return fwd < bwd
+
+    def forward_peak_bytes(self, batch: int, itemsize: int) -> tuple[float, str]:
+        """Estimated peak memory of the forward direction and the node where it is reached:
+        the columns pushed through a node times its output units, for its input and output."""
+        columns = self._forward_columns()
+        peak, where = 0.0, ""
+        for n in self.graph.ancestors(self.bound_targets[-1]):
+            k = columns[n.outputs[0]]
+            size = 3.0 * k * sum(o.numel for o in n.outputs) * batch * itemsize
+            if size > peak:
+                peak, where = size, n.name
+        return peak, where
+
+    def _forward_possible(self) -> bool:
         nodes = self.graph.ancestors(self.bound_targets[-1])
         if not forward_supported(self.graph, nodes, self.config):
             if self.config.direction == "forward":
                 raise DualgraphError("direction 'forward' needs linear dual layers everywhere (paper ReLU "
                                      "relaxation, no MaxPool); use direction 'backward' or 'auto'")
             return False
-        if self.config.direction == "forward":
-            return True
-        fwd, bwd = self.operation_counts()
-        return fwd < bwd
+        return True
+
+    def _forward_columns(self) -> dict[Value, float]:
+        """Columns the forward direction pushes through each value: the input's, plus (about
+        half of) each activation's units."""
+        columns = {self.graph.inputs[0]: float(self.graph.inputs[0].numel)}
+        for n in self.graph.ancestors(self.bound_targets[-1]):
+            k = max((columns.get(v, 0.0) for v in n.var_inputs), default=0.0)
+            if dual_rule(n).needs_bounds:
+                k += n.output.numel / 2
+            for o in n.outputs:
+                columns[o] = k
+        return columns
 
     def operation_counts(self) -> tuple[float, float]:
         """Rough multiply counts (per example) of the forward and backward directions.
@@ -246,15 +300,8 @@ class BoundScheduler:
         ops = self.graph.ancestors(self.bound_targets[-1])
         size = {n: _macs(n) for n in ops}
         bwd = sum(t.numel * sum(size[n] for n in self.graph.ancestors(t)) for t in self.bound_targets)
-        columns = {self.graph.inputs[0]: float(self.graph.inputs[0].numel)}
-        fwd = 0.0
-        for n in ops:
-            k = max((columns.get(v, 0.0) for v in n.var_inputs), default=0.0)
-            if dual_rule(n).needs_bounds:
-                k += n.output.numel / 2
-            for o in n.outputs:
-                columns[o] = k
-            fwd += k * size[n]
+        columns = self._forward_columns()
+        fwd = sum(columns[n.outputs[0]] * size[n] for n in ops)
         return fwd, bwd
 
     def value_bounds(self, v: Value, batch: Batch) -> Bounds:
@@ -265,7 +312,10 @@ class BoundScheduler:
         linear = all(d.meta["rule"].linear(d.meta["primal"], self.config) for d in dual.nodes if "rule" in d.meta)
         widest = max([int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
                       if val.shape is not None and len(val.shape) > 2] + [n])
-        chunk = max(1, self.config.max_elements // (widest * size * (1 if linear else 2)))
+        elements = self.config.max_elements
+        if self.config.max_memory is not None:  # a few tensors of the widest rows are alive at once
+            elements = min(elements, self.config.max_memory // (6 * batch.input_set.center.element_size()))
+        chunk = max(1, elements // (widest * size * (1 if linear else 2)))
         like = batch.input_set.center
         prune = self.stable_pieces(v) if linear else None
         if self.config.patches and v.producer is not None and patches.conv_geometry(v.producer) is not None:
@@ -320,7 +370,7 @@ class BoundScheduler:
         batch = getattr(bounds, "batch", None)
         if batch is None or batch.input_set is not input_set:
             batch = self.batch(input_set, bounds)
-        with full_precision_matmul(input_set.center.device):
+        with full_precision_matmul(input_set.center.device), _out_of_memory_as_error(self.output.name):
             lower, _ = self.run(self.dual(self.output), rows, replace(batch, per_row=True))
         return lower
 
@@ -531,6 +581,21 @@ def _refine(lower: torch.Tensor, upper: torch.Tensor, breakpoints: tuple[float, 
         return every_row()
     lo, up = exact(examples, rows)
     return lower.index_put((examples, rows), lo[:, 0]), upper.index_put((examples, rows), up[:, 0])
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_error(where: str) -> Iterator[None]:
+    """Running out of memory is a one-line error naming what was being bounded and the size."""
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in text:
+            raise
+        size = re.search(r"allocate ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", text)
+        raise DualgraphError(f"out of memory while bounding '{where}'"
+                             + (f" (asked for {size.group(1)})" if size else "")
+                             + "; use a smaller --batch-size or a smaller --max-memory budget") from None
 
 
 def _box_radius(batch: Batch, v: Value, w: Bounds) -> torch.Tensor:

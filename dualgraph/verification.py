@@ -70,6 +70,7 @@ class VerifyConfig:
         inputs (0: never); ``split_batch`` pieces are bounded per call, and splitting
         gives up (``unknown``) after ``split_max_boxes`` pieces.
     unsat_margin: relative safety margin of a proof (see the module docstring).
+    max_memory: memory budget of the bound computations in bytes (``BoundConfig.max_memory``).
     """
 
     relaxations: tuple[str, ...] = ("paper", "crown")
@@ -82,6 +83,7 @@ class VerifyConfig:
     unsat_margin: float = 1e-9
     seed: int = 0
     device: str = "cpu"
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         if not self.relaxations or any(r not in ("paper", "crown") for r in self.relaxations):
@@ -123,7 +125,7 @@ class VerifyModel:
     attacks run on it in float64), a Certifier per relaxation, and an onnxruntime session
     of the original file (counterexamples are confirmed there)."""
 
-    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+    def __init__(self, path: str | Path, device: str = "cpu", max_memory: int | None = None) -> None:
         from .api import load_model
         self.path = Path(path)
         self.graph = load_model(self.path)
@@ -134,7 +136,7 @@ class VerifyModel:
         if last is not None and last.op_type == "Softmax":
             raise UnsupportedOpError(f"'{self.path}' ends in Softmax (node '{last.name}'); VNN-LIB outputs would be "
                                      "probabilities, and bounds through Softmax are not supported")
-        self.device = device
+        self.device, self.max_memory = device, max_memory
         self.n_inputs = self.graph.inputs[0].numel
         self.n_outputs = self.graph.outputs[0].numel
         self.input_shape = tuple(self.graph.inputs[0].unit_shape)
@@ -149,8 +151,8 @@ class VerifyModel:
         if relaxation not in self._certifiers:
             from .api import Certifier
             from .scheduler import BoundConfig
-            self._certifiers[relaxation] = Certifier(self.graph, BoundConfig(relu_relaxation=relaxation),
-                                                     device=self.device, dtype=torch.float64)
+            config = BoundConfig(relu_relaxation=relaxation, max_memory=self.max_memory)
+            self._certifiers[relaxation] = Certifier(self.graph, config, device=self.device, dtype=torch.float64)
         return self._certifiers[relaxation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -458,7 +460,7 @@ def verify_instance(onnx_path: str | Path, vnnlib_path: str | Path, timeout: flo
     ``model`` is given, loading the ONNX file."""
     start = time.monotonic()
     if model is None:
-        model = VerifyModel(onnx_path, config.device)
+        model = VerifyModel(onnx_path, config.device, config.max_memory)
     props = read_vnnlib(vnnlib_path)
     return verify_property(model, props, timeout, config, start=start)
 
@@ -545,7 +547,7 @@ def run_instances(csv_path: str | Path, root: str | Path | None = None, out: str
         if key not in models:
             t = time.monotonic()
             try:
-                models[key] = VerifyModel(onnx_path, config.device)
+                models[key] = VerifyModel(onnx_path, config.device, config.max_memory)
             except DualgraphError as exc:
                 models[key] = exc
             load_seconds += time.monotonic() - t

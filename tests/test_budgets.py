@@ -109,3 +109,67 @@ def test_corrupt_gzip_and_non_utf8_are_one_line_errors(tmp_path, capsys):
     latin.write_bytes(b"; caf\xe9\n(declare-const X_0 Real)\n")
     assert main(["verify", model, str(latin)]) == 2
     assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+def wide_graph(n_in: int = 20, width: int = 2000):
+    module = torch.nn.Sequential(torch.nn.Linear(n_in, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                 torch.nn.ReLU(), torch.nn.Linear(width, 3))
+    torch.manual_seed(0)
+    for m in module:
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=1 / m.in_features ** 0.5)
+    return load_model(module, torch.zeros(2, n_in))
+
+
+def test_a_direction_that_does_not_fit_the_budget_is_not_chosen():
+    from dualgraph.errors import DualgraphError
+    from dualgraph.input_sets import linf_ball
+    from dualgraph.scheduler import BoundConfig, BoundScheduler
+    from passes.build_dual import build_dual
+    graph = wide_graph()
+    free = BoundScheduler(graph, build_dual, BoundConfig())
+    tight = BoundScheduler(graph, build_dual, BoundConfig(max_memory=16 << 20))
+    x = torch.rand(4, 20)
+    peak, node = free.forward_peak_bytes(4, 4)
+    assert free.forward_for(4, 4) and peak > 16 << 20  # cheaper by operation count, but large
+    assert not tight.forward_for(4, 4)
+    box = linf_ball(x, 0.05)
+    raw = dict(rounding_allowance=False)  # the two directions' allowances differ a little
+    a = BoundScheduler(graph, build_dual, BoundConfig(**raw)).intermediate_bounds(box)
+    b = BoundScheduler(graph, build_dual, BoundConfig(max_memory=16 << 20, **raw)).intermediate_bounds(box)
+    for v in a:
+        assert torch.allclose(a[v].lower, b[v].lower, rtol=1e-4, atol=1e-4)
+    forced = BoundScheduler(graph, build_dual, BoundConfig(direction="forward", max_memory=16 << 20))
+    with pytest.raises(DualgraphError, match=rf"needs about \d+ MB at node '{node}'"):
+        forced.intermediate_bounds(box)
+
+
+def test_rows_are_chunked_to_the_budget():
+    """Backward rows of a 2000-unit layer: peak resident memory stays near the budget."""
+    import threading
+    from dualgraph.input_sets import linf_ball
+    from dualgraph.scheduler import BoundConfig, BoundScheduler
+    from passes.build_dual import build_dual
+    graph = wide_graph(n_in=784)
+    budget = 48 << 20
+    sched = BoundScheduler(graph, build_dual, BoundConfig(direction="backward", max_memory=budget))
+    box = linf_ball(torch.rand(8, 784), 0.01)
+    page = 4096
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+    sched.intermediate_bounds(linf_ball(torch.rand(1, 784), 0.01))  # warm up (allocator, caches)
+    start, peak, stop = rss(), [0], threading.Event()
+
+    def sample():
+        while not stop.wait(0.002):
+            peak[0] = max(peak[0], rss())
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        sched.intermediate_bounds(box)
+    finally:
+        stop.set()
+        t.join()
+    assert peak[0] - start < 3 * budget, (peak[0] - start) / 2**20
