@@ -232,6 +232,7 @@ def verify_property(model: VerifyModel, prop: VnnlibProperty | Sequence[VnnlibPr
         answer = search.run(props)
     except _Found as found:
         details["method"] = found.method
+        details["confirmed_by"] = "onnxruntime"
         return _finish(VerifyResult("sat", clock.elapsed, found.x, found.y, details), timeout)
     except (_Timeout, DeadlineExceeded):  # between phases, or inside a bound computation
         answer = "timeout"
@@ -305,7 +306,28 @@ class _Search:
                          restarts=cfg.attack_restarts, seed=seed, time_limit=max(self.clock.remaining, 0.0))
         self.details["attack_rounds"] = self.details.get("attack_rounds", 0) + 1
         if bool(res.found[0]):
-            self._confirm(p, res.x.reshape(1, -1).double().numpy(), f"attack (PGD, seed {seed})")
+            x = res.x.reshape(1, -1).double().numpy()
+            self._confirm(p, x, f"attack (PGD, seed {seed})")
+            self._refine(p, x[0], f"attack (PGD, seed {seed}, refined in onnxruntime)")
+
+    def _refine(self, p: VnnlibProperty, x: np.ndarray, method: str, steps: int = 24) -> None:
+        """A candidate the IR finds unsafe but onnxruntime does not (their float32 results
+        differ near the boundary): step deeper into the unsafe set along the IR's gradient,
+        with growing steps, until onnxruntime confirms a point (:class:`_Found`) or the steps
+        or the time run out. Every point tested is in the box and run in onnxruntime."""
+        from .attack import unsafe_margin
+        lo, hi = p.input_lo, p.input_hi
+        width = np.maximum(hi - lo, 0.0)
+        unsafe = [(torch.tensor(c.C), torch.tensor(c.d)) for c in p.unsafe]
+        alpha = 1e-4
+        for _ in range(steps):
+            self._tick()
+            t = torch.tensor(x, dtype=torch.float64).reshape(1, -1).requires_grad_(True)
+            margin = unsafe_margin(self.model.forward(t), unsafe).sum()
+            (grad,) = torch.autograd.grad(margin, t)
+            x = np.clip(x - alpha * width * np.sign(grad[0].numpy()), lo, hi)
+            self._confirm(p, x[None], method)
+            alpha *= 2
 
     def _confirm(self, p: VnnlibProperty, xs: np.ndarray, method: str) -> None:
         """Raise :class:`_Found` for the first of the candidates ``xs [B, n]`` that

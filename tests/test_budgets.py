@@ -173,3 +173,49 @@ def test_rows_are_chunked_to_the_budget():
         stop.set()
         t.join()
     assert peak[0] - start < 3 * budget, (peak[0] - start) / 2**20
+
+
+def test_a_candidate_onnxruntime_does_not_confirm_is_refined_until_it_does(tmp_path, monkeypatch):
+    """The IR the attack runs on is made to see outputs 0.05 more unsafe than onnxruntime
+    (as a model whose two evaluations differ near the boundary would): its hit is not
+    confirmed, and stepping deeper along the gradient finds a point onnxruntime confirms."""
+    w = numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "id",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
+    path = tmp_path / "id.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = VerifyModel(path)
+    fast = model.forward_fast
+    monkeypatch.setattr(model, "forward_fast", lambda x: fast(x) + torch.tensor([0.05, 0.0], dtype=x.dtype))
+    text = ("(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"
+            "(assert (>= X_0 0.0))\n(assert (<= X_0 0.6))\n(assert (>= X_1 0.0))\n(assert (<= X_1 1.0))\n"
+            "(assert (>= Y_0 0.5))\n")
+    config = VerifyConfig(attack_rounds=1, attack_restarts=1, attack_steps=200, relaxations=("paper",))
+    result = verify_property(model, parse_vnnlib(text), 20.0, config)
+    assert result.answer == "sat", result
+    assert "refined in onnxruntime" in result.details["method"] and result.details["confirmed_by"] == "onnxruntime"
+    assert 0.5 <= result.x[0] <= 0.6
+
+
+def test_verify_on_a_large_input_convolutional_network_ends_inside_its_budget(tmp_path):
+    """A detector-sized input (3x96x96): the answer, whatever it is, arrives within the limit + 1 s."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 24 * 24, 2))
+    path = tmp_path / "conv.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 96, 96),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y"])
+    n = 3 * 96 * 96
+    text = box_property(n, 0.02, "(assert (>= Y_0 1000.0))\n")
+    start = time.monotonic()
+    result = verify_instance(path, _write(tmp_path / "p.vnnlib", text), 4.0,
+                             VerifyConfig(max_memory=256 << 20, attack_restarts=2, attack_steps=10))
+    assert time.monotonic() - start < 4.0 + 1.0
+    assert result.answer in ("unsat", "unknown", "timeout")
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
