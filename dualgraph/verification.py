@@ -495,6 +495,12 @@ class InstanceRow:
     answer: str
     seconds: float
     message: str = ""
+    timeout: float = float("inf")
+
+    @property
+    def overrun(self) -> float:
+        """Seconds past the instance's time limit (0 when within it)."""
+        return max(0.0, self.seconds - self.timeout)
 
 
 @dataclass
@@ -513,11 +519,16 @@ class RunSummary:
         return statistics.median(r.seconds for r in self.rows) if self.rows else 0.0
 
     def text(self) -> str:
+        import resource
         counts = ", ".join(f"{a} {n}" for a, n in self.counts.items())
         inst = sum(r.seconds for r in self.rows)
+        worst = max((r.overrun for r in self.rows), default=0.0)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return (f"{len(self.rows)} instances: {counts}\n"
                 f"time: total {self.total_seconds:.1f} s (instances {inst:.1f} s, model loading "
-                f"{self.load_seconds:.1f} s), median {self.median_seconds:.2f} s per instance")
+                f"{self.load_seconds:.1f} s), median {self.median_seconds:.2f} s per instance, "
+                f"slowest {max((r.seconds for r in self.rows), default=0.0):.2f} s, worst overrun of a time "
+                f"limit {worst:.2f} s; peak resident memory {peak:.0f} MB")
 
 
 def read_instances(csv_path: str | Path, root: str | Path | None = None) -> list[tuple[Path, Path, float]]:
@@ -579,14 +590,15 @@ def run_instances(csv_path: str | Path, root: str | Path | None = None, out: str
             if isinstance(model, Exception):
                 raise model
             result = verify_instance(onnx_path, vnnlib_path, timeout, config, model=model)
-            row = InstanceRow(name, str(onnx_path), str(vnnlib_path), result.answer, result.seconds)
+            row = InstanceRow(name, str(onnx_path), str(vnnlib_path), result.answer, result.seconds, timeout=timeout)
             text = result.result_text()
         except Exception as exc:  # noqa: BLE001 -- one bad instance must not stop the run
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if not isinstance(exc, DualgraphError):
                 message = f"{type(exc).__name__}: {message} (a bug: please report it)"
             tqdm.write(f"dualgraph: error: {name}: {message}", file=sys.stderr)
-            row = InstanceRow(name, str(onnx_path), str(vnnlib_path), "error", time.monotonic() - t, message)
+            row = InstanceRow(name, str(onnx_path), str(vnnlib_path), "error", time.monotonic() - t, message,
+                              timeout=timeout)
             text = "error\n"
         rows.append(row)
         if results_dir is not None:
