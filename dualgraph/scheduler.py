@@ -29,6 +29,7 @@ that name the primal node. Bounds are differentiable in the graph's constants.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
@@ -259,9 +260,9 @@ class BoundScheduler:
     def forward_peak_bytes(self, batch: int, itemsize: int) -> tuple[float, str]:
         """Estimated peak memory of the forward direction and the node where it is reached:
         the columns pushed through a node times its output units, for its input and output."""
-        columns = self._forward_columns()
+        columns = self._forward_columns
         peak, where = 0.0, ""
-        for n in self.graph.ancestors(self.bound_targets[-1]):
+        for n in self._bounded_nodes:
             k = columns[n.outputs[0]]
             size = 3.0 * k * sum(o.numel for o in n.outputs) * batch * itemsize
             if size > peak:
@@ -269,19 +270,28 @@ class BoundScheduler:
         return peak, where
 
     def _forward_possible(self) -> bool:
-        nodes = self.graph.ancestors(self.bound_targets[-1])
-        if not forward_supported(self.graph, nodes, self.config):
+        if not self._forward_ok:
             if self.config.direction == "forward":
                 raise DualgraphError("direction 'forward' needs linear dual layers everywhere (paper ReLU "
                                      "relaxation, no MaxPool); use direction 'backward' or 'auto'")
             return False
         return True
 
+    @functools.cached_property
+    def _forward_ok(self) -> bool:
+        return forward_supported(self.graph, self._bounded_nodes, self.config)
+
+    @functools.cached_property
+    def _bounded_nodes(self) -> list[Node]:
+        """The nodes the intermediate bounds involve (ancestors of the last bound target)."""
+        return self.graph.ancestors(self.bound_targets[-1])
+
+    @functools.cached_property
     def _forward_columns(self) -> dict[Value, float]:
         """Columns the forward direction pushes through each value: the input's, plus (about
         half of) each activation's units."""
         columns = {self.graph.inputs[0]: float(self.graph.inputs[0].numel)}
-        for n in self.graph.ancestors(self.bound_targets[-1]):
+        for n in self._bounded_nodes:
             k = max((columns.get(v, 0.0) for v in n.var_inputs), default=0.0)
             if dual_rule(n).needs_bounds:
                 k += n.output.numel / 2
@@ -290,17 +300,21 @@ class BoundScheduler:
         return columns
 
     def operation_counts(self) -> tuple[float, float]:
-        """Rough multiply counts (per example) of the forward and backward directions.
+        """Rough multiply counts (per example) of the forward and backward directions
+        (computed once per scheduler; see :attr:`_operation_counts`)."""
+        return self._operation_counts
 
-        A row or column costs about one multiply-accumulate per weight use of each node.
+    @functools.cached_property
+    def _operation_counts(self) -> tuple[float, float]:
+        """A row or column costs about one multiply-accumulate per weight use of each node.
         Backward: every target's units are rows pushed through all of its ancestors.
         Forward: the input's columns plus (about half of) each activation's units are
         columns pushed through every node once.
         """
-        ops = self.graph.ancestors(self.bound_targets[-1])
+        ops = self._bounded_nodes
         size = {n: _macs(n) for n in ops}
         bwd = sum(t.numel * sum(size[n] for n in self.graph.ancestors(t)) for t in self.bound_targets)
-        columns = self._forward_columns()
+        columns = self._forward_columns
         fwd = sum(columns[n.outputs[0]] * size[n] for n in ops)
         return fwd, bwd
 
