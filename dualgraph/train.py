@@ -154,7 +154,7 @@ def train(config: TrainConfig, train_set: Dataset, test_set: Dataset, out: str |
         for group in opt.param_groups:
             group["lr"] = config.lr_at(epoch)
         if projection_state is not None:  # replay the draws of the interrupted run
-            _projection_generator(model, x_all, bound_config).set_state(projection_state)
+            _projection_generator(model, x_all, bound_config, config.device).set_state(projection_state)
             projection_state = None
         perm = torch.randperm(n, generator=shuffle)
         totals = np.zeros(3)
@@ -193,7 +193,7 @@ def train(config: TrainConfig, train_set: Dataset, test_set: Dataset, out: str |
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: eps {row['eps']:.4f} loss {row['train_loss']:.4f} "
                        f"train robust err {row['train_robust_error']:.4f} test err {test_err:.4f} "
                        f"test robust err {test_rob:.4f} ({row['train_seconds']:.1f} s)")
-        generator = _projection_generator(model, x_all, bound_config)
+        generator = _projection_generator(model, x_all, bound_config, config.device)
         if w.is_main:
             _save_checkpoint(checkpoint, config, model, opt, shuffle, history, epoch + 1,
                              None if generator is None else generator.get_state())
@@ -206,11 +206,12 @@ def train(config: TrainConfig, train_set: Dataset, test_set: Dataset, out: str |
     return model
 
 
-def _projection_generator(model: nn.Module, x: torch.Tensor, bound_config: BoundConfig):
+def _projection_generator(model: nn.Module, x: torch.Tensor, bound_config: BoundConfig, device: str):
+    """The generator of the training loss's random projections (its state is checkpointed)."""
     if bound_config.proj is None:
         return None
     from .training import lower_module
-    return lower_module(model, x[:2]).scheduler(bound_config).projection_generator("cpu")
+    return lower_module(model, x[:2].to(device)).scheduler(bound_config).projection_generator(device)
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -75,3 +75,16 @@ def test_certified_examples_resist_random_corners(report, test_split):
         xa = (x + eps * signs).clamp(0.0, 1.0)
         logits = sess.run(None, {sess.get_inputs()[0].name: xa.numpy().astype(np.float32)})[0]
         assert (torch.from_numpy(logits).argmax(1) == y).all()
+
+
+def test_mnist_model_card_figures(shared_dir):
+    """The shipped MNIST model reproduces its card on the full test set (exact, sound bounds)."""
+    if shared_dir is None or not (shared_dir / "data" / "mnist").exists():
+        pytest.skip("../shared/data/mnist not found: the MNIST zoo model's figures need the MNIST test set")
+    from dualgraph.data import load_mnist
+    card = json.loads((HERE / "mnist_small_0_1.json").read_text())
+    assert ZOO["mnist-small-0.1"]["eps"] == card["eps"]
+    report = certify_dataset(Certifier(load_model("mnist-small-0.1")), load_mnist(shared_dir / "data" / "mnist"),
+                             card["eps"], "linf", (0.0, 1.0), 50, progress=False)
+    assert round(report.robust_error, 4) == card["robust_error"]
+    assert round(report.clean_error, 4) == card["clean_error"]
