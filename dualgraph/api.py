@@ -40,9 +40,10 @@ def load_model(source, example_input: torch.Tensor | None = None, *, simplify: b
         graph = source
     else:
         path = Path(str(source))
-        if not path.suffix and not path.exists():
-            from models import resolve_model
-            path = resolve_model(str(source))
+        if not path.exists():
+            from models import ZOO, resolve_model
+            if str(source) in ZOO or not path.suffix:  # a zoo name ("digits-small", "mnist-small-0.1")
+                path = resolve_model(str(source))
         from frontends.onnx import load_onnx
         graph = load_onnx(path if isinstance(source, (str, Path)) else source)
     if simplify:
