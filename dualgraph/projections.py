@@ -94,10 +94,8 @@ def median_abs(cols: torch.Tensor, dim: int = 1) -> torch.Tensor:
         if r <= MAX_NETWORK_R:
             idx = torch.cat([(a == m.unsqueeze(dim)).to(torch.uint8).max(dim, keepdim=True).indices
                              for m in _middle_values(a, dim)], dim)
-        elif r % 2:
-            idx = a.kthvalue((r + 1) // 2, dim=dim, keepdim=True).indices
-        else:  # the r/2 + 1 smallest, ascending: one selection gives both middle entries
-            idx = a.topk(r // 2 + 1, dim, largest=False, sorted=True).indices.narrow(dim, r // 2 - 1, 2)
+        else:
+            idx = _middle_indices(a, dim, r)
     sel = cols.gather(dim, idx).abs()
     if r % 2:
         return sel.squeeze(dim)
@@ -106,6 +104,20 @@ def median_abs(cols: torch.Tensor, dim: int = 1) -> torch.Tensor:
     tiny = torch.finfo(prod.dtype).tiny
     # sqrt has an infinite slope at 0: clamp (zero gradient below tiny), then zero exactly
     return torch.where(prod > tiny, prod.clamp(min=tiny).sqrt(), torch.zeros_like(prod))
+
+
+def _middle_indices(a: torch.Tensor, dim: int, r: int) -> torch.Tensor:
+    """Indices along ``dim`` of the middle order statistic(s) of ``a`` (two for even ``r``).
+
+    The ``r // 2 + 1`` smallest entries, unordered, along the last, contiguous axis (where
+    ``topk`` is fastest on CPU), then their one or two largest: the middle ones."""
+    last = a.movedim(dim, -1).contiguous()
+    low, low_idx = last.topk(r // 2 + 1, -1, largest=False, sorted=False)
+    _, pos = low.max(-1, keepdim=True)
+    if r % 2 == 0:  # and the second largest (two max passes beat a topk(2) here)
+        _, second = low.scatter(-1, pos, float("-inf")).max(-1, keepdim=True)
+        pos = torch.cat([pos, second], -1)
+    return low_idx.gather(-1, pos).movedim(-1, dim)
 
 
 MAX_NETWORK_R = 16
