@@ -21,6 +21,13 @@ inactive ReLU) keep it, and only the other rows are run to the end. The relaxati
 a stable unit does not depend on its bounds, so every later bound and ``J(C)`` are the
 same as without pruning.
 
+Floating point: every bound is sound for the network in exact arithmetic and as evaluated
+in its own precision (:mod:`dualgraph.rounding`): intermediate bounds are widened by their
+rounding allowance before they are used, and the final pass adds each dual step's own
+allowance to its offsets (``Batch.per_row``). Budgets: :attr:`BoundScheduler.deadline` is
+checked before every dual step, chunk and forward node; ``BoundConfig.max_memory`` sizes
+the chunks and rules out a forward direction that would not fit.
+
 The scheduler is an interpreter over the dual graph: an environment keyed by dual value,
 one :meth:`run_node` per dual node, values freed as soon as they are consumed, errors
 that name the primal node. Bounds are differentiable in the graph's constants.
