@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dualgraph", description="Provable robustness certificates for neural networks via dual networks "
                                       "(Wong et al., 'Scaling provable adversarial defenses', NeurIPS 2018).")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"dualgraph {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("certify", help="certify a model (or a cascade manifest, .json) on dataset points in an "
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         from . import commands
+        if getattr(args, "device", None) is not None:
+            commands.check_device(args.device)
         return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args)
     except DualgraphError as exc:
         print(f"dualgraph: error: {exc}", file=sys.stderr)

@@ -11,6 +11,20 @@ import torch
 from .errors import DualgraphError
 
 
+def check_device(name: str) -> None:
+    """``--device``: ``cpu``, or ``cuda`` / ``cuda:N`` where a CUDA GPU is present."""
+    import re
+    if name == "cpu":
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", name):
+        raise DualgraphError(f"--device {name}: unknown device; use cpu or cuda (cuda:N for GPU N)")
+    if not torch.cuda.is_available():
+        raise DualgraphError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise DualgraphError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs (0..)")
+
+
 def _dtype(args) -> torch.dtype:
     return torch.float64 if getattr(args, "dtype", "float32") == "float64" else torch.float32
 
@@ -165,9 +179,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise DualgraphError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
-        raise DualgraphError(f"--device {args.device}: no such device here; use cpu" +
-                             ("" if args.device.startswith("cuda") else " or cuda"))
     from models.architectures import ARCHITECTURES
     if args.model not in ARCHITECTURES:
         raise DualgraphError(f"unknown architecture '{args.model}' for train; choose one of {', '.join(ARCHITECTURES)}")
