@@ -17,9 +17,16 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run ``cmd``; a torchrun whose workers were killed by a signal (once seen under full
+    load on the 2-core machine: SIGABRT in both workers, not reproducible alone) is
+    started again, up to twice; any other failure fails at once."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    for attempt in range(3):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        crashed = "Signal " in out.stderr and "received by PID" in out.stderr
+        if out.returncode == 0 or not crashed:
+            break
+    assert out.returncode == 0, out.stderr[-6000:]
     return out
 
 
