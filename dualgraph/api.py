@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def add_input_normalization(graph: Graph, mean, std) -> Graph:
     for name, vals in (("--mean", mean), ("--std", std)):
         if len(vals) not in (1, channels):
             raise DualgraphError(f"{name} needs 1 or {channels} values (one per input channel), got {len(vals)}")
+    if not all(math.isfinite(v) for v in [*mean, *std]):
+        raise DualgraphError("--mean and --std values must be finite numbers")
     if any(s <= 0 for s in std):
         raise DualgraphError("--std values must be positive")
     tail = [1] * (len(x.unit_shape) - 1)

@@ -39,8 +39,8 @@ class CertifyReport:
         return self.n / self.seconds if self.seconds > 0 else float("inf")
 
     def to_json(self) -> dict:
-        out = {"n": self.n, "eps": self.eps, "norm": self.norm, "clean_error": self.clean_error,
-               "robust_error": self.robust_error, "certified": int(self.certified.sum()),
+        out = {"n": self.n, "eps": self.eps, "norm": self.norm, "clean_error": round(self.clean_error, 6),
+               "robust_error": round(self.robust_error, 6), "certified": int(self.certified.sum()),
                "seconds": round(self.seconds, 4), "images_per_second": round(self.images_per_second, 2)}
         if self.requested is not None:
             out.update(timed_out=True, requested=self.requested)

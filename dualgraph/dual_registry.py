@@ -114,7 +114,7 @@ class DualRule:
     def backward(self, node: Node, lam: torch.Tensor, bounds: list[Bounds | None], config) -> DualStep:
         raise NotImplementedError
 
-    # ---- floating point (see dualgraph.rounding): three facts about the op's arithmetic ----
+    # ---- floating point (see dualgraph.rounding): what the rounding allowance needs to know ----
     def abs_linear(self, node: Node, xs: list[torch.Tensor], bounds: list[Bounds | None], config) -> list[torch.Tensor]:
         """``|A| x`` per output for nonnegative ``xs`` (one ``[B, *in_unit]`` per variable input),
         where ``A`` is the linear part of the relaxed op (``|lam_in| <= A^T |lam|``-wise): the
