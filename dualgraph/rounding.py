@@ -13,8 +13,8 @@ Numerical Algorithms*, Section 3.1, valid for any summation order, with or witho
 zero terms add no error, so ``n`` counts nonzero ones). Bounds valid for every "exact
 network plus any ``|eta_k| <= eta_max_k`` at every node" hold for the exact network
 (``eta = 0``) and for the evaluated one. ``m_v >= |v|`` over this family is propagated
-forward (``m_out = |A| m + |b| + eta_max``; through an activation, its relaxation lines at
-the ends of ``[l, u]``), and replaced by the value's own bounds where those are smaller.
+forward (``m_out = |A| m + |b| + eta_max``; through an activation, ``|a| m + |b|`` of its
+relaxation, which brackets it), and replaced by the value's own bounds where those are smaller.
 
 *A dual step in floating point* (the final bound ``J``; :meth:`RoundingAllowance.slack`).
 An affine step computes ``lam_in = A^T lam`` (sums of ``n_d`` products) and the offset
@@ -30,7 +30,7 @@ and the sums at fan-outs get the same treatment. This uses the actual ``|lam|``:
 
 *Activations* are folded into their relaxation: after the bounds ``[l, u]`` of a value
 are final, the offsets of each relaxation that reads it are moved outward by
-``(gamma(n_o + 8 + L, u_c) + gamma(n_e, u_e)) (|a| m + |b_lo| + |b_up|)`` on every unit
+``(gamma(n_o + 8 + L, u_c) + gamma(n_e, u_e)) (|a| m + 2 max(|b_lo|, |b_up|))`` on every unit
 whose slope is not exactly 0 or 1 or whose offsets are nonzero (a stable ReLU unit is
 exact). That covers the products ``a * lam``, the offset dot products (``n_o`` units with
 an offset), the rounding of the relaxation's own slope and offsets, and the activation's
