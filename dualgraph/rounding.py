@@ -110,6 +110,7 @@ class RoundingAllowance:
         self._eps_fwd: dict[Value, torch.Tensor] = {}
         self._noise: dict = {}                       # node -> (gamma of its evaluation, T per output)
         self._tightened: set = set()                 # values whose m already uses their bounds
+        self._position = {n: i for i, n in enumerate(graph.nodes)}  # topological order, built once
         x = graph.inputs[0]
         lo, hi = (t.detach() for t in input_set.bounding_box())
         self._columns = x.numel  # columns the forward path reduces at a bounded value (grows per activation)
@@ -218,8 +219,7 @@ class RoundingAllowance:
             seen.add(node)
             order.append(node)
             stack.extend(i for i in node.var_inputs if i not in done)
-        position = {n: i for i, n in enumerate(self.graph.nodes)}
-        return sorted(order, key=position.__getitem__)
+        return sorted(order, key=self._position.__getitem__)
 
     def _weights(self, node) -> list[torch.Tensor | None]:
         if node not in self._w:
