@@ -98,7 +98,8 @@ class RoundingAllowance:
 
     def __init__(self, graph: Graph, input_set: InputSet, bounds: dict[Value, Bounds], config) -> None:
         self.graph, self.bounds, self.config = graph, bounds, config
-        self.enabled = getattr(config, "rounding_allowance", True)
+        # with random projections the bounds are estimates, not proofs: no allowance to pay for
+        self.enabled = getattr(config, "rounding_allowance", True) and getattr(config, "proj", None) is None
         self.u_c = unit_roundoff(input_set.center.dtype)
         self.u_e = max(unit_roundoff(graph.inputs[0].dtype), self.u_c)
         self.terms = len(graph.nodes) + 4  # L: one offset per dual node, the input term, the allowance
