@@ -7,7 +7,8 @@ random projections), once with dualgraph's robust loss and once with
 bound the same set, the L∞ ball ∩ [0,1]) through **the same loop**
 (:func:`dualgraph.train.train` with a ``loss_fn``): the same initial weights, batch order,
 epsilon schedule and optimiser. Reports per mode the median training seconds per epoch of
-each and the ratio, and the test robust error (exact, sound bounds, dualgraph's certifier
+each and the ratio (a resumed run's epochs from before the kill count as they were timed), and
+the test robust error (exact, sound bounds, dualgraph's certifier
 for both models) and clean error at the end. Runs go to ``--out`` (default
 ``runs/bench-train``), one folder per implementation and mode, with the usual
 ``metrics.csv`` and ``model.onnx``.
@@ -39,19 +40,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-limit", type=int, help="test examples for the final evaluation (default: all)")
     p.add_argument("--eval-limit", type=int, default=500, help="test examples certified after each epoch")
     p.add_argument("--no-reference", action="store_true", help="only dualgraph")
+    p.add_argument("--no-clip", action="store_true",
+                   help="train both on the plain L-inf ball (the reference with bounded_input=False); the final "
+                        "evaluation still certifies the ball intersected with [0,1]")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each run from its checkpoint in --out where there is one (a finished run is "
+                        "only re-evaluated)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-train")
     p.add_argument("--json", action="store_true")
 
 
-def reference_loss(proj: int | None):
-    """``convex_adversarial.robust_loss`` as a ``loss_fn`` of :func:`dualgraph.train.train`."""
+def reference_loss(proj: int | None, bounded_input: bool = True):
+    """``convex_adversarial.robust_loss`` as a ``loss_fn`` of :func:`dualgraph.train.train`.
+
+    Note: with ``proj`` and ``bounded_input`` the reference's intermediate bounds use the box,
+    but its final objective is that of the *unclipped* ball (``InfBallProjBounded`` inherits
+    ``InfBall.objective``), a looser loss than the exact bounded one; ``--no-clip`` compares
+    the two implementations on the plain ball, where both bound the same set throughout."""
     from convex_adversarial import robust_loss
 
     def loss_fn(model, x, y, eps):
         loss, err = robust_loss(model, eps, x, y, proj=proj, norm_type="l1_median" if proj else "l1",
-                                bounded_input=True)
+                                bounded_input=bounded_input)
         return loss, float(err)
     return loss_fn
 
@@ -83,12 +95,13 @@ def main(args: argparse.Namespace) -> int:
         proj = None if mode == "exact" else int(mode)
         config = TrainConfig(model="small", eps=args.eps, epochs=args.epochs, ramp_epochs=args.ramp_epochs,
                              lr_halve_every=args.lr_halve_every, proj=proj, seed=args.seed,
-                             eval_limit=args.eval_limit)
+                             eval_limit=args.eval_limit, clip=None if args.no_clip else (0.0, 1.0))
         row = {"mode": mode}
         for impl in ("dualgraph", "reference") if not args.no_reference else ("dualgraph",):
             out = Path(args.out) / f"{impl}-{mode}"
-            model = train(config, train_set, test_set, out, progress=False,
-                          loss_fn=None if impl == "dualgraph" else reference_loss(proj))
+            resume = args.resume and (out / "checkpoint.pt").exists()
+            model = train(config, train_set, test_set, out, progress=False, resume=resume,
+                          loss_fn=None if impl == "dualgraph" else reference_loss(proj, not args.no_clip))
             with open(out / "metrics.csv") as f:
                 seconds = [float(r["train_seconds"]) for r in csv.DictReader(f)]
             report = certify_dataset(Certifier(load_model(out / "model.onnx")), final_test, args.eps,
