@@ -33,7 +33,7 @@ def load_model(source, example_input: torch.Tensor | None = None, *, simplify: b
     """An IR graph from an ``.onnx`` path, an ``onnx.ModelProto``, a model name from ``models/``
     or an ``nn.Module`` (with ``example_input``, through torch.fx), simplified by the passes."""
     if isinstance(source, torch.nn.Module):
-        from frontends.fx import load_module
+        from dualgraph.frontends.fx import load_module
         if example_input is None:
             raise DualgraphError("a torch module needs an example input to be traced")
         graph = load_module(source, example_input)
@@ -42,13 +42,13 @@ def load_model(source, example_input: torch.Tensor | None = None, *, simplify: b
     else:
         path = Path(str(source))
         if not path.exists():
-            from models import ZOO, resolve_model
+            from dualgraph.models import ZOO, resolve_model
             if str(source) in ZOO or not path.suffix:  # a zoo name ("digits-small", "mnist-small-0.1")
                 path = resolve_model(str(source))
-        from frontends.onnx import load_onnx
+        from dualgraph.frontends.onnx import load_onnx
         graph = load_onnx(path if isinstance(source, (str, Path)) else source)
     if simplify:
-        from passes.pipeline import simplify as run_passes
+        from dualgraph.passes.pipeline import simplify as run_passes
         graph = run_passes(graph)
     return graph
 
@@ -142,12 +142,11 @@ class Certifier:
     def __init__(self, graph: Graph, config: BoundConfig = BoundConfig(),
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
                  logits: bool = True) -> None:
-        from passes.build_dual import build_dual
         self.graph = strip_softmax(graph.copy()) if logits and ends_in_softmax(graph) else graph
         self.config, self.device, self.dtype = config, torch.device(device), dtype
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise DualgraphError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-        self.scheduler = BoundScheduler(self.graph, build_dual, config)
+        self.scheduler = BoundScheduler(self.graph, config)
         self.interpreter = Interpreter(self.graph)
         self.output: Value = self.graph.outputs[0]
         self.input: Value = self.graph.inputs[0]

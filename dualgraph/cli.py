@@ -6,7 +6,6 @@ Every user error is one line on stderr (``dualgraph: error: ...``) and exit code
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from .errors import DualgraphError
@@ -188,10 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=None if isinstance(obj, dict) and len(obj) < 12 else 1))
 
 
 if __name__ == "__main__":

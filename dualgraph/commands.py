@@ -35,7 +35,7 @@ def _load(args, simplify: bool = True):
     if args.mean or args.std:
         graph = add_input_normalization(graph, args.mean, args.std)
     if simplify:
-        from passes.pipeline import simplify as run_passes
+        from dualgraph.passes.pipeline import simplify as run_passes
         graph = run_passes(graph)
     return graph
 
@@ -109,7 +109,7 @@ def _estimate_report(report, config, n_bounds: int) -> tuple[dict, str]:
 def cmd_certify(args: argparse.Namespace) -> int:
     if str(args.model).endswith(".json"):
         return _certify_cascade(args)
-    from models import model_info
+    from dualgraph.models import model_info
     from .certify import certify_dataset
     from .cli import DEFAULT_MODEL
     from .data import load_dataset
@@ -179,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise DualgraphError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    from models.architectures import ARCHITECTURES
+    from dualgraph.models.architectures import ARCHITECTURES
     if args.model not in ARCHITECTURES:
         raise DualgraphError(f"unknown architecture '{args.model}' for train; choose one of {', '.join(ARCHITECTURES)}")
     config = TrainConfig(model=args.model, eps=args.eps, norm=args.norm,
@@ -231,7 +231,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     graph = _load(args, simplify=not args.no_simplify)
     shown = graph
     if args.dual:
-        from passes.build_dual import build_dual
+        from dualgraph.dual_graph import build_dual
         from .api import strip_softmax
         shown = build_dual(strip_softmax(graph))
     if not args.bounds:
@@ -272,8 +272,8 @@ def _bounds_input_set(args, certifier):
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from models import ZOO
-    from models.architectures import ARCHITECTURES
+    from dualgraph.models import ZOO
+    from dualgraph.models.architectures import ARCHITECTURES
     print("trained models (certify MODEL):")
     for name, info in ZOO.items():
         print(f"  {name:<16} {info['description']}")

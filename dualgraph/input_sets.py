@@ -33,7 +33,6 @@ class InputSet:
     """A set of inputs, batched: one set per example (``center`` is ``[B, *input_shape]``)."""
 
     center: torch.Tensor
-    norm_name: str = ""
 
     def support(self, lam: torch.Tensor) -> torch.Tensor:
         """``max_{x' in B} lam . (x' - c)`` for rows ``[b, m, *input_shape]`` -> ``[B, m]``."""
@@ -54,8 +53,6 @@ class InputSet:
 
 class Box(InputSet):
     """``{x' : lo <= x' <= hi}``; ``lo``, ``hi`` of shape ``[B, *input_shape]``."""
-
-    norm_name = "linf"
 
     def __init__(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if lo.shape != hi.shape:
@@ -99,8 +96,6 @@ def linf_ball(x: torch.Tensor, eps: float, clip: tuple[float, float] | None = No
 
 class L2Ball(InputSet):
     """``{x' : ||x' - x||_2 <= eps}`` per example."""
-
-    norm_name = "l2"
 
     def __init__(self, x: torch.Tensor, eps: float) -> None:
         self.center, self.eps = x, check_eps(eps)

@@ -16,9 +16,9 @@ from typing import Any, Mapping
 
 import torch
 
+from .dual_graph import DUAL_DOMAIN
 from .ir import Graph, Node, Value
 
-DUAL_DOMAIN = "dualgraph.dual"  # the domain passes.build_dual gives dual nodes (core must not import passes)
 NONLINEAR_OPS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "MaxPool"})
 SMALL_TENSOR = 16  # attribute tensors up to this many elements are printed in full
 

@@ -39,12 +39,13 @@ import contextlib
 import functools
 import re
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
 from . import patches
 from .deadline import NEVER, Deadline
+from .dual_graph import build_dual
 from .dual_registry import Bounds, DualStep, ElementwiseRule, dual_rule, naming_node
 from .errors import DualgraphError
 from .forward import ForwardBounds, forward_supported
@@ -52,9 +53,6 @@ from .input_sets import InputSet
 from .ir import Graph, Node, Value
 from .linalg import batched_dot, take_examples
 from .rounding import RoundingAllowance, full_precision_matmul
-
-DualBuilder = Callable[[Graph, Value], Graph]
-
 
 @dataclass(frozen=True)
 class BoundConfig:
@@ -169,13 +167,12 @@ class BoundMap(dict):
 class BoundScheduler:
     """Computes intermediate bounds and ``J(C)`` for one graph (dual graphs are built once)."""
 
-    def __init__(self, graph: Graph, build_dual: DualBuilder, config: BoundConfig = BoundConfig()) -> None:
+    def __init__(self, graph: Graph, config: BoundConfig = BoundConfig()) -> None:
         if len(graph.inputs) != 1 or len(graph.outputs) != 1:
             raise DualgraphError(f"bounds need a model with one input and one output; '{graph.name}' has "
                                  f"{len(graph.inputs)} and {len(graph.outputs)}")
         self.graph, self.config = graph, config
         self.output = graph.outputs[0]
-        self._build_dual = build_dual
         self._duals: dict[Value, Graph] = {}
         self._patch_cache: dict = {}  # window-to-window transpose matrices of Convs
         self._proj_state = None  # random-projection generators (dualgraph.projections), on first use
@@ -189,7 +186,7 @@ class BoundScheduler:
 
     def dual(self, target: Value) -> Graph:
         if target not in self._duals:
-            self._duals[target] = self._build_dual(self.graph, target)
+            self._duals[target] = build_dual(self.graph, target)
         return self._duals[target]
 
     # ---- public API ---------------------------------------------------------------------

@@ -125,7 +125,7 @@ def train(config: TrainConfig, train_set: Dataset, test_set: Dataset, out: str |
     ``loss_fn(model, x, y, eps) -> (loss, robust_error)`` replaces dualgraph's robust loss
     (the training benchmark runs the reference implementation through the same loop: same
     initial weights, batches, schedule and optimiser)."""
-    from models.architectures import build_architecture
+    from dualgraph.models.architectures import build_architecture
     from .distributed import all_reduce_gradients, all_reduce_sum, barrier, world
     from .training import robust_loss
 

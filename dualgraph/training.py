@@ -8,7 +8,7 @@
 error is the fraction of examples with some ``J_j <= 0`` (a misclassified example always
 has one, since ``J_j`` is at most the actual margin).
 
-The module is lowered with :func:`frontends.fx.load_module` **once** (cached per module,
+The module is lowered with :func:`dualgraph.frontends.fx.load_module` **once** (cached per module,
 weakly) and the IR's constants are then re-bound to the module's *live* parameters and
 buffers (:func:`bind_parameters`): the fx frontend names every constant after its
 parameter's qualified name (``"0.weight"``) and stores a detached clone, which binding
@@ -79,8 +79,7 @@ class _Lowered:
     def scheduler(self, config: BoundConfig) -> BoundScheduler:
         s = self.schedulers.get(config)
         if s is None:
-            from passes.build_dual import build_dual
-            s = self.schedulers[config] = BoundScheduler(self.graph, build_dual, config)
+            s = self.schedulers[config] = BoundScheduler(self.graph, config)
         return s
 
     def is_current(self, module: nn.Module, x: torch.Tensor) -> bool:
@@ -99,7 +98,7 @@ def lower_module(model: nn.Module, x: torch.Tensor) -> _Lowered:
     low = _LOWERED.get(model)
     if low is not None and low.is_current(model, x):
         return low
-    from frontends.fx import load_module
+    from dualgraph.frontends.fx import load_module
     from .api import strip_softmax
     with torch.no_grad():
         graph = strip_softmax(load_module(model, x[:2].detach()))

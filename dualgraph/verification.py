@@ -175,7 +175,7 @@ class VerifyModel:
         that tensor with a batch axis in front (added or already there), so a flat row
         reshaped to the IR's example shape is the ONNX tensor of one example.
         """
-        from frontends.onnx import onnx_feeds
+        from dualgraph.frontends.onnx import onnx_feeds
         session = self._ort()
         x = np.asarray(x).reshape(-1, *self.input_shape)
         out_name = self.graph.meta["onnx_outputs"][0]["name"]

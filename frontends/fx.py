@@ -1,7 +1,7 @@
 """torch.nn.Module -> torch.fx -> dualgraph IR.
 
 :func:`load_module` traces a module with ``torch.fx.symbolic_trace`` semantics and lowers
-every fx node to IR nodes with ONNX semantics (the same ops :mod:`frontends.onnx` emits),
+every fx node to IR nodes with ONNX semantics (the same ops :mod:`dualgraph.frontends.onnx` emits),
 so passes, the interpreter and the dual-layer registry never see torch.fx.
 
 Semantics are those of **inference** (``module.eval()``): BatchNorm uses its running
@@ -35,8 +35,8 @@ Supporting another op: write ``rule(lo, call) -> Value`` and decorate it with
 ``@lowers(nn.MyLayer, my_function, "tensor_method_name")``.
 
 Layout: this module traces and drives the lowering; the registries and the lowering state
-(``_Lowering``, ``_Call``) are in :mod:`frontends.fx_lowering`, the built-in rules in
-:mod:`frontends.fx_rules` and :mod:`frontends.fx_shape_rules`.
+(``Lowering``, ``Call``) are in :mod:`dualgraph.frontends.fx_lowering`, the built-in rules in
+:mod:`dualgraph.frontends.fx_rules` and :mod:`dualgraph.frontends.fx_shape_rules`.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 from dualgraph.errors import DualgraphError, UnsupportedOpError
 from dualgraph.interpreter import infer_shapes, run_graph
 from dualgraph.ir import BATCH, Graph, Value, verify
-from frontends import fx_rules, fx_shape_rules  # noqa: F401  (register the built-in rules)
-from frontends.fx_lowering import (_POISON, BATCH_SIZE, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Rule,
-                                   _Call, _example_shape, _example_shapes, _Lowering, _Unsupported,
+from dualgraph.frontends import fx_rules, fx_shape_rules  # noqa: F401  (register the built-in rules)
+from dualgraph.frontends.fx_lowering import (POISON, BATCH_SIZE, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Rule,
+                                   Call, example_shape, example_shapes, Lowering, Unsupported,
                                    lowers)
 
 __all__ = ["BATCH_SIZE", "FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "load_module", "lowers"]
@@ -177,45 +177,45 @@ def _rule_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Rule | Non
         return None, None
 
 
-def _lower_call(lo: _Lowering, node: torch.fx.Node) -> Any:
-    """Lower one call node; returns its env entry (a Value, a constant, or _POISON)."""
+def _lower_call(lo: Lowering, node: torch.fx.Node) -> Any:
+    """Lower one call node; returns its env entry (a Value, a constant, or POISON)."""
     args = map_arg(node.args, lo.env.__getitem__)
     kwargs = map_arg(node.kwargs, lo.env.__getitem__)
     flat = list(_flatten_args((args, kwargs)))
     rule, module = _rule_for(lo.gm, node)
     where = f"{_target_name(lo.gm, node)} (node '{node.name}')"
-    if any(a is _POISON for a in flat):
+    if any(a is POISON for a in flat):
         if rule is None:  # report it too, the user wants the whole list at once
             lo.problems.append(where)
             lo.unknown_targets = True
-        return _POISON
+        return POISON
     if not any(isinstance(a, Value) for a in flat):
         if any(a is BATCH_SIZE for a in flat):
             if node.target is operator.getitem:  # indexing x.size() / x.shape
                 return args[0][args[1]]
             lo.problems.append(f"{where}: computes with the batch size x.size(0), which is only "
                                "allowed as the first entry of view/reshape")
-            return _POISON
+            return POISON
         try:  # nothing depends on the input: a constant subexpression
             return _fold(lo.gm, node, tuple(args), dict(kwargs))
         except Exception as exc:
             lo.problems.append(f"{where}: failed on constants: {type(exc).__name__}: "
                                f"{(str(exc).splitlines() or [''])[0]}")
-            return _POISON
+            return POISON
     if rule is None:
         lo.problems.append(where)
         lo.unknown_targets = True
-        return _POISON
+        return POISON
     try:
-        return rule(lo, _Call(node, tuple(args), dict(kwargs), module))
-    except _Unsupported as exc:
+        return rule(lo, Call(node, tuple(args), dict(kwargs), module))
+    except Unsupported as exc:
         lo.problems.append(f"{where}: {exc}")
-        return _POISON
+        return POISON
 
 
 def _lower(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Graph:
     graph = Graph(type(gm).__name__)
-    lo = _Lowering(gm, graph)
+    lo = Lowering(gm, graph)
     lo.names = {id(t): name for name, t in [*gm.named_parameters(), *gm.named_buffers()]}
     placeholders = iter(inputs)
     for node in gm.graph.nodes:
@@ -235,16 +235,16 @@ def _lower(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Graph:
             outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
             for o in outs:
                 v = lo.env.get(o) if isinstance(o, torch.fx.Node) else None
-                if v is not _POISON and not isinstance(v, Value):
+                if v is not POISON and not isinstance(v, Value):
                     lo.problems.append(f"output '{getattr(o, 'name', o)}': must be a tensor computed from "
                                        "the input (not a constant, dict or nested structure)")
                 graph.outputs.append(v)
         else:
             out = _lower_call(lo, node)
             if isinstance(out, Value) and out not in lo.shapes:
-                lo.shapes[out] = _example_shape(node)
+                lo.shapes[out] = example_shape(node)
             elif isinstance(out, tuple) and out and all(isinstance(v, Value) for v in out):
-                lo.shapes.update((v, s) for v, s in zip(out, _example_shapes(node)) if v not in lo.shapes)
+                lo.shapes.update((v, s) for v, s in zip(out, example_shapes(node)) if v not in lo.shapes)
             lo.env[node] = out
     if lo.problems:
         supported = f" Supported: {_supported()}." if lo.unknown_targets else ""
@@ -267,7 +267,7 @@ def _check_arity(gm: torch.fx.GraphModule, n_inputs: int) -> None:
 
 def _get_attr(gm: torch.fx.GraphModule, target: str) -> Any:
     # The tensor itself (not a detached view): its id names the IR constant, and
-    # _Lowering.const detaches and clones it when it enters the graph.
+    # Lowering.const detaches and clones it when it enters the graph.
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -1,11 +1,11 @@
-"""Rule registries and lowering state of the torch.fx frontend (:mod:`frontends.fx`).
+"""Rule registries and lowering state of the torch.fx frontend (:mod:`dualgraph.frontends.fx`).
 
-A rule is ``rule(lo, call) -> Value``: it gets the :class:`_Lowering` environment and the
-:class:`_Call` being lowered and emits IR nodes through ``lo.emit``, or raises
-:class:`_Unsupported` for a form of the op it cannot lower. :func:`lowers` registers it by
+A rule is ``rule(lo, call) -> Value``: it gets the :class:`Lowering` environment and the
+:class:`Call` being lowered and emits IR nodes through ``lo.emit``, or raises
+:class:`Unsupported` for a form of the op it cannot lower. :func:`lowers` registers it by
 module type, function or Tensor method name. The built-in rules live in
-:mod:`frontends.fx_rules` (layers, activations, pooling, arithmetic) and
-:mod:`frontends.fx_shape_rules` (shapes and indexing); both register into the tables here.
+:mod:`dualgraph.frontends.fx_rules` (layers, activations, pooling, arithmetic) and
+:mod:`dualgraph.frontends.fx_shape_rules` (shapes and indexing); both register into the tables here.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dualgraph.ir import Graph, Value
 
 # ---- registries -----------------------------------------------------------------------
 
-Rule = Callable[["_Lowering", "_Call"], Any]
+Rule = Callable[["Lowering", "Call"], Any]
 MODULE_RULES: dict[type, Rule] = {}
 """Leaf module types (matched by exact type) -> lowering rule."""
 FUNCTION_RULES: dict[Callable, Rule] = {}
@@ -59,20 +59,20 @@ class _BatchSizeType:
 BATCH_SIZE = _BatchSizeType()
 
 
-class _Unsupported(Exception):
+class Unsupported(Exception):
     """Raised by a rule for an unsupported form of a supported op (collected, not fatal)."""
 
 
-class _Poison:
+class Poison:
     """Env entry of a node that could not be lowered; its consumers are skipped."""
 
 
-_POISON = _Poison()
+POISON = Poison()
 _REQUIRED = object()
 
 
 @dataclass
-class _Call:
+class Call:
     """One fx call node with its arguments already mapped to IR values / Python objects."""
 
     node: torch.fx.Node
@@ -87,7 +87,7 @@ class _Call:
         if name in self.kwargs:
             return self.kwargs[name]
         if default is _REQUIRED:
-            raise _Unsupported(f"missing argument '{name}'")
+            raise Unsupported(f"missing argument '{name}'")
         return default
 
     def varargs(self, start: int, name: str) -> tuple:
@@ -98,14 +98,14 @@ class _Call:
         if rest:
             return tuple(rest)
         if name not in self.kwargs:
-            raise _Unsupported(f"missing argument '{name}'")
+            raise Unsupported(f"missing argument '{name}'")
         return tuple(self.kwargs[name])
 
 
 # ---- the lowering state ---------------------------------------------------------------
 
 @dataclass
-class _Lowering:
+class Lowering:
     """Environment of one lowering: fx node -> IR ``Value`` (variable) or Python constant."""
 
     gm: torch.fx.GraphModule
@@ -134,17 +134,17 @@ class _Lowering:
     def var(self, x: Any, what: str = "input") -> Value:
         """``x`` as a variable value; constants here would have no batch dimension."""
         if not isinstance(x, Value):
-            raise _Unsupported(f"{what} must depend on the network input")
+            raise Unsupported(f"{what} must depend on the network input")
         return x
 
     @staticmethod
     def constant(x: Any, what: str) -> Any:
         """``x`` as a constant (tensor or number); the op is affine only in that case."""
         if isinstance(x, Value):
-            raise _Unsupported(f"{what} must be a constant (parameter, buffer or number), "
+            raise Unsupported(f"{what} must be a constant (parameter, buffer or number), "
                                "not computed from the network input")
         if x is BATCH_SIZE:
-            raise _Unsupported(f"{what} may not use the batch size")
+            raise Unsupported(f"{what} may not use the batch size")
         return x
 
     def shape(self, v: Value) -> tuple[int, ...]:
@@ -156,7 +156,7 @@ class _Lowering:
 
     def out_shape(self) -> tuple[int, ...]:
         """Concrete example shape of the fx node being lowered."""
-        return _example_shape(self._node)
+        return example_shape(self._node)
 
     def emit(self, op: str, inputs: Sequence[Value | torch.Tensor | float | None],
              attrs: dict | None = None, *, hint: str | None = None, n_outputs: int = 1) -> Any:
@@ -178,43 +178,43 @@ class _Lowering:
         r = self.rank(v)
         d = int(dim) + r if int(dim) < 0 else int(dim)
         if not 0 < d < r:
-            raise _Unsupported(f"{what}={dim} is the batch dimension or out of range; "
+            raise Unsupported(f"{what}={dim} is the batch dimension or out of range; "
                                "ops across the examples of a batch are not supported")
         return d
 
 
-def _example_shape(node: torch.fx.Node) -> tuple[int, ...]:
+def example_shape(node: torch.fx.Node) -> tuple[int, ...]:
     tm = node.meta.get("tensor_meta")
     if tm is None or not hasattr(tm, "shape"):
-        raise _Unsupported(f"node '{node.name}' does not produce a single tensor")
+        raise Unsupported(f"node '{node.name}' does not produce a single tensor")
     return tuple(tm.shape)
 
 
-def _example_shapes(node: torch.fx.Node) -> list[tuple[int, ...]]:
+def example_shapes(node: torch.fx.Node) -> list[tuple[int, ...]]:
     """Example shapes of a node that returns a tuple of tensors (split, chunk)."""
     tms = node.meta.get("tensor_meta")
     if not isinstance(tms, (tuple, list)) or not all(hasattr(t, "shape") for t in tms):
-        raise _Unsupported(f"node '{node.name}' does not produce a tuple of tensors")
+        raise Unsupported(f"node '{node.name}' does not produce a tuple of tensors")
     return [tuple(t.shape) for t in tms]
 
 
-def _ntuple(x: Any, n: int) -> list[int]:
+def ntuple(x: Any, n: int) -> list[int]:
     """torch's int-or-tuple convention, as a list of ``n`` ints."""
     if isinstance(x, (tuple, list)):
         if len(x) == 1:
             return [int(x[0])] * n
         if len(x) != n:
-            raise _Unsupported(f"expected {n} values, got {tuple(x)}")
+            raise Unsupported(f"expected {n} values, got {tuple(x)}")
         return [int(e) for e in x]
     return [int(x)] * n
 
 
 # torch padding modes -> ONNX Pad modes
-_PAD_MODES = {"constant": "constant", "zeros": "constant", "reflect": "reflect",
+PAD_MODES = {"constant": "constant", "zeros": "constant", "reflect": "reflect",
               "replicate": "edge", "circular": "wrap"}
 
 
-def _reshape_to(lo: _Lowering, x: Value, shape: Sequence[int]) -> Value:
+def reshape_to(lo: Lowering, x: Value, shape: Sequence[int]) -> Value:
     """Reshape ``x`` to the example output ``shape``, whose first entry is the batch."""
     target = torch.tensor([0, *shape[1:]], dtype=torch.int64)  # 0: copy the batch dimension
     return lo.emit("Reshape", [x, target])

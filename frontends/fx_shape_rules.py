@@ -1,7 +1,7 @@
 """Lowering rules of the torch.fx frontend for shapes: flatten / view / reshape, sizes,
 permute / transpose, (un)squeeze, cat, split / chunk, basic slicing and F.pad.
 
-Registered with :func:`frontends.fx_lowering.lowers` like those in :mod:`frontends.fx_rules`.
+Registered with :func:`dualgraph.frontends.fx_lowering.lowers` like those in :mod:`dualgraph.frontends.fx_rules`.
 """
 
 from __future__ import annotations
@@ -15,60 +15,60 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dualgraph.ir import Value
-from frontends.fx_lowering import (_PAD_MODES, BATCH_SIZE, _Call, _example_shapes, _Lowering,
-                                   _reshape_to, _Unsupported, lowers)
+from dualgraph.frontends.fx_lowering import (PAD_MODES, BATCH_SIZE, Call, example_shapes, Lowering,
+                                   reshape_to, Unsupported, lowers)
 
 
 # ---- shapes ---------------------------------------------------------------------------
 
-def _flatten(lo: _Lowering, x: Any, start: int, end: int) -> Value:
+def _flatten(lo: Lowering, x: Any, start: int, end: int) -> Value:
     x = lo.var(x)
     r = lo.rank(x)
     start, end = start + r if start < 0 else start, end + r if end < 0 else end
     if start == 0:
-        raise _Unsupported("flattening the batch dimension (use start_dim=1)")
+        raise Unsupported("flattening the batch dimension (use start_dim=1)")
     if start == 1 and end == r - 1:
         return lo.emit("Flatten", [x], {"axis": 1})
-    return _reshape_to(lo, x, lo.out_shape())
+    return reshape_to(lo, x, lo.out_shape())
 
 
 @lowers(nn.Flatten)
-def _flatten_module(lo: _Lowering, call: _Call) -> Value:
+def _flatten_module(lo: Lowering, call: Call) -> Value:
     return _flatten(lo, call.arg(0, "input"), call.module.start_dim, call.module.end_dim)
 
 
 @lowers(torch.flatten, "flatten")
-def _flatten_function(lo: _Lowering, call: _Call) -> Value:
+def _flatten_function(lo: Lowering, call: Call) -> Value:
     return _flatten(lo, call.arg(0, "input"), call.arg(1, "start_dim", 0), call.arg(2, "end_dim", -1))
 
 
 @lowers(torch.reshape, "view", "reshape")
-def _reshape(lo: _Lowering, call: _Call) -> Value:
+def _reshape(lo: Lowering, call: Call) -> Value:
     x = lo.var(call.arg(0, "input"))
     shape = call.varargs(1, "shape")
     rest = shape[1:]
     if any(e is BATCH_SIZE or isinstance(e, Value) for e in rest):
-        raise _Unsupported("the batch size may appear only as the first entry of the shape")
+        raise Unsupported("the batch size may appear only as the first entry of the shape")
     unit = math.prod(lo.shape(x)[1:])
     batch_first = shape[0] is BATCH_SIZE or (shape[0] == -1 and -1 not in rest and math.prod(rest) == unit)
     if not batch_first:
-        raise _Unsupported(f"shape {shape}: the first entry must be x.size(0) (or -1 with the rest "
+        raise Unsupported(f"shape {shape}: the first entry must be x.size(0) (or -1 with the rest "
                            "fixed) so that the batch dimension is kept")
-    return _reshape_to(lo, x, lo.out_shape())
+    return reshape_to(lo, x, lo.out_shape())
 
 
 @lowers(getattr)
-def _getattr(lo: _Lowering, call: _Call) -> Any:
+def _getattr(lo: Lowering, call: Call) -> Any:
     x, name = lo.var(call.arg(0, "input")), call.args[1]
     if name == "shape":
         return (BATCH_SIZE, *lo.shape(x)[1:])
     if name == "ndim":
         return lo.rank(x)
-    raise _Unsupported(f"attribute '{name}' of a tensor")
+    raise Unsupported(f"attribute '{name}' of a tensor")
 
 
 @lowers("size")
-def _size(lo: _Lowering, call: _Call) -> Any:
+def _size(lo: Lowering, call: Call) -> Any:
     x = lo.var(call.arg(0, "input"))
     sizes = (BATCH_SIZE, *lo.shape(x)[1:])
     dim = call.arg(1, "dim", None)
@@ -76,21 +76,21 @@ def _size(lo: _Lowering, call: _Call) -> Any:
 
 
 @lowers("dim")
-def _dim(lo: _Lowering, call: _Call) -> int:
+def _dim(lo: Lowering, call: Call) -> int:
     return lo.rank(lo.var(call.arg(0, "input")))
 
 
 @lowers(torch.permute, "permute")
-def _permute(lo: _Lowering, call: _Call) -> Value:
+def _permute(lo: Lowering, call: Call) -> Value:
     x = lo.var(call.arg(0, "input"))
     perm = [d + lo.rank(x) if d < 0 else d for d in map(int, call.varargs(1, "dims"))]
     if perm[0] != 0:
-        raise _Unsupported("the batch dimension must stay first")
+        raise Unsupported("the batch dimension must stay first")
     return lo.emit("Transpose", [x], {"perm": perm})
 
 
 @lowers(torch.transpose, "transpose")
-def _transpose(lo: _Lowering, call: _Call) -> Value:
+def _transpose(lo: Lowering, call: Call) -> Value:
     x = lo.var(call.arg(0, "input"))
     a, b = lo.axis(x, call.arg(1, "dim0")), lo.axis(x, call.arg(2, "dim1"))
     perm = list(range(lo.rank(x)))
@@ -99,17 +99,17 @@ def _transpose(lo: _Lowering, call: _Call) -> Value:
 
 
 @lowers(torch.unsqueeze, "unsqueeze")
-def _unsqueeze(lo: _Lowering, call: _Call) -> Value:
+def _unsqueeze(lo: Lowering, call: Call) -> Value:
     x = lo.var(call.arg(0, "input"))
     d = int(call.arg(1, "dim"))
     d = d + lo.rank(x) + 1 if d < 0 else d
     if d == 0:
-        raise _Unsupported("unsqueeze(0) would move the batch dimension")
+        raise Unsupported("unsqueeze(0) would move the batch dimension")
     return lo.emit("Unsqueeze", [x], {"axes": [d]})
 
 
 @lowers(torch.squeeze, "squeeze")
-def _squeeze(lo: _Lowering, call: _Call) -> Value:
+def _squeeze(lo: Lowering, call: Call) -> Value:
     x = lo.var(call.arg(0, "input"))
     shape = lo.shape(x)
     dim = call.arg(1, "dim", None)
@@ -122,38 +122,38 @@ def _squeeze(lo: _Lowering, call: _Call) -> Value:
 
 
 @lowers(torch.cat, torch.concat, torch.concatenate)
-def _cat(lo: _Lowering, call: _Call) -> Value:
+def _cat(lo: Lowering, call: Call) -> Value:
     parts = [lo.var(t, "every concatenated tensor") for t in call.arg(0, "tensors")]
     dim = call.arg(1, "dim", call.kwargs.get("axis", 0))
     return lo.emit("Concat", parts, {"axis": lo.axis(parts[0], dim)})
 
 
 @lowers(torch.split, torch.chunk, "split", "chunk")
-def _split(lo: _Lowering, call: _Call) -> tuple[Value, ...]:
+def _split(lo: Lowering, call: Call) -> tuple[Value, ...]:
     # split(x, size_or_sections, dim) and chunk(x, chunks, dim) alike: the part sizes are
     # read off the example outputs, which fixes the ragged last part of chunk too.
     x = lo.var(call.arg(0, "input"))
     axis = lo.axis(x, call.arg(2, "dim", 0))
-    sizes = [s[axis] for s in _example_shapes(call.node)]
+    sizes = [s[axis] for s in example_shapes(call.node)]
     return lo.emit("Split", [x, torch.tensor(sizes, dtype=torch.int64)], {"axis": axis}, n_outputs=len(sizes))
 
 
 @lowers(operator.getitem)
-def _getitem(lo: _Lowering, call: _Call) -> Any:
+def _getitem(lo: Lowering, call: Call) -> Any:
     seq, index = call.args[0], call.args[1]
     if not isinstance(seq, Value):  # a Python list/tuple holding variables
         return seq[index]
     return _slice(lo, seq, index)
 
 
-def _slice(lo: _Lowering, x: Value, index: Any) -> Value:
+def _slice(lo: Lowering, x: Value, index: Any) -> Value:
     """Basic indexing ``x[:, a:b, ..., c]`` -> Slice (+ Squeeze for integer indices)."""
     index = index if isinstance(index, tuple) else (index,)
     if any(i is Ellipsis for i in index):
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (lo.rank(x) - len(index) + 1) + index[at + 1:]
     if not index or not isinstance(index[0], slice) or index[0] != slice(None) or len(index) > lo.rank(x):
-        raise _Unsupported(f"index {index}: must start with ':' (keep the batch) and use slices/ints")
+        raise Unsupported(f"index {index}: must start with ':' (keep the batch) and use slices/ints")
     starts, ends, axes, steps, squeeze = [], [], [], [], []
     for axis, i in enumerate(index[1:], start=1):
         size = lo.shape(x)[axis]
@@ -162,13 +162,13 @@ def _slice(lo: _Lowering, x: Value, index: Any) -> Value:
                 continue
             s, e, st = i.indices(size)
             if st <= 0:
-                raise _Unsupported("negative slice steps")
+                raise Unsupported("negative slice steps")
         elif isinstance(i, int) and not isinstance(i, bool):
             s = i + size if i < 0 else i
             e, st = s + 1, 1
             squeeze.append(axis)
         else:
-            raise _Unsupported(f"index {i!r} (only slices and ints)")
+            raise Unsupported(f"index {i!r} (only slices and ints)")
         starts.append(s), ends.append(e), axes.append(axis), steps.append(st)
     y = x
     if axes:
@@ -178,23 +178,23 @@ def _slice(lo: _Lowering, x: Value, index: Any) -> Value:
 
 
 @lowers(F.pad)
-def _pad(lo: _Lowering, call: _Call) -> Value:
+def _pad(lo: Lowering, call: Call) -> Value:
     x = lo.var(call.arg(0, "input"))
     pad = [int(p) for p in lo.constant(call.arg(1, "pad"), "pad")]
     mode = call.arg(2, "mode", "constant")
     value = call.arg(3, "value", None)
-    if mode not in _PAD_MODES:
-        raise _Unsupported(f"mode='{mode}'")
+    if mode not in PAD_MODES:
+        raise Unsupported(f"mode='{mode}'")
     if any(p < 0 for p in pad):
-        raise _Unsupported("negative padding (cropping)")
+        raise Unsupported("negative padding (cropping)")
     r = lo.rank(x)
     begins, ends = [0] * r, [0] * r
     for k in range(len(pad) // 2):  # torch lists (begin, end) pairs from the last axis backwards
         begins[r - 1 - k], ends[r - 1 - k] = pad[2 * k], pad[2 * k + 1]
     if begins[0] or ends[0]:
-        raise _Unsupported("padding the batch dimension")
+        raise Unsupported("padding the batch dimension")
     pads = torch.tensor(begins + ends, dtype=torch.int64)
     if mode != "constant":
-        return lo.emit("Pad", [x, pads], {"mode": _PAD_MODES[mode]})
+        return lo.emit("Pad", [x, pads], {"mode": PAD_MODES[mode]})
     fill = torch.tensor(float(value or 0.0), dtype=torch.float32)
     return lo.emit("Pad", [x, pads, fill], {"mode": "constant"})

@@ -38,7 +38,7 @@ import torch
 from dualgraph.errors import DualgraphError
 from dualgraph.files import read_bytes
 from dualgraph.ir import Graph
-from frontends.onnx_importer import _Importer, supported_ops
+from dualgraph.frontends.onnx_importer import Importer, supported_ops
 
 __all__ = ["load_onnx", "onnx_feeds", "run_onnxruntime", "supported_ops"]
 
@@ -54,7 +54,7 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     model = source if isinstance(source, onnx.ModelProto) else _read_model(Path(source))
     if not model.HasField("graph"):
         raise DualgraphError("the ONNX model has no graph; is this really an ONNX model file?")
-    return _Importer(model).build()
+    return Importer(model).build()
 
 
 def onnx_feeds(graph: Graph, *inputs: torch.Tensor | np.ndarray) -> list[dict[str, np.ndarray]]:

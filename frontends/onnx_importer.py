@@ -1,5 +1,5 @@
-"""The importer behind :func:`frontends.onnx.load_onnx`: folds constant nodes (batch-1 and
-batch-2 worlds), converts the others with :mod:`frontends.onnx_ops` (or a plugin's evaluation
+"""The importer behind :func:`dualgraph.frontends.onnx.load_onnx`: folds constant nodes (batch-1 and
+batch-2 worlds), converts the others with :mod:`dualgraph.frontends.onnx_ops` (or a plugin's evaluation
 rule), and gives those handlers their building blocks (layouts, constants, broadcasting, MatMul).
 """
 
@@ -18,9 +18,9 @@ from dualgraph.errors import DualgraphError, UnsupportedOpError
 from dualgraph.interpreter import EVAL_RULES, infer_shapes
 from dualgraph.ir import BATCH, Graph, Node, Value, verify
 from dualgraph.plugins import load_plugins
-from frontends import onnx_ops  # noqa: F401  (fills _HANDLERS)
-from frontends.onnx_refs import (_CONTROL_FLOW, _FLOAT_TYPES, _HANDLERS, _SHAPE_OPS, Ref, _Const, _Missing,
-                                 _N, _Var)
+from dualgraph.frontends import onnx_ops  # noqa: F401  (fills HANDLERS)
+from dualgraph.frontends.onnx_refs import (CONTROL_FLOW_OPS, FLOAT_TYPES, HANDLERS, SHAPE_OPS, Ref, Const, Missing,
+                                 OnnxNode, Var)
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -45,13 +45,13 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[int | str] | None:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
 
 
-class _Importer:
+class Importer:
     def __init__(self, model: onnx.ModelProto) -> None:
         load_plugins()
         self.model = model
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         self.g = Graph(model.graph.name or "onnx_model")
-        self.env: dict[str, Ref | _Missing] = {}
+        self.env: dict[str, Ref | Missing] = {}
         self.dynamic = False            # some input has a symbolic batch dimension
         self.dtype = torch.float32
         self._meta: dict[Value, torch.Tensor] = {}     # meta tensors (batch 2) of variables
@@ -63,7 +63,7 @@ class _Importer:
         gp = self.model.graph
         for init in gp.initializer:
             try:
-                self.env[init.name] = _Const.of(numpy_helper.to_array(init))
+                self.env[init.name] = Const.of(numpy_helper.to_array(init))
             except Exception as exc:
                 raise DualgraphError(f"cannot read initializer '{init.name}': {exc}") from None
         inputs = [vi for vi in gp.input if vi.name not in self.env]
@@ -84,7 +84,7 @@ class _Importer:
     def _add_input(self, vi: onnx.ValueInfoProto) -> dict[str, Any]:
         dims = _dims(vi)
         elem = vi.type.tensor_type.elem_type
-        if elem not in _FLOAT_TYPES:
+        if elem not in FLOAT_TYPES:
             raise DualgraphError(f"input '{vi.name}' has element type {TensorProto.DataType.Name(elem)}; "
                                  "only floating-point inputs are supported")
         if dims is None:
@@ -101,20 +101,20 @@ class _Importer:
         batch_first = dynamic or (len(dims) >= 2 and dims[0] == 1)
         unit = dims[1:] if batch_first else dims
         self.dynamic |= dynamic
-        self.dtype = _FLOAT_TYPES[elem] if not self.g.inputs else self.dtype
-        v = self.g.add_input(vi.name, unit, _FLOAT_TYPES[elem])
+        self.dtype = FLOAT_TYPES[elem] if not self.g.inputs else self.dtype
+        v = self.g.add_input(vi.name, unit, FLOAT_TYPES[elem])
         self._meta[v] = torch.empty((2, *unit), device="meta", dtype=v.dtype)
-        self.env[vi.name] = _Var(v, added=not batch_first)
+        self.env[vi.name] = Var(v, added=not batch_first)
         return {"name": vi.name, "shape": dims, "layout": "batch" if batch_first else "added",
                 "dynamic": dynamic, "dtype": str(helper.tensor_dtype_to_np_dtype(elem))}
 
     def _add_output(self, vi: onnx.ValueInfoProto) -> dict[str, Any]:
         ref = self.env.get(vi.name)
-        if isinstance(ref, _Missing):
+        if isinstance(ref, Missing):
             raise DualgraphError(ref.reason)
         if ref is None:
             raise DualgraphError(f"graph output '{vi.name}' is not produced by any node")
-        if not isinstance(ref, _Var):
+        if not isinstance(ref, Var):
             raise DualgraphError(f"graph output '{vi.name}' does not depend on the network input")
         self.g.outputs.append(ref.value)
         return {"name": vi.name, "shape": _dims(vi), "layout": "added" if ref.added else "batch"}
@@ -135,16 +135,16 @@ class _Importer:
 
     def _check_supported(self, nodes: list[onnx.NodeProto]) -> None:
         """One error listing every op that can be neither folded nor lowered."""
-        const = {name for name, ref in self.env.items() if isinstance(ref, _Const)}
+        const = {name for name, ref in self.env.items() if isinstance(ref, Const)}
         bad: dict[str, list[str]] = {}
         for node in nodes:
             domain, op = self._key(node)
             label = op if not domain else f"{domain}.{op}"
-            if not domain and op in _CONTROL_FLOW:
+            if not domain and op in CONTROL_FLOW_OPS:
                 bad.setdefault(label, []).append(node.name or node.output[0])
-            elif (not domain and op in _SHAPE_OPS) or all(not i or i in const for i in node.input):
+            elif (not domain and op in SHAPE_OPS) or all(not i or i in const for i in node.input):
                 const.update(node.output)
-            elif not ((not domain and op in _HANDLERS) or (domain, op) in EVAL_RULES):
+            elif not ((not domain and op in HANDLERS) or (domain, op) in EVAL_RULES):
                 bad.setdefault(label, []).append(node.name or node.output[0])
         if bad:
             listing = ", ".join(f"{op} (nodes {', '.join(repr(n) for n in names)})"
@@ -162,23 +162,23 @@ class _Importer:
             if name and ref is None:
                 raise DualgraphError(f"node '{label}' ({op}) reads '{name}', which no node, graph input "
                                      "or initializer defines")
-            if isinstance(ref, _Missing):
+            if isinstance(ref, Missing):
                 raise DualgraphError(ref.reason)
             refs.append(ref)
-        if not (not domain and op in _CONTROL_FLOW) and (
-                (not domain and op in _SHAPE_OPS) or all(r is None or isinstance(r, _Const) for r in refs)):
+        if not (not domain and op in CONTROL_FLOW_OPS) and (
+                (not domain and op in SHAPE_OPS) or all(r is None or isinstance(r, Const) for r in refs)):
             outs = self._fold(node, label, refs)
         else:
-            n = _N(self._unique(label), op, _attrs(node), refs, list(node.input), list(node.output))
-            handler = _HANDLERS.get(op) if not domain else None
+            n = OnnxNode(self._unique(label), op, _attrs(node), refs, list(node.input), list(node.output))
+            handler = HANDLERS.get(op) if not domain else None
             outs = handler(self, n) if handler else self._generic(n, domain)
         for name, ref in zip(node.output, outs):
             if name:
                 self.env[name] = ref
 
     # ---- constant folding -------------------------------------------------------------------
-    def _fold(self, node: onnx.NodeProto, label: str, refs: list[Ref | None]) -> list[_Const]:
-        if node.op_type in _SHAPE_OPS and isinstance(refs[0], _Var):
+    def _fold(self, node: onnx.NodeProto, label: str, refs: list[Ref | None]) -> list[Const]:
+        if node.op_type in SHAPE_OPS and isinstance(refs[0], Var):
             x, attrs = refs[0], _attrs(node)
 
             def value(batch: int) -> np.ndarray:
@@ -187,14 +187,14 @@ class _Importer:
                     return np.array(math.prod(shape), dtype=np.int64)
                 return np.array(shape[attrs.get("start", 0):attrs.get("end", len(shape))], dtype=np.int64)
             t1 = value(1)
-            return [_Const(t1, value(2)) if self.dynamic and not x.added else _Const.of(t1)]
+            return [Const(t1, value(2)) if self.dynamic and not x.added else Const.of(t1)]
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            return [_Const.of(numpy_helper.to_array(node.attribute[0].t))]
+            return [Const.of(numpy_helper.to_array(node.attribute[0].t))]
         t1s = self._reference(node, label, [r.t1 if r is not None else None for r in refs])
         if not any(r is not None and r.batch_dependent for r in refs):
-            return [_Const.of(t) for t in t1s]
+            return [Const.of(t) for t in t1s]
         t2s = self._reference(node, label, [r.t2 if r is not None else None for r in refs])
-        return [_Const.of(a) if a.shape == b.shape and np.array_equal(a, b) else _Const(a, b)
+        return [Const.of(a) if a.shape == b.shape and np.array_equal(a, b) else Const(a, b)
                 for a, b in zip(t1s, t2s)]
 
     def _reference(self, node: onnx.NodeProto, label: str, arrays: list) -> list[np.ndarray]:
@@ -224,22 +224,22 @@ class _Importer:
         self._node_names.add(name)
         return name
 
-    def var(self, n: _N, index: int) -> _Var:
+    def var(self, n: OnnxNode, index: int) -> Var:
         ref = n.ins[index] if index < len(n.ins) else None
-        if not isinstance(ref, _Var):
+        if not isinstance(ref, Var):
             raise DualgraphError(f"node '{n.name}' ({n.op}): input {index} must depend on the network input")
         return ref
 
-    def const(self, n: _N, index: int, what: str | None = None) -> _Const | None:
+    def const(self, n: OnnxNode, index: int, what: str | None = None) -> Const | None:
         """The constant at input ``index`` (None if omitted); an error if it is variable."""
         ref = n.ins[index] if index < len(n.ins) else None
-        if isinstance(ref, _Var):
+        if isinstance(ref, Var):
             what = what or f"input {index}"
             raise DualgraphError(f"node '{n.name}' ({n.op}): {what} depends on the network input; "
                                  "only constant values are supported there")
         return ref
 
-    def ints(self, n: _N, index: int, attr: str | None = None) -> list[int] | None:
+    def ints(self, n: OnnxNode, index: int, attr: str | None = None) -> list[int] | None:
         """Integer list from a constant input (opsets that moved it there) or an attribute."""
         c = self.const(n, index)
         if c is not None:
@@ -247,7 +247,7 @@ class _Importer:
         value = n.attrs.get(attr) if attr else None
         return None if value is None else [int(v) for v in value]
 
-    def batch_free(self, n: _N, c: _Const) -> np.ndarray:
+    def batch_free(self, n: OnnxNode, c: Const) -> np.ndarray:
         """The batch-1 value of ``c``, which must not depend on the batch size.
 
         Allowed: a tensor that merely repeats one row per example (a leading axis of 1 that
@@ -273,17 +273,17 @@ class _Importer:
         self._const_cache[id(array)] = (array, value)
         return value
 
-    def const_input(self, n: _N, index: int) -> Value | None:
+    def const_input(self, n: OnnxNode, index: int) -> Value | None:
         """The IR constant for input ``index`` (None if omitted), shared by all its users."""
         c = self.const(n, index)
         return None if c is None else self.ir_const(self.batch_free(n, c), n.in_names[index])
 
-    def int_const(self, n: _N, values: Sequence[int], what: str) -> Value:
+    def int_const(self, n: OnnxNode, values: Sequence[int], what: str) -> Value:
         tensor = torch.tensor([int(v) for v in values], dtype=torch.int64)
         return self.g.add_const(self.g.fresh_name(f"{n.name}/dg_{what}"), tensor)
 
-    def emit(self, n: _N, op: str, inputs: list[Value | None], attrs: dict[str, Any], added: bool,
-             outs: list[str] | None = None, domain: str = "") -> list[_Var]:
+    def emit(self, n: OnnxNode, op: str, inputs: list[Value | None], attrs: dict[str, Any], added: bool,
+             outs: list[str] | None = None, domain: str = "") -> list[Var]:
         """Append an IR node; ``outs`` (the ONNX output names) marks the node's final op.
 
         Helper nodes (``outs`` None) get derived names. Output shapes are inferred right
@@ -297,9 +297,9 @@ class _Importer:
             names = [o or f"{name}:{i}" for i, o in enumerate(outs)]
         node = self.g.add_node((domain, op), inputs, attrs, name=name, output_names=names)
         self._infer(n, node)
-        return [_Var(v, added) for v in node.outputs]
+        return [Var(v, added) for v in node.outputs]
 
-    def _infer(self, n: _N, node: Node) -> None:
+    def _infer(self, n: OnnxNode, node: Node) -> None:
         args = []
         for v in node.inputs:
             if v is None:
@@ -326,13 +326,13 @@ class _Importer:
             v.shape, v.dtype = (BATCH, *t.shape[1:]), t.dtype
             self._meta[v] = t
 
-    def reshape_ir(self, n: _N, x: _Var, rest: Sequence[int], added: bool,
-                   outs: list[str] | None = None) -> _Var:
+    def reshape_ir(self, n: OnnxNode, x: Var, rest: Sequence[int], added: bool,
+                   outs: list[str] | None = None) -> Var:
         """IR Reshape of ``x`` to ``[batch, *rest]``."""
         shape = self.int_const(n, [-1, *rest], "shape")
         return self.emit(n, "Reshape", [x.value, shape], {}, added, outs)[0]
 
-    def to_added(self, n: _N, x: _Var) -> _Var:
+    def to_added(self, n: OnnxNode, x: Var) -> Var:
         """Make ONNX axis 0 of a batch-first value an ordinary axis (fixed batch 1 only)."""
         if x.added:
             return x
@@ -342,7 +342,7 @@ class _Importer:
                                  "this is not supported")
         return self.reshape_ir(n, x, x.onnx_shape(), added=True)
 
-    def to_native(self, n: _N, x: _Var) -> _Var:
+    def to_native(self, n: OnnxNode, x: Var) -> Var:
         """Make ONNX axis 0 (which must be 1) the batch axis, for ops that need it first."""
         if not x.added:
             return x
@@ -352,15 +352,15 @@ class _Importer:
                                  f"but '{x.value.name}' has the per-example shape {shape}")
         return self.reshape_ir(n, x, shape[1:], added=False)
 
-    def axis(self, n: _N, axis: int, rank: int) -> int:
+    def axis(self, n: OnnxNode, axis: int, rank: int) -> int:
         """ONNX ``axis`` normalised to ``[0, rank)``."""
         if not -rank <= axis < rank:
             raise DualgraphError(f"node '{n.name}' ({n.op}): axis {axis} out of range for rank {rank}")
         return axis % rank
 
     # ---- composite conversions (used by several handlers) --------------------------------------
-    def reshape_to(self, n: _N, x: _Var, t1: list[int], t2: list[int] | None,
-                   outs: list[str] | None) -> _Var:
+    def reshape_to(self, n: OnnxNode, x: Var, t1: list[int], t2: list[int] | None,
+                   outs: list[str] | None) -> Var:
         """Reshape ``x`` to the resolved ONNX shape ``t1`` (``t2``: the same for batch 2)."""
         if not x.added and self.dynamic:
             if not (t2 and len(t1) == len(t2) and t1[0] == 1 and t2[0] == 2 and t1[1:] == t2[1:]):
@@ -372,7 +372,7 @@ class _Importer:
             return self.reshape_ir(n, x, t1[1:], False, outs)
         return self.reshape_ir(n, x, t1, True, outs)
 
-    def transpose(self, n: _N, x: _Var, perm: Sequence[int] | None, outs: list[str] | None) -> _Var:
+    def transpose(self, n: OnnxNode, x: Var, perm: Sequence[int] | None, outs: list[str] | None) -> Var:
         perm = list(perm) if perm else list(reversed(range(x.rank)))
         if sorted(perm) != list(range(x.rank)):
             raise DualgraphError(f"node '{n.name}' ({n.op}): perm {perm} is invalid for rank {x.rank}")
@@ -381,17 +381,17 @@ class _Importer:
         ir_perm = [0, *(p + 1 for p in perm)] if x.added else perm
         return self.emit(n, "Transpose", [x.value], {"perm": ir_perm}, x.added, outs)[0]
 
-    def binary(self, n: _N, op: str, a: Ref, b: Ref, outs: list[str] | None,
-               hints: tuple[str, str] = ("", "")) -> _Var:
+    def binary(self, n: OnnxNode, op: str, a: Ref, b: Ref, outs: list[str] | None,
+               hints: tuple[str, str] = ("", "")) -> Var:
         """Elementwise ``op`` with numpy broadcasting, constants made to broadcast past the batch."""
-        if isinstance(a, _Var) and isinstance(b, _Var):
+        if isinstance(a, Var) and isinstance(b, Var):
             if a.added != b.added:
                 a, b = self.to_added(n, a), self.to_added(n, b)
             if len(a.value.shape) != len(b.value.shape):
                 raise DualgraphError(f"node '{n.name}' ({n.op}): broadcasting two network tensors of "
                                      "different rank is not supported")
             return self.emit(n, op, [a.value, b.value], {}, a.added, outs)[0]
-        var_first = isinstance(a, _Var)
+        var_first = isinstance(a, Var)
         x, c = (a, b) if var_first else (b, a)
         hint = hints[1] if var_first else hints[0]
         array = self.batch_free(n, c)
@@ -405,16 +405,16 @@ class _Importer:
         inputs = [x.value, cv] if var_first else [cv, x.value]
         return self.emit(n, op, inputs, {}, x.added, outs)[0]
 
-    def matmul(self, n: _N, a: Ref, b: Ref, outs: list[str] | None,
-               hints: tuple[str, str] = ("", "")) -> _Var:
+    def matmul(self, n: OnnxNode, a: Ref, b: Ref, outs: list[str] | None,
+               hints: tuple[str, str] = ("", "")) -> Var:
         """ONNX MatMul where at least one operand depends on the input."""
-        if isinstance(a, _Var) and isinstance(b, _Var):
+        if isinstance(a, Var) and isinstance(b, Var):
             # only products batched over examples: same layout and rank, matrices per example
             if a.added != b.added or a.rank != b.rank or a.rank < (2 if a.added else 3):
                 raise DualgraphError(f"node '{n.name}' ({n.op}): this product of two network tensors "
                                      "is not supported")
             return self.emit(n, "MatMul", [a.value, b.value], {}, a.added, outs)[0]
-        if isinstance(a, _Var):  # x @ W
+        if isinstance(a, Var):  # x @ W
             w = self.batch_free(n, b)
             if w.ndim > 2:
                 raise DualgraphError(f"node '{n.name}' ({n.op}): a constant right operand of rank "
@@ -435,9 +435,9 @@ class _Importer:
         return self.emit(n, "MatMul", [self.ir_const(w, hints[0] or f"{n.name}/dg_w"), x.value], {},
                          x.added, outs)[0]
 
-    def _generic(self, n: _N, domain: str) -> list[_Var]:
+    def _generic(self, n: OnnxNode, domain: str) -> list[Var]:
         """Ops known only through an evaluation rule (plugins): batch-first operands as is."""
-        inputs = [self.to_native(n, r).value if isinstance(r, _Var) else
+        inputs = [self.to_native(n, r).value if isinstance(r, Var) else
                   (self.const_input(n, i) if r is not None else None) for i, r in enumerate(n.ins)]
         return self.emit(n, n.op, inputs, n.attrs, False, n.outs, domain)
 
@@ -445,5 +445,5 @@ class _Importer:
 def supported_ops() -> list[str]:
     """ONNX ops the frontend lowers (plugins included), sorted."""
     load_plugins()
-    ops = set(_HANDLERS) | {op for d, op in EVAL_RULES if not d} | {f"{d}.{op}" for d, op in EVAL_RULES if d}
+    ops = set(HANDLERS) | {op for d, op in EVAL_RULES if not d} | {f"{d}.{op}" for d, op in EVAL_RULES if d}
     return sorted(ops - {"Constant"})

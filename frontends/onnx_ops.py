@@ -1,7 +1,7 @@
 """Conversion handlers of the ONNX frontend, one per ONNX op family.
 
-Each handler is registered with :func:`frontends.onnx_refs._handles` for the
-default-domain ops it converts; it gets the importer (:class:`frontends.onnx_importer._Importer`,
+Each handler is registered with :func:`dualgraph.frontends.onnx_refs.handles` for the
+default-domain ops it converts; it gets the importer (:class:`dualgraph.frontends.onnx_importer.Importer`,
 whose building blocks it calls) and the node, and returns one ref per ONNX output.
 """
 
@@ -14,13 +14,13 @@ import numpy as np
 
 from dualgraph import eval_rules  # noqa: F401  (shares conv_pads/slice_range)
 from dualgraph.errors import DualgraphError
-from frontends.onnx_refs import _FLOAT_TYPES, Ref, _Const, _handles, _Missing, _N, _Var
+from dualgraph.frontends.onnx_refs import FLOAT_TYPES, Ref, Const, handles, Missing, OnnxNode, Var
 
 if TYPE_CHECKING:
-    from frontends.onnx_importer import _Importer
+    from dualgraph.frontends.onnx_importer import Importer
 
 
-def _resolve_reshape(n: _N, target: np.ndarray, shape: list[int], allowzero: int) -> list[int]:
+def _resolve_reshape(n: OnnxNode, target: np.ndarray, shape: list[int], allowzero: int) -> list[int]:
     """ONNX Reshape's output shape for input ``shape`` (0 copies an axis, -1 is inferred)."""
     dims = [int(d) for d in np.asarray(target).reshape(-1)]
     out = [shape[i] if d == 0 and not allowzero and i < len(shape) else d for i, d in enumerate(dims)]
@@ -36,31 +36,31 @@ def _resolve_reshape(n: _N, target: np.ndarray, shape: list[int], allowzero: int
 
 
 # ---- handlers: one per ONNX op family ------------------------------------------------------------
-@_handles("Relu", "Sigmoid", "Tanh", "Neg", "Identity", "LeakyRelu")
-def _unary(imp: _Importer, n: _N) -> list:
+@handles("Relu", "Sigmoid", "Tanh", "Neg", "Identity", "LeakyRelu")
+def _unary(imp: Importer, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     attrs = {"alpha": float(n.attrs.get("alpha", 0.01))} if n.op == "LeakyRelu" else {}
     return imp.emit(n, n.op, [x.value], attrs, x.added, n.outs)
 
 
-@_handles("Dropout")
-def _dropout(imp: _Importer, n: _N) -> list:
+@handles("Dropout")
+def _dropout(imp: Importer, n: OnnxNode) -> list:
     x = imp.var(n, 0)
-    mask = _Missing(f"the mask output of Dropout node '{n.name}' is not supported")
+    mask = Missing(f"the mask output of Dropout node '{n.name}' is not supported")
     return imp.emit(n, "Identity", [x.value], {}, x.added, n.outs[:1]) + [mask] * (len(n.outs) - 1)
 
 
-@_handles("Cast")
-def _cast(imp: _Importer, n: _N) -> list:
-    if int(n.attrs.get("to", 0)) not in _FLOAT_TYPES:
+@handles("Cast")
+def _cast(imp: Importer, n: OnnxNode) -> list:
+    if int(n.attrs.get("to", 0)) not in FLOAT_TYPES:
         raise DualgraphError(f"node '{n.name}' (Cast) casts a network tensor to a non-float type; "
                              "not supported")
     x = imp.var(n, 0)  # a float-to-float cast is the identity for analysis purposes
     return imp.emit(n, "Identity", [x.value], {}, x.added, n.outs)
 
 
-@_handles("Clip")
-def _clip(imp: _Importer, n: _N) -> list:
+@handles("Clip")
+def _clip(imp: Importer, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     if imp.opset < 11:  # bounds were attributes; normalise them to inputs
         bounds = [imp.ir_const(np.array(n.attrs[k], dtype=np.float32), f"{n.name}/dg_{k}")
@@ -73,23 +73,23 @@ def _clip(imp: _Importer, n: _N) -> list:
     return imp.emit(n, "Clip", inputs, {}, x.added, n.outs)
 
 
-@_handles("Add", "Sub", "Mul", "Div")
-def _binary(imp: _Importer, n: _N) -> list:
+@handles("Add", "Sub", "Mul", "Div")
+def _binary(imp: Importer, n: OnnxNode) -> list:
     return [imp.binary(n, n.op, n.ins[0], n.ins[1], n.outs, (n.in_names[0], n.in_names[1]))]
 
 
-@_handles("MatMul")
-def _matmul(imp: _Importer, n: _N) -> list:
+@handles("MatMul")
+def _matmul(imp: Importer, n: OnnxNode) -> list:
     return [imp.matmul(n, n.ins[0], n.ins[1], n.outs, (n.in_names[0], n.in_names[1]))]
 
 
-@_handles("Gemm")
-def _gemm(imp: _Importer, n: _N) -> list:
+@handles("Gemm")
+def _gemm(imp: Importer, n: OnnxNode) -> list:
     a, b = n.ins[0], n.ins[1]
     c = n.ins[2] if len(n.ins) > 2 else None
     alpha, beta = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
     trans_a, trans_b = int(n.attrs.get("transA", 0)), int(n.attrs.get("transB", 0))
-    if isinstance(a, _Var) and isinstance(b, _Const) and not isinstance(c, _Var) and not trans_a:
+    if isinstance(a, Var) and isinstance(b, Const) and not isinstance(c, Var) and not trans_a:
         x = a
         if x.added and x.onnx_shape()[0] == 1:
             x = imp.to_native(n, x)
@@ -101,30 +101,30 @@ def _gemm(imp: _Importer, n: _N) -> list:
     def op_of(ref: Ref, trans: int) -> Ref:
         if not trans:
             return ref
-        if isinstance(ref, _Const):
+        if isinstance(ref, Const):
             return ref.map(lambda t: t.T.copy())
         return imp.transpose(n, ref, [1, 0], None)
     a, b = op_of(a, trans_a), op_of(b, trans_b)
-    if alpha != 1.0 and isinstance(b, _Const):
+    if alpha != 1.0 and isinstance(b, Const):
         b = b.map(lambda t: t * np.asarray(alpha, dtype=t.dtype))
-    elif alpha != 1.0 and isinstance(a, _Const):
+    elif alpha != 1.0 and isinstance(a, Const):
         a = a.map(lambda t: t * np.asarray(alpha, dtype=t.dtype))
-    scale_after = alpha != 1.0 and isinstance(a, _Var) and isinstance(b, _Var)
+    scale_after = alpha != 1.0 and isinstance(a, Var) and isinstance(b, Var)
     y = imp.matmul(n, a, b, n.outs if c is None and not scale_after else None)
     if scale_after:
-        y = imp.binary(n, "Mul", y, _Const.of(np.asarray(alpha, dtype=np.float32)),
+        y = imp.binary(n, "Mul", y, Const.of(np.asarray(alpha, dtype=np.float32)),
                        n.outs if c is None else None)
     if c is None:
         return [y]
-    if isinstance(c, _Const):
+    if isinstance(c, Const):
         c = c.map(lambda t: t * np.asarray(beta, dtype=t.dtype)) if beta != 1.0 else c
     elif beta != 1.0:
-        c = imp.binary(n, "Mul", c, _Const.of(np.asarray(beta, dtype=np.float32)), None)
+        c = imp.binary(n, "Mul", c, Const.of(np.asarray(beta, dtype=np.float32)), None)
     return [imp.binary(n, "Add", y, c, n.outs)]
 
 
-@_handles("Conv")
-def _conv(imp: _Importer, n: _N) -> list:
+@handles("Conv")
+def _conv(imp: Importer, n: OnnxNode) -> list:
     x = imp.to_native(n, imp.var(n, 0))
     w = imp.const(n, 1, "the Conv weight")
     spatial = [int(d) for d in x.value.shape[2:]]
@@ -139,8 +139,8 @@ def _conv(imp: _Importer, n: _N) -> list:
     return imp.emit(n, "Conv", inputs, attrs, False, n.outs)
 
 
-@_handles("BatchNormalization")
-def _batch_norm(imp: _Importer, n: _N) -> list:
+@handles("BatchNormalization")
+def _batch_norm(imp: Importer, n: OnnxNode) -> list:
     if int(n.attrs.get("training_mode", 0)):
         raise DualgraphError(f"node '{n.name}' (BatchNormalization) is in training mode; export the model "
                              "in eval mode")
@@ -148,12 +148,12 @@ def _batch_norm(imp: _Importer, n: _N) -> list:
     inputs = [x.value] + [imp.const_input(n, i) for i in range(1, 5)]
     out = imp.emit(n, "BatchNormalization", inputs, {"epsilon": float(n.attrs.get("epsilon", 1e-5))}, False,
                    n.outs[:1])
-    extra = _Missing(f"the training outputs of BatchNormalization node '{n.name}' are not supported")
+    extra = Missing(f"the training outputs of BatchNormalization node '{n.name}' are not supported")
     return out + [extra] * (len(n.outs) - 1)
 
 
-@_handles("AveragePool", "MaxPool")
-def _pool(imp: _Importer, n: _N) -> list:
+@handles("AveragePool", "MaxPool")
+def _pool(imp: Importer, n: OnnxNode) -> list:
     x = imp.to_native(n, imp.var(n, 0))
     if "kernel_shape" not in n.attrs:
         raise DualgraphError(f"node '{n.name}' ({n.op}) has no kernel_shape")
@@ -165,18 +165,18 @@ def _pool(imp: _Importer, n: _N) -> list:
     if n.op == "AveragePool":
         attrs["count_include_pad"] = int(n.attrs.get("count_include_pad", 0))
     out = imp.emit(n, n.op, [x.value], attrs, False, n.outs[:1])
-    indices = _Missing(f"the indices output of MaxPool node '{n.name}' is not supported")
+    indices = Missing(f"the indices output of MaxPool node '{n.name}' is not supported")
     return out + [indices] * (len(n.outs) - 1)
 
 
-@_handles("GlobalAveragePool", "GlobalMaxPool")
-def _global_pool(imp: _Importer, n: _N) -> list:
+@handles("GlobalAveragePool", "GlobalMaxPool")
+def _global_pool(imp: Importer, n: OnnxNode) -> list:
     x = imp.to_native(n, imp.var(n, 0))
     return imp.emit(n, n.op, [x.value], {}, False, n.outs)
 
 
-@_handles("Flatten")
-def _flatten(imp: _Importer, n: _N) -> list:
+@handles("Flatten")
+def _flatten(imp: Importer, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     axis = int(n.attrs.get("axis", 1))
     axis = axis + x.rank if axis < 0 else axis
@@ -191,8 +191,8 @@ def _flatten(imp: _Importer, n: _N) -> list:
     return [imp.reshape_to(n, x, target(1), target(2), n.outs)]
 
 
-@_handles("Reshape")
-def _reshape(imp: _Importer, n: _N) -> list:
+@handles("Reshape")
+def _reshape(imp: Importer, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     t = imp.const(n, 1, "the Reshape target shape")
     allowzero = int(n.attrs.get("allowzero", 0))
@@ -201,13 +201,13 @@ def _reshape(imp: _Importer, n: _N) -> list:
     return [imp.reshape_to(n, x, t1, t2, n.outs)]
 
 
-@_handles("Transpose")
-def _transpose(imp: _Importer, n: _N) -> list:
+@handles("Transpose")
+def _transpose(imp: Importer, n: OnnxNode) -> list:
     return [imp.transpose(n, imp.var(n, 0), n.attrs.get("perm"), n.outs)]
 
 
-@_handles("Squeeze")
-def _squeeze(imp: _Importer, n: _N) -> list:
+@handles("Squeeze")
+def _squeeze(imp: Importer, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     shape = x.onnx_shape()
     axes = imp.ints(n, 1, "axes") if imp.opset >= 13 else n.attrs.get("axes")
@@ -221,8 +221,8 @@ def _squeeze(imp: _Importer, n: _N) -> list:
     return imp.emit(n, "Squeeze", [x.value], {"axes": [a + x.added for a in axes]}, x.added, n.outs)
 
 
-@_handles("Unsqueeze")
-def _unsqueeze(imp: _Importer, n: _N) -> list:
+@handles("Unsqueeze")
+def _unsqueeze(imp: Importer, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     axes = imp.ints(n, 1, "axes") if imp.opset >= 13 else n.attrs.get("axes")
     if axes is None:
@@ -234,14 +234,14 @@ def _unsqueeze(imp: _Importer, n: _N) -> list:
     return imp.emit(n, "Unsqueeze", [x.value], {"axes": [a + x.added for a in axes]}, x.added, n.outs)
 
 
-@_handles("Concat")
-def _concat(imp: _Importer, n: _N) -> list:
-    vars_ = [r for r in n.ins if isinstance(r, _Var)]
+@handles("Concat")
+def _concat(imp: Importer, n: OnnxNode) -> list:
+    vars_ = [r for r in n.ins if isinstance(r, Var)]
     axis = imp.axis(n, int(n.attrs["axis"]), vars_[0].rank)
     added = axis == 0 or any(v.added for v in vars_)
     inputs = []
     for i, ref in enumerate(n.ins):
-        if isinstance(ref, _Var):
+        if isinstance(ref, Var):
             inputs.append((imp.to_added(n, ref) if added else ref).value)
             continue
         array = imp.batch_free(n, ref)
@@ -255,8 +255,8 @@ def _concat(imp: _Importer, n: _N) -> list:
     return imp.emit(n, "Concat", inputs, {"axis": axis + added}, added, n.outs)
 
 
-@_handles("Slice")
-def _slice(imp: _Importer, n: _N) -> list:
+@handles("Slice")
+def _slice(imp: Importer, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     if imp.opset < 10:
         starts, ends, axes, steps = (n.attrs.get(k) for k in ("starts", "ends", "axes", "steps"))
@@ -281,8 +281,8 @@ def _slice(imp: _Importer, n: _N) -> list:
     return imp.emit(n, "Slice", inputs, {}, x.added, n.outs)
 
 
-@_handles("Split")
-def _split(imp: _Importer, n: _N) -> list:
+@handles("Split")
+def _split(imp: Importer, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     axis = imp.axis(n, int(n.attrs.get("axis", 0)), x.rank)
     sizes = imp.ints(n, 1) if imp.opset >= 13 else n.attrs.get("split")
@@ -297,8 +297,8 @@ def _split(imp: _Importer, n: _N) -> list:
     return imp.emit(n, "Split", inputs, {"axis": axis + x.added}, x.added, n.outs)
 
 
-@_handles("Pad")
-def _pad(imp: _Importer, n: _N) -> list:
+@handles("Pad")
+def _pad(imp: Importer, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     mode = n.attrs.get("mode", "constant")
     if imp.opset < 11:
@@ -325,8 +325,8 @@ def _pad(imp: _Importer, n: _N) -> list:
     return imp.emit(n, "Pad", inputs, {"mode": mode}, x.added, n.outs)
 
 
-@_handles("Softmax")
-def _softmax(imp: _Importer, n: _N) -> list:
+@handles("Softmax")
+def _softmax(imp: Importer, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     axis = imp.axis(n, int(n.attrs.get("axis", -1 if imp.opset >= 13 else 1)), x.rank)
     if imp.opset < 13 and math.prod(x.onnx_shape()[axis + 1:]) != 1:

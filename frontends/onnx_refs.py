@@ -1,9 +1,9 @@
-"""What ONNX tensor names refer to while :mod:`frontends.onnx` imports a model, and the
-registry of per-op conversion handlers (filled by :mod:`frontends.onnx_ops`).
+"""What ONNX tensor names refer to while :mod:`dualgraph.frontends.onnx` imports a model, and the
+registry of per-op conversion handlers (filled by :mod:`dualgraph.frontends.onnx_ops`).
 
-A name refers to a :class:`_Var` (a variable tensor with its IR value and batch layout), a
-:class:`_Const` (a constant in the batch-1 and batch-2 worlds) or a :class:`_Missing`
-output; see :mod:`frontends.onnx` for the layouts and the two worlds.
+A name refers to a :class:`Var` (a variable tensor with its IR value and batch layout), a
+:class:`Const` (a constant in the batch-1 and batch-2 worlds) or a :class:`Missing`
+output; see :mod:`dualgraph.frontends.onnx` for the layouts and the two worlds.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from onnx import TensorProto
 from dualgraph.ir import Value
 
 if TYPE_CHECKING:
-    from frontends.onnx_importer import _Importer
+    from dualgraph.frontends.onnx_importer import Importer
 
-_FLOAT_TYPES = {TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64,
+FLOAT_TYPES = {TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64,
                 TensorProto.FLOAT16: torch.float16, TensorProto.BFLOAT16: torch.bfloat16}
-_CONTROL_FLOW = {"If", "Loop", "Scan", "SequenceMap"}  # subgraphs: never folded or lowered
-_SHAPE_OPS = {"Shape", "Size"}  # constant even on variable values: shapes are static
+CONTROL_FLOW_OPS = {"If", "Loop", "Scan", "SequenceMap"}  # subgraphs: never folded or lowered
+SHAPE_OPS = {"Shape", "Size"}  # constant even on variable values: shapes are static
 
 
 @dataclass(slots=True)
-class _Var:
+class Var:
     """A variable ONNX tensor: its IR value and whether the IR added the batch axis."""
 
     value: Value
@@ -45,37 +45,37 @@ class _Var:
 
 
 @dataclass(slots=True)
-class _Const:
+class Const:
     """A constant ONNX tensor in the batch-1 and batch-2 worlds (``t2 is t1`` when equal)."""
 
     t1: np.ndarray
     t2: np.ndarray
 
     @staticmethod
-    def of(array: np.ndarray) -> _Const:
-        return _Const(array, array)
+    def of(array: np.ndarray) -> Const:
+        return Const(array, array)
 
     @property
     def batch_dependent(self) -> bool:
         return self.t2 is not self.t1
 
-    def map(self, f: Callable[[np.ndarray], np.ndarray]) -> _Const:
+    def map(self, f: Callable[[np.ndarray], np.ndarray]) -> Const:
         t1 = f(self.t1)
-        return _Const(t1, f(self.t2) if self.batch_dependent else t1)
+        return Const(t1, f(self.t2) if self.batch_dependent else t1)
 
 
 @dataclass(slots=True)
-class _Missing:
+class Missing:
     """An ONNX output the frontend does not provide (e.g. Dropout's mask); using it fails."""
 
     reason: str
 
 
-Ref = _Var | _Const
+Ref = Var | Const
 
 
 @dataclass(slots=True)
-class _N:
+class OnnxNode:
     """The ONNX node being converted, as the handlers see it."""
 
     name: str                   # unique IR node name (ONNX name, else its first output)
@@ -86,13 +86,13 @@ class _N:
     outs: list[str]             # ONNX output names ('' for an omitted optional output)
 
 
-_HANDLERS: dict[str, Callable[["_Importer", _N], list]] = {}
+HANDLERS: dict[str, Callable[["Importer", OnnxNode], list]] = {}
 
 
-def _handles(*ops: str):
+def handles(*ops: str):
     """Register a conversion handler for default-domain ONNX ops (like EVAL_RULES)."""
     def deco(fn):
         for op in ops:
-            _HANDLERS[op] = fn
+            HANDLERS[op] = fn
         return fn
     return deco

@@ -19,7 +19,7 @@ ZOO: dict[str, dict] = {
         "dataset": "digits",
         "eps": 0.1,
         "description": "small CNN (Conv-ReLU-Conv-ReLU-Linear-ReLU-Linear) trained robustly on "
-                       "scikit-learn's 8x8 digits for L-inf eps 0.1 (models/train_digits.py)",
+                       "scikit-learn's 8x8 digits for L-inf eps 0.1 (scripts/train_digits.py)",
     },
     "mnist-small-0.1": {
         "file": "mnist_small_0_1.onnx",

@@ -503,16 +503,16 @@ def to_ir(net: DagNet, via: str = "fx"):
     """The IR graph of ``net``: through torch.fx (default), torch.fx then the simplification
     passes (``"fx+simplify"``), or an ONNX export + frontends.onnx (``"onnx"``)."""
     if via == "fx":
-        from frontends.fx import load_module
+        from dualgraph.frontends.fx import load_module
         return load_module(net, example_input(net))
     if via == "fx+simplify":
-        from frontends.fx import load_module
-        from passes.pipeline import simplify
+        from dualgraph.frontends.fx import load_module
+        from dualgraph.passes.pipeline import simplify
         return simplify(load_module(net, example_input(net)))
     if via == "onnx":
         import onnx
 
-        from frontends.onnx import load_onnx
+        from dualgraph.frontends.onnx import load_onnx
         buf = io.BytesIO()
         torch.onnx.export(net, (example_input(net),), buf, dynamo=False, input_names=["x"],
                           output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})

@@ -9,7 +9,7 @@ import torch
 
 from dualgraph.bench import scaling
 from dualgraph.cli import main
-from models.architectures import hidden_units, mnist_small
+from dualgraph.models.architectures import hidden_units, mnist_small
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from hypothesis import strategies as st
 from dualgraph import scheduler
 from dualgraph.input_sets import L2Ball, linf_ball
 from dualgraph.scheduler import BoundConfig, BoundScheduler
-from passes.build_dual import build_dual
 
 from strategies import DTYPE, DagNet, SetCase, affine_pieces, input_sets, relu_nets, to_ir
 
@@ -159,7 +158,7 @@ def test_scheduler_equals_one_pass_per_unit(net, data):
     lus, final = slow_all(net, case, spec, relaxation)
 
     for cfg, open_share in scheduler_variants(relaxation):
-        sched = BoundScheduler(graph, build_dual, cfg)
+        sched = BoundScheduler(graph, cfg)
         with mock.patch.object(scheduler, "MAX_OPEN_SHARE", open_share):
             bounds = sched.intermediate_bounds(case.make())
             J = sched.bound_output(case.make(), spec, bounds)
@@ -198,7 +197,7 @@ def test_two_layer_by_hand():
     graph = to_ir_sequential(two_layer_net())
     box = linf_ball(torch.zeros(1, 2, dtype=DTYPE), 1.0)
     for relaxation, want in (("paper", -1.4375), ("crown", -2.0)):
-        sched = BoundScheduler(graph, build_dual, BoundConfig(relu_relaxation=relaxation))
+        sched = BoundScheduler(graph, BoundConfig(relu_relaxation=relaxation))
         bounds = sched.intermediate_bounds(box)
         (b,) = bounds.values()
         assert torch.allclose(b.lower, torch.tensor([[-1.5, -2.5]], dtype=DTYPE), atol=1e-12)
@@ -213,7 +212,7 @@ def test_two_layer_by_hand():
     assert abs(true_min + 0.75) < 1e-12
     # L2 ball: z_j = w_j x + b_j with ||w_j||_2 = sqrt(2): l, u = b_j -+ sqrt(2)
     ball = L2Ball(torch.zeros(1, 2, dtype=DTYPE), 1.0)
-    sched = BoundScheduler(graph, build_dual, BoundConfig())
+    sched = BoundScheduler(graph, BoundConfig())
     (b,) = sched.intermediate_bounds(ball).values()
     r2 = 2 ** 0.5
     assert torch.allclose(b.lower, torch.tensor([[0.5 - r2, -0.5 - r2]], dtype=DTYPE), atol=1e-12)
@@ -226,5 +225,5 @@ def test_two_layer_by_hand():
 
 
 def to_ir_sequential(module: nn.Module):
-    from frontends.fx import load_module
+    from dualgraph.frontends.fx import load_module
     return load_module(module, torch.zeros(2, 2, dtype=DTYPE))

@@ -26,7 +26,6 @@ from scipy.optimize import linprog
 
 from dualgraph.input_sets import Box, linf_ball
 from dualgraph.scheduler import BoundConfig, BoundScheduler
-from passes.build_dual import build_dual
 
 from strategies import (DTYPE, DagNet, affine_pieces, dense_nets, input_sets, mlp_nets, residual_nets,
                         sample_points, to_ir)
@@ -132,7 +131,7 @@ def lp_check(net: DagNet, data) -> None:
     configs = {"paper": BoundConfig(), "crown": BoundConfig(relu_relaxation="crown"),
                "paper/forward": BoundConfig(direction="forward"),
                "paper/dense": BoundConfig(direction="backward", patches=False, prune_stable=False)}
-    scheds = {r: BoundScheduler(graph, build_dual, cfg) for r, cfg in configs.items()}
+    scheds = {r: BoundScheduler(graph, cfg) for r, cfg in configs.items()}
     all_bounds = {r: s.intermediate_bounds(box) for r, s in scheds.items()}
     for r, bounds in all_bounds.items():
         J = scheds[r].bound_output(box, spec, bounds)
@@ -209,11 +208,11 @@ def test_one_hidden_layer_lp_is_dual_optimum_over_slopes():
     graph = to_ir_module(net)
     box = linf_ball(torch.zeros(1, 2, dtype=DTYPE), 1.0)
     for relaxation, want in (("paper", -1.4375), ("crown", -2.0)):
-        J = float(BoundScheduler(graph, build_dual, BoundConfig(relu_relaxation=relaxation))
+        J = float(BoundScheduler(graph, BoundConfig(relu_relaxation=relaxation))
                   .bound_output(box, torch.ones(1, 1, 1, dtype=DTYPE)))
         assert abs(J - want) < 1e-12 and J <= lp + 1e-9, (relaxation, J, lp)
 
 
 def to_ir_module(module: torch.nn.Module):
-    from frontends.fx import load_module
+    from dualgraph.frontends.fx import load_module
     return load_module(module, torch.zeros(2, 2, dtype=DTYPE))

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from dualgraph.input_sets import Box, InputSet
 from dualgraph.interpreter import Interpreter
 from dualgraph.scheduler import BoundConfig, BoundScheduler
-from passes.build_dual import build_dual
 
 from strategies import DTYPE, DagNet, any_nets, input_sets, relu_nets, sample_points, to_ir
 
@@ -126,7 +125,7 @@ def check_soundness(net: DagNet, graph, data, relaxations=RELAXATIONS, rtol: flo
         config = BoundConfig(relu_relaxation=relaxation, **PATHS[path])
         if path == "forward" and not forward_supported(graph, graph.nodes, config):
             continue
-        sched = BoundScheduler(graph, build_dual, config)
+        sched = BoundScheduler(graph, config)
         bounds = sched.intermediate_bounds(input_set)
         # (a) intermediate bounds contain the values at sampled points
         for v, b in bounds.items():
@@ -157,7 +156,7 @@ def test_bounds_sound_fx(net, data):
 @settings(max_examples=25, **SETTINGS)
 @given(net=st.one_of(relu_nets(cnn=False), any_nets()), data=st.data())
 def test_bounds_sound_onnx(net, data):
-    pytest.importorskip("frontends.onnx")
+    pytest.importorskip("dualgraph.frontends.onnx")
     check_soundness(net, to_ir(net, via="onnx"), data, rtol=1e-6)
 
 
@@ -176,7 +175,7 @@ def test_zero_radius_is_tight(net, data):
         want = (net(case.center).unsqueeze(1) * spec).sum(-1)
     tight = 1e-8 if net.relu_only else 1e-5
     for relaxation in RELAXATIONS:
-        sched = BoundScheduler(graph, build_dual, BoundConfig(relu_relaxation=relaxation))
+        sched = BoundScheduler(graph, BoundConfig(relu_relaxation=relaxation))
         J = sched.bound_output(case.make(), spec)
         assert (J <= want + tol(J, want)).all(), (relaxation, J, want)
         assert torch.allclose(J, want, rtol=tight, atol=tight), (relaxation, J, want)

@@ -125,21 +125,20 @@ def test_a_direction_that_does_not_fit_the_budget_is_not_chosen():
     from dualgraph.errors import DualgraphError
     from dualgraph.input_sets import linf_ball
     from dualgraph.scheduler import BoundConfig, BoundScheduler
-    from passes.build_dual import build_dual
     graph = wide_graph()
-    free = BoundScheduler(graph, build_dual, BoundConfig())
-    tight = BoundScheduler(graph, build_dual, BoundConfig(max_memory=16 << 20))
+    free = BoundScheduler(graph, BoundConfig())
+    tight = BoundScheduler(graph, BoundConfig(max_memory=16 << 20))
     x = torch.rand(4, 20)
     peak, node = free.forward_peak_bytes(4, 4)
     assert free.forward_for(4, 4) and peak > 16 << 20  # cheaper by operation count, but large
     assert not tight.forward_for(4, 4)
     box = linf_ball(x, 0.05)
     raw = dict(rounding_allowance=False)  # the two directions' allowances differ a little
-    a = BoundScheduler(graph, build_dual, BoundConfig(**raw)).intermediate_bounds(box)
-    b = BoundScheduler(graph, build_dual, BoundConfig(max_memory=16 << 20, **raw)).intermediate_bounds(box)
+    a = BoundScheduler(graph, BoundConfig(**raw)).intermediate_bounds(box)
+    b = BoundScheduler(graph, BoundConfig(max_memory=16 << 20, **raw)).intermediate_bounds(box)
     for v in a:
         assert torch.allclose(a[v].lower, b[v].lower, rtol=1e-4, atol=1e-4)
-    forced = BoundScheduler(graph, build_dual, BoundConfig(direction="forward", max_memory=16 << 20))
+    forced = BoundScheduler(graph, BoundConfig(direction="forward", max_memory=16 << 20))
     with pytest.raises(DualgraphError, match=rf"needs about \d+ MB at node '{node}'"):
         forced.intermediate_bounds(box)
 
@@ -149,10 +148,9 @@ def test_rows_are_chunked_to_the_budget():
     import threading
     from dualgraph.input_sets import linf_ball
     from dualgraph.scheduler import BoundConfig, BoundScheduler
-    from passes.build_dual import build_dual
     graph = wide_graph(n_in=784)
     budget = 48 << 20
-    sched = BoundScheduler(graph, build_dual, BoundConfig(direction="backward", max_memory=budget))
+    sched = BoundScheduler(graph, BoundConfig(direction="backward", max_memory=budget))
     box = linf_ball(torch.rand(8, 784), 0.01)
     page = 4096
 

@@ -31,7 +31,7 @@ from dualgraph.interpreter import EVAL_RULES, infer_shapes, register_eval
 from dualgraph.ir import Graph, Node
 from dualgraph.plugins import load_plugins
 from dualgraph.scheduler import BoundConfig, BoundScheduler
-from passes.build_dual import build_dual
+from dualgraph.dual_graph import build_dual
 
 
 load_plugins()
@@ -387,7 +387,7 @@ def check_paths(make: Callable[[], Node], seed: int = 0) -> None:
     for config in PATH_CONFIGS:
         if config.direction == "forward" and not forward_supported(graph, graph.nodes, config):
             continue
-        sched = BoundScheduler(graph, build_dual, config)
+        sched = BoundScheduler(graph, config)
         what = f"example {make.desc}, {config}"
         bounds = sched.intermediate_bounds(box)
         for v, b in bounds.items():
@@ -538,7 +538,7 @@ def test_op_without_rule_raises_naming_op_node_and_plugins(op):
     h = g.add_node("Relu", [x], name="first")
     n = g.add_node(op, [h.output], name="the_unknown_node")
     g.outputs = [n.output]
-    for call in (lambda: dual_rule(n), lambda: build_dual(g), lambda: BoundScheduler(g, build_dual)):
+    for call in (lambda: dual_rule(n), lambda: build_dual(g), lambda: BoundScheduler(g)):
         with pytest.raises(UnsupportedOpError) as info:
             call()
         msg = str(info.value)

@@ -22,7 +22,6 @@ from dualgraph.ir import Graph, verify
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 from dualgraph.verification import VerifyConfig, VerifyModel, verify_property
 from dualgraph.vnnlib import parse_vnnlib
-from passes.build_dual import build_dual
 
 DIRECTIONS = ("backward", "forward")
 
@@ -60,7 +59,7 @@ def _cliff(nodes, inits):
 @pytest.mark.parametrize("simplify", [False, True])
 def test_split_output_used_twice_by_one_node_keeps_its_branch(tmp_path, direction, simplify):
     graph = load_model(_split_model(tmp_path / "m.onnx", _neg_twice_b), simplify=simplify)
-    sched = BoundScheduler(graph, build_dual, BoundConfig(direction=direction))
+    sched = BoundScheduler(graph, BoundConfig(direction=direction))
     box = Box(torch.tensor([[0.0, 0.5]], dtype=torch.float64), torch.tensor([[1.0, 1.0]], dtype=torch.float64))
     J = sched.bound_output(box, torch.eye(2, dtype=torch.float64)[None])
     # y1 = -2 b reaches -2 at b = 1: the bound must be at most that (it is exact here)
@@ -101,7 +100,7 @@ def test_natural_modules_are_bounded_soundly_and_exactly(tmp_path, module, via, 
         torch.onnx.export(module, (x.float(),), str(path), dynamo=False, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
         graph = load_model(path)
-    sched = BoundScheduler(graph, build_dual, BoundConfig(direction=direction))
+    sched = BoundScheduler(graph, BoundConfig(direction=direction))
     n_out = module(x).shape[1]
     eye = torch.eye(n_out, dtype=torch.float64)[None]
     # eps = 0: every bound is the value itself (no branch may vanish, none be counted twice)
@@ -136,7 +135,7 @@ def test_constant_on_the_left_of_matmul_is_affine(tmp_path):
     path = tmp_path / "left.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     model = load_model(path)
-    sched = BoundScheduler(model, build_dual, BoundConfig())
+    sched = BoundScheduler(model, BoundConfig())
     lo = torch.tensor([[[0.0], [1.0]]], dtype=torch.float64)
     J = sched.bound_output(Box(lo, lo + 1.0), torch.eye(3, dtype=torch.float64)[None])
     W = torch.tensor(w, dtype=torch.float64)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from dualgraph.errors import DualgraphError, UnsupportedOpError
 from dualgraph.interpreter import run_graph
 from dualgraph.ir import BATCH, Graph
-from frontends.fx import load_module
+from dualgraph.frontends.fx import load_module
 
 BATCHES = (1, 3, 7)
 

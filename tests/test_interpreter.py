@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from dualgraph import Interpreter
-from frontends.onnx import load_onnx
+from dualgraph.frontends.onnx import load_onnx
 from models_zoo import ZOO
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"  # as the shared_dir fixture

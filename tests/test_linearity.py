@@ -19,7 +19,6 @@ from dualgraph.input_sets import Box
 from dualgraph.interpreter import EVAL_RULES, Interpreter, infer_shapes
 from dualgraph.ir import Graph
 from dualgraph.scheduler import BoundConfig, BoundScheduler
-from passes.build_dual import build_dual
 
 DOMAIN = "tests.linearity"
 
@@ -86,20 +85,20 @@ def sampled_minimum(graph: Graph, spec: torch.Tensor) -> torch.Tensor:
 def test_undeclared_linearity_is_the_safe_default(exp_op, direction):
     graph = exp_net()
     spec = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]], dtype=torch.float64)
-    sched = BoundScheduler(graph, build_dual, BoundConfig(direction=direction))
+    sched = BoundScheduler(graph, BoundConfig(direction=direction))
     assert not sched.uses_forward  # the relaxation is not linear: the forward direction is not taken
     J = sched.bound_output(box(), spec)
     assert (J[0] <= sampled_minimum(graph, spec) + 1e-9).all()
 
 
 def test_forward_direction_refuses_a_non_linear_rule(exp_op):
-    sched = BoundScheduler(exp_net(), build_dual, BoundConfig(direction="forward"))
+    sched = BoundScheduler(exp_net(), BoundConfig(direction="forward"))
     with pytest.raises(DualgraphError, match="needs linear dual layers"):
         sched.intermediate_bounds(box())
 
 
 def test_projections_refuse_a_non_linear_rule(exp_op):
-    sched = BoundScheduler(exp_net(), build_dual, BoundConfig(proj=5, proj_seed=0))
+    sched = BoundScheduler(exp_net(), BoundConfig(proj=5, proj_seed=0))
     with pytest.raises(DualgraphError, match=r"'exp' \(Exp\)"):
         sched.intermediate_bounds(box())
 
@@ -109,7 +108,7 @@ def test_projections_refuse_a_non_linear_rule(exp_op):
                                     BoundConfig(proj=5, proj_seed=0)], ids=["backward", "forward", "unpruned", "proj"])
 def test_a_false_linearity_claim_is_an_error_naming_op_and_node(exp_op, config):
     exp_op(linear_if=lambda cfg: True)
-    sched = BoundScheduler(exp_net(), build_dual, config)
+    sched = BoundScheduler(exp_net(), config)
     spec = torch.eye(2, dtype=torch.float64)[None]
     with pytest.raises(DualgraphError, match=r"node 'exp' \(tests\.linearity\.Exp\) is declared linear"):
         sched.bound_output(box(), spec)
@@ -121,7 +120,7 @@ def test_a_failing_relaxation_names_the_node_on_every_path(exp_op, direction):
         raise ZeroDivisionError("boom")
 
     exp_op(broken, linear_if=lambda cfg: True)
-    sched = BoundScheduler(exp_net(), build_dual, BoundConfig(direction=direction))
+    sched = BoundScheduler(exp_net(), BoundConfig(direction=direction))
     with pytest.raises(DualgraphError, match=r"relaxation of node 'exp' \(tests\.linearity\.Exp\) failed: "
                                              r"ZeroDivisionError: boom"):
         sched.bound_output(box(), torch.eye(2, dtype=torch.float64)[None])
@@ -141,5 +140,5 @@ def test_equal_slopes_need_not_be_the_same_tensor(exp_op):
     graph = exp_net()
     spec = torch.eye(2, dtype=torch.float64)[None]
     for direction in ("backward", "forward"):
-        J = BoundScheduler(graph, build_dual, BoundConfig(direction=direction)).bound_output(box(), spec)
+        J = BoundScheduler(graph, BoundConfig(direction=direction)).bound_output(box(), spec)
         assert (J[0] <= sampled_minimum(graph, spec) + 1e-9).all()

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dualgraph import EVAL_RULES, Interpreter, register_eval, verify
 from dualgraph.errors import DualgraphError, UnsupportedOpError
-from frontends.onnx import load_onnx, onnx_feeds, run_onnxruntime, supported_ops
+from dualgraph.frontends.onnx import load_onnx, onnx_feeds, run_onnxruntime, supported_ops
 from models_zoo import ZOO
 
 F = TensorProto.FLOAT

@@ -37,7 +37,7 @@ def residual_graph() -> Graph:
 
 def dual_graph() -> Graph:
     try:
-        from passes.build_dual import build_dual
+        from dualgraph.dual_graph import build_dual
         return build_dual(residual_graph())
     except ImportError:  # the dual rules are not importable: a dual-shaped graph by hand
         return hand_dual_graph()

@@ -17,7 +17,6 @@ import torch
 from dualgraph.cascade import certify_cascade, load_stages, read_manifest, train_cascade
 from dualgraph.cli import main
 from dualgraph.data import Dataset, split_digits
-from dualgraph.errors import DualgraphError
 from dualgraph.scheduler import BoundConfig
 from dualgraph.train import METRICS, TrainConfig, train
 
@@ -142,7 +141,7 @@ def test_manifest_errors(tmp_path, capsys):
     assert code == 2 and "not valid JSON" in err
     # stages that disagree on shapes
     from dualgraph.train import export_onnx
-    from models.architectures import mlp
+    from dualgraph.models.architectures import mlp
     export_onnx(mlp(64, 10), tmp_path / "a.onnx", torch.rand(2, 1, 8, 8))
     export_onnx(mlp(64, 5), tmp_path / "b.onnx", torch.rand(2, 1, 8, 8))
     bad.write_text('{"kind": "cascade", "eps": 0.1, "stages": ["a.onnx", "b.onnx"]}')

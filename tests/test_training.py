@@ -100,7 +100,7 @@ def test_folded_parameter_is_an_error():
         def forward(self, x):
             return torch.relu(x @ self.w.t())  # w.t() is folded into a new constant
 
-    from frontends.fx import load_module
+    from dualgraph.frontends.fx import load_module
     mod = Folded()
     graph = load_module(mod, torch.rand(2, 4))
     with pytest.raises(DualgraphError, match="w"):

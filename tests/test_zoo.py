@@ -1,6 +1,6 @@
 """The shipped zoo model ``digits-small`` loads and reproduces the figures in its json.
 
-``models/digits_small.json`` is written by ``python -m models.train_digits`` from the
+``models/digits_small.json`` is written by ``python scripts/train_digits.py`` from the
 exported ONNX file, certified the way the CLI does it (``load_model`` + ``certify_dataset``
 on the digits test split). These tests re-measure the shipped file: the clean error must
 match to 0.5 percentage points and the number of certified examples exactly.
@@ -18,7 +18,7 @@ from dualgraph.api import Certifier, load_model
 from dualgraph.certify import certify_dataset
 from dualgraph.data import split_digits
 from dualgraph.ir import Graph
-from models import HERE, ZOO, resolve_model
+from dualgraph.models import HERE, ZOO, resolve_model
 
 INFO = ZOO["digits-small"]
 META = json.loads((HERE / "digits_small.json").read_text())

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+from pathlib import Path
 
 BENCHES: dict[str, tuple[str, str]] = {
     "certify": ("dualgraph.bench.certify",
@@ -25,7 +27,15 @@ def add_parsers(sub) -> None:
     names = p.add_subparsers(dest="bench", required=True, metavar="NAME")
     for name, (module, help_text) in BENCHES.items():
         q = names.add_parser(name, help=help_text, description=help_text)
+        q.add_argument("--shared", metavar="DIR",
+                       help="the project's shared folder (paper models, MNIST); default $DUALGRAPH_SHARED, "
+                            "else ../shared beside the current directory")
         importlib.import_module(module).add_arguments(q)
+
+
+def shared_dir(args: argparse.Namespace) -> Path:
+    """The shared folder: ``--shared``, else ``$DUALGRAPH_SHARED``, else ``../shared``."""
+    return Path(args.shared or os.environ.get("DUALGRAPH_SHARED") or Path("..") / "shared")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
-
+from . import shared_dir
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="ONNX file of the small MNIST model (default: the authors' stage-0 model "
@@ -43,9 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _setup(args):
-    from models.architectures import mnist_small
-    model_path = Path(args.model) if args.model else SHARED / "paper_models" / "mnist_small_0_3_stage0.onnx"
-    data_dir = Path(args.data_dir) if args.data_dir else SHARED / "data" / "mnist"
+    from dualgraph.models.architectures import mnist_small
+    shared = shared_dir(args)
+    model_path = Path(args.model) if args.model else shared / "paper_models" / "mnist_small_0_3_stage0.onnx"
+    data_dir = Path(args.data_dir) if args.data_dir else shared / "data" / "mnist"
     torch.manual_seed(0)
     n = args.batch_size * args.batches
     if data_dir.exists():
@@ -138,6 +138,8 @@ def _peak_mb(args, method: str) -> float | None:
         cmd += ["--model", args.model]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
+    if args.shared:
+        cmd += ["--shared", args.shared]
     out = subprocess.run(cmd, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"] if out.returncode == 0 else None
 

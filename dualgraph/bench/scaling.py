@@ -3,7 +3,7 @@
 What is measured: the time and peak memory of **one forward + backward pass of the robust
 loss** (:func:`dualgraph.training.robust_loss`, batch 50, L-inf eps 0.1, no pixel
 clipping) on the paper's small convolutional MNIST architecture
-(:func:`models.architectures.mnist_small`: Conv(16,4,s2)-ReLU-Conv(32,4,s2)-ReLU-FC(100)-ReLU-FC(10))
+(:func:`dualgraph.models.architectures.mnist_small`: Conv(16,4,s2)-ReLU-Conv(32,4,s2)-ReLU-FC(100)-ReLU-FC(10))
 as it grows, for exact intermediate bounds and for random projections with ``r = 10`` and
 ``r = 50``; the same configurations are run with ``convex_adversarial`` (the authors'
 code, PyPI 0.4.4) in its projection mode (``proj=r, norm_type='l1_median'``). Exact bounds
@@ -87,7 +87,7 @@ class Spec:
 def build_model(sweep: str, size: float):
     """The benchmark network and its per-example input shape."""
     from torch import nn
-    from models.architectures import mnist_small
+    from dualgraph.models.architectures import mnist_small
     if sweep == "spatial":
         side = int(size)
         if side % 4:
@@ -128,7 +128,7 @@ def measure(spec: Spec) -> dict:
     import resource
 
     import torch
-    from models.architectures import hidden_units
+    from dualgraph.models.architectures import hidden_units
 
     torch.manual_seed(spec.seed)
     threads = torch.get_num_threads()

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
-
+from . import shared_dir
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="MNIST folder (default ../shared/data/mnist)")
@@ -76,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     from dualgraph.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
-    data_dir = Path(args.data_dir) if args.data_dir else SHARED / "data" / "mnist"
+    data_dir = Path(args.data_dir) if args.data_dir else shared_dir(args) / "data" / "mnist"
     if not data_dir.exists():
         raise DualgraphError(f"MNIST not found at {data_dir}; pass --data-dir")
     train_set, test_set = load_mnist(data_dir, "train"), load_mnist(data_dir, "test")

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from dualgraph.interpreter import infer_shapes, run_graph
 from dualgraph.ir import Graph, verify
-from passes.base import PassResult
+from dualgraph.passes.base import PassResult
 
 F64 = torch.float64
 

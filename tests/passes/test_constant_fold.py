@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from dualgraph.interpreter import infer_shapes, run_graph
 from dualgraph.ir import Graph, verify
-from passes import constant_fold
+from dualgraph.passes import constant_fold
 from passes_testing import check_pass, ops
 
 

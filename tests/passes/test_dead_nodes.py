@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from dualgraph.interpreter import infer_shapes
 from dualgraph.ir import Graph
-from passes import dead_nodes
+from dualgraph.passes import dead_nodes
 from passes_testing import check_pass, ops
 
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from dualgraph.interpreter import infer_shapes
 from dualgraph.ir import Graph
-from frontends.fx import load_module
-from passes import fold_batchnorm
+from dualgraph.frontends.fx import load_module
+from dualgraph.passes import fold_batchnorm
 from passes_testing import F64, check_pass, ops, randomize_bn
 
 

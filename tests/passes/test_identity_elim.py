@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from dualgraph.interpreter import infer_shapes
 from dualgraph.ir import Graph
-from frontends.fx import load_module
-from passes import identity
+from dualgraph.frontends.fx import load_module
+from dualgraph.passes import identity
 from passes_testing import check_pass, ops
 
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from dualgraph.interpreter import run_graph
 from dualgraph.ir import Graph
-from frontends.fx import load_module
-from passes import pipeline
+from dualgraph.frontends.fx import load_module
+from dualgraph.passes import pipeline
 from passes_testing import F64, Normalize, assert_close, batch, ops, randomize_bn
 
 
@@ -66,7 +66,7 @@ def test_small_resnet_from_fx(pad):
 
 
 def test_onnx_export():
-    load_onnx = pytest.importorskip("frontends.onnx").load_onnx
+    load_onnx = pytest.importorskip("dualgraph.frontends.onnx").load_onnx
     onnx = pytest.importorskip("onnx")
     net = randomize_bn(small_resnet(1))
     f = io.BytesIO()

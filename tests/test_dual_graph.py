@@ -12,7 +12,7 @@ from torch import nn
 from dualgraph.api import load_model
 from dualgraph.input_sets import linf_ball
 from dualgraph.scheduler import BoundConfig, BoundScheduler
-from passes.build_dual import DUAL_DOMAIN, build_dual
+from dualgraph.dual_graph import DUAL_DOMAIN, build_dual
 
 
 class Residual(nn.Module):
@@ -63,7 +63,7 @@ def test_zero_radius_gives_the_network_value(width, seed):
     model, graph = _graph(width, seed)
     x = torch.randn(3, 4, dtype=torch.float64)
     spec = torch.randn(1, 4, 3, dtype=torch.float64)
-    sched = BoundScheduler(graph, build_dual, BoundConfig())
+    sched = BoundScheduler(graph, BoundConfig())
     lower = sched.bound_output(linf_ball(x, 0.0), spec)
     expected = torch.einsum("mk,bk->bm", spec[0], model(x))
     assert torch.allclose(lower, expected, atol=1e-10)

@@ -21,9 +21,9 @@ bound of Theorem 1 with h_i = -offset_i.
 
 from __future__ import annotations
 
-from dualgraph.dual_registry import dual_rule, missing_dual_rules, missing_rules_error
-from dualgraph.errors import DualgraphError, InternalError
-from dualgraph.ir import BATCH, Graph, Value
+from .dual_registry import dual_rule, missing_dual_rules, missing_rules_error
+from .errors import DualgraphError, InternalError
+from .ir import BATCH, Graph, Value
 
 DUAL_DOMAIN = "dualgraph.dual"
 SPEC = "M"

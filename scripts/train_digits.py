@@ -2,9 +2,9 @@
 
 Usage (from the repository root)::
 
-    python -m models.train_digits --out models/digits_small.onnx
+    python scripts/train_digits.py --out models/digits_small.onnx
 
-trains :func:`models.architectures.digits_small` on the train part of
+trains :func:`dualgraph.models.architectures.digits_small` on the train part of
 :func:`dualgraph.data.split_digits` (scikit-learn's bundled 8x8 digits, seed 0) with the
 paper's robust training (Wong et al. 2018, Section 4; DESIGN.md "Training"):
 
@@ -16,7 +16,7 @@ paper's robust training (Wong et al. 2018, Section 4; DESIGN.md "Training"):
   30 epochs with the ramp over the first 10 (the paper's 20 of 60), about 4 minutes on
   one busy CPU core.
 
-The bounds are the library's own: the model is lowered with :func:`frontends.fx.load_module`
+The bounds are the library's own: the model is lowered with :func:`dualgraph.frontends.fx.load_module`
 and the IR's weight/bias constants are then *replaced by the module's live
 ``nn.Parameter`` objects* (the frontend names each constant after its parameter, e.g.
 ``"2.weight"``), so :class:`dualgraph.api.Certifier` computes ``J`` as a differentiable
@@ -45,8 +45,8 @@ from torch import nn
 from dualgraph.api import Certifier, margin_spec
 from dualgraph.data import split_digits
 from dualgraph.ir import Graph
-from frontends.fx import load_module
-from models.architectures import digits_small
+from dualgraph.frontends.fx import load_module
+from dualgraph.models.architectures import digits_small
 
 HERE = Path(__file__).resolve().parent
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"seed": args.seed, "split_seed": args.split_seed, "epochs": args.epochs,
                 "ramp_epochs": args.ramp_epochs, "eps_start": args.eps_start, "batch_size": args.batch_size,
                 "lr": args.lr,
-                "command": "python -m models.train_digits " + " ".join(sys.argv[1:] if argv is None else argv)}
+                "command": "python scripts/train_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     meta["eps"] = args.eps if not args.eval_only else meta.get("eps", args.eps)
     metrics = evaluate(args.out, meta["eps"], meta.get("split_seed", args.split_seed))
     meta.update(metrics, norm="linf", clip=[0.0, 1.0], dataset="digits", split="test",
