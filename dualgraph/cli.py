@@ -106,6 +106,9 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--proj", type=int, metavar="R",
                    help="random projections of dimension R for the intermediate bounds during training "
                         "(Section 3.2); evaluation is always exact. Default: exact")
+    p.add_argument("--proj-estimator", choices=["lower-median", "median", "geometric"], default="lower-median",
+                   help="estimator of the projected L1 terms (default lower-median, the paper code's: "
+                        "closest training loss to the exact one at small R; see dualgraph/projections.py)")
     p.add_argument("--cascade", type=int, metavar="K", help="train a K-stage cascade (Section 3.3): stage m+1 on the "
                                                             "training examples stages 1..m do not certify")
     p.add_argument("--limit", type=int, help="train on a seeded random subset of N training examples")

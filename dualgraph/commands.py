@@ -187,7 +187,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          ramp_epochs=args.ramp_epochs, lr_halve_every=args.lr_halve_every,
                          batch_size=args.batch_size, recipe=args.recipe or recipe_for(args.dataset),
                          optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                         eps_start=args.eps_start, proj=args.proj, seed=args.seed, device=args.device,
+                         eps_start=args.eps_start, proj=args.proj, proj_estimator=args.proj_estimator,
+                         seed=args.seed, device=args.device,
                          eval_limit=args.eval_limit or None)
     if args.cascade is not None and args.cascade < 1:
         raise DualgraphError(f"--cascade needs at least 1 stage, got {args.cascade}")

@@ -52,6 +52,7 @@ from .forward import ForwardBounds, forward_supported
 from .input_sets import InputSet
 from .ir import Graph, Node, Value
 from .linalg import batched_dot, take_examples
+from .projections import ESTIMATORS
 from .rounding import RoundingAllowance, full_precision_matmul
 
 @dataclass(frozen=True)
@@ -83,6 +84,11 @@ class BoundConfig:
         that looser bound; as their relaxation depends only on the piece, every crossing
         unit's bound and ``J(C)`` are unchanged. False: every unit's exact bound (to
         inspect bound widths).
+    proj, proj_seed, proj_estimator, delta: random projections for intermediate bounds
+        (:mod:`dualgraph.projections`): dimension, seed, estimator of the L1 terms
+        (``"median"``: median-unbiased; ``"lower-median"``: the paper code's, for training;
+        ``"geometric"``: mean-unbiased, needed for ``delta``) and the failure probability of
+        high-probability upper estimates.
     """
 
     relu_relaxation: str = "paper"
@@ -117,8 +123,8 @@ class BoundConfig:
             raise DualgraphError(f"proj (projection dimension) must be a positive integer, got {self.proj!r}")
         if self.direction == "backward":
             raise DualgraphError("random projections run in the forward direction; use direction 'auto' or 'forward'")
-        if self.proj_estimator not in ("median", "geometric"):
-            raise DualgraphError(f"unknown projection estimator '{self.proj_estimator}'; use median or geometric")
+        if self.proj_estimator not in ESTIMATORS:
+            raise DualgraphError(f"unknown projection estimator '{self.proj_estimator}'; use {', '.join(ESTIMATORS)}")
         if self.delta is not None:
             if not 0 < self.delta < 1:
                 raise DualgraphError(f"delta must be in (0, 1), got {self.delta}")

@@ -69,6 +69,7 @@ class TrainConfig:
     weight_decay: float | None = None
     eps_start: float | None = None
     proj: int | None = None
+    proj_estimator: str = "lower-median"
     seed: int = 0
     device: str = "cpu"
     eval_limit: int | None = 1000
@@ -89,6 +90,9 @@ class TrainConfig:
             raise DualgraphError(f"unknown optimizer '{self.optimizer}'; use adam or sgd")
         if self.proj is not None and self.proj < 1:
             raise DualgraphError(f"--proj must be a positive number of projections, got {self.proj}")
+        from .projections import ESTIMATORS
+        if self.proj_estimator not in ESTIMATORS:
+            raise DualgraphError(f"unknown --proj-estimator '{self.proj_estimator}'; use {', '.join(ESTIMATORS)}")
 
     def setting(self, name: str):
         value = getattr(self, name)
@@ -110,7 +114,8 @@ class TrainConfig:
     def bound_config(self, seed: int) -> BoundConfig:
         """The bounds of the training loss: an objective, not a proof, so without the rounding
         allowance (evaluation after each epoch is exact and sound)."""
-        return BoundConfig(proj=self.proj, proj_seed=seed if self.proj else None, rounding_allowance=False)
+        return BoundConfig(proj=self.proj, proj_seed=seed if self.proj else None, rounding_allowance=False,
+                           proj_estimator=self.proj_estimator)
 
 
 def recipe_for(dataset: str) -> str:

@@ -20,7 +20,7 @@ from dualgraph.errors import DualgraphError
 from dualgraph.input_sets import L2Ball, linf_ball
 from dualgraph.interpreter import Interpreter
 from dualgraph.projections import (CauchyColumns, GaussianColumns, cauchy_unbiased_factor, cauchy_upper_factor,
-                                   chi2_quantile, geometric_mean_abs, median_abs)
+                                   chi2_quantile, geometric_mean_abs, lower_median_abs, median_abs)
 from dualgraph.scheduler import BoundConfig
 
 TRIALS = 20000
@@ -59,6 +59,35 @@ def test_median_abs_every_r_and_path(r, monkeypatch):
         leaf = x.clone().requires_grad_()
         median_abs(leaf, 1).sum().backward()
         assert ((leaf.grad != 0).sum(1) <= 2).all() and leaf.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 9, 10, 16, 17, 50])
+def test_lower_median_is_torch_median_every_r_and_path(r, monkeypatch):
+    """The training estimator is exactly ``torch.median`` of ``|.|`` (the lower middle one for
+    even r, as the paper's code), ties included, on both paths; one entry gets the gradient."""
+    x = torch.randn(4, r, 50, generator=torch.Generator().manual_seed(r), dtype=torch.float64)
+    x[0, :, :5] = 0.0
+    x[1, : r // 2 + 1, 5:9] = -3.0
+    want = x.abs().median(1).values
+    for network in (16, 0):
+        monkeypatch.setattr(projections, "MAX_NETWORK_R", network)
+        assert torch.equal(lower_median_abs(x, 1), want)
+        assert torch.equal(lower_median_abs(x.transpose(1, 2), 2), want)
+        leaf = x.clone().requires_grad_()
+        lower_median_abs(leaf, 1).sum().backward()
+        assert ((leaf.grad != 0).sum(1) <= 1).all() and leaf.grad.abs().sum() > 0
+
+
+def test_lower_median_underestimates_by_the_order_statistic_quantile():
+    """For even r the lower median of r |Cauchy| samples has median ``tan(pi q / 2)`` with
+    ``q`` the median of Beta(r/2, r/2 + 1): below 1 (the training estimator's low bias)."""
+    from scipy.stats import beta
+    for r in (10, 50):
+        est = lower_median_abs(cauchy_samples(TRIALS, r, seed=11 + r), 1)
+        q = beta.median(r // 2, r // 2 + 1)
+        want = math.tan(math.pi * q / 2)
+        assert want < 1
+        assert abs(float(est.median()) - want) < 0.02, (r, float(est.median()), want)
 
 
 def test_cauchy_sampler_is_standard_cauchy():
@@ -213,7 +242,8 @@ def test_gradients_flow_through_the_estimates():
     model = small_cnn()
     x = torch.rand(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 3])
-    for cfg in (BoundConfig(proj=10, proj_seed=0), BoundConfig(proj=11, proj_seed=0, proj_estimator="geometric"),
+    for cfg in (BoundConfig(proj=10, proj_seed=0), BoundConfig(proj=10, proj_seed=0, proj_estimator="lower-median"),
+                BoundConfig(proj=11, proj_seed=0, proj_estimator="geometric"),
                 BoundConfig(proj=10, proj_seed=0, proj_estimator="geometric", delta=0.05)):
         model.zero_grad()
         loss, _ = robust_loss(model, x, y, 0.1, cfg, clip=(0.0, 1.0))

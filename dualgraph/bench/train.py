@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-clip", action="store_true",
                    help="train both on the plain L-inf ball (the reference with bounded_input=False); the final "
                         "evaluation still certifies the ball intersected with [0,1]")
+    p.add_argument("--proj-estimator", default="lower-median",
+                   help="dualgraph's estimator of the projected L1 terms (default lower-median, the training default)")
     p.add_argument("--resume", action="store_true",
                    help="continue each run from its checkpoint in --out where there is one (a finished run is "
                         "only re-evaluated)")
@@ -94,7 +96,8 @@ def main(args: argparse.Namespace) -> int:
         proj = None if mode == "exact" else int(mode)
         config = TrainConfig(model="small", eps=args.eps, epochs=args.epochs, ramp_epochs=args.ramp_epochs,
                              lr_halve_every=args.lr_halve_every, proj=proj, seed=args.seed,
-                             eval_limit=args.eval_limit, clip=None if args.no_clip else (0.0, 1.0))
+                             eval_limit=args.eval_limit, clip=None if args.no_clip else (0.0, 1.0),
+                             proj_estimator=args.proj_estimator)
         row = {"mode": mode}
         for impl in ("dualgraph", "reference") if not args.no_reference else ("dualgraph",):
             out = Path(args.out) / f"{impl}-{mode}"
