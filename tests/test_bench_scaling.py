@@ -77,3 +77,14 @@ def test_fit_and_comparison():
     assert all(f["seconds_exponent"] == pytest.approx(1.0) for f in fits)
     (comp,) = scaling.compare(rows)
     assert comp["hidden_units"] == 16000 and comp["speedup"] == pytest.approx(3.0)
+
+
+def test_bench_gpu_runs_on_the_cpu(capsys):
+    """The prepared device check (bench gpu) runs end to end on the CPU with tiny settings."""
+    from dualgraph.cli import main
+    rc = main(["bench", "gpu", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--proj", "3",
+               "--certify-batches", "1", "--json"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["what"].split()[1] for r in data["rows"]] == ["mnist-small", "cifar-resnet", "mnist-small"]
+    assert all(r["images_per_second"] > 0 for r in data["rows"])
