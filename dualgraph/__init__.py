@@ -2,11 +2,11 @@
 
 from .errors import DualgraphError, UnsupportedOpError
 from .interpreter import EVAL_RULES, Interpreter, infer_shapes, register_eval, run_graph
-from .ir import BATCH, Graph, Node, Value, verify
+from .ir import BATCH, Graph, Node, Value, check_graph
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BATCH", "DualgraphError", "EVAL_RULES", "Graph", "Interpreter", "Node", "UnsupportedOpError",
-    "Value", "infer_shapes", "register_eval", "run_graph", "verify",
+    "Value", "check_graph", "infer_shapes", "register_eval", "run_graph",
 ]

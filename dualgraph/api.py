@@ -59,7 +59,7 @@ def add_input_normalization(graph: Graph, mean, std) -> Graph:
     The passes fold it into the first affine op where that is exact.
     """
     from .interpreter import infer_shapes
-    from .ir import verify
+    from .ir import check_graph
     x = graph.inputs[0]
     channels = x.unit_shape[0] if len(x.unit_shape) >= 1 else 1
     mean = list(mean or [0.0])
@@ -76,19 +76,16 @@ def add_input_normalization(graph: Graph, mean, std) -> Graph:
     mean_v = graph.add_const(graph.fresh_name("input_mean"), torch.tensor(mean).reshape(shape))
     std_v = graph.add_const(graph.fresh_name("input_std"),
                             torch.tensor(std).reshape([len(std) if len(std) > 1 else 1, *tail] if x.unit_shape else [1]))
-    users = list(x.users)
+    first = graph.nodes[0] if graph.nodes else None
     sub = graph.add_node("Sub", [x, mean_v], name=graph.fresh_name("normalize_sub"))
     div = graph.add_node("Div", [sub.output, std_v], name=graph.fresh_name("normalize_div"))
-    for node in users:
-        node.inputs = [div.output if v is x else v for v in node.inputs]
-        div.output.users.append(node)
-    x.users[:] = [sub]
-    graph.outputs = [div.output if v is x else v for v in graph.outputs]
-    graph.nodes.remove(sub)
-    graph.nodes.remove(div)
-    graph.nodes[:0] = [sub, div]
+    graph.replace_all_uses(x, div.output)
+    graph.set_input(sub, 0, x)  # the normalisation itself still reads the raw input
+    if first is not None:
+        graph.move_node(sub, before=first)
+        graph.move_node(div, after=sub)
     infer_shapes(graph)
-    verify(graph)
+    check_graph(graph)
     return graph
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .certify import key_value_table
 from .data import Dataset
 from .errors import DualgraphError
 
@@ -54,8 +55,7 @@ class CascadeReport:
                  for i, (c, name) in enumerate(zip(self.cumulative_certified, self.stages))]
         rows += [("clean error", f"{100 * self.clean_error:.2f}%"),
                  ("robust error", f"{100 * self.robust_error:.2f}%"), ("time", f"{self.seconds:.2f} s")]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        return key_value_table(rows)
 
 
 def read_manifest(path: str | Path) -> tuple[list[Path], float]:

@@ -54,8 +54,7 @@ class CertifyReport:
                               + (f" (timed out: {self.n} of {self.requested} examples done)"
                                  if self.requested is not None else "")),
                 ("time", f"{self.seconds:.2f} s ({self.images_per_second:.1f} images/s)")]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        return key_value_table(rows)
 
 
 def certify_dataset(certifier: Certifier, data: Dataset, eps: float, norm: str = "linf",
@@ -108,3 +107,9 @@ def certify_dataset(certifier: Certifier, data: Dataset, eps: float, norm: str =
                              "(--timeout) or use a smaller --batch-size")
     return CertifyReport(done, eps, norm, 1 - corr.double().mean().item(), 1 - cert.double().mean().item(),
                          seconds, cert, corr, requested=full if done < full else None)
+
+
+def key_value_table(rows: list[tuple[str, str]]) -> str:
+    """The CLI's report layout: one ``key  value`` line per row, keys padded to one width."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -89,6 +89,7 @@ def _estimate_labels(config, n_bounds: int) -> dict:
 
 def _estimate_report(report, config, n_bounds: int) -> tuple[dict, str]:
     """(JSON, table) of a certify run with projected bounds: estimates, never "certified"."""
+    from .certify import key_value_table
     data = report.to_json()
     robust = data.pop("robust_error")
     passed = data.pop("certified")
@@ -102,8 +103,7 @@ def _estimate_report(report, config, n_bounds: int) -> tuple[dict, str]:
             ("robust by estimate", f"{passed} / {report.n}"),
             ("bounds", f"random projections, r = {config.proj} ({kind})"),
             ("time", f"{report.seconds:.2f} s ({report.images_per_second:.1f} images/s)")]
-    width = max(len(k) for k, _ in rows)
-    return data, "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return data, key_value_table(rows)
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
@@ -303,7 +303,8 @@ def _verify_config(args):
 def cmd_verify(args: argparse.Namespace) -> int:
     import math
     import sys
-    from .verification import verify_instance, write_result
+    from .competition import write_result
+    from .verification import verify_instance
     if not (args.timeout > 0 and math.isfinite(args.timeout)):
         raise DualgraphError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     try:
@@ -322,7 +323,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run_instances(args: argparse.Namespace) -> int:
-    from .verification import run_instances
+    from .competition import run_instances
     summary = run_instances(args.instances, args.root, args.out, _verify_config(args), results_dir=args.results_dir,
                             max_timeout=args.max_timeout, limit=args.limit, progress=not args.no_progress)
     print(summary.text())

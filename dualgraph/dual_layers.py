@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .dual_registry import (AffineRule, Bounds, DualRule, DualStep, Relaxation, const_args,
                             register_dual, register_relaxation)
 from .errors import UnsupportedOpError
+from .eval_rules import window
 from .ir import Node
 
 # ---- affine and structural ops --------------------------------------------------------
@@ -203,22 +204,22 @@ class ConvDual(AffineRule):
     def transpose(self, node, lam_rows):
         _require_const(node, 1, 2)
         w = const_args(node, lam_rows)[1]
-        pads = list(node.attrs.get("pads", [0] * 2 * (w.dim() - 2)))
-        half = len(pads) // 2
-        if w.dim() != 4 or pads[:half] != pads[half:] or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            return super().transpose(node, lam_rows)  # 1-D or asymmetric padding: generic adjoint
-        stride = list(node.attrs.get("strides", [1, 1]))
-        dil = list(node.attrs.get("dilations", [1, 1]))
-        groups = int(node.attrs.get("group", 1))
         in_hw = node.inputs[0].unit_shape[1:]
+        if w.dim() != 4:
+            return super().transpose(node, lam_rows)  # 1-D or 3-D: generic adjoint
+        g = window(node, in_hw, w.shape[2:])
+        if not g.symmetric:
+            return super().transpose(node, lam_rows)  # asymmetric padding: generic adjoint
+        stride, pads, dil = list(g.strides), list(g.begins), list(g.dilations)
+        groups = int(node.attrs.get("group", 1))
         if groups == 1 and w.shape[1] * w.shape[2] * w.shape[3] <= 64:
-            return [_conv_transpose_by_taps(lam_rows, w, stride, pads[:half], dil, in_hw)]
+            return [_conv_transpose_by_taps(lam_rows, w, stride, pads, dil, in_hw)]
         out_hw = lam_rows.shape[2:]
         extra = [in_hw[i] - ((out_hw[i] - 1) * stride[i] - 2 * pads[i] + dil[i] * (w.shape[2 + i] - 1) + 1)
                  for i in range(2)]
         if any(e < 0 or e >= max(stride[i], dil[i]) for i, e in enumerate(extra)):
             return super().transpose(node, lam_rows)
-        return [F.conv_transpose2d(lam_rows, w, stride=stride, padding=pads[:half], output_padding=extra,
+        return [F.conv_transpose2d(lam_rows, w, stride=stride, padding=pads, output_padding=extra,
                                    groups=groups, dilation=dil)]
 
 
@@ -405,16 +406,15 @@ class MaxPoolDual(DualRule):
         return max(math.prod(node.attrs["kernel_shape"]), node.output.numel) + 1
 
     def backward(self, node, lam, bounds, config):
-        a = node.attrs
-        k = list(a["kernel_shape"])
-        pads = list(a.get("pads", [0] * 2 * len(k)))
-        if len(k) != 2 or a.get("ceil_mode", 0) or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        l, u = bounds[0]
+        g = window(node, l.shape[2:])
+        k = list(g.kernel)
+        if len(k) != 2 or node.attrs.get("ceil_mode", 0):
             raise UnsupportedOpError(f"node '{node.name}' (MaxPool): only 2-D pooling without ceil_mode "
                                      "has a dual layer")
-        geom = dict(kernel_size=k, stride=list(a.get("strides", k)), dilation=list(a.get("dilations", [1, 1])))
-        l, u = bounds[0]
+        geom = dict(kernel_size=k, stride=list(g.strides), dilation=list(g.dilations))
         B, C, H, W = l.shape
-        pad = (pads[1], pads[3], pads[0], pads[2])  # F.pad order: left, right, top, bottom
+        pad = (g.begins[1], g.ends[1], g.begins[0], g.ends[0])  # F.pad order: left, right, top, bottom
         # padded entries never win the max: pad l and u with -inf
         l_win = F.unfold(F.pad(l, pad, value=-math.inf), **geom).view(B, C, k[0] * k[1], -1)
         u_win = F.unfold(F.pad(u, pad, value=-math.inf), **geom).view(B, C, k[0] * k[1], -1)

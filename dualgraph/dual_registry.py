@@ -36,16 +36,15 @@ are needed).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from .errors import DualgraphError, UnsupportedOpError
-from .interpreter import EVAL_RULES, node_args
+from .interpreter import EVAL_RULES, naming_node, node_args
 from .ir import Graph, Node, OpKey
-from .linalg import batched_dot, take_examples
+from .linalg import batched_dot, take_examples, tensor_key
 
 
 class Bounds:
@@ -297,7 +296,7 @@ class AffineRule(DualRule):
         """
         consts = [v.const for v in node.inputs if v is not None and v.is_const]
         trainable = any(c.requires_grad for c in consts)  # then every call must build its own graph
-        key = (like.dtype, like.device, tuple((id(c), c._version) for c in consts))
+        key = (like.dtype, like.device, tuple(tensor_key(c) for c in consts))
         cache = node.meta.setdefault("_affine_bias", {})
         if key in cache and not trainable:
             return cache[key]
@@ -446,7 +445,8 @@ class ElementwiseRule(DualRule):
 
     @staticmethod
     def _cache_key(node: Node, config) -> tuple:
-        return (node.name, getattr(config, "relu_relaxation", None))
+        # the whole (frozen) config: a rule may read any of its fields
+        return (node.name, config)
 
     def linear_terms(self, node: Node, lam: torch.Tensor, bounds: Bounds, config):
         """``(r, linear, absolute)`` of a linear rule's relaxation ``r``: the offsets are
@@ -514,20 +514,6 @@ def runs_forward(node: Node, config) -> bool:
     random projections: an affine op, or an elementwise relaxation declared linear."""
     rule = dual_rule(node)
     return isinstance(rule, AffineRule) or (isinstance(rule, ElementwiseRule) and rule.linear(node, config))
-
-
-@contextmanager
-def naming_node(node: Node, what: str = "dual layer") -> Iterator[None]:
-    """Re-raise any failure of a rule's code as one DualgraphError naming the node and op
-    (every bound path runs rule code inside this)."""
-    try:
-        yield
-    except DualgraphError:
-        raise
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise DualgraphError(f"{what} of node '{node.name}' ({_op_name(node)}) failed: "
-                             f"{type(exc).__name__}: {first}") from exc
 
 
 def _op_name(node: Node) -> str:

@@ -15,6 +15,7 @@ entry 0 stands for the batch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from .errors import DualgraphError
 from .interpreter import register_eval
-from .ir import Node
+from .ir import Node, normalize_axis
 
 Tensor = torch.Tensor
 
@@ -38,11 +39,8 @@ def _ints(node: Node, index: int | None, attr: str | None = None) -> list[int] |
     return None
 
 
-def _axis(axis: int, rank: int, node: Node) -> int:
-    if not -rank <= axis < rank:
-        raise DualgraphError(f"node '{node.name}' ({node.op_type}): axis {axis} is out of range "
-                             f"for a tensor of rank {rank}")
-    return axis % rank
+def _axis(axis: int, rank: int, node: Node, inclusive: bool = False) -> int:
+    return normalize_axis(axis, rank, f"node '{node.name}' ({node.op_type})", inclusive=inclusive)
 
 
 def _torch_pad(pads_begin: Sequence[int], pads_end: Sequence[int]) -> list[int]:
@@ -51,6 +49,36 @@ def _torch_pad(pads_begin: Sequence[int], pads_end: Sequence[int]) -> list[int]:
     for b, e in zip(reversed(pads_begin), reversed(pads_end)):
         flat += [int(b), int(e)]
     return flat
+
+
+@dataclass(frozen=True)
+class Window:
+    """The window geometry of a Conv or pooling node (ONNX attributes, defaults applied,
+    ``auto_pad`` resolved): per spatial axis, kernel, stride, dilation and the padding at
+    the beginning and the end."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    begins: tuple[int, ...]
+    ends: tuple[int, ...]
+
+    @property
+    def symmetric(self) -> bool:
+        """Equal padding at both ends of every axis (what torch's ``padding=`` expresses)."""
+        return self.begins == self.ends
+
+
+def window(node: Node, spatial: Sequence[int], kernel: Sequence[int] | None = None) -> Window:
+    """The :class:`Window` of ``node`` on inputs with ``spatial`` sizes; ``kernel`` defaults
+    to the ``kernel_shape`` attribute (a Conv's comes from its weight). The one definition of
+    the geometry that evaluation, dual layers and the patch path all read."""
+    kernel = [int(k) for k in (kernel if kernel is not None else node.attrs["kernel_shape"])]
+    n = len(kernel)
+    pads = conv_pads(node.attrs, spatial, kernel)
+    return Window(tuple(kernel), tuple(int(s) for s in (node.attrs.get("strides") or [1] * n)),
+                  tuple(int(d) for d in (node.attrs.get("dilations") or [1] * n)),
+                  tuple(pads[:n]), tuple(pads[n:]))
 
 
 def conv_pads(attrs: dict[str, Any], spatial: Sequence[int], kernel: Sequence[int]) -> list[int]:
@@ -211,13 +239,11 @@ def _spatial_rank(x: Tensor, node: Node) -> int:
 def _conv(node: Node, inputs: list) -> Tensor:
     x, w, b = (list(inputs) + [None])[:3]
     n = _spatial_rank(x, node)
-    kernel = list(w.shape[2:])
-    pads = conv_pads(node.attrs, x.shape[2:], kernel)
-    padding: Any = pads[:n]
-    if pads[:n] != pads[n:]:  # torch pads symmetrically; pad asymmetric cases up front
-        x, padding = F.pad(x, _torch_pad(pads[:n], pads[n:])), 0
-    return _CONV[n](x, w, b, stride=list(node.attrs.get("strides") or [1] * n), padding=padding,
-                    dilation=list(node.attrs.get("dilations") or [1] * n),
+    g = window(node, x.shape[2:], w.shape[2:])
+    padding: Any = list(g.begins)
+    if not g.symmetric:  # torch pads symmetrically; pad asymmetric cases up front
+        x, padding = F.pad(x, _torch_pad(list(g.begins), list(g.ends))), 0
+    return _CONV[n](x, w, b, stride=list(g.strides), padding=padding, dilation=list(g.dilations),
                     groups=int(node.attrs.get("group", 1)))
 
 
@@ -234,12 +260,10 @@ def _pool_geometry(node: Node, x: Tensor) -> tuple[list[int], list[int], list[in
     ``pads_end`` includes the extra room ``ceil_mode`` needs for the last window. As in
     PyTorch (and onnxruntime), a window that would start in the end padding is dropped.
     """
-    n = _spatial_rank(x, node)
-    kernel = [int(k) for k in node.attrs["kernel_shape"]]
-    strides = list(node.attrs.get("strides") or [1] * n)
-    dilations = list(node.attrs.get("dilations") or [1] * n)
-    pads = conv_pads(node.attrs, x.shape[2:], kernel)
-    begins, ends = pads[:n], list(pads[n:])
+    _spatial_rank(x, node)
+    g = window(node, x.shape[2:])
+    kernel, strides, dilations = list(g.kernel), list(g.strides), list(g.dilations)
+    begins, ends = list(g.begins), list(g.ends)
     if node.attrs.get("ceil_mode", 0):
         for i, size in enumerate(x.shape[2:]):
             span = (kernel[i] - 1) * dilations[i] + 1
@@ -300,8 +324,7 @@ def _global_max_pool(node: Node, inputs: list) -> Tensor:
 @register_eval("Flatten")
 def _flatten(node: Node, inputs: list) -> Tensor:
     x = inputs[0]
-    axis = int(node.attrs.get("axis", 1))
-    axis = axis + x.dim() if axis < 0 else axis
+    axis = _axis(int(node.attrs.get("axis", 1)), x.dim(), node, inclusive=True)
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 

@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 
 from .deadline import NEVER, Deadline
-from .dual_registry import AffineRule, Bounds, dual_rule, naming_node, runs_forward
+from .dual_registry import AffineRule, Bounds, dual_rule, runs_forward
 from .errors import DualgraphError
 from .input_sets import InputSet
-from .interpreter import node_args
+from .interpreter import GraphWalk, node_args
 from .ir import Graph, Node, Value
 
 
@@ -91,13 +91,17 @@ def forward_supported(graph: Graph, nodes: list[Node], config) -> bool:
     return all(runs_forward(n, config) for n in nodes)
 
 
-class ForwardBounds:
-    """Runs the transposed dual network forward once, giving bounds of every target."""
+class ForwardBounds(GraphWalk):
+    """Runs the transposed dual network forward once, giving bounds of every target: a
+    walk whose environment holds, per value, the linearised network's centre and the
+    pushed columns of each source."""
+
+    activity = "forward dual layer"
 
     def __init__(self, graph: Graph, config, scheme: ColumnScheme | None = None, deadline: Deadline = NEVER) -> None:
+        super().__init__([], deadline=deadline)
         self.graph, self.config = graph, config
         self.scheme = scheme or ExactColumns()
-        self.deadline = deadline
 
     def bounds(self, targets: list[Value], input_set: InputSet,
                bounds: dict[Value, Bounds] | None = None, widen=None) -> dict[Value, Bounds]:
@@ -106,100 +110,75 @@ class ForwardBounds:
         ``widen(v, bounds) -> bounds`` (the rounding allowance) is applied to each target's
         bounds as soon as they are formed, before any later relaxation uses them."""
         self._widen = widen or (lambda v, b: b)
-        bounds = {} if bounds is None else bounds
+        self.out = bounds = {} if bounds is None else bounds
         if not targets:
             return bounds
-        x = self.graph.inputs[0]
-        wanted = set(targets)
         keep = set()
         for t in targets:
             keep.update(self.graph.ancestors(t))
-        nodes = [n for n in self.graph.nodes if n in keep]
-        frees = _last_uses(nodes)
-        center: dict[Value, torch.Tensor] = {x: input_set.center}
-        cols: dict[Value, dict[object, torch.Tensor]] = {
-            x: {"input": self.scheme.input_columns(input_set, tuple(x.unit_shape))}}
-        if x in wanted:
-            bounds[x] = self._finish(x, center[x], cols[x], input_set)
-        for node in nodes:
-            self.deadline.check()
-            self._run_node(node, center, cols, bounds)
-            for v in node.outputs:
-                if v in wanted and v in center:
-                    bounds[v] = self._finish(v, center[v], cols[v], input_set)
-            for v in frees.get(node, ()):
-                center.pop(v, None)
-                cols.pop(v, None)
+        super().__init__([n for n in self.graph.nodes if n in keep], deadline=self.deadline)
+        self.wanted, self.input_set = set(targets), input_set
+        x = self.graph.inputs[0]
+        env = {x: (input_set.center, {"input": self.scheme.input_columns(input_set, tuple(x.unit_shape))})}
+        if x in self.wanted:
+            bounds[x] = self._finish(x, *env[x])
+        self.walk(env)
         return bounds
 
-    def _finish(self, v: Value, c: torch.Tensor, srcs: dict, input_set: InputSet) -> Bounds:
+    def store(self, node: Node, outs: list, env: dict) -> None:
+        for v, out in zip(node.outputs, outs):
+            env[v] = out
+            if v in self.wanted:
+                self.out[v] = self._finish(v, *out)
+
+    def _finish(self, v: Value, c: torch.Tensor, srcs: dict) -> Bounds:
         n = v.numel
         radius = torch.zeros_like(c).flatten(1)
         for key, f in srcs.items():
             f = f.reshape(f.shape[0], f.shape[1], n)
-            radius = radius + (self.scheme.input_term(input_set, f) if key == "input" else self.scheme.gap_term(f))
+            radius = radius + (self.scheme.input_term(self.input_set, f) if key == "input"
+                               else self.scheme.gap_term(f))
         radius = radius.view_as(c)
         return self._widen(v, Bounds(c - radius, c + radius))
 
-    def _run_node(self, node: Node, center, cols, bounds) -> None:
-        with naming_node(node, "forward dual layer"):
-            self._push(node, center, cols, bounds)
-
-    def _push(self, node: Node, center, cols, bounds) -> None:
+    def run_node(self, node: Node, env: dict) -> list[tuple[torch.Tensor, dict]]:
+        """``(centre, columns by source)`` of each output of ``node``."""
         rule = dual_rule(node)
         ins = node.var_inputs
         if isinstance(rule, AffineRule):
-            args = _with_consts(node, center)
-            center.update(zip(node.outputs, _eval(node, args)))
-            sources = list(dict.fromkeys(k for v in ins for k in cols[v]))  # fixed order: float sums repeat
+            centers = _eval(node, node_args(node, {v: env[v][0] for v in ins}, env[ins[0]][0]))
+            sources = list(dict.fromkeys(k for v in ins for k in env[v][1]))  # fixed order: float sums repeat
             out_cols: list[dict] = [{} for _ in node.outputs]
             for key in sources:
-                parts = [cols[v].get(key) for v in ins]
+                parts = [env[v][1].get(key) for v in ins]
                 b = max(p.shape[0] for p in parts if p is not None)
                 k = next(p.shape[1] for p in parts if p is not None)
                 rows = [None if p is None else p.expand(b, *p.shape[1:]).reshape(b * k, *p.shape[2:]) for p in parts]
                 for i, o in enumerate(rule.apply_linear(node, rows)):
                     out_cols[i][key] = o.reshape(b, k, *o.shape[1:])
-            for v, d in zip(node.outputs, out_cols):
-                cols[v] = d
-            return
+            return list(zip(centers, out_cols))
         if not runs_forward(node, self.config):
             raise DualgraphError(f"node '{node.name}' ({node.op_type}) has no linear dual layer; "
                                  "the forward direction cannot be used (use direction='backward')")
         z = ins[0]
-        r = rule.relaxation(node, bounds[z], self.config)
-        mid = (_as_tensor(r.b_lo, center[z]) + _as_tensor(r.b_up, center[z])) / 2
-        gap = (_as_tensor(r.b_up, center[z]) - _as_tensor(r.b_lo, center[z])) / 2
-        out = node.output
-        center[out] = r.a_lo * center[z] + mid
+        center_z, cols_z = env[z]
+        r = rule.relaxation(node, self.out[z], self.config)
+        mid = (_as_tensor(r.b_lo, center_z) + _as_tensor(r.b_up, center_z)) / 2
+        gap = (_as_tensor(r.b_up, center_z) - _as_tensor(r.b_lo, center_z)) / 2
         a = r.a_lo.unsqueeze(1)
-        cols[out] = {key: a * f for key, f in cols[z].items()}
         new = self.scheme.gap_columns(gap)
-        if new is not None:
-            key = self.scheme.source_key(node.name)
-            cols[out][key] = new if key not in cols[out] else cols[out][key] + new
+        key = None if new is None else self.scheme.source_key(node.name)
+        # a * f for every source; the new gap columns join their source's in the same pass
+        cols = {k: torch.addcmul(new, a, f) if k == key else a * f for k, f in cols_z.items()}
+        if key is not None and key not in cols:
+            cols[key] = new
+        return [(r.a_lo * center_z + mid, cols)]
 
 
 def _as_tensor(b, like: torch.Tensor) -> torch.Tensor:
     return b if torch.is_tensor(b) else torch.full_like(like, float(b))
 
 
-def _with_consts(node: Node, env: dict[Value, torch.Tensor]) -> list:
-    return node_args(node, env, next(env[v] for v in node.var_inputs))
-
-
 def _eval(node: Node, args: list) -> list[torch.Tensor]:
     from .dual_registry import eval_node
     return eval_node(node, args)
-
-
-def _last_uses(nodes: list[Node]) -> dict[Node, list[Value]]:
-    """Values to free after each node: inputs whose last consumer (among ``nodes``) it is."""
-    last: dict[Value, Node] = {}
-    for n in nodes:
-        for v in n.var_inputs:
-            last[v] = n
-    out: dict[Node, list[Value]] = {}
-    for v, n in last.items():
-        out.setdefault(n, []).append(v)
-    return out

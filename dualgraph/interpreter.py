@@ -12,12 +12,15 @@ its evaluation rule to get shapes.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .deadline import NEVER, Deadline
 from .errors import DualgraphError, UnsupportedOpError
-from .ir import BATCH, Graph, Node, OpKey, Value
+from .ir import BATCH, Graph, Node, OpKey, Value, last_uses
+from .linalg import tensor_key
 
 EvalRule = Callable[[Node, list], Sequence[torch.Tensor] | torch.Tensor]
 EVAL_RULES: dict[OpKey, EvalRule] = {}
@@ -48,7 +51,7 @@ def constant_like(v: Value, like: torch.Tensor) -> torch.Tensor:
         return c
     if c.requires_grad:
         return c.to(device=like.device, dtype=dtype)
-    key = (dtype, like.device, id(c), c._version)
+    key = (dtype, like.device, tensor_key(c))
     cached = v.meta.get("_cast")
     if cached is None or cached[0] != key:
         cached = (key, c.to(device=like.device, dtype=dtype))
@@ -80,7 +83,69 @@ def missing_eval_rules(graph: Graph) -> list[Node]:
     return [n for n in graph.nodes if n.op not in EVAL_RULES]
 
 
-class Interpreter:
+@contextmanager
+def naming_node(node: Node, what: str = "dual layer") -> Iterator[None]:
+    """Re-raise any failure of rule code as one DualgraphError naming the node and op (every
+    walk runs rule code inside this); a DualgraphError passes through unchanged."""
+    try:
+        yield
+    except DualgraphError:
+        raise
+    except Exception as exc:  # a rule failing on real data is the user's model or input
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DualgraphError(f"{what} of node '{node.name}' ({'.'.join(filter(None, node.op))}) failed: "
+                             f"{type(exc).__name__}: {first}") from exc
+
+
+class GraphWalk:
+    """The walk every interpreter over a graph shares, like ``torch.fx.Interpreter``: the
+    nodes in order, an environment keyed by value, :meth:`run_node` per node (its failures
+    named by :func:`naming_node`), and each value freed after its last use among the nodes.
+
+    Subclasses define :meth:`run_node`; :meth:`store` (where the outputs go) and
+    :meth:`before` (a hook that may end the walk early with a result) are optional. The
+    evaluation :class:`Interpreter` and shape inference (:class:`ShapeProp`), the forward
+    bounds (:class:`dualgraph.forward.ForwardBounds`) and the dual-graph runs
+    (:mod:`dualgraph.dual_run`) are walks.
+    """
+
+    #: what a failing node was doing, for the error message ("evaluation of node ...")
+    activity = "evaluation"
+
+    def __init__(self, nodes: Sequence[Node], keep: Sequence[Value] = (), deadline: Deadline = NEVER) -> None:
+        self.nodes = list(nodes)
+        self.frees = last_uses(self.nodes, keep)
+        self.deadline = deadline
+
+    def run_node(self, node: Node, env: dict) -> list:
+        """The outputs of ``node`` (one per output value) from its inputs in ``env``."""
+        raise NotImplementedError
+
+    def store(self, node: Node, outs: list, env: dict) -> None:
+        for v, t in zip(node.outputs, outs):
+            env[v] = t
+
+    def before(self, index: int, node: Node, env: dict):
+        """Called before node ``index`` runs; a result other than None ends the walk with it."""
+        return None
+
+    def walk(self, env: dict, start: int = 0):
+        """Run the nodes from ``start`` on; returns ``env``, or what :meth:`before` ended it with."""
+        for i in range(start, len(self.nodes)):
+            node = self.nodes[i]
+            self.deadline.check()
+            done = self.before(i, node, env)
+            if done is not None:
+                return done
+            with naming_node(node, self.activity):
+                outs = self.run_node(node, env)
+            self.store(node, outs, env)
+            for v in self.frees[node]:
+                env.pop(v, None)
+        return env
+
+
+class Interpreter(GraphWalk):
     """Evaluate ``graph`` on concrete inputs (any batch size, any device/dtype)."""
 
     def __init__(self, graph: Graph) -> None:
@@ -90,18 +155,16 @@ class Interpreter:
             listing = ", ".join(f"{'.'.join(filter(None, n.op))} (node '{n.name}')" for n in missing)
             raise UnsupportedOpError(f"no evaluation rule for: {listing}; register one with "
                                      "@dualgraph.register_eval or install a dualgraph plugin")
+        super().__init__(graph.nodes, keep=graph.outputs)
         self.graph = graph
-        self._frees = graph.last_uses()
+        self.like: torch.Tensor | None = None  # constants are cast like the first input
 
-    def run_node(self, node: Node, env: dict[Value, torch.Tensor], like: torch.Tensor) -> list[torch.Tensor]:
-        args = node_args(node, env, like)
-        try:
-            out = EVAL_RULES[node.op](node, args)
-        except DualgraphError:
-            raise
-        except Exception as exc:  # a rule failing on real data is the user's model or input
-            raise DualgraphError(f"evaluating node '{node.name}' ({node.op_type}) failed: "
-                                 f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    def run_node(self, node: Node, env: dict[Value, torch.Tensor], like: torch.Tensor | None = None
+                 ) -> list[torch.Tensor]:
+        if like is None:
+            like = self.like if self.like is not None else next(iter(env.values()))
+        with naming_node(node, self.activity):
+            out = EVAL_RULES[node.op](node, node_args(node, env, like))
         return [out] if isinstance(out, torch.Tensor) else list(out)
 
     def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -114,34 +177,23 @@ class Interpreter:
                 raise DualgraphError(f"input '{v.name}' has shape {tuple(x.shape)} but the model expects "
                                      f"[batch, {', '.join(map(str, v.shape[1:]))}]")
             env[v] = x
-        for node in self.graph.nodes:
-            for v, t in zip(node.outputs, self.run_node(node, env, inputs[0])):
-                env[v] = t
-            for v in self._frees[node]:
-                env.pop(v, None)
+        self.like = inputs[0] if inputs else None
+        env = self.walk(env)
         return [env[v] for v in self.graph.outputs]
 
     __call__ = run
 
 
-def run_graph(graph: Graph, *inputs: torch.Tensor) -> list[torch.Tensor]:
-    """Convenience: ``Interpreter(graph).run(*inputs)``."""
-    return Interpreter(graph).run(*inputs)
+class ShapeProp(Interpreter):
+    """Shape inference: the interpreter on ``meta`` tensors (batch 2), recording each
+    value's shape and dtype. Batch 2 rather than 1 so that an op that wrongly mixes the
+    batch dimension into other axes shows up as a shape that does not carry it."""
 
+    def __init__(self, graph: Graph) -> None:
+        super().__init__(graph)
+        self.frees = {n: [] for n in self.nodes}  # keep every value: all of them get shapes
 
-def infer_shapes(graph: Graph, dtype: torch.dtype = torch.float32) -> Graph:
-    """Fill ``shape`` of every value by running the graph on ``meta`` tensors (batch 2).
-
-    Batch 2 rather than 1 so that an op that wrongly mixes the batch dimension into
-    other axes shows up as a shape that does not carry it.
-    """
-    interp = Interpreter(graph)
-    env: dict[Value, torch.Tensor] = {}
-    for v in graph.inputs:
-        env[v] = torch.empty((2, *v.shape[1:]), device="meta", dtype=dtype)
-    like = next(iter(env.values()))
-    for node in graph.nodes:
-        outs = interp.run_node(node, env, like)
+    def store(self, node: Node, outs: list, env: dict) -> None:
         if len(outs) != len(node.outputs):
             raise DualgraphError(f"node '{node.name}' ({node.op_type}) produced {len(outs)} outputs, "
                                  f"expected {len(node.outputs)}")
@@ -153,4 +205,19 @@ def infer_shapes(graph: Graph, dtype: torch.dtype = torch.float32) -> Graph:
             v.shape = (BATCH, *t.shape[1:])
             v.dtype = t.dtype
             env[v] = t
-    return graph
+
+    def propagate(self, dtype: torch.dtype) -> Graph:
+        env = {v: torch.empty((2, *v.shape[1:]), device="meta", dtype=dtype) for v in self.graph.inputs}
+        self.like = next(iter(env.values()))
+        self.walk(env)
+        return self.graph
+
+
+def run_graph(graph: Graph, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """Convenience: ``Interpreter(graph).run(*inputs)``."""
+    return Interpreter(graph).run(*inputs)
+
+
+def infer_shapes(graph: Graph, dtype: torch.dtype = torch.float32) -> Graph:
+    """Fill ``shape`` (and ``dtype``) of every value by running the graph on ``meta`` tensors."""
+    return ShapeProp(graph).propagate(dtype)

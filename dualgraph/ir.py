@@ -37,7 +37,7 @@ class Value:
 
     ``users`` has **one entry per input slot** that reads the value: a node reading it
     twice (``Add(v, v)``, ``Concat(v, v)``) is listed twice. Every pass and the dual-graph
-    builder count uses this way (one dual contribution per slot); :func:`verify` checks it.
+    builder count uses this way (one dual contribution per slot); :func:`check_graph` checks it.
     """
 
     name: str
@@ -200,11 +200,42 @@ class Graph:
     # ---- editing (used by passes) ---------------------------------------------------
     def replace_all_uses(self, old: Value, new: Value) -> None:
         """Make every consumer of ``old`` (and the graph outputs) read ``new`` instead."""
-        for node in list(old.users):
-            node.inputs = [new if v is old else v for v in node.inputs]
-            new.users.append(node)
-        old.users.clear()
+        for node in dict.fromkeys(old.users):  # each node once; every slot it reads old in
+            for i, v in enumerate(node.inputs):
+                if v is old:
+                    self.set_input(node, i, new)
         self.outputs = [new if v is old else v for v in self.outputs]
+
+    def set_input(self, node: Node, index: int, value: Value | None) -> None:
+        """Make input slot ``index`` of ``node`` read ``value`` (slots past the end are
+        created as omitted inputs); ``users`` keeps one entry per slot."""
+        while len(node.inputs) <= index:
+            node.inputs.append(None)
+        old = node.inputs[index]
+        if old is not None:
+            old.users.remove(node)
+        node.inputs[index] = value
+        if value is not None:
+            value.users.append(node)
+
+    def rename(self, value: Value, name: str) -> None:
+        """Give ``value`` the name ``name`` (which no other value of the graph may have)."""
+        if value.name == name:
+            return
+        if name in self.values:
+            raise DualgraphError(f"cannot rename '{value.name}' to '{name}': the name is taken")
+        self.values.pop(value.name)
+        value.name = name
+        self.values[name] = value
+
+    def move_node(self, node: Node, *, before: Node | None = None, after: Node | None = None) -> None:
+        """Move ``node`` in the node list to just before ``before`` or just after ``after``
+        (the caller keeps the order topological; :func:`check_graph` checks it)."""
+        if (before is None) == (after is None):
+            raise DualgraphError("move_node needs exactly one of before= and after=")
+        self.nodes.remove(node)
+        anchor = before if before is not None else after
+        self.nodes.insert(self.nodes.index(anchor) + (after is not None), node)
 
     def remove_node(self, node: Node) -> None:
         """Remove a node whose outputs are unused."""
@@ -257,19 +288,7 @@ class Graph:
 
     def last_uses(self) -> dict[Node, list[Value]]:
         """For each node, the values whose last consumer it is (so they can be freed)."""
-        last: dict[int, Node] = {}
-        for node in self.nodes:
-            for v in node.inputs:
-                if v is not None and not v.is_const:
-                    last[id(v)] = node
-        freed: dict[Node, list[Value]] = {n: [] for n in self.nodes}
-        outs = {id(v) for v in self.outputs}
-        for node in self.nodes:
-            for v in node.inputs:
-                if v is not None and not v.is_const and last[id(v)] is node and id(v) not in outs:
-                    if v not in freed[node]:
-                        freed[node].append(v)
-        return freed
+        return last_uses(self.nodes, keep=self.outputs)
 
     def num_parameters(self) -> int:
         seen = {id(v): v for n in self.nodes for v in n.inputs if v is not None and v.is_const}
@@ -280,7 +299,36 @@ class Graph:
         return format_text(self)
 
 
-def verify(graph: Graph) -> None:
+def last_uses(nodes: Sequence[Node], keep: Sequence[Value] = ()) -> dict[Node, list[Value]]:
+    """For each of ``nodes`` (in order), the variable values whose last consumer among them
+    it is, except those in ``keep``: what a walk over ``nodes`` can free after each node."""
+    last: dict[int, Node] = {}
+    for node in nodes:
+        for v in node.inputs:
+            if v is not None and not v.is_const:
+                last[id(v)] = node
+    kept = {id(v) for v in keep}
+    freed: dict[Node, list[Value]] = {n: [] for n in nodes}
+    for node in nodes:
+        for v in node.inputs:
+            if v is None or v.is_const or last[id(v)] is not node or id(v) in kept:
+                continue
+            if v not in freed[node]:
+                freed[node].append(v)
+    return freed
+
+
+def normalize_axis(axis: int, rank: int, where: str, *, inclusive: bool = False) -> int:
+    """An ONNX ``axis`` in ``[-rank, rank)`` (``[-rank, rank]`` with ``inclusive``, as
+    Flatten's) as a non-negative index; out of range is an error naming ``where`` (e.g.
+    ``"node 'f' (Flatten)"``)."""
+    top = rank + 1 if inclusive else rank
+    if not -rank <= axis < top:
+        raise DualgraphError(f"{where}: axis {axis} is out of range for a tensor of rank {rank}")
+    return axis + rank if axis < 0 else axis
+
+
+def check_graph(graph: Graph) -> None:
     """Check that ``graph`` is a well-formed DAG with consistent links and shapes.
 
     Raises DualgraphError naming the first problem: a value used before it is produced,

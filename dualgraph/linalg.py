@@ -31,3 +31,9 @@ def batched_dot(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def take_examples(t: torch.Tensor, examples: torch.Tensor) -> torch.Tensor:
     """Rows ``examples`` of a batched tensor ``[B, ...]``; a batch of 1 is shared by all."""
     return t[examples if t.shape[0] > 1 else torch.zeros_like(examples)]
+
+
+def tensor_key(t: torch.Tensor) -> tuple[int, int]:
+    """Identity and version of ``t``: part of every cache key of a value derived from a
+    constant, so that replacing the tensor or editing it in place invalidates the entry."""
+    return id(t), t._version

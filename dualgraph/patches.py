@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from .dual_registry import ElementwiseRule, const_args
+from .eval_rules import window
 from .ir import Node
+from .linalg import tensor_key
 
 
 @dataclass
@@ -94,14 +96,12 @@ def conv_geometry(node: Node) -> tuple[int, int] | None:
     if node.op != ("", "Conv") or len(node.inputs) < 2 or not node.inputs[1].is_const:
         return None
     w = node.inputs[1].const
-    a = node.attrs
-    pads = list(a.get("pads", [0, 0, 0, 0]))
-    strides = list(a.get("strides", [1, 1]))
-    if (w.dim() != 4 or w.shape[2] != w.shape[3] or int(a.get("group", 1)) != 1
-            or any(d != 1 for d in a.get("dilations", [1, 1])) or len(set(pads)) != 1
-            or len(set(strides)) != 1 or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
+    if w.dim() != 4 or w.shape[2] != w.shape[3] or int(node.attrs.get("group", 1)) != 1:
         return None
-    return strides[0], pads[0]
+    g = window(node, node.inputs[0].unit_shape[1:], w.shape[2:])
+    if set(g.dilations) != {1} or len(set(g.begins + g.ends)) != 1 or len(set(g.strides)) != 1:
+        return None
+    return g.strides[0], g.begins[0]
 
 
 def start(node: Node, sign: float, like: torch.Tensor) -> tuple[Patches, torch.Tensor]:
@@ -141,7 +141,7 @@ def through_conv(p: Patches, node: Node, cache: dict | None = None) -> tuple[Pat
     rows = p.data.reshape(b * P * Ct, C * K * K)
     if C * K * K * Cn * Kn * Kn <= MAX_DENSE_TRANSPOSE:
         raw = node.inputs[1].const  # identity and version: an edited weight invalidates the entry
-        key = (node.name, K, w.dtype, w.device, id(raw), raw._version)
+        key = (node.name, K, w.dtype, w.device, tensor_key(raw))
         T = None if cache is None or w.requires_grad else cache.get(key)
         if T is None:
             basis = torch.eye(C * K * K, dtype=w.dtype, device=w.device).view(-1, C, K, K)

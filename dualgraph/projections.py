@@ -244,12 +244,7 @@ class CauchyColumns(ColumnScheme):
 
     def __init__(self, r: int, generator: torch.Generator | None = None, estimator: str = "median",
                  delta: float | None = None) -> None:
-        if r < 1:
-            raise DualgraphError(f"projection dimension must be at least 1, got {r}")
-        if estimator not in ESTIMATORS:
-            raise DualgraphError(f"unknown projection estimator '{estimator}'; use {' or '.join(ESTIMATORS)}")
-        if delta is not None and estimator != "geometric":
-            raise DualgraphError("high-probability bounds (delta) need the geometric estimator")
+        # the arguments come from a BoundConfig, which validated them
         self.r, self.generator, self.estimator = r, generator, estimator
         self.delta = delta
         self.term_delta = None if delta is None else delta / self.terms

@@ -63,9 +63,10 @@ from typing import Iterator
 
 import torch
 
-from .dual_registry import AffineRule, Bounds, ElementwiseRule, Relaxation, dual_rule, naming_node
+from .dual_registry import AffineRule, Bounds, ElementwiseRule, Relaxation, dual_rule
 from .errors import InternalError
 from .input_sets import InputSet
+from .interpreter import naming_node
 from .ir import Graph, Value
 from .linalg import batched_dot, take_examples
 

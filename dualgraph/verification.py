@@ -33,16 +33,14 @@ whose last op is Softmax is refused (:class:`~dualgraph.api.Certifier` strips a 
 Softmax, which is right for argmax margins but changes VNN-LIB's ``Y``).
 
 Several instances on one model share a :class:`VerifyModel` (lowered, simplified and
-opened in onnxruntime once): :func:`run_instances` keeps one per ONNX file.
+opened in onnxruntime once): :func:`dualgraph.competition.run_instances` keeps one per
+ONNX file. Counterexample search is in :mod:`dualgraph.falsify`, the competition CSV
+runner in :mod:`dualgraph.competition`.
 """
 
 from __future__ import annotations
 
-import csv
-import statistics
-import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +51,7 @@ import torch
 
 from .deadline import Deadline, DeadlineExceeded
 from .errors import DualgraphError, UnsupportedOpError
+from .falsify import Falsifier, Found
 from .vnnlib import VnnlibProperty, format_counterexample, read_vnnlib
 
 ANSWERS = ("sat", "unsat", "unknown", "timeout", "error")
@@ -110,14 +109,6 @@ class VerifyResult:
         if self.answer == "sat":
             return format_counterexample(self.x, self.y)
         return self.answer + "\n"
-
-
-def write_result(path: str | Path, text: str) -> None:
-    """Write a competition result file (``text`` from :meth:`VerifyResult.result_text`)."""
-    try:
-        Path(path).write_text(text)
-    except OSError as e:
-        raise DualgraphError(f"cannot write results file {path}: {e.strerror}") from None
 
 
 class VerifyModel:
@@ -201,13 +192,6 @@ class VerifyModel:
         return self._session
 
 
-class _Found(Exception):
-    """A confirmed counterexample (raised out of the search loops)."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, method: str) -> None:
-        self.x, self.y, self.method = x, y, method
-
-
 class _Timeout(Exception):
     pass
 
@@ -230,7 +214,7 @@ def verify_property(model: VerifyModel, prop: VnnlibProperty | Sequence[VnnlibPr
     search = _Search(model, config, clock, details)
     try:
         answer = search.run(props)
-    except _Found as found:
+    except Found as found:
         details["method"] = found.method
         details["confirmed_by"] = "onnxruntime"
         return _finish(VerifyResult("sat", clock.elapsed, found.x, found.y, details), timeout)
@@ -251,6 +235,7 @@ class _Search:
 
     def __init__(self, model: VerifyModel, config: VerifyConfig, clock: Deadline, details: dict) -> None:
         self.model, self.config, self.clock, self.details = model, config, clock, details
+        self.falsifier = Falsifier(model, config, clock, details)
 
     def run(self, props: list[VnnlibProperty]) -> str:
         cfg = self.config
@@ -259,10 +244,10 @@ class _Search:
             return "unsat"
         with torch.no_grad():
             for p in props:
-                self._check_lowering(p)
+                self.falsifier.check_lowering(p)
         if cfg.attack_rounds:
             for p in props:
-                self._attack(p, cfg.seed)
+                self.falsifier.attack(p, cfg.seed)
         # open[k]: indices of the conjunctions of box k not yet proved empty
         open_ = [set(range(len(p.unsafe))) for p in props]
         for relaxation in cfg.relaxations:
@@ -284,92 +269,12 @@ class _Search:
         for round_ in range(1, cfg.attack_rounds):
             for p in props:
                 self._tick()
-                self._attack(p, cfg.seed + round_)
+                self.falsifier.attack(p, cfg.seed + round_)
         return "unknown"
 
     def _tick(self) -> None:
         if self.clock.expired:
             raise _Timeout
-
-    # ---- counterexamples -------------------------------------------------------------
-    def _attack(self, p: VnnlibProperty, seed: int) -> None:
-        from .attack import pgd_attack
-        self._tick()
-        cfg = self.config
-        # In the model's precision (float32: twice as fast as float64); the hit is then
-        # moved into the exact box and checked in onnxruntime by _confirm.
-        dtype = self.model.graph.inputs[0].dtype
-        lo, hi = (torch.tensor(a, dtype=dtype) for a in (p.input_lo, p.input_hi))
-        # Aim a hair inside the unsafe set, so that onnxruntime agrees on the hit.
-        unsafe = [(torch.tensor(c.C), torch.tensor(c.d - 1e-5 * (1 + np.abs(c.d)))) for c in p.unsafe]
-        res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=cfg.attack_steps,
-                         restarts=cfg.attack_restarts, seed=seed, time_limit=max(self.clock.remaining, 0.0))
-        self.details["attack_rounds"] = self.details.get("attack_rounds", 0) + 1
-        if bool(res.found[0]):
-            x = res.x.reshape(1, -1).double().numpy()
-            self._confirm(p, x, f"attack (PGD, seed {seed})")
-            self._refine(p, x[0], f"attack (PGD, seed {seed}, refined in onnxruntime)")
-
-    def _refine(self, p: VnnlibProperty, x: np.ndarray, method: str, steps: int = 24) -> None:
-        """A candidate the IR finds unsafe but onnxruntime does not (their float32 results
-        differ near the boundary): step deeper into the unsafe set along the IR's gradient,
-        with growing steps, until onnxruntime confirms a point (:class:`_Found`) or the steps
-        or the time run out. Every point tested is in the box and run in onnxruntime."""
-        from .attack import unsafe_margin
-        lo, hi = p.input_lo, p.input_hi
-        width = np.maximum(hi - lo, 0.0)
-        unsafe = [(torch.tensor(c.C), torch.tensor(c.d)) for c in p.unsafe]
-        alpha = 1e-4
-        for _ in range(steps):
-            self._tick()
-            t = torch.tensor(x, dtype=torch.float64).reshape(1, -1).requires_grad_(True)
-            margin = unsafe_margin(self.model.forward(t), unsafe).sum()
-            (grad,) = torch.autograd.grad(margin, t)
-            x = np.clip(x - alpha * width * np.sign(grad[0].numpy()), lo, hi)
-            self._confirm(p, x[None], method)
-            alpha *= 2
-
-    def _confirm(self, p: VnnlibProperty, xs: np.ndarray, method: str) -> None:
-        """Raise :class:`_Found` for the first of the candidates ``xs [B, n]`` that
-        onnxruntime confirms (inside the box, outputs in a conjunction).
-
-        A coordinate whose interval holds no value of the model's input precision (a point
-        box at a value float32 cannot represent) can only be fed as its nearest value: the
-        reported point is then the exact one in the box, and the method says so."""
-        dtype = self.model.onnx_input_dtype()
-        lo, hi = p.input_lo, p.input_hi
-        feed = np.stack([_cast_into_box(x, lo, hi, dtype) for x in xs])
-        report = feed.copy()
-        unrepresentable = (feed < lo) | (feed > hi)
-        if unrepresentable.any():
-            exact = np.clip(np.asarray(xs, dtype=np.float64).reshape(feed.shape), lo, hi)
-            report[unrepresentable] = exact[unrepresentable]
-            feed[unrepresentable] = exact[unrepresentable].astype(dtype).astype(np.float64)
-            method += f" (inputs the box holds no {np.dtype(dtype).name} value for, fed rounded to nearest)"
-        ys = self.model.run_onnx(feed)
-        hit = p.violations(ys).min(axis=1, initial=np.inf) <= 0
-        if hit.any():
-            i = int(np.argmax(hit))
-            raise _Found(report[i], ys[i], method)
-        self.details["unconfirmed"] += len(xs)
-
-    def _check_lowering(self, p: VnnlibProperty) -> None:
-        """The IR must compute what onnxruntime computes (else a proof would be about another function)."""
-        centre = ((p.input_lo + p.input_hi) / 2)[None]
-        centre = np.stack([_cast_into_box(centre[0], p.input_lo, p.input_hi, self.model.onnx_input_dtype())])
-        ir = self.model.forward(torch.as_tensor(centre, dtype=torch.float64)).numpy()
-        ort = self.model.run_onnx(centre)
-        diff = np.abs(ir - ort)
-        tol = 1e-3 * (1 + np.abs(ort))
-        self.details["ir_vs_onnxruntime"] = float(diff.max(initial=0.0))
-        if not np.all(diff <= tol):
-            j = int(np.argmax(diff - tol))
-            raise DualgraphError(f"the lowered model disagrees with onnxruntime on '{self.model.path.name}' "
-                                 f"(output {j}: {ir[0, j]!r} vs {ort[0, j]!r}); refusing to verify a different "
-                                 "function -- please report this frontend bug")
-        # the centre is a free candidate counterexample
-        if (p.violations(ort).min(initial=np.inf) <= 0):
-            self._confirm(p, centre, "box centre")
 
     # ---- proofs ----------------------------------------------------------------------
     def _rows(self, p: VnnlibProperty, conjs: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -415,7 +320,7 @@ class _Search:
 
     def _split(self, p: VnnlibProperty) -> bool:
         """Bisect the box until every piece is proved (True) or too many pieces (False);
-        raises :class:`_Found` for a confirmed centre and :class:`_Timeout` when time runs out."""
+        raises :class:`~dualgraph.falsify.Found` for a confirmed centre and :class:`_Timeout` when time runs out."""
         from .input_sets import Box, outward
         cfg = self.config
         C, d, owner = self._rows(p, range(len(p.unsafe)))
@@ -451,7 +356,7 @@ class _Search:
                 y = self.model.forward(centre).numpy()
                 hits = p.violations(y).min(axis=1, initial=np.inf) <= 1e-6
                 if hits.any():
-                    self._confirm(p, centre[torch.as_tensor(hits)].numpy()[:16], "input splitting (box centre)")
+                    self.falsifier.confirm(p, centre[torch.as_tensor(hits)].numpy()[:16], "input splitting (box centre)")
                 widest = ((hi - lo) / scale).argmax(1)
                 rows = torch.arange(len(lo))
                 mid = centre[rows, widest]
@@ -462,17 +367,6 @@ class _Search:
                 queue_hi = torch.cat([queue_hi, left_hi, hi])
         self.details["split_boxes"] = self.details.get("split_boxes", 0) + done
         return True
-
-
-def _cast_into_box(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``x`` in the model's input precision, nudged by one ulp back into ``[lo, hi]``
-    where rounding pushed it out (values stay as close to ``x`` as the precision allows)."""
-    x = np.clip(np.asarray(x, dtype=np.float64).ravel(), lo, hi)
-    c = x.astype(dtype)
-    below, above = c.astype(np.float64) < lo, c.astype(np.float64) > hi
-    c[below] = np.nextafter(c[below], np.asarray(np.inf, dtype))
-    c[above] = np.nextafter(c[above], np.asarray(-np.inf, dtype))
-    return c.astype(np.float64)
 
 
 # ---- instances ---------------------------------------------------------------------------
@@ -487,135 +381,3 @@ def verify_instance(onnx_path: str | Path, vnnlib_path: str | Path, timeout: flo
     return verify_property(model, props, timeout, config, start=start)
 
 
-@dataclass
-class InstanceRow:
-    instance: str
-    onnx: str
-    vnnlib: str
-    answer: str
-    seconds: float
-    message: str = ""
-    timeout: float = float("inf")
-
-    @property
-    def overrun(self) -> float:
-        """Seconds past the instance's time limit (0 when within it)."""
-        return max(0.0, self.seconds - self.timeout)
-
-
-@dataclass
-class RunSummary:
-    rows: list[InstanceRow]
-    total_seconds: float
-    load_seconds: float
-
-    @property
-    def counts(self) -> dict[str, int]:
-        c = Counter(r.answer for r in self.rows)
-        return {a: c.get(a, 0) for a in ANSWERS}
-
-    @property
-    def median_seconds(self) -> float:
-        return statistics.median(r.seconds for r in self.rows) if self.rows else 0.0
-
-    def text(self) -> str:
-        import resource
-        counts = ", ".join(f"{a} {n}" for a, n in self.counts.items())
-        inst = sum(r.seconds for r in self.rows)
-        worst = max((r.overrun for r in self.rows), default=0.0)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        return (f"{len(self.rows)} instances: {counts}\n"
-                f"time: total {self.total_seconds:.1f} s (instances {inst:.1f} s, model loading "
-                f"{self.load_seconds:.1f} s), median {self.median_seconds:.2f} s per instance, "
-                f"slowest {max((r.seconds for r in self.rows), default=0.0):.2f} s, worst overrun of a time "
-                f"limit {worst:.2f} s; peak resident memory {peak:.0f} MB")
-
-
-def read_instances(csv_path: str | Path, root: str | Path | None = None) -> list[tuple[Path, Path, float]]:
-    """Rows ``onnx,vnnlib,timeout`` of a competition instances CSV, paths resolved against
-    ``root`` (default: the CSV's folder)."""
-    csv_path = Path(csv_path)
-    try:
-        text = csv_path.read_text()
-    except OSError as e:
-        raise DualgraphError(f"cannot read instances file {csv_path}: {e.strerror}") from None
-    base = Path(root) if root is not None else csv_path.parent
-    rows = []
-    for i, row in enumerate(csv.reader(text.splitlines()), start=1):
-        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-            continue
-        if len(row) != 3:
-            raise DualgraphError(f"{csv_path}:{i}: expected 'onnx,vnnlib,timeout', got {','.join(row)!r}")
-        try:
-            timeout = float(row[2])
-        except ValueError:
-            raise DualgraphError(f"{csv_path}:{i}: timeout {row[2]!r} is not a number") from None
-        rows.append((base / row[0].strip(), base / row[1].strip(), timeout))
-    return rows
-
-
-def run_instances(csv_path: str | Path, root: str | Path | None = None, out: str | Path | None = None,
-                  config: VerifyConfig = VerifyConfig(), *, results_dir: str | Path | None = None,
-                  max_timeout: float | None = None, limit: int | None = None,
-                  progress: bool = True) -> RunSummary:
-    """Answer every instance of a CSV; models are loaded once per ONNX file.
-
-    Writes the results CSV (``instance,onnx,vnnlib,answer,seconds``) to ``out`` and, with
-    ``results_dir``, one competition result file per instance. An instance that fails
-    (bad file, unsupported op) is answered ``error`` and the run goes on.
-    """
-    from tqdm import tqdm
-    t0 = time.monotonic()
-    instances = read_instances(csv_path, root)[:limit]
-    if results_dir is not None:
-        Path(results_dir).mkdir(parents=True, exist_ok=True)
-    models: dict[Path, VerifyModel | Exception] = {}
-    load_seconds = 0.0
-    rows: list[InstanceRow] = []
-    bar = tqdm(instances, desc="instances", unit="inst", disable=not progress, file=sys.stderr)
-    for onnx_path, vnnlib_path, timeout in bar:
-        timeout = min(timeout, max_timeout) if max_timeout is not None else timeout
-        name = f"{onnx_path.stem}/{vnnlib_path.stem}"
-        key = onnx_path.resolve()
-        if key not in models:
-            t = time.monotonic()
-            try:
-                models[key] = VerifyModel(onnx_path, config.device, config.max_memory)
-            except DualgraphError as exc:
-                models[key] = exc
-            load_seconds += time.monotonic() - t
-        model = models[key]
-        t = time.monotonic()
-        try:
-            if isinstance(model, Exception):
-                raise model
-            result = verify_instance(onnx_path, vnnlib_path, timeout, config, model=model)
-            row = InstanceRow(name, str(onnx_path), str(vnnlib_path), result.answer, result.seconds, timeout=timeout)
-            text = result.result_text()
-        except Exception as exc:  # noqa: BLE001 -- one bad instance must not stop the run
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if not isinstance(exc, DualgraphError):
-                message = f"{type(exc).__name__}: {message} (a bug: please report it)"
-            tqdm.write(f"dualgraph: error: {name}: {message}", file=sys.stderr)
-            row = InstanceRow(name, str(onnx_path), str(vnnlib_path), "error", time.monotonic() - t, message,
-                              timeout=timeout)
-            text = "error\n"
-        rows.append(row)
-        if results_dir is not None:
-            write_result(Path(results_dir) / f"{onnx_path.stem}__{vnnlib_path.stem}.txt", text)
-        bar.set_postfix(Counter(r.answer for r in rows), refresh=False)
-    summary = RunSummary(rows, time.monotonic() - t0, load_seconds)
-    if out is not None:
-        write_results_csv(out, rows)
-    return summary
-
-
-def write_results_csv(path: str | Path, rows: Sequence[InstanceRow]) -> None:
-    try:
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["instance", "onnx", "vnnlib", "answer", "seconds"])
-            for r in rows:
-                w.writerow([r.instance, r.onnx, r.vnnlib, r.answer, f"{r.seconds:.3f}"])
-    except OSError as e:
-        raise DualgraphError(f"cannot write results CSV {path}: {e.strerror}") from None

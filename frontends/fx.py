@@ -53,7 +53,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from dualgraph.errors import DualgraphError, UnsupportedOpError
 from dualgraph.interpreter import infer_shapes, run_graph
-from dualgraph.ir import BATCH, Graph, Value, verify
+from dualgraph.ir import BATCH, Graph, Value, check_graph
 from dualgraph.frontends import fx_rules, fx_shape_rules  # noqa: F401  (register the built-in rules)
 from dualgraph.frontends.fx_lowering import (POISON, BATCH_SIZE, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Rule,
                                    Call, example_shape, example_shapes, Lowering, Unsupported,
@@ -329,5 +329,5 @@ def load_module(module: nn.Module, example_input: torch.Tensor | Sequence[torch.
         graph = _lower(gm, inputs)
     infer_shapes(graph)
     _check_against_module(graph, module, inputs)
-    verify(graph)
+    check_graph(graph)
     return graph

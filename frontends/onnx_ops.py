@@ -1,8 +1,9 @@
 """Conversion handlers of the ONNX frontend, one per ONNX op family.
 
 Each handler is registered with :func:`dualgraph.frontends.onnx_refs.handles` for the
-default-domain ops it converts; it gets the importer (:class:`dualgraph.frontends.onnx_importer.Importer`,
-whose building blocks it calls) and the node, and returns one ref per ONNX output.
+default-domain ops it converts; it gets the handler context
+(:class:`dualgraph.frontends.onnx_context.HandlerContext`, whose building blocks it calls)
+and the node, and returns one ref per ONNX output.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dualgraph.errors import DualgraphError
 from dualgraph.frontends.onnx_refs import FLOAT_TYPES, Ref, Const, handles, Missing, OnnxNode, Var
 
 if TYPE_CHECKING:
-    from dualgraph.frontends.onnx_importer import Importer
+    from dualgraph.frontends.onnx_context import HandlerContext
 
 
 def _resolve_reshape(n: OnnxNode, target: np.ndarray, shape: list[int], allowzero: int) -> list[int]:
@@ -37,21 +38,21 @@ def _resolve_reshape(n: OnnxNode, target: np.ndarray, shape: list[int], allowzer
 
 # ---- handlers: one per ONNX op family ------------------------------------------------------------
 @handles("Relu", "Sigmoid", "Tanh", "Neg", "Identity", "LeakyRelu")
-def _unary(imp: Importer, n: OnnxNode) -> list:
+def _unary(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     attrs = {"alpha": float(n.attrs.get("alpha", 0.01))} if n.op == "LeakyRelu" else {}
     return imp.emit(n, n.op, [x.value], attrs, x.added, n.outs)
 
 
 @handles("Dropout")
-def _dropout(imp: Importer, n: OnnxNode) -> list:
+def _dropout(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     mask = Missing(f"the mask output of Dropout node '{n.name}' is not supported")
     return imp.emit(n, "Identity", [x.value], {}, x.added, n.outs[:1]) + [mask] * (len(n.outs) - 1)
 
 
 @handles("Cast")
-def _cast(imp: Importer, n: OnnxNode) -> list:
+def _cast(imp: HandlerContext, n: OnnxNode) -> list:
     if int(n.attrs.get("to", 0)) not in FLOAT_TYPES:
         raise DualgraphError(f"node '{n.name}' (Cast) casts a network tensor to a non-float type; "
                              "not supported")
@@ -60,7 +61,7 @@ def _cast(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("Clip")
-def _clip(imp: Importer, n: OnnxNode) -> list:
+def _clip(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     if imp.opset < 11:  # bounds were attributes; normalise them to inputs
         bounds = [imp.ir_const(np.array(n.attrs[k], dtype=np.float32), f"{n.name}/dg_{k}")
@@ -74,17 +75,17 @@ def _clip(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("Add", "Sub", "Mul", "Div")
-def _binary(imp: Importer, n: OnnxNode) -> list:
+def _binary(imp: HandlerContext, n: OnnxNode) -> list:
     return [imp.binary(n, n.op, n.ins[0], n.ins[1], n.outs, (n.in_names[0], n.in_names[1]))]
 
 
 @handles("MatMul")
-def _matmul(imp: Importer, n: OnnxNode) -> list:
+def _matmul(imp: HandlerContext, n: OnnxNode) -> list:
     return [imp.matmul(n, n.ins[0], n.ins[1], n.outs, (n.in_names[0], n.in_names[1]))]
 
 
 @handles("Gemm")
-def _gemm(imp: Importer, n: OnnxNode) -> list:
+def _gemm(imp: HandlerContext, n: OnnxNode) -> list:
     a, b = n.ins[0], n.ins[1]
     c = n.ins[2] if len(n.ins) > 2 else None
     alpha, beta = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
@@ -124,7 +125,7 @@ def _gemm(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("Conv")
-def _conv(imp: Importer, n: OnnxNode) -> list:
+def _conv(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.to_native(n, imp.var(n, 0))
     w = imp.const(n, 1, "the Conv weight")
     spatial = [int(d) for d in x.value.shape[2:]]
@@ -140,7 +141,7 @@ def _conv(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("BatchNormalization")
-def _batch_norm(imp: Importer, n: OnnxNode) -> list:
+def _batch_norm(imp: HandlerContext, n: OnnxNode) -> list:
     if int(n.attrs.get("training_mode", 0)):
         raise DualgraphError(f"node '{n.name}' (BatchNormalization) is in training mode; export the model "
                              "in eval mode")
@@ -153,7 +154,7 @@ def _batch_norm(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("AveragePool", "MaxPool")
-def _pool(imp: Importer, n: OnnxNode) -> list:
+def _pool(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.to_native(n, imp.var(n, 0))
     if "kernel_shape" not in n.attrs:
         raise DualgraphError(f"node '{n.name}' ({n.op}) has no kernel_shape")
@@ -170,18 +171,15 @@ def _pool(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("GlobalAveragePool", "GlobalMaxPool")
-def _global_pool(imp: Importer, n: OnnxNode) -> list:
+def _global_pool(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.to_native(n, imp.var(n, 0))
     return imp.emit(n, n.op, [x.value], {}, False, n.outs)
 
 
 @handles("Flatten")
-def _flatten(imp: Importer, n: OnnxNode) -> list:
+def _flatten(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.var(n, 0)
-    axis = int(n.attrs.get("axis", 1))
-    axis = axis + x.rank if axis < 0 else axis
-    if not 0 <= axis <= x.rank:
-        raise DualgraphError(f"node '{n.name}' (Flatten): axis {axis} out of range for rank {x.rank}")
+    axis = imp.axis(n, int(n.attrs.get("axis", 1)), x.rank, inclusive=True)
     if not x.added and axis == 1:
         return imp.emit(n, "Flatten", [x.value], {"axis": 1}, False, n.outs)
 
@@ -192,7 +190,7 @@ def _flatten(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("Reshape")
-def _reshape(imp: Importer, n: OnnxNode) -> list:
+def _reshape(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     t = imp.const(n, 1, "the Reshape target shape")
     allowzero = int(n.attrs.get("allowzero", 0))
@@ -202,12 +200,12 @@ def _reshape(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("Transpose")
-def _transpose(imp: Importer, n: OnnxNode) -> list:
+def _transpose(imp: HandlerContext, n: OnnxNode) -> list:
     return [imp.transpose(n, imp.var(n, 0), n.attrs.get("perm"), n.outs)]
 
 
 @handles("Squeeze")
-def _squeeze(imp: Importer, n: OnnxNode) -> list:
+def _squeeze(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     shape = x.onnx_shape()
     axes = imp.ints(n, 1, "axes") if imp.opset >= 13 else n.attrs.get("axes")
@@ -222,7 +220,7 @@ def _squeeze(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("Unsqueeze")
-def _unsqueeze(imp: Importer, n: OnnxNode) -> list:
+def _unsqueeze(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     axes = imp.ints(n, 1, "axes") if imp.opset >= 13 else n.attrs.get("axes")
     if axes is None:
@@ -235,7 +233,7 @@ def _unsqueeze(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("Concat")
-def _concat(imp: Importer, n: OnnxNode) -> list:
+def _concat(imp: HandlerContext, n: OnnxNode) -> list:
     vars_ = [r for r in n.ins if isinstance(r, Var)]
     axis = imp.axis(n, int(n.attrs["axis"]), vars_[0].rank)
     added = axis == 0 or any(v.added for v in vars_)
@@ -256,7 +254,7 @@ def _concat(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("Slice")
-def _slice(imp: Importer, n: OnnxNode) -> list:
+def _slice(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     if imp.opset < 10:
         starts, ends, axes, steps = (n.attrs.get(k) for k in ("starts", "ends", "axes", "steps"))
@@ -282,7 +280,7 @@ def _slice(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("Split")
-def _split(imp: Importer, n: OnnxNode) -> list:
+def _split(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     axis = imp.axis(n, int(n.attrs.get("axis", 0)), x.rank)
     sizes = imp.ints(n, 1) if imp.opset >= 13 else n.attrs.get("split")
@@ -298,7 +296,7 @@ def _split(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("Pad")
-def _pad(imp: Importer, n: OnnxNode) -> list:
+def _pad(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     mode = n.attrs.get("mode", "constant")
     if imp.opset < 11:
@@ -326,7 +324,7 @@ def _pad(imp: Importer, n: OnnxNode) -> list:
 
 
 @handles("Softmax")
-def _softmax(imp: Importer, n: OnnxNode) -> list:
+def _softmax(imp: HandlerContext, n: OnnxNode) -> list:
     x = imp.var(n, 0)
     axis = imp.axis(n, int(n.attrs.get("axis", -1 if imp.opset >= 13 else 1)), x.rank)
     if imp.opset < 13 and math.prod(x.onnx_shape()[axis + 1:]) != 1:

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import onnx
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 
 from dualgraph.ir import Value
 
 if TYPE_CHECKING:
-    from dualgraph.frontends.onnx_importer import Importer
+    from dualgraph.frontends.onnx_context import HandlerContext
 
 FLOAT_TYPES = {TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64,
                 TensorProto.FLOAT16: torch.float16, TensorProto.BFLOAT16: torch.bfloat16}
@@ -86,7 +87,7 @@ class OnnxNode:
     outs: list[str]             # ONNX output names ('' for an omitted optional output)
 
 
-HANDLERS: dict[str, Callable[["Importer", OnnxNode], list]] = {}
+HANDLERS: dict[str, Callable[["HandlerContext", OnnxNode], list]] = {}
 
 
 def handles(*ops: str):
@@ -96,3 +97,18 @@ def handles(*ops: str):
             HANDLERS[op] = fn
         return fn
     return deco
+
+
+def node_attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    """ONNX attributes as plain Python values (str, int, float, lists, torch tensors)."""
+    out: dict[str, Any] = {}
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, TensorProto):
+            value = torch.from_numpy(np.array(numpy_helper.to_array(value)))
+        elif isinstance(value, (list, tuple)) or type(value).__name__.startswith("Repeated"):
+            value = [v.decode() if isinstance(v, bytes) else v for v in value]
+        out[attr.name] = value
+    return out

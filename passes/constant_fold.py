@@ -24,12 +24,15 @@ import torch
 
 from dualgraph.errors import DualgraphError
 from dualgraph.interpreter import EVAL_RULES, missing_eval_rules
-from dualgraph.ir import Graph, Node, Value
+from dualgraph.ir import Graph, Node
 
 from .base import PassResult
 
 NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                               "Bernoulli", "Multinomial"})
+
+
+NEEDS_SHAPES = False  # works on the structure only
 
 
 def run(graph: Graph) -> PassResult:
@@ -55,7 +58,7 @@ def run(graph: Graph) -> PassResult:
             consts.append((c, old.name))
         graph.remove_node(node)
         for c, name in consts:  # keep the readable name the frontend gave (now free again)
-            rename(graph, c, name)
+            graph.rename(c, name)
         modified = True
     if modified:
         graph.prune_values()
@@ -71,11 +74,3 @@ def _foldable(graph: Graph, node: Node) -> bool:
 def _promote(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64) if t.is_floating_point() else t
 
-
-def rename(graph: Graph, value: Value, name: str) -> None:
-    """Give ``value`` the (currently unused) ``name``; keeps ``graph.values`` keyed by name."""
-    if value.name == name:
-        return
-    graph.values.pop(value.name)
-    value.name = name
-    graph.values[name] = value

@@ -15,6 +15,9 @@ from dualgraph.ir import Graph
 from .base import PassResult
 
 
+NEEDS_SHAPES = False  # works on the structure only
+
+
 def run(graph: Graph) -> PassResult:
     """Remove every node whose outputs do not reach a graph output."""
     live = {id(v) for v in graph.outputs}

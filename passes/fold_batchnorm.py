@@ -21,7 +21,9 @@ import torch
 from dualgraph.ir import Graph, Node, Value
 
 from .base import PassResult
-from .constant_fold import rename
+
+
+NEEDS_SHAPES = True  # reads Value.shape: shapes are re-inferred before it
 
 
 def run(graph: Graph) -> PassResult:
@@ -35,7 +37,7 @@ def run(graph: Graph) -> PassResult:
         graph.replace_all_uses(out, y)
         graph.remove_node(bn)
         if is_output:
-            rename(graph, y, out.name)
+            graph.rename(y, out.name)
         modified = True
     if modified:
         graph.prune_values()
@@ -93,11 +95,5 @@ def set_input(graph: Graph, node: Node, index: int, tensor: torch.Tensor | Value
     shared by several nodes.
     """
     value = tensor if isinstance(tensor, Value) else graph.add_const(graph.fresh_name(f"{node.name}_{hint}"), tensor)
-    while len(node.inputs) <= index:
-        node.inputs.append(None)
-    old = node.inputs[index]
-    if old is not None:
-        old.users.remove(node)  # one entry per input slot, as Graph.add_node records them
-    node.inputs[index] = value
-    value.users.append(node)
+    graph.set_input(node, index, value)
     return value

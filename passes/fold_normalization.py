@@ -40,6 +40,9 @@ F64 = torch.float64
 LINEAR_OPS = {("", "Conv"), ("", "Gemm"), ("", "MatMul")}
 
 
+NEEDS_SHAPES = True  # reads Value.shape: shapes are re-inferred before it
+
+
 def run(graph: Graph) -> PassResult:
     """Merge chains of constant affine ops, then fold them into the following linear op."""
     modified = _merge_chains(graph)
@@ -133,8 +136,7 @@ def _rewrite_chain(graph: Graph, chain: list[Node], x: Value, canon: list[tuple[
     while len(nodes) < len(canon):
         node = graph.add_node(canon[0][0], [x])
         node.output.shape, node.output.dtype = x.shape, x.dtype
-        graph.nodes.remove(node)  # keep the topological order: in front of the chain
-        graph.nodes.insert(graph.nodes.index(nodes[0]), node)
+        graph.move_node(node, before=nodes[0])  # keep the topological order: in front of the chain
         nodes.insert(0, node)
     keep = len(nodes) - len(canon)
     prev = x
@@ -258,6 +260,5 @@ def _commute_reshape(graph: Graph, reshape: Node) -> bool:
     set_input(graph, q, 1, t, op.lower())
     set_input(graph, consumer, consumer.inputs.index(z), w)
     w.shape = z.shape
-    graph.nodes.remove(q)  # q now reads the reshape's output: move it after the reshape
-    graph.nodes.insert(graph.nodes.index(reshape) + 1, q)
+    graph.move_node(q, after=reshape)  # q now reads the reshape's output
     return True

@@ -16,11 +16,9 @@ paper's robust training (Wong et al. 2018, Section 4; DESIGN.md "Training"):
   30 epochs with the ramp over the first 10 (the paper's 20 of 60), about 4 minutes on
   one busy CPU core.
 
-The bounds are the library's own: the model is lowered with :func:`dualgraph.frontends.fx.load_module`
-and the IR's weight/bias constants are then *replaced by the module's live
-``nn.Parameter`` objects* (the frontend names each constant after its parameter, e.g.
-``"2.weight"``), so :class:`dualgraph.api.Certifier` computes ``J`` as a differentiable
-function of the parameters and ``loss.backward()`` trains the module directly.
+The loss is the library's own :func:`dualgraph.training.robust_loss` (the module lowered
+through torch.fx once, its IR constants bound to the live parameters, so ``J`` is a
+differentiable function of the weights and ``loss.backward()`` trains the module).
 
 The exported file is then certified with the same path the CLI uses
 (``dualgraph.api.load_model`` on the ONNX file, then ``certify_dataset``) on the test
@@ -42,11 +40,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dualgraph.api import Certifier, margin_spec
+from dualgraph.api import Certifier
 from dualgraph.data import split_digits
-from dualgraph.ir import Graph
-from dualgraph.frontends.fx import load_module
 from dualgraph.models.architectures import digits_small
+from dualgraph.scheduler import BoundConfig
+from dualgraph.training import robust_loss
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,40 +55,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def bind_parameters(graph: Graph, module: nn.Module) -> None:
-    """Make the IR constants of ``graph`` *be* ``module``'s parameters (no copies).
-
-    The fx frontend stores a detached clone of each parameter under the parameter's
-    qualified name; swapping the clone for the ``nn.Parameter`` itself makes every bound
-    the scheduler computes differentiable in the weights (the dual layers read
-    ``Value.const`` each time they run). The clone must equal the parameter, which guards
-    against binding the wrong constant.
-    """
-    consts = {v.name: v for v in graph.values.values() if v.is_const}
-    for name, p in module.named_parameters():
-        v = consts.get(name)
-        if v is None or v.const.shape != p.shape or not torch.equal(v.const, p.detach()):
-            raise RuntimeError(f"parameter '{name}' has no matching constant in the lowered graph "
-                               f"(constants: {', '.join(consts)})")
-        v.const = p
-
-
-def robust_loss(margins: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on ``f`` with ``f_y = 0``, ``f_j = -J_j``: ``mean log(1 + sum_j e^{-J_j})``."""
-    f = torch.cat([margins.new_zeros(margins.shape[0], 1), -margins], 1)
-    return torch.logsumexp(f, 1).mean()
-
-
 def train(args) -> nn.Module:
     seed_everything(args.seed)
     train_set, _ = split_digits(seed=args.split_seed)
     model = digits_small()
-    graph = load_module(model, train_set.images[:2])
-    bind_parameters(graph, model)
-    # A graph used only for training: no bound is ever computed on it under no_grad, because
-    # AffineRule.bias caches f(0) when computed without grad and would then serve that
-    # gradient-free copy to the next differentiable call at the same weight versions.
-    cert = Certifier(graph)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     n = len(train_set)
     steps_per_epoch = (n + args.batch_size - 1) // args.batch_size
@@ -106,17 +74,14 @@ def train(args) -> nn.Module:
             x, y = train_set.images[idx], train_set.labels[idx]
             eps = args.eps_start + (args.eps - args.eps_start) * min(1.0, step / ramp_steps)
             model.train()
-            with torch.enable_grad():
-                margins = cert.lower_bounds(cert.input_set(x, eps, "linf", (0.0, 1.0)),
-                                            margin_spec(y, 10))
-                loss = robust_loss(margins)
+            loss, robust_err = robust_loss(model, x, y, eps, BoundConfig(), clip=(0.0, 1.0))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
             with torch.no_grad():
                 tot_loss += float(loss) * len(y)
-                tot_rob += float((margins <= 0).any(1).sum())
+                tot_rob += robust_err * len(y)
                 tot_err += float((model(x).argmax(1) != y).sum())
         print(f"epoch {epoch + 1:3d}/{args.epochs}  eps {eps:.4f}  robust loss {tot_loss / n:.4f}  "
               f"train robust err {tot_rob / n:.4f}  train err {tot_err / n:.4f}  "

@@ -29,7 +29,7 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dualgraph import scheduler
+from dualgraph import dual_run
 from dualgraph.input_sets import L2Ball, linf_ball
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 
@@ -113,7 +113,7 @@ def scheduler_variants(relaxation: str) -> list[tuple[BoundConfig, float]]:
     stable units pruned or not; pruned rows either picked one by one (open share 1) or all
     run (open share 0) or as the default decides."""
     directions = ("backward", "forward", "auto") if relaxation == "paper" else ("backward", "auto")
-    default = scheduler.MAX_OPEN_SHARE
+    default = dual_run.MAX_OPEN_SHARE
     out = [(BoundConfig(relu_relaxation=relaxation, direction=d, patches=p), default)
            for d in directions for p in (True, False)]
     out += [(BoundConfig(relu_relaxation=relaxation, direction="backward", patches=p), share)
@@ -159,7 +159,7 @@ def test_scheduler_equals_one_pass_per_unit(net, data):
 
     for cfg, open_share in scheduler_variants(relaxation):
         sched = BoundScheduler(graph, cfg)
-        with mock.patch.object(scheduler, "MAX_OPEN_SHARE", open_share):
+        with mock.patch.object(dual_run, "MAX_OPEN_SHARE", open_share):
             bounds = sched.intermediate_bounds(case.make())
             J = sched.bound_output(case.make(), spec, bounds)
         assert set(bounds) == set(relu_inputs), describe(cfg)

@@ -26,7 +26,7 @@ FOLDERS = {"dualgraph": ROOT / "dualgraph", "dualgraph.frontends": ROOT / "front
 CORE = {f"dualgraph.{m}" for m in (
     "errors", "deadline", "linalg", "files", "ir", "printer", "interpreter", "eval_rules", "plugins",
     "dual_registry", "dual_layers", "dual_graph", "input_sets", "forward", "patches", "projections",
-    "rounding", "scheduler")} | {"dualgraph"}
+    "rounding", "bound_config", "direction", "dual_run", "scheduler")} | {"dualgraph"}
 
 
 def modules() -> dict[str, Path]:

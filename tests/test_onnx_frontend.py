@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from dualgraph import EVAL_RULES, Interpreter, register_eval, verify
+from dualgraph import EVAL_RULES, Interpreter, register_eval, check_graph
 from dualgraph.errors import DualgraphError, UnsupportedOpError
 from dualgraph.frontends.onnx import load_onnx, onnx_feeds, run_onnxruntime, supported_ops
 from models_zoo import ZOO
@@ -374,7 +374,7 @@ def test_inferred_shapes_of_a_cnn(zoo_onnx):
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_graphs_verify(name, zoo_onnx):
     graph = load_onnx(zoo_onnx(name))
-    verify(graph)
+    check_graph(graph)
     assert all(v.shape[0] == "N" for n in graph.nodes for v in n.outputs)
     assert not any(n.op_type in ("Shape", "Gather", "Constant", "Cast") for n in graph.nodes)
 

@@ -17,8 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dualgraph.errors import DualgraphError, UnsupportedOpError
 from dualgraph import verification as verify_mod
-from dualgraph.verification import (VerifyConfig, VerifyModel, VerifyResult, read_instances, run_instances,
-                              verify_instance, verify_property)
+from dualgraph import competition
+from dualgraph.competition import read_instances, run_instances
+from dualgraph.verification import VerifyConfig, VerifyModel, VerifyResult, verify_instance, verify_property
 from dualgraph.vnnlib import parse_vnnlib, read_vnnlib
 
 VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp2021"
@@ -295,12 +296,12 @@ def test_run_instances_loads_each_model_once_and_survives_errors(tmp_path, monke
     instances = tmp_path / "instances.csv"
     instances.write_text("\n".join(rows) + "\n")
     loads = []
-    real = verify_mod.VerifyModel
+    real = competition.VerifyModel
 
     def counting(path, *args):
         loads.append(Path(path).name)
         return real(path, *args)
-    monkeypatch.setattr(verify_mod, "VerifyModel", counting)
+    monkeypatch.setattr(competition, "VerifyModel", counting)
     out, results_dir = tmp_path / "results.csv", tmp_path / "res"
     summary = run_instances(instances, root=test_dir, out=out, config=FAST, results_dir=results_dir, progress=False)
     assert sorted(loads) == ["missing.onnx", "test_nano.onnx", "test_sat.onnx", "test_tiny.onnx"]

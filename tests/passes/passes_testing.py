@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from dualgraph.interpreter import infer_shapes, run_graph
-from dualgraph.ir import Graph, verify
+from dualgraph.ir import Graph, check_graph
 from dualgraph.passes.base import PassResult
 
 F64 = torch.float64
@@ -48,7 +48,7 @@ def check_pass(run: Callable[[Graph], PassResult], graph: Graph, *, modified: bo
         assert result.modified is modified
     out = result.graph
     infer_shapes(out)
-    verify(out)
+    check_graph(out)
     for x, w in zip(xs, want):
         assert_close(run_graph(out, *x), w)
     assert run(out).modified is False, "the pass is not idempotent"

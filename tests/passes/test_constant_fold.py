@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualgraph.interpreter import infer_shapes, run_graph
-from dualgraph.ir import Graph, verify
+from dualgraph.ir import Graph, check_graph
 from dualgraph.passes import constant_fold
 from passes_testing import check_pass, ops
 
@@ -56,7 +56,7 @@ def test_integer_constants_keep_their_dtype():
     g.outputs = [g.add_node("Reshape", [x, shape.output]).output]
     assert constant_fold.run(g).modified
     infer_shapes(g)
-    verify(g)
+    check_graph(g)
     assert ops(g) == ["Reshape"] and g.nodes[0].inputs[1].const.dtype == torch.int64
     xb = torch.randn(5, 2, 3, dtype=torch.float64)
     assert torch.equal(run_graph(g, xb)[0], xb.reshape(5, 3, 2))

@@ -118,3 +118,54 @@ def test_random_sequential_nets(kinds, seed):
     g = load_module(net, torch.randn(2, 2, 12, 12, dtype=F64))
     g, _ = check_simplify(g, net)
     assert not {"Identity", "Dropout", "Sub", "Div"} & set(ops(g))
+
+
+def _small_graph() -> Graph:
+    g = Graph("g")
+    x = g.add_input("x", (3,), torch.float64)
+    y = g.add_node("Identity", [x]).output
+    g.outputs = [g.add_node("Relu", [y]).output]
+    return g
+
+
+def test_a_failing_pass_is_named_with_the_passes_before_it(monkeypatch):
+    from dualgraph.errors import DualgraphError, InternalError
+    from dualgraph.passes.base import Pass
+
+    def model_fault(graph):
+        raise DualgraphError("constant 'w' cannot be folded")
+
+    def bug(graph):
+        raise KeyError("oops")
+
+    for fn, error in ((model_fault, DualgraphError), (bug, InternalError)):
+        broken = [p if p.name != "dead_nodes" else Pass("dead_nodes", fn, False) for p in pipeline.PASSES]
+        monkeypatch.setattr(pipeline, "PASSES", broken)
+        with pytest.raises(error) as info:
+            pipeline.simplify(_small_graph())
+        assert str(info.value).startswith("pass dead_nodes failed (after identity)"), str(info.value)
+
+
+def test_verify_each_catches_a_pass_that_breaks_the_ir(monkeypatch):
+    from dualgraph.errors import InternalError
+    from dualgraph.passes.base import Pass, PassResult
+    done: list[bool] = []
+
+    def breaks_order(graph):  # once: consumers before producers
+        if done:
+            return PassResult(graph, False)
+        done.append(True)
+        graph.nodes.reverse()
+        return PassResult(graph, True)
+
+    monkeypatch.setattr(pipeline, "PASSES", [Pass("reverse", breaks_order, False)])
+    pipeline.simplify(_small_graph())  # the final toposort hides it ...
+    done.clear()
+    with pytest.raises(InternalError, match="pass reverse left an invalid graph"):  # ... verify_each does not
+        pipeline.simplify(_small_graph(), verify_each=True)
+
+
+def test_every_pass_declares_what_it_needs():
+    assert [p.name for p in pipeline.PASSES] == ["constant_fold", "identity", "fold_batchnorm",
+                                                 "fold_normalization", "dead_nodes"]
+    assert {p.name for p in pipeline.PASSES if p.needs_shapes} == {"fold_batchnorm", "fold_normalization"}

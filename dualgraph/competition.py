@@ -1,0 +1,159 @@
+"""The competition runner: every instance of a VNN-COMP instances CSV
+(``onnx,vnnlib,timeout``) answered by :func:`dualgraph.verification.verify_instance`,
+models loaded once per ONNX file, results written as the competition expects."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DualgraphError
+from .verification import ANSWERS, VerifyConfig, VerifyModel, verify_instance
+
+
+def write_result(path: str | Path, text: str) -> None:
+    """Write a competition result file (``text`` from :meth:`VerifyResult.result_text`)."""
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise DualgraphError(f"cannot write results file {path}: {e.strerror}") from None
+
+
+@dataclass
+class InstanceRow:
+    instance: str
+    onnx: str
+    vnnlib: str
+    answer: str
+    seconds: float
+    message: str = ""
+    timeout: float = float("inf")
+
+    @property
+    def overrun(self) -> float:
+        """Seconds past the instance's time limit (0 when within it)."""
+        return max(0.0, self.seconds - self.timeout)
+
+
+@dataclass
+class RunSummary:
+    rows: list[InstanceRow]
+    total_seconds: float
+    load_seconds: float
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c = Counter(r.answer for r in self.rows)
+        return {a: c.get(a, 0) for a in ANSWERS}
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(r.seconds for r in self.rows) if self.rows else 0.0
+
+    def text(self) -> str:
+        import resource
+        counts = ", ".join(f"{a} {n}" for a, n in self.counts.items())
+        inst = sum(r.seconds for r in self.rows)
+        worst = max((r.overrun for r in self.rows), default=0.0)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return (f"{len(self.rows)} instances: {counts}\n"
+                f"time: total {self.total_seconds:.1f} s (instances {inst:.1f} s, model loading "
+                f"{self.load_seconds:.1f} s), median {self.median_seconds:.2f} s per instance, "
+                f"slowest {max((r.seconds for r in self.rows), default=0.0):.2f} s, worst overrun of a time "
+                f"limit {worst:.2f} s; peak resident memory {peak:.0f} MB")
+
+
+def read_instances(csv_path: str | Path, root: str | Path | None = None) -> list[tuple[Path, Path, float]]:
+    """Rows ``onnx,vnnlib,timeout`` of a competition instances CSV, paths resolved against
+    ``root`` (default: the CSV's folder)."""
+    csv_path = Path(csv_path)
+    try:
+        text = csv_path.read_text()
+    except OSError as e:
+        raise DualgraphError(f"cannot read instances file {csv_path}: {e.strerror}") from None
+    base = Path(root) if root is not None else csv_path.parent
+    rows = []
+    for i, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) != 3:
+            raise DualgraphError(f"{csv_path}:{i}: expected 'onnx,vnnlib,timeout', got {','.join(row)!r}")
+        try:
+            timeout = float(row[2])
+        except ValueError:
+            raise DualgraphError(f"{csv_path}:{i}: timeout {row[2]!r} is not a number") from None
+        rows.append((base / row[0].strip(), base / row[1].strip(), timeout))
+    return rows
+
+
+def run_instances(csv_path: str | Path, root: str | Path | None = None, out: str | Path | None = None,
+                  config: VerifyConfig = VerifyConfig(), *, results_dir: str | Path | None = None,
+                  max_timeout: float | None = None, limit: int | None = None,
+                  progress: bool = True) -> RunSummary:
+    """Answer every instance of a CSV; models are loaded once per ONNX file.
+
+    Writes the results CSV (``instance,onnx,vnnlib,answer,seconds``) to ``out`` and, with
+    ``results_dir``, one competition result file per instance. An instance that fails
+    (bad file, unsupported op) is answered ``error`` and the run goes on.
+    """
+    from tqdm import tqdm
+    t0 = time.monotonic()
+    instances = read_instances(csv_path, root)[:limit]
+    if results_dir is not None:
+        Path(results_dir).mkdir(parents=True, exist_ok=True)
+    models: dict[Path, VerifyModel | Exception] = {}
+    load_seconds = 0.0
+    rows: list[InstanceRow] = []
+    bar = tqdm(instances, desc="instances", unit="inst", disable=not progress, file=sys.stderr)
+    for onnx_path, vnnlib_path, timeout in bar:
+        timeout = min(timeout, max_timeout) if max_timeout is not None else timeout
+        name = f"{onnx_path.stem}/{vnnlib_path.stem}"
+        key = onnx_path.resolve()
+        if key not in models:
+            t = time.monotonic()
+            try:
+                models[key] = VerifyModel(onnx_path, config.device, config.max_memory)
+            except DualgraphError as exc:
+                models[key] = exc
+            load_seconds += time.monotonic() - t
+        model = models[key]
+        t = time.monotonic()
+        try:
+            if isinstance(model, Exception):
+                raise model
+            result = verify_instance(onnx_path, vnnlib_path, timeout, config, model=model)
+            row = InstanceRow(name, str(onnx_path), str(vnnlib_path), result.answer, result.seconds, timeout=timeout)
+            text = result.result_text()
+        except Exception as exc:  # noqa: BLE001 -- one bad instance must not stop the run
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if not isinstance(exc, DualgraphError):
+                message = f"{type(exc).__name__}: {message} (a bug: please report it)"
+            tqdm.write(f"dualgraph: error: {name}: {message}", file=sys.stderr)
+            row = InstanceRow(name, str(onnx_path), str(vnnlib_path), "error", time.monotonic() - t, message,
+                              timeout=timeout)
+            text = "error\n"
+        rows.append(row)
+        if results_dir is not None:
+            write_result(Path(results_dir) / f"{onnx_path.stem}__{vnnlib_path.stem}.txt", text)
+        bar.set_postfix(Counter(r.answer for r in rows), refresh=False)
+    summary = RunSummary(rows, time.monotonic() - t0, load_seconds)
+    if out is not None:
+        write_results_csv(out, rows)
+    return summary
+
+
+def write_results_csv(path: str | Path, rows: Sequence[InstanceRow]) -> None:
+    try:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["instance", "onnx", "vnnlib", "answer", "seconds"])
+            for r in rows:
+                w.writerow([r.instance, r.onnx, r.vnnlib, r.answer, f"{r.seconds:.3f}"])
+    except OSError as e:
+        raise DualgraphError(f"cannot write results CSV {path}: {e.strerror}") from None

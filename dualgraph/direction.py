@@ -1,0 +1,111 @@
+"""Which direction intermediate bounds run in: backward (one dual pass from each layer's
+units) or forward (the paper's Appendix F: columns of the input and of every activation's
+gap units pushed forward). Both give the same bounds; the choice is a cost model
+(multiply counts of the two) and a memory check (the forward columns are not chunked).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .dual_registry import dual_rule
+from .errors import DualgraphError
+from .forward import forward_supported
+from .ir import Graph, Node, Value
+
+
+class DirectionCost:
+    """The direction cost model of one graph and its bound targets (computed once)."""
+
+    def __init__(self, graph: Graph, bound_targets: list[Value], config) -> None:
+        self.graph, self.bound_targets, self.config = graph, bound_targets, config
+
+    def forward_for(self, batch: int, itemsize: int) -> bool:
+        """Whether intermediate bounds of ``batch`` examples run forward: linear dual layers,
+        cheaper by the operation count, and within ``max_memory``."""
+        if self.config.direction == "backward" or not self.bound_targets:
+            return False
+        if not self._forward_possible():
+            return False
+        peak, node = self.forward_peak_bytes(batch, itemsize)
+        budget = self.config.max_memory
+        if budget is not None and peak > budget:
+            if self.config.direction == "forward":
+                raise DualgraphError(f"the forward direction needs about {peak / 2**20:.0f} MB at node '{node}' "
+                                     f"(budget {budget / 2**20:.0f} MB); use direction 'auto' or 'backward', or "
+                                     "a larger --max-memory")
+            return False
+        if self.config.direction == "forward":
+            return True
+        fwd, bwd = self.operation_counts
+        return fwd < bwd
+
+    def forward_peak_bytes(self, batch: int, itemsize: int) -> tuple[float, str]:
+        """Estimated peak memory of the forward direction and the node where it is reached:
+        the columns pushed through a node times its output units, for its input and output."""
+        columns = self.forward_columns
+        peak, where = 0.0, ""
+        for n in self.bounded_nodes:
+            k = columns[n.outputs[0]]
+            size = 3.0 * k * sum(o.numel for o in n.outputs) * batch * itemsize
+            if size > peak:
+                peak, where = size, n.name
+        return peak, where
+
+    def _forward_possible(self) -> bool:
+        if not self.forward_ok:
+            if self.config.direction == "forward":
+                raise DualgraphError("direction 'forward' needs linear dual layers everywhere (paper ReLU "
+                                     "relaxation, no MaxPool); use direction 'backward' or 'auto'")
+            return False
+        return True
+
+    @functools.cached_property
+    def forward_ok(self) -> bool:
+        return forward_supported(self.graph, self.bounded_nodes, self.config)
+
+    @functools.cached_property
+    def bounded_nodes(self) -> list[Node]:
+        """The nodes the intermediate bounds involve (ancestors of the last bound target)."""
+        return self.graph.ancestors(self.bound_targets[-1])
+
+    @functools.cached_property
+    def forward_columns(self) -> dict[Value, float]:
+        """Columns the forward direction pushes through each value: the input's, plus (about
+        half of) each activation's units."""
+        columns = {self.graph.inputs[0]: float(self.graph.inputs[0].numel)}
+        for n in self.bounded_nodes:
+            k = max((columns.get(v, 0.0) for v in n.var_inputs), default=0.0)
+            if dual_rule(n).needs_bounds:
+                k += n.output.numel / 2
+            for o in n.outputs:
+                columns[o] = k
+        return columns
+
+    @functools.cached_property
+    def operation_counts(self) -> tuple[float, float]:
+        """Rough multiply counts (per example) of the forward and backward directions.
+
+        A row or column costs about one multiply-accumulate per weight use of each node.
+        Backward: every target's units are rows pushed through all of its ancestors.
+        Forward: the input's columns plus (about half of) each activation's units are
+        columns pushed through every node once.
+        """
+        ops = self.bounded_nodes
+        size = {n: _macs(n) for n in ops}
+        bwd = sum(t.numel * sum(size[n] for n in self.graph.ancestors(t)) for t in self.bound_targets)
+        columns = self.forward_columns
+        fwd = sum(columns[n.outputs[0]] * size[n] for n in ops)
+        return fwd, bwd
+
+
+def _macs(node: Node) -> float:
+    """Multiply-accumulates of one application of ``node``: outputs times weight fan-in."""
+    out = float(sum(o.numel for o in node.outputs))
+    if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1 and node.inputs[1].is_const:
+        w = node.inputs[1].const
+        if node.op_type == "Conv":
+            return out * w[0].numel()
+        k = w.shape[1] if node.op_type == "Gemm" and node.attrs.get("transB", 0) else w.shape[0]
+        return out * float(k)
+    return out

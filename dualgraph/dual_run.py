@@ -1,0 +1,336 @@
+"""The interpreter over a dual graph: one pass of dual steps on a batch of rows.
+
+An environment keyed by dual value, one :meth:`DualRunner.run_node` per dual node, values
+freed as soon as they are consumed, errors that name the primal node. Two refinements
+ride on the same walk: **pruning** stable units (a pass stops after its first relaxation,
+bounds the rest of the network by that layer's box and runs only the rows the box leaves
+open; see :mod:`dualgraph.scheduler`) and the **patch path** (rows of a convolution's
+units kept as local windows while the dual graph is a chain, :mod:`dualgraph.patches`).
+Bounds are differentiable in the graph's constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import patches
+from .deadline import NEVER, Deadline
+from .dual_registry import Bounds, DualStep, ElementwiseRule
+from .errors import DualgraphError
+from .input_sets import InputSet
+from .interpreter import GraphWalk, naming_node
+from .ir import Graph, Node, Value, last_uses
+from .linalg import batched_dot, take_examples
+from .rounding import RoundingAllowance
+
+
+@dataclass
+class Batch:
+    """What every dual pass over one batch of examples reads: its input set, the bounds
+    computed so far and their rounding allowance (:meth:`take` selects some examples)."""
+
+    input_set: InputSet
+    bounds: dict[Value, Bounds]
+    rounding: RoundingAllowance
+    per_row: bool = False  # add each dual step's rounding allowance to the rows' offsets
+
+    def take(self, examples: torch.Tensor, values) -> Batch:
+        """The given examples (an index tensor into the batch), with the bounds of ``values``."""
+        return Batch(self.input_set.take(examples),
+                     {v: self.bounds[v].take(examples) for v in values if v in self.bounds},
+                     self.rounding.take(examples), self.per_row)
+
+
+class DualRunner:
+    """Runs dual graphs for one scheduler: ``config`` (a :class:`~dualgraph.bound_config.BoundConfig`),
+    ``deadline`` checked before every dual step, and a cache of the patch path's transpose
+    matrices (window-to-window, per Conv)."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.deadline: Deadline = NEVER
+        self.patch_cache: dict = {}
+        self.frees: dict[int, dict] = {}  # last uses per dual graph (the scheduler keeps its duals)
+
+    def frees_of(self, dual: Graph) -> dict:
+        """The values to free after each dual node. A pass that starts at a later node reads
+        the same table: a value's last consumer does not depend on where the pass began."""
+        if id(dual) not in self.frees:
+            self.frees[id(dual)] = last_uses(dual.nodes)
+        return self.frees[id(dual)]
+
+    def run(self, dual: Graph, rows: torch.Tensor, batch: Batch,
+            prune: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run ``dual`` on ``rows`` (``[b, m, *target_shape]``); returns (lower, upper) ``[B, m]``.
+
+        ``upper`` is the bound for ``max rows . z`` and is None unless every layer is linear.
+        With ``prune`` (breakpoints), rows whose cheaper bound lies between two breakpoints
+        get that bound instead (see the module docstring).
+        """
+        return self._run_from(dual, 0, {dual.inputs[0]: rows}, batch, 0.0, 0.0, rows.shape[1], prune)
+
+    def _run_from(self, dual: Graph, first: int, env: dict, batch: Batch,
+                  lower, upper, m: int, prune=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        run = _DualPass(self, dual, batch, lower, upper, m, prune)
+        done = run.walk(env, first)
+        return done if isinstance(done, tuple) else run.result()  # a tuple: the pass was pruned
+
+    # ---- pruning stable units ------------------------------------------------------------
+    def _can_prune_at(self, node: Node, env: dict, bounds: dict) -> bool:
+        """A linear elementwise dual layer whose input has bounds, on the only live rows."""
+        rule = node.meta.get("rule")
+        return (isinstance(rule, ElementwiseRule) and len(env) == 1 and node.inputs[0] in env
+                and rule.linear(node.meta["primal"], self.config)
+                and node.meta["primal"].var_inputs[0] in bounds)
+
+    def _pruned(self, dual: Graph, i: int, env: dict, batch: Batch,
+                lower, upper, m: int, prune: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run dual node ``i`` (an elementwise relaxation), bound the rest of the network by the
+        box of its input's bounds, and run to the end only the rows that box leaves open."""
+        node = dual.nodes[i]
+        primal, rule = node.meta["primal"], node.meta["rule"]
+        (lam,) = env.values()
+        env.clear()
+        w = batch.bounds[primal.var_inputs[0]]
+        r, linear, absolute = rule.linear_terms(primal, lam, w, self.config)
+        lower, upper = lower + linear - absolute, upper + linear + absolute
+        slope = r.a_lo
+        center = batched_dot(lam, slope * (w.lower + w.upper) / 2)
+        radius = batched_dot(lam.abs(), slope.abs() * _box_radius(batch, primal.var_inputs[0], w))
+
+        def exact(examples, rows):
+            lam_in = lam[examples if lam.shape[0] > 1 else 0, rows] * take_examples(slope, examples)
+            return self._run_from(dual, i + 1, {node.outputs[0]: lam_in.unsqueeze(1)},
+                                  batch.take(examples, _needed_bounds(dual, i + 1)),
+                                  _pick(lower, examples, rows), _pick(upper, examples, rows), 1)
+
+        def every_row():
+            env[node.outputs[0]] = lam * slope.unsqueeze(1)
+            return self._run_from(dual, i + 1, env, batch, lower, upper, m)
+
+        return _refine(lower + center - radius, upper + center + radius, prune, exact, every_row)
+
+    # ---- the patch path -------------------------------------------------------------------
+    def patch_bounds(self, dual: Graph, batch: Batch, linear: bool, prune=None):
+        """Bounds of a Conv output through the patch path (see :mod:`dualgraph.patches`)."""
+        if linear:
+            return self._run_patches(dual, 1.0, batch, prune)
+        lower, _ = self._run_patches(dual, 1.0, batch)
+        neg, _ = self._run_patches(dual, -1.0, batch)
+        return lower, -neg
+
+    def _run_patches(self, dual: Graph, sign: float, batch: Batch, prune=None):
+        first = dual.nodes[0].meta["primal"]
+        p, offset = patches.start(first, sign, batch.input_set.center)
+        return self._patches_from(dual, 1, p, dual.nodes[0].outputs[0], first.inputs[0], batch,
+                                  offset, offset, prune)
+
+    def _patches_from(self, dual: Graph, first: int, p: patches.Patches, current: Value, space: Value,
+                      batch: Batch, lower, upper, prune):
+        """Continue a pass on patches ``p`` (rows of dual value ``current``, in the unit space
+        of primal value ``space``) from dual node ``first``."""
+        run = _PatchPass(self, dual, batch, lower, upper, prune, space)
+        done = run.walk({current: p}, first)
+        return done if isinstance(done, tuple) else run.densify(len(dual.nodes), done)
+
+    def _pruned_patches(self, dual: Graph, i: int, p: patches.Patches, batch: Batch,
+                        lower, upper, prune: tuple[float, ...]):
+        """:meth:`_pruned` on patches: node ``i`` is a linear elementwise relaxation."""
+        node = dual.nodes[i]
+        primal, rule = node.meta["primal"], node.meta["rule"]
+        w = batch.bounds[primal.var_inputs[0]]
+        r = rule.relaxation(primal, w, self.config)
+        linear, absolute = patches.relaxation_terms(p, r)
+        lower, upper = lower + linear - absolute, upper + linear + absolute
+        center, radius = patches.box_terms(p, r.a_lo, w, _box_radius(batch, primal.var_inputs[0], w))
+
+        def exact(examples, rows):
+            q = patches.select(p, r.a_lo, examples, rows)
+            return self._patches_from(dual, i + 1, q, node.outputs[0], primal.inputs[0], batch,
+                                      _pick(lower, examples, rows), _pick(upper, examples, rows), None)
+
+        def every_row():
+            q = replace(p, data=p.data * p.windows(r.a_lo))
+            return self._patches_from(dual, i + 1, q, node.outputs[0], primal.inputs[0], batch,
+                                      lower, upper, None)
+
+        return _refine(lower + center - radius, upper + center + radius, prune, exact, every_row)
+
+    def run_node(self, node: Node, env: dict[Value, torch.Tensor], batch: Batch) -> DualStep:
+        """One dual step; on the specification rows (``batch.per_row``) its offsets are
+        widened by the step's own rounding allowance."""
+        lams = [env[v] if v is not None else None for v in node.inputs]
+        step = self._dual_step(node, lams, batch)
+        if not batch.per_row:
+            return step
+        slack = batch.rounding.slack(node, lams)
+        upper = None if step.upper is None else step.upper + slack
+        return DualStep(step.lam_in, step.lower - slack, upper)
+
+    def _dual_step(self, node: Node, lams: list, batch: Batch) -> DualStep:
+        kind = node.op_type
+        if kind == "Sum":
+            total = lams[0]
+            for t in lams[1:]:
+                total = total + t
+            return DualStep([total], 0.0, 0.0)
+        if kind == "InputSet":
+            lam = lams[0]
+            center = batched_dot(lam, batch.input_set.center)
+            radius = batch.input_set.support(lam)
+            return DualStep([], center - radius, center + radius)
+        primal: Node = node.meta["primal"]
+        rule = node.meta["rule"]
+        lam = lams[0] if len(lams) == 1 else _fill_unused(lams, primal)
+        in_bounds = [batch.bounds.get(v) for v in primal.var_inputs] if rule.needs_bounds else []
+        if rule.needs_bounds and any(b is None for b in in_bounds):
+            raise DualgraphError(f"dual of node '{primal.name}' ({primal.op_type}) needs bounds of its inputs "
+                                 "that were not computed")
+        with naming_node(primal):
+            step = rule.backward(primal, lam, in_bounds, self.config)
+        if step.upper is None and rule.linear(primal, self.config):
+            raise DualgraphError(f"the dual layer of node '{primal.name}' ({primal.op_type}) is declared linear "
+                                 "but returned no upper offset; declare it non-linear (DualRule.linear)")
+        return step
+
+
+class _DualPass(GraphWalk):
+    """One pass of dual steps over ``dual.nodes[first:]`` (a walk whose environment holds
+    the dual variables), summing the steps' offsets into ``lower``/``upper``; with
+    ``prune``, the first linear relaxation on the only live rows ends the walk with the
+    pruned bounds (:meth:`DualRunner._pruned`)."""
+
+    activity = "dual step"
+
+    def __init__(self, runner: DualRunner, dual: Graph, batch: Batch, lower, upper, m: int, prune) -> None:
+        self.nodes, self.frees, self.deadline = dual.nodes, runner.frees_of(dual), runner.deadline
+        self.runner, self.dual, self.batch, self.m, self.prune = runner, dual, batch, m, prune
+        self.lower, self.upper = lower, upper
+
+    def before(self, index: int, node: Node, env: dict):
+        if self.prune is not None and self.upper is not None and \
+                self.runner._can_prune_at(node, env, self.batch.bounds):
+            return self.runner._pruned(self.dual, index, env, self.batch, self.lower, self.upper, self.m, self.prune)
+        return None
+
+    def run_node(self, node: Node, env: dict) -> list[torch.Tensor]:
+        step = self.runner.run_node(node, env, self.batch)
+        self.lower = self.lower + step.lower
+        self.upper = None if self.upper is None or step.upper is None else self.upper + step.upper
+        return step.lam_in
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(lower, upper)`` as ``[B, m]`` tensors (offsets may still be plain numbers)."""
+        like = self.batch.input_set.center
+        shape = (like.shape[0], self.m)
+        lower = torch.as_tensor(self.lower, dtype=like.dtype, device=like.device).expand(shape)
+        upper = self.upper
+        if upper is not None:
+            upper = torch.as_tensor(upper, dtype=like.dtype, device=like.device).expand(shape)
+        return lower, upper
+
+
+class _PatchPass(GraphWalk):
+    """A pass on patches (:mod:`dualgraph.patches`): the walk's environment holds the one
+    live dual variable as local windows while the dual graph is a chain of convolutions and
+    elementwise relaxations; where it branches (or another op comes), the rows are made
+    dense and the pass continues as a :class:`_DualPass`."""
+
+    activity = "dual step (patches)"
+
+    def __init__(self, runner: DualRunner, dual: Graph, batch: Batch, lower, upper, prune, space: Value) -> None:
+        self.nodes, self.frees, self.deadline = dual.nodes, runner.frees_of(dual), runner.deadline
+        self.runner, self.dual, self.batch, self.prune = runner, dual, batch, prune
+        self.lower, self.upper, self.space = lower, upper, space
+
+    def before(self, index: int, node: Node, env: dict):
+        if len(node.inputs) != 1 or node.inputs[0] not in env:
+            return self.densify(index, env)  # the dual graph branches here: continue densely
+        p = env[node.inputs[0]]
+        if node.op_type == "InputSet":
+            center, radius = patches.input_terms(p, self.batch.input_set)
+            upper = None if self.upper is None else self.upper + center + radius
+            return self.lower + center - radius, upper
+        primal, rule = node.meta["primal"], node.meta["rule"]
+        if patches.conv_geometry(primal) is not None:
+            return None
+        if not isinstance(rule, ElementwiseRule):
+            return self.densify(index, env)
+        if self.prune is not None and self.upper is not None and rule.linear(primal, self.runner.config):
+            return self.runner._pruned_patches(self.dual, index, p, self.batch, self.lower, self.upper, self.prune)
+        return None
+
+    def run_node(self, node: Node, env: dict) -> list:
+        p, primal = env[node.inputs[0]], node.meta["primal"]
+        if patches.conv_geometry(primal) is not None:
+            p, lo = patches.through_conv(p, primal, self.runner.patch_cache)
+            up = lo
+        else:
+            w = self.batch.bounds[primal.var_inputs[0]]
+            p, lo, up = patches.through_elementwise(p, primal, node.meta["rule"], w, self.runner.config)
+        self.lower = self.lower + lo
+        self.upper = None if self.upper is None or up is None else self.upper + up
+        self.space = primal.inputs[0]
+        return [p]
+
+    def densify(self, index: int, env: dict):
+        """Continue densely from node ``index`` on the rows of the one live patches."""
+        ((current, p),) = env.items()
+        rows = p.to_dense(tuple(self.space.unit_shape))
+        batch = self.batch
+        if p.rows is not None:  # one row per selected unit: each with its own example's data
+            batch = batch.take(p.rows[0], _needed_bounds(self.dual, index))
+        return self.runner._run_from(self.dual, index, {current: rows}, batch, self.lower, self.upper,
+                                     rows.shape[1], self.prune)
+
+
+MAX_OPEN_SHARE = 0.5
+"""Above this share of open rows, all rows run to the end: taking each open row's example
+data along would cost more than the rows saved."""
+
+
+def _refine(lower: torch.Tensor, upper: torch.Tensor, breakpoints: tuple[float, ...], exact, every_row):
+    """Cheaper bounds ``[B, m]`` with the rows that straddle a breakpoint replaced by
+    ``exact(examples, rows)`` (bounds ``[R, 1]`` of those rows, run to the end), or, when
+    most rows are open, ``every_row()`` (exact bounds ``[B, m]`` of all rows)."""
+    open_rows = torch.zeros_like(lower, dtype=torch.bool)
+    for point in breakpoints:
+        open_rows |= (lower < point) & (upper > point)
+    examples, rows = open_rows.nonzero(as_tuple=True)
+    if examples.numel() == 0:
+        return lower, upper
+    if examples.numel() > MAX_OPEN_SHARE * open_rows.numel():
+        return every_row()
+    lo, up = exact(examples, rows)
+    return lower.index_put((examples, rows), lo[:, 0]), upper.index_put((examples, rows), up[:, 0])
+
+
+def _box_radius(batch: Batch, v: Value, w: Bounds) -> torch.Tensor:
+    """Half-widths ``(u - l)/2`` of ``v``'s box, plus the rounding of the box's dot products."""
+    radius = (w.upper - w.lower) / 2
+    g = batch.rounding.box_gamma(v)
+    return radius + g * batch.rounding.magnitude(v) if g else radius
+
+
+def _needed_bounds(dual: Graph, first: int) -> set[Value]:
+    """The primal values whose bounds the dual nodes from ``first`` on read."""
+    return {v for node in dual.nodes[first:] if node.meta.get("rule") is not None
+            and node.meta["rule"].needs_bounds for v in node.meta["primal"].var_inputs}
+
+
+def _pick(offset, examples: torch.Tensor, rows: torch.Tensor):
+    """Offsets (``[b, m]`` or a number) of the selected rows, ``[R, 1]``."""
+    if not torch.is_tensor(offset):
+        return offset
+    if offset.dim() < 2:
+        return offset
+    return offset[examples if offset.shape[0] > 1 else 0, rows].unsqueeze(1)
+
+
+def _fill_unused(lams: list, primal: Node) -> list[torch.Tensor]:
+    """Multi-output ops (Split) get one lam per output; outputs the target does not use get zeros."""
+    ref = next(t for t in lams if t is not None)
+    return [t if t is not None else ref.new_zeros((*ref.shape[:2], *v.unit_shape))
+            for t, v in zip(lams, primal.outputs)]

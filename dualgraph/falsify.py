@@ -1,0 +1,124 @@
+"""Counterexamples for verification mode: PGD on the lowered model, every hit confirmed
+in onnxruntime on the original file (:mod:`dualgraph.verification` has the answers' rules).
+
+A candidate is moved into the property's box in the model's input precision
+(:func:`cast_into_box`) and run in onnxruntime; only a point whose onnxruntime outputs
+satisfy every row of one unsafe conjunction is reported (:class:`Found`). Before any
+bound is trusted, :meth:`Falsifier.check_lowering` compares the lowered IR with
+onnxruntime at the box centre (a free candidate as well).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import DualgraphError
+from .vnnlib import VnnlibProperty
+
+
+class Found(Exception):
+    """A confirmed counterexample (raised out of the search loops)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, method: str) -> None:
+        self.x, self.y, self.method = x, y, method
+
+
+class Falsifier:
+    """Counterexample search on one instance: ``model`` is a
+    :class:`~dualgraph.verification.VerifyModel`, ``clock`` a
+    :class:`~dualgraph.deadline.Deadline` (checked between steps), ``details`` the result's
+    details (attack rounds and unconfirmed candidates are counted there)."""
+
+    def __init__(self, model, config, clock, details: dict) -> None:
+        self.model, self.config, self.clock, self.details = model, config, clock, details
+
+    def attack(self, p: VnnlibProperty, seed: int) -> None:
+        from .attack import pgd_attack
+        self.clock.check()
+        cfg = self.config
+        # In the model's precision (float32: twice as fast as float64); the hit is then
+        # moved into the exact box and checked in onnxruntime by _confirm.
+        dtype = self.model.graph.inputs[0].dtype
+        lo, hi = (torch.tensor(a, dtype=dtype) for a in (p.input_lo, p.input_hi))
+        # Aim a hair inside the unsafe set, so that onnxruntime agrees on the hit.
+        unsafe = [(torch.tensor(c.C), torch.tensor(c.d - 1e-5 * (1 + np.abs(c.d)))) for c in p.unsafe]
+        res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=cfg.attack_steps,
+                         restarts=cfg.attack_restarts, seed=seed, time_limit=max(self.clock.remaining, 0.0))
+        self.details["attack_rounds"] = self.details.get("attack_rounds", 0) + 1
+        if bool(res.found[0]):
+            x = res.x.reshape(1, -1).double().numpy()
+            self.confirm(p, x, f"attack (PGD, seed {seed})")
+            self.refine(p, x[0], f"attack (PGD, seed {seed}, refined in onnxruntime)")
+
+    def refine(self, p: VnnlibProperty, x: np.ndarray, method: str, steps: int = 24) -> None:
+        """A candidate the IR finds unsafe but onnxruntime does not (their float32 results
+        differ near the boundary): step deeper into the unsafe set along the IR's gradient,
+        with growing steps, until onnxruntime confirms a point (:class:`Found`) or the steps
+        or the time run out. Every point tested is in the box and run in onnxruntime."""
+        from .attack import unsafe_margin
+        lo, hi = p.input_lo, p.input_hi
+        width = np.maximum(hi - lo, 0.0)
+        unsafe = [(torch.tensor(c.C), torch.tensor(c.d)) for c in p.unsafe]
+        alpha = 1e-4
+        for _ in range(steps):
+            self.clock.check()
+            t = torch.tensor(x, dtype=torch.float64).reshape(1, -1).requires_grad_(True)
+            margin = unsafe_margin(self.model.forward(t), unsafe).sum()
+            (grad,) = torch.autograd.grad(margin, t)
+            x = np.clip(x - alpha * width * np.sign(grad[0].numpy()), lo, hi)
+            self.confirm(p, x[None], method)
+            alpha *= 2
+
+    def confirm(self, p: VnnlibProperty, xs: np.ndarray, method: str) -> None:
+        """Raise :class:`Found` for the first of the candidates ``xs [B, n]`` that
+        onnxruntime confirms (inside the box, outputs in a conjunction).
+
+        A coordinate whose interval holds no value of the model's input precision (a point
+        box at a value float32 cannot represent) can only be fed as its nearest value: the
+        reported point is then the exact one in the box, and the method says so."""
+        dtype = self.model.onnx_input_dtype()
+        lo, hi = p.input_lo, p.input_hi
+        feed = np.stack([cast_into_box(x, lo, hi, dtype) for x in xs])
+        report = feed.copy()
+        unrepresentable = (feed < lo) | (feed > hi)
+        if unrepresentable.any():
+            exact = np.clip(np.asarray(xs, dtype=np.float64).reshape(feed.shape), lo, hi)
+            report[unrepresentable] = exact[unrepresentable]
+            feed[unrepresentable] = exact[unrepresentable].astype(dtype).astype(np.float64)
+            method += f" (inputs the box holds no {np.dtype(dtype).name} value for, fed rounded to nearest)"
+        ys = self.model.run_onnx(feed)
+        hit = p.violations(ys).min(axis=1, initial=np.inf) <= 0
+        if hit.any():
+            i = int(np.argmax(hit))
+            raise Found(report[i], ys[i], method)
+        self.details["unconfirmed"] += len(xs)
+
+    def check_lowering(self, p: VnnlibProperty) -> None:
+        """The IR must compute what onnxruntime computes (else a proof would be about another function)."""
+        centre = ((p.input_lo + p.input_hi) / 2)[None]
+        centre = np.stack([cast_into_box(centre[0], p.input_lo, p.input_hi, self.model.onnx_input_dtype())])
+        ir = self.model.forward(torch.as_tensor(centre, dtype=torch.float64)).numpy()
+        ort = self.model.run_onnx(centre)
+        diff = np.abs(ir - ort)
+        tol = 1e-3 * (1 + np.abs(ort))
+        self.details["ir_vs_onnxruntime"] = float(diff.max(initial=0.0))
+        if not np.all(diff <= tol):
+            j = int(np.argmax(diff - tol))
+            raise DualgraphError(f"the lowered model disagrees with onnxruntime on '{self.model.path.name}' "
+                                 f"(output {j}: {ir[0, j]!r} vs {ort[0, j]!r}); refusing to verify a different "
+                                 "function -- please report this frontend bug")
+        # the centre is a free candidate counterexample
+        if (p.violations(ort).min(initial=np.inf) <= 0):
+            self.confirm(p, centre, "box centre")
+
+
+def cast_into_box(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` in the model's input precision, nudged by one ulp back into ``[lo, hi]``
+    where rounding pushed it out (values stay as close to ``x`` as the precision allows)."""
+    x = np.clip(np.asarray(x, dtype=np.float64).ravel(), lo, hi)
+    c = x.astype(dtype)
+    below, above = c.astype(np.float64) < lo, c.astype(np.float64) > hi
+    c[below] = np.nextafter(c[below], np.asarray(np.inf, dtype))
+    c[above] = np.nextafter(c[above], np.asarray(-np.inf, dtype))
+    return c.astype(np.float64)
