@@ -445,8 +445,9 @@ class ElementwiseRule(DualRule):
 
     @staticmethod
     def _cache_key(node: Node, config) -> tuple:
-        # the whole (frozen) config: a rule may read any of its fields
-        return (node.name, config)
+        # the config object as a whole (frozen; a rule may read any field), by identity:
+        # hashing its fields on every lookup is measurable on small networks
+        return (node.name, id(config))
 
     def linear_terms(self, node: Node, lam: torch.Tensor, bounds: Bounds, config):
         """``(r, linear, absolute)`` of a linear rule's relaxation ``r``: the offsets are

@@ -83,18 +83,23 @@ def missing_eval_rules(graph: Graph) -> list[Node]:
     return [n for n in graph.nodes if n.op not in EVAL_RULES]
 
 
+def node_failed(node: Node, what: str, exc: Exception) -> DualgraphError:
+    """The one error for rule code failing at ``node``: names the node, the op and the cause."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return DualgraphError(f"{what} of node '{node.name}' ({'.'.join(filter(None, node.op))}) failed: "
+                          f"{type(exc).__name__}: {first}")
+
+
 @contextmanager
 def naming_node(node: Node, what: str = "dual layer") -> Iterator[None]:
-    """Re-raise any failure of rule code as one DualgraphError naming the node and op (every
-    walk runs rule code inside this); a DualgraphError passes through unchanged."""
+    """Re-raise any failure of rule code as :func:`node_failed` (every walk runs rule code
+    inside this or the same ``try``); a DualgraphError passes through unchanged."""
     try:
         yield
     except DualgraphError:
         raise
     except Exception as exc:  # a rule failing on real data is the user's model or input
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise DualgraphError(f"{what} of node '{node.name}' ({'.'.join(filter(None, node.op))}) failed: "
-                             f"{type(exc).__name__}: {first}") from exc
+        raise node_failed(node, what, exc) from exc
 
 
 class GraphWalk:
@@ -137,8 +142,12 @@ class GraphWalk:
             done = self.before(i, node, env)
             if done is not None:
                 return done
-            with naming_node(node, self.activity):
+            try:  # naming_node, inlined: this loop is hot
                 outs = self.run_node(node, env)
+            except DualgraphError:
+                raise
+            except Exception as exc:
+                raise node_failed(node, self.activity, exc) from exc
             self.store(node, outs, env)
             for v in self.frees[node]:
                 env.pop(v, None)
@@ -163,8 +172,7 @@ class Interpreter(GraphWalk):
                  ) -> list[torch.Tensor]:
         if like is None:
             like = self.like if self.like is not None else next(iter(env.values()))
-        with naming_node(node, self.activity):
-            out = EVAL_RULES[node.op](node, node_args(node, env, like))
+        out = EVAL_RULES[node.op](node, node_args(node, env, like))
         return [out] if isinstance(out, torch.Tensor) else list(out)
 
     def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
