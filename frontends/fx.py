@@ -107,7 +107,7 @@ def _trace(module: nn.Module) -> torch.fx.GraphModule:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DualgraphError(
             f"torch.fx cannot trace {type(module).__name__}: {first}; export the model to ONNX "
-            "(torch.onnx.export) and load it with frontends.onnx, or make forward traceable "
+            "(torch.onnx.export) and load the file (dualgraph.api.load_model), or make forward traceable "
             "(no Python control flow on tensor values)") from exc
     return torch.fx.GraphModule(tracer.root, fx_graph, type(module).__name__)
 
@@ -250,7 +250,7 @@ def _lower(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Graph:
         supported = f" Supported: {_supported()}." if lo.unknown_targets else ""
         raise UnsupportedOpError(
             f"the torch.fx frontend cannot lower {graph.name}: {'; '.join(lo.problems)}.{supported} "
-            "Export the model to ONNX, or register a rule with frontends.fx.lowers")
+            "Export the model to ONNX, or register a rule with dualgraph.frontends.fx_lowering.lowers")
     return graph
 
 
