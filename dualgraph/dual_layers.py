@@ -138,6 +138,8 @@ class DivDual(ElementwiseAffineDual):
 class GemmDual(AffineRule):
     """``Y = alpha * A' B' + beta * C`` with variable A: ``lam_A = alpha * lam B'^T`` (transposed if transA)."""
 
+    bias_slot = 2
+
     def transpose(self, node, lam_rows):
         _require_const(node, 1, 2)
         w = const_args(node, lam_rows)[1]
@@ -192,6 +194,7 @@ class ConvDual(AffineRule):
     faster on CPU than the library's transposed convolution for that shape."""
 
     abs_by_eval = True
+    bias_slot = 2
 
     def eval_length(self, node, bounds, config):
         w = node.inputs[1].const

@@ -311,6 +311,10 @@ class AffineRule(DualRule):
             cache[key] = b
         return b
 
+    #: input slot of an additive constant (Conv's ``B``, Gemm's ``C``): :meth:`apply_linear`
+    #: evaluates without it instead of evaluating ``f(z)`` and subtracting ``f(0)``
+    bias_slot: int | None = None
+
     def apply_linear(self, node: Node, xs: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """The linear part ``A(z) = f(z) - f(0)`` on rows ``[r, *in_unit]`` per variable input
         (``None`` = zero input). Used by the forward (Appendix F) direction."""
@@ -321,6 +325,12 @@ class AffineRule(DualRule):
             if args[i] is None and v is not None:
                 x = next(it)
                 args[i] = x if x is not None else like.new_zeros((like.shape[0], *v.unit_shape))
+        slot = self.bias_slot
+        if slot is not None and (slot >= len(node.inputs) or node.inputs[slot] is None
+                                 or node.inputs[slot].is_const):
+            if slot < len(args):
+                args[slot] = None  # A(z) is f(z) without the constant term
+            return eval_node(node, args)
         outs = eval_node(node, args)
         return [o - b if (b.requires_grad or bool(b.any())) else o for o, b in zip(outs, self.bias(node, like))]
 
