@@ -26,6 +26,13 @@ from .errors import DualgraphError, InternalError
 from .ir import BATCH, Graph, Value
 
 DUAL_DOMAIN = "dualgraph.dual"
+"""Domain of the dual layer of a primal op (``(DUAL_DOMAIN, op_type)``)."""
+STRUCTURE_DOMAIN = "dualgraph.dual.structure"
+"""Domain of the dual graph's own nodes, which no primal op can be named like."""
+FAN_OUT_SUM = (STRUCTURE_DOMAIN, "Sum")
+"""Sums the contributions to a value read in several places (cotangents of a fan-out)."""
+INPUT_SET = (STRUCTURE_DOMAIN, "InputSet")
+"""The last node: the input set's support function, where ``J`` is completed."""
 SPEC = "M"
 
 
@@ -64,7 +71,7 @@ def build_dual(graph: Graph, target: Value | None = None) -> Graph:
         if len(parts) == 1:
             lam_of[v] = parts[0]
         else:
-            node = dual.add_node((DUAL_DOMAIN, "Sum"), parts, name=f"sum:{v.name}",
+            node = dual.add_node(FAN_OUT_SUM, parts, name=f"sum:{v.name}",
                                  output_names=[f"lam:{v.name}"])
             node.output.shape = (BATCH, SPEC, *v.unit_shape)
             node.meta["primal_value"] = v
@@ -96,7 +103,7 @@ def build_dual(graph: Graph, target: Value | None = None) -> Graph:
     x = graph.inputs[0]
     if x not in lam_of:
         raise DualgraphError(f"value '{target.name}' does not depend on the model input")
-    final = dual.add_node((DUAL_DOMAIN, "InputSet"), [lam_of[x]], {"primal": x.name},
+    final = dual.add_node(INPUT_SET, [lam_of[x]], {"primal": x.name},
                           name=f"input:{x.name}", output_names=[f"J:{target.name}"])
     final.output.shape = (BATCH, SPEC)
     dual.outputs = [final.output]

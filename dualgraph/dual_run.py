@@ -17,6 +17,7 @@ import torch
 
 from . import patches
 from .deadline import NEVER, Deadline
+from .dual_graph import FAN_OUT_SUM, INPUT_SET
 from .dual_registry import Bounds, DualStep, ElementwiseRule
 from .errors import DualgraphError
 from .input_sets import InputSet
@@ -170,13 +171,12 @@ class DualRunner:
         return DualStep(step.lam_in, step.lower - slack, upper)
 
     def _dual_step(self, node: Node, lams: list, batch: Batch) -> DualStep:
-        kind = node.op_type
-        if kind == "Sum":
+        if node.op == FAN_OUT_SUM:
             total = lams[0]
             for t in lams[1:]:
                 total = total + t
             return DualStep([total], 0.0, 0.0)
-        if kind == "InputSet":
+        if node.op == INPUT_SET:
             lam = lams[0]
             center = batched_dot(lam, batch.input_set.center)
             radius = batch.input_set.support(lam)
@@ -249,7 +249,7 @@ class _PatchPass(GraphWalk):
         if len(node.inputs) != 1 or node.inputs[0] not in env:
             return self.densify(index, env)  # the dual graph branches here: continue densely
         p = env[node.inputs[0]]
-        if node.op_type == "InputSet":
+        if node.op == INPUT_SET:
             center, radius = patches.input_terms(p, self.batch.input_set)
             upper = None if self.upper is None else self.upper + center + radius
             return self.lower + center - radius, upper

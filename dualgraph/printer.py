@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .dual_graph import DUAL_DOMAIN
+from .dual_graph import DUAL_DOMAIN, FAN_OUT_SUM, STRUCTURE_DOMAIN
 from .ir import Graph, Node, Value
 
 NONLINEAR_OPS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "MaxPool"})
@@ -29,7 +29,7 @@ def _op_name(node: Node) -> str:
     domain, op_type = node.op
     if not domain:
         return op_type
-    return f"{'dual' if domain == DUAL_DOMAIN else domain}.{op_type}"
+    return f"{'dual' if domain in (DUAL_DOMAIN, STRUCTURE_DOMAIN) else domain}.{op_type}"
 
 
 def _shape(v: Value | None) -> str:
@@ -62,7 +62,7 @@ def _params(node: Node) -> int:
 
 
 def is_dual(graph: Graph) -> bool:
-    return any(n.op[0] == DUAL_DOMAIN for n in graph.nodes)
+    return any(n.op[0] in (DUAL_DOMAIN, STRUCTURE_DOMAIN) for n in graph.nodes)
 
 
 def _json_safe(x: Any) -> Any:
@@ -113,7 +113,7 @@ def graph_summary(graph: Graph) -> dict[str, Any]:
     dual = is_dual(graph)
     return {"nodes": len(graph.nodes), "parameters": sum(v.const.numel() for v in consts.values()),
             "nonlinear_units": units, "dual": dual,
-            "sum_nodes": sum(1 for n in graph.nodes if n.op == (DUAL_DOMAIN, "Sum"))}
+            "sum_nodes": sum(1 for n in graph.nodes if n.op == FAN_OUT_SUM)}
 
 
 def format_text(graph: Graph) -> str:
@@ -169,7 +169,7 @@ def format_dot(graph: Graph) -> str:
         src[id(v)] = f"i{i}"
         lines.append(f"  i{i} [shape=ellipse, label={_dot_label(v.name, _shape(v))}];")
     for i, n in enumerate(graph.nodes):
-        style = ", style=dashed" if n.op == (DUAL_DOMAIN, "Sum") else ""
+        style = ", style=dashed" if n.op == FAN_OUT_SUM else ""
         shapes = " ".join(_shape(v) for v in n.outputs)
         lines.append(f"  n{i} [shape=box{style}, label={_dot_label(n.name, _op_name(n), shapes)}];")
         for v in n.inputs:

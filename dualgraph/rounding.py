@@ -63,6 +63,7 @@ from typing import Iterator
 
 import torch
 
+from .dual_graph import FAN_OUT_SUM, INPUT_SET
 from .dual_registry import AffineRule, Bounds, ElementwiseRule, Relaxation, dual_rule
 from .errors import InternalError
 from .input_sets import InputSet
@@ -129,10 +130,9 @@ class RoundingAllowance:
         input), ``[B, m]``: subtract from the step's lower offset, add to its upper one."""
         if not self.enabled:
             return 0.0
-        kind = dual_node.op_type
-        if kind == "Sum":
+        if dual_node.op == FAN_OUT_SUM:
             weights = [self._fanout_weight(dual_node.meta["primal_value"])] * len(lams)
-        elif kind == "InputSet":
+        elif dual_node.op == INPUT_SET:
             weights = [self._pick(self._w_input)]
         else:
             weights = self._weights(dual_node.meta["primal"])

@@ -52,7 +52,8 @@ def hand_dual_graph() -> Graph:
             ("dual:relu", "Relu", ["lam:relu"], ["lam:fc1"]), ("dual:fc1", "Gemm", ["lam:fc1"], ["lam:x@fc1"]),
             ("sum:x", "Sum", ["lam:x@add", "lam:x@fc1"], ["lam:x"]), ("input:x", "InputSet", ["lam:x"], ["J:fc2"])]
     for name, op, ins, outs in spec:
-        n = g.add_node(("dualgraph.dual", op), [g.values[v] if isinstance(v, str) else v for v in ins],
+        domain = "dualgraph.dual.structure" if op in ("Sum", "InputSet") else "dualgraph.dual"
+        n = g.add_node((domain, op), [g.values[v] if isinstance(v, str) else v for v in ins],
                        name=name, n_outputs=len(outs), output_names=outs)
         for v in n.outputs:
             v.shape = ("N", "M") if op == "InputSet" else ("N", "M", 4)
@@ -133,7 +134,7 @@ def test_json_round_trip():
     assert obj["summary"]["parameters"] == 35
     dual = json.loads(format_json(dual_graph()))
     assert dual["inputs"][0]["shape"] == ["N", "M", 3]
-    assert {n["domain"] for n in dual["nodes"]} == {"dualgraph.dual"}
+    assert {n["domain"] for n in dual["nodes"]} == {"dualgraph.dual", "dualgraph.dual.structure"}
 
 
 def test_dot_primal_and_dual(tmp_path):
