@@ -88,3 +88,23 @@ def test_bench_gpu_runs_on_the_cpu(capsys):
     data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["what"].split()[1] for r in data["rows"]] == ["mnist-small", "cifar-resnet", "mnist-small"]
     assert all(r["images_per_second"] > 0 for r in data["rows"])
+
+
+def test_bench_train_reference_fixed_swaps_only_the_objective():
+    """``--impls reference-fixed``: the same draws give a lower (tighter) loss with the bounded
+    objective, and the released class is restored after every call."""
+    pytest.importorskip("convex_adversarial")
+    import torch
+    from convex_adversarial.dual_inputs import InfBallProjBounded
+    from dualgraph.bench.train import reference_loss
+    from dualgraph.models.architectures import build_architecture
+    released = InfBallProjBounded.objective
+    torch.manual_seed(0)
+    model = build_architecture("small", (1, 28, 28), 10)
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(1)
+    as_released = float(reference_loss(5, True)(model, x, y, 0.1)[0])
+    torch.manual_seed(1)
+    fixed = float(reference_loss(5, True, fixed=True)(model, x, y, 0.1)[0])
+    assert InfBallProjBounded.objective is released
+    assert fixed < as_released
