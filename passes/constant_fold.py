@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from dualgraph.errors import DualgraphError
-from dualgraph.interpreter import EVAL_RULES, missing_eval_rules
+from dualgraph.interpreter import EVAL_RULES, missing_eval_rules, naming_node
 from dualgraph.ir import Graph, Node
 
 from .base import PassResult
@@ -43,13 +42,8 @@ def run(graph: Graph) -> PassResult:
         if node in no_rule or not _foldable(graph, node):
             continue
         args = [None if v is None else _promote(v.const) for v in node.inputs]
-        try:
+        with naming_node(node, "constant folding"):  # the failure the interpreter would report
             out = EVAL_RULES[node.op](node, args)
-        except DualgraphError:
-            raise
-        except Exception as exc:  # the same failure the interpreter would report at run time
-            raise DualgraphError(f"constant folding of node '{node.name}' ({node.op_type}) failed: "
-                                 f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
         tensors = [out] if isinstance(out, torch.Tensor) else list(out)
         consts = []
         for old, t in zip(node.outputs, tensors):
