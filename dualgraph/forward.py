@@ -116,7 +116,7 @@ class ForwardBounds(GraphWalk):
         keep = set()
         for t in targets:
             keep.update(self.graph.ancestors(t))
-        super().__init__([n for n in self.graph.nodes if n in keep], deadline=self.deadline)
+        self.use_nodes([n for n in self.graph.nodes if n in keep])
         self.wanted, self.input_set = set(targets), input_set
         x = self.graph.inputs[0]
         env = {x: (input_set.center, {"input": self.scheme.input_columns(input_set, tuple(x.unit_shape))})}

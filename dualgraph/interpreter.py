@@ -118,9 +118,13 @@ class GraphWalk:
     activity = "evaluation"
 
     def __init__(self, nodes: Sequence[Node], keep: Sequence[Value] = (), deadline: Deadline = NEVER) -> None:
+        self.use_nodes(nodes, keep)
+        self.deadline = deadline
+
+    def use_nodes(self, nodes: Sequence[Node], keep: Sequence[Value] = ()) -> None:
+        """Walk ``nodes`` (in this order); values in ``keep`` are never freed."""
         self.nodes = list(nodes)
         self.frees = last_uses(self.nodes, keep)
-        self.deadline = deadline
 
     def run_node(self, node: Node, env: dict) -> list:
         """The outputs of ``node`` (one per output value) from its inputs in ``env``."""
