@@ -50,6 +50,7 @@ class Importer(HandlerContext):
         if not inputs:
             raise DualgraphError("the ONNX model has no inputs (every graph input is an initializer)")
         specs = [self._add_input(vi) for vi in inputs]
+        self.folder = ConstantFolder(self.model, self.dynamic)  # the inputs decide whether the batch is symbolic
         nodes = self._live_nodes()
         self._check_supported(nodes)
         for node in nodes:
@@ -147,7 +148,7 @@ class Importer(HandlerContext):
             refs.append(ref)
         if not (not domain and op in CONTROL_FLOW_OPS) and (
                 (not domain and op in SHAPE_OPS) or all(r is None or isinstance(r, Const) for r in refs)):
-            outs = ConstantFolder(self.model, self.dynamic).fold(node, label, refs)
+            outs = self.folder.fold(node, label, refs)
         else:
             n = OnnxNode(self.unique(label), op, node_attrs(node), refs, list(node.input), list(node.output))
             handler = HANDLERS.get(op) if not domain else None
