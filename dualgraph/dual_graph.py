@@ -5,7 +5,7 @@ network output) is the reverse of the primal sub-graph that ``t`` depends on, bu
 way reverse-mode autodiff builds a backward graph:
 
 * its input is ``lam:t``, the specification rows (``lam = -nu``, ``nu_k = -c``);
-* one dual node ``("dualgraph.dual", op_type)`` per primal node, taking ``lam`` of the
+* one dual node ``("dualgraph.dual", "[domain.]op_type")`` per primal node, taking ``lam`` of the
   node's output and producing one ``lam`` per variable input (the dual layer ``g``; the
   objective term ``h`` is the rule's offset);
 * where a primal value fans out to several consumers, their contributions are summed by
@@ -88,7 +88,8 @@ def build_dual(graph: Graph, target: Value | None = None) -> Graph:
             continue  # cannot happen for an ancestor of the target; kept for safety
         var_inputs = node.var_inputs
         names = [f"lam:{v.name}" if expected[v] == 1 else f"lam:{v.name}@{node.name}" for v in var_inputs]
-        dnode = dual.add_node((DUAL_DOMAIN, node.op_type), outs, {"primal": node.name},
+        # the primal op's full name: a plugin's ``com.example.Relu`` is not the built-in Relu
+        dnode = dual.add_node((DUAL_DOMAIN, ".".join(filter(None, node.op))), outs, {"primal": node.name},
                               name=f"dual:{node.name}", n_outputs=len(var_inputs), output_names=names)
         dnode.meta["primal"] = node
         dnode.meta["rule"] = dual_rule(node)

@@ -23,15 +23,16 @@ one backward pass give both bounds of every unit and run forward (Appendix F) an
 random projections (the paper's ReLU relaxation is linear; CROWN's adaptive lower slope
 is not). **Linearity is decided in one place**, :meth:`DualRule.linear`, and the safe
 answer (not linear) is the default; a rule that declares itself linear and returns
-something else is stopped with an error naming the op and the node. Any rule satisfying (1)/(2) yields a
-sound certificate; ``tests/test_dual_rules.py`` checks every registered rule, plugins
-included, on sampled points.
+something else is stopped with an error naming the op and the node. Any rule satisfying
+(1)/(2) yields a sound certificate; :func:`dualgraph.testing.check_op` checks a rule on
+sampled points, and a rule from outside dualgraph is also checked on its first use
+(:mod:`dualgraph.trust`).
 
-Register a rule with ``@register_dual("OpType", domain="")`` on a :class:`DualRule`
-subclass, or use the two helpers: :class:`AffineRule` (ops affine in their variable
-inputs; only ``transpose`` is needed, the bias comes from evaluating the op at zero) and
-:func:`register_relaxation` (elementwise activations; only the linear bounding functions
-are needed).
+A rule is attached to its op by the op's definition (:mod:`dualgraph.op_registry`):
+``definition.dual(SomeRule)`` for a :class:`DualRule` subclass, an :class:`AffineRule`
+(ops affine in their variable inputs; only ``transpose`` may be overridden, the bias comes
+from evaluating the op at zero) or ``definition.relaxation(...)`` (elementwise activations:
+only the linear bounding functions, an :class:`ElementwiseRule`).
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ class DualRule:
 
     #: whether the rule needs bounds of its variable inputs (nonlinear ops do)
     needs_bounds: bool = False
+    #: who to blame if the rule is unsound ("<distribution>, op <name>"): set for rules from
+    #: outside dualgraph until their first use has been checked (dualgraph.trust)
+    trust_source: str | None = None
 
     def linear(self, node: Node, config) -> bool:
         """True if the dual layer is linear in ``lam``: ``backward`` then returns ``upper``
@@ -148,14 +152,7 @@ class DualRule:
 
 
 DUAL_RULES: dict[OpKey, DualRule] = {}
-
-
-def register_dual(op_type: str, domain: str = "") -> Callable[[type[DualRule]], type[DualRule]]:
-    """Class decorator: register an instance of the decorated DualRule for ``(domain, op_type)``."""
-    def deco(cls: type[DualRule]) -> type[DualRule]:
-        DUAL_RULES[(domain, op_type)] = cls()
-        return cls
-    return deco
+"""The dual layer of each op; filled only through op definitions (:mod:`dualgraph.op_registry`)."""
 
 
 def dual_rule(node: Node) -> DualRule:
@@ -178,15 +175,16 @@ def missing_rules_error(nodes: list[Node]) -> UnsupportedOpError:
         by_op.setdefault(".".join(filter(None, n.op)), []).append(n.name)
     listing = "; ".join(f"{op} (node{'s' if len(v) > 1 else ''} {', '.join(repr(x) for x in v)})"
                         for op, v in by_op.items())
+    from .plugins import failed_plugins_note
     return UnsupportedOpError(
-        f"no dual layer for: {listing}; register one with @dualgraph.register_dual in a plugin "
-        "package (entry point group 'dualgraph.plugins', see README 'Plugins')")
+        f"no dual layer for: {listing}; define one with dualgraph.define_op(...).dual or .relaxation in a "
+        "plugin package (entry point group 'dualgraph.plugins', README 'Writing a dual layer')"
+        f"{failed_plugins_note()}")
 
 
 def _ensure_loaded() -> None:
-    from . import dual_layers  # noqa: F401  (importing fills DUAL_RULES)
-    from .plugins import load_plugins
-    load_plugins()
+    from .op_registry import ensure_ops_loaded
+    ensure_ops_loaded()
 
 
 # ---- helpers for rule authors ---------------------------------------------------------
@@ -446,6 +444,9 @@ class ElementwiseRule(DualRule):
                 raise DualgraphError(
                     f"the relaxation of node '{node.name}' ({_op_name(node)}) is declared linear (linear_if) "
                     "but returned different lower and upper slopes; declare it non-linear or return equal slopes")
+            if self.trust_source is not None:
+                from .trust import verify_relaxation
+                verify_relaxation(self, node, bounds, r)
             bounds.cache[key] = r
         return bounds.cache[key]
 
@@ -498,26 +499,6 @@ def _offset(lam_part: torch.Tensor, b) -> torch.Tensor | float:
     if isinstance(b, (int, float)):
         return lam_part.flatten(2).sum(-1) * b if b else 0.0
     return batched_dot(lam_part, b)
-
-
-def register_relaxation(op_type: str, domain: str = "", *,
-                        linear_if: Callable[[object], bool] = lambda cfg: False,
-                        breakpoints: Callable[[Node], tuple[float, ...] | None] = lambda node: None,
-                        eval_roundings: int = 8) -> Callable[[RelaxFn], RelaxFn]:
-    """Register an elementwise op's dual layer from ``relax(node, bounds, config) -> Relaxation``.
-
-    ``linear_if(config)``: True when the relaxation has equal lower and upper slopes under
-    ``config`` (a linear dual layer: one pass gives both bounds, and the forward direction
-    and random projections can run through it). Default False, always safe.
-    ``breakpoints(node)``: see :meth:`DualRule.breakpoints` (leave the default unless the
-    relaxation of a unit within one linear piece is exactly that piece, bound-independent).
-    ``eval_roundings``: how many ulps the op's own floating-point evaluation may be off (0
-    for ReLU, which is exact; the default 8 suits library ``exp``/``tanh``-based functions).
-    """
-    def deco(fn: RelaxFn) -> RelaxFn:
-        DUAL_RULES[(domain, op_type)] = ElementwiseRule(fn, linear_if, breakpoints, eval_roundings)
-        return fn
-    return deco
 
 
 def runs_forward(node: Node, config) -> bool:

@@ -2,9 +2,9 @@
 
 Like ``torch.fx.Interpreter``: an environment keyed by value, one ``run_node`` per node,
 values freed after their last use, and errors that name the node. Per-op semantics live
-in the :data:`EVAL_RULES` registry (ONNX semantics for the default domain), filled by
-``@register_eval`` next to each rule in :mod:`dualgraph.eval_rules`; plugins add rules
-for their own ops the same way.
+in the :data:`EVAL_RULES` registry (ONNX semantics for the default domain), filled by each
+op's definition (``OpDefinition.evaluate``, :mod:`dualgraph.op_registry`): the built-in op
+families in :mod:`dualgraph.ops`, plugins' ops the same way.
 
 Shape inference reuses the interpreter on torch's ``meta`` device, so an op needs only
 its evaluation rule to get shapes.
@@ -24,18 +24,7 @@ from .linalg import tensor_key
 
 EvalRule = Callable[[Node, list], Sequence[torch.Tensor] | torch.Tensor]
 EVAL_RULES: dict[OpKey, EvalRule] = {}
-
-
-def register_eval(op_type: str, domain: str = "") -> Callable[[EvalRule], EvalRule]:
-    """Register ``rule(node, inputs) -> output tensor(s)`` for op ``(domain, op_type)``.
-
-    ``inputs`` holds one tensor per node input (constants included, ``None`` for omitted
-    optional inputs); variable tensors carry the batch dimension first.
-    """
-    def deco(rule: EvalRule) -> EvalRule:
-        EVAL_RULES[(domain, op_type)] = rule
-        return rule
-    return deco
+"""``rule(node, inputs) -> tensor(s)`` per op; filled only through op definitions."""
 
 
 def constant_like(v: Value, like: torch.Tensor) -> torch.Tensor:
@@ -73,9 +62,8 @@ def node_args(node: Node, env: dict[Value, torch.Tensor] | None, like: torch.Ten
 
 
 def _ensure_rules_loaded() -> None:
-    from . import eval_rules  # noqa: F401  (importing fills EVAL_RULES)
-    from .plugins import load_plugins
-    load_plugins()
+    from .op_registry import ensure_ops_loaded
+    ensure_ops_loaded()
 
 
 def missing_eval_rules(graph: Graph) -> list[Node]:
@@ -166,8 +154,10 @@ class Interpreter(GraphWalk):
         missing = missing_eval_rules(graph)
         if missing:
             listing = ", ".join(f"{'.'.join(filter(None, n.op))} (node '{n.name}')" for n in missing)
-            raise UnsupportedOpError(f"no evaluation rule for: {listing}; register one with "
-                                     "@dualgraph.register_eval or install a dualgraph plugin")
+            from .plugins import failed_plugins_note
+            raise UnsupportedOpError(f"no evaluation rule for: {listing}; define the op with "
+                                     "dualgraph.define_op(...).evaluate in a plugin package (README 'Writing a "
+                                     f"dual layer'){failed_plugins_note()}")
         super().__init__(graph.nodes, keep=graph.outputs)
         self.graph = graph
         self.like: torch.Tensor | None = None  # constants are cast like the first input

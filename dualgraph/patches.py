@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .dual_registry import ElementwiseRule, const_args
-from .eval_rules import window
 from .ir import Node
+from .ops.common import window
 from .linalg import tensor_key
 
 

@@ -17,9 +17,10 @@ from typing import Any, Mapping
 import torch
 
 from .dual_graph import DUAL_DOMAIN, FAN_OUT_SUM, STRUCTURE_DOMAIN
+from .dual_registry import DUAL_RULES
 from .ir import Graph, Node, Value
+from .op_registry import ensure_ops_loaded
 
-NONLINEAR_OPS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "MaxPool"})
 SMALL_TENSOR = 16  # attribute tensors up to this many elements are printed in full
 
 
@@ -106,10 +107,23 @@ def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list
 
 # ---- the graph -------------------------------------------------------------------------
 
+def _nonlinear(node: Node) -> bool:
+    """Whether the node's dual layer relaxes it (needs bounds): the registry says, per op."""
+    rule = node.meta.get("rule")
+    if rule is None:
+        ensure_ops_loaded()
+        key = node.op
+        if key[0] == DUAL_DOMAIN:  # a dual node is named after its primal op, "[domain.]op_type"
+            domain, _, op_type = key[1].rpartition(".")
+            key = (domain, op_type)
+        rule = DUAL_RULES.get(key)
+    return rule is not None and rule.needs_bounds
+
+
 def graph_summary(graph: Graph) -> dict[str, Any]:
     """Counts: nodes, parameters (shared constants once), nonlinear units per example, Sum nodes."""
     consts = {id(v): v for n in graph.nodes for v in _param_values(n)}
-    units = sum(_units(v) for n in graph.nodes if n.op_type in NONLINEAR_OPS for v in n.var_inputs)
+    units = sum(_units(v) for n in graph.nodes if _nonlinear(n) for v in n.var_inputs)
     dual = is_dual(graph)
     return {"nodes": len(graph.nodes), "parameters": sum(v.const.numel() for v in consts.values()),
             "nonlinear_units": units, "dual": dual,

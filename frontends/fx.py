@@ -12,7 +12,8 @@ How a node is lowered:
 
 * ``call_module`` of a known layer type (exact type: a subclass that overrides ``forward``
   is traced through instead), ``call_function`` of a known function and ``call_method`` of a
-  known Tensor method go through the rule registered with :func:`lowers`.
+  known Tensor method go through the lowering rule of an op definition
+  (``OpDefinition.fx_lowering``; plugins are loaded before tracing, so theirs count too).
 * A node none of whose arguments depends on the network input (``self.weight.t()``,
   ``x.size(1) * x.size(2)``) is *folded*: executed once in torch and kept as a constant.
 * ``x.size(0)`` / ``x.shape[0]`` is the symbolic :data:`BATCH_SIZE`; it may appear only as
@@ -31,12 +32,13 @@ lowered graph is checked against the module on ``example_input`` (shapes and val
 lowering that disagrees with torch (e.g. an in-place op whose input is reused) is an error
 instead of a wrong certificate.
 
-Supporting another op: write ``rule(lo, call) -> Value`` and decorate it with
-``@lowers(nn.MyLayer, my_function, "tensor_method_name")``.
+Supporting another op: write ``rule(lo, call) -> Value`` next to the op's definition and
+decorate it with ``@definition.fx_lowering(nn.MyLayer, my_function, "tensor_method_name")``.
 
-Layout: this module traces and drives the lowering; the registries and the lowering state
-(``Lowering``, ``Call``) are in :mod:`dualgraph.frontends.fx_lowering`, the built-in rules in
-:mod:`dualgraph.frontends.fx_rules` and :mod:`dualgraph.frontends.fx_shape_rules`.
+Layout: this module traces and drives the lowering; the lowering state (``Lowering``) is in
+:mod:`dualgraph.frontends.fx_lowering`, what rules receive (``Call``) in
+:mod:`dualgraph.lowering`, the rules with their ops in :mod:`dualgraph.ops`, and the
+frontend's own plumbing (sizes, indexing) in :mod:`dualgraph.frontends.fx_plumbing`.
 """
 
 from __future__ import annotations
@@ -54,12 +56,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 from dualgraph.errors import DualgraphError, UnsupportedOpError
 from dualgraph.interpreter import infer_shapes, run_graph
 from dualgraph.ir import BATCH, Graph, Value, check_graph
-from dualgraph.frontends import fx_rules, fx_shape_rules  # noqa: F401  (register the built-in rules)
-from dualgraph.frontends.fx_lowering import (POISON, BATCH_SIZE, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Rule,
-                                   Call, example_shape, example_shapes, Lowering, Unsupported,
-                                   lowers)
+from dualgraph.lowering import BATCH_SIZE, Call, FxRule, Unsupported
+from dualgraph.op_registry import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, ensure_ops_loaded
+from dualgraph.frontends import fx_plumbing  # noqa: F401  (registers the frontend's own rules)
+from dualgraph.frontends.fx_lowering import POISON, Lowering, example_shape, example_shapes
 
-__all__ = ["BATCH_SIZE", "FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "load_module", "lowers"]
+__all__ = ["load_module"]
 
 
 # ---- tracing --------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def _fold(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs: di
         return node.target(*args, **kwargs)
 
 
-def _rule_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Rule | None, nn.Module | None]:
+def _rule_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[FxRule | None, nn.Module | None]:
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         return MODULE_RULES.get(type(m)), m
@@ -250,7 +252,8 @@ def _lower(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Graph:
         supported = f" Supported: {_supported()}." if lo.unknown_targets else ""
         raise UnsupportedOpError(
             f"the torch.fx frontend cannot lower {graph.name}: {'; '.join(lo.problems)}.{supported} "
-            "Export the model to ONNX, or register a rule with dualgraph.frontends.fx_lowering.lowers")
+            "Export the model to ONNX, or lower it in an op definition (dualgraph.define_op(...).fx_lowering, "
+            "README 'Writing a dual layer')")
     return graph
 
 
@@ -314,6 +317,7 @@ def load_module(module: nn.Module, example_input: torch.Tensor | Sequence[torch.
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in inputs):
         raise DualgraphError("example_input must be a tensor (or a tuple of tensors) with the batch dimension first")
+    ensure_ops_loaded()  # built-in and plugin lowering rules, before tracing decides what is a leaf
     with _eval_mode(module):
         gm = _trace(module)
         _check_arity(gm, len(inputs))

@@ -1,11 +1,12 @@
-"""Rule registries and lowering state of the torch.fx frontend (:mod:`dualgraph.frontends.fx`).
+"""Lowering state of the torch.fx frontend (:mod:`dualgraph.frontends.fx`).
 
 A rule is ``rule(lo, call) -> Value``: it gets the :class:`Lowering` environment and the
-:class:`Call` being lowered and emits IR nodes through ``lo.emit``, or raises
-:class:`Unsupported` for a form of the op it cannot lower. :func:`lowers` registers it by
-module type, function or Tensor method name. The built-in rules live in
-:mod:`dualgraph.frontends.fx_rules` (layers, activations, pooling, arithmetic) and
-:mod:`dualgraph.frontends.fx_shape_rules` (shapes and indexing); both register into the tables here.
+:class:`~dualgraph.lowering.Call` being lowered and emits IR nodes through ``lo.emit``, or
+raises :class:`~dualgraph.lowering.Unsupported` for a form of the op it cannot lower. Rules
+belong to op definitions (``OpDefinition.fx_lowering``, :mod:`dualgraph.op_registry`), which
+keep the tables by module type, function and Tensor method name; the frontend's own plumbing
+(``getattr``, ``size``, indexing) is registered with :func:`lowers` in
+:mod:`dualgraph.frontends.fx_plumbing`.
 """
 
 from __future__ import annotations
@@ -15,52 +16,21 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
-import torch.nn as nn
 
 from dualgraph.ir import Graph, Value
+from dualgraph.lowering import BATCH_SIZE, FxRule, Unsupported
+from dualgraph.op_registry import register_fx_rule
+
+FRONTEND = "the torch.fx frontend"
 
 
-# ---- registries -----------------------------------------------------------------------
-
-Rule = Callable[["Lowering", "Call"], Any]
-MODULE_RULES: dict[type, Rule] = {}
-"""Leaf module types (matched by exact type) -> lowering rule."""
-FUNCTION_RULES: dict[Callable, Rule] = {}
-"""``call_function`` targets (torch / F / operator functions) -> lowering rule."""
-METHOD_RULES: dict[str, Rule] = {}
-"""``call_method`` names (Tensor methods) -> lowering rule."""
-
-
-def lowers(*targets: type | Callable | str) -> Callable[[Rule], Rule]:
-    """Register ``rule(lo, call)`` for module types, functions and Tensor method names."""
-    def deco(rule: Rule) -> Rule:
+def lowers(*targets: type | Callable | str) -> Callable[[FxRule], FxRule]:
+    """Register a plumbing rule of the frontend itself (not an op) for the given targets."""
+    def deco(rule: FxRule) -> FxRule:
         for t in targets:
-            if isinstance(t, str):
-                METHOD_RULES[t] = rule
-            elif isinstance(t, type) and issubclass(t, nn.Module):
-                MODULE_RULES[t] = rule
-            else:
-                FUNCTION_RULES[t] = rule
+            register_fx_rule(t, rule, FRONTEND)
         return rule
     return deco
-
-
-class _BatchSizeType:
-    """Stands for ``x.size(0)``: the batch size, unknown until the graph runs.
-
-    It deliberately supports no arithmetic, so folding ``x.size(0) * 2`` fails loudly
-    instead of baking the example's batch size into the graph.
-    """
-
-    def __repr__(self) -> str:
-        return "x.size(0)"
-
-
-BATCH_SIZE = _BatchSizeType()
-
-
-class Unsupported(Exception):
-    """Raised by a rule for an unsupported form of a supported op (collected, not fatal)."""
 
 
 class Poison:
@@ -68,38 +38,6 @@ class Poison:
 
 
 POISON = Poison()
-_REQUIRED = object()
-
-
-@dataclass
-class Call:
-    """One fx call node with its arguments already mapped to IR values / Python objects."""
-
-    node: torch.fx.Node
-    args: tuple
-    kwargs: dict
-    module: nn.Module | None = None
-
-    def arg(self, index: int, name: str, default: Any = _REQUIRED) -> Any:
-        """Argument ``name`` given positionally at ``index`` or by keyword."""
-        if index < len(self.args):
-            return self.args[index]
-        if name in self.kwargs:
-            return self.kwargs[name]
-        if default is _REQUIRED:
-            raise Unsupported(f"missing argument '{name}'")
-        return default
-
-    def varargs(self, start: int, name: str) -> tuple:
-        """Sizes given either as ``f(x, 2, 3)`` or as ``f(x, (2, 3))`` / ``f(x, name=(2, 3))``."""
-        rest = self.args[start:]
-        if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
-            return tuple(rest[0])
-        if rest:
-            return tuple(rest)
-        if name not in self.kwargs:
-            raise Unsupported(f"missing argument '{name}'")
-        return tuple(self.kwargs[name])
 
 
 # ---- the lowering state ---------------------------------------------------------------
@@ -158,6 +96,15 @@ class Lowering:
         """Concrete example shape of the fx node being lowered."""
         return example_shape(self._node)
 
+    def out_shapes(self) -> list[tuple[int, ...]]:
+        """Concrete example shapes of the fx node being lowered, when it returns a tuple."""
+        return example_shapes(self._node)
+
+    @property
+    def node_name(self) -> str:
+        """Name of the fx node being lowered (a hint for the names of the IR nodes it emits)."""
+        return self._node.name
+
     def emit(self, op: str, inputs: Sequence[Value | torch.Tensor | float | None],
              attrs: dict | None = None, *, hint: str | None = None, n_outputs: int = 1) -> Any:
         """Append one IR node; constants in ``inputs`` become IR constants.
@@ -196,25 +143,3 @@ def example_shapes(node: torch.fx.Node) -> list[tuple[int, ...]]:
     if not isinstance(tms, (tuple, list)) or not all(hasattr(t, "shape") for t in tms):
         raise Unsupported(f"node '{node.name}' does not produce a tuple of tensors")
     return [tuple(t.shape) for t in tms]
-
-
-def ntuple(x: Any, n: int) -> list[int]:
-    """torch's int-or-tuple convention, as a list of ``n`` ints."""
-    if isinstance(x, (tuple, list)):
-        if len(x) == 1:
-            return [int(x[0])] * n
-        if len(x) != n:
-            raise Unsupported(f"expected {n} values, got {tuple(x)}")
-        return [int(e) for e in x]
-    return [int(x)] * n
-
-
-# torch padding modes -> ONNX Pad modes
-PAD_MODES = {"constant": "constant", "zeros": "constant", "reflect": "reflect",
-              "replicate": "edge", "circular": "wrap"}
-
-
-def reshape_to(lo: Lowering, x: Value, shape: Sequence[int]) -> Value:
-    """Reshape ``x`` to the example output ``shape``, whose first entry is the batch."""
-    target = torch.tensor([0, *shape[1:]], dtype=torch.int64)  # 0: copy the batch dimension
-    return lo.emit("Reshape", [x, target])

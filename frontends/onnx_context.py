@@ -21,7 +21,7 @@ import torch
 from dualgraph.errors import DualgraphError
 from dualgraph.interpreter import ShapeProp
 from dualgraph.ir import Graph, Node, Value, normalize_axis
-from dualgraph.frontends.onnx_refs import Const, Missing, OnnxNode, Ref, Var
+from dualgraph.lowering import Const, Missing, OnnxNode, Ref, Var
 
 
 class HandlerContext:

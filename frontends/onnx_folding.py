@@ -13,7 +13,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from dualgraph.errors import DualgraphError
-from dualgraph.frontends.onnx_refs import SHAPE_OPS, Const, Ref, Var, node_attrs
+from dualgraph.frontends.onnx_refs import SHAPE_OPS, node_attrs
+from dualgraph.lowering import Const, Ref, Var
 
 
 class ConstantFolder:

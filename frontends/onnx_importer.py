@@ -1,7 +1,8 @@
 """The importer behind :func:`dualgraph.frontends.onnx.load_onnx`: reads inputs and
 initializers, drops dead nodes, folds constant nodes (:mod:`~dualgraph.frontends.onnx_folding`),
-converts the others with the handlers of :mod:`dualgraph.frontends.onnx_ops` (or a plugin's
-evaluation rule), which build on :class:`~dualgraph.frontends.onnx_context.HandlerContext`.
+converts the others with their op definitions' import handlers (:mod:`dualgraph.op_registry`;
+an op defined with an evaluation rule only is emitted as it is), which build on
+:class:`~dualgraph.frontends.onnx_context.HandlerContext`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,15 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from dualgraph import eval_rules  # noqa: F401  (fills EVAL_RULES)
 from dualgraph.errors import DualgraphError, UnsupportedOpError
-from dualgraph.interpreter import EVAL_RULES, infer_shapes
+from dualgraph.interpreter import infer_shapes
 from dualgraph.ir import Graph, check_graph
-from dualgraph.plugins import load_plugins
-from dualgraph.frontends import onnx_ops  # noqa: F401  (fills HANDLERS)
+from dualgraph.lowering import FLOAT_TYPES, Const, Missing, OnnxNode, Ref, Var
+from dualgraph.op_registry import OPS, ensure_ops_loaded
+from dualgraph.plugins import failed_plugins_note
 from dualgraph.frontends.onnx_context import HandlerContext
 from dualgraph.frontends.onnx_folding import ConstantFolder
-from dualgraph.frontends.onnx_refs import (CONTROL_FLOW_OPS, FLOAT_TYPES, HANDLERS, SHAPE_OPS, Const, Missing,
-                                           OnnxNode, Ref, Var, node_attrs)
+from dualgraph.frontends.onnx_refs import CONTROL_FLOW_OPS, SHAPE_OPS, node_attrs
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str] | None:
@@ -35,7 +35,7 @@ class Importer(HandlerContext):
     """One import: the handler context plus the driver (:meth:`build`)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        load_plugins()
+        ensure_ops_loaded()  # built-ins and plugins, before any node is looked at
         super().__init__(model)
 
     # ---- driver ---------------------------------------------------------------------------
@@ -125,14 +125,15 @@ class Importer(HandlerContext):
                 bad.setdefault(label, []).append(node.name or node.output[0])
             elif (not domain and op in SHAPE_OPS) or all(not i or i in const for i in node.input):
                 const.update(node.output)
-            elif not ((not domain and op in HANDLERS) or (domain, op) in EVAL_RULES):
+            elif not _convertible((domain, op)):
                 bad.setdefault(label, []).append(node.name or node.output[0])
         if bad:
             listing = ", ".join(f"{op} (nodes {', '.join(repr(n) for n in names)})"
                                 for op, names in sorted(bad.items()))
             raise UnsupportedOpError(f"unsupported ONNX ops: {listing}; supported: "
                                      f"{', '.join(supported_ops())}, and any op on constants only; "
-                                     "a plugin can add rules (see README)")
+                                     "a plugin can define more (README 'Writing a dual layer')"
+                                     f"{failed_plugins_note()}")
 
     def _convert(self, node: onnx.NodeProto) -> None:
         domain, op = self._key(node)
@@ -151,15 +152,21 @@ class Importer(HandlerContext):
             outs = self.folder.fold(node, label, refs)
         else:
             n = OnnxNode(self.unique(label), op, node_attrs(node), refs, list(node.input), list(node.output))
-            handler = HANDLERS.get(op) if not domain else None
+            definition = OPS.get((domain, op))
+            handler = definition.onnx_handler if definition is not None else None
             outs = handler(self, n) if handler else self.generic(n, domain)
         for name, ref in zip(node.output, outs):
             if name:
                 self.env[name] = ref
 
 
+def _convertible(key: tuple[str, str]) -> bool:
+    """An op the importer can convert: its definition imports it, or evaluates it as it is."""
+    definition = OPS.get(key)
+    return definition is not None and (definition.onnx_handler is not None or definition.eval_rule is not None)
+
+
 def supported_ops() -> list[str]:
-    """ONNX ops the frontend lowers (plugins included), sorted."""
-    load_plugins()
-    ops = set(HANDLERS) | {op for d, op in EVAL_RULES if not d} | {f"{d}.{op}" for d, op in EVAL_RULES if d}
-    return sorted(ops - {"Constant"})
+    """ONNX ops the frontend converts (plugins included), sorted."""
+    ensure_ops_loaded()
+    return sorted(d.name for d in OPS.values() if _convertible(d.key) and d.key != ("", "Constant"))

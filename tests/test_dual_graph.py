@@ -74,16 +74,16 @@ def test_zero_radius_gives_the_network_value(width, seed):
 @pytest.fixture
 def ops_named_like_structure():
     """Plugin ops called ``Sum`` and ``InputSet`` (y = a + b, an affine map with the generic adjoint)."""
-    from dualgraph.dual_registry import DUAL_RULES, AffineRule, register_dual
-    from dualgraph.interpreter import EVAL_RULES, register_eval
+    from dualgraph import AffineRule, define_op
+    from dualgraph.op_registry import remove_op
     domain = "test.structure_names"
     for op in ("Sum", "InputSet"):
-        register_eval(op, domain=domain)(lambda node, inputs: inputs[0] + inputs[1])
-        register_dual(op, domain=domain)(type(f"{op}Dual", (AffineRule,), {}))
+        definition = define_op(op, domain=domain)
+        definition.evaluate(lambda node, inputs: inputs[0] + inputs[1])
+        definition.dual(AffineRule)
     yield domain
     for op in ("Sum", "InputSet"):
-        DUAL_RULES.pop((domain, op), None)
-        EVAL_RULES.pop((domain, op), None)
+        remove_op((domain, op))
 
 
 @pytest.mark.parametrize("direction", ["backward", "forward"])

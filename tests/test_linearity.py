@@ -12,11 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualgraph import register_eval
-from dualgraph.dual_registry import DUAL_RULES, Bounds, Relaxation, register_relaxation
+from dualgraph import define_op
+from dualgraph.dual_registry import Bounds, Relaxation
 from dualgraph.errors import DualgraphError
 from dualgraph.input_sets import Box
-from dualgraph.interpreter import EVAL_RULES, Interpreter, infer_shapes
+from dualgraph.interpreter import Interpreter, infer_shapes
+from dualgraph.op_registry import remove_op
 from dualgraph.ir import Graph
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 
@@ -35,16 +36,16 @@ def tangent_and_chord(node, b: Bounds, config) -> Relaxation:
 @pytest.fixture
 def exp_op():
     """A plugin ``Exp`` in a test domain; yields a function (re)registering its relaxation."""
-    register_eval("Exp", domain=DOMAIN)(lambda node, inputs: torch.exp(inputs[0]))
+    exp = define_op("Exp", domain=DOMAIN)
+    exp.evaluate(lambda node, inputs: torch.exp(inputs[0]))
 
     def register(relax=tangent_and_chord, **kw):
-        register_relaxation("Exp", domain=DOMAIN, **kw)(relax)
+        exp.relaxation(**kw)(relax)
     register()
     try:
         yield register
     finally:
-        DUAL_RULES.pop((DOMAIN, "Exp"), None)
-        EVAL_RULES.pop((DOMAIN, "Exp"), None)
+        remove_op(exp.key)
 
 
 def exp_net() -> Graph:

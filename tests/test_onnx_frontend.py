@@ -9,7 +9,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from dualgraph import EVAL_RULES, Interpreter, register_eval, check_graph
+from dualgraph import Interpreter, check_graph, define_op
+from dualgraph.op_registry import remove_op
 from dualgraph.errors import DualgraphError, UnsupportedOpError
 from dualgraph.frontends.onnx import load_onnx, onnx_feeds, run_onnxruntime, supported_ops
 from models_zoo import ZOO
@@ -388,10 +389,8 @@ def test_auto_pad_is_normalised_to_explicit_pads():
 
 
 def test_plugin_ops_pass_through():
-    @register_eval("Double", domain="test.plugin")
-    def double(node, inputs):
-        return inputs[0] * 2
-
+    double = define_op("Double", domain="test.plugin")
+    double.evaluate(lambda node, inputs: inputs[0] * 2)
     try:
         node = helper.make_node("Double", ["x"], ["y"], domain="test.plugin", name="dbl")
         model = make_model([node], [("x", ["N", 3])], [("y", None)])
@@ -401,7 +400,7 @@ def test_plugin_ops_pass_through():
         assert "test.plugin.Double" in supported_ops()
         torch.testing.assert_close(Interpreter(graph).run(torch.ones(2, 3))[0], torch.full((2, 3), 2.0))
     finally:
-        EVAL_RULES.pop(("test.plugin", "Double"))
+        remove_op(double.key)
 
 
 def test_shared_vnncomp_models_layouts(shared_dir):

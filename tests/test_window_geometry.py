@@ -1,4 +1,4 @@
-"""One definition of a Conv/pool window (``eval_rules.window``) for evaluation, dual layers
+"""One definition of a Conv/pool window (``dualgraph.ops.common.window``) for evaluation, dual layers
 and the patch path: ONNX defaults (strides and dilations 1) and ``auto_pad`` read the same
 way everywhere. Before it, a MaxPool without a ``strides`` attribute was evaluated with
 stride 1 but dualised with stride = kernel, an unsound bound."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dualgraph.eval_rules import window
+from dualgraph.ops.common import window
 from dualgraph.input_sets import linf_ball
 from dualgraph.interpreter import infer_shapes, run_graph
 from dualgraph.ir import Graph

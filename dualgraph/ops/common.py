@@ -1,0 +1,224 @@
+"""Helpers shared by the built-in op families: parameters, window geometry, dual-layer bases.
+
+IR conventions the evaluation rules rely on (guaranteed by the frontends, see
+:mod:`dualgraph.ir`): variable tensors carry the batch first, attribute axes count it, and a
+Reshape target's entry 0 stands for the batch. Rules must also run on torch ``meta`` tensors
+(shape inference): integer parameters given as inputs (Reshape targets, Slice bounds, Pad
+amounts) are read with ``node.const_input(i)``, never from the tensor passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..dual_registry import AffineRule, Bounds, Relaxation
+from ..errors import DualgraphError, UnsupportedOpError
+from ..ir import Node, normalize_axis
+from ..lowering import Call
+
+Tensor = torch.Tensor
+
+
+# ---- parameters ----------------------------------------------------------------------------------
+
+def int_list(node: Node, index: int | None, attr: str | None = None) -> list[int] | None:
+    """Integer list given as constant input ``index`` or, failing that, attribute ``attr``."""
+    if index is not None and index < len(node.inputs) and node.inputs[index] is not None:
+        return [int(v) for v in node.const_input(index).reshape(-1).tolist()]
+    if attr is not None and attr in node.attrs:
+        value = node.attrs[attr]
+        return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return None
+
+
+def node_axis(axis: int, rank: int, node: Node, inclusive: bool = False) -> int:
+    """``axis`` normalised against ``rank``, errors naming the node."""
+    return normalize_axis(axis, rank, f"node '{node.name}' ({node.op_type})", inclusive=inclusive)
+
+
+def torch_pad(pads_begin: Sequence[int], pads_end: Sequence[int]) -> list[int]:
+    """ONNX per-axis (begin, end) pads of the trailing axes -> F.pad's last-axis-first list."""
+    flat: list[int] = []
+    for b, e in zip(reversed(pads_begin), reversed(pads_end)):
+        flat += [int(b), int(e)]
+    return flat
+
+
+def slice_range(start: int, end: int, step: int, size: int) -> range:
+    """The indices ONNX Slice selects along one axis (with its clamping rules)."""
+    if step == 0:
+        raise DualgraphError("Slice step 0 is invalid")
+    start = start + size if start < 0 else start
+    end = end + size if end < 0 else end
+    if step > 0:
+        return range(min(max(start, 0), size), min(max(end, 0), size), step)
+    return range(min(max(start, 0), size - 1), min(max(end, -1), size - 1), step)
+
+
+# ---- window geometry (Conv and pooling) -----------------------------------------------------------
+
+CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class Window:
+    """The window geometry of a Conv or pooling node (ONNX attributes, defaults applied,
+    ``auto_pad`` resolved): per spatial axis, kernel, stride, dilation and the padding at
+    the beginning and the end."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    begins: tuple[int, ...]
+    ends: tuple[int, ...]
+
+    @property
+    def symmetric(self) -> bool:
+        """Equal padding at both ends of every axis (what torch's ``padding=`` expresses)."""
+        return self.begins == self.ends
+
+
+def window(node: Node, spatial: Sequence[int], kernel: Sequence[int] | None = None) -> Window:
+    """The :class:`Window` of ``node`` on inputs with ``spatial`` sizes; ``kernel`` defaults
+    to the ``kernel_shape`` attribute (a Conv's comes from its weight). The one definition of
+    the geometry that evaluation, dual layers and the patch path all read."""
+    kernel = [int(k) for k in (kernel if kernel is not None else node.attrs["kernel_shape"])]
+    n = len(kernel)
+    pads = conv_pads(node.attrs, spatial, kernel)
+    return Window(tuple(kernel), tuple(int(s) for s in (node.attrs.get("strides") or [1] * n)),
+                  tuple(int(d) for d in (node.attrs.get("dilations") or [1] * n)),
+                  tuple(pads[:n]), tuple(pads[n:]))
+
+
+def conv_pads(attrs: dict[str, Any], spatial: Sequence[int], kernel: Sequence[int]) -> list[int]:
+    """Explicit ONNX ``pads`` ``[b_1..b_n, e_1..e_n]`` for Conv/pool attributes.
+
+    Resolves ``auto_pad`` (NOTSET, VALID, SAME_UPPER, SAME_LOWER) against the spatial input
+    shape, so that frontends can normalise nodes to explicit pads and rules share one
+    definition of the geometry.
+    """
+    n = len(spatial)
+    strides = list(attrs.get("strides") or [1] * n)
+    dilations = list(attrs.get("dilations") or [1] * n)
+    auto = attrs.get("auto_pad", "NOTSET") or "NOTSET"
+    if auto == "NOTSET":
+        pads = list(attrs.get("pads") or [0] * (2 * n))
+        if len(pads) != 2 * n:
+            raise DualgraphError(f"pads {pads} do not match {n} spatial axes")
+        return [int(p) for p in pads]
+    if auto == "VALID":
+        return [0] * (2 * n)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations):
+            out = -(-int(size) // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - int(size))
+            small, big = total // 2, total - total // 2
+            begins.append(small if auto == "SAME_UPPER" else big)
+            ends.append(big if auto == "SAME_UPPER" else small)
+        return begins + ends
+    raise DualgraphError(f"unknown auto_pad value {auto!r}")
+
+
+def spatial_rank(x: Tensor, node: Node) -> int:
+    """Number of spatial axes of a ``[batch, channels, *spatial]`` input (1 to 3)."""
+    n = x.dim() - 2
+    if n not in CONV_FUNCTIONS:
+        raise DualgraphError(f"node '{node.name}' ({node.op_type}): input of rank {x.dim()} is not "
+                             "supported (expected [batch, channels, 1 to 3 spatial axes])")
+    return n
+
+
+# ---- dual-layer bases ---------------------------------------------------------------------------
+# Each class states, besides its adjoint, the arithmetic that dualgraph.rounding bounds:
+# ``abs_by_eval`` (the op with |constants| computes |A| x + c), ``eval_length`` and
+# ``dual_length`` (the most nonzero terms of one sum in the op's evaluation / its dual).
+
+def offset_dot_length(rule: AffineRule, node: Node) -> int:
+    """Length of the dot product ``lam . f(0)`` (0 when the op has no constant term)."""
+    return max(o.numel for o in node.outputs) + 1 if rule.has_offsets(node) else 0
+
+
+def broadcast_factor(node: Node) -> int:
+    """How many output entries one variable input entry reaches (its adjoint sums them)."""
+    return max(1, max(o.numel for o in node.outputs) // max(1, min(v.numel for v in node.var_inputs)))
+
+
+class IndexMapDual(AffineRule):
+    """Ops that only move, copy or zero-fill entries: no arithmetic but a padding constant."""
+
+    abs_by_eval = True
+
+    def eval_length(self, node, bounds, config):
+        return 0
+
+    def dual_length(self, node, bounds, config):
+        return offset_dot_length(self, node)
+
+
+class ElementwiseAffineDual(AffineRule):
+    """Elementwise arithmetic with constants or between variables (broadcasting allowed)."""
+
+    abs_by_eval = True
+
+    def eval_length(self, node, bounds, config):
+        return 4  # (x - mean) / sqrt(var + eps) * scale + B at most
+
+    def dual_length(self, node, bounds, config):
+        return max(broadcast_factor(node) + 2, offset_dot_length(self, node))
+
+
+def require_const(node: Node, *indices: int) -> None:
+    """Refuse a node whose inputs ``indices`` depend on the network input (it would not be affine)."""
+    for i in indices:
+        v = node.inputs[i] if i < len(node.inputs) else None
+        if v is not None and not v.is_const:
+            raise UnsupportedOpError(
+                f"node '{node.name}' ({node.op_type}): input '{v.name}' depends on the network input; "
+                f"{node.op_type} is only supported with a constant operand here (it would not be affine)")
+
+
+def crossing(b: Bounds) -> torch.Tensor:
+    """Units whose interval contains 0 in its interior."""
+    return (b.lower < 0) & (b.upper > 0)
+
+
+def chord_relaxation(b: Bounds, f: Callable[[Tensor], Tensor], breakpoints: Sequence[float] = (),
+                     stationary: Callable[[Tensor], list[Tensor]] | None = None) -> Relaxation:
+    """Parallel lines of the chord slope ``a`` through the extremes of ``g(z) = f(z) - a z``.
+
+    The extremes of ``g`` on ``[l, u]`` lie at ``l``, ``u``, the breakpoints of a piecewise
+    linear ``f``, or the stationary points ``f'(z) = a`` (``stationary(a)`` returns them):
+    the tightest pair of parallel bounding lines. A tiny margin covers rounding in ``f``.
+    """
+    l, u = b
+    width = u - l
+    flat = width <= 1e-12
+    a = torch.where(flat, 0.0, (f(u) - f(l)) / torch.where(flat, 1.0, width))
+    cands = [l, u] + [torch.full_like(l, p).clamp(min=l, max=u) for p in breakpoints]
+    if stationary is not None:
+        cands += [z.clamp(min=l, max=u) for z in stationary(a)]
+    g = torch.stack([f(z) - a * z for z in cands])
+    tol = 1e-7 if l.dtype == torch.float64 else 1e-5
+    margin = tol * (1 + g.abs().amax(0))
+    return Relaxation(a, g.amin(0) - margin, a, g.amax(0) + margin)
+
+
+# ---- import and lowering helpers -----------------------------------------------------------------
+
+def onnx_elementwise(ctx: Any, n: Any) -> list:
+    """ONNX handler of a one-input elementwise op: same layout, attributes as given."""
+    x = ctx.var(n, 0)
+    return ctx.emit(n, n.op, [x.value], dict(n.attrs), x.added, n.outs)
+
+
+def fx_unary(op_type: str) -> Callable[[Any, Call], Any]:
+    """torch.fx rule lowering ``f(x)`` to one node of ``op_type`` without attributes."""
+    def rule(lo: Any, call: Call) -> Any:
+        return lo.emit(op_type, [lo.var(call.arg(0, "input"))])
+    rule.__name__ = f"lower_{op_type.lower()}"
+    return rule

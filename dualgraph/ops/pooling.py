@@ -1,0 +1,331 @@
+"""Pooling: AveragePool and GlobalAveragePool (affine, exact), MaxPool and GlobalMaxPool.
+
+Window geometry (kernel, strides, dilations, pads, ``auto_pad``) has one definition,
+:func:`dualgraph.ops.common.window`, read by evaluation, dual layers and the patch path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..dual_registry import AffineRule, DualRule, DualStep
+from ..errors import DualgraphError, UnsupportedOpError
+from ..lowering import Call, Missing, Unsupported, ntuple, reshape_to
+from ..op_registry import define_op, var
+from .common import CONV_FUNCTIONS, conv_pads, spatial_rank, torch_pad, window
+
+Tensor = torch.Tensor
+_MAX_POOL_FUNCTIONS = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def _pool_geometry(node, x: Tensor) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """kernel, strides, dilations, pads_begin and pads_end of a pool on ``x``.
+
+    ``pads_end`` includes the extra room ``ceil_mode`` needs for the last window. As in
+    PyTorch (and onnxruntime), a window that would start in the end padding is dropped.
+    """
+    spatial_rank(x, node)
+    g = window(node, x.shape[2:])
+    kernel, strides, dilations = list(g.kernel), list(g.strides), list(g.dilations)
+    begins, ends = list(g.begins), list(g.ends)
+    if node.attrs.get("ceil_mode", 0):
+        for i, size in enumerate(x.shape[2:]):
+            span = (kernel[i] - 1) * dilations[i] + 1
+            total = int(size) + begins[i] + ends[i]
+            out = -(-(total - span) // strides[i]) + 1
+            if (out - 1) * strides[i] >= int(size) + begins[i]:
+                out -= 1
+            ends[i] += max(0, (out - 1) * strides[i] + span - total)
+    return kernel, strides, dilations, begins, ends
+
+
+def _sum_pool(x: Tensor, kernel: list[int], strides: list[int], dilations: list[int]) -> Tensor:
+    """Window sums, as a depthwise convolution with a kernel of ones (handles dilation)."""
+    flat = x.reshape(-1, 1, *x.shape[2:])
+    ones = torch.ones((1, 1, *kernel), dtype=x.dtype, device=x.device)
+    out = CONV_FUNCTIONS[len(kernel)](flat, ones, stride=strides, dilation=dilations)
+    return out.reshape(*x.shape[:2], *out.shape[2:])
+
+
+def _onnx_pool(ctx, n):
+    x = ctx.to_native(n, ctx.var(n, 0))
+    if "kernel_shape" not in n.attrs:
+        raise DualgraphError(f"node '{n.name}' ({n.op}) has no kernel_shape")
+    kernel = [int(k) for k in n.attrs["kernel_shape"]]
+    attrs = {"kernel_shape": kernel, "strides": list(n.attrs.get("strides") or [1] * len(kernel)),
+             "pads": conv_pads(n.attrs, [int(d) for d in x.value.shape[2:]], kernel),
+             "dilations": list(n.attrs.get("dilations") or [1] * len(kernel)),
+             "ceil_mode": int(n.attrs.get("ceil_mode", 0))}
+    if n.op == "AveragePool":
+        attrs["count_include_pad"] = int(n.attrs.get("count_include_pad", 0))
+    out = ctx.emit(n, n.op, [x.value], attrs, False, n.outs[:1])
+    indices = Missing(f"the indices output of MaxPool node '{n.name}' is not supported")
+    return out + [indices] * (len(n.outs) - 1)
+
+
+def _onnx_global_pool(ctx, n):
+    x = ctx.to_native(n, ctx.var(n, 0))
+    return ctx.emit(n, n.op, [x.value], {}, False, n.outs)
+
+
+def _lower_pool(lo, op_type: str, x: Any, kernel: Any, stride: Any, padding: Any, ceil_mode: bool, extra: dict):
+    x = lo.var(x)
+    nd = lo.rank(x) - 2
+    if nd < 1:
+        raise Unsupported("pooling needs [batch, channels, spatial...] input")
+    k = ntuple(kernel, nd)
+    s = k if stride is None or stride == [] or stride == () else ntuple(stride, nd)
+    p = ntuple(padding, nd)
+    attrs = {"kernel_shape": k, "strides": s, "pads": p + p, "ceil_mode": int(bool(ceil_mode)), **extra}
+    return lo.emit(op_type, [x], attrs)
+
+
+# ---- AveragePool -------------------------------------------------------------------------------------
+
+average_pool = define_op("AveragePool")
+
+
+@average_pool.evaluate
+def _(node, inputs):
+    x = inputs[0]
+    kernel, strides, dilations, begins, ends = _pool_geometry(node, x)
+    pads = conv_pads(node.attrs, x.shape[2:], kernel)
+    n = len(kernel)
+    total = _sum_pool(F.pad(x, torch_pad(begins, ends)), kernel, strides, dilations)
+    # The divisor counts the input cells of each window, plus the explicit padding cells
+    # when count_include_pad is set, but never the extra cells ceil_mode adds.
+    mask = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+    include = 1.0 if node.attrs.get("count_include_pad", 0) else 0.0
+    mask = F.pad(mask, torch_pad(pads[:n], pads[n:]), value=include)
+    mask = F.pad(mask, torch_pad([0] * n, [e - p for e, p in zip(ends, pads[n:])]), value=0.0)
+    return total / _sum_pool(mask, kernel, strides, dilations)
+
+
+@average_pool.dual
+class AveragePoolDual(AffineRule):
+    abs_by_eval = True
+
+    def eval_length(self, node, bounds, config):
+        return math.prod(node.attrs["kernel_shape"]) + 1
+
+    def dual_length(self, node, bounds, config):
+        return math.prod(node.attrs["kernel_shape"]) + 1  # overlapping windows add up per input unit
+
+
+average_pool.onnx_import(_onnx_pool)
+
+
+def _lower_avg_pool(lo, x: Any, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
+                    count_include_pad: bool, divisor_override: Any):
+    if divisor_override is not None:
+        raise Unsupported("divisor_override")
+    return _lower_pool(lo, "AveragePool", x, kernel, stride, padding, ceil_mode,
+                       {"count_include_pad": int(bool(count_include_pad))})
+
+
+@average_pool.fx_lowering(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+def _(lo, call: Call):
+    m = call.module
+    return _lower_avg_pool(lo, call.arg(0, "input"), m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                           m.count_include_pad, getattr(m, "divisor_override", None))
+
+
+@average_pool.fx_lowering(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+def _(lo, call: Call):
+    return _lower_avg_pool(lo, call.arg(0, "input"), call.arg(1, "kernel_size"), call.arg(2, "stride", None),
+                           call.arg(3, "padding", 0), call.arg(4, "ceil_mode", False),
+                           call.arg(5, "count_include_pad", True), call.arg(6, "divisor_override", None))
+
+
+def _lower_adaptive_avg_pool(lo, x: Any, output_size: Any):
+    x = lo.var(x)
+    spatial = lo.shape(x)[2:]
+    sizes = list(output_size) if isinstance(output_size, (tuple, list)) else [output_size] * len(spatial)
+    out = [s if o is None else int(o) for o, s in zip(sizes, spatial)]  # None: keep that size
+    if all(o == 1 for o in out):
+        return lo.emit("GlobalAveragePool", [x])
+    if any(s % o for s, o in zip(spatial, out)):
+        raise Unsupported(f"adaptive pooling of {tuple(spatial)} to {tuple(out)} (sizes must divide)")
+    # Evenly dividing windows: an ordinary average pool with kernel = stride = in / out.
+    k = [s // o for s, o in zip(spatial, out)]
+    return lo.emit("AveragePool", [x], {"kernel_shape": k, "strides": k, "pads": [0] * (2 * len(k)),
+                                       "ceil_mode": 0, "count_include_pad": 0})
+
+
+@average_pool.fx_lowering(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+def _(lo, call: Call):
+    return _lower_adaptive_avg_pool(lo, call.arg(0, "input"), call.module.output_size)
+
+
+@average_pool.fx_lowering(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
+def _(lo, call: Call):
+    return _lower_adaptive_avg_pool(lo, call.arg(0, "input"), call.arg(1, "output_size"))
+
+
+average_pool.example(var(2, 5, 5), attrs={"kernel_shape": [2, 2], "strides": [2, 2]})
+average_pool.example(var(1, 4, 4), attrs={"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]})
+average_pool.example(var(1, 4, 4), attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1],
+                                          "count_include_pad": 1})
+average_pool.example(var(1, 5, 5), attrs={"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1})
+average_pool.example(var(2, 6), attrs={"kernel_shape": [3], "strides": [2]})
+
+
+# ---- GlobalAveragePool -------------------------------------------------------------------------------
+
+global_average_pool = define_op("GlobalAveragePool")
+
+
+@global_average_pool.evaluate
+def _(node, inputs):
+    x = inputs[0]
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+@global_average_pool.dual
+class GlobalAveragePoolDual(AffineRule):
+    abs_by_eval = True
+
+    def eval_length(self, node, bounds, config):
+        return math.prod(node.inputs[0].unit_shape[1:]) + 1
+
+    def dual_length(self, node, bounds, config):
+        return 1
+
+
+global_average_pool.onnx_import(_onnx_global_pool)
+
+
+@global_average_pool.fx_lowering(torch.mean, "mean")
+def _(lo, call: Call):
+    # Only the spatial mean x.mean((2, 3)) of ResNet heads: a global average pool.
+    x = lo.var(call.arg(0, "input"))
+    dims = call.arg(1, "dim", None)
+    dims = sorted(lo.axis(x, d) for d in ((dims,) if isinstance(dims, int) else dims or ()))
+    if dims != list(range(2, lo.rank(x))) or not dims:
+        raise Unsupported("mean over dims other than all spatial dims (2, 3, ...)")
+    y = lo.emit("GlobalAveragePool", [x], hint=f"{lo.node_name}_pool")
+    if call.arg(2, "keepdim", False):
+        return lo.emit("Identity", [y])
+    return reshape_to(lo, y, lo.out_shape())
+
+
+global_average_pool.example(var(2, 3, 3))
+
+
+# ---- MaxPool -----------------------------------------------------------------------------------------
+
+max_pool = define_op("MaxPool")
+
+
+@max_pool.evaluate
+def max_pool_eval(node, inputs):
+    x = inputs[0]
+    kernel, strides, dilations, begins, ends = _pool_geometry(node, x)
+    x = F.pad(x, torch_pad(begins, ends), value=-math.inf)
+    return _MAX_POOL_FUNCTIONS[len(kernel)](x, kernel, strides, 0, dilations)
+
+
+@max_pool.dual
+class MaxPoolDual(DualRule):
+    """Lower: ``max_k z_k >= z_k*`` with ``k*`` the window entry of largest lower bound.
+    Upper: ``z_k*`` itself when ``l_k* >= u_k`` for every other ``k`` in the window (then
+    the max is exactly ``z_k*``), else the constant ``max_k u_k``. Sign-dependent, so the
+    rule is not linear. Windows are formed with ``unfold``; the adjoint is ``fold``.
+    """
+
+    needs_bounds = True
+
+    def abs_linear(self, node, xs, bounds, config):
+        return [max_pool_eval(node, [xs[0]])]  # |max_k z_k| <= max_k |z_k|
+
+    def constant_magnitude(self, node, m_in, bounds, config):
+        return [max_pool_eval(node, [m_in[0]])]  # the constant max_u of the upper line
+
+    def output_magnitude(self, node, m_in, bounds, config, terms):
+        return [max_pool_eval(node, [m_in[0]])]
+
+    def eval_length(self, node, bounds, config):
+        return 0
+
+    def dual_length(self, node, bounds, config):
+        return max(math.prod(node.attrs["kernel_shape"]), node.output.numel) + 1
+
+    def backward(self, node, lam, bounds, config):
+        l, u = bounds[0]
+        g = window(node, l.shape[2:])
+        k = list(g.kernel)
+        if len(k) != 2 or node.attrs.get("ceil_mode", 0):
+            raise UnsupportedOpError(f"node '{node.name}' (MaxPool): only 2-D pooling without ceil_mode "
+                                     "has a dual layer")
+        geom = dict(kernel_size=k, stride=list(g.strides), dilation=list(g.dilations))
+        B, C, H, W = l.shape
+        pad = (g.begins[1], g.ends[1], g.begins[0], g.ends[0])  # F.pad order: left, right, top, bottom
+        # padded entries never win the max: pad l and u with -inf
+        l_win = F.unfold(F.pad(l, pad, value=-math.inf), **geom).view(B, C, k[0] * k[1], -1)
+        u_win = F.unfold(F.pad(u, pad, value=-math.inf), **geom).view(B, C, k[0] * k[1], -1)
+        best_l, sel = l_win.max(2, keepdim=True)                       # [B, C, 1, L]
+        max_u = u_win.amax(2)                                          # [B, C, L]
+        others_u = u_win.scatter(2, sel, -math.inf).amax(2)
+        exact = best_l.squeeze(2) >= others_u                          # [B, C, L]
+        b, m = lam.shape[:2]
+        lam_f = lam.flatten(3)                                         # [b, m, C, L]
+        route = lam_f.clamp(min=0) + torch.where(exact.unsqueeze(1), lam_f.clamp(max=0), 0.0)
+        const = torch.where(exact.unsqueeze(1), 0.0, lam_f.clamp(max=0) * max_u.unsqueeze(1))
+        bb = max(b, B)
+        onehot = torch.zeros(B, C, k[0] * k[1], l_win.shape[-1], dtype=lam.dtype, device=lam.device)
+        onehot.scatter_(2, sel, 1.0)
+        cols = onehot.unsqueeze(1) * route.unsqueeze(3)                # [bb, m, C, K, L]
+        Hp, Wp = H + pad[2] + pad[3], W + pad[0] + pad[1]
+        folded = F.fold(cols.reshape(bb * m, C * k[0] * k[1], -1), (Hp, Wp), **geom)
+        lam_in = folded[:, :, pad[2]:pad[2] + H, pad[0]:pad[0] + W].reshape(bb, m, C, H, W)
+        return DualStep([lam_in], const.flatten(2).sum(-1), None)
+
+
+max_pool.onnx_import(_onnx_pool)
+
+
+@max_pool.fx_lowering(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+def _(lo, call: Call):
+    m = call.module
+    return _lower_max_pool(lo, call.arg(0, "input"), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                           m.return_indices)
+
+
+@max_pool.fx_lowering(F.max_pool1d, F.max_pool2d, F.max_pool3d)
+def _(lo, call: Call):
+    return _lower_max_pool(lo, call.arg(0, "input"), call.arg(1, "kernel_size"), call.arg(2, "stride", None),
+                           call.arg(3, "padding", 0), call.arg(4, "dilation", 1), call.arg(5, "ceil_mode", False),
+                           call.arg(6, "return_indices", False))
+
+
+def _lower_max_pool(lo, x: Any, kernel: Any, stride: Any, padding: Any, dilation: Any,
+                    ceil_mode: bool, return_indices: bool):
+    if return_indices:
+        raise Unsupported("return_indices=True")
+    nd = lo.rank(lo.var(x)) - 2
+    return _lower_pool(lo, "MaxPool", x, kernel, stride, padding, ceil_mode, {"dilations": ntuple(dilation, nd)})
+
+
+max_pool.example(var(2, 4, 4), attrs={"kernel_shape": [2, 2], "strides": [2, 2]})
+max_pool.example(var(1, 4, 4), attrs={"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]})
+max_pool.example(var(1, 5, 5), attrs={"kernel_shape": [2, 2], "strides": [1, 1], "dilations": [2, 2]})
+max_pool.example(var(2, 3, 5), attrs={"kernel_shape": [2, 3], "strides": [1, 2], "pads": [0, 1, 1, 0]})
+
+
+# ---- GlobalMaxPool (evaluation only) ----------------------------------------------------------------
+
+global_max_pool = define_op("GlobalMaxPool")
+
+
+@global_max_pool.evaluate
+def _(node, inputs):
+    x = inputs[0]
+    return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+global_max_pool.onnx_import(_onnx_global_pool)

@@ -1,0 +1,153 @@
+"""Trust, but verify: the first use of a dual layer from outside dualgraph is checked.
+
+A plugin's relaxation is a claim: ``a_lo z + b_lo <= f(z) <= a_up z + b_up`` for every ``z``
+in ``[l, u]``. A wrong one (a chord used as both lines) would produce certificates for
+properties that do not hold. So the first time a process uses a relaxation that dualgraph
+did not ship, the claim is tested on points inside the bounds it was *actually given*: each
+interval's ends, its midpoint and random points, evaluated in float64 with the op's own
+evaluation rule. A rule that is not a relaxation (a :class:`~dualgraph.dual_registry.DualRule`
+subclass) is tested on its first backward step the same way, against inequality (1) of
+the contract, and (2) when it declares itself linear. A violation stops the run with an
+error naming the plugin, the op, the node and a violating point; a passed check is not
+repeated in that process.
+
+Sampling cannot prove a relaxation sound (``dualgraph check-op`` tests far more points);
+it catches the claims that are wrong where they are used, at a cost measured in
+``bench/plugin_report.md`` (a few milliseconds once per op and process).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dual_registry import DualRule, DualStep, Relaxation, const_args
+from .errors import DualgraphError
+from .interpreter import EVAL_RULES
+from .ir import Node
+
+POINTS_PER_UNIT = 16     # per sampled unit: both ends, the midpoint and 13 random points
+MAX_ENTRIES = 1 << 16    # a cap on the evaluations, so the check costs the same on any batch
+
+
+def verify_relaxation(rule: DualRule, node: Node, bounds, r: Relaxation) -> None:
+    """Check ``r`` on points of ``bounds`` (the first use of a plugin relaxation)."""
+    lower, upper = bounds.lower.detach(), bounds.upper.detach()
+    rows = _rows(lower.shape)
+    l, u = (t[:rows].to(torch.float64) for t in (lower, upper))
+    gen = torch.Generator().manual_seed(0)
+    t = torch.cat([torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64),
+                   torch.rand(POINTS_PER_UNIT - 3, generator=gen, dtype=torch.float64)])
+    t = t.view(-1, *([1] * l.dim()))
+    z = (l + t * (u - l)).where(torch.isfinite(l) & torch.isfinite(u), torch.zeros_like(l))   # [K, rows, *unit]
+    fz = _evaluate(node, z.reshape(-1, *l.shape[1:])).view_as(z)
+    eps = torch.finfo(lower.dtype).eps
+
+    def line(a, b) -> tuple[torch.Tensor, torch.Tensor]:
+        a = _take(a.detach(), rows).to(torch.float64)
+        b = _take(b.detach(), rows).to(torch.float64) if torch.is_tensor(b) else torch.tensor(float(b), dtype=torch.float64)
+        return a * z + b, (a * z).abs() + b.abs()
+
+    low, low_scale = line(r.a_lo, r.b_lo)
+    up, up_scale = line(r.a_up, r.b_up)
+    below = low - fz - 64 * eps * (1 + fz.abs() + low_scale)   # > 0: the lower line is above f
+    above = fz - up - 64 * eps * (1 + fz.abs() + up_scale)     # > 0: the upper line is below f
+    for excess, line_value, which in ((below, low, "lower"), (above, up, "upper")):
+        excess = torch.nan_to_num(excess, nan=float("inf"))
+        if bool((excess > 0).any()):
+            k = int(excess.flatten().argmax())
+            raise DualgraphError(
+                f"the relaxation of {rule.trust_source} is unsound at node '{node.name}': at z = "
+                f"{_item(z, k):.6g} in [l, u] = [{_item(l.expand_as(z), k):.6g}, {_item(u.expand_as(z), k):.6g}] "
+                f"f(z) = {_item(fz, k):.6g}, but its {which} line gives {_item(line_value, k):.6g}; a relaxation "
+                "must bound f on the whole interval (test it with `dualgraph check-op`)")
+    rule.trust_source = None
+
+
+def verify_dual_step(rule: DualRule, node: Node, lam, bounds: list, config, step: DualStep) -> None:
+    """Check one backward step against the contract on points within ``bounds`` (or, for a
+    rule that gets no bounds, standard normal points): the first use of a plugin dual layer."""
+    lams = lam if isinstance(lam, list) else [lam]
+    b_lam = lams[0].shape[0]
+    var_inputs = node.var_inputs
+    n_rows = max([b_lam] + [bd.lower.shape[0] for bd in bounds if bd is not None])
+    rows = min(n_rows, 8)
+    gen = torch.Generator().manual_seed(0)
+    points = POINTS_PER_UNIT
+    zs = []
+    for i, v in enumerate(var_inputs):
+        bd = bounds[i] if i < len(bounds) else None
+        shape = (points, rows, *v.unit_shape)
+        if bd is None:
+            zs.append(torch.randn(shape, generator=gen, dtype=torch.float64))
+            continue
+        l, u = (_take(t.detach(), rows).to(torch.float64).expand(rows, *v.unit_shape) for t in bd)
+        t = torch.rand(shape, generator=gen, dtype=torch.float64)
+        t[0], t[1] = 0.0, 1.0
+        zs.append(l + t * (u - l))
+    args = const_args(node, zs[0])
+    it = iter(z.reshape(points * rows, *z.shape[2:]) for z in zs)
+    full = [next(it) if v is not None and not v.is_const else a for v, a in zip(node.inputs, args)]
+    with torch.no_grad():
+        outs = EVAL_RULES[node.op](node, full)
+    outs = [outs] if torch.is_tensor(outs) else list(outs)
+    lhs = sum(_dot(_take(lm.detach(), rows).to(torch.float64), y.reshape(points, rows, *y.shape[1:]))
+              for lm, y in zip(lams, outs))
+    rhs = torch.zeros_like(lhs)
+    scale = torch.ones_like(lhs) + lhs.abs()
+    for z, li in zip(zs, step.lam_in):
+        if li is not None:
+            term = _dot(_take(li.detach(), rows).to(torch.float64), z)
+            rhs, scale = rhs + term, scale + term.abs()
+    eps = torch.finfo(lams[0].dtype).eps
+    tol = 1e3 * eps * scale
+    lower = _offset(step.lower, rows)
+    bad = rhs + lower - lhs - tol
+    what = "(1): lam . f(z) >= sum lam_i . z_i + lower"
+    if rule.linear(node, config) and step.upper is not None and not bool((bad > 0).any()):
+        bad = lhs - rhs - _offset(step.upper, rows) - tol
+        what = "(2): lam . f(z) <= sum lam_i . z_i + upper"
+    bad = torch.nan_to_num(bad, nan=float("inf"))
+    if bool((bad > 0).any()):
+        k = int(bad.flatten().argmax())
+        point, example = divmod(k // bad.shape[-1], rows)
+        z0 = zs[0][point, example].flatten()[:4].tolist() if zs else []
+        raise DualgraphError(
+            f"the dual layer of {rule.trust_source} is unsound at node '{node.name}': inequality {what} "
+            f"fails by {float(bad.flatten()[k]):.6g} at a point inside its input bounds (first entries "
+            f"{[round(x, 6) for x in z0]}); test it with `dualgraph check-op`")
+    rule.trust_source = None
+
+
+def _rows(shape: torch.Size) -> int:
+    """How many examples of a ``[B, *unit]`` tensor to sample (the cap on evaluations)."""
+    units = max(1, int(torch.Size(shape[1:]).numel()))
+    return max(1, min(int(shape[0]), MAX_ENTRIES // (POINTS_PER_UNIT * units)))
+
+
+def _take(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t[:rows] if t.dim() > 0 and t.shape[0] > 1 else t
+
+
+def _evaluate(node: Node, z: torch.Tensor) -> torch.Tensor:
+    """The op at ``z`` (its first variable input), constants as in the node, in float64."""
+    args = const_args(node, z)
+    slot = next(i for i, v in enumerate(node.inputs) if v is not None and not v.is_const)
+    args[slot] = z
+    with torch.no_grad():
+        out = EVAL_RULES[node.op](node, args)
+    return (out if torch.is_tensor(out) else out[0]).to(torch.float64)
+
+
+def _dot(lam: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``lam [b, m, *s]`` . ``z [n, B, *s]`` -> ``[n, max(b, B), m]``."""
+    return (lam.unsqueeze(0) * z.unsqueeze(2)).flatten(3).sum(-1)
+
+
+def _offset(x, rows: int) -> torch.Tensor:
+    if torch.is_tensor(x):
+        return _take(x.detach(), rows).to(torch.float64).unsqueeze(0)
+    return torch.tensor(float(x or 0.0), dtype=torch.float64)
+
+
+def _item(t: torch.Tensor, k: int) -> float:
+    return float(t.flatten()[k])
