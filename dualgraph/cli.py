@@ -6,7 +6,9 @@ Every user error is one line on stderr (``dualgraph: error: ...``) and exit code
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from .errors import DualgraphError
 
@@ -129,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(Wong et al., 'Scaling provable adversarial defenses', NeurIPS 2018).")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"dualgraph {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks (of errors, and of plugins that fail to load)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("certify", help="certify a model (or a cascade manifest, .json) on dataset points in an "
@@ -165,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the models shipped in the zoo and the architectures 'train' builds")
 
+    p = sub.add_parser("plugins", help="list every defined op: its source (built-in, or a plugin's distribution and "
+                                       "version) and which of eval / dual / ONNX / fx it provides")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+    p = sub.add_parser("check-op", help="test ops' rules on random inputs and bounds (relaxation on dense grids, the "
+                                        "dual-layer contract, every bound path): what a plugin must pass")
+    p.add_argument("ops", nargs="*", metavar="OP", help="op names: Relu, or domain.Op for a plugin's op")
+    p.add_argument("--all", action="store_true", help="check every defined op")
+    p.add_argument("--seed", type=int, help="seed of the random bounds, rows and points (default: per op)")
+
     _add_train_parser(sub)
 
     _add_verify_parsers(sub)
@@ -177,12 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ["DUALGRAPH_DEBUG"] = "1"  # read by the plugin loader
     try:
         from . import commands
         if getattr(args, "device", None) is not None:
             commands.check_device(args.device)
         return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args)
     except DualgraphError as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"dualgraph: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

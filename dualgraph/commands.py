@@ -284,6 +284,51 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .op_registry import definitions
+    from .plugins import load_plugins, plugins_disabled
+    ops = definitions()
+    loaded = load_plugins()
+    if args.json:
+        print(json.dumps({
+            "ops": [{"op": d.name, "source": d.source, "provides": [k for k, v in d.provides().items() if v],
+                     "nonlinear": d.nonlinear, "examples": len(d.examples), "replaces": d.replaced} for d in ops],
+            "plugins": [{"name": p.name, "module": p.value, "source": p.source, "error": p.error} for p in loaded],
+            "plugins_disabled": plugins_disabled()}, indent=2))
+        return 0
+    from .printer import text_table
+    rows = [[d.name, d.source + (f" (replaces {d.replaced})" if d.replaced else ""),
+             *("yes" if v else "-" for v in d.provides().values())] for d in ops]
+    print("\n".join(text_table(["op", "source", "eval", "dual", "onnx", "fx"], rows, indent="")))
+    if plugins_disabled():
+        print("plugins: not loaded (DUALGRAPH_NO_PLUGINS is set)")
+    elif not loaded:
+        print("plugins: none installed (entry point group 'dualgraph.plugins')")
+    for p in loaded:
+        state = f"failed to load: {p.error}" if p.error else "loaded"
+        print(f"plugin {p.name} = {p.value} ({p.source}): {state}")
+    return 0
+
+
+def cmd_check_op(args: argparse.Namespace) -> int:
+    from .op_registry import definitions, find_op
+    from .testing import OpCheckFailure, check_op
+    if not args.ops and not args.all:
+        raise DualgraphError("name the ops to check (e.g. `dualgraph check-op Relu com.example.Softplus`) or pass --all")
+    targets = definitions() if args.all else [find_op(name) for name in args.ops]
+    failed = 0
+    for definition in targets:
+        try:
+            print(check_op(definition, seed=args.seed).summary(), flush=True)
+        except OpCheckFailure as exc:
+            failed += 1
+            print(f"{definition.name}: FAILED ({definition.source}): {exc}", flush=True)
+    if failed:
+        print(f"{failed} of {len(targets)} op(s) failed the check")
+        return 1
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run
     return run(args)
@@ -318,6 +363,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         write_result(args.results, text)
     print(text, end="")
     how = result.details.get("method")
+    if how and result.answer == "sat":
+        how += f"; confirmed by {result.details['confirmed_by']}"
     print(f"dualgraph: {result.answer} in {result.seconds:.2f} s" + (f" ({how})" if how else ""), file=sys.stderr)
     return 0
 

@@ -289,13 +289,33 @@ def _owner_name(owner: OpDefinition | str) -> str:
 
 
 def _caller_source() -> str:
-    """Who is defining an op: the plugin distribution being loaded, dualgraph itself, or the
-    module that called :func:`define_op` (user code, tests)."""
+    """Who is defining an op: the plugin distribution being loaded, dualgraph itself, the
+    installed distribution the calling module belongs to (a plugin imported before dualgraph
+    loaded its entry points), or that module (user code, tests)."""
     if _plugin_source:
         return _plugin_source[-1]
-    frame = sys._getframe(2)
-    module = frame.f_globals.get("__name__", "?")
-    return BUILT_IN if module == "dualgraph" or module.startswith("dualgraph.") else f"module {module}"
+    module = sys._getframe(2).f_globals.get("__name__", "?")
+    if module == "dualgraph" or module.startswith("dualgraph."):
+        return BUILT_IN
+    return distribution_of(module) or f"module {module}"
+
+
+def distribution_of(module: str) -> str | None:
+    """``"<name> <version>"`` of the installed distribution providing ``module``, if any."""
+    import importlib.metadata as metadata
+    if "packages" not in _distributions:
+        _distributions["packages"] = metadata.packages_distributions()
+    names = _distributions["packages"].get(module.split(".")[0])
+    if not names:
+        return None
+    try:
+        dist = metadata.distribution(names[0])
+    except metadata.PackageNotFoundError:
+        return names[0]
+    return f"{dist.metadata['Name']} {dist.version}"
+
+
+_distributions: dict = {}
 
 
 @contextlib.contextmanager

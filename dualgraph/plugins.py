@@ -75,6 +75,8 @@ def load_plugins() -> list[PluginInfo]:
 
 def failed_plugins_note() -> str:
     """A clause for missing-op errors naming the plugins that failed to load ('' if none)."""
+    if plugins_disabled():
+        return "; note: plugins are disabled (DUALGRAPH_NO_PLUGINS is set)"
     failed = [p for p in load_plugins() if p.error]
     if not failed:
         return ""

@@ -94,7 +94,7 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+def text_table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
     """Left-aligned columns, numbers right-aligned, two spaces apart."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     numeric = [bool(rows) and all(_is_number(r[i]) for r in rows) for i in range(len(header))]
@@ -138,7 +138,7 @@ def format_text(graph: Graph) -> str:
     rows = [[str(i), n.name, _op_name(n), ", ".join(v.name for v in n.var_inputs) or "-",
              ", ".join(v.name for v in n.outputs), " ".join(_shape(v) for v in n.outputs), str(_params(n))]
             for i, n in enumerate(graph.nodes)]
-    lines += _table(["#", "node", "op", "inputs", "outputs", "shape", "params"], rows)
+    lines += text_table(["#", "node", "op", "inputs", "outputs", "shape", "params"], rows)
     s = graph_summary(graph)
     tail = f"nodes: {s['nodes']}  parameters: {s['parameters']}  nonlinear units: {s['nonlinear_units']}"
     if s["dual"]:
@@ -241,4 +241,4 @@ def format_bounds(graph: Graph, bounds: Mapping[Value, Any]) -> str:
             for r in bounds_summary(graph, bounds)]
     header = ["value", "node", "op", "units", "mean width", "max width", "crossing", "crossing/ex",
               "active", "inactive"]
-    return "\n".join([f"bounds of {graph.name}", *_table(header, rows)])
+    return "\n".join([f"bounds of {graph.name}", *text_table(header, rows)])

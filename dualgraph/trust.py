@@ -57,7 +57,7 @@ def verify_relaxation(rule: DualRule, node: Node, bounds, r: Relaxation) -> None
             k = int(excess.flatten().argmax())
             raise DualgraphError(
                 f"the relaxation of {rule.trust_source} is unsound at node '{node.name}': at z = "
-                f"{_item(z, k):.6g} in [l, u] = [{_item(l.expand_as(z), k):.6g}, {_item(u.expand_as(z), k):.6g}] "
+                f"{_item(z, k):.6g} in [l, u] = [{_item(l.expand_as(z), k):.6g}, {_item(u.expand_as(z), k):.6g}], "
                 f"f(z) = {_item(fz, k):.6g}, but its {which} line gives {_item(line_value, k):.6g}; a relaxation "
                 "must bound f on the whole interval (test it with `dualgraph check-op`)")
     rule.trust_source = None

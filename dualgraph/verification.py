@@ -133,6 +133,7 @@ class VerifyModel:
         self.input_shape = tuple(self.graph.inputs[0].unit_shape)
         self._certifiers: dict[str, Any] = {}
         self._session = None
+        self._evaluator: str | None = None
         self._interpreter = None
         self.certifier(  # fails early, naming every op without a dual layer
             "paper")
@@ -165,9 +166,16 @@ class VerifyModel:
         VNN-LIB numbers ``X_i`` row-major over the ONNX input tensor and the IR input is
         that tensor with a batch axis in front (added or already there), so a flat row
         reshaped to the IR's example shape is the ONNX tensor of one example.
+
+        When onnxruntime cannot run the file because it uses ops that plugins define, the
+        IR interpreter evaluates it instead, in the model's own precision (see
+        :attr:`confirmed_by`).
         """
         from dualgraph.frontends.onnx import onnx_feeds
         session = self._ort()
+        if session is None:
+            with torch.no_grad():
+                return self.forward_fast(torch.as_tensor(np.asarray(x, dtype=np.float64))).double().numpy()
         x = np.asarray(x).reshape(-1, *self.input_shape)
         out_name = self.graph.meta["onnx_outputs"][0]["name"]
         feeds = onnx_feeds(self.graph, x)
@@ -178,8 +186,16 @@ class VerifyModel:
     def onnx_input_dtype(self) -> np.dtype:
         return np.dtype(self.graph.meta["onnx_inputs"][0]["dtype"])
 
+    @property
+    def confirmed_by(self) -> str:
+        """Which evaluator confirms counterexamples: onnxruntime on the original file, or the
+        IR interpreter when onnxruntime cannot run the plugin ops the file uses."""
+        self._ort()
+        return self._evaluator
+
     def _ort(self):
-        if self._session is None:
+        """The onnxruntime session, or None when it cannot run the file's plugin ops."""
+        if self._session is None and self._evaluator is None:
             import onnxruntime as ort
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1  # tiny batches: threads cost more than they give
@@ -188,8 +204,25 @@ class VerifyModel:
             if self.path.suffix == ".gz":
                 from .files import read_bytes
                 source = read_bytes(self.path, "ONNX file")
-            self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            try:
+                self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+                self._evaluator = "onnxruntime"
+            except Exception as exc:  # onnxruntime's own error types; only plugin ops excuse them
+                plugin_ops = self._plugin_ops()
+                if not plugin_ops:
+                    raise DualgraphError(f"onnxruntime cannot run '{self.path.name}' ({type(exc).__name__}: "
+                                         f"{str(exc).splitlines()[0] if str(exc) else ''}); counterexamples could "
+                                         "not be confirmed") from exc
+                self._evaluator = (f"the dualgraph IR interpreter ({str(self.graph.inputs[0].dtype).replace('torch.', '')}; "
+                                   "onnxruntime "
+                                   f"cannot run the plugin op{'s' if len(plugin_ops) > 1 else ''} "
+                                   f"{', '.join(plugin_ops)})")
         return self._session
+
+    def _plugin_ops(self) -> list[str]:
+        from .op_registry import OPS
+        names = {OPS[n.op].name for n in self.graph.nodes if n.op in OPS and not OPS[n.op].built_in}
+        return sorted(names)
 
 
 class _Timeout(Exception):
@@ -216,7 +249,7 @@ def verify_property(model: VerifyModel, prop: VnnlibProperty | Sequence[VnnlibPr
         answer = search.run(props)
     except Found as found:
         details["method"] = found.method
-        details["confirmed_by"] = "onnxruntime"
+        details["confirmed_by"] = model.confirmed_by
         return _finish(VerifyResult("sat", clock.elapsed, found.x, found.y, details), timeout)
     except (_Timeout, DeadlineExceeded):  # between phases, or inside a bound computation
         answer = "timeout"

@@ -18,6 +18,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                 "time and peak memory of one robust-loss step as the network grows: exact vs random projections"),
     "train": ("dualgraph.bench.train",
               "robust training of the paper's small MNIST model vs the reference implementation, same loop"),
+    "trust": ("dualgraph.bench.trust",
+              "the cost of checking a plugin's relaxation on its first use, as a share of a certify run"),
     "gpu": ("dualgraph.bench.gpu",
             "the device check: projected training steps (MNIST small, CIFAR ResNet) and exact certification, "
             "images/s"),

@@ -195,21 +195,21 @@ def _tanh_stationary(a: torch.Tensor) -> list[torch.Tensor]:
     return [z, -z]
 
 
-sigmoid = define_op("Sigmoid")
-sigmoid.evaluate(lambda node, inputs: torch.sigmoid(inputs[0]))
-sigmoid.relaxation(linear_if=lambda config: True)(
-    lambda node, b, config: chord_relaxation(b, torch.sigmoid, stationary=_sigmoid_stationary))
-sigmoid.onnx_import(onnx_elementwise)
-sigmoid.fx_lowering(nn.Sigmoid, F.sigmoid, torch.sigmoid, "sigmoid")(fx_unary("Sigmoid"))
-sigmoid.example(var(6))
+def _define_s_shaped(op_type: str, f, stationary, *fx_targets):
+    """An S-shaped activation: chord slope, offsets through the stationary points of f - a z."""
+    op = define_op(op_type)
+    op.evaluate(lambda node, inputs: f(inputs[0]))
+    op.relaxation(linear_if=lambda config: True)(
+        lambda node, b, config: chord_relaxation(b, f, stationary=stationary))
+    op.onnx_import(onnx_elementwise)
+    op.fx_lowering(*fx_targets)(fx_unary(op_type))
+    op.example(var(6))
+    return op
 
-tanh = define_op("Tanh")
-tanh.evaluate(lambda node, inputs: torch.tanh(inputs[0]))
-tanh.relaxation(linear_if=lambda config: True)(
-    lambda node, b, config: chord_relaxation(b, torch.tanh, stationary=_tanh_stationary))
-tanh.onnx_import(onnx_elementwise)
-tanh.fx_lowering(nn.Tanh, F.tanh, torch.tanh, "tanh")(fx_unary("Tanh"))
-tanh.example(var(6))
+
+sigmoid = _define_s_shaped("Sigmoid", torch.sigmoid, _sigmoid_stationary, nn.Sigmoid, F.sigmoid, torch.sigmoid,
+                           "sigmoid")
+tanh = _define_s_shaped("Tanh", torch.tanh, _tanh_stationary, nn.Tanh, F.tanh, torch.tanh, "tanh")
 
 
 # ---- Softmax (evaluation only) -------------------------------------------------------------------------
