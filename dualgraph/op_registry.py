@@ -91,12 +91,15 @@ class OpExample:
     """One example node: its inputs (:func:`var`, :func:`random_const`, tensors, :data:`SAME`
     or None for an omitted optional input), attributes and number of outputs.
     ``special_points`` are points where the op changes behaviour (kinks, clip values): the
-    checker always samples them when they lie inside the bounds."""
+    checker always samples them when they lie inside the bounds. ``domain`` ``(a, b)`` (either
+    end may be infinite): the interval the op's variable inputs must stay in (Log: (1e-3, inf));
+    the checker's random bounds are drawn inside it."""
 
     inputs: tuple
     attrs: dict
     outputs: int = 1
     special_points: tuple[float, ...] = ()
+    domain: tuple[float, float] | None = None
 
     def describe(self, op_name: str) -> str:
         def one(spec) -> str:
@@ -199,9 +202,10 @@ class OpDefinition:
         return deco
 
     def example(self, *inputs: Any, attrs: dict | None = None, outputs: int = 1,
-                special_points: tuple[float, ...] = ()) -> OpDefinition:
+                special_points: tuple[float, ...] = (), domain: tuple[float, float] | None = None) -> OpDefinition:
         """Add an example node for the checker (:func:`dualgraph.testing.check_op`)."""
-        self.examples.append(OpExample(tuple(inputs), dict(attrs or {}), outputs, tuple(special_points)))
+        self.examples.append(OpExample(tuple(inputs), dict(attrs or {}), outputs, tuple(special_points),
+                                       None if domain is None else (float(domain[0]), float(domain[1]))))
         return self
 
 

@@ -101,8 +101,28 @@ def example_node(definition: OpDefinition, example: OpExample) -> Node:
 
 # ---- random bounds, rows and points ----------------------------------------------------------------
 
-def random_bounds(shape: tuple[int, ...], gen: torch.Generator, mode: str, batch: int = B) -> Bounds:
-    """Elementwise bounds ``[batch, *shape]`` mixing interval kinds (or one kind, per ``mode``)."""
+def into_domain(t: torch.Tensor, domain: tuple[float, float] | None) -> torch.Tensor:
+    """``t`` mapped into the op's ``domain`` by an increasing function (the identity without one):
+    interval kinds (degenerate, thin, wide) survive, inside the interval the op is defined on."""
+    if domain is None:
+        return t
+    a, b = domain
+    if a > -float("inf") and b < float("inf"):
+        return a + (b - a) * torch.sigmoid(t / 4)
+    if a > -float("inf"):
+        return a + torch.nn.functional.softplus(t)
+    if b < float("inf"):
+        return b - torch.nn.functional.softplus(-t)
+    return t
+
+
+def random_bounds(shape: tuple[int, ...], gen: torch.Generator, mode: str, batch: int = B,
+                  domain: tuple[float, float] | None = None) -> Bounds:
+    """Elementwise bounds ``[batch, *shape]`` mixing interval kinds (or one kind, per ``mode``),
+    inside ``domain`` when given."""
+    if domain is not None:
+        l, u = random_bounds(shape, gen, mode, batch)
+        return Bounds(into_domain(l, domain), into_domain(u, domain))
     full = (batch, *shape)
 
     def r(lo, hi):
@@ -167,9 +187,9 @@ def _special_points(rule: DualRule, n: Node, example: OpExample) -> tuple[float,
 # ---- 1. the relaxation bounds the function -------------------------------------------------------
 
 def check_relaxation(rule: ElementwiseRule, n: Node, config, gen: torch.Generator, mode: str,
-                     special: tuple[float, ...], grid: int = 257) -> int:
+                     special: tuple[float, ...], grid: int = 257, domain: tuple[float, float] | None = None) -> int:
     """``a_lo z + b_lo <= f(z) <= a_up z + b_up`` on a dense grid of each interval; returns points."""
-    b = random_bounds(n.inputs[0].unit_shape, gen, mode)
+    b = random_bounds(n.var_inputs[0].unit_shape, gen, mode, domain=domain)
     r = rule.relaxation(n, b, config)
     l, u = b
     t = torch.linspace(0.0, 1.0, grid, dtype=DTYPE).view(-1, *([1] * l.dim()))
@@ -204,11 +224,11 @@ def check_relaxation(rule: ElementwiseRule, n: Node, config, gen: torch.Generato
 # ---- 2. the dual-layer contract ------------------------------------------------------------------
 
 def check_contract(rule: DualRule, n: Node, config, gen: torch.Generator, mode: str, b_rows: int,
-                   special: tuple[float, ...], exact: bool = False) -> None:
+                   special: tuple[float, ...], exact: bool = False, domain: tuple[float, float] | None = None) -> None:
     """Inequalities (1) and (2) for one node, one draw of bounds and rows."""
     var_inputs = n.var_inputs
     distinct = list(dict.fromkeys(var_inputs))
-    bounds = {v: random_bounds(v.unit_shape, gen, mode) for v in distinct}
+    bounds = {v: random_bounds(v.unit_shape, gen, mode, domain=domain) for v in distinct}
     lams = []
     for out in n.outputs:
         lam = torch.randn((b_rows, M, *out.unit_shape), generator=gen, dtype=DTYPE)
@@ -258,14 +278,16 @@ def check_contract(rule: DualRule, n: Node, config, gen: torch.Generator, mode: 
 
 # ---- 3. every bound path through the rule --------------------------------------------------------
 
-def embed(template: Node, seed: int) -> Graph:
+def embed(template: Node, seed: int, domain: tuple[float, float] | None = None, box=None) -> Graph:
     """The example node inside a network, so that every bound path runs through its rule:
 
         x -> per variable slot: Gemm -> Reshape -> Relu -> [the node] -> per output: Relu
           -> Flatten -> Concat -> Gemm -> Relu -> Gemm
 
     Each output of the node is a bound target (its dual is the first dual step, on patches
-    for a Conv); the last hidden layer's bounds and ``J`` are computed through it."""
+    for a Conv); the last hidden layer's bounds and ``J`` are computed through it. With a
+    ``domain`` (and the input ``box``) the node's inputs are affine in ``x`` instead, scaled
+    and shifted so that their exact range over the box lies inside the domain."""
     gen = torch.Generator().manual_seed(seed)
     g = Graph(f"paths_{template.op_type}")
     x = g.add_input("x", (5,), DTYPE)
@@ -278,11 +300,14 @@ def embed(template: Node, seed: int) -> Graph:
         if same is not None:
             chains.append(same)
             continue
-        w = g.add_const(f"w{k}", torch.randn(v.numel, 5, generator=gen, dtype=DTYPE))
-        bias = g.add_const(f"b{k}", torch.randn(v.numel, generator=gen, dtype=DTYPE) * 0.5)
-        h = g.add_node("Gemm", [x, w, bias], {"transB": 1}, name=f"in{k}").output
+        weight = torch.randn(v.numel, 5, generator=gen, dtype=DTYPE)
+        bias = torch.randn(v.numel, generator=gen, dtype=DTYPE) * 0.5
+        if domain is not None:
+            weight, bias = _affine_into(weight, bias, box, domain)
+        h = g.add_node("Gemm", [x, g.add_const(f"w{k}", weight), g.add_const(f"b{k}", bias)], {"transB": 1},
+                       name=f"in{k}").output
         h = g.add_node("Reshape", [h, g.add_const(f"s{k}", torch.tensor([0, *v.unit_shape]))], name=f"shape{k}").output
-        chains.append(g.add_node("Relu", [h], name=f"act{k}").output)
+        chains.append(h if domain is not None else g.add_node("Relu", [h], name=f"act{k}").output)
     under = g.add_node(template.op, chains, dict(template.attrs), name="under_test", n_outputs=len(template.outputs))
     flat = []
     for i, out in enumerate(under.outputs):
@@ -300,13 +325,30 @@ def embed(template: Node, seed: int) -> Graph:
     return g
 
 
-def check_paths(template: Node, seed: int = 0) -> int:
+def _affine_into(weight: torch.Tensor, bias: torch.Tensor, box, domain: tuple[float, float]):
+    """``W x + b`` rescaled per unit so that its exact range over ``box`` lies inside ``domain``."""
+    centre, radius = (box.hi + box.lo) / 2, (box.hi - box.lo) / 2           # [B, 5]
+    mid = centre @ weight.T + bias                                          # [B, units]
+    spread = radius @ weight.abs().T
+    lo, hi = (mid - spread).amin(0), (mid + spread).amax(0)                 # range over every example
+    a, b = domain
+    if a > -float("inf") and b < float("inf"):                              # into [a + 5%, b - 5%]
+        scale = 0.9 * (b - a) / (hi - lo).clamp(min=1e-12)
+        return weight * scale[:, None], (bias - lo) * scale + a + 0.05 * (b - a)
+    if a > -float("inf"):
+        return weight, bias - lo + a + 0.05
+    if b < float("inf"):
+        return weight, bias - hi + b - 0.05
+    return weight, bias
+
+
+def check_paths(template: Node, seed: int = 0, domain: tuple[float, float] | None = None) -> int:
     """Intermediate bounds and ``J`` through the node, on every path, below/above sampled values;
     returns how many configurations ran."""
-    graph = embed(template, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     centre = torch.randn(B, 5, generator=gen, dtype=DTYPE)
     box = linf_ball(centre, 0.4)
+    graph = embed(template, seed, domain, box)
     pts = torch.cat([box.sample(300, gen), torch.where(torch.rand(100, B, 5, generator=gen) < 0.5, box.hi, box.lo)])
     interp = Interpreter(graph)
     env = {graph.inputs[0]: pts.reshape(-1, 5)}
@@ -370,12 +412,13 @@ def check_op(op: str | tuple[str, str] | OpDefinition, *, examples: list[OpExamp
             for config in CONFIGS:
                 for k, mode in enumerate(modes):
                     if isinstance(rule, ElementwiseRule):
-                        report.relaxation_points += check_relaxation(rule, n, config, gen, mode, special)
+                        report.relaxation_points += check_relaxation(rule, n, config, gen, mode, special,
+                                                                     domain=example.domain)
                     check_contract(rule, n, config, gen, mode, (1, B)[k % 2], special,
-                                   exact=isinstance(rule, AffineRule))
+                                   exact=isinstance(rule, AffineRule), domain=example.domain)
                     report.contract_checks += 1
             if paths:
-                report.paths += check_paths(n)
+                report.paths += check_paths(n, domain=example.domain)
         except OpCheckFailure as exc:
             raise OpCheckFailure(f"op {name}, example {desc}: {exc}") from None
         except DualgraphError as exc:

@@ -35,15 +35,29 @@ from hypothesis import strategies as st
 from dualgraph.input_sets import Box, InputSet, L2Ball, linf_ball
 
 DTYPE = torch.float64
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "hardtanh")
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "hardtanh", "abs", "softplus", "sin", "square")
 SET_KINDS = ("linf", "linf01", "l2")
+
+
+class Elementwise(nn.Module):
+    """``fn(x)`` as a module (torch has no layer for abs, sin, x^2): fx traces through it,
+    the ONNX exporter writes the function's op."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
 
 
 def make_act(kind: str | None) -> nn.Module | None:
     if kind is None:
         return None
     return {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "tanh": nn.Tanh,
-            "sigmoid": nn.Sigmoid, "hardtanh": lambda: nn.Hardtanh(-0.5, 1.0)}[kind]()
+            "sigmoid": nn.Sigmoid, "hardtanh": lambda: nn.Hardtanh(-0.5, 1.0), "softplus": nn.Softplus,
+            "abs": lambda: Elementwise(torch.abs), "sin": lambda: Elementwise(torch.sin),
+            "square": lambda: Elementwise(lambda x: x ** 2)}[kind]()
 
 
 class DagNode(nn.Module):

@@ -530,3 +530,24 @@ def test_bad_example_inputs():
         load_module(nn.Linear(3, 2), (torch.randn(2, 3), torch.randn(2, 3)))
     with pytest.raises(DualgraphError, match="failed"):
         load_module(nn.Linear(3, 2), torch.randn(2, 4))
+
+
+class ElementwiseFunctions(nn.Module):
+    """Every elementwise function torch.fx lowers, on inputs kept inside their domains."""
+
+    def forward(self, x):
+        a = torch.abs(x)
+        y = torch.log(a + 1) + torch.sqrt(a) + torch.reciprocal(a + 0.5) + x.abs().pow(1.5)
+        y = y + torch.exp(x) + torch.sin(x) + x.cos() + F.softplus(x) + nn.functional.softplus(-x)
+        return y + torch.sign(x) + torch.floor(x) + x.ceil() + x ** 2 + torch.pow(x, 3)
+
+
+def test_elementwise_functions_lower_to_their_ops():
+    g = assert_lowers(ElementwiseFunctions(), (5,))
+    assert {"Abs", "Log", "Sqrt", "Reciprocal", "Pow", "Exp", "Sin", "Cos", "Softplus", "Sign", "Floor",
+            "Ceil"} <= set(op_types(g))
+
+
+def test_softplus_with_another_beta_is_refused():
+    with pytest.raises(UnsupportedOpError, match="beta"):
+        load_module(nn.Sequential(nn.Linear(3, 3), nn.Softplus(beta=2.0)), torch.randn(2, 3))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..dual_registry import AffineRule, DualRule, DualStep
 from ..errors import DualgraphError, UnsupportedOpError
-from ..lowering import Call, Missing, Unsupported, ntuple, reshape_to
+from ..lowering import Call, Missing, Unsupported, ntuple
 from ..op_registry import define_op, var
 from .common import CONV_FUNCTIONS, conv_pads, spatial_rank, torch_pad, window
 
@@ -198,20 +198,6 @@ class GlobalAveragePoolDual(AffineRule):
 
 
 global_average_pool.onnx_import(_onnx_global_pool)
-
-
-@global_average_pool.fx_lowering(torch.mean, "mean")
-def _(lo, call: Call):
-    # Only the spatial mean x.mean((2, 3)) of ResNet heads: a global average pool.
-    x = lo.var(call.arg(0, "input"))
-    dims = call.arg(1, "dim", None)
-    dims = sorted(lo.axis(x, d) for d in ((dims,) if isinstance(dims, int) else dims or ()))
-    if dims != list(range(2, lo.rank(x))) or not dims:
-        raise Unsupported("mean over dims other than all spatial dims (2, 3, ...)")
-    y = lo.emit("GlobalAveragePool", [x], hint=f"{lo.node_name}_pool")
-    if call.arg(2, "keepdim", False):
-        return lo.emit("Identity", [y])
-    return reshape_to(lo, y, lo.out_shape())
 
 
 global_average_pool.example(var(2, 3, 3))

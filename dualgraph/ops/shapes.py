@@ -586,3 +586,51 @@ pad.example(var(2, 3, 3), _ints(0, 0, 1, 0, 0, 0, 0, 2), attrs={"mode": "constan
 pad.example(var(2, 3), _ints(0, 1, 1, 0, 0, 2), torch.tensor(0.5, dtype=torch.float64), attrs={"mode": "constant"})
 pad.example(var(2, 4), _ints(0, 0, 2, 0, 0, 1), attrs={"mode": "reflect"})
 pad.example(var(2, 3), _ints(0, 1, 1, 0, 1, 1), attrs={"mode": "edge"})
+
+
+# ---- Gather with constant indices ---------------------------------------------------------------------
+
+gather = define_op("Gather")
+
+
+@gather.evaluate
+def _(node, inputs):
+    x = inputs[0]
+    axis = node_axis(int(node.attrs.get("axis", 0)), x.dim(), node)
+    if axis == 0:
+        raise DualgraphError(f"node '{node.name}' (Gather) gathers along the batch axis")
+    indices = node.const_input(1).to(torch.int64)
+    size = int(x.shape[axis])
+    if bool(((indices < -size) | (indices >= size)).any()):
+        raise DualgraphError(f"node '{node.name}' (Gather): indices out of range for an axis of size {size}")
+    flat = torch.where(indices < 0, indices + size, indices).reshape(-1).to(x.device)
+    out = x.index_select(axis, flat)
+    return out.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])
+
+
+gather.dual(IndexMapDual)
+
+
+@gather.onnx_import
+def _(ctx, n):
+    x = ctx.var(n, 0)
+    indices = ctx.const(n, 1, "the Gather indices")
+    if indices is None:
+        raise DualgraphError(f"node '{n.name}' (Gather): indices computed from the network input are not supported")
+    axis = ctx.axis(n, int(n.attrs.get("axis", 0)), x.rank)
+    if not x.added and axis == 0:
+        x = ctx.to_added(n, x)
+    array = np.asarray(ctx.batch_free(n, indices), dtype=np.int64)
+    return ctx.emit(n, "Gather", [x.value, ctx.ir_const(array, f"{n.name}/dg_indices")], {"axis": axis + x.added},
+                    x.added, n.outs)
+
+
+@gather.fx_lowering(torch.index_select, "index_select")
+def _(lo, call: Call):
+    x = lo.var(call.arg(0, "input"))
+    indices = lo.constant(call.arg(2, "index"), "index")
+    return lo.emit("Gather", [x, indices.to(torch.int64)], {"axis": lo.axis(x, call.arg(1, "dim"))})
+
+
+gather.example(var(5, 3), _ints(0, 2, 4, -1).reshape(2, 2), attrs={"axis": 1})
+gather.example(var(3, 4), torch.tensor(2), attrs={"axis": 2})

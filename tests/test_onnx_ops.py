@@ -1,0 +1,169 @@
+"""ONNX semantics of the elementwise functions, against onnxruntime, and their bounds inside
+a network, against sampling: the table below is the one to extend for a new ONNX op.
+
+Each row is a one-node model ``op(x, *constants)`` with inputs drawn inside the op's domain;
+the imported graph must agree with onnxruntime, and a small network using the op (Gemm ->
+op -> Gemm, its pre-activations kept inside the domain) must have sound certified bounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from dualgraph.api import Certifier
+from dualgraph.frontends.onnx import load_onnx
+from dualgraph.interpreter import Interpreter
+
+# op, constant inputs, input range (inputs are drawn uniformly inside it)
+TABLE = [
+    ("Abs", [], (-3, 3)),
+    ("Exp", [], (-4, 3)),
+    ("Log", [], (0.05, 6)),
+    ("Sqrt", [], (0.0, 6)),
+    ("Reciprocal", [], (0.2, 5)),
+    ("Reciprocal", [], (-5, -0.2)),
+    ("Softplus", [], (-5, 5)),
+    ("Sin", [], (-7, 7)),
+    ("Cos", [], (-7, 7)),
+    ("Sign", [], (-2, 2)),
+    ("Floor", [], (-3, 3)),
+    ("Ceil", [], (-3, 3)),
+    ("Pow", [np.array(2.0, np.float32)], (-3, 3)),
+    ("Pow", [np.array(3.0, np.float32)], (-3, 3)),
+    ("Pow", [np.array(0.5, np.float32)], (0, 5)),
+    ("Pow", [np.array(-1.0, np.float32)], (0.2, 5)),
+]
+IDS = [f"{op}{'-' + str(float(c[0])) if c else ''}{'-neg' if r[1] < 0 else ''}" for op, c, r in TABLE]
+
+
+def one_node(op: str, consts: list, width: int = 6):
+    names = ["x"] + [f"c{i}" for i in range(len(consts))]
+    inits = [numpy_helper.from_array(c, f"c{i}") for i, c in enumerate(consts)]
+    graph = helper.make_graph([helper.make_node(op, names, ["y"], name=f"the_{op.lower()}")], "t",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("op,consts,domain", TABLE, ids=IDS)
+def test_import_agrees_with_onnxruntime(op, consts, domain):
+    model = one_node(op, consts)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(*domain, size=(5, 6)).astype(np.float32)
+    if op in ("Sign", "Floor", "Ceil"):
+        x[0, :3] = [0.0, 1.0, -1.0]  # the steps themselves
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    graph = load_onnx(model)
+    got = Interpreter(graph).run(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+
+
+def network(op: str, consts: list, domain: tuple[float, float]):
+    """x[4] -> Gemm -> op -> Gemm -> y[3]; the first Gemm maps the input box [-1, 1]^4 (exactly)
+    into the middle of the op's domain."""
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((6, 4)).astype(np.float32)
+    lo, hi = domain
+    spread = np.abs(w1).sum(1)                                 # the range of w1 x over the box
+    scale = (0.8 * (hi - lo) / (2 * spread)).astype(np.float32)
+    w1 = w1 * scale[:, None]
+    b1 = np.full(6, (lo + hi) / 2, np.float32)
+    w2 = rng.standard_normal((3, 6)).astype(np.float32)
+    names = ["h"] + [f"c{i}" for i in range(len(consts))]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="fc1"),
+             helper.make_node(op, names, ["a"], name="the_op"),
+             helper.make_node("Gemm", ["a", "w2"], ["y"], transB=1, name="fc2")]
+    inits = [numpy_helper.from_array(t, n) for t, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))]
+    inits += [numpy_helper.from_array(c, f"c{i}") for i, c in enumerate(consts)]
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("op,consts,domain", TABLE, ids=IDS)
+def test_bounds_in_a_network_hold_for_sampled_points(op, consts, domain):
+    lo, hi = max(domain[0], -50.0), min(domain[1], 50.0)
+    graph = load_onnx(network(op, consts, (lo, hi)))
+    cert = Certifier(graph, dtype=torch.float32)
+    x = torch.zeros(1, 4)
+    spec = torch.tensor([[[1.0, -1.0, 0.0], [0.0, 1.0, -1.0], [-1.0, 0.0, 1.0]]])
+    bound = cert.lower_bounds(cert.input_set(x, 1.0), spec)[0]                     # [3]
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.cat([torch.rand(4000, 4, generator=gen) * 2 - 1,
+                     torch.where(torch.rand(500, 4, generator=gen) < 0.5, 1.0, -1.0)])
+    values = (cert.forward(pts) @ spec[0].T).min(0).values
+    assert torch.isfinite(bound).all()
+    assert (bound <= values).all(), (bound, values)
+
+
+# ---- structural and affine ops on [N, 2, 3, 4] ------------------------------------------------------
+
+STRUCTURAL = [  # op, constant inputs, attributes, opset
+    ("ReduceSum", [np.array([2], np.int64)], {"keepdims": 0}, 17),
+    ("ReduceSum", [np.array([-1, 1], np.int64)], {}, 17),
+    ("ReduceSum", [], {"axes": [3]}, 11),
+    ("ReduceMean", [], {"axes": [1, 2], "keepdims": 0}, 17),
+    ("ReduceMean", [np.array([3], np.int64)], {}, 18),
+    ("Gather", [np.array([[2, 0], [1, -1]], np.int64)], {"axis": 3}, 17),
+    ("Gather", [np.array(1, np.int64)], {"axis": 1}, 17),
+]
+SIDS = [f"{op}-{i}" for i, (op, *_) in enumerate(STRUCTURAL)]
+
+
+def structural_model(op: str, consts: list, attrs: dict, opset: int, with_network: bool):
+    names = ["z"] + [f"c{i}" for i in range(len(consts))]
+    inits = [numpy_helper.from_array(c, f"c{i}") for i, c in enumerate(consts)]
+    nodes = [helper.make_node(op, names, ["o"], name="the_op", **attrs)]
+    x_name = "z"
+    if with_network:  # x[4] -> Gemm -> [N, 2, 3, 4] -> Relu -> op -> Flatten -> Gemm -> y[3]
+        rng = np.random.default_rng(2)
+        inits += [numpy_helper.from_array(rng.standard_normal((24, 4)).astype(np.float32), "w1"),
+                  numpy_helper.from_array(np.array([-1, 2, 3, 4], np.int64), "shape")]
+        nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1),
+                 helper.make_node("Reshape", ["h", "shape"], ["r"]),
+                 helper.make_node("Relu", ["r"], ["z"])] + nodes + [helper.make_node("Flatten", ["o"], ["f"])]
+        x_name = "x"
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(
+        x_name, TensorProto.FLOAT, ["N", 4] if with_network else ["N", 2, 3, 4])],
+        [helper.make_tensor_value_info("f" if with_network else "o", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("op,consts,attrs,opset", STRUCTURAL, ids=SIDS)
+def test_structural_import_agrees_with_onnxruntime(op, consts, attrs, opset):
+    model = structural_model(op, consts, attrs, opset, with_network=False)
+    x = np.random.default_rng(0).standard_normal((3, 2, 3, 4)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"z": x})[0]
+    got = Interpreter(load_onnx(model)).run(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op,consts,attrs,opset", STRUCTURAL, ids=SIDS)
+def test_structural_bounds_hold_for_sampled_points(op, consts, attrs, opset):
+    graph = load_onnx(structural_model(op, consts, attrs, opset, with_network=True))
+    cert = Certifier(graph, dtype=torch.float32)
+    n_out = graph.outputs[0].numel
+    spec = torch.randn(1, 4, n_out, generator=torch.Generator().manual_seed(3))
+    bound = cert.lower_bounds(cert.input_set(torch.zeros(1, 4), 1.0), spec)[0]
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.cat([torch.rand(3000, 4, generator=gen) * 2 - 1,
+                     torch.where(torch.rand(500, 4, generator=gen) < 0.5, 1.0, -1.0)])
+    values = (cert.forward(pts) @ spec[0].T).min(0).values
+    assert (bound <= values).all(), (bound, values)
+
+
+def test_a_reduction_over_the_examples_is_refused():
+    from dualgraph.errors import DualgraphError
+    model = structural_model("ReduceSum", [np.array([0], np.int64)], {}, 17, with_network=False)
+    with pytest.raises(DualgraphError, match="batch axis"):
+        load_onnx(model)
