@@ -66,8 +66,11 @@ class DirectionCost:
 
     @functools.cached_property
     def bounded_nodes(self) -> list[Node]:
-        """The nodes the intermediate bounds involve (ancestors of the last bound target)."""
-        return self.graph.ancestors(self.bound_targets[-1])
+        """The nodes the intermediate bounds involve (ancestors of any bound target; not only
+        of the last one: a later target need not depend on an earlier one, e.g. the two
+        operands of a Max), in graph order."""
+        involved = {n for t in self.bound_targets for n in self.graph.ancestors(t)}
+        return [n for n in self.graph.nodes if n in involved]
 
     @functools.cached_property
     def forward_columns(self) -> dict[Value, float]:

@@ -440,13 +440,17 @@ class ElementwiseRule(DualRule):
         if key not in bounds.cache:
             with naming_node(node, "relaxation"):
                 r = self.relax(node, bounds, config)
+                if not isinstance(r, Relaxation):
+                    raise DualgraphError(f"the relaxation of node '{node.name}' ({_op_name(node)}) returned a "
+                                         f"{type(r).__name__}; it must return a dualgraph.Relaxation")
+                if self.trust_source is not None:
+                    from .trust import needs_check, verify_relaxation
+                    if needs_check(self, node):
+                        verify_relaxation(self, node, bounds, r)
             if self.linear(node, config) and not r.has_equal_slopes():
                 raise DualgraphError(
                     f"the relaxation of node '{node.name}' ({_op_name(node)}) is declared linear (linear_if) "
                     "but returned different lower and upper slopes; declare it non-linear or return equal slopes")
-            if self.trust_source is not None:
-                from .trust import verify_relaxation
-                verify_relaxation(self, node, bounds, r)
             bounds.cache[key] = r
         return bounds.cache[key]
 

@@ -25,7 +25,7 @@ from .interpreter import GraphWalk, naming_node
 from .ir import Graph, Node, Value, last_uses
 from .linalg import batched_dot, take_examples
 from .rounding import RoundingAllowance
-from .trust import verify_dual_step
+from .trust import needs_check, verify_dual_step
 
 
 @dataclass
@@ -194,8 +194,9 @@ class DualRunner:
         if step.upper is None and rule.linear(primal, self.config):
             raise DualgraphError(f"the dual layer of node '{primal.name}' ({primal.op_type}) is declared linear "
                                  "but returned no upper offset; declare it non-linear (DualRule.linear)")
-        if rule.trust_source is not None and not isinstance(rule, ElementwiseRule):
-            verify_dual_step(rule, primal, lam, in_bounds, self.config, step)  # a plugin's first step
+        if rule.trust_source is not None and not isinstance(rule, ElementwiseRule) and needs_check(rule, primal):
+            with naming_node(primal, "first-use check"):
+                verify_dual_step(rule, primal, lam, in_bounds, self.config, step)  # a plugin's first step here
         return step
 
 

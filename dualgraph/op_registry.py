@@ -154,12 +154,22 @@ class OpDefinition:
         ``inputs`` has one entry per input slot (constants included, None for an omitted
         optional input); variable tensors carry the batch first. Must run on ``meta``
         tensors (shape inference): read integer parameters with ``node.const_input(i)``."""
+        self._check_owner()
         self.eval_rule = EVAL_RULES[self.key] = rule
         return rule
 
     def dual(self, rule: type[DualRule] | DualRule) -> Any:
         """The dual layer (contract: :mod:`dualgraph.dual_registry`): a :class:`DualRule`
-        subclass (instantiated here) or instance. Returns its argument (decorator use)."""
+        subclass (instantiated here) or instance. Returns its argument (decorator use).
+
+        Besides ``backward``, a :class:`DualRule` subclass states the facts the rounding
+        allowance needs (``abs_linear``, ``constant_magnitude``, ``eval_length``,
+        ``dual_length``; :class:`AffineRule` and relaxations have them already)."""
+        self._check_owner()
+        self._set_dual(rule)
+        return rule
+
+    def _set_dual(self, rule: type[DualRule] | DualRule) -> None:
         instance = rule() if isinstance(rule, type) else rule
         if not isinstance(instance, DualRule):
             raise DualgraphError(f"the dual layer of op {self.name} must be a dualgraph.DualRule, "
@@ -167,7 +177,6 @@ class OpDefinition:
         if not self.built_in:
             instance.trust_source = f"{self.source}, op {self.name}"  # checked on first use
         self.dual_rule = DUAL_RULES[self.key] = instance
-        return rule
 
     def relaxation(self, *, linear_if: Callable[[Any], bool] = lambda config: False,
                    breakpoints: Callable[[Any], tuple[float, ...] | None] = lambda node: None,
@@ -181,20 +190,25 @@ class OpDefinition:
         :meth:`DualRule.breakpoints`. ``eval_roundings``: how many ulps the op's own
         floating-point evaluation may be off (0 for ReLU; 8 suits ``exp``/``tanh`` formulas).
         """
+        self._check_owner()
+
         def deco(relax: RelaxFn) -> RelaxFn:
-            self.dual(ElementwiseRule(relax, linear_if, breakpoints, eval_roundings))
+            self._set_dual(ElementwiseRule(relax, linear_if, breakpoints, eval_roundings))
             return relax
         return deco
 
     def onnx_import(self, handler: OnnxHandler) -> OnnxHandler:
         """``handler(ctx, n) -> refs``: how the ONNX frontend converts a node of this op
         (without one, a node of a domain op is emitted as it is, its inputs as given)."""
+        self._check_owner()
         self.onnx_handler = handler
         return handler
 
     def fx_lowering(self, *targets: Any, override: bool = False) -> Callable[[FxRule], FxRule]:
         """Register ``rule(lo, call)`` for module types (matched exactly), functions and
         Tensor method names (strings) that the torch.fx frontend lowers to this op."""
+        self._check_owner()
+
         def deco(rule: FxRule) -> FxRule:
             for target in targets:
                 register_fx_rule(target, rule, self, override=override)
@@ -204,9 +218,20 @@ class OpDefinition:
     def example(self, *inputs: Any, attrs: dict | None = None, outputs: int = 1,
                 special_points: tuple[float, ...] = (), domain: tuple[float, float] | None = None) -> OpDefinition:
         """Add an example node for the checker (:func:`dualgraph.testing.check_op`)."""
+        self._check_owner()
         self.examples.append(OpExample(tuple(inputs), dict(attrs or {}), outputs, tuple(special_points),
                                        None if domain is None else (float(domain[0]), float(domain[1]))))
         return self
+
+
+    def _check_owner(self) -> None:
+        """Only the code that defined an op declares its rules: anyone else (a plugin reaching
+        for a built-in's definition) must replace it with ``define_op(..., override=True)``."""
+        caller = _caller_source(depth=3)
+        if caller != self.source:
+            raise DualgraphError(f"op {self.name} is defined by {self.source}; {caller} cannot change its rules "
+                                 f"but can replace the op with define_op({self.key[1]!r}"
+                                 f"{', domain=' + repr(self.key[0]) if self.key[0] else ''}, override=True)")
 
 
 OPS: dict[OpKey, OpDefinition] = {}
@@ -234,6 +259,8 @@ def define_op(op_type: str, domain: str = "", *, override: bool = False, doc: st
                              f"{op_type} in your own domain (e.g. 'com.example')")
     key = (domain, op_type)
     source = _caller_source()
+    if source != BUILT_IN:
+        from . import ops  # noqa: F401  (the built-ins first: what a plugin defines is checked against them)
     old = OPS.get(key)
     if old is not None and not override:
         raise DualgraphError(f"op {'.'.join(filter(None, key))} is already defined ({old.source}); the "
@@ -292,13 +319,13 @@ def _owner_name(owner: OpDefinition | str) -> str:
     return f"op {owner.name} ({owner.source})" if isinstance(owner, OpDefinition) else owner
 
 
-def _caller_source() -> str:
-    """Who is defining an op: the plugin distribution being loaded, dualgraph itself, the
-    installed distribution the calling module belongs to (a plugin imported before dualgraph
-    loaded its entry points), or that module (user code, tests)."""
+def _caller_source(depth: int = 2) -> str:
+    """Who is calling (``depth`` frames up from here): the plugin distribution being loaded,
+    dualgraph itself, the installed distribution the calling module belongs to (a plugin
+    imported before dualgraph loaded its entry points), or that module (user code, tests)."""
     if _plugin_source:
         return _plugin_source[-1]
-    module = sys._getframe(2).f_globals.get("__name__", "?")
+    module = sys._getframe(depth).f_globals.get("__name__", "?")
     if module == "dualgraph" or module.startswith("dualgraph."):
         return BUILT_IN
     return distribution_of(module) or f"module {module}"
@@ -330,6 +357,22 @@ def loading_plugin(source: str) -> Iterator[None]:
         yield
     finally:
         _plugin_source.pop()
+
+
+def snapshot() -> Callable[[], None]:
+    """A function that puts every registry back as it is now (a plugin that fails to load
+    leaves nothing behind: neither new ops nor replaced built-ins)."""
+    tables = (OPS, EVAL_RULES, DUAL_RULES, MODULE_RULES, FUNCTION_RULES, METHOD_RULES, FX_OWNERS)
+    saved = [dict(t) for t in tables]
+    targets = {id(d): (d, list(d.fx_targets)) for d in OPS.values()}
+
+    def restore() -> None:
+        for table, copy in zip(tables, saved):
+            table.clear()
+            table.update(copy)
+        for d, fx_targets in targets.values():
+            d.fx_targets[:] = fx_targets
+    return restore
 
 
 def definitions() -> list[OpDefinition]:

@@ -51,16 +51,16 @@ def load_plugins() -> list[PluginInfo]:
     _state["loaded"] = True
     if plugins_disabled():
         return LOADED
-    from .op_registry import OPS, loading_plugin, remove_op
+    from . import ops  # noqa: F401  (the built-ins first: plugins are checked against them)
+    from .op_registry import loading_plugin, snapshot
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         source = _distribution(ep)
-        before = set(OPS)
+        restore = snapshot()
         try:
             with loading_plugin(source):
                 ep.load()
-        except Exception as exc:  # a broken plugin must not take down commands that never use it
-            for key in set(OPS) - before:
-                remove_op(key)  # nothing half: its partial definitions are withdrawn
+        except (Exception, SystemExit) as exc:  # a broken plugin must not take down commands that never use it
+            restore()  # nothing half: its definitions and replacements are withdrawn
             error = f"{type(exc).__name__}: {exc}"
             LOADED.append(PluginInfo(ep.name, ep.value, source, error))
             hint = "" if _debug() else " (DUALGRAPH_DEBUG=1 or --debug shows the traceback)"

@@ -419,10 +419,10 @@ def check_op(op: str | tuple[str, str] | OpDefinition, *, examples: list[OpExamp
                     report.contract_checks += 1
             if paths:
                 report.paths += check_paths(n, domain=example.domain)
-        except OpCheckFailure as exc:
+        except (OpCheckFailure, DualgraphError) as exc:
             raise OpCheckFailure(f"op {name}, example {desc}: {exc}") from None
-        except DualgraphError as exc:
-            raise OpCheckFailure(f"op {name}, example {desc}: {exc}") from None
+        except Exception as exc:  # the op's own code failed: that is what the checker is for
+            raise OpCheckFailure(f"op {name}, example {desc}: its rules raised {type(exc).__name__}: {exc}") from exc
     return report
 
 

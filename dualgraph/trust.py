@@ -3,17 +3,20 @@
 A plugin's relaxation is a claim: ``a_lo z + b_lo <= f(z) <= a_up z + b_up`` for every ``z``
 in ``[l, u]``. A wrong one (a chord used as both lines) would produce certificates for
 properties that do not hold. So the first time a process uses a relaxation that dualgraph
-did not ship, the claim is tested on points inside the bounds it was *actually given*: each
-interval's ends, its midpoint and random points, evaluated in float64 with the op's own
-evaluation rule. A rule that is not a relaxation (a :class:`~dualgraph.dual_registry.DualRule`
-subclass) is tested on its first backward step the same way, against inequality (1) of
-the contract, and (2) when it declares itself linear. A violation stops the run with an
-error naming the plugin, the op, the node and a violating point; a passed check is not
-repeated in that process.
+did not ship *at a node*, the claim is tested on points inside the bounds it was actually
+given there: each interval's ends, its midpoint and random points, evaluated in float64
+with the op's own evaluation rule. The tolerance is what the rounding allowance adds to a
+relaxation's offsets anyway (8 units of roundoff of the bounds' precision, relative to
+``|a| max(|l|, |u|) + 2 |b|``), so a relaxation passes only if it is sound up to the
+rounding dualgraph accounts for. A rule that is not a relaxation (a
+:class:`~dualgraph.dual_registry.DualRule` subclass) is tested on its first backward step at
+a node the same way, against inequality (1) of the contract, and (2) when it declares
+itself linear. A violation stops the run with an error naming the plugin, the op, the node
+and a violating point; a node that passed is not checked again in that process.
 
 Sampling cannot prove a relaxation sound (``dualgraph check-op`` tests far more points);
 it catches the claims that are wrong where they are used, at a cost measured in
-``bench/plugin_report.md`` (a few milliseconds once per op and process).
+``bench/plugin_report.md`` (a few milliseconds per node, once per process).
 """
 
 from __future__ import annotations
@@ -29,8 +32,20 @@ POINTS_PER_UNIT = 16     # per sampled unit: both ends, the midpoint and 13 rand
 MAX_ENTRIES = 1 << 16    # a cap on the evaluations, so the check costs the same on any batch
 
 
+def needs_check(rule: DualRule, node: Node) -> bool:
+    """Whether ``rule`` comes from outside dualgraph and has not yet been checked at ``node``."""
+    return rule.trust_source is not None and not node.meta.get(("trust checked", id(rule)), False)
+
+
+def _passed(rule: DualRule, node: Node) -> None:
+    node.meta[("trust checked", id(rule))] = True
+
+
 def verify_relaxation(rule: DualRule, node: Node, bounds, r: Relaxation) -> None:
-    """Check ``r`` on points of ``bounds`` (the first use of a plugin relaxation)."""
+    """Check ``r`` on points of ``bounds`` (the first use of a plugin relaxation at ``node``)."""
+    if not isinstance(r, Relaxation):
+        raise DualgraphError(f"the relaxation of {rule.trust_source} returned a {type(r).__name__} at node "
+                             f"'{node.name}'; it must return a dualgraph.Relaxation")
     lower, upper = bounds.lower.detach(), bounds.upper.detach()
     rows = _rows(lower.shape)
     l, u = (t[:rows].to(torch.float64) for t in (lower, upper))
@@ -45,12 +60,16 @@ def verify_relaxation(rule: DualRule, node: Node, bounds, r: Relaxation) -> None
     def line(a, b) -> tuple[torch.Tensor, torch.Tensor]:
         a = _take(a.detach(), rows).to(torch.float64)
         b = _take(b.detach(), rows).to(torch.float64) if torch.is_tensor(b) else torch.tensor(float(b), dtype=torch.float64)
-        return a * z + b, (a * z).abs() + b.abs()
+        return a * z + b, a.abs() * magnitude + 2 * b.abs()
 
+    magnitude = torch.maximum(l.abs(), u.abs()).where(torch.isfinite(l) & torch.isfinite(u), torch.zeros_like(l))
     low, low_scale = line(r.a_lo, r.b_lo)
     up, up_scale = line(r.a_up, r.b_up)
-    below = low - fz - 64 * eps * (1 + fz.abs() + low_scale)   # > 0: the lower line is above f
-    above = fz - up - 64 * eps * (1 + fz.abs() + up_scale)     # > 0: the upper line is below f
+    # the allowance's share for a relaxation: 8 units of roundoff (u = eps / 2) of |a| m + 2 |b|;
+    # 4 float64 ulps of f cover the check's own evaluation
+    f64 = torch.finfo(torch.float64).eps
+    below = low - fz - (4 * eps * low_scale + 4 * f64 * fz.abs())    # > 0: the lower line is above f
+    above = fz - up - (4 * eps * up_scale + 4 * f64 * fz.abs())      # > 0: the upper line is below f
     for excess, line_value, which in ((below, low, "lower"), (above, up, "upper")):
         excess = torch.nan_to_num(excess, nan=float("inf"))
         if bool((excess > 0).any()):
@@ -60,7 +79,7 @@ def verify_relaxation(rule: DualRule, node: Node, bounds, r: Relaxation) -> None
                 f"{_item(z, k):.6g} in [l, u] = [{_item(l.expand_as(z), k):.6g}, {_item(u.expand_as(z), k):.6g}], "
                 f"f(z) = {_item(fz, k):.6g}, but its {which} line gives {_item(line_value, k):.6g}; a relaxation "
                 "must bound f on the whole interval (test it with `dualgraph check-op`)")
-    rule.trust_source = None
+    _passed(rule, node)
 
 
 def verify_dual_step(rule: DualRule, node: Node, lam, bounds: list, config, step: DualStep) -> None:
@@ -73,20 +92,24 @@ def verify_dual_step(rule: DualRule, node: Node, lam, bounds: list, config, step
     rows = min(n_rows, 8)
     gen = torch.Generator().manual_seed(0)
     points = POINTS_PER_UNIT
-    zs = []
+    drawn: dict = {}   # one draw per distinct value: a node may read one value in two slots
     for i, v in enumerate(var_inputs):
+        if v in drawn:
+            continue
         bd = bounds[i] if i < len(bounds) else None
         shape = (points, rows, *v.unit_shape)
         if bd is None:
-            zs.append(torch.randn(shape, generator=gen, dtype=torch.float64))
+            drawn[v] = torch.randn(shape, generator=gen, dtype=torch.float64)
             continue
         l, u = (_take(t.detach(), rows).to(torch.float64).expand(rows, *v.unit_shape) for t in bd)
         t = torch.rand(shape, generator=gen, dtype=torch.float64)
         t[0], t[1] = 0.0, 1.0
-        zs.append(l + t * (u - l))
+        drawn[v] = l + t * (u - l)
+    zs = [drawn[v] for v in var_inputs]
+    where = "inside its input bounds" if bounds else "(normal random inputs; the rule takes no bounds)"
     args = const_args(node, zs[0])
-    it = iter(z.reshape(points * rows, *z.shape[2:]) for z in zs)
-    full = [next(it) if v is not None and not v.is_const else a for v, a in zip(node.inputs, args)]
+    full = [drawn[v].reshape(points * rows, *v.unit_shape) if v is not None and not v.is_const else a
+            for v, a in zip(node.inputs, args)]
     with torch.no_grad():
         outs = EVAL_RULES[node.op](node, full)
     outs = [outs] if torch.is_tensor(outs) else list(outs)
@@ -113,9 +136,9 @@ def verify_dual_step(rule: DualRule, node: Node, lam, bounds: list, config, step
         z0 = zs[0][point, example].flatten()[:4].tolist() if zs else []
         raise DualgraphError(
             f"the dual layer of {rule.trust_source} is unsound at node '{node.name}': inequality {what} "
-            f"fails by {float(bad.flatten()[k]):.6g} at a point inside its input bounds (first entries "
+            f"fails by {float(bad.flatten()[k]):.6g} at a point {where} (first entries "
             f"{[round(x, 6) for x in z0]}); test it with `dualgraph check-op`")
-    rule.trust_source = None
+    _passed(rule, node)
 
 
 def _rows(shape: torch.Size) -> int:

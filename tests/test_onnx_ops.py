@@ -36,8 +36,10 @@ TABLE = [
     ("Pow", [np.array(3.0, np.float32)], (-3, 3)),
     ("Pow", [np.array(0.5, np.float32)], (0, 5)),
     ("Pow", [np.array(-1.0, np.float32)], (0.2, 5)),
+    ("Max", [np.linspace(-1, 1, 6).astype(np.float32)], (-3, 3)),
+    ("Min", [np.array(0.5, np.float32)], (-3, 3)),
 ]
-IDS = [f"{op}{'-' + str(float(c[0])) if c else ''}{'-neg' if r[1] < 0 else ''}" for op, c, r in TABLE]
+IDS = [f"{op}{'-' + str(float(np.ravel(c[0])[0])) if c else ''}{'-neg' if r[1] < 0 else ''}" for op, c, r in TABLE]
 
 
 def one_node(op: str, consts: list, width: int = 6):
@@ -167,3 +169,30 @@ def test_a_reduction_over_the_examples_is_refused():
     model = structural_model("ReduceSum", [np.array([0], np.int64)], {}, 17, with_network=False)
     with pytest.raises(DualgraphError, match="batch axis"):
         load_onnx(model)
+
+
+@pytest.mark.parametrize("op", ["Max", "Min"])
+def test_extremum_of_two_network_tensors(op):
+    """``op(W1 x, W2 x, W3 x)``: three operands (a chain of two-operand nodes), all variable."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), f"w{i}") for i in range(3)]
+    nodes = [helper.make_node("Gemm", ["x", f"w{i}"], [f"h{i}"], transB=1) for i in range(3)]
+    nodes.append(helper.make_node(op, ["h0", "h1", "h2"], ["y"], name="the_op"))
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.uniform(-1, 1, (7, 4)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    graph = load_onnx(model)
+    np.testing.assert_allclose(Interpreter(graph).run(torch.from_numpy(x))[0].numpy(), want, rtol=1e-6, atol=1e-6)
+    for relaxation in ("paper", "crown"):
+        from dualgraph.scheduler import BoundConfig
+        cert = Certifier(graph, BoundConfig(relu_relaxation=relaxation))
+        spec = torch.randn(1, 6, 5, generator=torch.Generator().manual_seed(5))
+        bound = cert.lower_bounds(cert.input_set(torch.zeros(1, 4), 1.0), spec)[0]
+        gen = torch.Generator().manual_seed(0)
+        pts = torch.cat([torch.rand(3000, 4, generator=gen) * 2 - 1,
+                         torch.where(torch.rand(500, 4, generator=gen) < 0.5, 1.0, -1.0)])
+        values = (cert.forward(pts) @ spec[0].T).min(0).values
+        assert (bound <= values).all() and (values - bound).max() < 50

@@ -58,6 +58,18 @@ first.evaluate(lambda node, inputs: inputs[0] / 2)
 relu = define_op("Relu")                                  # no override=True: an error naming both
 '''
 
+REPLACES_THEN_FAILS = '''
+import torch
+from dualgraph import define_op
+relu = define_op("Relu", override=True)                  # replaces the built-in ...
+raise RuntimeError("... and then the plugin fails")      # ... which must come back
+'''
+
+EXITS = '''
+import sys
+sys.exit(3)
+'''
+
 OVERRIDES_RELU = '''
 import torch
 from dualgraph import define_op
@@ -163,3 +175,16 @@ def test_an_explicit_override_replaces_the_builtin_and_says_so(site):
     assert done.returncode == 0, done.stderr
     relu = next(line for line in done.stdout.splitlines() if line.startswith("Relu "))
     assert "fake-override 1.0 (replaces built-in)" in relu
+
+
+def test_a_failed_plugin_leaves_replaced_builtins_as_they_were(site):
+    make_distribution(site, "fake-half", {"fake_half": REPLACES_THEN_FAILS, "fake_exit": EXITS})
+    done = run(site, "plugins", "--json")
+    assert done.returncode == 0, done.stderr
+    listing = json.loads(done.stdout)
+    relu = next(o for o in listing["ops"] if o["op"] == "Relu")
+    assert relu["source"] == "built-in" and relu["provides"] == ["eval", "dual", "onnx", "fx"]
+    errors = {p["name"]: p["error"] for p in listing["plugins"]}
+    assert "then the plugin fails" in errors["fake_half"] and "SystemExit: 3" in errors["fake_exit"]
+    done = run(site, "certify", "--limit", "10", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["n"] == 10, done.stderr

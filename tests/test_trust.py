@@ -17,6 +17,7 @@ from dualgraph.input_sets import Box
 from dualgraph.ir import Graph
 from dualgraph.interpreter import infer_shapes
 from dualgraph.op_registry import remove_op
+from dualgraph.trust import needs_check
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 
 DOMAIN = "tests.trust"
@@ -86,12 +87,56 @@ def test_without_the_check_the_bound_would_be_false(swish_op):
     assert lower == pytest.approx(4 * torch.tanh(torch.tensor(2.0)).item(), rel=1e-6) and lower > 0.0
 
 
-def test_a_sound_plugin_relaxation_is_checked_once_and_then_trusted(swish_op):
+def test_a_sound_plugin_relaxation_is_checked_once_per_node_and_then_trusted(swish_op):
     swish_op.relaxation()(sound)
     rule = DUAL_RULES[swish_op.key]
     assert rule.trust_source == f"module {__name__}, op {DOMAIN}.SymSwish"
-    lower = float(bound(scalar_net(swish_op.key)))
-    assert lower <= 0.0 and rule.trust_source is None  # sound (f(0) = 0), and verified
+    graph = scalar_net(swish_op.key)
+    node = graph.nodes[0]
+    assert needs_check(rule, node)
+    lower = float(bound(graph))
+    assert lower <= 1e-9 and not needs_check(rule, node)  # sound (f(0) = 0), and verified at this node
+    assert needs_check(rule, scalar_net(swish_op.key).nodes[0])  # another node is checked on its own
+
+
+def test_a_relaxation_wrong_only_on_wide_intervals_is_caught_at_the_node_that_sees_them(swish_op):
+    """Two nodes of the op: the first sees narrow bounds (where the chord twice is within the
+    tolerance), the second wide ones; the check runs at each node's first use."""
+    def chord_twice_unless_narrow(node, bounds, config):
+        l, u = bounds
+        if bool(((u - l) < 1e-3).all()):
+            return sound(node, bounds, config)
+        return chord_twice(node, bounds, config)
+
+    swish_op.relaxation()(chord_twice_unless_narrow)
+    g = Graph("two")
+    x = g.add_input("x", (1,), torch.float64)
+    narrow = g.add_node("Mul", [x, g.add_const("tiny", torch.tensor([1e-5], dtype=torch.float64))]).output
+    a = g.add_node(swish_op.key, [narrow], name="first").output
+    wide = g.add_node("Add", [x, a]).output
+    b = g.add_node(swish_op.key, [wide], name="second").output
+    g.outputs = [g.add_node("Gemm", [b, g.add_const("w", torch.ones(1, 1, dtype=torch.float64))],
+                            {"transB": 1}).output]
+    infer_shapes(g, torch.float64)
+    with pytest.raises(DualgraphError, match="unsound at node 'second'"):
+        bound(g)
+
+
+def test_a_plugin_cannot_change_a_builtin_definition_without_replacing_it():
+    from dualgraph.op_registry import find_op
+    relu = find_op("Relu")
+    with pytest.raises(DualgraphError, match=r"op Relu is defined by built-in; module .* cannot change its rules "
+                                             r"but can replace the op with define_op\('Relu', override=True\)"):
+        relu.relaxation()(chord_twice)
+    with pytest.raises(DualgraphError, match="defined by built-in"):
+        relu.evaluate(lambda node, inputs: inputs[0])
+    assert DUAL_RULES[("", "Relu")].trust_source is None
+
+
+def test_a_relaxation_returning_something_else_is_a_one_line_error(swish_op):
+    swish_op.relaxation()(lambda node, bounds, config: (bounds.lower, bounds.upper))
+    with pytest.raises(DualgraphError, match="returned a tuple; it must return a dualgraph.Relaxation"):
+        bound(scalar_net(swish_op.key))
 
 
 def test_builtin_rules_are_not_rechecked():
@@ -123,5 +168,45 @@ def test_an_unsound_plugin_dual_layer_is_stopped_on_its_first_backward_step():
         with pytest.raises(DualgraphError, match=r"dual layer of module .*BadRelu is unsound at node "
                                                  r"'the_plugin_node': inequality \(1\)"):
             bound(graph)
+    finally:
+        remove_op(op.key)
+
+
+def test_one_value_in_two_slots_is_sampled_once():
+    """A sound rule for x * x (tangent-free: x^2 >= 0 and the chord) must pass: both slots hold
+    the same point (drawing them independently would wrongly report a violation)."""
+    class SquareOfOne(DualRule):
+        needs_bounds = True
+
+        def backward(self, node, lam, bounds, config):
+            l, u = bounds[0]
+            chord, offset = (l + u).unsqueeze(1), (-l * u).unsqueeze(1)   # x^2 <= (l + u) x - l u
+            pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+            # lam x^2 >= neg * chord-line (pos part: x^2 >= 0); split the slope over the two slots
+            half = neg * chord / 2
+            return DualStep([half, half], (neg * offset).flatten(2).sum(-1), None)
+
+        def abs_linear(self, node, xs, bounds, config):
+            m = torch.maximum(bounds[0].lower.abs(), bounds[0].upper.abs())
+            return [xs[0] * m, xs[1] * m]
+
+        def eval_length(self, node, bounds, config):
+            return 1
+
+        def dual_length(self, node, bounds, config):
+            return 2
+
+    op = define_op("Prod", domain=DOMAIN)
+    op.evaluate(lambda node, inputs: inputs[0] * inputs[1])
+    op.dual(SquareOfOne)
+    try:
+        g = Graph("square")
+        x = g.add_input("x", (1,), torch.float64)
+        y = g.add_node(op.key, [x, x], name="sq").output
+        g.outputs = [g.add_node("Gemm", [y, g.add_const("w", -torch.ones(1, 1, dtype=torch.float64))],
+                                {"transB": 1}).output]
+        infer_shapes(g, torch.float64)
+        lower = float(bound(g))          # -x^2 on [-4, 4]: at least -16
+        assert lower == pytest.approx(-16.0, abs=1e-6) and lower <= -16.0 + 1e-9
     finally:
         remove_op(op.key)

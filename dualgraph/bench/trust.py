@@ -59,14 +59,16 @@ def main(args: argparse.Namespace) -> int:
         trust.verify_relaxation = timed  # the rule looks it up at each use
         armed, trusted, checks = [], [], []
         rule = stand_in.dual_rule
+        plugin_nodes = [n for n in certifier.graph.nodes if n.op == stand_in.key]
         for _ in range(args.rounds):
-            rule.trust_source = "dualgraph bench (a plugin stand-in), op bench.trust.Relu"
+            for node in plugin_nodes:  # as in a fresh process: each node checked at its first use
+                node.meta.pop(("trust checked", id(rule)), None)
             check_seconds.clear()
             start = time.perf_counter()
             certifier.certify(x, labels, 0.1, clip=(0.0, 1.0))
             armed.append(time.perf_counter() - start)
             checks.append(sum(check_seconds))
-            assert rule.trust_source is None, "the first-use check did not run"
+            assert len(check_seconds) == len(plugin_nodes), "the first-use check did not run at every node"
             start = time.perf_counter()
             certifier.certify(x, labels, 0.1, clip=(0.0, 1.0))
             trusted.append(time.perf_counter() - start)
@@ -74,15 +76,15 @@ def main(args: argparse.Namespace) -> int:
     finally:
         remove_op(stand_in.key)
 
-    result = {"images": args.images, "threads": args.threads, "rounds": args.rounds,
+    result = {"images": args.images, "checked_nodes": len(plugin_nodes), "threads": args.threads, "rounds": args.rounds,
               "certify_s_checked": statistics.median(armed), "certify_s_trusted": statistics.median(trusted),
               "check_s": statistics.median(checks)}
     result["check_share_of_certify"] = result["check_s"] / result["certify_s_trusted"]
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"certify {args.images} images (mnist-small-0.1, plugin stand-in for ReLU, {args.threads} thread(s)), "
-              f"medians of {args.rounds}:")
+        print(f"certify {args.images} images (mnist-small-0.1, plugin stand-in for its {len(plugin_nodes)} ReLUs, "
+              f"{args.threads} thread(s)), medians of {args.rounds}:")
         print(f"  first use checked   {result['certify_s_checked']:.3f} s")
         print(f"  already trusted     {result['certify_s_trusted']:.3f} s")
         print(f"  the check itself    {result['check_s'] * 1e3:.1f} ms "

@@ -6,4 +6,4 @@ torch.fx lowering and checker examples on consecutive lines) and the op table of
 network generator in ``tests/strategies.py``.
 """
 
-from . import activations, arithmetic, elementwise, linear, pooling, reductions, shapes  # noqa: F401  (importing defines the ops)
+from . import activations, arithmetic, elementwise, extrema, linear, pooling, reductions, shapes  # noqa: F401  (importing defines the ops)
