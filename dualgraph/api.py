@@ -29,14 +29,17 @@ from .ir import Graph, Value
 from .scheduler import BoundConfig, BoundScheduler
 
 
-def load_model(source, example_input: torch.Tensor | None = None, *, simplify: bool = True) -> Graph:
+def load_model(source, example_input: torch.Tensor | None = None, *, simplify: bool = True,
+               warn_training: bool = True) -> Graph:
     """An IR graph from an ``.onnx`` path, an ``onnx.ModelProto``, a model name from ``models/``
-    or an ``nn.Module`` (with ``example_input``, through torch.fx), simplified by the passes."""
+    or an ``nn.Module`` (with ``example_input``, through torch.fx), simplified by the passes.
+    A module in training mode is lowered with inference semantics (warned, unless
+    ``warn_training=False``)."""
     if isinstance(source, torch.nn.Module):
         from dualgraph.frontends.fx import load_module
         if example_input is None:
             raise DualgraphError("a torch module needs an example input to be traced")
-        graph = load_module(source, example_input)
+        graph = load_module(source, example_input, warn_training=warn_training)
     elif isinstance(source, Graph):
         graph = source
     else:

@@ -229,6 +229,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     from . import printer
+    if args.bounds and args.dual:
+        raise DualgraphError("--bounds prints the bounds of the primal graph's values; it does not combine with "
+                             "--dual (drop one of them)")
+    if args.bounds and args.format == "dot":
+        raise DualgraphError("--bounds prints a table (text or json); --format dot draws the graph: use "
+                             "--format text or json with --bounds")
     graph = _load(args, simplify=not args.no_simplify)
     shown = graph
     if args.dual:

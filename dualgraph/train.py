@@ -233,7 +233,7 @@ def evaluate(model: nn.Module, data: Dataset, config: TrainConfig) -> tuple[floa
     from .certify import certify_dataset
     subset = data if config.eval_limit is None else data.take(config.eval_limit)
     with torch.no_grad():
-        graph = load_model(model, subset.images[:2].to(config.device))
+        graph = load_model(model, subset.images[:2].to(config.device), warn_training=False)  # evaluation: inference
     cert = Certifier(graph, device=config.device)
     report = certify_dataset(cert, subset, config.eps, config.norm, config.clip, config.batch_size, progress=False)
     return report.clean_error, report.robust_error

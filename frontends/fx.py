@@ -44,6 +44,7 @@ frontend's own plumbing (sizes, indexing) in :mod:`dualgraph.frontends.fx_plumbi
 from __future__ import annotations
 
 import operator
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -306,14 +307,31 @@ def _check_against_module(graph: Graph, module: nn.Module, inputs: Sequence[torc
                 "model to ONNX instead")
 
 
-def load_module(module: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]) -> Graph:
+_TRAINING_SENSITIVE = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+
+def _warn_if_training(module: nn.Module) -> None:
+    """Say so when layers that behave differently in training mode are lowered as at inference."""
+    live = sorted({type(m).__name__ for m in module.modules() if m.training and isinstance(m, _TRAINING_SENSITIVE)})
+    if live:
+        warnings.warn(f"{type(module).__name__} is in training mode ({', '.join(live)} would behave differently); "
+                      "it is lowered with inference semantics, as after module.eval(): call .eval() first to "
+                      "silence this", UserWarning, stacklevel=3)
+
+
+def load_module(module: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor], *,
+                warn_training: bool = True) -> Graph:
     """Lower ``module`` to a verified IR graph with inference (eval-mode) semantics.
 
     ``example_input`` is one batch (batch dimension first) or a tuple with one batch per
     ``forward`` argument; it fixes the per-example shapes and is used to check the result.
     Raises :class:`UnsupportedOpError` listing every node that cannot be lowered, and
     :class:`DualgraphError` for untraceable modules or a graph that disagrees with torch.
+    A module with Dropout or BatchNorm layers in training mode is lowered with their inference
+    semantics, with a warning unless ``warn_training=False`` (the robust loss, which means it).
     """
+    if warn_training:
+        _warn_if_training(module)
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in inputs):
         raise DualgraphError("example_input must be a tensor (or a tuple of tensors) with the batch dimension first")

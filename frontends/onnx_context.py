@@ -30,6 +30,10 @@ class HandlerContext:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        newest = onnx.defs.onnx_opset_version()
+        if not 1 <= self.opset <= newest:
+            raise DualgraphError(f"the model claims ONNX opset {self.opset}, but opsets 1 to {newest} exist (onnx "
+                                 f"{onnx.__version__}); re-export it with a real opset")
         self.g = Graph(model.graph.name or "onnx_model")
         self.env: dict[str, Ref | Missing] = {}
         self.dynamic = False            # some input has a symbolic batch dimension
