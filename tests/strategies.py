@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from dualgraph.input_sets import Box, InputSet, L2Ball, linf_ball
 
 DTYPE = torch.float64
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "hardtanh", "abs", "softplus", "sin", "square")
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "hardtanh", "abs", "softplus", "sin", "square", "max_pair")
 SET_KINDS = ("linf", "linf01", "l2")
 
 
@@ -57,7 +57,9 @@ def make_act(kind: str | None) -> nn.Module | None:
     return {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "tanh": nn.Tanh,
             "sigmoid": nn.Sigmoid, "hardtanh": lambda: nn.Hardtanh(-0.5, 1.0), "softplus": nn.Softplus,
             "abs": lambda: Elementwise(torch.abs), "sin": lambda: Elementwise(torch.sin),
-            "square": lambda: Elementwise(lambda x: x ** 2)}[kind]()
+            "square": lambda: Elementwise(lambda x: x ** 2),
+            # a nonlinear op of two computed operands, neither an ancestor of the other
+            "max_pair": lambda: Elementwise(lambda x: torch.maximum(x + 0.5, 0.5 - x))}[kind]()
 
 
 class DagNode(nn.Module):
