@@ -79,7 +79,7 @@ class DirectionCost:
         columns = {self.graph.inputs[0]: float(self.graph.inputs[0].numel)}
         for n in self.bounded_nodes:
             k = max((columns.get(v, 0.0) for v in n.var_inputs), default=0.0)
-            if dual_rule(n).needs_bounds:
+            if dual_rule(n).bounds_needed(n):
                 k += n.output.numel / 2
             for o in n.outputs:
                 columns[o] = k

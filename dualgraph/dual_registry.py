@@ -94,11 +94,18 @@ class DualStep:
 class DualRule:
     """Base class of dual layers. Subclasses override :meth:`backward`."""
 
-    #: whether the rule needs bounds of its variable inputs (nonlinear ops do)
+    #: whether the rule needs bounds of its variable inputs (nonlinear ops do); read through
+    #: :meth:`bounds_needed`, which a rule overrides when it depends on the node
     needs_bounds: bool = False
     #: who to blame if the rule is unsound ("<distribution>, op <name>"): set for rules from
     #: outside dualgraph until their first use has been checked (dualgraph.trust)
     trust_source: str | None = None
+
+    def bounds_needed(self, node: Node) -> bool:
+        """Whether this node's dual layer needs bounds of its variable inputs (a relaxation,
+        not an exact adjoint). Default: :attr:`needs_bounds`; e.g. Mul needs them only when
+        both operands are variables."""
+        return self.needs_bounds
 
     def linear(self, node: Node, config) -> bool:
         """True if the dual layer is linear in ``lam``: ``backward`` then returns ``upper``
@@ -509,7 +516,9 @@ def runs_forward(node: Node, config) -> bool:
     """Whether ``node``'s dual layer can run in the forward direction (Appendix F) and with
     random projections: an affine op, or an elementwise relaxation declared linear."""
     rule = dual_rule(node)
-    return isinstance(rule, AffineRule) or (isinstance(rule, ElementwiseRule) and rule.linear(node, config))
+    if isinstance(rule, AffineRule):
+        return not rule.bounds_needed(node)  # an affine op's rule, here relaxing a product
+    return isinstance(rule, ElementwiseRule) and rule.linear(node, config)
 
 
 def _op_name(node: Node) -> str:

@@ -185,8 +185,9 @@ class DualRunner:
         primal: Node = node.meta["primal"]
         rule = node.meta["rule"]
         lam = lams[0] if len(lams) == 1 else _fill_unused(lams, primal)
-        in_bounds = [batch.bounds.get(v) for v in primal.var_inputs] if rule.needs_bounds else []
-        if rule.needs_bounds and any(b is None for b in in_bounds):
+        needed = rule.bounds_needed(primal)
+        in_bounds = [batch.bounds.get(v) for v in primal.var_inputs] if needed else []
+        if needed and any(b is None for b in in_bounds):
             raise DualgraphError(f"dual of node '{primal.name}' ({primal.op_type}) needs bounds of its inputs "
                                  "that were not computed")
         with naming_node(primal):
@@ -321,7 +322,7 @@ def _box_radius(batch: Batch, v: Value, w: Bounds) -> torch.Tensor:
 def _needed_bounds(dual: Graph, first: int) -> set[Value]:
     """The primal values whose bounds the dual nodes from ``first`` on read."""
     return {v for node in dual.nodes[first:] if node.meta.get("rule") is not None
-            and node.meta["rule"].needs_bounds for v in node.meta["primal"].var_inputs}
+            and node.meta["rule"].bounds_needed(node.meta["primal"]) for v in node.meta["primal"].var_inputs}
 
 
 def _pick(offset, examples: torch.Tensor, rows: torch.Tensor):

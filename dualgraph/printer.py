@@ -109,7 +109,7 @@ def text_table(header: list[str], rows: list[list[str]], indent: str = "  ") -> 
 
 def _nonlinear(node: Node) -> bool:
     """Whether the node's dual layer relaxes it (needs bounds): the registry says, per op."""
-    rule = node.meta.get("rule")
+    rule, primal = node.meta.get("rule"), node.meta.get("primal", node)
     if rule is None:
         ensure_ops_loaded()
         key = node.op
@@ -117,7 +117,7 @@ def _nonlinear(node: Node) -> bool:
             domain, _, op_type = key[1].rpartition(".")
             key = (domain, op_type)
         rule = DUAL_RULES.get(key)
-    return rule is not None and rule.needs_bounds
+    return rule is not None and rule.bounds_needed(primal)
 
 
 def graph_summary(graph: Graph) -> dict[str, Any]:

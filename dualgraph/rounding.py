@@ -256,7 +256,7 @@ class RoundingAllowance:
         ins = node.var_inputs
         if not ins:
             raise InternalError(f"node '{node.name}' has no variable input but produces a variable value")
-        in_bounds = [self.bounds.get(v) for v in ins] if rule.needs_bounds else []
+        in_bounds = [self.bounds.get(v) for v in ins] if rule.bounds_needed(node) else []
         if any(b is None for b in in_bounds):
             raise InternalError(f"rounding allowance of node '{node.name}' asked before its input bounds exist")
         return rule, ins, in_bounds
@@ -302,14 +302,14 @@ class RoundingAllowance:
             noise = evaluation * t
             self._m_lin[out] = t_lin + noise
             self._eps_fwd[out] = e + SAFETY * (forward * t_lin + noise)
-        if rule.needs_bounds:
+        if rule.bounds_needed(node):
             self._columns += node.output.numel  # the forward path may add a gap column per unit
 
 
 def _abs_pair(rule, node, xs: list, ys: list, bounds, config) -> tuple[list, list]:
     """``rule.abs_linear`` of two sets of inputs, in one evaluation for affine ops (whose
     ``|A|`` does not depend on the examples: the two are stacked along the batch)."""
-    if isinstance(rule, AffineRule):
+    if isinstance(rule, AffineRule) and not rule.bounds_needed(node):
         n = xs[0].shape[0]
         both = _detach(rule.abs_linear(node, [torch.cat([x, y]) for x, y in zip(xs, ys)], bounds, config))
         return [t[:n] for t in both], [t[n:] for t in both]

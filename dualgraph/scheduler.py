@@ -87,7 +87,7 @@ class BoundScheduler:
         self.dual(self.output)  # fails early, listing every op without a dual layer
         needed: list[Value] = []
         for node in graph.ancestors(self.output):
-            if dual_rule(node).needs_bounds:
+            if dual_rule(node).bounds_needed(node):
                 needed += [v for v in node.var_inputs if v not in needed]
         self.bound_targets = needed
         self.direction = DirectionCost(graph, needed, config)
@@ -208,7 +208,7 @@ class BoundScheduler:
         points: set[float] = set()
         for user in v.users:
             rule = dual_rule(user)
-            if rule.needs_bounds:
+            if rule.bounds_needed(user):
                 pieces = rule.breakpoints(user)
                 if pieces is None:
                     return None

@@ -35,7 +35,8 @@ from hypothesis import strategies as st
 from dualgraph.input_sets import Box, InputSet, L2Ball, linf_ball
 
 DTYPE = torch.float64
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "hardtanh", "abs", "softplus", "sin", "square", "max_pair")
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "hardtanh", "abs", "softplus", "sin", "square", "max_pair", "self_product",
+               "silu")
 SET_KINDS = ("linf", "linf01", "l2")
 
 
@@ -59,7 +60,10 @@ def make_act(kind: str | None) -> nn.Module | None:
             "abs": lambda: Elementwise(torch.abs), "sin": lambda: Elementwise(torch.sin),
             "square": lambda: Elementwise(lambda x: x ** 2),
             # a nonlinear op of two computed operands, neither an ancestor of the other
-            "max_pair": lambda: Elementwise(lambda x: torch.maximum(x + 0.5, 0.5 - x))}[kind]()
+            "max_pair": lambda: Elementwise(lambda x: torch.maximum(x + 0.5, 0.5 - x)),
+            # products of two variables (bilinear Mul): x * x, and SiLU as exported, x * sigmoid(x)
+            "self_product": lambda: Elementwise(lambda x: x * x),
+            "silu": lambda: Elementwise(lambda x: x * torch.sigmoid(x))}[kind]()
 
 
 class DagNode(nn.Module):

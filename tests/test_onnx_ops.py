@@ -196,3 +196,28 @@ def test_extremum_of_two_network_tensors(op):
                          torch.where(torch.rand(500, 4, generator=gen) < 0.5, 1.0, -1.0)])
         values = (cert.forward(pts) @ spec[0].T).min(0).values
         assert (bound <= values).all() and (values - bound).max() < 50
+
+
+@pytest.mark.parametrize("operands", [("h0", "h1"), ("h0", "h0")], ids=["two-values", "one-value-twice"])
+def test_product_of_network_tensors(operands):
+    """Mul of two variables (a bilinear term) through ONNX: onnxruntime agreement, sound bounds."""
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), f"w{i}") for i in range(2)]
+    nodes = [helper.make_node("Gemm", ["x", f"w{i}"], [f"h{i}"], transB=1) for i in range(2)]
+    nodes.append(helper.make_node("Mul", list(operands), ["y"], name="the_product"))
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.uniform(-1, 1, (7, 4)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    graph = load_onnx(model)
+    np.testing.assert_allclose(Interpreter(graph).run(torch.from_numpy(x))[0].numpy(), want, rtol=1e-5, atol=1e-5)
+    cert = Certifier(graph)
+    spec = torch.randn(1, 6, 5, generator=torch.Generator().manual_seed(7))
+    bound = cert.lower_bounds(cert.input_set(torch.zeros(1, 4), 0.5), spec)[0]
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.cat([torch.rand(3000, 4, generator=gen) - 0.5,
+                     torch.where(torch.rand(500, 4, generator=gen) < 0.5, 0.5, -0.5)])
+    values = (cert.forward(pts) @ spec[0].T).min(0).values
+    assert (bound <= values).all()

@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
+from ..dual_registry import DualStep
 from ..ir import Value
+from ..linalg import batched_dot
 from ..lowering import Call, Unsupported
 from ..op_registry import SAME, define_op, random_const, var
 from .common import ElementwiseAffineDual, fx_unary, onnx_elementwise, require_const
@@ -88,18 +90,73 @@ sub.example(random_const(3, seed=21), var(3))
 sub.example(var(2, 2), var(2, 2))
 
 
-# ---- Mul (one constant operand) ----------------------------------------------------------------------
+# ---- Mul: affine with a constant operand, bilinear (McCormick) with two variables --------------------
 
 mul = define_op("Mul")
 mul.evaluate(lambda node, inputs: inputs[0] * inputs[1])
 
 
+def _product_planes(bounds):
+    """The two operands' bounds broadcast to the output, and the midpoint McCormick planes of
+    ``x y`` on the box: slopes ``(c_y, c_x)`` (the bounds' midpoints) and offsets
+    ``lo <= x y - c_y x - c_x y <= up`` with ``lo = -(l_x l_y + u_x u_y) / 2`` and
+    ``up = -(l_x u_y + u_x l_y) / 2`` (each the mean of two McCormick planes)."""
+    (lx, ux), (ly, uy) = bounds
+    shape = torch.broadcast_shapes(lx.shape, ly.shape)
+    lx, ux, ly, uy = (t.expand(shape) for t in (lx, ux, ly, uy))
+    return (ly + uy) / 2, (lx + ux) / 2, -(lx * ly + ux * uy) / 2, -(lx * uy + ux * ly) / 2
+
+
+def _sum_to(t, unit_shape):
+    """``t [b, m, *out_unit]`` summed over the axes an operand of ``unit_shape`` was broadcast along."""
+    axes = tuple(2 + i for i, d in enumerate(unit_shape) if d == 1 and t.shape[2 + i] != 1)
+    return t.sum(dim=axes, keepdim=True) if axes else t
+
+
 @mul.dual
 class MulDual(ElementwiseAffineDual):
+    """``x * c``: exact (the adjoint). ``x * y`` of two variables: bounded between two parallel
+    planes on the operands' box, the midpoints of the McCormick envelope, so the dual layer is
+    linear: ``lam_x = lam c_y``, ``lam_y = lam c_x``, offsets ``lam . mid -/+ |lam| . gap``."""
+
+    def bounds_needed(self, node) -> bool:
+        return sum(1 for v in node.inputs[:2] if v is not None and not v.is_const) == 2
+
     def backward(self, node, lam, bounds, config):
-        if len(node.var_inputs) != 1:
-            require_const(node, 0, 1)
-        return super().backward(node, lam, bounds, config)
+        if not self.bounds_needed(node):
+            return super().backward(node, lam, bounds, config)
+        cy, cx, lo, up = _product_planes(bounds)
+        mid, gap = (lo + up) / 2, (up - lo) / 2
+        linear, absolute = batched_dot(lam, mid), batched_dot(lam.abs(), gap)
+        lam_in = [_sum_to(lam * cy.unsqueeze(1), node.inputs[0].unit_shape),
+                  _sum_to(lam * cx.unsqueeze(1), node.inputs[1].unit_shape)]
+        return DualStep(lam_in, linear - absolute, linear + absolute)
+
+    # rounding facts of the product: |A| x = |c_y| x + |c_x| y, constants max(|lo|, |up|), |x y| <= m_x m_y
+    def abs_linear(self, node, xs, bounds, config):
+        if not self.bounds_needed(node):
+            return super().abs_linear(node, xs, bounds, config)
+        cy, cx, _, _ = _product_planes(bounds)
+        return [cy.abs() * xs[0] + cx.abs() * xs[1]]
+
+    def constant_magnitude(self, node, m_in, bounds, config):
+        if not self.bounds_needed(node):
+            return super().constant_magnitude(node, m_in, bounds, config)
+        _, _, lo, up = _product_planes(bounds)
+        return [torch.maximum(lo.abs(), up.abs())]
+
+    def output_magnitude(self, node, m_in, bounds, config, terms):
+        if not self.bounds_needed(node):
+            return terms
+        return [m_in[0] * m_in[1]]
+
+    def eval_length(self, node, bounds, config):
+        return 1 if self.bounds_needed(node) else super().eval_length(node, bounds, config)
+
+    def dual_length(self, node, bounds, config):
+        if not self.bounds_needed(node):
+            return super().dual_length(node, bounds, config)
+        return node.output.numel + 2  # lam . mid and |lam| . gap sum over the outputs
 
 
 mul.onnx_import(_onnx_binary)
@@ -107,6 +164,9 @@ mul.fx_lowering(operator.mul, operator.imul, torch.mul, torch.multiply, "mul")(_
 mul.example(var(3), random_const(3, seed=22))
 mul.example(random_const(3, seed=23), var(2, 3))
 mul.example(var(2, 2), torch.tensor(-2.5, dtype=torch.float64))
+mul.example(var(4), var(4))
+mul.example(var(2, 3), var(1, 3))
+mul.example(var(3), SAME)
 
 
 # ---- Div (constant divisor) --------------------------------------------------------------------------
