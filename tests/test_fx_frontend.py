@@ -551,3 +551,20 @@ def test_elementwise_functions_lower_to_their_ops():
 def test_softplus_with_another_beta_is_refused():
     with pytest.raises(UnsupportedOpError, match="beta"):
         load_module(nn.Sequential(nn.Linear(3, 3), nn.Softplus(beta=2.0)), torch.randn(2, 3))
+
+
+class Attention(nn.Module):
+    """softmax-free scaled dot-product scores and their use: two products of computed tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):                                   # x: [N, 3 tokens, 4]
+        scores = self.q(x) @ self.k(x).transpose(1, 2) / 2.0
+        return torch.sigmoid(scores) @ self.v(x) + x / (self.k(x).abs() + 1.0)
+
+
+def test_products_of_computed_tensors_lower():
+    g = assert_lowers(Attention(), (3, 4))
+    assert op_types(g).count("MatMul") >= 2 and "Reciprocal" in op_types(g)

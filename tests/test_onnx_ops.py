@@ -221,3 +221,59 @@ def test_product_of_network_tensors(operands):
                      torch.where(torch.rand(500, 4, generator=gen) < 0.5, 0.5, -0.5)])
     values = (cert.forward(pts) @ spec[0].T).min(0).values
     assert (bound <= values).all()
+
+
+def test_a_computed_divisor_is_a_product_with_its_reciprocal():
+    """x / y with y computed (and bounded away from 0): Reciprocal then Mul, bounds sound."""
+    rng = np.random.default_rng(8)
+    w0 = rng.standard_normal((5, 4)).astype(np.float32)
+    w1 = (rng.standard_normal((5, 4)) * 0.1).astype(np.float32)
+    inits = [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1"),
+             numpy_helper.from_array(np.full(5, 3.0, np.float32), "b1")]
+    nodes = [helper.make_node("Gemm", ["x", "w0"], ["h0"], transB=1),
+             helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], transB=1),   # in [3 - 0.4, 3 + 0.4] roughly
+             helper.make_node("Div", ["h0", "h1"], ["y"], name="ratio")]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.uniform(-1, 1, (7, 4)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    graph = load_onnx(model)
+    assert [n.op_type for n in graph.nodes][-2:] == ["Reciprocal", "Mul"]
+    np.testing.assert_allclose(Interpreter(graph).run(torch.from_numpy(x))[0].numpy(), want, rtol=1e-5, atol=1e-5)
+    cert = Certifier(graph)
+    spec = torch.randn(1, 6, 5, generator=torch.Generator().manual_seed(9))
+    bound = cert.lower_bounds(cert.input_set(torch.zeros(1, 4), 1.0), spec)[0]
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.cat([torch.rand(3000, 4, generator=gen) * 2 - 1,
+                     torch.where(torch.rand(500, 4, generator=gen) < 0.5, 1.0, -1.0)])
+    values = (cert.forward(pts) @ spec[0].T).min(0).values
+    assert (bound <= values).all()
+
+
+def test_a_product_of_two_computed_matrices_is_bounded():
+    """Attention's Q K^T: MatMul of two per-example matrices, both computed from the input."""
+    rng = np.random.default_rng(10)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), f"w{i}") for i in range(2)]
+    inits += [numpy_helper.from_array(np.array([-1, 2, 3], np.int64), "s0"),
+              numpy_helper.from_array(np.array([-1, 3, 2], np.int64), "s1")]
+    nodes = [helper.make_node("Gemm", ["x", "w0"], ["g0"], transB=1), helper.make_node("Reshape", ["g0", "s0"], ["q"]),
+             helper.make_node("Gemm", ["x", "w1"], ["g1"], transB=1), helper.make_node("Reshape", ["g1", "s1"], ["k"]),
+             helper.make_node("MatMul", ["q", "k"], ["s"], name="scores"), helper.make_node("Flatten", ["s"], ["y"])]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.uniform(-1, 1, (7, 4)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    graph = load_onnx(model)
+    np.testing.assert_allclose(Interpreter(graph).run(torch.from_numpy(x))[0].numpy(), want, rtol=1e-5, atol=1e-5)
+    cert = Certifier(graph)
+    spec = torch.randn(1, 5, 4, generator=torch.Generator().manual_seed(11))
+    bound = cert.lower_bounds(cert.input_set(torch.zeros(1, 4), 0.5), spec)[0]
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.cat([torch.rand(3000, 4, generator=gen) - 0.5,
+                     torch.where(torch.rand(500, 4, generator=gen) < 0.5, 0.5, -0.5)])
+    values = (cert.forward(pts) @ spec[0].T).min(0).values
+    assert (bound <= values).all()

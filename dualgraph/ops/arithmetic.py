@@ -14,7 +14,7 @@ import torch
 from ..dual_registry import DualStep
 from ..ir import Value
 from ..linalg import batched_dot
-from ..lowering import Call, Unsupported
+from ..lowering import Call, Unsupported, Var
 from ..op_registry import SAME, define_op, random_const, var
 from .common import ElementwiseAffineDual, fx_unary, onnx_elementwise, require_const
 
@@ -177,14 +177,33 @@ div.evaluate(lambda node, inputs: inputs[0] / inputs[1])
 
 @div.dual
 class DivDual(ElementwiseAffineDual):
+    """``x / c``. The frontends write ``x / y`` with a computed divisor as ``x * (1 / y)``
+    (Reciprocal, then a product), so a Div node always has a constant divisor."""
+
     def backward(self, node, lam, bounds, config):
         require_const(node, 1)
         return super().backward(node, lam, bounds, config)
 
 
-div.onnx_import(_onnx_binary)
-div.fx_lowering(operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div")(
-    _fx_binary("Div", commutative=False))
+@div.onnx_import
+def _(ctx, n):
+    x, y = n.ins[0], n.ins[1]
+    if isinstance(y, Var):  # a computed divisor: x * reciprocal(y)
+        r = ctx.emit(n, "Reciprocal", [y.value], {}, y.added, None)[0]
+        return [ctx.binary(n, "Mul", x, r, n.outs)]
+    return _onnx_binary(ctx, n)
+
+
+_fx_div = _fx_binary("Div", commutative=False)
+
+
+@div.fx_lowering(operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div")
+def _(lo, call: Call):
+    b = call.arg(1, "other")
+    if isinstance(b, Value) and call.kwargs.get("rounding_mode") is None:  # a computed divisor
+        r = lo.emit("Reciprocal", [b], hint=f"{lo.node_name}_reciprocal")
+        return lo.emit("Mul", [call.arg(0, "input"), r] if isinstance(call.arg(0, "input"), Value) else [r, call.arg(0, "input")])
+    return _fx_div(lo, call)
 div.example(var(3), torch.tensor([1.7, -0.9, 2.3], dtype=torch.float64))
 div.example(var(2, 2), torch.tensor(4.0, dtype=torch.float64))
 

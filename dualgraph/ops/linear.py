@@ -15,10 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dual_registry import AffineRule, const_args
+from ..dual_registry import AffineRule, DualStep, const_args
 from ..errors import DualgraphError
 from ..lowering import PAD_MODES, Call, Const, Missing, Ref, Unsupported, Var, ntuple
-from ..op_registry import define_op, random_const, var
+from ..ir import Value
+from ..linalg import batched_dot
+from ..op_registry import SAME, define_op, random_const, var
 from .common import (CONV_FUNCTIONS, ElementwiseAffineDual, offset_dot_length, require_const, spatial_rank,
                      torch_pad, window, conv_pads)
 
@@ -149,17 +151,60 @@ def _(node, inputs):
     return torch.matmul(inputs[0], inputs[1])
 
 
+def _matrix_planes(bounds):
+    """Midpoints and widths of both operands' bounds: ``A B`` lies within
+    ``A c_B + c_A B - c_A c_B -/+ (w_A w_B) / 4`` on the box (the midpoint McCormick planes of
+    every product term, summed over the contracted axis)."""
+    (la, ua), (lb, ub) = bounds
+    return (la + ua) / 2, (lb + ub) / 2, ua - la, ub - lb
+
+
 @matmul.dual
 class MatMulDual(AffineRule):
-    """``x @ W`` or ``W @ x`` with one constant operand (affine); two variables are bilinear."""
+    """``x @ W`` or ``W @ x`` with one constant operand: affine, exact. ``A @ B`` of two
+    variables (attention): every product term between the midpoint McCormick planes, a linear
+    dual layer ``lam_A = lam c_B^T``, ``lam_B = c_A^T lam``, offsets ``-lam . c_A c_B -/+
+    |lam| . w_A w_B / 4``."""
 
     abs_by_eval = True
 
+    def bounds_needed(self, node) -> bool:
+        return all(v is not None and not v.is_const for v in node.inputs[:2])
+
+    def backward(self, node, lam, bounds, config):
+        if not self.bounds_needed(node):
+            return super().backward(node, lam, bounds, config)
+        ca, cb, wa, wb = _matrix_planes(bounds)
+        lam_a = lam @ cb.unsqueeze(1).transpose(-1, -2)
+        lam_b = ca.unsqueeze(1).transpose(-1, -2) @ lam
+        linear = -batched_dot(lam, ca @ cb)
+        absolute = batched_dot(lam.abs(), (wa @ wb) / 4)
+        return DualStep([lam_a, lam_b], linear - absolute, linear + absolute)
+
+    def abs_linear(self, node, xs, bounds, config):
+        if not self.bounds_needed(node):
+            return super().abs_linear(node, xs, bounds, config)
+        ca, cb, _, _ = _matrix_planes(bounds)
+        return [xs[0] @ cb.abs() + ca.abs() @ xs[1]]
+
+    def constant_magnitude(self, node, m_in, bounds, config):
+        if not self.bounds_needed(node):
+            return super().constant_magnitude(node, m_in, bounds, config)
+        ca, cb, wa, wb = _matrix_planes(bounds)
+        return [ca.abs() @ cb.abs() + (wa @ wb) / 4]
+
+    def output_magnitude(self, node, m_in, bounds, config, terms):
+        return [m_in[0] @ m_in[1]] if self.bounds_needed(node) else terms
+
     def eval_length(self, node, bounds, config):
+        if self.bounds_needed(node):
+            return node.inputs[0].unit_shape[-1] + 1
         w = next(v.const for v in node.inputs if v.is_const)
         return (w.shape[-2] if node.inputs[1].is_const else w.shape[-1]) + 1  # the contracted axis
 
     def dual_length(self, node, bounds, config):
+        if self.bounds_needed(node):
+            return node.output.numel + max(node.inputs[0].unit_shape[-2:]) + max(node.inputs[1].unit_shape[-2:]) + 2
         w = next(v.const for v in node.inputs if v.is_const)
         return (w.shape[-1] if node.inputs[1].is_const else w.shape[-2]) + 1
 
@@ -180,9 +225,14 @@ def _(ctx, n):
 
 @matmul.fx_lowering(operator.matmul, torch.matmul, torch.mm, "matmul", "mm")
 def _(lo, call: Call):
-    # Only variable @ constant is affine and keeps the batch axis first.
     x = lo.var(call.arg(0, "input"))
-    w = lo.constant(call.arg(1, "other"), "right operand of matmul")
+    other = call.arg(1, "other")
+    if isinstance(other, Value):  # two computed operands: per-example matrices (attention)
+        if lo.rank(x) != lo.rank(other) or lo.rank(x) < 3:
+            raise Unsupported("a product of two computed tensors needs matrices per example (same rank >= 3)")
+        return lo.emit("MatMul", [x, other])
+    # variable @ constant is affine and keeps the batch axis first
+    w = lo.constant(other, "right operand of matmul")
     if not isinstance(w, torch.Tensor) or w.dim() < 1:
         raise Unsupported("the right operand must be a constant tensor")
     return lo.emit("MatMul", [x, w])
@@ -190,6 +240,8 @@ def _(lo, call: Call):
 
 matmul.example(var(4), random_const(4, 3, seed=6))
 matmul.example(var(2, 4), random_const(4, 3, seed=7))
+matmul.example(var(2, 3), var(3, 4))
+matmul.example(var(3, 3), SAME)
 
 
 # ---- Conv --------------------------------------------------------------------------------------------
