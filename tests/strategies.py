@@ -36,7 +36,7 @@ from dualgraph.input_sets import Box, InputSet, L2Ball, linf_ball
 
 DTYPE = torch.float64
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "hardtanh", "abs", "softplus", "sin", "square", "max_pair", "self_product",
-               "silu")
+               "silu", "gelu")
 SET_KINDS = ("linf", "linf01", "l2")
 
 
@@ -63,7 +63,8 @@ def make_act(kind: str | None) -> nn.Module | None:
             "max_pair": lambda: Elementwise(lambda x: torch.maximum(x + 0.5, 0.5 - x)),
             # products of two variables (bilinear Mul): x * x, and SiLU as exported, x * sigmoid(x)
             "self_product": lambda: Elementwise(lambda x: x * x),
-            "silu": lambda: Elementwise(lambda x: x * torch.sigmoid(x))}[kind]()
+            "silu": lambda: Elementwise(lambda x: x * torch.sigmoid(x)),
+            "gelu": nn.GELU}[kind]()
 
 
 class DagNode(nn.Module):

@@ -131,6 +131,51 @@ def _(lo, call: Call):
 softplus.example(var(6))
 
 
+# ---- Erf (GELU as exported: x * 0.5 * (1 + erf(x / sqrt 2))) --------------------------------------
+
+def _erf_stationary(a: Tensor) -> list[Tensor]:
+    # erf'(z) = 2/sqrt(pi) exp(-z^2) = a  ->  z = +-sqrt(-log(a sqrt(pi) / 2)); none if a > 2/sqrt(pi)
+    z = torch.sqrt((-torch.log((a * math.sqrt(math.pi) / 2).clamp(min=1e-300))).clamp(min=0))
+    return [z, -z]
+
+
+erf = _define("Erf", torch.erf, lambda node, b, config: chord_relaxation(b, torch.erf, stationary=_erf_stationary),
+              torch.erf, "erf")
+erf.example(var(6))
+
+
+def _lower_gelu(lo, x, approximate: str):
+    """GELU as its ONNX export writes it: ``x * 0.5 (1 + erf(x / sqrt 2))``, or with
+    ``approximate='tanh'``, ``x * 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``: the
+    product of ``x`` with a function of ``x`` is a bilinear Mul."""
+    x = lo.var(x)
+    name = lo.node_name
+
+    def c(value: float) -> Tensor:  # float64 constants: cast to the model's precision when run
+        return torch.tensor(value, dtype=torch.float64)
+    if approximate == "none":
+        inner = lo.emit("Erf", [lo.emit("Mul", [x, c(1 / math.sqrt(2))], hint=f"{name}_scale")], hint=f"{name}_erf")
+    elif approximate == "tanh":
+        cube = lo.emit("Pow", [x, c(3.0)], hint=f"{name}_cube")
+        poly = lo.emit("Add", [x, lo.emit("Mul", [cube, c(0.044715)], hint=f"{name}_c3")], hint=f"{name}_poly")
+        inner = lo.emit("Tanh", [lo.emit("Mul", [poly, c(math.sqrt(2 / math.pi))], hint=f"{name}_s")],
+                        hint=f"{name}_tanh")
+    else:
+        raise Unsupported(f"approximate={approximate!r}")
+    half = lo.emit("Mul", [lo.emit("Add", [inner, c(1.0)], hint=f"{name}_one"), c(0.5)], hint=f"{name}_half")
+    return lo.emit("Mul", [x, half])
+
+
+@erf.fx_lowering(nn.GELU)
+def _(lo, call: Call):
+    return _lower_gelu(lo, call.arg(0, "input"), call.module.approximate)
+
+
+@erf.fx_lowering(F.gelu)
+def _(lo, call: Call):
+    return _lower_gelu(lo, call.arg(0, "input"), call.kwargs.get("approximate", "none"))
+
+
 # ---- Pow with a constant exponent ----------------------------------------------------------------
 
 pow_op = define_op("Pow")
@@ -174,7 +219,7 @@ def _(lo, call: Call):
     exponent = lo.constant(call.arg(1, "exponent"), "exponent")
     if isinstance(exponent, torch.Tensor) and exponent.numel() != 1:
         raise Unsupported("a tensor exponent (only a scalar exponent is supported)")
-    return lo.emit("Pow", [lo.var(call.arg(0, "input")), torch.tensor(float(exponent), dtype=torch.float32)])
+    return lo.emit("Pow", [lo.var(call.arg(0, "input")), torch.tensor(float(exponent), dtype=torch.float64)])
 
 
 def _scalar(value: float) -> Tensor:
