@@ -54,7 +54,21 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     model = source if isinstance(source, onnx.ModelProto) else _read_model(Path(source))
     if not model.HasField("graph"):
         raise DualgraphError("the ONNX model has no graph; is this really an ONNX model file?")
+    _check_names(model)
     return Importer(model).build()
+
+
+def _check_names(model: onnx.ModelProto) -> None:
+    """Every name the importer reads is text (a corrupted file can hold bytes that are not UTF-8)."""
+    g = model.graph
+    named = [*g.input, *g.output, *g.initializer, *g.value_info]
+    names = [v.name for v in named] + [o.domain for o in model.opset_import]
+    for node in g.node:
+        names += [node.op_type, node.domain, node.name, *node.input, *node.output, *(a.name for a in node.attribute)]
+    bad = next((n for n in names if not isinstance(n, str)), None)
+    if bad is not None:
+        raise DualgraphError(f"the ONNX model holds a name that is not UTF-8 text ({bytes(bad)[:20]!r}); "
+                             "the file is corrupt")
 
 
 def onnx_feeds(graph: Graph, *inputs: torch.Tensor | np.ndarray) -> list[dict[str, np.ndarray]]:
