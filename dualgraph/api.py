@@ -92,16 +92,28 @@ def add_input_normalization(graph: Graph, mean, std) -> Graph:
     return graph
 
 
-def ends_in_softmax(graph: Graph) -> bool:
+def _readout(graph: Graph):
+    """The trailing node that only reads the class off the logits (Softmax, or ArgMax over the
+    class axis of ``[N, K]`` logits), or None."""
     node = graph.outputs[0].producer if len(graph.outputs) == 1 else None
-    return node is not None and node.op == ("", "Softmax")
+    if node is None or len(node.var_inputs) != 1 or len(node.inputs[0].users) != 1:
+        return None
+    if node.op == ("", "Softmax"):
+        return node
+    if node.op == ("", "ArgMax") and len(node.inputs[0].shape) == 2 and int(node.attrs.get("axis", 0)) in (1, -1):
+        return node
+    return None
 
 
-def strip_softmax(graph: Graph) -> Graph:
-    """Drop a trailing Softmax **in place** (certification works on logits: softmax keeps
-    their order); the graph itself when there is none."""
-    if ends_in_softmax(graph):
-        node = graph.outputs[0].producer
+def ends_in_readout(graph: Graph) -> bool:
+    return _readout(graph) is not None
+
+
+def strip_readout(graph: Graph) -> Graph:
+    """Drop trailing class readouts **in place**: a Softmax (it keeps the logits' order) and an
+    ArgMax over the classes (the class it reads off is what margins > 0 certify), so
+    certification works on the logits; the graph itself when there is none."""
+    while (node := _readout(graph)) is not None:
         graph.outputs = [node.inputs[0]]
         graph.remove_node(node)
     return graph
@@ -133,16 +145,17 @@ class CertifyResult:
 class Certifier:
     """Exact dual bounds (Theorem 1) for one graph; dual graphs are built once and reused.
 
-    ``logits=True`` (the default): a trailing Softmax is left out (from a copy; the caller's
-    graph is never changed), so :meth:`forward` and :meth:`lower_bounds` are about the
-    logits, which is what margin certificates need (softmax keeps their order).
+    ``logits=True`` (the default): a trailing Softmax or class ArgMax is left out (from a copy;
+    the caller's graph is never changed), so :meth:`forward` and :meth:`lower_bounds` are about
+    the logits, which is what margin certificates need (softmax keeps their order; the class
+    argmax reads off is the one positive margins prove).
     ``logits=False`` keeps the graph as it is (a trailing Softmax then has no dual layer).
     """
 
     def __init__(self, graph: Graph, config: BoundConfig = BoundConfig(),
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
                  logits: bool = True) -> None:
-        self.graph = strip_softmax(graph.copy()) if logits and ends_in_softmax(graph) else graph
+        self.graph = strip_readout(graph.copy()) if logits and ends_in_readout(graph) else graph
         self.config, self.device, self.dtype = config, torch.device(device), dtype
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise DualgraphError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")

@@ -239,8 +239,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
     shown = graph
     if args.dual:
         from dualgraph.dual_graph import build_dual
-        from .api import strip_softmax
-        shown = build_dual(strip_softmax(graph))
+        from .api import strip_readout
+        shown = build_dual(strip_readout(graph))
     if not args.bounds:
         print({"text": printer.format_text, "json": printer.format_json, "dot": printer.format_dot}[args.format](shown))
         return 0

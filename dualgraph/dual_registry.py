@@ -182,7 +182,14 @@ def missing_rules_error(nodes: list[Node]) -> UnsupportedOpError:
         by_op.setdefault(".".join(filter(None, n.op)), []).append(n.name)
     listing = "; ".join(f"{op} (node{'s' if len(v) > 1 else ''} {', '.join(repr(x) for x in v)})"
                         for op, v in by_op.items())
+    from .op_registry import OPS
     from .plugins import failed_plugins_note
+    readouts = sorted({".".join(filter(None, n.op)) for n in nodes if getattr(OPS.get(n.op), "output_side", False)})
+    if readouts:
+        return UnsupportedOpError(
+            f"no dual layer for: {listing}; {', '.join(readouts)} read a class or mask off the logits, which "
+            "bounds cannot pass through: export the model without them (its logits) and state the property "
+            "over the logits")
     return UnsupportedOpError(
         f"no dual layer for: {listing}; define one with dualgraph.define_op(...).dual or .relaxation in a "
         "plugin package (entry point group 'dualgraph.plugins', README 'Writing a dual layer')"

@@ -129,6 +129,9 @@ class OpDefinition:
     fx_targets: list = field(default_factory=list)
     examples: list[OpExample] = field(default_factory=list)
     replaced: str | None = None  # the source of the definition this one overrides
+    #: reads a class or mask off the logits (ArgMax, Equal, OneHot): never bounded; errors
+    #: about it say to export the logits instead
+    output_side: bool = False
 
     @property
     def name(self) -> str:

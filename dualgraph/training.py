@@ -99,9 +99,9 @@ def lower_module(model: nn.Module, x: torch.Tensor) -> _Lowered:
     if low is not None and low.is_current(model, x):
         return low
     from dualgraph.frontends.fx import load_module
-    from .api import strip_softmax
+    from .api import strip_readout
     with torch.no_grad():
-        graph = strip_softmax(load_module(model, x[:2].detach(), warn_training=False))  # inference semantics meant
+        graph = strip_readout(load_module(model, x[:2].detach(), warn_training=False))  # inference semantics meant
     names = bind_parameters(graph, model)
     live = dict([*model.named_parameters(), *model.named_buffers()])
     low = _LOWERED[model] = _Lowered(graph, {k: live[k] for k in names}, tuple(x.shape[1:]))

@@ -124,6 +124,11 @@ class VerifyModel:
             raise DualgraphError(f"'{self.path}' has {len(self.graph.inputs)} inputs and {len(self.graph.outputs)} "
                                  "outputs; VNN-LIB verification needs exactly one of each")
         last = self.graph.outputs[0].producer
+        from .op_registry import OPS
+        if last is not None and getattr(OPS.get(last.op), "output_side", False):
+            raise UnsupportedOpError(f"'{self.path}' ends in {last.op_type} (node '{last.name}'), which reads a class "
+                                     "off the logits; VNN-LIB properties are stated over the model's outputs: export "
+                                     "the model without it (its logits) and state the property over them")
         if last is not None and last.op_type == "Softmax":
             raise UnsupportedOpError(f"'{self.path}' ends in Softmax (node '{last.name}'); VNN-LIB outputs would be "
                                      "probabilities, and bounds through Softmax are not supported")

@@ -278,3 +278,45 @@ def test_a_product_of_two_computed_matrices_is_bounded():
                      torch.where(torch.rand(500, 4, generator=gen) < 0.5, 0.5, -0.5)])
     values = (cert.forward(pts) @ spec[0].T).min(0).values
     assert (bound <= values).all()
+
+
+# ---- output-side ops ------------------------------------------------------------------------------
+
+def _with_readout(nodes_after, outputs):
+    """digits-small with nodes appended after its logits ``y``."""
+    import onnx
+    from dualgraph.models import HERE
+    model = onnx.load(HERE / "digits_small.onnx")
+    logits = model.graph.output[0].name
+    for node in nodes_after(logits):
+        model.graph.node.append(node)
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+    return model
+
+
+def test_a_trailing_argmax_is_certified_as_the_class_it_reads():
+    from dualgraph.api import load_model
+    from dualgraph.data import split_digits
+    model = _with_readout(lambda y: [helper.make_node("ArgMax", [y], ["cls"], axis=1, keepdims=1)],
+                          [helper.make_tensor_value_info("cls", TensorProto.INT64, ["N", 1])])
+    x = split_digits()[1].images[:40]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    graph = load_onnx(model)
+    np.testing.assert_array_equal(Interpreter(graph).run(x)[0].numpy(), want)
+    with_readout, logits = Certifier(graph), Certifier(load_model("digits-small"))
+    labels = logits.forward(x).argmax(1)
+    a, b = with_readout.certify(x, labels, 0.05), logits.certify(x, labels, 0.05)
+    assert torch.equal(a.certified, b.certified) and torch.equal(a.margins, b.margins)
+
+
+def test_output_side_ops_elsewhere_are_refused_with_what_to_export():
+    from dualgraph.errors import UnsupportedOpError
+    model = _with_readout(lambda y: [helper.make_node("ArgMax", [y], ["cls"], axis=1, keepdims=1),
+                                     helper.make_node("Equal", ["cls", "three"], ["is3"])],
+                          [helper.make_tensor_value_info("is3", TensorProto.BOOL, ["N", 1])])
+    model.graph.initializer.append(numpy_helper.from_array(np.array([[3]], np.int64), "three"))
+    graph = load_onnx(model)
+    with pytest.raises(UnsupportedOpError, match="read a class or mask off the logits.*export the model without them"):
+        Certifier(graph)
