@@ -103,8 +103,8 @@ def test_unsupported_ops_are_all_listed():
              helper.make_node("Loop", ["", "", "lstm_out"], ["l1_out"], name="l1", body=body),
              helper.make_node("Loop", ["", "", "l1_out"], ["l2_out"], name="l2", body=body),
              helper.make_node("Swish", ["l2_out"], ["s"], name="sw", domain="com.example"),
-             helper.make_node("Erf", ["s"], ["y"], name="erf_7"),
-             helper.make_node("Erf", ["x"], ["dead"], name="never_used")]
+             helper.make_node("Hardmax", ["s"], ["y"], name="erf_7"),
+             helper.make_node("Hardmax", ["x"], ["dead"], name="never_used")]
     model = make_model(nodes, [("x", ["N", 3])], [("y", None)], {"W": w(1, 8, 3), "R": w(1, 8, 2)})
     model.opset_import.append(helper.make_opsetid("com.example", 1))
     with pytest.raises(UnsupportedOpError) as e:
@@ -112,7 +112,7 @@ def test_unsupported_ops_are_all_listed():
     msg = one_line(e)
     assert msg.startswith("unsupported ONNX ops: ")
     for part in ("LSTM (nodes 'lstm_1')", "Loop (nodes 'l1', 'l2')", "com.example.Swish (nodes 'sw')",
-                 "Erf (nodes 'erf_7')", "supported: ", "Conv", "plugin"):
+                 "Hardmax (nodes 'erf_7')", "supported: ", "Conv", "plugin"):
         assert part in msg
     assert "never_used" not in msg  # dead code is dropped first
 
