@@ -172,6 +172,36 @@ def test_a_reduction_over_the_examples_is_refused():
         load_onnx(model)
 
 
+def four_input_model(nodes, inits, n_out: int):
+    """A model ``x[4] -> nodes -> y[n_out]`` (the nodes read ``x`` and write ``y``)."""
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_out])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def check_network(model, eps: float, seed: int, relaxations=("paper",), rtol: float = 1e-5):
+    """The import agrees with onnxruntime, and certified lower bounds of random specifications
+    over the box ``[-eps, eps]^4`` are below every sampled value (vertices included)."""
+    from dualgraph.scheduler import BoundConfig
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-eps, eps, (7, 4)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    graph = load_onnx(model)
+    np.testing.assert_allclose(Interpreter(graph).run(torch.from_numpy(x))[0].numpy(), want, rtol=rtol, atol=rtol)
+    gen = torch.Generator().manual_seed(seed)
+    pts = torch.cat([(torch.rand(3000, 4, generator=gen) * 2 - 1) * eps,
+                     torch.where(torch.rand(500, 4, generator=gen) < 0.5, eps, -eps)])
+    for relaxation in relaxations:
+        cert = Certifier(graph, BoundConfig(relu_relaxation=relaxation))
+        spec = torch.randn(1, 6, graph.outputs[0].numel, generator=gen)
+        bound = cert.lower_bounds(cert.input_set(torch.zeros(1, 4), eps), spec)[0]
+        values = (cert.forward(pts) @ spec[0].T).min(0).values
+        assert (bound <= values).all(), (relaxation, bound, values)
+    return graph
+
+
 @pytest.mark.parametrize("op", ["Max", "Min"])
 def test_extremum_of_two_network_tensors(op):
     """``op(W1 x, W2 x, W3 x)``: three operands (a chain of two-operand nodes), all variable."""
@@ -179,24 +209,7 @@ def test_extremum_of_two_network_tensors(op):
     inits = [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), f"w{i}") for i in range(3)]
     nodes = [helper.make_node("Gemm", ["x", f"w{i}"], [f"h{i}"], transB=1) for i in range(3)]
     nodes.append(helper.make_node(op, ["h0", "h1", "h2"], ["y"], name="the_op"))
-    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    x = rng.uniform(-1, 1, (7, 4)).astype(np.float32)
-    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    graph = load_onnx(model)
-    np.testing.assert_allclose(Interpreter(graph).run(torch.from_numpy(x))[0].numpy(), want, rtol=1e-6, atol=1e-6)
-    for relaxation in ("paper", "crown"):
-        from dualgraph.scheduler import BoundConfig
-        cert = Certifier(graph, BoundConfig(relu_relaxation=relaxation))
-        spec = torch.randn(1, 6, 5, generator=torch.Generator().manual_seed(5))
-        bound = cert.lower_bounds(cert.input_set(torch.zeros(1, 4), 1.0), spec)[0]
-        gen = torch.Generator().manual_seed(0)
-        pts = torch.cat([torch.rand(3000, 4, generator=gen) * 2 - 1,
-                         torch.where(torch.rand(500, 4, generator=gen) < 0.5, 1.0, -1.0)])
-        values = (cert.forward(pts) @ spec[0].T).min(0).values
-        assert (bound <= values).all() and (values - bound).max() < 50
+    check_network(four_input_model(nodes, inits, 5), 1.0, 5, relaxations=("paper", "crown"), rtol=1e-6)
 
 
 @pytest.mark.parametrize("operands", [("h0", "h1"), ("h0", "h0")], ids=["two-values", "one-value-twice"])
@@ -206,51 +219,20 @@ def test_product_of_network_tensors(operands):
     inits = [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), f"w{i}") for i in range(2)]
     nodes = [helper.make_node("Gemm", ["x", f"w{i}"], [f"h{i}"], transB=1) for i in range(2)]
     nodes.append(helper.make_node("Mul", list(operands), ["y"], name="the_product"))
-    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    x = rng.uniform(-1, 1, (7, 4)).astype(np.float32)
-    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    graph = load_onnx(model)
-    np.testing.assert_allclose(Interpreter(graph).run(torch.from_numpy(x))[0].numpy(), want, rtol=1e-5, atol=1e-5)
-    cert = Certifier(graph)
-    spec = torch.randn(1, 6, 5, generator=torch.Generator().manual_seed(7))
-    bound = cert.lower_bounds(cert.input_set(torch.zeros(1, 4), 0.5), spec)[0]
-    gen = torch.Generator().manual_seed(0)
-    pts = torch.cat([torch.rand(3000, 4, generator=gen) - 0.5,
-                     torch.where(torch.rand(500, 4, generator=gen) < 0.5, 0.5, -0.5)])
-    values = (cert.forward(pts) @ spec[0].T).min(0).values
-    assert (bound <= values).all()
+    check_network(four_input_model(nodes, inits, 5), 0.5, 7)
 
 
 def test_a_computed_divisor_is_a_product_with_its_reciprocal():
     """x / y with y computed (and bounded away from 0): Reciprocal then Mul, bounds sound."""
     rng = np.random.default_rng(8)
-    w0 = rng.standard_normal((5, 4)).astype(np.float32)
-    w1 = (rng.standard_normal((5, 4)) * 0.1).astype(np.float32)
-    inits = [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1"),
+    inits = [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "w0"),
+             numpy_helper.from_array((rng.standard_normal((5, 4)) * 0.1).astype(np.float32), "w1"),
              numpy_helper.from_array(np.full(5, 3.0, np.float32), "b1")]
     nodes = [helper.make_node("Gemm", ["x", "w0"], ["h0"], transB=1),
-             helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], transB=1),   # in [3 - 0.4, 3 + 0.4] roughly
+             helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], transB=1),   # about 3 +- 0.4
              helper.make_node("Div", ["h0", "h1"], ["y"], name="ratio")]
-    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    x = rng.uniform(-1, 1, (7, 4)).astype(np.float32)
-    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    graph = load_onnx(model)
+    graph = check_network(four_input_model(nodes, inits, 5), 1.0, 9)
     assert [n.op_type for n in graph.nodes][-2:] == ["Reciprocal", "Mul"]
-    np.testing.assert_allclose(Interpreter(graph).run(torch.from_numpy(x))[0].numpy(), want, rtol=1e-5, atol=1e-5)
-    cert = Certifier(graph)
-    spec = torch.randn(1, 6, 5, generator=torch.Generator().manual_seed(9))
-    bound = cert.lower_bounds(cert.input_set(torch.zeros(1, 4), 1.0), spec)[0]
-    gen = torch.Generator().manual_seed(0)
-    pts = torch.cat([torch.rand(3000, 4, generator=gen) * 2 - 1,
-                     torch.where(torch.rand(500, 4, generator=gen) < 0.5, 1.0, -1.0)])
-    values = (cert.forward(pts) @ spec[0].T).min(0).values
-    assert (bound <= values).all()
 
 
 def test_a_product_of_two_computed_matrices_is_bounded():
@@ -262,22 +244,7 @@ def test_a_product_of_two_computed_matrices_is_bounded():
     nodes = [helper.make_node("Gemm", ["x", "w0"], ["g0"], transB=1), helper.make_node("Reshape", ["g0", "s0"], ["q"]),
              helper.make_node("Gemm", ["x", "w1"], ["g1"], transB=1), helper.make_node("Reshape", ["g1", "s1"], ["k"]),
              helper.make_node("MatMul", ["q", "k"], ["s"], name="scores"), helper.make_node("Flatten", ["s"], ["y"])]
-    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    x = rng.uniform(-1, 1, (7, 4)).astype(np.float32)
-    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    graph = load_onnx(model)
-    np.testing.assert_allclose(Interpreter(graph).run(torch.from_numpy(x))[0].numpy(), want, rtol=1e-5, atol=1e-5)
-    cert = Certifier(graph)
-    spec = torch.randn(1, 5, 4, generator=torch.Generator().manual_seed(11))
-    bound = cert.lower_bounds(cert.input_set(torch.zeros(1, 4), 0.5), spec)[0]
-    gen = torch.Generator().manual_seed(0)
-    pts = torch.cat([torch.rand(3000, 4, generator=gen) - 0.5,
-                     torch.where(torch.rand(500, 4, generator=gen) < 0.5, 0.5, -0.5)])
-    values = (cert.forward(pts) @ spec[0].T).min(0).values
-    assert (bound <= values).all()
+    check_network(four_input_model(nodes, inits, 4), 0.5, 11)
 
 
 # ---- output-side ops ------------------------------------------------------------------------------

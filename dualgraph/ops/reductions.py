@@ -80,34 +80,26 @@ def _lower_reduce(op_type: str):
     return rule
 
 
-reduce_sum = define_op("ReduceSum")
+def _define_reduction(op_type: str, reduce, axes_input_opset: int, *fx_targets):
+    """A reduction over non-batch axes: ``reduce(x, dim, keepdim)`` (torch's sum or mean)."""
+    op = define_op(op_type)
+
+    @op.evaluate
+    def _(node, inputs):
+        x = inputs[0]
+        axes = _reduced_axes(node, x.dim())
+        return reduce(x, dim=axes, keepdim=bool(node.attrs.get("keepdims", 1))) if axes else x
+
+    op.dual(ReduceDual)
+    op.onnx_import(_onnx_reduce(axes_input_opset))
+    op.fx_lowering(*fx_targets)(_lower_reduce(op_type))
+    return op
 
 
-@reduce_sum.evaluate
-def _(node, inputs):
-    x = inputs[0]
-    axes = _reduced_axes(node, x.dim())
-    return x.sum(dim=axes, keepdim=bool(node.attrs.get("keepdims", 1))) if axes else x
-
-
-reduce_sum.dual(ReduceDual)
-reduce_sum.onnx_import(_onnx_reduce(13))
-reduce_sum.fx_lowering(torch.sum, "sum")(_lower_reduce("ReduceSum"))
+reduce_sum = _define_reduction("ReduceSum", torch.sum, 13, torch.sum, "sum")
 reduce_sum.example(var(3, 4), attrs={"axes": [2], "keepdims": 0})
 reduce_sum.example(var(2, 3, 3), attrs={"axes": [1, 3], "keepdims": 1})
 
-reduce_mean = define_op("ReduceMean")
-
-
-@reduce_mean.evaluate
-def _(node, inputs):
-    x = inputs[0]
-    axes = _reduced_axes(node, x.dim())
-    return x.mean(dim=axes, keepdim=bool(node.attrs.get("keepdims", 1))) if axes else x
-
-
-reduce_mean.dual(ReduceDual)
-reduce_mean.onnx_import(_onnx_reduce(18))
-reduce_mean.fx_lowering(torch.mean, "mean")(_lower_reduce("ReduceMean"))
+reduce_mean = _define_reduction("ReduceMean", torch.mean, 18, torch.mean, "mean")
 reduce_mean.example(var(4, 3), attrs={"axes": [-1], "keepdims": 1})
 reduce_mean.example(var(2, 3, 3), attrs={"axes": [2, 3], "keepdims": 0})
