@@ -287,3 +287,36 @@ def test_output_side_ops_elsewhere_are_refused_with_what_to_export():
     graph = load_onnx(model)
     with pytest.raises(UnsupportedOpError, match="read a class or mask off the logits.*export the model without them"):
         Certifier(graph)
+
+
+# ---- Where, Expand, Tile (written with Mul, Add, Concat) ------------------------------------------
+
+def _rewritten(kind: str):
+    rng = np.random.default_rng(12)
+    inits = [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1)]
+    if kind == "where-const":
+        inits += [numpy_helper.from_array(np.array([1, 0, 1, 1, 0], bool), "c"),
+                  numpy_helper.from_array(np.array([np.inf, 7.0, np.nan, -2.0, -1.0], np.float32), "other")]  # non-finite only where masked out
+        nodes.append(helper.make_node("Where", ["c", "h", "other"], ["y"]))
+        return nodes, inits, 5
+    if kind == "where-two":
+        inits += [numpy_helper.from_array(np.array([[1, 0, 0, 1, 0]], bool), "c")]
+        nodes += [helper.make_node("Neg", ["h"], ["g"]), helper.make_node("Where", ["c", "h", "g"], ["y"])]
+        return nodes, inits, 5
+    if kind == "expand":
+        inits += [numpy_helper.from_array(np.array([-1, 1, 5], np.int64), "s"),
+                  numpy_helper.from_array(np.array([1, 3, 5], np.int64), "to")]
+        nodes += [helper.make_node("Reshape", ["h", "s"], ["r"]), helper.make_node("Expand", ["r", "to"], ["e"]),
+                  helper.make_node("Flatten", ["e"], ["y"])]
+        return nodes, inits, 15
+    inits += [numpy_helper.from_array(np.array([1, 3], np.int64), "reps")]
+    nodes.append(helper.make_node("Tile", ["h", "reps"], ["y"]))
+    return nodes, inits, 15
+
+
+@pytest.mark.parametrize("kind", ["where-const", "where-two", "expand", "tile"])
+def test_ops_written_with_others_agree_and_bound(kind):
+    nodes, inits, n_out = _rewritten(kind)
+    graph = check_network(four_input_model(nodes, inits, n_out), 1.0, 13)
+    assert not {"Where", "Expand", "Tile"} & {n.op_type for n in graph.nodes}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import DualgraphError
 from ..ir import Value
-from ..lowering import BATCH_SIZE, FLOAT_TYPES, PAD_MODES, Call, Missing, OnnxNode, Unsupported, Var, reshape_to
+from ..lowering import BATCH_SIZE, FLOAT_TYPES, PAD_MODES, Call, Const, Missing, OnnxNode, Unsupported, Var, reshape_to
 from ..op_registry import SAME, define_op, random_const, var
 from .common import IndexMapDual, int_list, node_axis, onnx_elementwise, slice_range, torch_pad
 
@@ -634,3 +634,61 @@ def _(lo, call: Call):
 
 gather.example(var(5, 3), _ints(0, 2, 4, -1).reshape(2, 2), attrs={"axis": 1})
 gather.example(var(3, 4), torch.tensor(2), attrs={"axis": 2})
+
+
+# ---- Where (constant condition), Expand, Tile: written with the ops above -------------------------
+# They add no op of their own to the IR: the ONNX handlers rewrite them exactly in terms of Mul,
+# Add and Concat (multiplying by 0 or 1 is exact), so every bound path already covers them.
+
+where_op = define_op("Where")
+
+
+@where_op.onnx_import
+def _(ctx, n):
+    cond, x, y = n.ins[0], n.ins[1], n.ins[2]
+    if isinstance(cond, Var):
+        raise DualgraphError(f"node '{n.name}' (Where): a condition computed from the network input is not "
+                             "supported (only a constant mask)")
+    mask = np.asarray(ctx.batch_free(n, cond), dtype=bool)
+
+    def branch(ref, keep: np.ndarray):
+        """``keep * ref``; a constant branch is masked in numpy (no 0 * inf)."""
+        if isinstance(ref, Var):
+            return ctx.binary(n, "Mul", ref, Const.of(keep.astype(np.float32)), None)
+        value = ctx.batch_free(n, ref)
+        return Const.of(np.where(keep, value, np.zeros((), dtype=value.dtype)))
+    return [ctx.binary(n, "Add", branch(x, mask), branch(y, ~mask), n.outs)]
+
+
+expand = define_op("Expand")
+
+
+@expand.onnx_import
+def _(ctx, n):
+    shape = ctx.const(n, 1, "the Expand shape")
+    ones = Const(np.ones([int(d) for d in shape.t1], np.float32),
+                 np.ones([int(d) for d in shape.t2], np.float32)) if shape.batch_dependent else \
+        Const.of(np.ones([int(d) for d in shape.t1], np.float32))
+    return [ctx.binary(n, "Mul", n.ins[0], ones, n.outs)]  # numpy broadcasting, as Expand's
+
+
+tile = define_op("Tile")
+
+
+@tile.onnx_import
+def _(ctx, n):
+    x = ctx.var(n, 0)
+    repeats = ctx.ints(n, 1)
+    if repeats is None or len(repeats) != x.rank:
+        raise DualgraphError(f"node '{n.name}' (Tile): {repeats} repeats for a tensor of rank {x.rank}")
+    if repeats[0] != 1 and not x.added:
+        x = ctx.to_added(n, x)
+    axes = [a for a, r in enumerate(repeats) if r != 1]
+    if not axes:
+        return ctx.emit(n, "Identity", [x.value], {}, x.added, n.outs)
+    for k, a in enumerate(axes):
+        if repeats[a] < 1:
+            raise DualgraphError(f"node '{n.name}' (Tile): repeats {repeats} must be positive")
+        x = ctx.emit(n, "Concat", [x.value] * repeats[a], {"axis": a + x.added}, x.added,
+                     n.outs if k == len(axes) - 1 else None)[0]
+    return [x]
