@@ -320,3 +320,40 @@ def test_ops_written_with_others_agree_and_bound(kind):
     nodes, inits, n_out = _rewritten(kind)
     graph = check_network(four_input_model(nodes, inits, n_out), 1.0, 13)
     assert not {"Where", "Expand", "Tile"} & {n.op_type for n in graph.nodes}
+
+
+CONV_TRANSPOSE = [  # input [N, 2, 4, 5], weight [2, 3 / group, 3, 3], attributes
+    {"strides": [2, 2]},
+    {"strides": [2, 1], "pads": [1, 0, 0, 2], "output_padding": [1, 0]},
+    {"strides": [2, 2], "output_shape": [9, 10]},
+    {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
+    {"strides": [1, 2], "auto_pad": "SAME_LOWER", "dilations": [2, 1]},
+    {"group": 2, "strides": [2, 2], "pads": [1, 1, 1, 1]},
+]
+
+
+@pytest.mark.parametrize("attrs", CONV_TRANSPOSE, ids=[str(i) for i in range(len(CONV_TRANSPOSE))])
+def test_conv_transpose_agrees_with_onnxruntime_and_bounds(attrs):
+    rng = np.random.default_rng(14)
+    group = attrs.get("group", 1)
+    w = rng.standard_normal((2, 4 // group if group > 1 else 3, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(rng.standard_normal((40, 4)).astype(np.float32), "w0"),
+             numpy_helper.from_array(np.array([-1, 2, 4, 5], np.int64), "s"),
+             numpy_helper.from_array(w, "wt"), numpy_helper.from_array(rng.standard_normal(w.shape[1] * group)
+                                                                      .astype(np.float32), "bt")]
+    nodes = [helper.make_node("Gemm", ["x", "w0"], ["h"], transB=1), helper.make_node("Reshape", ["h", "s"], ["r"]),
+             helper.make_node("ConvTranspose", ["r", "wt", "bt"], ["c"], **attrs), helper.make_node("Flatten", ["c"], ["y"])]
+    probe = four_input_model(nodes, inits, 1)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    n_out = session.run(None, {"x": np.zeros((1, 4), np.float32)})[0].shape[1]
+    graph = check_network(four_input_model(nodes, inits, n_out), 0.5, 15)
+    assert "ConvTranspose" in [n.op_type for n in graph.nodes]
+
+
+def test_conv_transpose_lowers_from_torch():
+    from dualgraph.api import load_model
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(),
+                              torch.nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1, groups=1)).eval()
+    x = torch.randn(3, 2, 7, 7)
+    graph = load_model(net, x)
+    torch.testing.assert_close(Interpreter(graph).run(x)[0], net(x), rtol=1e-5, atol=1e-5)

@@ -490,3 +490,97 @@ batch_norm.example(var(3, 2, 2), random_const(3, seed=25), random_const(3, seed=
                    random_const(3, seed=28, positive=True), attrs={"epsilon": 1e-3})
 batch_norm.example(var(3), random_const(3, seed=29), random_const(3, seed=30), random_const(3, seed=31),
                    random_const(3, seed=32, positive=True))
+
+
+# ---- ConvTranspose ------------------------------------------------------------------------------------
+
+conv_transpose = define_op("ConvTranspose")
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _transpose_geometry(attrs, spatial, kernel) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """strides, dilations, pads (begins + ends) and output_padding of an ONNX ConvTranspose,
+    ``output_shape`` and ``auto_pad`` resolved to explicit pads (the ONNX formulas)."""
+    n = len(kernel)
+    strides = [int(s) for s in attrs.get("strides") or [1] * n]
+    dilations = [int(d) for d in attrs.get("dilations") or [1] * n]
+    extra = [int(p) for p in attrs.get("output_padding") or [0] * n]
+    pads = [int(p) for p in attrs.get("pads") or [0] * (2 * n)]
+    auto = attrs.get("auto_pad", "NOTSET") or "NOTSET"
+    wanted = attrs.get("output_shape")
+    if wanted is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        wanted = [int(o) for o in wanted][-n:] if wanted is not None else [int(s) * st for s, st in zip(spatial, strides)]
+        begins, ends = [], []
+        for size, k, s, d, e, out in zip(spatial, kernel, strides, dilations, extra, wanted):
+            total = max(0, s * (int(size) - 1) + e + (k - 1) * d + 1 - out)
+            small, big = total // 2, total - total // 2
+            # the ONNX spec: the larger half at the end only for SAME_UPPER
+            begins.append(small if auto == "SAME_UPPER" else big)
+            ends.append(big if auto == "SAME_UPPER" else small)
+        pads = begins + ends
+    elif auto == "VALID":
+        pads = [0] * (2 * n)
+    return strides, dilations, pads, extra
+
+
+@conv_transpose.evaluate
+def _(node, inputs):
+    x, w, b = (list(inputs) + [None])[:3]
+    n = spatial_rank(x, node)
+    kernel = list(w.shape[2:])
+    strides, dilations, pads, extra = _transpose_geometry(node.attrs, x.shape[2:], kernel)
+    full = _CONV_TRANSPOSE[n](x, w, None, stride=strides, groups=int(node.attrs.get("group", 1)), dilation=dilations)
+    full = F.pad(full, torch_pad([0] * n, extra))                  # output_padding: rows at the end
+    crop = (slice(None), slice(None)) + tuple(slice(pads[i], full.shape[2 + i] - pads[n + i]) for i in range(n))
+    y = full[crop]
+    return y if b is None else y + b.reshape(1, -1, *([1] * n))
+
+
+@conv_transpose.dual
+class ConvTransposeDual(AffineRule):
+    """The adjoint of a transposed convolution (a convolution), by the generic vector-Jacobian product."""
+
+    abs_by_eval = True
+    bias_slot = 2
+
+    def eval_length(self, node, bounds, config):
+        w = node.inputs[1].const
+        return w.shape[0] * math.prod(w.shape[2:]) + 1        # c_in per group * taps, then the bias
+
+    def dual_length(self, node, bounds, config):
+        w = node.inputs[1].const
+        return max(w.shape[1] * math.prod(w.shape[2:]) + 1, offset_dot_length(self, node))
+
+
+@conv_transpose.onnx_import
+def _(ctx, n):
+    x = ctx.to_native(n, ctx.var(n, 0))
+    w = ctx.batch_free(n, ctx.const(n, 1, "the ConvTranspose weight"))
+    kernel = [int(k) for k in (n.attrs.get("kernel_shape") or w.shape[2:])]
+    strides, dilations, pads, extra = _transpose_geometry(n.attrs, [int(d) for d in x.value.shape[2:]], kernel)
+    attrs = {"strides": strides, "dilations": dilations, "pads": pads, "output_padding": extra,
+             "group": int(n.attrs.get("group", 1))}
+    inputs = [x.value, ctx.const_input(n, 1)]
+    if len(n.ins) > 2 and n.ins[2] is not None:
+        inputs.append(ctx.const_input(n, 2))
+    return ctx.emit(n, "ConvTranspose", inputs, attrs, False, n.outs)
+
+
+@conv_transpose.fx_lowering(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _(lo, call: Call):
+    m = call.module
+    if m.padding_mode != "zeros":
+        raise Unsupported(f"padding_mode='{m.padding_mode}'")
+    nd = len(m.kernel_size)
+    p = ntuple(m.padding, nd)
+    attrs = {"strides": ntuple(m.stride, nd), "dilations": ntuple(m.dilation, nd), "pads": p + p,
+             "output_padding": ntuple(m.output_padding, nd), "group": int(m.groups)}
+    return lo.emit("ConvTranspose", [lo.var(call.arg(0, "input")), lo.constant(m.weight, "weight"),
+                                     lo.constant(m.bias, "bias")], attrs)
+
+
+conv_transpose.example(var(2, 3, 3), random_const(2, 3, 3, 3, seed=41), random_const(3, seed=42),
+                       attrs={"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]})
+conv_transpose.example(var(2, 4), random_const(2, 1, 3, seed=43), attrs={"strides": [2], "pads": [0, 1],
+                                                                         "group": 2})
+conv_transpose.example(var(1, 3, 3), random_const(1, 2, 2, 2, seed=44), attrs={"dilations": [2, 1]})
