@@ -226,7 +226,6 @@ class OpDefinition:
                                        None if domain is None else (float(domain[0]), float(domain[1]))))
         return self
 
-
     def _check_owner(self) -> None:
         """Only the code that defined an op declares its rules: anyone else (a plugin reaching
         for a built-in's definition) must replace it with ``define_op(..., override=True)``."""

@@ -28,9 +28,9 @@ float32 evaluation, scaled by the magnitudes of the terms summed), the boxes are
 outward, and a proof needs ``lower > d + unsat_margin * (1 + |d|)`` (a small extra margin
 for the property's decimal constants). Before bounding, the lowered IR is compared
 with onnxruntime at the box centre: a frontend that lowered the model wrongly would make
-proofs about another function, so a disagreement is an error, not an answer. A model
-whose last op is Softmax is refused (:class:`~dualgraph.api.Certifier` strips a final
-Softmax, which is right for argmax margins but changes VNN-LIB's ``Y``).
+proofs about another function, so a disagreement is an error, not an answer. A final
+Softmax is bounded like any op (the certifiers keep it, ``logits=False``: VNN-LIB's ``Y`` are
+the model's outputs); a final ArgMax is refused.
 
 Several instances on one model share a :class:`VerifyModel` (lowered, simplified and
 opened in onnxruntime once): :func:`dualgraph.competition.run_instances` keeps one per
@@ -129,9 +129,6 @@ class VerifyModel:
             raise UnsupportedOpError(f"'{self.path}' ends in {last.op_type} (node '{last.name}'), which reads a class "
                                      "off the logits; VNN-LIB properties are stated over the model's outputs: export "
                                      "the model without it (its logits) and state the property over them")
-        if last is not None and last.op_type == "Softmax":
-            raise UnsupportedOpError(f"'{self.path}' ends in Softmax (node '{last.name}'); VNN-LIB outputs would be "
-                                     "probabilities, and bounds through Softmax are not supported")
         self.device, self.max_memory = device, max_memory
         self.n_inputs = self.graph.inputs[0].numel
         self.n_outputs = self.graph.outputs[0].numel
@@ -149,7 +146,9 @@ class VerifyModel:
             from .api import Certifier
             from .scheduler import BoundConfig
             config = BoundConfig(relu_relaxation=relaxation, max_memory=self.max_memory)
-            self._certifiers[relaxation] = Certifier(self.graph, config, device=self.device, dtype=torch.float64)
+            # logits=False: VNN-LIB's Y are the model's outputs as they are (a final Softmax included)
+            self._certifiers[relaxation] = Certifier(self.graph, config, device=self.device, dtype=torch.float64,
+                                                     logits=False)
         return self._certifiers[relaxation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from dualgraph.input_sets import Box, InputSet, L2Ball, linf_ball
 
 DTYPE = torch.float64
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "hardtanh", "abs", "softplus", "sin", "square", "max_pair", "self_product",
-               "silu", "gelu")
+               "silu", "gelu", "softmax")
 SET_KINDS = ("linf", "linf01", "l2")
 
 
@@ -64,7 +64,8 @@ def make_act(kind: str | None) -> nn.Module | None:
             # products of two variables (bilinear Mul): x * x, and SiLU as exported, x * sigmoid(x)
             "self_product": lambda: Elementwise(lambda x: x * x),
             "silu": lambda: Elementwise(lambda x: x * torch.sigmoid(x)),
-            "gelu": nn.GELU}[kind]()
+            "gelu": nn.GELU,
+            "softmax": lambda: nn.Softmax(dim=1)}[kind]()
 
 
 class DagNode(nn.Module):

@@ -357,3 +357,19 @@ def test_conv_transpose_lowers_from_torch():
     x = torch.randn(3, 2, 7, 7)
     graph = load_model(net, x)
     torch.testing.assert_close(Interpreter(graph).run(x)[0], net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_inside_a_network_is_bounded():
+    """Attention as exported: scores, Softmax over the keys, then the weighted values."""
+    rng = np.random.default_rng(16)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), f"w{i}") for i in range(3)]
+    inits += [numpy_helper.from_array(np.array([-1, 2, 3], np.int64), "s0"),
+              numpy_helper.from_array(np.array([-1, 3, 2], np.int64), "s1"),
+              numpy_helper.from_array(np.array([-1, 2, 3], np.int64), "s2")]
+    nodes = [helper.make_node("Gemm", ["x", "w0"], ["g0"], transB=1), helper.make_node("Reshape", ["g0", "s0"], ["q"]),
+             helper.make_node("Gemm", ["x", "w1"], ["g1"], transB=1), helper.make_node("Reshape", ["g1", "s1"], ["k"]),
+             helper.make_node("Gemm", ["x", "w2"], ["g2"], transB=1), helper.make_node("Reshape", ["g2", "s2"], ["v"]),
+             helper.make_node("MatMul", ["q", "k"], ["scores"]), helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["o"]), helper.make_node("Flatten", ["o"], ["y"])]
+    graph = check_network(four_input_model(nodes, inits, 6), 0.3, 17)
+    assert "Softmax" in [n.op_type for n in graph.nodes]

@@ -231,10 +231,18 @@ def test_property_must_fit_the_model(tmp_path):
         answer(tmp_path, IDENTITY, vnnlib_text(2, 1, [(0.0, 1.0)] * 2, "(assert (>= Y_0 1.5))"))
 
 
-def test_softmax_output_is_refused(tmp_path):
+@pytest.mark.parametrize("body,expected", [
+    ("(assert (>= Y_1 Y_0))", "unsat"),          # x_0 > x_1 on the box: y_0 > y_1 always
+    ("(assert (>= Y_0 0.74))", "sat"),            # y_0 reaches e^1.1 / (e^1.1 + 1) = 0.750
+])
+def test_properties_over_softmax_outputs(tmp_path, body, expected):
+    """A model ending in Softmax: VNN-LIB's Y are probabilities, bounded through the Softmax."""
     path = make_onnx(tmp_path / "sm.onnx", [(np.eye(2), np.zeros(2))], softmax=True)
-    with pytest.raises(UnsupportedOpError, match="Softmax"):
-        VerifyModel(path)
+    props = parse_vnnlib(vnnlib_text(2, 2, [(0.9, 1.0), (-0.1, 0.0)], body))
+    result = verify_property(VerifyModel(path), props, 30.0, FAST)
+    assert result.answer == expected, result.details
+    if expected == "sat":
+        check_counterexample(path, props, result.result_text())
 
 
 def test_disagreement_with_onnxruntime_is_an_error(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dual_registry import Bounds, Relaxation, const_args
+from ..dual_registry import Bounds, DualRule, DualStep, Relaxation, const_args
 from ..errors import DualgraphError
 from ..lowering import Call, Unsupported
 from ..op_registry import define_op, var
@@ -212,7 +212,7 @@ sigmoid = _define_s_shaped("Sigmoid", torch.sigmoid, _sigmoid_stationary, nn.Sig
 tanh = _define_s_shaped("Tanh", torch.tanh, _tanh_stationary, nn.Tanh, F.tanh, torch.tanh, "tanh")
 
 
-# ---- Softmax (evaluation only) -------------------------------------------------------------------------
+# ---- Softmax ---------------------------------------------------------------------------------------------
 
 softmax = define_op("Softmax")
 
@@ -221,6 +221,93 @@ softmax = define_op("Softmax")
 def _(node, inputs):
     x = inputs[0]
     return torch.softmax(x, dim=node_axis(int(node.attrs.get("axis", -1)), x.dim(), node))
+
+
+def _softmax_pieces(node, b: Bounds):
+    """The relaxations that make up softmax's, from the bounds of ``x`` (the softmax axis last).
+
+    ``y_k = e_k r`` with ``e_k = exp(x_k - m)`` (``m = max_k u_k``, so ``e <= 1``: no overflow),
+    ``s = sum_k e_k`` and ``r = 1 / s``; each factor has interval bounds from ``[l, u]``:
+    ``e`` in ``[E_l, E_u]``, ``s`` in ``[S_l, S_u]``, ``r`` in ``[1/S_u, 1/S_l]``; ``e`` and ``r``
+    have parallel-line relaxations (exp in ``x - m``, reciprocal in ``s``), and the product
+    ``e r`` is within ``(e - c_e)(r - c_r)``, at most ``w_e w_r / 4``, of
+    ``c_r e + c_e r - c_e c_r`` (``c`` the midpoints, ``w`` the widths).
+
+    ``ok`` marks the groups where all of this is finite; elsewhere (``S_l`` underflows when every
+    ``l_k`` lies far below ``m``) the rule falls back to ``0 <= y <= 1``."""
+    axis = node_axis(int(node.attrs.get("axis", -1)), b.lower.dim(), node)
+    l, u = b.lower.movedim(axis, -1), b.upper.movedim(axis, -1)
+    m = u.amax(-1, keepdim=True)
+    e = chord_relaxation(Bounds(l - m, u - m), torch.exp, stationary=lambda a: [torch.log(a.clamp(min=1e-300))])
+    e_lo, e_hi = torch.exp(l - m), torch.exp(u - m)
+    s_lo, s_hi = e_lo.sum(-1, keepdim=True), e_hi.sum(-1, keepdim=True)
+    ok = (s_lo > torch.finfo(s_lo.dtype).tiny * 1e6) & torch.isfinite(m)
+    s_lo, s_hi = torch.where(ok, s_lo, 1.0), torch.where(ok, s_hi, 1.0)   # placeholders where not ok
+    r = chord_relaxation(Bounds(s_lo, s_hi), torch.reciprocal,
+                         stationary=lambda a: [1 / torch.sqrt((-a).clamp(min=1e-300))])
+    r_lo, r_hi = 1 / s_hi, 1 / s_lo
+    pieces = {"axis": axis, "ok": ok, "m": torch.where(ok, m, 0.0), "a_e": e.a_lo, "a_r": r.a_lo, "c_e": (e_lo + e_hi) / 2, "w_e": e_hi - e_lo,
+              "c_r": (r_lo + r_hi) / 2, "w_r": r_hi - r_lo}
+    for name, rel in (("e", e), ("r", r)):
+        pieces[f"mid_{name}"], pieces[f"gap_{name}"] = rel.mid_gap()
+    for name in ("a_e", "a_r", "c_e", "w_e", "c_r", "w_r", "mid_e", "gap_e", "mid_r", "gap_r"):
+        pieces[name] = torch.where(ok, pieces[name], 0.0)  # no NaN from the placeholders
+    return pieces
+
+
+@softmax.dual
+class SoftmaxDual(DualRule):
+    """Softmax as ``exp``, a sum, a reciprocal and a product, each relaxed by parallel lines
+    (:func:`_softmax_pieces`), composed backward: a linear dual layer. With ``lam`` on ``y``:
+    ``mu = lam c_r`` on ``e``, ``rho = sum_k lam_k c_e,k`` on ``r``, ``nu = mu + rho a_r`` on ``e``
+    (through ``s``), ``lam_x = nu a_e``; the offsets are ``T -/+ A`` with
+    ``T = sum(-lam c_e c_r + nu (mid_e - a_e m)) + rho mid_r`` and
+    ``A = sum(|lam| w_e w_r / 4 + |nu| gap_e) + |rho| gap_r``."""
+
+    needs_bounds = True
+
+    def linear(self, node, config) -> bool:
+        return True
+
+    def backward(self, node, lam, bounds, config):
+        p = _softmax_pieces(node, bounds[0])
+        lam_t = lam.movedim(p["axis"] + 1, -1)
+        per = {k: v.unsqueeze(1) for k, v in p.items() if k != "axis"}   # broadcast over the rows
+        rho = (lam_t * per["c_e"]).sum(-1, keepdim=True)
+        nu = lam_t * per["c_r"] + rho * per["a_r"]
+        lam_x = (nu * per["a_e"]).movedim(-1, p["axis"] + 1)
+
+        def total(t):
+            return t.flatten(2).sum(-1)
+        ok = per["ok"]
+        linear = total(torch.where(ok, -lam_t * per["c_e"] * per["c_r"] + nu * (per["mid_e"] - per["a_e"] * per["m"]),
+                                   lam_t / 2)) + total(rho * per["mid_r"])          # not ok: y in 1/2 -/+ 1/2
+        absolute = total(torch.where(ok, lam_t.abs() * per["w_e"] * per["w_r"] / 4 + nu.abs() * per["gap_e"],
+                                     lam_t.abs() / 2)) + total(rho.abs() * per["gap_r"])
+        return DualStep([lam_x], linear - absolute, linear + absolute)
+
+    # rounding facts of the composite map x -> y: A = c_r a_e (own unit) + c_e |a_r| a_e (every unit)
+    def abs_linear(self, node, xs, bounds, config):
+        p = _softmax_pieces(node, bounds[0])
+        x = xs[0].movedim(p["axis"], -1)
+        spread = p["c_r"] * p["a_e"] * x + p["c_e"] * p["a_r"].abs() * (p["a_e"] * x).sum(-1, keepdim=True)
+        return [spread.movedim(-1, p["axis"])]
+
+    def constant_magnitude(self, node, m_in, bounds, config):
+        p = _softmax_pieces(node, bounds[0])
+        e_const = (p["mid_e"] - p["a_e"] * p["m"]).abs() + p["gap_e"]
+        const = (p["c_e"] * p["c_r"] + p["w_e"] * p["w_r"] / 4 + p["c_e"] * (p["mid_r"].abs() + p["gap_r"])
+                 + p["c_r"] * e_const + p["c_e"] * p["a_r"].abs() * e_const.sum(-1, keepdim=True))
+        return [torch.where(p["ok"], const, 1.0).movedim(-1, p["axis"])]
+
+    def output_magnitude(self, node, m_in, bounds, config, terms):
+        return [torch.ones_like(terms[0])]  # a probability
+
+    def eval_length(self, node, bounds, config):
+        return node.inputs[0].unit_shape[node_axis(int(node.attrs.get("axis", -1)), len(node.inputs[0].shape), node) - 1] + 8
+
+    def dual_length(self, node, bounds, config):
+        return 2 * node.output.numel + 8
 
 
 @softmax.onnx_import
@@ -252,3 +339,8 @@ def _(lo, call: Call):
     if call.kwargs.get("dtype") is not None:
         raise Unsupported("softmax with dtype=")
     return _lower_softmax(lo, call.arg(0, "input"), call.arg(1, "dim", None))
+
+
+softmax.example(var(5), attrs={"axis": 1})
+softmax.example(var(2, 3), attrs={"axis": -1})
+softmax.example(var(3, 2), attrs={"axis": 1})
