@@ -36,7 +36,7 @@ from dualgraph.input_sets import Box, InputSet, L2Ball, linf_ball
 
 DTYPE = torch.float64
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "hardtanh", "abs", "softplus", "sin", "square", "max_pair", "self_product",
-               "silu", "gelu", "softmax")
+               "silu", "gelu", "softmax", "layer_norm")
 SET_KINDS = ("linf", "linf01", "l2")
 
 
@@ -65,7 +65,8 @@ def make_act(kind: str | None) -> nn.Module | None:
             "self_product": lambda: Elementwise(lambda x: x * x),
             "silu": lambda: Elementwise(lambda x: x * torch.sigmoid(x)),
             "gelu": nn.GELU,
-            "softmax": lambda: nn.Softmax(dim=1)}[kind]()
+            "softmax": lambda: nn.Softmax(dim=1),
+            "layer_norm": lambda: Elementwise(lambda x: F.layer_norm(x, x.shape[-1:]))}[kind]()
 
 
 class DagNode(nn.Module):

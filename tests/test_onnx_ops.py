@@ -373,3 +373,35 @@ def test_softmax_inside_a_network_is_bounded():
              helper.make_node("MatMul", ["p", "v"], ["o"]), helper.make_node("Flatten", ["o"], ["y"])]
     graph = check_network(four_input_model(nodes, inits, 6), 0.3, 17)
     assert "Softmax" in [n.op_type for n in graph.nodes]
+
+
+@pytest.mark.parametrize("axis,affine", [(-1, True), (1, False), (2, True)])
+def test_layer_normalization_agrees_and_bounds(axis, affine):
+    """LayerNormalization on [N, 2, 3] (opset 17's own op), over the last axis or the last two."""
+    rng = np.random.default_rng(18)
+    shape = {-1: [3], 1: [2, 3], 2: [3]}[axis]
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([-1, 2, 3], np.int64), "s")]
+    names = ["r"]
+    if affine:
+        inits += [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), "gamma"),
+                  numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), "beta")]
+        names += ["gamma", "beta"]
+    else:
+        inits.append(numpy_helper.from_array(np.ones(shape, np.float32), "gamma"))
+        names.append("gamma")
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1), helper.make_node("Reshape", ["h", "s"], ["r"]),
+             helper.make_node("LayerNormalization", names, ["n"], axis=axis, epsilon=1e-3),
+             helper.make_node("Flatten", ["n"], ["y"])]
+    graph = check_network(four_input_model(nodes, inits, 6), 0.2, 19, rtol=1e-4)
+    assert "LayerNormalization" in [n.op_type for n in graph.nodes]
+
+
+def test_layer_norm_lowers_from_torch():
+    from dualgraph.api import load_model
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.ReLU(), torch.nn.Linear(6, 2)).eval()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5), net[1].bias.uniform_(-0.5, 0.5)
+    x = torch.randn(5, 4)
+    graph = load_model(net, x)
+    torch.testing.assert_close(Interpreter(graph).run(x)[0], net(x), rtol=1e-5, atol=1e-5)
