@@ -193,19 +193,44 @@ def chord_relaxation(b: Bounds, f: Callable[[Tensor], Tensor], breakpoints: Sequ
 
     The extremes of ``g`` on ``[l, u]`` lie at ``l``, ``u``, the breakpoints of a piecewise
     linear ``f``, or the stationary points ``f'(z) = a`` (``stationary(a)`` returns them):
-    the tightest pair of parallel bounding lines. A tiny margin covers rounding in ``f``.
+    the tightest pair of parallel bounding lines.
+
+    Everything is computed in float64, then returned in the bounds' precision: the slope
+    rounded to it, the offsets moved out by what that rounding shifts the lines on ``[l, u]``
+    (``|a_t - a| max(|l|, |u|)``) plus a float64 slack, and rounded outward. So the lines bound
+    ``f`` (as computed in float64) on the whole interval, with no slack of the bounds' own
+    precision left in them: the rounding allowance accounts for float32 evaluation apart.
     """
-    l, u = b
+    dtype = b.lower.dtype
+    l, u = (t.to(torch.float64) for t in b)  # differentiable: the robust loss trains through bounds
+    m = torch.maximum(l.abs(), u.abs())
     width = u - l
-    flat = width <= 1e-12
+    flat = width <= 1e-12 * (1 + m)
     a = torch.where(flat, 0.0, (f(u) - f(l)) / torch.where(flat, 1.0, width))
     cands = [l, u] + [torch.full_like(l, p).clamp(min=l, max=u) for p in breakpoints]
     if stationary is not None:
         cands += [z.clamp(min=l, max=u) for z in stationary(a)]
     g = torch.stack([f(z) - a * z for z in cands])
-    tol = 1e-7 if l.dtype == torch.float64 else 1e-5
-    margin = tol * (1 + g.abs().amax(0))
-    return Relaxation(a, g.amin(0) - margin, a, g.amax(0) + margin)
+    a_t = a.to(dtype)
+    slack = (a_t.to(torch.float64) - a).abs() * m + 1e-12 * (1 + g.abs().amax(0) + a.abs() * m)
+    lo, hi = g.amin(0) - slack, g.amax(0) + slack
+    return Relaxation(a_t, _round_down(lo, dtype), a_t, _round_up(hi, dtype))
+
+
+def _round_down(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, never above ``t`` (float64 in, rounded toward -inf)."""
+    r = t.to(dtype)
+    d = r.detach()
+    step = torch.nextafter(d, torch.full_like(d, -float("inf"))) - d  # a constant: gradients pass through r
+    return torch.where(d.to(t.dtype) > t.detach(), r + step, r)
+
+
+def _round_up(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, never below ``t``."""
+    r = t.to(dtype)
+    d = r.detach()
+    step = torch.nextafter(d, torch.full_like(d, float("inf"))) - d
+    return torch.where(d.to(t.dtype) < t.detach(), r + step, r)
 
 
 # ---- import and lowering helpers -----------------------------------------------------------------

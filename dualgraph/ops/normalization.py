@@ -109,14 +109,15 @@ class LayerNormDual(DualRule):
             + total((rho * per["a_r"]).abs() * per["gap_q"] / p["k"])
         return DualStep([lam_x], linear - absolute, linear + absolute)
 
-    # rounding facts of the composite map: |A| x <= |scale| (c_r + |c_d| |a_r| |a_q| / K) applied to
-    # the centring map's absolute value (|x_k| + mean |x|)
+    # rounding facts of the composite map y = scale (c_r d + c_d a_r mean(a_q d)), d = C x with
+    # C = I - 11^T / K: |A| x = |scale| (c_r |C| x + |c_d| |a_r| mean(|a_q| |C| x))
     def abs_linear(self, node, xs, bounds, config):
         p = _pieces(node, bounds[0], xs[0])
         x = xs[0].reshape(p["c_d"].shape)
-        centred = x + x.mean(-1, keepdim=True)
-        coef = p["scale"].abs() * (p["c_r"] + p["c_d"].abs() * (p["a_r"] * p["a_q"]).abs().amax(-1, keepdim=True))
-        return [(coef * (centred + centred.sum(-1, keepdim=True) / p["k"])).reshape(xs[0].shape)]
+        k = p["k"]
+        cx = x * abs(1 - 2 / k) + x.sum(-1, keepdim=True) / k            # |C| x (entries |1 - 1/K|, 1/K)
+        spread = p["c_r"] * cx + p["c_d"].abs() * p["a_r"].abs() * (p["a_q"].abs() * cx).mean(-1, keepdim=True)
+        return [(p["scale"].abs() * spread).reshape(xs[0].shape)]
 
     def constant_magnitude(self, node, m_in, bounds, config):
         p = _pieces(node, bounds[0], bounds[0].lower)
@@ -128,7 +129,14 @@ class LayerNormDual(DualRule):
         return [const.reshape(bounds[0].lower.shape)]
 
     def output_magnitude(self, node, m_in, bounds, config, terms):
-        return terms
+        """``|y_k| <= |scale_k| sqrt(K - 1) + |bias_k|``: a normalised vector has norm sqrt(K), and
+        no entry can take more of it than the others' mean allows (whatever the input)."""
+        p = _pieces(node, bounds[0], bounds[0].lower)
+        bound = p["scale"].abs() * math.sqrt(max(p["k"] - 1, 1))
+        if p["bias"] is not None:
+            bound = bound + p["bias"].abs()
+        rows, groups = terms[0].shape[0], p["c_d"].shape[1]
+        return [torch.minimum(terms[0], bound.expand(rows, groups, p["k"]).reshape(terms[0].shape))]
 
     def eval_length(self, node, bounds, config):
         return 2 * math.prod(node.inputs[0].unit_shape[_normalized_axes(node, len(node.inputs[0].shape)) - 1:]) + 8
