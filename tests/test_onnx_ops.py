@@ -405,3 +405,43 @@ def test_layer_norm_lowers_from_torch():
     x = torch.randn(5, 4)
     graph = load_model(net, x)
     torch.testing.assert_close(Interpreter(graph).run(x)[0], net(x), rtol=1e-5, atol=1e-5)
+
+
+RESIZE = [  # attributes, scales or sizes (ONNX, [N, 2, 3, 4]), opset
+    ({"mode": "nearest"}, {"scales": [1, 1, 2, 2]}, 13),
+    ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+     {"scales": [1, 1, 2, 1.5]}, 13),
+    ({"mode": "nearest", "nearest_mode": "ceil", "coordinate_transformation_mode": "align_corners"},
+     {"sizes": [1, 2, 5, 7]}, 13),
+    ({"mode": "linear"}, {"scales": [1, 1, 2, 2]}, 13),
+    ({"mode": "linear", "coordinate_transformation_mode": "align_corners"}, {"sizes": [1, 2, 5, 3]}, 13),
+    ({"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, {"sizes": [1, 2, 1, 6]}, 13),
+    ({"mode": "linear", "coordinate_transformation_mode": "asymmetric"}, {"scales": [1, 1, 0.5, 2]}, 13),
+    ({"mode": "linear", "coordinate_transformation_mode": "half_pixel_symmetric"}, {"scales": [1, 1, 1.5, 0.75]}, 19),
+]
+
+
+@pytest.mark.parametrize("attrs,given,opset", RESIZE, ids=[str(i) for i in range(len(RESIZE))])
+def test_resize_agrees_with_onnxruntime_and_bounds(attrs, given, opset):
+    rng = np.random.default_rng(20)
+    inits = [numpy_helper.from_array(rng.standard_normal((24, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([-1, 2, 3, 4], np.int64), "s"),
+             numpy_helper.from_array(np.array(given.get("scales", []), np.float32), "scales")]
+    names = ["r", "", "scales"]
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1), helper.make_node("Reshape", ["h", "s"], ["r"])]
+    if "sizes" in given:  # as exports write them: the batch from Shape, the rest constant
+        inits += [numpy_helper.from_array(np.array(given["sizes"][1:], np.int64), "rest"),
+                  numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                  numpy_helper.from_array(np.array([1], np.int64), "one")]
+        nodes += [helper.make_node("Shape", ["r"], ["shape"]), helper.make_node("Slice", ["shape", "zero", "one"], ["n"]),
+                  helper.make_node("Concat", ["n", "rest"], ["sizes"], axis=0)]
+        names = ["r", "", "", "sizes"]
+    nodes += [helper.make_node("Resize", names, ["z"], **attrs), helper.make_node("Flatten", ["z"], ["y"])]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    n_out = session.run(None, {"x": np.zeros((1, 4), np.float32)})[0].shape[1]
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_out]))
+    check_network(model, 0.5, 21)

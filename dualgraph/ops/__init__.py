@@ -7,4 +7,4 @@ network generator in ``tests/strategies.py``.
 """
 
 from . import (activations, arithmetic, elementwise, extrema, linear, normalization, pooling,  # noqa: F401
-               readout, reductions, shapes)  # (importing defines the ops)
+               readout, reductions, resize, shapes)  # (importing defines the ops)
