@@ -33,8 +33,17 @@ def _add_bound_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--relaxation", choices=["paper", "crown"], default="paper",
                    help="ReLU lower slope: paper = u/(u-l) as in Wong et al. (default), crown = adaptive (tighter)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="precision of the bound arithmetic (default float32; float64 for transformers)")
     _add_memory_arg(p)
+    _add_run_args(p)
+
+
+def _add_run_args(p: argparse.ArgumentParser, progress: bool = True) -> None:
+    """--threads (and --no-progress) on every command that computes."""
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_projection_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +77,8 @@ def _add_verify_parsers(sub) -> None:
     p.add_argument("property", help="the .vnnlib file (VNN-LIB 1.0)")
     p.add_argument("--timeout", type=float, default=60.0, help="time limit in seconds (default 60)")
     p.add_argument("--results", metavar="FILE", help="write the competition result file here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (verify draws none; accepted so that "
+                                                              "scripts can pass it to every command)")
     _add_verify_args(p)
 
     p = sub.add_parser("run-instances", help="answer every instance (onnx,vnnlib,timeout) of a VNN-COMP CSV")
@@ -89,7 +100,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--data-dir", help="folder with the dataset files (MNIST IDX or CIFAR-10 python batches)")
     p.add_argument("--model", default="small", help="architecture (see 'dualgraph models'; default small)")
     p.add_argument("--eps", type=float, default=0.1, help="target radius of the ball (pixel scale [0,1]; default 0.1)")
-    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="norm of the ball (default linf)")
     p.add_argument("--no-clip", action="store_true", help="do not intersect the L-inf ball with the [0,1] pixel box")
     p.add_argument("--epochs", type=int, default=60, help="epochs (default 60, the paper's)")
     p.add_argument("--ramp-epochs", type=int, default=20,
@@ -97,7 +108,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--eps-start", type=float, help="first eps of the ramp (default: 0.01 MNIST/digits, 0.001 CIFAR)")
     p.add_argument("--lr-halve-every", type=int, default=10,
                    help="halve the learning rate every N epochs after the ramp (0: never; default 10)")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=50, help="training batch size (default 50, the paper's)")
     p.add_argument("--recipe", choices=["mnist", "cifar"],
                    help="optimiser recipe: mnist = Adam 1e-3, cifar = SGD 0.05, momentum 0.9, weight decay 5e-4 "
                         "(default: by dataset)")
@@ -141,12 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["mnist", "cifar10", "digits"], default=None,
                    help="dataset (default: digits for the default model, else required)")
     p.add_argument("--data-dir", help="folder with the dataset files (MNIST IDX or CIFAR-10 python batches)")
-    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--split", choices=["test", "train"], default="test", help="dataset split (default test)")
     p.add_argument("--eps", type=float, default=None, help="radius of the ball (pixel scale [0,1])")
-    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="norm of the ball (default linf)")
     p.add_argument("--no-clip", action="store_true", help="do not intersect the L-inf ball with the [0,1] pixel box")
     p.add_argument("--limit", type=int, help="certify only the first N examples")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=50, help="examples bounded together (default 50)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--timeout", type=float, help="stop after this many seconds and report the examples finished")
     _add_bound_args(p)
@@ -154,13 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dump", help="print the primal IR, the dual graph or per-layer bounds")
     _add_model_args(p)
-    p.add_argument("--format", choices=["text", "json", "dot"], default="text")
+    p.add_argument("--format", choices=["text", "json", "dot"], default="text",
+                   help="text (default), json, or Graphviz dot (graphs only)")
     p.add_argument("--dual", action="store_true", help="print the dual graph (of the output) instead")
     p.add_argument("--bounds", action="store_true", help="print per-layer bound statistics (needs --eps)")
     p.add_argument("--eps", type=float, help="radius for --bounds")
-    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="norm of the ball for --bounds")
     p.add_argument("--dataset", choices=["mnist", "cifar10", "digits"], help="take --bounds inputs from a dataset")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="folder with the dataset files (MNIST IDX or CIFAR-10 python batches)")
     p.add_argument("--limit", type=int, default=10, help="number of dataset examples for --bounds (default 10)")
     p.add_argument("--vnnlib", help="take the --bounds input box from a VNN-LIB property instead")
     p.add_argument("--no-simplify", action="store_true", help="show the graph as imported, before the passes")
@@ -178,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ops", nargs="*", metavar="OP", help="op names: Relu, or domain.Op for a plugin's op")
     p.add_argument("--all", action="store_true", help="check every defined op")
     p.add_argument("--seed", type=int, help="seed of the random bounds, rows and points (default: per op)")
+    _add_run_args(p, progress=False)
 
     _add_train_parser(sub)
 
@@ -193,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.debug:
         os.environ["DUALGRAPH_DEBUG"] = "1"  # read by the plugin loader
+    threads = getattr(args, "threads", None)
+    if threads is not None and args.command not in ("bench",):  # the benchmarks set theirs themselves
+        if threads < 1:
+            print(f"dualgraph: error: --threads must be >= 1, got {threads}", file=sys.stderr)
+            return 2
+        import torch
+        torch.set_num_threads(threads)
     try:
         from . import commands
         if getattr(args, "device", None) is not None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from .errors import DualgraphError
+from .printer import json_text
 
 
 def check_device(name: str) -> None:
@@ -132,7 +132,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if args.timeout is not None and not (args.timeout > 0 and args.timeout < float("inf")):
         raise DualgraphError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     report = certify_dataset(certifier, data, eps, args.norm, None if args.no_clip else (0.0, 1.0),
-                             args.batch_size, progress=certifier.config.sound,  # its bar says "certified"
+                             args.batch_size, progress=certifier.config.sound and not args.no_progress,  # bar: "certified"
                              deadline=Deadline(args.timeout))
     from .distributed import world
     if not world(args.device).is_main:
@@ -142,7 +142,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         n_bounds = sum(v.numel for v in certifier.scheduler.bound_targets)
         data, table = _estimate_report(report, certifier.config, n_bounds)
     if args.json:
-        print(json.dumps({"model": str(args.model), "dataset": dataset, **data}))
+        print(json_text({"model": str(args.model), "dataset": dataset, **data}))
     else:
         print(f"model    {args.model}\ndataset  {dataset} ({args.split})")
         print(table or report.table())
@@ -163,9 +163,9 @@ def _certify_cascade(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset, args.data_dir, split=args.split, limit=args.limit)
     names = [str(f.relative_to(Path(args.model).parent)) for f in files]
     report = certify_cascade(certs, names, data, eps, args.norm,
-                             None if args.no_clip else (0.0, 1.0), args.batch_size, progress=True)
+                             None if args.no_clip else (0.0, 1.0), args.batch_size, progress=not args.no_progress)
     if args.json:
-        print(json.dumps({"model": str(args.model), "dataset": args.dataset, **report.to_json()}))
+        print(json_text({"model": str(args.model), "dataset": args.dataset, **report.to_json()}))
     else:
         print(f"cascade  {args.model}\ndataset  {args.dataset} ({args.split})")
         print(report.table())
@@ -174,11 +174,7 @@ def _certify_cascade(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .train import TrainConfig, recipe_for, save_config, train
-    if args.threads is not None:
-        if args.threads < 1:
-            raise DualgraphError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    from .train import TrainConfig, recipe_for, save_config, train  # --threads: applied by cli.main
     from dualgraph.models.architectures import ARCHITECTURES
     if args.model not in ARCHITECTURES:
         raise DualgraphError(f"unknown architecture '{args.model}' for train; choose one of {', '.join(ARCHITECTURES)}")
@@ -252,7 +248,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     if args.format == "json":
         extra = _estimate_labels(certifier.config, sum(v.numel for v in certifier.scheduler.bound_targets)) \
             if estimate else {}
-        print(json.dumps({"graph": graph.name, "bounds": printer.bounds_summary(graph, bounds), **extra}, indent=1))
+        print(json_text({"graph": graph.name, "bounds": printer.bounds_summary(graph, bounds), **extra}, indent=1))
     else:
         if estimate:
             print(f"# bounds ESTIMATED with random projections (r = {certifier.config.proj}); not sound")
@@ -296,7 +292,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     ops = definitions()
     loaded = load_plugins()
     if args.json:
-        print(json.dumps({
+        print(json_text({
             "ops": [{"op": d.name, "source": d.source, "provides": [k for k, v in d.provides().items() if v],
                      "nonlinear": d.nonlinear, "examples": len(d.examples), "replaces": d.replaced} for d in ops],
             "plugins": [{"name": p.name, "module": p.value, "source": p.source, "error": p.error} for p in loaded],
@@ -341,11 +337,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _verify_config(args):
-    from .verification import VerifyConfig
-    if args.threads is not None:
-        if args.threads < 1:
-            raise DualgraphError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    from .verification import VerifyConfig  # --threads is applied by cli.main for every command
     return VerifyConfig(attack_steps=args.attack_steps, attack_restarts=args.attack_restarts,
                         attack_rounds=args.attack_rounds, split_max_inputs=0 if args.no_split else 16,
                         seed=args.seed, device=args.device, max_memory=max_memory(args))

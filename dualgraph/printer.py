@@ -157,7 +157,21 @@ def format_json(graph: Graph, indent: int | None = 2) -> str:
              for n in graph.nodes]
     obj = {"name": graph.name, "inputs": [io(v) for v in graph.inputs],
            "outputs": [io(v) for v in graph.outputs], "nodes": nodes, "summary": graph_summary(graph)}
-    return json.dumps(obj, indent=indent)
+    return json_text(obj, indent=indent)
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """``json.dumps`` with every float written with 12 significant digits, so that a computed
+    ``0.44`` prints as ``0.44``, not ``0.43999999999999995``."""
+    def clean(o: Any) -> Any:
+        if isinstance(o, float):
+            return float(f"{o:.12g}")
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+    return json.dumps(clean(obj), indent=indent)
 
 
 def _dot_str(s: str) -> str:

@@ -32,12 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="ONNX file of the small MNIST model (default: the authors' stage-0 model "
                                    "from ../shared/paper_models)")
     p.add_argument("--data-dir", help="MNIST folder (default ../shared/data/mnist; random images if absent)")
-    p.add_argument("--eps", type=float, default=0.3)
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--eps", type=float, default=0.3, help="L-inf radius (default 0.3, the paper model's)")
+    p.add_argument("--batch-size", type=int, default=50, help="examples per batch (default 50)")
     p.add_argument("--batches", type=int, default=10, help="batches per method (default 10)")
     p.add_argument("--quick", action="store_true", help="3 batches, no memory measurement")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
     p.add_argument("--worker", choices=["dualgraph", "reference"], help=argparse.SUPPRESS)
 
 

@@ -29,13 +29,14 @@ EPOCH_IMAGES = {"mnist-small": 60_000, "cifar-resnet": 50_000}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to measure (default cuda when available, else cpu)")
     p.add_argument("--proj", type=int, default=50, help="projection dimension of the training steps")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=50, help="examples per step (default 50)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after 2 warm-up steps)")
-    p.add_argument("--certify-batches", type=int, default=10)
+    p.add_argument("--certify-batches", type=int, default=10, help="batches of exact certification timed (default 10)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (CPU)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _sync(device: torch.device) -> None:

@@ -32,10 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="MNIST folder (default ../shared/data/mnist)")
     p.add_argument("--modes", default="10,50", help="comma-separated bound modes: exact or a projection "
                                                    "dimension (default 10,50)")
-    p.add_argument("--eps", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--ramp-epochs", type=int, default=7)
-    p.add_argument("--lr-halve-every", type=int, default=4)
+    p.add_argument("--eps", type=float, default=0.1, help="target L-inf radius (default 0.1)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs per run (default 20)")
+    p.add_argument("--ramp-epochs", type=int, default=7, help="epochs of the eps ramp (default 7)")
+    p.add_argument("--lr-halve-every", type=int, default=4, help="halve the learning rate every N epochs after the ramp (default 4)")
     p.add_argument("--limit", type=int, help="training examples (default: all)")
     p.add_argument("--test-limit", type=int, help="test examples for the final evaluation (default: all)")
     p.add_argument("--eval-limit", type=int, default=500, help="test examples certified after each epoch")
@@ -53,9 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue each run from its checkpoint in --out where there is one (a finished run is "
                         "only re-evaluated)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/bench-train")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and projections (default 0)")
+    p.add_argument("--out", default="runs/bench-train", help="folder of the runs (default runs/bench-train)")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of lines")
 
 
 IMPLS = ("dualgraph", "reference", "reference-fixed")
