@@ -228,9 +228,6 @@ def cmd_dump(args: argparse.Namespace) -> int:
     if args.bounds and args.dual:
         raise DualgraphError("--bounds prints the bounds of the primal graph's values; it does not combine with "
                              "--dual (drop one of them)")
-    if args.bounds and args.format == "dot":
-        raise DualgraphError("--bounds prints a table (text or json); --format dot draws the graph: use "
-                             "--format text or json with --bounds")
     graph = _load(args, simplify=not args.no_simplify)
     shown = graph
     if args.dual:
@@ -241,18 +238,31 @@ def cmd_dump(args: argparse.Namespace) -> int:
         print({"text": printer.format_text, "json": printer.format_json, "dot": printer.format_dot}[args.format](shown))
         return 0
     certifier = _certifier(args, graph, prune_stable=False)  # every unit's exact bound, for its width
-    input_set = _bounds_input_set(args, certifier)
+    input_set, x, labels = _bounds_input_set(args, certifier)
     with torch.no_grad():
         bounds = certifier.intermediate_bounds(input_set)
+        certificates = None
+        if labels is not None:  # dataset points: explain each example's certificate
+            from .api import margin_spec
+            predictions = certifier.forward(x).argmax(1)
+            margins = certifier.lower_bounds(input_set, margin_spec(labels, certifier.num_outputs))
+            certificates = printer.certificate_rows(certifier.graph, bounds, labels, predictions, margins)
     estimate = not certifier.config.sound
-    if args.format == "json":
+    if args.format == "dot":
+        shown = certifier.graph  # the graph the bounds are about (a final readout left out)
+        print(printer.format_dot(shown, printer.bound_notes(shown, bounds)), end="")
+    elif args.format == "json":
         extra = _estimate_labels(certifier.config, sum(v.numel for v in certifier.scheduler.bound_targets)) \
             if estimate else {}
+        if certificates is not None:
+            extra["certificates"] = certificates
         print(json_text({"graph": graph.name, "bounds": printer.bounds_summary(graph, bounds), **extra}, indent=1))
     else:
         if estimate:
             print(f"# bounds ESTIMATED with random projections (r = {certifier.config.proj}); not sound")
         print(printer.format_bounds(graph, bounds))
+        if certificates is not None:
+            print(printer.format_certificates(certificates))
     return 0
 
 
@@ -263,15 +273,16 @@ def _bounds_input_set(args, certifier):
         prop = read_vnnlib(args.vnnlib)[0]
         lo = torch.tensor(prop.input_lo, dtype=certifier.dtype).unsqueeze(0)
         hi = torch.tensor(prop.input_hi, dtype=certifier.dtype).unsqueeze(0)
-        return Box(certifier._prepare(lo), certifier._prepare(hi))
+        return Box(certifier._prepare(lo), certifier._prepare(hi)), None, None
     if args.eps is None:
         raise DualgraphError("dump --bounds needs --eps (and --dataset/--data-dir) or --vnnlib PROPERTY")
     if args.dataset:
         from .data import load_dataset
-        x = load_dataset(args.dataset, args.data_dir, limit=args.limit).images
+        data = load_dataset(args.dataset, args.data_dir, limit=args.limit)
     else:
         raise DualgraphError("dump --bounds needs input points: give --dataset (with --data-dir) or --vnnlib")
-    return certifier.input_set(x, args.eps, args.norm, (0.0, 1.0) if args.norm == "linf" else None)
+    clip = (0.0, 1.0) if args.norm == "linf" else None
+    return certifier.input_set(data.images, args.eps, args.norm, clip), data.images, data.labels
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -184,8 +184,9 @@ def _dot_label(*parts: str) -> str:
     return '"' + "\\n".join(_dot_str(p)[1:-1] for p in parts) + '"'
 
 
-def format_dot(graph: Graph) -> str:
-    """Graphviz DOT: boxes for nodes, ellipses for graph inputs/outputs, edges named by value.
+def format_dot(graph: Graph, notes: Mapping[Value, str] | None = None) -> str:
+    """Graphviz DOT: boxes for nodes, ellipses for graph inputs/outputs, edges named by value
+    (with ``notes[value]`` under the name, e.g. its bounds).
 
     Edges follow the graph's own data flow, so a dual graph is drawn reversed with respect
     to its primal (from ``lam:<output>`` down to the input set). Node ids are synthetic
@@ -202,7 +203,9 @@ def format_dot(graph: Graph) -> str:
         lines.append(f"  n{i} [shape=box{style}, label={_dot_label(n.name, _op_name(n), shapes)}];")
         for v in n.inputs:
             if v is not None and id(v) in src:  # constants have no source: they are params
-                lines.append(f"  {src[id(v)]} -> n{i} [label={_dot_str(v.name)}];")
+                note = (notes or {}).get(v)
+                label = _dot_label(v.name, note) if note else _dot_str(v.name)
+                lines.append(f"  {src[id(v)]} -> n{i} [label={label}];")
         for v in n.outputs:
             src[id(v)] = f"n{i}"
     for i, v in enumerate(graph.outputs):
@@ -245,6 +248,47 @@ def bounds_summary(graph: Graph, bounds: Mapping[Value, Any]) -> list[dict[str, 
             "crossing_frac": frac(crossing), "crossing_per_example": crossing.sum(1).double().mean().item(),
             "active_frac": frac(lo >= 0), "inactive_frac": frac(up <= 0)})
     return rows
+
+
+def bound_notes(graph: Graph, bounds: Mapping[Value, Any]) -> dict[Value, str]:
+    """Per bounded value, a short note for DOT edges: mean width and crossing units per example."""
+    by_name = {r["value"]: r for r in bounds_summary(graph, bounds)}
+    return {v: f"width {by_name[v.name]['mean_width']:.3g}, {by_name[v.name]['crossing_per_example']:.1f} crossing"
+            for v in bounds if v.name in by_name}
+
+
+def certificate_rows(graph: Graph, bounds: Mapping[Value, Any], labels, predictions, margins) -> list[dict[str, Any]]:
+    """Why each example is (not) certified: its label and prediction, the certified lower bound of
+    ``logit[label] - logit[j]`` per class ``j`` (certified when all are > 0 and the prediction is
+    right), and the bounded value where most of its units cross zero (where the relaxation is
+    loosest)."""
+    rows = []
+    crossing = {v: ((b[0] < 0) & (b[1] > 0)).flatten(1).sum(1) for v, b in bounds.items()}
+    for i in range(len(labels)):
+        label, pred = int(labels[i]), int(predictions[i])
+        others = [j for j in range(margins.shape[1] + 1) if j != label]
+        per_class = {str(j): float(margins[i, k]) for k, j in enumerate(others)}
+        counts = {v: int(c[i] if c.shape[0] > 1 else c[0]) for v, c in crossing.items()}
+        worst = max(counts, key=counts.get) if counts else None
+        rows.append({"example": i, "label": label, "predicted": pred,
+                     "certified": bool(pred == label and all(m > 0 for m in per_class.values())),
+                     "margins": per_class, "min_margin": min(per_class.values()) if per_class else float("inf"),
+                     "most_crossing": None if worst is None else {"value": worst.name, "units": counts[worst]}})
+    return rows
+
+
+def format_certificates(rows: list[dict[str, Any]]) -> str:
+    """:func:`certificate_rows` as an aligned text table (margins: the two smallest classes)."""
+    table = []
+    for r in rows:
+        smallest = sorted(r["margins"].items(), key=lambda kv: kv[1])[:2]
+        worst = r["most_crossing"]
+        table.append([str(r["example"]), str(r["label"]), str(r["predicted"]), "yes" if r["certified"] else "no",
+                      f"{r['min_margin']:.4g}", ", ".join(f"{c}: {m:.3g}" for c, m in smallest),
+                      f"{worst['value']} ({worst['units']})" if worst else "-"])
+    header = ["#", "label", "predicted", "certified", "min margin", "smallest margins (class: bound)",
+              "most crossing units at"]
+    return "\n".join(["certificates", *text_table(header, table)])
 
 
 def format_bounds(graph: Graph, bounds: Mapping[Value, Any]) -> str:
