@@ -445,3 +445,37 @@ def test_resize_agrees_with_onnxruntime_and_bounds(attrs, given, opset):
     n_out = session.run(None, {"x": np.zeros((1, 4), np.float32)})[0].shape[1]
     model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_out]))
     check_network(model, 0.5, 21)
+
+
+@pytest.mark.parametrize("reduction,const_updates", [("none", False), ("add", False), ("none", True)])
+def test_scatter_nd_agrees_and_bounds(reduction, const_updates):
+    """ScatterND as exports write in-place slice assignment (batch 1: the indices address it)."""
+    rng = np.random.default_rng(22)
+    inits = [numpy_helper.from_array(rng.standard_normal((12, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([1, 4, 3], np.int64), "s"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "s2"),
+             numpy_helper.from_array(np.array([[0, 1], [0, 3]], np.int64), "idx")]
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1), helper.make_node("Reshape", ["h", "s"], ["r"])]
+    if const_updates:
+        inits.append(numpy_helper.from_array(rng.standard_normal((2, 3)).astype(np.float32), "upd"))
+    else:
+        nodes += [helper.make_node("Gemm", ["x", "w2"], ["g"], transB=1), helper.make_node("Reshape", ["g", "s2"], ["upd"])]
+    nodes += [helper.make_node("ScatterND", ["r", "idx", "upd"], ["z"], reduction=reduction),
+              helper.make_node("Flatten", ["z"], ["y"])]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ir = load_onnx(model)
+    cert = Certifier(ir)
+    for x in rng.uniform(-1, 1, (4, 1, 4)).astype(np.float32):
+        np.testing.assert_allclose(cert.forward(torch.from_numpy(x)).numpy(), session.run(None, {"x": x})[0],
+                                   rtol=1e-5, atol=1e-5)
+    spec = torch.randn(1, 5, 12, generator=torch.Generator().manual_seed(23))
+    bound = cert.lower_bounds(cert.input_set(torch.zeros(1, 4), 0.5), spec)[0]
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.cat([torch.rand(2000, 4, generator=gen) - 0.5, torch.where(torch.rand(300, 4, generator=gen) < 0.5, 0.5, -0.5)])
+    values = (cert.forward(pts) @ spec[0].T).min(0).values
+    assert (bound <= values).all()

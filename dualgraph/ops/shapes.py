@@ -692,3 +692,53 @@ def _(ctx, n):
         x = ctx.emit(n, "Concat", [x.value] * repeats[a], {"axis": a + x.added}, x.added,
                      n.outs if k == len(axes) - 1 else None)[0]
     return [x]
+
+
+# ---- ScatterND with constant indices ------------------------------------------------------------------
+
+scatter_nd = define_op("ScatterND")
+
+
+@scatter_nd.evaluate
+def _(node, inputs):
+    """``out = data; out[indices[p]] = updates[p]`` (``reduction="add"``: ``+=``). In the IR both
+    operands carry the batch first, and the ONNX indices address the dims after it."""
+    data, _, updates = inputs[:3]
+    indices = node.const_input(1).to(torch.int64)
+    q = indices.shape[-1]
+    flat = indices.reshape(-1, q)
+    batch = max(data.shape[0], updates.shape[0])
+    out = data.expand(batch, *data.shape[1:]).clone()
+    values = updates.expand(batch, *updates.shape[1:]).reshape(batch, flat.shape[0], *data.shape[1 + q:])
+    sizes = torch.tensor(data.shape[1:1 + q], dtype=torch.int64)
+    flat = torch.where(flat < 0, flat + sizes, flat).to(out.device)
+    where = (torch.arange(batch, device=out.device)[:, None],) + tuple(flat[:, j][None, :] for j in range(q))
+    reduction = node.attrs.get("reduction", "none")
+    if reduction not in ("none", "add"):
+        raise DualgraphError(f"node '{node.name}' (ScatterND): reduction {reduction!r} is not supported (none, add are)")
+    return out.index_put(where, values, accumulate=reduction == "add")
+
+
+scatter_nd.dual(IndexMapDual)
+
+
+@scatter_nd.onnx_import
+def _(ctx, n):
+    indices = ctx.const(n, 1, "the ScatterND indices")
+    array = np.asarray(ctx.batch_free(n, indices), dtype=np.int64)
+    inputs = []
+    for k in (0, 2):  # the indices address ONNX axis 0: every operand in the added layout
+        ref = n.ins[k]
+        if isinstance(ref, Var):
+            inputs.append(ctx.to_added(n, ref).value)
+        else:
+            value = ctx.batch_free(n, ref)
+            inputs.append(ctx.ir_const(value.reshape(1, *value.shape), f"{n.name}/dg_{n.in_names[k]}"))
+    attrs = {"reduction": n.attrs.get("reduction", "none")}
+    return ctx.emit(n, "ScatterND", [inputs[0], ctx.ir_const(array, f"{n.name}/dg_indices"), inputs[1]], attrs,
+                    True, n.outs)
+
+
+scatter_nd.example(var(4, 3), _ints(1, 3).reshape(2, 1), var(2, 3))
+scatter_nd.example(var(2, 3), _ints(0, 2, 1, 0).reshape(2, 2), random_const(1, 2, seed=45))
+scatter_nd.example(var(3, 2), _ints(1, 1).reshape(2, 1), var(2, 2), attrs={"reduction": "add"})
