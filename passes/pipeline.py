@@ -7,8 +7,10 @@ Order within one round, and why:
    give them the batch dimension;
 2. ``identity`` removes Identity / Dropout, which would hide a Conv -> BN or
    Normalize -> Conv pattern behind an extra node;
-3. ``fold_batchnorm`` then ``fold_normalization`` fold affine ops into linear ones;
-4. ``dead_nodes`` drops what the rewrites left unreachable.
+3. ``fuse_layer_norm`` puts a layer norm written out as ops back into one node (bounded op by
+   op, its square root could not be);
+4. ``fold_batchnorm`` then ``fold_normalization`` fold affine ops into linear ones;
+5. ``dead_nodes`` drops what the rewrites left unreachable.
 
 Shapes are re-inferred before each pass that declares ``NEEDS_SHAPES`` once an earlier
 pass changed the graph, and the round is repeated until no pass changes anything. Every
@@ -22,10 +24,11 @@ from dualgraph.errors import DualgraphError, InternalError
 from dualgraph.interpreter import infer_shapes
 from dualgraph.ir import Graph, check_graph
 
-from . import constant_fold, dead_nodes, fold_batchnorm, fold_normalization, identity
+from . import constant_fold, dead_nodes, fold_batchnorm, fold_normalization, fuse_layer_norm, identity
 from .base import Pass, PassResult
 
-PASSES: list[Pass] = [Pass.of(m) for m in (constant_fold, identity, fold_batchnorm, fold_normalization, dead_nodes)]
+PASSES: list[Pass] = [Pass.of(m) for m in (constant_fold, identity, fuse_layer_norm, fold_batchnorm, fold_normalization,
+                                           dead_nodes)]
 
 MAX_ROUNDS = 50  # each round that changes something removes or rewrites a node; far above real needs
 

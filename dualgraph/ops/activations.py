@@ -212,6 +212,13 @@ sigmoid = _define_s_shaped("Sigmoid", torch.sigmoid, _sigmoid_stationary, nn.Sig
 tanh = _define_s_shaped("Tanh", torch.tanh, _tanh_stationary, nn.Tanh, F.tanh, torch.tanh, "tanh")
 
 
+@sigmoid.fx_lowering(nn.SiLU, F.silu)
+def _(lo, call: Call):
+    """SiLU as its ONNX export writes it: ``x * sigmoid(x)`` (a product of two variables)."""
+    x = lo.var(call.arg(0, "input"))
+    return lo.emit("Mul", [x, lo.emit("Sigmoid", [x], hint=f"{lo.node_name}_sigmoid")])
+
+
 # ---- Softmax ---------------------------------------------------------------------------------------------
 
 softmax = define_op("Softmax")
