@@ -479,3 +479,29 @@ def test_scatter_nd_agrees_and_bounds(reduction, const_updates):
     pts = torch.cat([torch.rand(2000, 4, generator=gen) - 0.5, torch.where(torch.rand(300, 4, generator=gen) < 0.5, 0.5, -0.5)])
     values = (cert.forward(pts) @ spec[0].T).min(0).values
     assert (bound <= values).all()
+
+
+def test_one_hot_and_upsample_agree_with_onnxruntime():
+    """OneHot of an ArgMax (an output-side readout, evaluated only) and the deprecated Upsample."""
+    rng = np.random.default_rng(24)
+    inits = [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(5, np.int64), "depth"),
+             numpy_helper.from_array(np.array([0.0, 1.0], np.float32), "values")]
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1),
+             helper.make_node("ArgMax", ["h"], ["cls"], axis=1, keepdims=0),
+             helper.make_node("OneHot", ["cls", "depth", "values"], ["y"], axis=-1)]
+    model = four_input_model(nodes, inits, 5)
+    x = rng.uniform(-1, 1, (6, 4)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(Interpreter(load_onnx(model)).run(torch.from_numpy(x))[0].numpy(), want)
+
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 12)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([-1, 2, 2, 3], np.int64), "s"),
+             numpy_helper.from_array(np.array([1.0, 1.0, 2.0, 2.0], np.float32), "scales")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Reshape", ["h", "s"], ["r"]),
+             helper.make_node("Upsample", ["r", "scales"], ["u"], mode="nearest"), helper.make_node("Flatten", ["u"], ["y"])]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 48])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    check_network(model, 0.5, 25)
