@@ -166,6 +166,7 @@ def test_verify_each_catches_a_pass_that_breaks_the_ir(monkeypatch):
 
 
 def test_every_pass_declares_what_it_needs():
-    assert [p.name for p in pipeline.PASSES] == ["constant_fold", "identity", "fold_batchnorm",
+    assert [p.name for p in pipeline.PASSES] == ["constant_fold", "identity", "fuse_layer_norm", "fold_batchnorm",
                                                  "fold_normalization", "dead_nodes"]
-    assert {p.name for p in pipeline.PASSES if p.needs_shapes} == {"fold_batchnorm", "fold_normalization"}
+    assert {p.name for p in pipeline.PASSES if p.needs_shapes} == {"fuse_layer_norm", "fold_batchnorm",
+                                                                   "fold_normalization"}
