@@ -505,3 +505,18 @@ def test_one_hot_and_upsample_agree_with_onnxruntime():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
     model.ir_version = 4
     check_network(model, 0.5, 25)
+
+
+def test_scatter_nd_refuses_repeated_indices_without_a_reduction():
+    """ONNX leaves them undefined, and the adjoint would add what the evaluation overwrites (an
+    independent review found the unsound bound: the checker's own example fails on it)."""
+    from dualgraph.errors import DualgraphError
+    from dualgraph.op_registry import OpExample, find_op
+    from dualgraph.testing import example_node
+    with pytest.raises(DualgraphError, match="repeated indices"):
+        example_node(find_op("ScatterND"), OpExample((var_spec(3), torch.tensor([[1], [1]]), var_spec(2)), {}, 1))
+
+
+def var_spec(*shape):
+    from dualgraph.op_registry import var
+    return var(*shape)

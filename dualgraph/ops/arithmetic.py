@@ -16,7 +16,7 @@ from ..ir import Value
 from ..linalg import batched_dot
 from ..lowering import Call, Unsupported, Var
 from ..op_registry import SAME, define_op, random_const, var
-from .common import ElementwiseAffineDual, fx_unary, onnx_elementwise, require_const
+from .common import ElementwiseAffineDual, fx_unary, onnx_elementwise, require_const, sum_to_unit
 
 
 def _onnx_binary(ctx, n):
@@ -107,12 +107,6 @@ def _product_planes(bounds):
     return (ly + uy) / 2, (lx + ux) / 2, -(lx * ly + ux * uy) / 2, -(lx * uy + ux * ly) / 2
 
 
-def _sum_to(t, unit_shape):
-    """``t [b, m, *out_unit]`` summed over the axes an operand of ``unit_shape`` was broadcast along."""
-    axes = tuple(2 + i for i, d in enumerate(unit_shape) if d == 1 and t.shape[2 + i] != 1)
-    return t.sum(dim=axes, keepdim=True) if axes else t
-
-
 @mul.dual
 class MulDual(ElementwiseAffineDual):
     """``x * c``: exact (the adjoint). ``x * y`` of two variables: bounded between two parallel
@@ -128,8 +122,8 @@ class MulDual(ElementwiseAffineDual):
         cy, cx, lo, up = _product_planes(bounds)
         mid, gap = (lo + up) / 2, (up - lo) / 2
         linear, absolute = batched_dot(lam, mid), batched_dot(lam.abs(), gap)
-        lam_in = [_sum_to(lam * cy.unsqueeze(1), node.inputs[0].unit_shape),
-                  _sum_to(lam * cx.unsqueeze(1), node.inputs[1].unit_shape)]
+        lam_in = [sum_to_unit(lam * cy.unsqueeze(1), node.inputs[0].unit_shape),
+                  sum_to_unit(lam * cx.unsqueeze(1), node.inputs[1].unit_shape)]
         return DualStep(lam_in, linear - absolute, linear + absolute)
 
     # rounding facts of the product: |A| x = |c_y| x + |c_x| y, constants max(|lo|, |up|), |x y| <= m_x m_y

@@ -172,6 +172,17 @@ class ElementwiseAffineDual(AffineRule):
         return max(broadcast_factor(node) + 2, offset_dot_length(self, node))
 
 
+def sum_to_unit(t: Tensor, unit_shape: Sequence[int]) -> Tensor:
+    """Rows ``t [b, m, *out_unit]`` summed over the axes an operand of per-example shape
+    ``unit_shape`` was broadcast along (leading axes it lacks, and its size-1 axes): the
+    adjoint of numpy broadcasting."""
+    lead = t.dim() - 2 - len(unit_shape)
+    if lead:
+        t = t.sum(dim=tuple(range(2, 2 + lead)))
+    axes = tuple(2 + i for i, d in enumerate(unit_shape) if d == 1 and t.shape[2 + i] != 1)
+    return t.sum(dim=axes, keepdim=True) if axes else t
+
+
 def require_const(node: Node, *indices: int) -> None:
     """Refuse a node whose inputs ``indices`` depend on the network input (it would not be affine)."""
     for i in indices:

@@ -23,15 +23,7 @@ from ..ir import Value
 from ..linalg import batched_dot
 from ..lowering import Call, Unsupported
 from ..op_registry import SAME, define_op, random_const, var
-
-
-def _sum_to(t: torch.Tensor, unit_shape: tuple[int, ...]) -> torch.Tensor:
-    """``t [b, m, *out_unit]`` summed over the axes an input of ``unit_shape`` was broadcast along."""
-    lead = t.dim() - 2 - len(unit_shape)
-    if lead:
-        t = t.sum(dim=tuple(range(2, 2 + lead)))
-    axes = tuple(2 + i for i, d in enumerate(unit_shape) if d == 1 and t.shape[2 + i] != 1)
-    return t.sum(dim=axes, keepdim=True) if axes else t
+from .common import sum_to_unit
 
 
 class ExtremumDual(DualRule):
@@ -81,7 +73,7 @@ class ExtremumDual(DualRule):
         lam_in = []
         for coef, c, is_var, v in ((coef_x, cx, x_var, node.inputs[0]), (coef_y, cy, y_var, node.inputs[1])):
             if is_var:
-                lam_in.append(_sum_to(coef * self.sign, v.unit_shape))
+                lam_in.append(sum_to_unit(coef * self.sign, v.unit_shape))
             else:                                    # a constant operand: its term is an offset
                 term = batched_dot(coef, c)
                 low = low + term

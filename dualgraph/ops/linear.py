@@ -16,13 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..dual_registry import AffineRule, DualStep, const_args
-from ..errors import DualgraphError
+from ..errors import DualgraphError, UnsupportedOpError
 from ..lowering import PAD_MODES, Call, Const, Missing, Ref, Unsupported, Var, ntuple
 from ..ir import Value
 from ..linalg import batched_dot
 from ..op_registry import SAME, define_op, random_const, var
-from .common import (CONV_FUNCTIONS, ElementwiseAffineDual, offset_dot_length, require_const, spatial_rank,
-                     torch_pad, window, conv_pads)
+from .common import (CONV_FUNCTIONS, ElementwiseAffineDual, conv_pads, offset_dot_length, require_const,
+                     spatial_rank, sum_to_unit, torch_pad, window)
 
 # ---- Gemm: Y = alpha * A' B' + beta * C ------------------------------------------------------------
 
@@ -174,9 +174,12 @@ class MatMulDual(AffineRule):
     def backward(self, node, lam, bounds, config):
         if not self.bounds_needed(node):
             return super().backward(node, lam, bounds, config)
+        if len(node.inputs[0].shape) != len(node.inputs[1].shape):
+            raise UnsupportedOpError(f"node '{node.name}' (MatMul): a product of two computed tensors of different "
+                                     "rank would align the batch with a matrix axis")
         ca, cb, wa, wb = _matrix_planes(bounds)
-        lam_a = lam @ cb.unsqueeze(1).transpose(-1, -2)
-        lam_b = ca.unsqueeze(1).transpose(-1, -2) @ lam
+        lam_a = sum_to_unit(lam @ cb.unsqueeze(1).transpose(-1, -2), node.inputs[0].unit_shape)
+        lam_b = sum_to_unit(ca.unsqueeze(1).transpose(-1, -2) @ lam, node.inputs[1].unit_shape)
         linear = -batched_dot(lam, ca @ cb)
         absolute = batched_dot(lam.abs(), (wa @ wb) / 4)
         return DualStep([lam_a, lam_b], linear - absolute, linear + absolute)
@@ -242,6 +245,7 @@ matmul.example(var(4), random_const(4, 3, seed=6))
 matmul.example(var(2, 4), random_const(4, 3, seed=7))
 matmul.example(var(2, 3), var(3, 4))
 matmul.example(var(3, 3), SAME)
+matmul.example(var(2, 2, 3), var(1, 3, 2))   # matrix-batch axes broadcast
 
 
 # ---- Conv --------------------------------------------------------------------------------------------

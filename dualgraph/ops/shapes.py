@@ -711,7 +711,11 @@ def _(node, inputs):
     out = data.expand(batch, *data.shape[1:]).clone()
     values = updates.expand(batch, *updates.shape[1:]).reshape(batch, flat.shape[0], *data.shape[1 + q:])
     sizes = torch.tensor(data.shape[1:1 + q], dtype=torch.int64)
-    flat = torch.where(flat < 0, flat + sizes, flat).to(out.device)
+    flat = torch.where(flat < 0, flat + sizes, flat)
+    if node.attrs.get("reduction", "none") == "none" and torch.unique(flat, dim=0).shape[0] < flat.shape[0]:
+        raise DualgraphError(f"node '{node.name}' (ScatterND): repeated indices without a reduction (ONNX leaves "
+                             "the result undefined); not supported")
+    flat = flat.to(out.device)
     where = (torch.arange(batch, device=out.device)[:, None],) + tuple(flat[:, j][None, :] for j in range(q))
     reduction = node.attrs.get("reduction", "none")
     if reduction not in ("none", "add"):
