@@ -23,7 +23,7 @@ from .errors import DualgraphError
 from .input_sets import InputSet
 from .interpreter import GraphWalk, naming_node
 from .ir import Graph, Node, Value, last_uses
-from .linalg import batched_dot, take_examples
+from .linalg import batched_dot
 from .rounding import RoundingAllowance
 from .trust import needs_check, verify_dual_step
 
@@ -63,102 +63,131 @@ class DualRunner:
             self.frees[id(dual)] = last_uses(dual.nodes)
         return self.frees[id(dual)]
 
-    def run(self, dual: Graph, rows: torch.Tensor, batch: Batch,
-            prune: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(self, dual: Graph, rows: torch.Tensor, batch: Batch, prune: tuple[float, ...] | None = None,
+            both: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``dual`` on ``rows`` (``[b, m, *target_shape]``); returns (lower, upper) ``[B, m]``.
 
-        ``upper`` is the bound for ``max rows . z`` and is None unless every layer is linear.
+        ``upper`` is the bound for ``max rows . z``: None unless every layer is linear, or
+        ``both`` is set (then the pass **forks** at its first non-linear dual layer, going on
+        with ``[rows; -rows]``, so the linear layers before it run once for both bounds).
         With ``prune`` (breakpoints), rows whose cheaper bound lies between two breakpoints
         get that bound instead (see the module docstring).
         """
-        return self._run_from(dual, 0, {dual.inputs[0]: rows}, batch, 0.0, 0.0, rows.shape[1], prune)
+        return self._run_from(dual, 0, {dual.inputs[0]: rows}, batch, 0.0, 0.0, rows.shape[1], prune, both)
 
     def _run_from(self, dual: Graph, first: int, env: dict, batch: Batch,
-                  lower, upper, m: int, prune=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        run = _DualPass(self, dual, batch, lower, upper, m, prune)
+                  lower, upper, m: int, prune=None, both: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        run = _DualPass(self, dual, batch, lower, upper, m, prune, both)
         done = run.walk(env, first)
-        return done if isinstance(done, tuple) else run.result()  # a tuple: the pass was pruned
+        return done if isinstance(done, tuple) else run.result()  # a tuple: the pass was pruned or forked
+
+    def _forked(self, dual: Graph, i: int, env: dict, batch: Batch, lower, upper, m: int):
+        """Both bounds from dual node ``i`` on (all earlier layers linear): one pass on the rows
+        and their negatives, whose lower bounds are ``lower`` and ``-upper``."""
+        like = batch.input_set.center
+        doubled = {v: torch.cat([t, -t], 1) for v, t in env.items()}
+        lo, up = _as_rows(lower, m, like), _as_rows(upper, m, like)
+        b = max(lo.shape[0], up.shape[0])
+        offsets = torch.cat([lo.expand(b, m), -up.expand(b, m)], 1)
+        out, _ = self._run_from(dual, i, doubled, batch, offsets, None, 2 * m)
+        return out[:, :m], -out[:, m:]
 
     # ---- pruning stable units ------------------------------------------------------------
     def _can_prune_at(self, node: Node, env: dict, bounds: dict) -> bool:
-        """A linear elementwise dual layer whose input has bounds, on the only live rows."""
+        """An elementwise dual layer whose input has bounds, on the only live rows."""
         rule = node.meta.get("rule")
         return (isinstance(rule, ElementwiseRule) and len(env) == 1 and node.inputs[0] in env
-                and rule.linear(node.meta["primal"], self.config)
                 and node.meta["primal"].var_inputs[0] in bounds)
 
     def _pruned(self, dual: Graph, i: int, env: dict, batch: Batch,
                 lower, upper, m: int, prune: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run dual node ``i`` (an elementwise relaxation), bound the rest of the network by the
-        box of its input's bounds, and run to the end only the rows that box leaves open."""
+        """Bound the rows' linear form at dual node ``i`` (an elementwise relaxation) by the box
+        of that layer's relaxed outputs (:meth:`output_box`), and run on from node ``i`` only
+        the rows that box leaves open (both signs of them if the layer is not linear)."""
         node = dual.nodes[i]
-        primal, rule = node.meta["primal"], node.meta["rule"]
         (lam,) = env.values()
-        env.clear()
-        w = batch.bounds[primal.var_inputs[0]]
-        r, linear, absolute = rule.linear_terms(primal, lam, w, self.config)
-        lower, upper = lower + linear - absolute, upper + linear + absolute
-        slope = r.a_lo
-        center = batched_dot(lam, slope * (w.lower + w.upper) / 2)
-        radius = batched_dot(lam.abs(), slope.abs() * _box_radius(batch, primal.var_inputs[0], w))
+        centre, radius = self.output_box(node, batch)
+        linear, absolute = batched_dot(lam, centre), batched_dot(lam.abs(), radius)
 
         def exact(examples, rows):
-            lam_in = lam[examples if lam.shape[0] > 1 else 0, rows] * take_examples(slope, examples)
-            return self._run_from(dual, i + 1, {node.outputs[0]: lam_in.unsqueeze(1)},
-                                  batch.take(examples, _needed_bounds(dual, i + 1)),
-                                  _pick(lower, examples, rows), _pick(upper, examples, rows), 1)
+            picked = lam[examples if lam.shape[0] > 1 else 0, rows].unsqueeze(1)
+            return self._run_from(dual, i, {node.inputs[0]: picked}, batch.take(examples, _needed_bounds(dual, i)),
+                                  _pick(lower, examples, rows), _pick(upper, examples, rows), 1, both=True)
 
         def every_row():
-            env[node.outputs[0]] = lam * slope.unsqueeze(1)
-            return self._run_from(dual, i + 1, env, batch, lower, upper, m)
+            return self._run_from(dual, i, env, batch, lower, upper, m, both=True)
 
-        return _refine(lower + center - radius, upper + center + radius, prune, exact, every_row)
+        return _refine(lower + linear - absolute, upper + linear + absolute, prune, exact, every_row)
+
+    def output_box(self, node: Node, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centre and half-width ``[B, *unit]`` of a box holding the relaxed outputs of the
+        elementwise layer behind dual node ``node`` over its input's box ``[l, u]``: from
+        ``min over [l, u] of a_lo z + b_lo`` to ``max over [l, u] of a_up z + b_up``, widened by
+        the rounding of the dot products with it. Kept with the input's bounds.
+
+        The cut bound ``lam . centre -/+ |lam| . radius`` is never tighter than a full pass,
+        whose relaxed set ``S`` keeps every unit inside its own box: ``J(lam) = min over S of
+        lam . y`` is superadditive over the rows' units (a minimum of a sum is at least the sum
+        of the minima). A unit the cut bound places on one linear piece is therefore on it."""
+        primal, rule = node.meta["primal"], node.meta["rule"]
+        v = primal.var_inputs[0]
+        w = batch.bounds[v]
+        key = ("output box", primal.name, id(self.config))
+        if key not in w.cache:
+            r = rule.relaxation(primal, w, self.config)
+            centre, half = (w.lower + w.upper) / 2, _box_radius(batch, v, w)
+            low = r.a_lo * centre - r.a_lo.abs() * half + r.b_lo
+            high = r.a_up * centre + r.a_up.abs() * half + r.b_up
+            radius = (high - low) / 2
+            g = batch.rounding.box_gamma(v)
+            if g:
+                radius = radius + g * r.magnitudes()[1]
+            w.cache[key] = ((low + high) / 2, radius)
+        return w.cache[key]
 
     # ---- the patch path -------------------------------------------------------------------
     def patch_bounds(self, dual: Graph, batch: Batch, linear: bool, prune=None):
         """Bounds of a Conv output through the patch path (see :mod:`dualgraph.patches`)."""
-        if linear:
-            return self._run_patches(dual, 1.0, batch, prune)
-        lower, _ = self._run_patches(dual, 1.0, batch)
-        neg, _ = self._run_patches(dual, -1.0, batch)
-        return lower, -neg
-
-    def _run_patches(self, dual: Graph, sign: float, batch: Batch, prune=None):
         first = dual.nodes[0].meta["primal"]
-        p, offset = patches.start(first, sign, batch.input_set.center)
+        p, offset = patches.start(first, 1.0, batch.input_set.center)
         return self._patches_from(dual, 1, p, dual.nodes[0].outputs[0], first.inputs[0], batch,
-                                  offset, offset, prune)
+                                  offset, offset, prune, both=not linear)
 
     def _patches_from(self, dual: Graph, first: int, p: patches.Patches, current: Value, space: Value,
-                      batch: Batch, lower, upper, prune):
+                      batch: Batch, lower, upper, prune, both: bool = False):
         """Continue a pass on patches ``p`` (rows of dual value ``current``, in the unit space
-        of primal value ``space``) from dual node ``first``."""
-        run = _PatchPass(self, dual, batch, lower, upper, prune, space)
+        of primal value ``space``) from dual node ``first``; ``both``: see :meth:`run`."""
+        run = _PatchPass(self, dual, batch, lower, upper, prune, space, both)
         done = run.walk({current: p}, first)
         return done if isinstance(done, tuple) else run.densify(len(dual.nodes), done)
 
-    def _pruned_patches(self, dual: Graph, i: int, p: patches.Patches, batch: Batch,
+    def _forked_patches(self, dual: Graph, i: int, p: patches.Patches, current: Value, space: Value,
+                        batch: Batch, lower, upper):
+        """:meth:`_forked` on patches: the negated rows become more target channels."""
+        m = p.data.shape[2] * (1 if p.rows is not None else p.positions)
+        like = batch.input_set.center
+        lo, up = _as_rows(lower, m, like), _as_rows(upper, m, like)
+        b = max(lo.shape[0], up.shape[0])
+        offsets = torch.cat([lo.expand(b, m), -up.expand(b, m)], 1)
+        doubled = replace(p, data=torch.cat([p.data, -p.data], 2))
+        out, _ = self._patches_from(dual, i, doubled, current, space, batch, offsets, None, None)
+        return out[:, :m], -out[:, m:]
+
+    def _pruned_patches(self, dual: Graph, i: int, p: patches.Patches, space: Value, batch: Batch,
                         lower, upper, prune: tuple[float, ...]):
-        """:meth:`_pruned` on patches: node ``i`` is a linear elementwise relaxation."""
+        """:meth:`_pruned` on patches (``p`` in the unit space of primal value ``space``)."""
         node = dual.nodes[i]
-        primal, rule = node.meta["primal"], node.meta["rule"]
-        w = batch.bounds[primal.var_inputs[0]]
-        r = rule.relaxation(primal, w, self.config)
-        linear, absolute = patches.relaxation_terms(p, r)
-        lower, upper = lower + linear - absolute, upper + linear + absolute
-        center, radius = patches.box_terms(p, r.a_lo, w, _box_radius(batch, primal.var_inputs[0], w))
+        linear, absolute = patches.box_terms(p, *self.output_box(node, batch))
 
         def exact(examples, rows):
-            q = patches.select(p, r.a_lo, examples, rows)
-            return self._patches_from(dual, i + 1, q, node.outputs[0], primal.inputs[0], batch,
-                                      _pick(lower, examples, rows), _pick(upper, examples, rows), None)
+            q = patches.select(p, None, examples, rows)
+            return self._patches_from(dual, i, q, node.inputs[0], space, batch,
+                                      _pick(lower, examples, rows), _pick(upper, examples, rows), None, both=True)
 
         def every_row():
-            q = replace(p, data=p.data * p.windows(r.a_lo))
-            return self._patches_from(dual, i + 1, q, node.outputs[0], primal.inputs[0], batch,
-                                      lower, upper, None)
+            return self._patches_from(dual, i, p, node.inputs[0], space, batch, lower, upper, None, both=True)
 
-        return _refine(lower + center - radius, upper + center + radius, prune, exact, every_row)
+        return _refine(lower + linear - absolute, upper + linear + absolute, prune, exact, every_row)
 
     def run_node(self, node: Node, env: dict[Value, torch.Tensor], batch: Batch) -> DualStep:
         """One dual step; on the specification rows (``batch.per_row``) its offsets are
@@ -209,15 +238,20 @@ class _DualPass(GraphWalk):
 
     activity = "dual step"
 
-    def __init__(self, runner: DualRunner, dual: Graph, batch: Batch, lower, upper, m: int, prune) -> None:
+    def __init__(self, runner: DualRunner, dual: Graph, batch: Batch, lower, upper, m: int, prune,
+                 both: bool = False) -> None:
         self.nodes, self.frees, self.deadline = dual.nodes, runner.frees_of(dual), runner.deadline
         self.runner, self.dual, self.batch, self.m, self.prune = runner, dual, batch, m, prune
-        self.lower, self.upper = lower, upper
+        self.lower, self.upper, self.both = lower, upper, both
 
     def before(self, index: int, node: Node, env: dict):
-        if self.prune is not None and self.upper is not None and \
-                self.runner._can_prune_at(node, env, self.batch.bounds):
-            return self.runner._pruned(self.dual, index, env, self.batch, self.lower, self.upper, self.m, self.prune)
+        if self.upper is None:
+            return None
+        runner = self.runner
+        if self.prune is not None and runner._can_prune_at(node, env, self.batch.bounds):
+            return runner._pruned(self.dual, index, env, self.batch, self.lower, self.upper, self.m, self.prune)
+        if self.both and _nonlinear(node, runner.config):
+            return runner._forked(self.dual, index, env, self.batch, self.lower, self.upper, self.m)
         return None
 
     def run_node(self, node: Node, env: dict) -> list[torch.Tensor]:
@@ -245,10 +279,11 @@ class _PatchPass(GraphWalk):
 
     activity = "dual step (patches)"
 
-    def __init__(self, runner: DualRunner, dual: Graph, batch: Batch, lower, upper, prune, space: Value) -> None:
+    def __init__(self, runner: DualRunner, dual: Graph, batch: Batch, lower, upper, prune, space: Value,
+                 both: bool = False) -> None:
         self.nodes, self.frees, self.deadline = dual.nodes, runner.frees_of(dual), runner.deadline
         self.runner, self.dual, self.batch, self.prune = runner, dual, batch, prune
-        self.lower, self.upper, self.space = lower, upper, space
+        self.lower, self.upper, self.space, self.both = lower, upper, space, both
 
     def before(self, index: int, node: Node, env: dict):
         if len(node.inputs) != 1 or node.inputs[0] not in env:
@@ -263,8 +298,14 @@ class _PatchPass(GraphWalk):
             return None
         if not isinstance(rule, ElementwiseRule):
             return self.densify(index, env)
-        if self.prune is not None and self.upper is not None and rule.linear(primal, self.runner.config):
-            return self.runner._pruned_patches(self.dual, index, p, self.batch, self.lower, self.upper, self.prune)
+        if self.upper is None:
+            return None
+        if self.prune is not None:
+            return self.runner._pruned_patches(self.dual, index, p, self.space, self.batch, self.lower, self.upper,
+                                               self.prune)
+        if self.both and not rule.linear(primal, self.runner.config):
+            return self.runner._forked_patches(self.dual, index, p, node.inputs[0], self.space, self.batch,
+                                               self.lower, self.upper)
         return None
 
     def run_node(self, node: Node, env: dict) -> list:
@@ -288,7 +329,7 @@ class _PatchPass(GraphWalk):
         if p.rows is not None:  # one row per selected unit: each with its own example's data
             batch = batch.take(p.rows[0], _needed_bounds(self.dual, index))
         return self.runner._run_from(self.dual, index, {current: rows}, batch, self.lower, self.upper,
-                                     rows.shape[1], self.prune)
+                                     rows.shape[1], self.prune, self.both)
 
 
 MAX_OPEN_SHARE = 0.5
@@ -332,6 +373,19 @@ def _pick(offset, examples: torch.Tensor, rows: torch.Tensor):
     if offset.dim() < 2:
         return offset
     return offset[examples if offset.shape[0] > 1 else 0, rows].unsqueeze(1)
+
+
+def _nonlinear(node: Node, config) -> bool:
+    """Whether dual node ``node`` is a layer that depends on the sign of its ``lam``."""
+    rule = node.meta.get("rule")
+    return rule is not None and not rule.linear(node.meta["primal"], config)
+
+
+def _as_rows(offset, m: int, like: torch.Tensor) -> torch.Tensor:
+    """An offset (a number or ``[b, m]``) as a ``[b, m]`` tensor like ``like``."""
+    if torch.is_tensor(offset) and offset.dim() == 2:
+        return offset.expand(offset.shape[0], m)
+    return torch.as_tensor(offset, dtype=like.dtype, device=like.device).expand(1, m)
 
 
 def _fill_unused(lams: list, primal: Node) -> list[torch.Tensor]:

@@ -69,14 +69,14 @@ class Patches:
         return self
 
     def to_dense(self, shape_chw: tuple[int, int, int]) -> torch.Tensor:
-        """Dense rows ``[b, C_t * P, C, H, W]`` (after :func:`select`: ``[U, 1, C, H, W]``)."""
+        """Dense rows ``[b, C_t * P, C, H, W]`` (after :func:`select`: ``[U, C_t, C, H, W]``)."""
         C, H, W = shape_chw
         b, _, Ct, _, K, _ = self.data.shape
         Ho, Wo = self.out_hw
         S, Pd = self.stride, self.padding
         full_h, full_w = max(H + Pd, (Ho - 1) * S + K), max(W + Pd, (Wo - 1) * S + K)
-        if self.rows is not None:
-            dense = self.data.new_zeros(b, 1, C, full_h, full_w)
+        if self.rows is not None:  # C_t rows per selected unit (2 once forked into both signs)
+            dense = self.data.new_zeros(b, Ct, C, full_h, full_w)
             for p in self.rows[1].unique().tolist():
                 y, x = (p // Wo) * S, (p % Wo) * S
                 at = self.rows[1] == p
@@ -182,24 +182,21 @@ def relaxation_terms(p: Patches, r) -> tuple[torch.Tensor, torch.Tensor]:
     return _window_dot(p.data, p.windows(mid)), _window_dot(p.data.abs(), p.windows(gap))
 
 
-def box_terms(p: Patches, slope: torch.Tensor, bounds, radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lam' . (l + u)/2`` and ``|lam'| . radius`` (``radius``: the box's half-widths) for
-    ``lam' = slope * lam`` (the rows after a linear elementwise layer) and the bounds ``l, u``
-    of its input, ``[B, rows]``, without forming ``lam'``."""
-    lo, up = bounds
-    return (_window_dot(p.data, p.windows(slope * (lo + up) / 2)),
-            _window_dot(p.data.abs(), p.windows(slope.abs() * radius)))
+def box_terms(p: Patches, centre: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lam . centre`` and ``|lam| . radius`` for every row, ``[B, rows]`` (the minimum of
+    ``lam . y`` over the box ``|y - centre| <= radius`` is their difference)."""
+    return _window_dot(p.data, p.windows(centre)), _window_dot(p.data.abs(), p.windows(radius))
 
 
-def select(p: Patches, slope: torch.Tensor, examples: torch.Tensor, rows: torch.Tensor) -> Patches:
-    """Rows ``rows`` (indices into ``C_t * P``, channel-major) of ``examples`` of ``slope * lam``,
-    as patches of one row each."""
+def select(p: Patches, slope: torch.Tensor | None, examples: torch.Tensor, rows: torch.Tensor) -> Patches:
+    """Rows ``rows`` (indices into ``C_t * P``, channel-major) of ``examples`` of ``slope * lam``
+    (``lam`` itself when ``slope`` is None), as patches of one row each."""
     assert p.rows is None, "rows are selected once"
     P = p.positions
     pos = rows % P
     data = p.data[examples if p.data.shape[0] > 1 else 0, pos, rows // P]   # [U, C, K, K]
     q = replace(p, data=data.unsqueeze(1).unsqueeze(1), rows=(examples, pos))
-    return replace(q, data=q.data * q.windows(slope))
+    return q if slope is None else replace(q, data=q.data * q.windows(slope))
 
 
 def input_terms(p: Patches, input_set) -> tuple[torch.Tensor, torch.Tensor]:

@@ -179,7 +179,7 @@ class BoundScheduler:
             elements = min(elements, self.config.max_memory // (6 * batch.input_set.center.element_size()))
         chunk = max(1, elements // (widest * size * (1 if linear else 2)))
         like = batch.input_set.center
-        prune = self.stable_pieces(v) if linear else None
+        prune = self.stable_pieces(v)
         if self.config.patches and v.producer is not None and patches.conv_geometry(v.producer) is not None:
             lo, up = self.runner.patch_bounds(dual, batch, linear, prune)
             return Bounds(lo.reshape(size, *v.unit_shape), up.reshape(size, *v.unit_shape))
@@ -190,11 +190,7 @@ class BoundScheduler:
             rows = torch.zeros(1, k, n, dtype=like.dtype, device=like.device)
             rows[0, torch.arange(k), torch.arange(start, start + k)] = 1.0
             rows = rows.view(1, k, *v.unit_shape)
-            if linear:
-                lo, up = self.runner.run(dual, rows, batch, prune)
-            else:
-                lo, _ = self.runner.run(dual, rows, batch)
-                up = -self.runner.run(dual, -rows, batch)[0]
+            lo, up = self.runner.run(dual, rows, batch, prune, both=not linear)
             lows.append(lo)
             ups.append(up)
         shape = (size, *v.unit_shape)

@@ -61,28 +61,32 @@ def test_certified_set_matches_reference(case, mnist, shared_dir):
     assert (margins - sound_margins).max() < 0.05 * (1 + margins.abs().max())
 
 
-def test_directions_and_patches_agree_on_the_paper_model(mnist, shared_dir):
-    """Backward with patches, backward dense and forward (Appendix F) give the same bounds;
-    pruning stable units (the default) changes no crossing unit's bound and no margin.
-    (Compared without the rounding allowance, whose size each path bounds its own way.)"""
+@pytest.mark.parametrize("relaxation", ["paper", "crown"])
+def test_directions_and_patches_agree_on_the_paper_model(mnist, shared_dir, relaxation):
+    """Backward with patches, backward dense and forward (Appendix F, the paper relaxation
+    only) give the same bounds; pruning stable units (the default) changes no crossing
+    unit's bound and no margin. (Compared without the rounding allowance, whose size each
+    path bounds its own way.)"""
     path = shared_dir / "paper_models" / "mnist_small_0_3_stage0.onnx"
     if not path.exists():
         pytest.skip(f"{path} not found: the authors' released models live in ../shared/paper_models")
     graph = load_model(path)
     x, y = mnist.images[:3].double(), mnist.labels[:3]
     results, margins = [], []
-    raw = dict(rounding_allowance=False)
-    for cfg in (BoundConfig(direction="backward", prune_stable=False, **raw),
-                BoundConfig(direction="backward", patches=False, prune_stable=False, **raw),
-                BoundConfig(direction="forward", **raw),
-                BoundConfig(direction="backward", **raw), BoundConfig(direction="backward", patches=False, **raw)):
+    raw = dict(rounding_allowance=False, relu_relaxation=relaxation)
+    forward = "forward" if relaxation == "paper" else "backward"  # CROWN's dual is not linear
+    configs = (BoundConfig(direction="backward", prune_stable=False, **raw),
+               BoundConfig(direction="backward", patches=False, prune_stable=False, **raw),
+               BoundConfig(direction=forward, **raw),
+               BoundConfig(direction="backward", **raw), BoundConfig(direction="backward", patches=False, **raw))
+    for cfg in configs:
         cert = Certifier(graph, cfg, dtype=torch.float64)
         input_set = cert.input_set(x, 0.3, clip=(0.0, 1.0))
         results.append(cert.intermediate_bounds(input_set))
         margins.append(cert.lower_bounds(input_set, margin_spec(y, 10).double()))
     exact = results[0]
     for cfg_index, other in enumerate(results[1:], start=1):
-        pruned = cfg_index >= 3
+        pruned = configs[cfg_index].prune_stable and configs[cfg_index].direction == "backward"
         for v, b in exact.items():
             crossing = (b.lower < 0) & (b.upper > 0)
             same = crossing if pruned else torch.ones_like(crossing)
