@@ -188,19 +188,24 @@ class Certifier:
     def intermediate_bounds(self, input_set: InputSet) -> dict[Value, Bounds]:
         return self.scheduler.intermediate_bounds(input_set)
 
-    def lower_bounds(self, input_set: InputSet, spec: torch.Tensor) -> torch.Tensor:
+    def lower_bounds(self, input_set: InputSet, spec: torch.Tensor, *, goal: float | None = None,
+                     candidates: torch.Tensor | None = None) -> torch.Tensor:
         """Certified lower bounds of ``spec @ f(x')`` for all ``x'`` in the set: ``[B, m]``,
-        where ``f`` is ``self.graph`` (the logits when a trailing Softmax was left out)."""
-        return self.scheduler.bound_output(input_set, spec.to(device=self.device, dtype=self.dtype))
+        where ``f`` is ``self.graph`` (the logits when a trailing Softmax was left out).
+        ``goal``, ``candidates``: which rows optimised slopes work on
+        (:meth:`BoundScheduler.bound_output`)."""
+        return self.scheduler.bound_output(input_set, spec.to(device=self.device, dtype=self.dtype),
+                                           goal=goal, candidates=candidates)
 
     def certify(self, x: torch.Tensor, labels: torch.Tensor, eps: float, norm: str = "linf",
                 clip: tuple[float, float] | None = None) -> CertifyResult:
         """Certify that every point within ``eps`` of each ``x`` is classified as its label."""
         with torch.no_grad():
             logits = self.forward(x)
+            preds = logits.argmax(1)
+            correct = preds == labels.to(self.device)
             spec = margin_spec(labels.to(self.device), self.num_outputs)
-            margins = self.lower_bounds(self.input_set(x, eps, norm, clip), spec)
-        preds = logits.argmax(1)
-        correct = preds == labels.to(self.device)
+            # optimised slopes only where they can still make a certificate
+            margins = self.lower_bounds(self.input_set(x, eps, norm, clip), spec, goal=0.0, candidates=correct)
         return CertifyResult(preds.cpu(), correct.cpu(), (correct & (margins > 0).all(1)).cpu(), margins.cpu(),
                              sound=self.config.sound)

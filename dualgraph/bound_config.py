@@ -12,8 +12,11 @@ from .projections import ESTIMATORS
 class BoundConfig:
     """How bounds are computed.
 
-    relu_relaxation: ``"paper"`` (Corollary 2: lower slope = upper slope ``u/(u-l)``) or
-        ``"crown"`` (lower slope 1 if ``u > -l`` else 0; tighter, not a linear dual layer).
+    relu_relaxation: ``"paper"`` (Corollary 2: lower slope = upper slope ``u/(u-l)``),
+        ``"crown"`` (lower slope 1 if ``u > -l`` else 0; tighter, not a linear dual layer) or
+        ``"alpha"`` (the lower slopes of crossing ReLU/LeakyReLU units optimised for each
+        specification row, starting from CROWN's: :mod:`dualgraph.alpha`).
+    alpha_steps, alpha_lr: iterations and step size of the slope optimisation (``"alpha"``).
     max_elements: memory budget for one chunk of dual variables, in tensor elements;
         the identity rows of a layer are split into chunks that fit.
     max_memory: a memory budget in bytes (None: only ``max_elements``). Chunks of rows are
@@ -45,6 +48,8 @@ class BoundConfig:
     """
 
     relu_relaxation: str = "paper"
+    alpha_steps: int = 20
+    alpha_lr: float = 0.1
     max_elements: int = 1 << 25
     max_memory: int | None = None
     direction: str = "auto"
@@ -59,8 +64,12 @@ class BoundConfig:
     def __post_init__(self) -> None:
         if self.direction not in ("auto", "backward", "forward"):
             raise DualgraphError(f"unknown direction '{self.direction}'; use auto, backward or forward")
-        if self.relu_relaxation not in ("paper", "crown"):
-            raise DualgraphError(f"unknown relu relaxation '{self.relu_relaxation}'; use paper or crown")
+        if self.relu_relaxation not in ("paper", "crown", "alpha"):
+            raise DualgraphError(f"unknown relu relaxation '{self.relu_relaxation}'; use paper, crown or alpha")
+        if isinstance(self.alpha_steps, bool) or not isinstance(self.alpha_steps, int) or self.alpha_steps < 0:
+            raise DualgraphError(f"alpha_steps must be a non-negative integer, got {self.alpha_steps!r}")
+        if not self.alpha_lr > 0:
+            raise DualgraphError(f"alpha_lr must be positive, got {self.alpha_lr!r}")
         if self.max_elements < 1:
             raise DualgraphError("max_elements must be positive")
         if self.max_memory is not None and self.max_memory < (1 << 20):

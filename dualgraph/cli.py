@@ -30,8 +30,11 @@ def _add_memory_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_bound_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--relaxation", choices=["paper", "crown"], default="paper",
-                   help="ReLU lower slope: paper = u/(u-l) as in Wong et al. (default), crown = adaptive (tighter)")
+    p.add_argument("--relaxation", choices=["paper", "crown", "alpha"], default="paper",
+                   help="ReLU lower slope: paper = u/(u-l) as in Wong et al. (default), crown = adaptive (tighter), "
+                        "alpha = optimised per specification row from crown's (tightest, slower)")
+    p.add_argument("--alpha-steps", type=int, default=20, metavar="N",
+                   help="with --relaxation alpha: gradient steps of the slope optimisation (default 20)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="precision of the bound arithmetic (default float32; float64 for transformers)")

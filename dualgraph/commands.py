@@ -49,7 +49,11 @@ def _bound_config(args, **options):
             raise DualgraphError("--delta and --proj-seed need --proj R (random projections)")
         extra = dict(proj=proj, proj_seed=args.proj_seed, delta=args.delta,
                      proj_estimator="geometric" if args.delta is not None else "median")
-    return BoundConfig(relu_relaxation=args.relaxation, max_memory=max_memory(args), **extra, **options)
+    steps = getattr(args, "alpha_steps", 20)
+    if steps != 20 and args.relaxation != "alpha":
+        raise DualgraphError("--alpha-steps applies to --relaxation alpha only")
+    return BoundConfig(relu_relaxation=args.relaxation, alpha_steps=steps, max_memory=max_memory(args),
+                       **extra, **options)
 
 
 def max_memory(args) -> int:

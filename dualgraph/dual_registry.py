@@ -371,16 +371,29 @@ class Relaxation:
     b_lo: torch.Tensor | float
     a_up: torch.Tensor
     b_up: torch.Tensor | float
+    #: optimisable lower slopes ``(units, lo, hi)``: on ``units`` (a bool ``[B, *unit]``) the
+    #: lower line may take any slope ``a`` in ``[lo, hi]`` with the same offset ``b_lo`` (a ReLU's
+    #: lines ``a z``, ``0 <= a <= 1``); ``a_lo`` is the starting point. None: fixed slopes.
+    free: tuple | None = None
     offsets: tuple | None = field(default=None, repr=False)  # (units, mid, gap), see _cached_offsets
     _magnitudes: tuple | None = field(default=None, repr=False)  # (|a|, |b|), see magnitudes
 
     def magnitudes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``max(|a_lo|, |a_up|)`` and ``max(|b_lo|, |b_up|)``, ``[B, *unit]`` (detached, kept)."""
+        """``max(|a_lo|, |a_up|)`` (and ``max(|lo|, |hi|)`` on free units) and ``max(|b_lo|,
+        |b_up|)``, ``[B, *unit]`` (detached, kept)."""
         if self._magnitudes is None:
             a = self.a_lo.abs() if self.a_up is self.a_lo else torch.maximum(self.a_lo.abs(), self.a_up.abs())
+            if self.free is not None:
+                units, lo, hi = self.free
+                widest = torch.maximum(torch.as_tensor(lo).abs(), torch.as_tensor(hi).abs()).to(a)
+                a = torch.where(units, torch.maximum(a, widest), a)
             b_lo, b_up = (torch.as_tensor(t, dtype=a.dtype, device=a.device).abs() for t in (self.b_lo, self.b_up))
             self._magnitudes = (a.detach(), torch.maximum(b_lo, b_up).detach().expand_as(a))
         return self._magnitudes
+
+    def with_offsets(self, b_lo, b_up) -> Relaxation:
+        """The same slopes (and free slopes) with other offsets."""
+        return Relaxation(self.a_lo, b_lo, self.a_up, b_up, self.free)
 
     def has_equal_slopes(self) -> bool:
         return self.a_lo is self.a_up or bool(torch.equal(self.a_lo, self.a_up))
@@ -390,7 +403,9 @@ class Relaxation:
         def pick(t):
             return take_examples(t, examples) if torch.is_tensor(t) and t.dim() > 0 else t
         a_lo = pick(self.a_lo)
-        out = Relaxation(a_lo, pick(self.b_lo), a_lo if self.a_up is self.a_lo else pick(self.a_up), pick(self.b_up))
+        free = None if self.free is None else tuple(pick(t) for t in self.free)
+        out = Relaxation(a_lo, pick(self.b_lo), a_lo if self.a_up is self.a_lo else pick(self.a_up), pick(self.b_up),
+                         free)
         if self.offsets is not None:
             units, mid, gap = self.offsets
             out.offsets = (units, pick(mid), pick(gap))
@@ -493,7 +508,47 @@ class ElementwiseRule(DualRule):
         r = self.relaxation(node, bounds[0], config)
         pos, neg = lam.clamp(min=0), lam.clamp(max=0)
         lam_in = pos * r.a_lo.unsqueeze(1) + neg * r.a_up.unsqueeze(1)
-        return DualStep([lam_in], _offset(pos, r.b_lo) + _offset(neg, r.b_up), None)
+        return DualStep([lam_in], self._sign_offsets(r, lam), None)
+
+    def backward_with_slopes(self, node: Node, lam: torch.Tensor, bounds: Bounds, config,
+                             slopes: FreeSlopes) -> DualStep:
+        """:meth:`backward` with the free lower slopes of the relaxation (``Relaxation.free``)
+        set to ``slopes`` (one value per row and free unit), clamped into their range: every
+        value gives a sound step, so every iterate of an optimiser does."""
+        r = self.relaxation(node, bounds, config)
+        pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+        lam_in = pos * r.a_lo.unsqueeze(1) + neg * r.a_up.unsqueeze(1)
+        k = slopes.index
+        base = take_examples(r.a_lo.flatten(1), slopes.examples)[:, k].unsqueeze(1) if slopes.examples is not None \
+            else r.a_lo.flatten(1)[:, k].unsqueeze(1)
+        chosen = torch.where(slopes.free, slopes.values.clamp(slopes.lo, slopes.hi), base)
+        change = pos.flatten(2)[..., k] * (chosen - base)  # only the free units' lower slopes move
+        lam_in = lam_in.flatten(2).index_add(2, k, change).view_as(lam)
+        return DualStep([lam_in], self._sign_offsets(r, lam), None)
+
+    @staticmethod
+    def _sign_offsets(r: Relaxation, lam: torch.Tensor) -> torch.Tensor:
+        """``lam+ . b_lo + lam- . b_up``, as ``lam . mid - |lam| . gap`` over the units with an
+        offset (:func:`_cached_offsets`: a ReLU's crossing units)."""
+        units, mid, gap = _cached_offsets(r)
+        part = lam.flatten(2) if units is None else lam.flatten(2)[..., units]
+        return batched_dot(part, mid) - batched_dot(part.abs(), gap)
+
+
+@dataclass
+class FreeSlopes:
+    """Values of the free lower slopes of one relaxation (``Relaxation.free``) for a pass on
+    rows ``[R, 1, *unit]``: ``values`` ``[R, 1, K]`` at the flat units ``index`` ``[K]`` (the
+    units free in some row's example); ``free`` ``[R, 1, K]`` says where they apply (elsewhere
+    the relaxation's own slope stays), ``lo``/``hi`` their range. ``examples``: the example of
+    each row when the relaxation is that of a larger batch (None: row ``i`` is example ``i``)."""
+
+    index: torch.Tensor
+    values: torch.Tensor
+    free: torch.Tensor
+    lo: torch.Tensor | float
+    hi: torch.Tensor | float
+    examples: torch.Tensor | None = None
 
 
 def _cached_offsets(r: Relaxation):

@@ -55,6 +55,9 @@ class DualRunner:
         self.deadline: Deadline = NEVER
         self.patch_cache: dict = {}
         self.frees: dict[int, dict] = {}  # last uses per dual graph (the scheduler keeps its duals)
+        #: free lower slopes per primal node name (``Relaxation.free``), set around the passes
+        #: of the slope optimiser (:mod:`dualgraph.alpha`); None: the relaxations' own slopes
+        self.slopes: dict[str, torch.Tensor] | None = None
 
     def frees_of(self, dual: Graph) -> dict:
         """The values to free after each dual node. A pass that starts at a later node reads
@@ -80,6 +83,25 @@ class DualRunner:
         run = _DualPass(self, dual, batch, lower, upper, m, prune, both)
         done = run.walk(env, first)
         return done if isinstance(done, tuple) else run.result()  # a tuple: the pass was pruned or forked
+
+    def run_until(self, dual: Graph, rows: torch.Tensor, batch: Batch, stop: set[str]) -> tuple[int, dict, object]:
+        """Run ``dual`` on ``rows`` up to the first dual node of a primal node named in ``stop``:
+        ``(its index, the environment there, the lower offsets so far)``, from which
+        :meth:`run_from` goes on (the slope optimiser runs the part before its first free
+        slopes once). Without such a node: the end of the graph and an empty environment."""
+        run = _DualPass(self, dual, batch, 0.0, 0.0, rows.shape[1], None)
+        run.stop_at = stop
+        done = run.walk({dual.inputs[0]: rows}, 0)
+        if isinstance(done, _Stopped):
+            return done.index, done.env, done.lower
+        return len(dual.nodes), {}, run.lower
+
+    def run_from(self, dual: Graph, first: int, env: dict, batch: Batch, lower, m: int) -> torch.Tensor:
+        """The lower bounds ``[B, m]`` of a pass resumed at dual node ``first`` (see :meth:`run_until`)."""
+        if first == len(dual.nodes):
+            like = batch.input_set.center
+            return torch.as_tensor(lower, dtype=like.dtype, device=like.device).expand(like.shape[0], m)
+        return self._run_from(dual, first, dict(env), batch, lower, None, m)[0]
 
     def _forked(self, dual: Graph, i: int, env: dict, batch: Batch, lower, upper, m: int):
         """Both bounds from dual node ``i`` on (all earlier layers linear): one pass on the rows
@@ -219,8 +241,12 @@ class DualRunner:
         if needed and any(b is None for b in in_bounds):
             raise DualgraphError(f"dual of node '{primal.name}' ({primal.op_type}) needs bounds of its inputs "
                                  "that were not computed")
+        slopes = None if self.slopes is None else self.slopes.get(primal.name)
         with naming_node(primal):
-            step = rule.backward(primal, lam, in_bounds, self.config)
+            if slopes is not None:
+                step = rule.backward_with_slopes(primal, lam, in_bounds[0], self.config, slopes)
+            else:
+                step = rule.backward(primal, lam, in_bounds, self.config)
         if step.upper is None and rule.linear(primal, self.config):
             raise DualgraphError(f"the dual layer of node '{primal.name}' ({primal.op_type}) is declared linear "
                                  "but returned no upper offset; declare it non-linear (DualRule.linear)")
@@ -237,6 +263,7 @@ class _DualPass(GraphWalk):
     pruned bounds (:meth:`DualRunner._pruned`)."""
 
     activity = "dual step"
+    stop_at: set[str] | None = None  # primal node names that end the walk (DualRunner.run_until)
 
     def __init__(self, runner: DualRunner, dual: Graph, batch: Batch, lower, upper, m: int, prune,
                  both: bool = False) -> None:
@@ -245,6 +272,8 @@ class _DualPass(GraphWalk):
         self.lower, self.upper, self.both = lower, upper, both
 
     def before(self, index: int, node: Node, env: dict):
+        if self.stop_at is not None and "primal" in node.meta and node.meta["primal"].name in self.stop_at:
+            return _Stopped(index, dict(env), self.lower)
         if self.upper is None:
             return None
         runner = self.runner
@@ -330,6 +359,15 @@ class _PatchPass(GraphWalk):
             batch = batch.take(p.rows[0], _needed_bounds(self.dual, index))
         return self.runner._run_from(self.dual, index, {current: rows}, batch, self.lower, self.upper,
                                      rows.shape[1], self.prune, self.both)
+
+
+@dataclass
+class _Stopped:
+    """Where :meth:`DualRunner.run_until` stopped."""
+
+    index: int
+    env: dict
+    lower: object
 
 
 MAX_OPEN_SHARE = 0.5

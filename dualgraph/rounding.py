@@ -192,7 +192,7 @@ class RoundingAllowance:
         coef = SAFETY * (gamma(n_off + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e))
         m = torch.maximum(b.lower.abs(), b.upper.abs()).detach()
         delta = torch.where(rounds, coef * (a * m + 2 * b_abs), 0.0)
-        return Relaxation(r.a_lo, r.b_lo - delta, r.a_up, r.b_up + delta)
+        return r.with_offsets(r.b_lo - delta, r.b_up + delta)
 
     # ---- the forward passes over magnitudes -------------------------------------------------------
     # Not under no_grad: a relaxation computed here is cached on its bounds and reused by the

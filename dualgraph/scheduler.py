@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from dataclasses import replace
 from typing import Iterator
 
@@ -91,6 +92,8 @@ class BoundScheduler:
                 needed += [v for v in node.var_inputs if v not in needed]
         self.bound_targets = needed
         self.direction = DirectionCost(graph, needed, config)
+        # seconds per bounded value of the backward loop, summed over calls, when a dict (benchmarks)
+        self.phase_seconds: dict[str, float] | None = None
 
     @property
     def deadline(self) -> Deadline:
@@ -107,9 +110,20 @@ class BoundScheduler:
         return self._duals[target]
 
     # ---- public API ---------------------------------------------------------------------
-    def intermediate_bounds(self, input_set: InputSet) -> dict[Value, Bounds]:
+    def intermediate_bounds(self, input_set: InputSet, optimise_slopes: bool | None = None,
+                            floor: dict[Value, Bounds] | None = None) -> dict[Value, Bounds]:
         """Bounds of every value that feeds a nonlinear op, in topological order, each sound
-        in floating point (:mod:`dualgraph.rounding`) before anything uses it."""
+        in floating point (:mod:`dualgraph.rounding`) before anything uses it.
+
+        ``optimise_slopes`` (default: with ``relu_relaxation="alpha"``): each unit whose bound
+        decides its relaxation (a crossing ReLU unit) gets its lower and upper bound tightened
+        by optimised slopes (:func:`dualgraph.alpha.optimise_rows`), layer by layer, and
+        intersected with ``floor`` (CROWN's bounds, computed first when not given): CROWN's
+        bound of a later layer can be looser on tighter earlier bounds, the intersection never is."""
+        if optimise_slopes is None:
+            optimise_slopes = self.config.relu_relaxation == "alpha" and self.config.alpha_steps > 0
+        if optimise_slopes and floor is None:
+            floor = self.intermediate_bounds(input_set, optimise_slopes=False)
         bounds = BoundMap()
         batch = bounds.batch = self.batch(input_set, bounds)
         with full_precision_matmul(input_set.center.device):
@@ -122,8 +136,15 @@ class BoundScheduler:
                     return ForwardBounds(self.graph, self.config, deadline=self.deadline).bounds(
                         self.bound_targets, input_set, batch.bounds, batch.rounding.widen_forward)
             for v in self.bound_targets:
+                start = time.perf_counter()
                 with _out_of_memory_as_error(v.name):
-                    batch.bounds[v] = batch.rounding.widen(v, self.value_bounds(v, batch))
+                    raw = self.value_bounds(v, batch)
+                    if optimise_slopes:
+                        raw = self._optimise_unit_bounds(v, batch, raw)
+                        raw = Bounds(torch.maximum(raw.lower, floor[v].lower), torch.minimum(raw.upper, floor[v].upper))
+                    batch.bounds[v] = batch.rounding.widen(v, raw)
+                if self.phase_seconds is not None:
+                    self.phase_seconds[v.name] = self.phase_seconds.get(v.name, 0.0) + time.perf_counter() - start
         return batch.bounds
 
     def batch(self, input_set: InputSet, bounds: dict[Value, Bounds]) -> Batch:
@@ -212,15 +233,20 @@ class BoundScheduler:
         return tuple(sorted(points)) or None
 
     def bound_output(self, input_set: InputSet, spec: torch.Tensor,
-                     bounds: dict[Value, Bounds] | None = None) -> torch.Tensor:
+                     bounds: dict[Value, Bounds] | None = None, *, goal: float | None = None,
+                     candidates: torch.Tensor | None = None) -> torch.Tensor:
         """Lower bounds ``J`` of ``spec @ f(x')`` over the input set: ``[B, m]``, valid for the
         network in exact arithmetic and as evaluated in its own precision (each dual step's
         rounding allowance is included, :mod:`dualgraph.rounding`).
 
         ``spec`` is ``[B or 1, m, n_out]``. Intermediate bounds are computed if not given.
+        With ``relu_relaxation="alpha"`` each row's free slopes are then optimised
+        (:mod:`dualgraph.alpha`): only rows at or below ``goal`` (all rows if None) of the
+        ``candidates`` examples (a bool ``[B]``; default all), the others keep CROWN's bound.
         """
-        if bounds is None:
-            bounds = self.intermediate_bounds(input_set)
+        given = bounds
+        if bounds is None:  # with optimised slopes: CROWN's first, optimised ones where still needed
+            bounds = self.intermediate_bounds(input_set, optimise_slopes=False)
         if spec.dim() != 3 or spec.shape[2] != self.output.numel:
             raise DualgraphError(f"specification must have shape [batch, rows, {self.output.numel}], "
                                  f"got {tuple(spec.shape)}")
@@ -228,9 +254,99 @@ class BoundScheduler:
         batch = getattr(bounds, "batch", None)
         if batch is None or batch.input_set is not input_set:
             batch = self.batch(input_set, bounds)
+        batch = replace(batch, per_row=True)
         with full_precision_matmul(input_set.center.device), _out_of_memory_as_error(self.output.name):
-            lower, _ = self.runner.run(self.dual(self.output), rows, replace(batch, per_row=True))
+            lower, _ = self.runner.run(self.dual(self.output), rows, batch)
+            if self.config.relu_relaxation == "alpha" and self.config.alpha_steps:
+                lower = self._optimise_slopes(rows, batch, lower, goal, candidates)
+                if given is None:
+                    lower = self._with_optimised_bounds(input_set, bounds, rows, lower, goal, candidates)
         return lower
+
+    def _with_optimised_bounds(self, input_set: InputSet, crown: dict[Value, Bounds], rows: torch.Tensor,
+                               lower: torch.Tensor, goal: float | None,
+                               candidates: torch.Tensor | None) -> torch.Tensor:
+        """The examples that still have a row at or below ``goal`` after optimising the final
+        slopes on CROWN's intermediate bounds, bounded again on optimised intermediate bounds."""
+        open_rows = torch.ones_like(lower, dtype=torch.bool) if goal is None else lower <= goal
+        if candidates is not None:
+            open_rows &= candidates.to(lower.device).view(-1, 1)
+        examples = open_rows.any(1).nonzero().flatten()
+        if examples.numel() == 0:
+            return lower
+        subset = input_set.take(examples)
+        bounds = self.intermediate_bounds(subset, optimise_slopes=True,
+                                          floor={v: b.take(examples) for v, b in crown.items()})
+        batch = replace(bounds.batch, per_row=True)
+        picked = rows[examples] if rows.shape[0] > 1 else rows
+        again, _ = self.runner.run(self.dual(self.output), picked, batch)
+        again = self._optimise_slopes(picked, batch, again, goal, None)
+        return lower.index_put((examples,), torch.maximum(lower[examples], again))
+
+    def _optimise_unit_bounds(self, v: Value, batch: Batch, raw: Bounds) -> Bounds:
+        """``raw`` with the units whose bounds decide their relaxation (those between two
+        breakpoints of every activation they feed) tightened by optimised slopes: one row
+        ``+e_j`` for the lower and one ``-e_j`` for the upper bound of each, its goal the
+        breakpoint when there is one (past it the unit is stable and its bound no longer matters)."""
+        from .alpha import optimise_rows
+        from .dual_run import _needed_bounds
+        points = self.stable_pieces(v)
+        if points is None:
+            return raw
+        lo, up = raw.lower.flatten(1), raw.upper.flatten(1)
+        open_units = torch.zeros_like(lo, dtype=torch.bool)
+        for p in points:
+            open_units |= (lo < p) & (up > p)
+        examples, units = open_units.nonzero(as_tuple=True)
+        count = examples.numel()
+        if count == 0:
+            return raw
+        dual = self.dual(v)
+        needed = _needed_bounds(dual, 0)
+        signs = torch.cat([torch.ones(count), -torch.ones(count)]).to(lo)
+        examples, units = torch.cat([examples, examples]), torch.cat([units, units])
+        start = torch.cat([lo[examples[:count], units[:count]], -up[examples[count:], units[count:]]]).unsqueeze(1)
+        goal = points[0] * signs.unsqueeze(1) if len(points) == 1 else None
+        widest = max([int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
+                      if val.shape is not None and len(val.shape) > 2] + [v.numel])
+        chunk = max(1, self.config.max_elements // (16 * widest))
+        best = []
+        for first in range(0, 2 * count, chunk):
+            sl = slice(first, first + chunk)
+            rows = torch.zeros(len(units[sl]), 1, v.numel, dtype=lo.dtype, device=lo.device)
+            rows[torch.arange(len(units[sl])), 0, units[sl]] = signs[sl]
+            best.append(optimise_rows(self.runner, dual, rows.view(-1, 1, *v.unit_shape),
+                                      batch.take(examples[sl], needed), start[sl],
+                                      None if goal is None else goal[sl])[:, 0])
+        best = torch.cat(best)
+        lo = lo.index_put((examples[:count], units[:count]), best[:count])
+        up = up.index_put((examples[count:], units[count:]), -best[count:])
+        return Bounds(lo.view_as(raw.lower), up.view_as(raw.upper))
+
+    def _optimise_slopes(self, rows: torch.Tensor, batch: Batch, lower: torch.Tensor, goal: float | None,
+                         candidates: torch.Tensor | None) -> torch.Tensor:
+        """Optimised-slope bounds (:func:`dualgraph.alpha.optimise_rows`) of the open rows,
+        flattened to one row per ``(example, row)`` and run in chunks that fit the budget."""
+        from .alpha import optimise_rows
+        from .dual_run import _needed_bounds
+        open_rows = torch.ones_like(lower, dtype=torch.bool) if goal is None else lower <= goal
+        if candidates is not None:
+            open_rows &= candidates.to(lower.device).view(-1, 1)
+        examples, which = open_rows.nonzero(as_tuple=True)
+        if examples.numel() == 0:
+            return lower
+        dual = self.dual(self.output)
+        needed = _needed_bounds(dual, 0)
+        widest = max(int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
+                     if val.shape is not None and len(val.shape) > 2)
+        chunk = max(1, self.config.max_elements // (16 * widest))  # dual variables, slopes and their gradients
+        best = []
+        for start in range(0, examples.numel(), chunk):
+            ex, row = examples[start:start + chunk], which[start:start + chunk]
+            picked = rows[ex if rows.shape[0] > 1 else 0, row].unsqueeze(1)
+            best.append(optimise_rows(self.runner, dual, picked, batch.take(ex, needed),
+                                      lower[ex, row].unsqueeze(1), goal)[:, 0])
+        return lower.index_put((examples, which), torch.cat(best))
 
 
 @contextlib.contextmanager

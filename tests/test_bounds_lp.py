@@ -129,12 +129,21 @@ def lp_check(net: DagNet, data) -> None:
         sampled = (ys * spec.unsqueeze(0)).sum(-1).amin(0)              # [B, m]
 
     configs = {"paper": BoundConfig(), "crown": BoundConfig(relu_relaxation="crown"),
+               "alpha": BoundConfig(relu_relaxation="alpha"),
                "paper/forward": BoundConfig(direction="forward"),
                "paper/dense": BoundConfig(direction="backward", patches=False, prune_stable=False)}
     scheds = {r: BoundScheduler(graph, cfg) for r, cfg in configs.items()}
     all_bounds = {r: s.intermediate_bounds(box) for r, s in scheds.items()}
+    finals = {r: scheds[r].bound_output(box, spec, bounds) for r, bounds in all_bounds.items()}
+    # optimised slopes start from CROWN's and keep the best iterate: never looser, anywhere
+    assert (finals["alpha"] >= finals["crown"] - 1e-9 * (1 + finals["crown"].abs())).all()
+    for v in relu_inputs:
+        a, c = all_bounds["alpha"][v], all_bounds["crown"][v]
+        crossing = (c.lower < 0) & (c.upper > 0)
+        assert (a.lower[crossing] >= c.lower[crossing] - 1e-9 * (1 + c.lower[crossing].abs())).all(), v.name
+        assert (a.upper[crossing] <= c.upper[crossing] + 1e-9 * (1 + c.upper[crossing].abs())).all(), v.name
     for r, bounds in all_bounds.items():
-        J = scheds[r].bound_output(box, spec, bounds)
+        J = finals[r]
         # CROWN's final layer on the paper's intermediate bounds is also a dual-feasible point
         J_mixed = scheds["crown"].bound_output(box, spec, bounds) if r == "paper" else None
         for b in range(B):
@@ -211,6 +220,10 @@ def test_one_hidden_layer_lp_is_dual_optimum_over_slopes():
         J = float(BoundScheduler(graph, BoundConfig(relu_relaxation=relaxation))
                   .bound_output(box, torch.ones(1, 1, 1, dtype=DTYPE)))
         assert abs(J - want) < 1e-12 and J <= lp + 1e-9, (relaxation, J, lp)
+    # optimised slopes climb from CROWN's -2 to the LP optimum (the best slope), never past it
+    J = float(BoundScheduler(graph, BoundConfig(relu_relaxation="alpha", alpha_steps=100))
+              .bound_output(box, torch.ones(1, 1, 1, dtype=DTYPE)))
+    assert J <= lp + 1e-9 and J > lp - 1e-3, (J, lp)
 
 
 def to_ir_module(module: torch.nn.Module):

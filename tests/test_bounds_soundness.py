@@ -1,8 +1,8 @@
 """Soundness of the bounds: every certified bound holds at every point we can find.
 
 For hypothesis-generated float64 networks (MLPs, residual and dense/concat DAGs, CNNs with
-strides, padding, pooling and every supported activation), both ReLU relaxations, and three
-kinds of input sets (L-inf ball, L-inf ball intersected with [0, 1], L2 ball):
+strides, padding, pooling and every supported activation), every ReLU relaxation (paper,
+CROWN, optimised slopes: intermediate and final), and three kinds of input sets (L-inf ball, L-inf ball intersected with [0, 1], L2 ball):
 
 (a) the intermediate bounds contain the actual value of every bounded unit at many points
     of the set (random points, box vertices / sphere points, the centre);
@@ -23,7 +23,7 @@ from dualgraph.scheduler import BoundConfig, BoundScheduler
 
 from strategies import DTYPE, DagNet, any_nets, input_sets, relu_nets, sample_points, to_ir
 
-RELAXATIONS = ("paper", "crown")
+RELAXATIONS = ("paper", "crown", "alpha")
 PATHS = {  # every bound path: default (auto, patches, pruned), dense unpruned rows, forward
     "auto": {}, "dense": dict(direction="backward", patches=False, prune_stable=False),
     "forward": dict(direction="forward")}

@@ -34,8 +34,9 @@ def relu_relaxation(node, b: Bounds, config) -> Relaxation:
     """Corollary 2: slope ``d = u/(u-l)`` on the crossing set, 0 / 1 on the stable sets.
 
     Upper line ``d (z - l)``; the lower line is ``d z`` (the paper: a linear dual layer) or, with
-    ``relu_relaxation="crown"``, ``a z`` with ``a = 1 if u > -l else 0`` (any ``a`` in [0,1]
-    is valid).
+    ``relu_relaxation="crown"``, ``a z`` with ``a = 1 if u > -l else 0``. Any ``a`` in [0,1] is
+    valid: with ``"alpha"`` the crossing units' lower slopes are free (optimised, starting
+    from CROWN's).
     """
     l, u = b
     cross = crossing(b)
@@ -44,7 +45,7 @@ def relu_relaxation(node, b: Bounds, config) -> Relaxation:
     if config.relu_relaxation == "paper":
         return Relaxation(d, 0.0, d, b_up)
     a_lo = torch.where(cross, (u > -l).to(l.dtype), d)
-    return Relaxation(a_lo, 0.0, d, b_up)
+    return Relaxation(a_lo, 0.0, d, b_up, (cross, 0.0, 1.0) if config.relu_relaxation == "alpha" else None)
 
 
 relu.onnx_import(onnx_elementwise)
@@ -60,10 +61,12 @@ leaky_relu.evaluate(lambda node, inputs: F.leaky_relu(inputs[0], float(node.attr
 
 
 # alpha > 1 takes the chord relaxation, which depends on l and u: no bound-free pieces then
-@leaky_relu.relaxation(linear_if=lambda config: True, eval_roundings=1,
+@leaky_relu.relaxation(linear_if=lambda config: config.relu_relaxation != "alpha", eval_roundings=1,
                        breakpoints=lambda node: (0.0,) if float(node.attrs.get("alpha", 0.01)) <= 1 else None)
 def leaky_relu_relaxation(node, b: Bounds, config) -> Relaxation:
-    """Chord slope ``s`` on crossing units; ``s z`` is below f (alpha <= s <= 1), the chord above."""
+    """Chord slope ``s`` on crossing units; ``s z`` is below f (alpha <= s <= 1), the chord above.
+    Any ``a z`` with ``alpha <= a <= 1`` is below f: with ``relu_relaxation="alpha"`` those
+    lower slopes are free (optimised from ``s``)."""
     alpha = float(node.attrs.get("alpha", 0.01))
     if alpha > 1:
         return chord_relaxation(b, lambda z: F.leaky_relu(z, alpha), breakpoints=(0.0,))
@@ -71,7 +74,8 @@ def leaky_relu_relaxation(node, b: Bounds, config) -> Relaxation:
     cross = crossing(b)
     s = torch.where(cross, (u - alpha * l) / torch.where(cross, u - l, 1.0),
                     torch.where(l >= 0, torch.ones_like(l), torch.full_like(l, alpha)))  # alpha in l's precision
-    return Relaxation(s, 0.0, s, torch.where(cross, l * (alpha - s), 0.0))
+    free = (cross, alpha, 1.0) if config.relu_relaxation == "alpha" else None
+    return Relaxation(s, 0.0, s, torch.where(cross, l * (alpha - s), 0.0), free)
 
 
 leaky_relu.onnx_import(onnx_elementwise)
