@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from .dual_registry import ElementwiseRule, FreeSlopes, Relaxation
+from .dual_registry import ElementwiseRule, FreeSlopes, Relaxation, SplitMultipliers
 
 
-LR_DECAY = 0.95
-"""The step size shrinks by this factor per step (late steps refine rather than jump)."""
+LR_FINAL = 0.3
+"""The step size shrinks geometrically to this share of ``alpha_lr`` over the steps (late
+steps refine rather than jump; the same profile whatever the number of steps)."""
 
 
 def free_relaxations(runner, dual, bounds: dict) -> dict:
@@ -44,49 +45,142 @@ def free_relaxations(runner, dual, bounds: dict) -> dict:
 
 
 def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
-                  goal: float | None) -> torch.Tensor:
-    """The best lower bound ``[R, 1]`` of each single row over ``config.alpha_steps`` steps of
-    projected gradient ascent on its own free slopes, from ``start`` (its bound with the
-    relaxations' own slopes).
+                  goal: float | torch.Tensor | None, record: dict | None = None,
+                  steps: int | None = None) -> torch.Tensor:
+    """The best lower bound ``[R, 1]`` of each single row over ``steps`` (default
+    ``config.alpha_steps``) steps of
+    projected gradient ascent on its own variables, from ``start`` (its bound with the
+    relaxations' own slopes): the free slopes (``relu_relaxation="alpha"``) and the
+    multipliers of the batch's branch-and-bound splits (``Batch.splits``, starting at 0).
 
     ``rows`` is ``[R, 1, *target]`` with ``batch`` holding one example per row (``Batch.take``
     with repeated examples). Rows whose best bound exceeds ``goal`` (a number or ``[R, 1]``)
-    stop moving.
+    stop; once half of the rows have, the others go on alone. ``record``: filled with the
+    dual variables of a last pass over the rows still below their goal (:attr:`DualRunner.record`)
+    and their positions (``"alive"``).
     """
     config = runner.config
-    relaxed = free_relaxations(runner, dual, batch.bounds)
-    best = start
-    if not relaxed or config.alpha_steps == 0:
-        return best
-    slopes = {name: _variables(r) for name, r in relaxed.items()}
-    optimiser = torch.optim.Adam([f.values for f in slopes.values()], lr=config.alpha_lr)
-    decay = torch.optim.lr_scheduler.ExponentialLR(optimiser, LR_DECAY)
-    moving = torch.ones_like(best, dtype=torch.bool) if goal is None else best <= goal
-    with torch.no_grad():  # the layers before the first free slopes do not change: run them once
-        first, env, offsets = runner.run_until(dual, rows, batch, set(relaxed))
-    try:
-        runner.slopes = slopes
-        for step in range(config.alpha_steps + 1):
-            last = step == config.alpha_steps
-            if not bool(moving.any()):
-                break
-            with torch.set_grad_enabled(not last):
-                lower = runner.run_from(dual, first, env, batch, offsets, 1)
-                best = torch.maximum(best, lower.detach())
-                if last:
+    steps = config.alpha_steps if steps is None else steps
+    relaxed = free_relaxations(runner, dual, batch.bounds) if config.relu_relaxation == "alpha" else {}
+    split = {name: _multipliers(sign) for name, sign in (batch.splits or {}).items() if bool(sign.any())}
+    variables = {name: (_variables(relaxed[name]) if name in relaxed else None, split.get(name))
+                 for name in set(relaxed) | set(split)}
+    if not variables or steps == 0:
+        if record is not None:
+            runner.record = record
+            try:
+                with torch.no_grad():
+                    runner.run(dual, rows, batch)
+            finally:
+                runner.record = None
+            record["alive"] = torch.arange(rows.shape[0])
+        return start
+    with torch.no_grad():  # the layers before the first variables do not change: run them once
+        first, env, offsets = runner.run_until(dual, rows, batch, set(variables))
+    run = _Ascent(runner, dual, first, env, offsets, batch, variables, start, goal)
+    return run.climb(steps, record)
+
+
+class _Ascent:
+    """The state of :func:`optimise_rows`: the rows still climbing (``alive``, positions in
+    the caller's rows), their dual variables where the variables begin, their batch, the
+    variables and the optimiser; :meth:`keep` drops the rows that reached their goal."""
+
+    def __init__(self, runner, dual, first: int, env: dict, offsets, batch, variables: dict,
+                 start: torch.Tensor, goal) -> None:
+        self.runner, self.dual, self.first = runner, dual, first
+        self.env, self.offsets, self.batch, self.variables = env, offsets, batch, variables
+        self.best = start.clone()
+        self.goal = goal
+        self.alive = torch.arange(start.shape[0])
+        lr = runner.config.alpha_lr
+        self.optimiser = torch.optim.Adam(self._params(), lr=lr)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [t.values for pair in self.variables.values() for t in pair if t is not None]
+
+    def _goal(self):
+        g = self.goal
+        return g[self.alive] if torch.is_tensor(g) and g.dim() > 0 else g
+
+    def climb(self, steps: int, record: dict | None) -> torch.Tensor:
+        runner = self.runner
+        try:
+            runner.variables = self.variables
+            for step in range(steps):
+                best = self.best[self.alive]
+                moving = torch.ones_like(best, dtype=torch.bool) if self.goal is None else best <= self._goal()
+                if not bool(moving.any()):
+                    self.keep(moving[:, 0])
                     break
-                optimiser.zero_grad(set_to_none=True)
-                (-lower[moving].sum()).backward()
-            optimiser.step()
-            decay.step()
-            with torch.no_grad():
-                for f in slopes.values():
-                    f.values.clamp_(f.lo, f.hi)
-            if goal is not None:
-                moving &= best <= goal
-    finally:
-        runner.slopes = None
-    return best
+                if 2 * int(moving.sum()) <= len(moving):
+                    self.keep(moving[:, 0])
+                with torch.enable_grad():
+                    lower = runner.run_from(self.dual, self.first, self.env, self.batch, self.offsets, 1)
+                    self.optimiser.zero_grad(set_to_none=True)
+                    (-lower.sum()).backward()
+                self.best[self.alive] = torch.maximum(self.best[self.alive], lower.detach())
+                for group in self.optimiser.param_groups:
+                    group["lr"] = runner.config.alpha_lr * LR_FINAL ** ((step + 1) / steps)
+                self.optimiser.step()
+                with torch.no_grad():
+                    for slopes, multipliers in self.variables.values():
+                        if slopes is not None:
+                            slopes.values.clamp_(slopes.lo, slopes.hi)
+                        if multipliers is not None:
+                            multipliers.values.clamp_(min=0)
+            if self.goal is not None:  # the last step's variables, on the rows still open
+                self.keep((self.best[self.alive] <= self._goal())[:, 0])
+            runner.record = record
+            if len(self.alive):
+                with torch.no_grad():
+                    lower = runner.run_from(self.dual, self.first, self.env, self.batch, self.offsets, 1)
+                self.best[self.alive] = torch.maximum(self.best[self.alive], lower)
+            elif record is not None:
+                record.clear()
+            if record is not None:
+                record["alive"] = self.alive
+        finally:
+            runner.variables = runner.record = None
+        return self.best
+
+    def keep(self, moving: torch.Tensor) -> None:
+        """Go on with the rows ``moving`` (a bool over the alive rows) only."""
+        if bool(moving.all()):
+            return
+        index = moving.nonzero().flatten()
+        self.alive = self.alive[index]
+        self.env = {v: t[index] for v, t in self.env.items()}
+        if torch.is_tensor(self.offsets) and self.offsets.dim() > 0 and self.offsets.shape[0] > 1:
+            self.offsets = self.offsets[index]
+        self.batch = self.batch.take(index, list(self.batch.bounds))
+        state = self.optimiser.state
+        for pair in self.variables.values():
+            for t in pair:
+                if t is None:
+                    continue
+                old = t.values
+                t.values = old.detach()[index].requires_grad_(True)
+                for name in ("free", "sign"):
+                    if hasattr(t, name):
+                        setattr(t, name, getattr(t, name)[index])
+                for name in ("lo", "hi"):
+                    if hasattr(t, name) and torch.is_tensor(getattr(t, name)) and getattr(t, name).dim() > 0:
+                        setattr(t, name, getattr(t, name)[index])
+                if old in state:
+                    moments = state.pop(old)
+                    state[t.values] = {k: (v[index] if torch.is_tensor(v) and v.dim() > 0 else v)
+                                       for k, v in moments.items()}
+        groups = self.optimiser.param_groups
+        groups[0]["params"] = self._params()
+
+
+def _multipliers(sign: torch.Tensor) -> SplitMultipliers:
+    """Multipliers (at 0: the bound without them) of the split units of the rows' domains."""
+    sign = sign.flatten(1)
+    index = (sign != 0).any(0).nonzero().flatten()
+    picked = sign[:, index].unsqueeze(1)
+    return SplitMultipliers(index, torch.zeros_like(picked).requires_grad_(True), picked)
 
 
 def _variables(r: Relaxation) -> FreeSlopes:

@@ -511,20 +511,22 @@ class ElementwiseRule(DualRule):
         return DualStep([lam_in], self._sign_offsets(r, lam), None)
 
     def backward_with_slopes(self, node: Node, lam: torch.Tensor, bounds: Bounds, config,
-                             slopes: FreeSlopes) -> DualStep:
+                             slopes: FreeSlopes | None, splits: SplitMultipliers | None = None) -> DualStep:
         """:meth:`backward` with the free lower slopes of the relaxation (``Relaxation.free``)
-        set to ``slopes`` (one value per row and free unit), clamped into their range: every
-        value gives a sound step, so every iterate of an optimiser does."""
+        set to ``slopes`` (one value per row and free unit), clamped into their range, and the
+        split constraints' multipliers added to ``lam_in`` (``splits``; ``beta`` clamped to
+        ``>= 0``): every value of either gives a sound step, so every iterate of an optimiser does."""
         r = self.relaxation(node, bounds, config)
         pos, neg = lam.clamp(min=0), lam.clamp(max=0)
-        lam_in = pos * r.a_lo.unsqueeze(1) + neg * r.a_up.unsqueeze(1)
-        k = slopes.index
-        base = take_examples(r.a_lo.flatten(1), slopes.examples)[:, k].unsqueeze(1) if slopes.examples is not None \
-            else r.a_lo.flatten(1)[:, k].unsqueeze(1)
-        chosen = torch.where(slopes.free, slopes.values.clamp(slopes.lo, slopes.hi), base)
-        change = pos.flatten(2)[..., k] * (chosen - base)  # only the free units' lower slopes move
-        lam_in = lam_in.flatten(2).index_add(2, k, change).view_as(lam)
-        return DualStep([lam_in], self._sign_offsets(r, lam), None)
+        lam_in = (pos * r.a_lo.unsqueeze(1) + neg * r.a_up.unsqueeze(1)).flatten(2)
+        if slopes is not None:
+            k = slopes.index
+            base = r.a_lo.flatten(1)[:, k].unsqueeze(1)
+            chosen = torch.where(slopes.free, slopes.values.clamp(slopes.lo, slopes.hi), base)
+            lam_in = lam_in.index_add(2, k, pos.flatten(2)[..., k] * (chosen - base))  # free units' lower slopes
+        if splits is not None:  # + beta s_j z_j for each split constraint s_j z_j <= 0 of the row's domain
+            lam_in = lam_in.index_add(2, splits.index, splits.values.clamp(min=0) * splits.sign)
+        return DualStep([lam_in.view_as(lam)], self._sign_offsets(r, lam), None)
 
     @staticmethod
     def _sign_offsets(r: Relaxation, lam: torch.Tensor) -> torch.Tensor:
@@ -540,15 +542,29 @@ class FreeSlopes:
     """Values of the free lower slopes of one relaxation (``Relaxation.free``) for a pass on
     rows ``[R, 1, *unit]``: ``values`` ``[R, 1, K]`` at the flat units ``index`` ``[K]`` (the
     units free in some row's example); ``free`` ``[R, 1, K]`` says where they apply (elsewhere
-    the relaxation's own slope stays), ``lo``/``hi`` their range. ``examples``: the example of
-    each row when the relaxation is that of a larger batch (None: row ``i`` is example ``i``)."""
+    the relaxation's own slope stays), ``lo``/``hi`` their range."""
 
     index: torch.Tensor
     values: torch.Tensor
     free: torch.Tensor
     lo: torch.Tensor | float
     hi: torch.Tensor | float
-    examples: torch.Tensor | None = None
+
+
+@dataclass
+class SplitMultipliers:
+    """Lagrange multipliers of branch-and-bound splits for a pass on rows ``[R, 1, *unit]``.
+
+    A domain that splits unit ``j`` of an activation's input ``z`` adds the constraint
+    ``s_j z_j <= 0`` (``s_j = -1``: ``z_j >= 0``, the active side; ``+1``: ``z_j <= 0``). For
+    ``x`` in the domain ``c . f(x) >= c . f(x) + beta_j s_j z_j(x)`` with ``beta_j >= 0``, so a
+    lower bound of the right side over the whole input set (``beta_j s_j`` added to the
+    dual variable of ``z_j``) bounds ``c . f`` on the domain (beta-CROWN). ``values``
+    ``[R, 1, K]`` at the flat units ``index`` ``[K]``, ``sign`` ``[R, 1, K]`` (0: no split there)."""
+
+    index: torch.Tensor
+    values: torch.Tensor
+    sign: torch.Tensor
 
 
 def _cached_offsets(r: Relaxation):

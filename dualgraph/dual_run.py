@@ -37,12 +37,16 @@ class Batch:
     bounds: dict[Value, Bounds]
     rounding: RoundingAllowance
     per_row: bool = False  # add each dual step's rounding allowance to the rows' offsets
+    #: branch-and-bound domains: per activation node name, the sign ``s`` ``[B, *unit]`` of each
+    #: unit's split constraint ``s z <= 0`` (0: not split; see ``SplitMultipliers``)
+    splits: dict[str, torch.Tensor] | None = None
 
     def take(self, examples: torch.Tensor, values) -> Batch:
         """The given examples (an index tensor into the batch), with the bounds of ``values``."""
+        splits = None if self.splits is None else {k: t[examples] for k, t in self.splits.items()}
         return Batch(self.input_set.take(examples),
                      {v: self.bounds[v].take(examples) for v in values if v in self.bounds},
-                     self.rounding.take(examples), self.per_row)
+                     self.rounding.take(examples), self.per_row, splits)
 
 
 class DualRunner:
@@ -55,9 +59,12 @@ class DualRunner:
         self.deadline: Deadline = NEVER
         self.patch_cache: dict = {}
         self.frees: dict[int, dict] = {}  # last uses per dual graph (the scheduler keeps its duals)
-        #: free lower slopes per primal node name (``Relaxation.free``), set around the passes
-        #: of the slope optimiser (:mod:`dualgraph.alpha`); None: the relaxations' own slopes
-        self.slopes: dict[str, torch.Tensor] | None = None
+        #: per primal node name, ``(FreeSlopes or None, SplitMultipliers or None)``: the variables
+        #: of the slope optimiser (:mod:`dualgraph.alpha`), set around its passes; None: none
+        self.variables: dict[str, tuple] | None = None
+        #: when a dict: each pass stores the rows' dual variables at every elementwise layer's
+        #: output (by primal node name) and at the input (``"input"``), for branching heuristics
+        self.record: dict | None = None
 
     def frees_of(self, dual: Graph) -> dict:
         """The values to free after each dual node. A pass that starts at a later node reads
@@ -230,6 +237,8 @@ class DualRunner:
             return DualStep([total], 0.0, 0.0)
         if node.op == INPUT_SET:
             lam = lams[0]
+            if self.record is not None:
+                self.record["input"] = lam.detach()
             center = batched_dot(lam, batch.input_set.center)
             radius = batch.input_set.support(lam)
             return DualStep([], center - radius, center + radius)
@@ -241,10 +250,14 @@ class DualRunner:
         if needed and any(b is None for b in in_bounds):
             raise DualgraphError(f"dual of node '{primal.name}' ({primal.op_type}) needs bounds of its inputs "
                                  "that were not computed")
-        slopes = None if self.slopes is None else self.slopes.get(primal.name)
+        variables = None if self.variables is None else self.variables.get(primal.name)
+        if self.record is not None and isinstance(rule, ElementwiseRule):
+            self.record[primal.name] = lam.detach()
         with naming_node(primal):
-            if slopes is not None:
-                step = rule.backward_with_slopes(primal, lam, in_bounds[0], self.config, slopes)
+            if variables is not None:
+                step = rule.backward_with_slopes(primal, lam, in_bounds[0], self.config, *variables)
+                if variables[1] is not None:
+                    step = self._split_rounding(primal, step, variables[1], batch)
             else:
                 step = rule.backward(primal, lam, in_bounds, self.config)
         if step.upper is None and rule.linear(primal, self.config):
@@ -254,6 +267,19 @@ class DualRunner:
             with naming_node(primal, "first-use check"):
                 verify_dual_step(rule, primal, lam, in_bounds, self.config, step)  # a plugin's first step here
         return step
+
+
+    @staticmethod
+    def _split_rounding(primal: Node, step: DualStep, splits, batch: Batch) -> DualStep:
+        """The rounding of adding ``beta s`` to ``lam_in`` (one addition per split unit, its
+        error times ``|z_j|``), taken off the step's lower offset."""
+        if not batch.rounding.enabled:
+            return step
+        from .rounding import SAFETY, gamma
+        lam_in = step.lam_in[0].flatten(2)[..., splits.index]
+        m = batch.rounding.magnitude(primal.var_inputs[0]).flatten(1)[:, splits.index]
+        slack = SAFETY * gamma(2, batch.rounding.u_c) * batched_dot(lam_in.abs(), m)
+        return DualStep(step.lam_in, step.lower - slack, step.upper)
 
 
 class _DualPass(GraphWalk):

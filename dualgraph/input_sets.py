@@ -18,7 +18,7 @@ import math
 import torch
 
 from .errors import DualgraphError
-from .linalg import batched_dot, flat_rows
+from .linalg import batched_dot, flat_rows, take_examples
 
 
 def check_eps(eps: float) -> float:
@@ -73,7 +73,8 @@ class Box(InputSet):
 
     def take(self, examples):
         box = object.__new__(Box)  # already checked: skip the checks of __init__
-        box.lo, box.hi, box.center, box.radius = (t[examples] for t in (self.lo, self.hi, self.center, self.radius))
+        box.lo, box.hi, box.center, box.radius = (take_examples(t, examples)
+                                                  for t in (self.lo, self.hi, self.center, self.radius))
         return box
 
     def sample(self, n, generator=None):

@@ -20,7 +20,10 @@ def batched_dot(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
     Either side may have batch 1 (broadcast); shared rows cost one matrix product.
     """
-    lf, tf = flat_rows(lam), t.reshape(t.shape[0], -1)
+    lf = flat_rows(lam)
+    if t.shape[0] > 1 and t.stride(0) == 0:  # one tensor expanded over the batch: shared
+        t = t[:1]
+    tf = t.reshape(t.shape[0], -1)
     if lf.shape[0] == 1:
         return tf @ lf[0].transpose(0, 1)
     if tf.shape[0] == 1:
@@ -29,8 +32,11 @@ def batched_dot(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def take_examples(t: torch.Tensor, examples: torch.Tensor) -> torch.Tensor:
-    """Rows ``examples`` of a batched tensor ``[B, ...]``; a batch of 1 is shared by all."""
-    return t[examples if t.shape[0] > 1 else torch.zeros_like(examples)]
+    """Rows ``examples`` of a batched tensor ``[B, ...]``; a batch of 1 is shared by all (and
+    one tensor expanded over the batch stays an expanded view)."""
+    if t.shape[0] > 1 and t.stride(0) != 0:
+        return t[examples]
+    return t[:1].expand(len(examples), *t.shape[1:])
 
 
 def tensor_key(t: torch.Tensor) -> tuple[int, int]:

@@ -158,6 +158,14 @@ class RoundingAllowance:
         self._compute(v)
         return self._finish(v, b, self._eps[v])
 
+    def adopt(self, v: Value, b: Bounds) -> Bounds:
+        """Bounds of ``v`` that are already sound (e.g. a branch-and-bound domain's clamped
+        copy of widened bounds), with the relaxations that read ``v`` rounded outward on them."""
+        if not self.enabled:
+            return b
+        self._compute(v)
+        return self._finish(v, b, torch.zeros_like(b.lower[:1]))
+
     def widen_forward(self, v: Value, b: Bounds) -> Bounds:
         """:meth:`widen` for bounds formed by the forward path (its own ``eps`` and the final
         reduction over the pushed columns)."""

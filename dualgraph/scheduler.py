@@ -233,8 +233,9 @@ class BoundScheduler:
         return tuple(sorted(points)) or None
 
     def bound_output(self, input_set: InputSet, spec: torch.Tensor,
-                     bounds: dict[Value, Bounds] | None = None, *, goal: float | None = None,
-                     candidates: torch.Tensor | None = None) -> torch.Tensor:
+                     bounds: dict[Value, Bounds] | None = None, *, goal: float | torch.Tensor | None = None,
+                     candidates: torch.Tensor | None = None, record: dict | None = None,
+                     steps: int | None = None) -> torch.Tensor:
         """Lower bounds ``J`` of ``spec @ f(x')`` over the input set: ``[B, m]``, valid for the
         network in exact arithmetic and as evaluated in its own precision (each dual step's
         rounding allowance is included, :mod:`dualgraph.rounding`).
@@ -242,7 +243,10 @@ class BoundScheduler:
         ``spec`` is ``[B or 1, m, n_out]``. Intermediate bounds are computed if not given.
         With ``relu_relaxation="alpha"`` each row's free slopes are then optimised
         (:mod:`dualgraph.alpha`): only rows at or below ``goal`` (all rows if None) of the
-        ``candidates`` examples (a bool ``[B]``; default all), the others keep CROWN's bound.
+        ``candidates`` examples (a bool ``[B]``; default all), the others keep CROWN's bound;
+        a branch-and-bound batch (``Batch.splits``) also optimises its split multipliers.
+        ``record`` (with given bounds): the open rows' dual variables, see :meth:`_optimise_slopes`;
+        ``steps``: the optimiser's steps (default ``config.alpha_steps``).
         """
         given = bounds
         if bounds is None:  # with optimised slopes: CROWN's first, optimised ones where still needed
@@ -257,9 +261,10 @@ class BoundScheduler:
         batch = replace(batch, per_row=True)
         with full_precision_matmul(input_set.center.device), _out_of_memory_as_error(self.output.name):
             lower, _ = self.runner.run(self.dual(self.output), rows, batch)
-            if self.config.relu_relaxation == "alpha" and self.config.alpha_steps:
-                lower = self._optimise_slopes(rows, batch, lower, goal, candidates)
-                if given is None:
+            steps = self.config.alpha_steps if steps is None else steps
+            if (self.config.relu_relaxation == "alpha" or batch.splits) and steps:
+                lower = self._optimise_slopes(rows, batch, lower, goal, candidates, record, steps)
+                if given is None and self.config.relu_relaxation == "alpha":
                     lower = self._with_optimised_bounds(input_set, bounds, rows, lower, goal, candidates)
         return lower
 
@@ -323,16 +328,24 @@ class BoundScheduler:
         up = up.index_put((examples[count:], units[count:]), -best[count:])
         return Bounds(lo.view_as(raw.lower), up.view_as(raw.upper))
 
-    def _optimise_slopes(self, rows: torch.Tensor, batch: Batch, lower: torch.Tensor, goal: float | None,
-                         candidates: torch.Tensor | None) -> torch.Tensor:
+    def _optimise_slopes(self, rows: torch.Tensor, batch: Batch, lower: torch.Tensor,
+                         goal: float | torch.Tensor | None, candidates: torch.Tensor | None,
+                         record: dict | None = None, steps: int | None = None) -> torch.Tensor:
         """Optimised-slope bounds (:func:`dualgraph.alpha.optimise_rows`) of the open rows,
-        flattened to one row per ``(example, row)`` and run in chunks that fit the budget."""
+        flattened to one row per ``(example, row)`` and run in chunks that fit the budget.
+        ``goal``: a number or a tensor broadcasting to ``lower`` (``[B, m]``). ``record``:
+        filled with the open rows' dual variables (:attr:`DualRunner.record`) and their
+        ``"examples"``/``"rows"``."""
         from .alpha import optimise_rows
         from .dual_run import _needed_bounds
+        if goal is not None:
+            goal = torch.as_tensor(goal, dtype=lower.dtype, device=lower.device).expand_as(lower)
         open_rows = torch.ones_like(lower, dtype=torch.bool) if goal is None else lower <= goal
         if candidates is not None:
             open_rows &= candidates.to(lower.device).view(-1, 1)
         examples, which = open_rows.nonzero(as_tuple=True)
+        if record is not None:
+            record.update(examples=examples, rows=which)
         if examples.numel() == 0:
             return lower
         dual = self.dual(self.output)
@@ -340,12 +353,20 @@ class BoundScheduler:
         widest = max(int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
                      if val.shape is not None and len(val.shape) > 2)
         chunk = max(1, self.config.max_elements // (16 * widest))  # dual variables, slopes and their gradients
-        best = []
+        best, parts = [], []
         for start in range(0, examples.numel(), chunk):
             ex, row = examples[start:start + chunk], which[start:start + chunk]
             picked = rows[ex if rows.shape[0] > 1 else 0, row].unsqueeze(1)
-            best.append(optimise_rows(self.runner, dual, picked, batch.take(ex, needed),
-                                      lower[ex, row].unsqueeze(1), goal)[:, 0])
+            part = None if record is None else {}
+            best.append(optimise_rows(self.runner, dual, picked, batch.take(ex, needed), lower[ex, row].unsqueeze(1),
+                                      None if goal is None else goal[ex, row].unsqueeze(1), part, steps)[:, 0])
+            parts.append(part)
+        if record is not None:  # the rows still open, in the order of the parts
+            alive = torch.cat([part["alive"] + start for part, start in zip(parts, range(0, len(examples), chunk))])
+            record.update(examples=examples[alive], rows=which[alive])
+            for key in parts[0]:
+                if key != "alive":
+                    record[key] = torch.cat([p[key] for p in parts if key in p])
         return lower.index_put((examples, which), torch.cat(best))
 
 

@@ -62,6 +62,10 @@ class VerifyConfig:
     """How hard to try.
 
     relaxations: ReLU relaxations tried in order (each on the conjunctions still open).
+    branch_and_bound: split ReLU units (:mod:`dualgraph.bab`) on the conjunctions the
+        relaxations leave open, for properties with more inputs than ``split_max_inputs``;
+        ``bab_batch`` parent domains per bound computation, ``bab_steps`` gradient steps of
+        the slopes and split multipliers of each domain.
     attack_steps, attack_restarts: one PGD round (restarts run as one batch).
     attack_rounds: PGD rounds in all (different seeds): one before the bounds, the rest
         after them if no proof was found (each is cut short by the time limit).
@@ -72,7 +76,10 @@ class VerifyConfig:
     max_memory: memory budget of the bound computations in bytes (``BoundConfig.max_memory``).
     """
 
-    relaxations: tuple[str, ...] = ("paper", "crown")
+    relaxations: tuple[str, ...] = ("paper", "crown", "alpha")
+    branch_and_bound: bool = True
+    bab_batch: int = 64
+    bab_steps: int = 20
     attack_steps: int = 100
     attack_restarts: int = 16
     attack_rounds: int = 3
@@ -85,8 +92,10 @@ class VerifyConfig:
     max_memory: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.relaxations or any(r not in ("paper", "crown") for r in self.relaxations):
-            raise DualgraphError(f"relaxations must be a non-empty list of paper/crown, got {self.relaxations!r}")
+        if not self.relaxations or any(r not in ("paper", "crown", "alpha") for r in self.relaxations):
+            raise DualgraphError(f"relaxations must be a non-empty list of paper/crown/alpha, got {self.relaxations!r}")
+        if self.bab_batch < 1 or self.bab_steps < 0:
+            raise DualgraphError("bab_batch must be >= 1 and bab_steps >= 0")
         if self.attack_rounds < 0 or self.attack_restarts < 1 or self.attack_steps < 0:
             raise DualgraphError("attack_rounds and attack_steps must be >= 0 and attack_restarts >= 1")
         if self.split_batch < 1 or self.split_max_boxes < 1 or self.unsat_margin < 0:
@@ -140,16 +149,17 @@ class VerifyModel:
         self.certifier(  # fails early, naming every op without a dual layer
             "paper")
 
-    def certifier(self, relaxation: str):
+    def certifier(self, relaxation: str, alpha_steps: int = 20):
         """The float64 :class:`~dualgraph.api.Certifier` with this ReLU relaxation (cached)."""
-        if relaxation not in self._certifiers:
+        key = (relaxation, alpha_steps)
+        if key not in self._certifiers:
             from .api import Certifier
             from .scheduler import BoundConfig
-            config = BoundConfig(relu_relaxation=relaxation, max_memory=self.max_memory)
+            config = BoundConfig(relu_relaxation=relaxation, alpha_steps=alpha_steps, max_memory=self.max_memory)
             # logits=False: VNN-LIB's Y are the model's outputs as they are (a final Softmax included)
-            self._certifiers[relaxation] = Certifier(self.graph, config, device=self.device, dtype=torch.float64,
-                                                     logits=False)
-        return self._certifiers[relaxation]
+            self._certifiers[key] = Certifier(self.graph, config, device=self.device, dtype=torch.float64,
+                                              logits=False)
+        return self._certifiers[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The IR in float64 on flat inputs ``[B, n_inputs]`` -> ``[B, n_outputs]`` (differentiable)."""
@@ -305,6 +315,13 @@ class _Search:
             if not any(open_):
                 self.details["method"] = "input splitting"
                 return "unsat"
+        if cfg.branch_and_bound:
+            for p, todo in zip(props, open_):
+                if todo and p.n_inputs > cfg.split_max_inputs and self._branch_and_bound(p, sorted(todo)):
+                    todo.clear()
+            if not any(open_):
+                self.details["method"] = "branch and bound"
+                return "unsat"
         for round_ in range(1, cfg.attack_rounds):
             for p in props:
                 self._tick()
@@ -356,6 +373,38 @@ class _Search:
         gaps = self.details.setdefault("worst_margin", {})
         gaps[relaxation] = min(gaps.get(relaxation, np.inf), float(best[conjs].min()))
         return {int(k) for k in owner[self._infeasible(lower, d)]}
+
+    def _branch_and_bound(self, p: VnnlibProperty, conjs: list[int]) -> bool:
+        """Whether branch and bound over ReLU splits (:mod:`dualgraph.bab`) proves the
+        conjunctions ``conjs`` empty; raises :class:`~dualgraph.falsify.Found` for a confirmed
+        counterexample and lets the deadline end it."""
+        from .bab import BranchAndBound
+        from .input_sets import outward
+        C, d, owner = self._rows(p, conjs)
+        if not len(d) or len(np.unique(owner)) < len(conjs):
+            return False  # a row-less conjunction can never be proved empty
+        cert = self.model.certifier("alpha", self.config.bab_steps)
+        cert.scheduler.deadline = self.clock
+        lo, hi = outward(*(torch.tensor(a, dtype=torch.float64).reshape(1, *self.model.input_shape)
+                           for a in (p.input_lo, p.input_hi)), torch.float64)
+
+        def check(xs: np.ndarray) -> None:
+            with torch.no_grad():
+                y = self.model.forward(torch.as_tensor(xs, dtype=torch.float64)).numpy()
+            hits = p.violations(y).min(axis=1, initial=np.inf) <= 1e-6
+            if hits.any():
+                self.falsifier.confirm(p, xs[hits][:16], "branch and bound (a domain's minimising corner)")
+
+        _, local = np.unique(owner, return_inverse=True)
+        bab = BranchAndBound(cert.scheduler, lo, hi, torch.as_tensor(C), torch.as_tensor(d), local, check,
+                             batch=self.config.bab_batch, margin=self.config.unsat_margin)
+        try:
+            result = bab.run()
+        finally:
+            self.details["bab_domains"] = self.details.get("bab_domains", 0) + bab.bounded
+        if not result.proved:
+            self.details["bab"] = result.reason
+        return result.proved
 
     def _split(self, p: VnnlibProperty) -> bool:
         """Bisect the box until every piece is proved (True) or too many pieces (False);

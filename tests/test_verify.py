@@ -174,9 +174,14 @@ def test_input_splitting_proves_what_the_relaxation_cannot(tmp_path):
     text = vnnlib_text(1, 1, [(-1.0, 1.0)], "(assert (<= Y_0 -0.25))")
     result, onnx_path, props = answer(tmp_path, TWIN_RELUS, text)
     assert result.answer == "unsat" and result.details["method"] == "input splitting"
-    assert result.details["open_after"] == {"paper": 1, "crown": 1}
-    no_split = verify_property(VerifyModel(onnx_path), props, 30, VerifyConfig(split_max_inputs=0, attack_rounds=1))
-    assert no_split.answer == "unknown"
+    assert result.details["open_after"] == {"paper": 1, "crown": 1, "alpha": 1}
+    model = VerifyModel(onnx_path)
+    neither = verify_property(model, props, 30, VerifyConfig(split_max_inputs=0, attack_rounds=1,
+                                                             branch_and_bound=False))
+    assert neither.answer == "unknown"
+    # splitting the ReLUs instead of the input proves it too
+    relu_splits = verify_property(model, props, 30, VerifyConfig(split_max_inputs=0, attack_rounds=1))
+    assert relu_splits.answer == "unsat" and relu_splits.details["method"] == "branch and bound"
 
 
 def test_mean_of_rows_proves_a_contradictory_conjunction(tmp_path):

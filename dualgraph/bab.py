@@ -1,0 +1,224 @@
+"""Branch and bound over ReLU splits: the complete search behind ``verify``.
+
+A property the bounds of the whole box leave open is split into **domains**: a domain fixes
+some crossing ReLU units to one side, ``z_j >= 0`` (active) or ``z_j <= 0`` (inactive). The
+two children of a domain cover it, so the leaves always cover the box, and the property
+holds once every leaf is proved. A domain is bounded with
+
+* the root's intermediate bounds (optimised slopes, :mod:`dualgraph.alpha`), each split
+  unit's bound clamped at 0 on its side, so its relaxation is exact (the unit is stable);
+* the split constraints in the dual: ``s_j z_j <= 0`` with a multiplier ``beta_j >= 0``
+  (beta-CROWN, :class:`~dualgraph.dual_registry.SplitMultipliers`), optimised together with
+  the free slopes for each open row by projected gradient ascent.
+
+Every bound is sound on its domain whatever the slopes and multipliers (and in floating
+point: the clamped bounds get the rounding allowance's outward relaxations, the multipliers
+their own rounding term), so a leaf is proved when some row of each conjunction has a lower
+bound above its threshold.
+
+**Branching** (BaBSR-like): a crossing unit's upper line costs the bound
+``|lam_j^-| u_j (-l_j) / (u_j - l_j)`` (its intercept times the negative part of the row's
+dual variable at the unit's output); the unit with the largest cost summed over the domain's
+open rows is split. **Counterexamples**: each open row's dual variable at the input
+points to the corner of the box that minimises its bound; those corners are checked on the
+network (and confirmed by the caller) after every batch.
+
+Domains are processed worst bound first, ``batch`` parents (``2 batch`` children) per
+bound computation, until every domain is proved, a counterexample is confirmed, the time runs
+out, or only domains without a crossing unit to split are left (``None``: unknown).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .input_sets import Box
+from .ir import Node
+from .scheduler import BoundMap, BoundScheduler
+
+ACTIVE, INACTIVE = -1.0, 1.0
+"""The sign ``s`` of a split constraint ``s z <= 0``: ``-1`` keeps ``z >= 0``, ``+1`` keeps ``z <= 0``."""
+
+
+THOROUGH = 20
+"""A domain with every crossing unit split gets this many times the usual optimiser steps."""
+
+CANDIDATES = 16
+"""Corners checked as counterexamples per bound computation."""
+
+
+@dataclass
+class Domains:
+    """Open domains: per split ReLU node, the constraint signs ``[N, n]`` (0: not split),
+    the worst margin ``[N]`` of the open conjunctions (``lower - threshold``, the lowest
+    first) and the branching scores ``[N, n]``."""
+
+    signs: dict[str, torch.Tensor]
+    margin: torch.Tensor
+    scores: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return int(self.margin.shape[0])
+
+    def pick(self, index: torch.Tensor) -> Domains:
+        return Domains({k: t[index] for k, t in self.signs.items()}, self.margin[index],
+                       {k: t[index] for k, t in self.scores.items()})
+
+    @staticmethod
+    def cat(parts: list[Domains]) -> Domains:
+        keys = parts[0].signs.keys()
+        return Domains({k: torch.cat([p.signs[k] for p in parts]) for k in keys}, torch.cat([p.margin for p in parts]),
+                       {k: torch.cat([p.scores[k] for p in parts]) for k in keys})
+
+
+@dataclass
+class BabResult:
+    """``proved``: every domain proved; else why not (``"timeout"``, ``"no split left"``)."""
+
+    proved: bool
+    domains: int  # domains bounded
+    reason: str = ""
+
+
+class BranchAndBound:
+    """Branch and bound for one box ``[lo, hi]`` (``[1, *input_shape]``) and the open
+    conjunctions of an unsafe region: rows ``C`` ``[m, n_out]`` with thresholds ``d``
+    ``[m]`` (a conjunction is empty where one of its rows has ``C y > d``) and ``owner``
+    ``[m]`` (the conjunction of each row).
+
+    ``scheduler`` is a float64 scheduler with ``relu_relaxation="alpha"``; ``check(xs)``
+    receives candidate counterexamples ``[k, n_inputs]`` (numpy) and raises when one is
+    confirmed.
+    """
+
+    def __init__(self, scheduler: BoundScheduler, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor,
+                 d: torch.Tensor, owner: np.ndarray, check: Callable[[np.ndarray], None],
+                 batch: int = 64, margin: float = 1e-9) -> None:
+        self.sched, self.check, self.batch = scheduler, check, batch
+        self.steps = scheduler.config.alpha_steps
+        self.box = Box(lo, hi)
+        self.spec = C.to(lo)[None]
+        self.goal = (d + margin * (1 + d.abs())).to(lo)
+        self.owner = torch.as_tensor(owner, dtype=torch.long)
+        self.conjunctions = int(self.owner.max()) + 1
+        targets = set(scheduler.bound_targets)
+        self.relus: list[Node] = [n for n in scheduler.graph.nodes if n.op == ("", "Relu") and n.inputs[0] in targets]
+        self.bounded = 0
+
+    def run(self) -> BabResult:
+        root = self.sched.intermediate_bounds(self.box)
+        self.root = {v: b for v, b in root.items()}
+        signs = {n.name: torch.zeros(1, n.inputs[0].numel, dtype=self.box.lo.dtype) for n in self.relus}
+        queue = self._bound(signs)
+        while len(queue):
+            self.sched.deadline.check()
+            order = torch.argsort(queue.margin)
+            parents, queue = queue.pick(order[:self.batch]), queue.pick(order[self.batch:])
+            splittable = self._splittable(parents)
+            if not bool(splittable.all()):
+                # every crossing unit split: the bound is exact once the multipliers are optimal
+                stuck = self._bound(parents.pick((~splittable).nonzero().flatten()).signs, THOROUGH * self.steps)
+                if len(stuck):
+                    return BabResult(False, self.bounded, "no split left")
+                parents = parents.pick(splittable.nonzero().flatten())
+                if not len(parents):
+                    continue
+            queue = Domains.cat([queue, self._bound(self._branch(parents))])
+        return BabResult(True, self.bounded)
+
+    # ---- one batch ---------------------------------------------------------------------
+    def _bound(self, signs: dict[str, torch.Tensor], steps: int | None = None) -> Domains:
+        """Bound the domains ``signs``; the open ones, with their margins and scores."""
+        D = next(iter(signs.values())).shape[0]
+        bounds = self._domain_bounds(signs, D)
+        record: dict = {}
+        lower = self.sched.bound_output(bounds.batch.input_set, self.spec, bounds, goal=self.goal, record=record,
+                                        steps=steps)
+        self.bounded += D
+        proved_rows = lower > self.goal                                           # [D, m]
+        proved = torch.zeros(D, self.conjunctions).index_reduce_(1, self.owner, proved_rows.float(), "amax") > 0
+        gaps = torch.full((D, self.conjunctions), -torch.inf, dtype=lower.dtype)
+        gaps.index_reduce_(1, self.owner, lower - self.goal, "amax")
+        gaps[proved] = torch.inf
+        margin = gaps.min(1).values
+        self._counterexamples(record, lower)
+        keep = ~proved.all(1)
+        scores = self._scores(bounds, record, D)
+        return Domains({k: t[keep] for k, t in signs.items()}, margin[keep], {k: t[keep] for k, t in scores.items()})
+
+    def _domain_bounds(self, signs: dict[str, torch.Tensor], D: int) -> BoundMap:
+        """The root's bounds for ``D`` domains, each split unit clamped to its side; relaxations
+        rounded outward by the batch's rounding allowance (the bounds themselves are sound)."""
+        input_set = self.box.take(torch.zeros(D, dtype=torch.long))
+        bounds = BoundMap()
+        batch = bounds.batch = self.sched.batch(input_set, bounds)
+        batch.splits = {n.name: signs[n.name].view(D, *n.inputs[0].unit_shape) for n in self.relus}
+        split_of = {n.inputs[0]: n.name for n in self.relus}
+        for v in self.sched.bound_targets:
+            b = self.root[v]
+            lo, up = b.lower.expand(D, *b.lower.shape[1:]), b.upper.expand(D, *b.upper.shape[1:])
+            if v in split_of:
+                s = batch.splits[split_of[v]]
+                lo, up = torch.where(s == ACTIVE, lo.clamp(min=0), lo), torch.where(s == INACTIVE, up.clamp(max=0), up)
+            bounds[v] = batch.rounding.adopt(v, type(b)(lo, up))
+        return bounds
+
+    def _scores(self, bounds: BoundMap, record: dict, D: int) -> dict[str, torch.Tensor]:
+        """Branching scores ``[D, n]`` per split node: the open rows' cost of each unsplit
+        crossing unit's upper line (module docstring), plus a tiny share of the unit's gap so
+        that a domain whose rows do not see its crossing units still splits the widest."""
+        out = {}
+        examples = record.get("examples")
+        for n in self.relus:
+            b = bounds[n.inputs[0]]
+            lo, up = b.lower.flatten(1), b.upper.flatten(1)
+            crossing = (lo < 0) & (up > 0)
+            gap = torch.where(crossing, up * (-lo) / torch.where(crossing, up - lo, 1.0), 0.0)
+            score = 1e-9 * gap
+            if examples is not None and n.name in record and examples.numel():
+                lam = record[n.name].flatten(1)                                    # [R, n]
+                cost = (-lam).clamp(min=0) * gap[examples]
+                score = score.index_add(0, examples, cost)
+            out[n.name] = score
+        return out
+
+    def _counterexamples(self, record: dict, lower: torch.Tensor) -> None:
+        """The corners of the box that minimise the open rows' bounds, checked on the network
+        (those of the ``CANDIDATES`` rows furthest from a proof)."""
+        lam = record.get("input")
+        if lam is None or not lam.numel():
+            return
+        gap = lower[record["examples"], record["rows"]] - self.goal[record["rows"]]
+        worst = torch.argsort(gap)[:CANDIDATES]
+        lo, hi = self.box.lo[0], self.box.hi[0]
+        corners = torch.where(lam[worst, 0] > 0, lo, hi).reshape(len(worst), -1)
+        self.check(corners.unique(dim=0).cpu().numpy())
+
+    @staticmethod
+    def _splittable(parents: Domains) -> torch.Tensor:
+        """Whether each domain has an unsplit crossing unit (a positive score) ``[P]``."""
+        return torch.stack([t.max(1).values for t in parents.scores.values()], 1).max(1).values > 0
+
+    def _branch(self, parents: Domains) -> dict[str, torch.Tensor]:
+        """Two children per parent (each splittable), split on its best-scoring unit."""
+        names = list(parents.scores)
+        sizes = [parents.scores[k].shape[1] for k in names]
+        scores = torch.cat([parents.scores[k] for k in names], 1)               # [P, total]
+        unit = scores.argmax(1)
+        P = len(parents)
+        children = {}
+        offset = 0
+        for k, size in zip(names, sizes):
+            s = parents.signs[k].repeat(2, 1)
+            mine = (unit >= offset) & (unit < offset + size)
+            rows = mine.nonzero().flatten()
+            cols = unit[rows] - offset
+            s[rows, cols] = ACTIVE
+            s[rows + P, cols] = INACTIVE
+            children[k] = s
+            offset += size
+        return children
