@@ -140,9 +140,10 @@ class BranchAndBound:
                                         steps=steps)
         self.bounded += D
         proved_rows = lower > self.goal                                           # [D, m]
-        proved = torch.zeros(D, self.conjunctions).index_reduce_(1, self.owner, proved_rows.float(), "amax") > 0
-        gaps = torch.full((D, self.conjunctions), -torch.inf, dtype=lower.dtype)
-        gaps.index_reduce_(1, self.owner, lower - self.goal, "amax")
+        # per conjunction: its best row (a conjunction is empty where one of its rows is proved)
+        gaps = torch.stack([(lower - self.goal)[:, self.owner == k].max(1).values
+                            for k in range(self.conjunctions)], 1)
+        proved = torch.stack([proved_rows[:, self.owner == k].any(1) for k in range(self.conjunctions)], 1)
         gaps[proved] = torch.inf
         margin = gaps.min(1).values
         self._counterexamples(record, lower)

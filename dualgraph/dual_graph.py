@@ -53,6 +53,7 @@ def build_dual(graph: Graph, target: Value | None = None) -> Graph:
     dual = Graph(f"dual[{graph.name}:{target.name}]")
     lam = dual.add_input(f"lam:{target.name}", ())
     lam.shape = (BATCH, SPEC, *target.unit_shape)
+    lam.meta["primal_value"] = target  # every dual value names the primal value it multiplies
     dual.meta.update(primal=graph, target=target)
 
     # One dual contribution per input *slot* that reads a value inside the sub-graph: a
@@ -74,7 +75,7 @@ def build_dual(graph: Graph, target: Value | None = None) -> Graph:
             node = dual.add_node(FAN_OUT_SUM, parts, name=f"sum:{v.name}",
                                  output_names=[f"lam:{v.name}"])
             node.output.shape = (BATCH, SPEC, *v.unit_shape)
-            node.meta["primal_value"] = v
+            node.meta["primal_value"] = node.output.meta["primal_value"] = v
             lam_of[v] = node.output
 
     for node in reversed(primal_nodes):
@@ -95,6 +96,7 @@ def build_dual(graph: Graph, target: Value | None = None) -> Graph:
         dnode.meta["rule"] = dual_rule(node)
         for v, out in zip(var_inputs, dnode.outputs):
             out.shape = (BATCH, SPEC, *v.unit_shape)
+            out.meta["primal_value"] = v
             contribution(v, out)
     if pending:
         v, parts = next(iter(pending.items()))

@@ -378,18 +378,22 @@ class Relaxation:
     offsets: tuple | None = field(default=None, repr=False)  # (units, mid, gap), see _cached_offsets
     _magnitudes: tuple | None = field(default=None, repr=False)  # (|a|, |b|), see magnitudes
 
-    def magnitudes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``max(|a_lo|, |a_up|)`` (and ``max(|lo|, |hi|)`` on free units) and ``max(|b_lo|,
-        |b_up|)``, ``[B, *unit]`` (detached, kept)."""
+    def magnitudes(self, free: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``max(|a_lo|, |a_up|)`` (and, unless ``free`` is False, ``max(|lo|, |hi|)`` on free
+        units: what optimised slopes may reach) and ``max(|b_lo|, |b_up|)``, ``[B, *unit]``
+        (detached, kept)."""
         if self._magnitudes is None:
             a = self.a_lo.abs() if self.a_up is self.a_lo else torch.maximum(self.a_lo.abs(), self.a_up.abs())
+            b_lo, b_up = (torch.as_tensor(t, dtype=a.dtype, device=a.device).abs() for t in (self.b_lo, self.b_up))
+            b = torch.maximum(b_lo, b_up).detach().expand_as(a)
+            widest = a
             if self.free is not None:
                 units, lo, hi = self.free
-                widest = torch.maximum(torch.as_tensor(lo).abs(), torch.as_tensor(hi).abs()).to(a)
-                a = torch.where(units, torch.maximum(a, widest), a)
-            b_lo, b_up = (torch.as_tensor(t, dtype=a.dtype, device=a.device).abs() for t in (self.b_lo, self.b_up))
-            self._magnitudes = (a.detach(), torch.maximum(b_lo, b_up).detach().expand_as(a))
-        return self._magnitudes
+                reach = torch.maximum(torch.as_tensor(lo).abs(), torch.as_tensor(hi).abs()).to(a)
+                widest = torch.where(units, torch.maximum(a, reach), a)
+            self._magnitudes = (a.detach(), b, widest.detach())
+        a, b, widest = self._magnitudes
+        return (widest if free else a), b
 
     def with_offsets(self, b_lo, b_up) -> Relaxation:
         """The same slopes (and free slopes) with other offsets."""
@@ -454,10 +458,22 @@ class ElementwiseRule(DualRule):
     # The rounding of a relaxation step is folded into the relaxation itself (its offsets
     # are moved out, dualgraph.rounding), so only magnitudes and the evaluation are stated.
     def abs_linear(self, node: Node, xs, bounds, config) -> list[torch.Tensor]:
-        return [xs[0] * self.relaxation(node, bounds[0], config).magnitudes()[0]]
+        # the relaxation's own slopes: passes with optimised slopes add their own per-row
+        # allowance (Batch.per_row) instead of relying on eps propagated with these
+        return [xs[0] * self.relaxation(node, bounds[0], config).magnitudes(free=False)[0]]
 
     def constant_magnitude(self, node: Node, m_in, bounds, config) -> list[torch.Tensor]:
         return [self.relaxation(node, bounds[0], config).magnitudes()[1]]
+
+    def output_magnitude(self, node: Node, m_in, bounds, config, terms) -> list[torch.Tensor]:
+        """``|f(z)|`` is at most the larger end of the relaxation's range over ``[l, u]`` (its own
+        lines bracket ``f`` as evaluated, rounding included): often far below ``|a| m + |b|``,
+        which must also cover optimised slopes."""
+        r = self.relaxation(node, bounds[0], config)
+        lo, up = bounds[0]
+        low = torch.minimum(r.a_lo * lo, r.a_lo * up) + r.b_lo
+        high = torch.maximum(r.a_up * lo, r.a_up * up) + r.b_up
+        return [torch.minimum(terms[0], torch.maximum(low.abs(), high.abs()))]
 
     def eval_length(self, node: Node, bounds, config) -> int:
         return self._eval_roundings

@@ -18,7 +18,7 @@ import torch
 from . import patches
 from .deadline import NEVER, Deadline
 from .dual_graph import FAN_OUT_SUM, INPUT_SET
-from .dual_registry import Bounds, DualStep, ElementwiseRule
+from .dual_registry import Bounds, DualStep, ElementwiseRule, dual_rule
 from .errors import DualgraphError
 from .input_sets import InputSet
 from .interpreter import GraphWalk, naming_node
@@ -59,6 +59,7 @@ class DualRunner:
         self.deadline: Deadline = NEVER
         self.patch_cache: dict = {}
         self.frees: dict[int, dict] = {}  # last uses per dual graph (the scheduler keeps its duals)
+        self._widest: dict[int, int] = {}  # widest dual value per dual graph (rows_per_chunk)
         #: per primal node name, ``(FreeSlopes or None, SplitMultipliers or None)``: the variables
         #: of the slope optimiser (:mod:`dualgraph.alpha`), set around its passes; None: none
         self.variables: dict[str, tuple] | None = None
@@ -121,26 +122,45 @@ class DualRunner:
         out, _ = self._run_from(dual, i, doubled, batch, offsets, None, 2 * m)
         return out[:, :m], -out[:, m:]
 
+    def rows_per_chunk(self, dual: Graph, like: torch.Tensor, copies: int = 1) -> int:
+        """How many dual rows of ``dual`` one pass may carry within the memory budget: a few
+        tensors of its widest value are alive at once (``copies``: 2 for rows and their negatives)."""
+        if id(dual) not in self._widest:
+            self._widest[id(dual)] = max([int(torch.Size(v.shape[2:]).numel()) for v in dual.values.values()
+                                          if v.shape is not None and len(v.shape) > 2] + [1])
+        elements = self.config.max_elements
+        if self.config.max_memory is not None:
+            elements = min(elements, self.config.max_memory // (6 * like.element_size()))
+        return max(1, elements // (self._widest[id(dual)] * like.shape[0] * copies))
+
     # ---- pruning stable units ------------------------------------------------------------
-    def _can_prune_at(self, node: Node, env: dict, bounds: dict) -> bool:
-        """An elementwise dual layer whose input has bounds, on the only live rows."""
+    def _can_prune_at(self, node: Node, env: dict, batch: Batch) -> bool:
+        """An elementwise dual layer whose input has bounds, where every other live dual
+        value multiplies a primal value with a known box (:meth:`value_box`): a residual
+        block's skip branch is live while its inner ReLU is reached."""
         rule = node.meta.get("rule")
-        return (isinstance(rule, ElementwiseRule) and len(env) == 1 and node.inputs[0] in env
-                and node.meta["primal"].var_inputs[0] in bounds)
+        if not (isinstance(rule, ElementwiseRule) and node.inputs[0] in env
+                and node.meta["primal"].var_inputs[0] in batch.bounds):
+            return False
+        return all(v is node.inputs[0] or self.value_box(v.meta.get("primal_value"), batch) is not None
+                   for v in env)
 
     def _pruned(self, dual: Graph, i: int, env: dict, batch: Batch,
                 lower, upper, m: int, prune: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Bound the rows' linear form at dual node ``i`` (an elementwise relaxation) by the box
-        of that layer's relaxed outputs (:meth:`output_box`), and run on from node ``i`` only
-        the rows that box leaves open (both signs of them if the layer is not linear)."""
+        of that layer's relaxed outputs (:meth:`output_box`) and every other live dual value by
+        the box of its primal value, and run on from node ``i`` only the rows that leaves open
+        (both signs of them if a layer after is not linear)."""
         node = dual.nodes[i]
-        (lam,) = env.values()
-        centre, radius = self.output_box(node, batch)
-        linear, absolute = batched_dot(lam, centre), batched_dot(lam.abs(), radius)
+        linear, absolute = 0.0, 0.0
+        for v, lam in env.items():
+            centre, radius = (self.output_box(node.meta["primal"], batch) if v is node.inputs[0]
+                              else self.value_box(v.meta["primal_value"], batch))
+            linear, absolute = linear + batched_dot(lam, centre), absolute + batched_dot(lam.abs(), radius)
 
         def exact(examples, rows):
-            picked = lam[examples if lam.shape[0] > 1 else 0, rows].unsqueeze(1)
-            return self._run_from(dual, i, {node.inputs[0]: picked}, batch.take(examples, _needed_bounds(dual, i)),
+            picked = {v: lam[examples if lam.shape[0] > 1 else 0, rows].unsqueeze(1) for v, lam in env.items()}
+            return self._run_from(dual, i, picked, batch.take(examples, _needed_bounds(dual, i)),
                                   _pick(lower, examples, rows), _pick(upper, examples, rows), 1, both=True)
 
         def every_row():
@@ -148,9 +168,24 @@ class DualRunner:
 
         return _refine(lower + linear - absolute, upper + linear + absolute, prune, exact, every_row)
 
-    def output_box(self, node: Node, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_box(self, v: Value | None, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Centre and half-width of a box holding primal value ``v`` over the relaxed set: its
+        own bounds, or the relaxed outputs' box of the elementwise layer producing it
+        (:meth:`output_box`); None when neither is known."""
+        if v is None:
+            return None
+        b = batch.bounds.get(v)
+        if b is not None:
+            return (b.lower + b.upper) / 2, _box_radius(batch, v, b)
+        producer = v.producer
+        if (producer is not None and producer.var_inputs and producer.var_inputs[0] in batch.bounds
+                and isinstance(dual_rule(producer), ElementwiseRule)):
+            return self.output_box(producer, batch)
+        return None
+
+    def output_box(self, primal: Node, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Centre and half-width ``[B, *unit]`` of a box holding the relaxed outputs of the
-        elementwise layer behind dual node ``node`` over its input's box ``[l, u]``: from
+        elementwise layer ``primal`` over its input's box ``[l, u]``: from
         ``min over [l, u] of a_lo z + b_lo`` to ``max over [l, u] of a_up z + b_up``, widened by
         the rounding of the dot products with it. Kept with the input's bounds.
 
@@ -158,7 +193,7 @@ class DualRunner:
         whose relaxed set ``S`` keeps every unit inside its own box: ``J(lam) = min over S of
         lam . y`` is superadditive over the rows' units (a minimum of a sum is at least the sum
         of the minima). A unit the cut bound places on one linear piece is therefore on it."""
-        primal, rule = node.meta["primal"], node.meta["rule"]
+        rule = dual_rule(primal)
         v = primal.var_inputs[0]
         w = batch.bounds[v]
         key = ("output box", primal.name, id(self.config))
@@ -206,7 +241,7 @@ class DualRunner:
                         lower, upper, prune: tuple[float, ...]):
         """:meth:`_pruned` on patches (``p`` in the unit space of primal value ``space``)."""
         node = dual.nodes[i]
-        linear, absolute = patches.box_terms(p, *self.output_box(node, batch))
+        linear, absolute = patches.box_terms(p, *self.output_box(node.meta["primal"], batch))
 
         def exact(examples, rows):
             q = patches.select(p, None, examples, rows)
@@ -303,7 +338,7 @@ class _DualPass(GraphWalk):
         if self.upper is None:
             return None
         runner = self.runner
-        if self.prune is not None and runner._can_prune_at(node, env, self.batch.bounds):
+        if self.prune is not None and runner._can_prune_at(node, env, self.batch):
             return runner._pruned(self.dual, index, env, self.batch, self.lower, self.upper, self.m, self.prune)
         if self.both and _nonlinear(node, runner.config):
             return runner._forked(self.dual, index, env, self.batch, self.lower, self.upper, self.m)
@@ -377,13 +412,34 @@ class _PatchPass(GraphWalk):
         return [p]
 
     def densify(self, index: int, env: dict):
-        """Continue densely from node ``index`` on the rows of the one live patches."""
+        """Continue densely from node ``index`` on the rows of the one live patches, in chunks
+        of rows that fit the memory budget (:meth:`DualRunner.rows_per_chunk`): by blocks of
+        target channels, or of selected units after :func:`patches.select`."""
         ((current, p),) = env.items()
+        runner = self.runner
+        per_chunk = runner.rows_per_chunk(self.dual, self.batch.input_set.center, 2 if self.both else 1)
+        if p.rows is not None:  # one row block per selected unit: each with its own example's data
+            units, block = p.data.shape[0], p.data.shape[2]
+            step = max(1, per_chunk // block)
+            parts = [self._dense_part(index, current, p.take_rows(slice(u, u + step)),
+                                      _row_slice(self.lower, slice(u, u + step), None),
+                                      _row_slice(self.upper, slice(u, u + step), None))
+                     for u in range(0, units, step)]
+            return tuple(None if side[0] is None else torch.cat(side, 0) for side in zip(*parts))
+        channels, positions = p.data.shape[2], p.positions
+        step = max(1, per_chunk // positions)
+        parts = [self._dense_part(index, current, replace(p, data=p.data[:, :, c:c + step]),
+                                  _row_slice(self.lower, None, slice(c * positions, (c + step) * positions)),
+                                  _row_slice(self.upper, None, slice(c * positions, (c + step) * positions)))
+                 for c in range(0, channels, step)]
+        return tuple(None if side[0] is None else torch.cat(side, 1) for side in zip(*parts))
+
+    def _dense_part(self, index: int, current: Value, p: patches.Patches, lower, upper):
         rows = p.to_dense(tuple(self.space.unit_shape))
         batch = self.batch
-        if p.rows is not None:  # one row per selected unit: each with its own example's data
+        if p.rows is not None:
             batch = batch.take(p.rows[0], _needed_bounds(self.dual, index))
-        return self.runner._run_from(self.dual, index, {current: rows}, batch, self.lower, self.upper,
+        return self.runner._run_from(self.dual, index, {current: rows}, batch, lower, upper,
                                      rows.shape[1], self.prune, self.both)
 
 
@@ -437,6 +493,15 @@ def _pick(offset, examples: torch.Tensor, rows: torch.Tensor):
     if offset.dim() < 2:
         return offset
     return offset[examples if offset.shape[0] > 1 else 0, rows].unsqueeze(1)
+
+
+def _row_slice(offset, examples: slice | None, columns: slice | None):
+    """Part of an offset (a number, or ``[b, m]`` with ``b`` 1 or per example/unit)."""
+    if not torch.is_tensor(offset) or offset.dim() < 2:
+        return offset
+    if examples is not None and offset.shape[0] > 1:
+        offset = offset[examples]
+    return offset if columns is None else offset[:, columns]
 
 
 def _nonlinear(node: Node, config) -> bool:

@@ -62,6 +62,10 @@ class Patches:
             return u[examples if B > 1 else 0, pos].view(-1, 1, 1, C, K, K)
         return u.permute(0, 2, 3, 1, 4, 5).reshape(B, Ho * Wo, 1, C, K, K)
 
+    def take_rows(self, which: slice) -> Patches:
+        """Some of the selected units (after :func:`select`)."""
+        return replace(self, data=self.data[which], rows=(self.rows[0][which], self.rows[1][which]))
+
     def masked(self, shape_chw: tuple[int, int, int]) -> Patches:
         """Zero the entries outside a value of shape ``(C, H, W)`` (its padding)."""
         ones = self.data.new_ones(1, 1, *shape_chw[1:])

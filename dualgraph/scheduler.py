@@ -292,7 +292,9 @@ class BoundScheduler:
         """``raw`` with the units whose bounds decide their relaxation (those between two
         breakpoints of every activation they feed) tightened by optimised slopes: one row
         ``+e_j`` for the lower and one ``-e_j`` for the upper bound of each, its goal the
-        breakpoint when there is one (past it the unit is stable and its bound no longer matters)."""
+        breakpoint when there is one (past it the unit is stable and its bound no longer matters).
+        These passes add each dual step's rounding allowance to their rows (``per_row``): the
+        propagated ``eps_v`` covers the relaxations' own slopes only."""
         from .alpha import optimise_rows
         from .dual_run import _needed_bounds
         points = self.stable_pieces(v)
@@ -321,7 +323,7 @@ class BoundScheduler:
             rows = torch.zeros(len(units[sl]), 1, v.numel, dtype=lo.dtype, device=lo.device)
             rows[torch.arange(len(units[sl])), 0, units[sl]] = signs[sl]
             best.append(optimise_rows(self.runner, dual, rows.view(-1, 1, *v.unit_shape),
-                                      batch.take(examples[sl], needed), start[sl],
+                                      replace(batch.take(examples[sl], needed), per_row=True), start[sl],
                                       None if goal is None else goal[sl])[:, 0])
         best = torch.cat(best)
         lo = lo.index_put((examples[:count], units[:count]), best[:count])

@@ -121,7 +121,7 @@ def check_net(net: Net, centre: np.ndarray, eps: float, tmp_path) -> dict:
     lowest = min(min(exact_margin), float(f32_margin.min()))
     results = {}
     for dtype in (torch.float32, torch.float64):
-        for relaxation in ("paper", "crown"):
+        for relaxation in ("paper", "crown", "alpha"):
             cert = Certifier(graph, BoundConfig(relu_relaxation=relaxation), dtype=dtype)
             x = torch.from_numpy(centre).reshape(1, -1)
             result = cert.certify(x, torch.tensor([0]), eps)
