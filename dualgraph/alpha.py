@@ -6,12 +6,23 @@ Relaxation` ``free``). The final bound ``J(C)`` is then a function of these slop
 this module maximises it by projected gradient ascent (Adam, then a clamp into the range),
 starting from CROWN's slopes.
 
-**One set of slopes per specification row.** Each ``(example, row)`` pair has its own
-slopes for every free unit of the network, so the rows are independent problems: they are
-flattened into a batch of single rows, a row stops once its bound reaches the ``goal``
-(a certificate needs no more), and the best bound of every iterate is kept (each is valid,
-so the maximum over iterates is too). The intermediate bounds are CROWN's; the slopes
-that shape them are not optimised (see ``bench/certify_report.md`` for what that costs).
+**One set of slopes per row.** Each ``(example, row)`` pair has its own slopes for every
+free unit of the network, so the rows are independent problems: they are flattened into a
+batch of single rows, a row stops once its bound reaches its ``goal`` (a certificate needs
+no more; the rows still climbing go on alone once half have stopped), and the best bound
+of every iterate is kept (each is valid, so the maximum over iterates is too). The layers
+before the first free slopes do not change between steps and run once.
+
+The same ascent serves three callers: the final bound ``J(C)`` (one row per specification
+row), the intermediate bounds of crossing units (rows ``+e_j`` and ``-e_j``, layer by layer,
+:meth:`~dualgraph.scheduler.BoundScheduler.intermediate_bounds`), and branch and bound
+(:mod:`dualgraph.bab`), whose split constraints add multipliers ``beta >= 0``
+(:class:`~dualgraph.dual_registry.SplitMultipliers`) to the variables.
+
+Floating point: the propagated rounding allowance ``eps_v`` covers the relaxations' own
+slopes only, so passes with optimised slopes of intermediate bounds add each dual step's
+allowance to their rows (``Batch.per_row``), as the final bound always does; the outward
+rounding of a relaxation's offsets covers every slope in its range.
 """
 
 from __future__ import annotations
@@ -48,10 +59,10 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
                   goal: float | torch.Tensor | None, record: dict | None = None,
                   steps: int | None = None) -> torch.Tensor:
     """The best lower bound ``[R, 1]`` of each single row over ``steps`` (default
-    ``config.alpha_steps``) steps of
-    projected gradient ascent on its own variables, from ``start`` (its bound with the
-    relaxations' own slopes): the free slopes (``relu_relaxation="alpha"``) and the
-    multipliers of the batch's branch-and-bound splits (``Batch.splits``, starting at 0).
+    ``config.alpha_steps``) steps of projected gradient ascent on its own variables, from
+    ``start`` (its bound with the relaxations' own slopes): the free slopes
+    (``relu_relaxation="alpha"``) and the multipliers of the batch's branch-and-bound splits
+    (``Batch.splits``, starting at 0).
 
     ``rows`` is ``[R, 1, *target]`` with ``batch`` holding one example per row (``Batch.take``
     with repeated examples). Rows whose best bound exceeds ``goal`` (a number or ``[R, 1]``)

@@ -41,7 +41,8 @@ from .scheduler import BoundScheduler
 DTYPE = torch.float64
 B = 2            # examples (bounds are per example)
 M = 3            # specification rows
-CONFIGS = (BoundConfig(relu_relaxation="paper"), BoundConfig(relu_relaxation="crown"))
+CONFIGS = (BoundConfig(relu_relaxation="paper"), BoundConfig(relu_relaxation="crown"),
+           BoundConfig(relu_relaxation="alpha"))
 SPECIAL = (0.0, -0.5, 0.3, 1.0, -1.0, 2.0)  # always sampled when inside [l, u]
 BOUND_MODES = ("mixed", "crossing", "mixed", "degenerate", "wide", "far", "positive", "negative", "mixed", "thin")
 PATH_CONFIGS = (
@@ -207,8 +208,14 @@ def check_relaxation(rule: ElementwiseRule, n: Node, config, gen: torch.Generato
     low, low_scale = value(r.a_lo, r.b_lo)
     up, up_scale = value(r.a_up, r.b_up)
     what = f"{mode} bounds, {config.relu_relaxation}"
-    for excess, name in ((low - fz - 1e-9 * (1 + fz.abs() + low_scale), "lower"),
-                         (fz - up - 1e-9 * (1 + fz.abs() + up_scale), "upper")):
+    checks = [(low - fz - 1e-9 * (1 + fz.abs() + low_scale), "lower"),
+              (fz - up - 1e-9 * (1 + fz.abs() + up_scale), "upper")]
+    if r.free is not None:  # optimisable lower slopes: both ends of each free unit's range
+        units, lo_slope, hi_slope = r.free
+        for end in (lo_slope, hi_slope):
+            end_line, end_scale = value(torch.where(units, torch.as_tensor(end, dtype=DTYPE), r.a_lo), r.b_lo)
+            checks.append((end_line - fz - 1e-9 * (1 + fz.abs() + end_scale), "free lower (end of its slope range)"))
+    for excess, name in checks:
         excess = torch.nan_to_num(excess, nan=float("inf"))
         if bool((excess > 0).any()):
             k = int(excess.flatten().argmax())

@@ -63,14 +63,19 @@ def verify_relaxation(rule: DualRule, node: Node, bounds, r: Relaxation) -> None
         return a * z + b, a.abs() * magnitude + 2 * b.abs()
 
     magnitude = torch.maximum(l.abs(), u.abs()).where(torch.isfinite(l) & torch.isfinite(u), torch.zeros_like(l))
-    low, low_scale = line(r.a_lo, r.b_lo)
-    up, up_scale = line(r.a_up, r.b_up)
+    lines = [(*line(r.a_lo, r.b_lo), "lower", 1.0), (*line(r.a_up, r.b_up), "upper", -1.0)]
+    if r.free is not None:  # free lower slopes: the valid slopes form an interval, so its two ends
+        units, lo_slope, hi_slope = r.free
+        for end in (lo_slope, hi_slope):
+            a = torch.where(units, torch.as_tensor(end, dtype=r.a_lo.dtype).expand_as(r.a_lo), r.a_lo)
+            lines.append((*line(a, r.b_lo), "free lower (at the end of its slope range)", 1.0))
     # the allowance's share for a relaxation: 8 units of roundoff (u = eps / 2) of |a| m + 2 |b|;
     # 4 float64 ulps of f cover the check's own evaluation
     f64 = torch.finfo(torch.float64).eps
-    below = low - fz - (4 * eps * low_scale + 4 * f64 * fz.abs())    # > 0: the lower line is above f
-    above = fz - up - (4 * eps * up_scale + 4 * f64 * fz.abs())      # > 0: the upper line is below f
-    for excess, line_value, which in ((below, low, "lower"), (above, up, "upper")):
+    checks = []
+    for value, scale, which, side in lines:  # excess > 0: a lower line above f, or an upper line below it
+        checks.append((side * (value - fz) - (4 * eps * scale + 4 * f64 * fz.abs()), value, which))
+    for excess, line_value, which in checks:
         excess = torch.nan_to_num(excess, nan=float("inf"))
         if bool((excess > 0).any()):
             k = int(excess.flatten().argmax())

@@ -210,3 +210,23 @@ def test_one_value_in_two_slots_is_sampled_once():
         assert lower == pytest.approx(-16.0, abs=1e-6) and lower <= -16.0 + 1e-9
     finally:
         remove_op(op.key)
+
+
+def free_slopes_too_wide(node, bounds, config) -> Relaxation:
+    """The sound relaxation above, its lower line offered as free with slopes in [-1, 1]:
+    ``a z`` is below ``z tanh(z/2)`` only for ``a`` near 0 on [-4, 4], so the ends are not."""
+    r = sound(node, bounds, config)
+    units = torch.ones_like(bounds.lower, dtype=torch.bool)
+    return Relaxation(r.a_lo, r.b_lo, r.a_up, r.b_up, (units, -1.0, 1.0))
+
+
+def test_free_slopes_are_checked_at_both_ends_of_their_range(swish_op):
+    """Optimised slopes trust the range a relaxation declares: its first use checks the
+    lower line at both ends (the valid slopes of a line with a fixed offset form an interval),
+    and so does ``dualgraph check-op``."""
+    from dualgraph.testing import OpCheckFailure, check_op
+    swish_op.relaxation()(free_slopes_too_wide)
+    with pytest.raises(DualgraphError, match="free lower"):
+        bound(scalar_net(swish_op.key), BoundConfig(relu_relaxation="alpha"))
+    with pytest.raises(OpCheckFailure, match="free lower"):
+        check_op(swish_op)
