@@ -66,6 +66,14 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
                    help="PGD rounds (seeds): one before the bounds, the rest if they prove nothing (default 3)")
     p.add_argument("--no-split", action="store_true", help="never split the input box (default: split when the "
                                                            "property has at most 16 inputs)")
+    p.add_argument("--relaxation", choices=["paper", "crown", "alpha"], default="alpha",
+                   help="the tightest ReLU relaxation tried, in the order paper, crown, alpha (each on what the "
+                        "previous left open; default alpha: optimised slopes)")
+    p.add_argument("--alpha-steps", type=int, default=20, metavar="N",
+                   help="gradient steps of the slope optimisation on the whole box (default 20)")
+    p.add_argument("--no-bab", action="store_true",
+                   help="never split ReLUs (default: branch and bound on what the relaxations leave open, for "
+                        "properties with more inputs than input splitting takes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attack (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); 1 is much "

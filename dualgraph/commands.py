@@ -353,9 +353,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _verify_config(args):
     from .verification import VerifyConfig  # --threads is applied by cli.main for every command
-    return VerifyConfig(attack_steps=args.attack_steps, attack_restarts=args.attack_restarts,
-                        attack_rounds=args.attack_rounds, split_max_inputs=0 if args.no_split else 16,
-                        seed=args.seed, device=args.device, max_memory=max_memory(args))
+    order = ("paper", "crown", "alpha")
+    return VerifyConfig(relaxations=order[:order.index(args.relaxation) + 1], alpha_steps=args.alpha_steps,
+                        branch_and_bound=not args.no_bab, attack_steps=args.attack_steps,
+                        attack_restarts=args.attack_restarts, attack_rounds=args.attack_rounds,
+                        split_max_inputs=0 if args.no_split else 16, seed=args.seed, device=args.device,
+                        max_memory=max_memory(args))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

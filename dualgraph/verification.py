@@ -61,7 +61,8 @@ ANSWERS = ("sat", "unsat", "unknown", "timeout", "error")
 class VerifyConfig:
     """How hard to try.
 
-    relaxations: ReLU relaxations tried in order (each on the conjunctions still open).
+    relaxations: ReLU relaxations tried in order (each on the conjunctions still open);
+        ``alpha_steps``: gradient steps of the optimised slopes (``"alpha"``) on the whole box.
     branch_and_bound: split ReLU units (:mod:`dualgraph.bab`) on the conjunctions the
         relaxations leave open, for properties with more inputs than ``split_max_inputs``;
         ``bab_batch`` parent domains per bound computation, ``bab_steps`` gradient steps of
@@ -77,6 +78,7 @@ class VerifyConfig:
     """
 
     relaxations: tuple[str, ...] = ("paper", "crown", "alpha")
+    alpha_steps: int = 20
     branch_and_bound: bool = True
     bab_batch: int = 64
     bab_steps: int = 20
@@ -94,8 +96,8 @@ class VerifyConfig:
     def __post_init__(self) -> None:
         if not self.relaxations or any(r not in ("paper", "crown", "alpha") for r in self.relaxations):
             raise DualgraphError(f"relaxations must be a non-empty list of paper/crown/alpha, got {self.relaxations!r}")
-        if self.bab_batch < 1 or self.bab_steps < 0:
-            raise DualgraphError("bab_batch must be >= 1 and bab_steps >= 0")
+        if self.bab_batch < 1 or self.bab_steps < 0 or self.alpha_steps < 0:
+            raise DualgraphError("bab_batch must be >= 1, bab_steps and alpha_steps >= 0")
         if self.attack_rounds < 0 or self.attack_restarts < 1 or self.attack_steps < 0:
             raise DualgraphError("attack_rounds and attack_steps must be >= 0 and attack_restarts >= 1")
         if self.split_batch < 1 or self.split_max_boxes < 1 or self.unsat_margin < 0:
@@ -360,7 +362,7 @@ class _Search:
         C, d, owner = self._rows(p, conjs)
         if not len(d):
             return set()  # only row-less conjunctions: all of the output space
-        cert = self.model.certifier(relaxation)
+        cert = self.model.certifier(relaxation, self.config.alpha_steps)
         cert.scheduler.deadline = self.clock
         lo, hi = (torch.tensor(a, dtype=torch.float64).reshape(1, *self.model.input_shape)
                   for a in (p.input_lo, p.input_hi))
@@ -414,7 +416,9 @@ class _Search:
         C, d, owner = self._rows(p, range(len(p.unsafe)))
         if (np.bincount(owner, minlength=len(p.unsafe)) == 0).any():
             return False  # a row-less conjunction can never be proved empty
-        cert = self.model.certifier(cfg.relaxations[-1])
+        # the fastest tight relaxation: many small boxes, each cheap (no slope optimisation)
+        cert = self.model.certifier("crown" if "crown" in cfg.relaxations or "alpha" in cfg.relaxations
+                                    else cfg.relaxations[-1])
         cert.scheduler.deadline = self.clock
         spec = torch.as_tensor(C, dtype=torch.float64)[None]
         lo0, hi0 = outward(*(torch.tensor(a, dtype=torch.float64)[None] for a in (p.input_lo, p.input_hi)),
