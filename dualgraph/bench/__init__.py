@@ -20,6 +20,9 @@ BENCHES: dict[str, tuple[str, str]] = {
               "robust training of the paper's small MNIST model vs the reference implementation, same loop"),
     "trust": ("dualgraph.bench.trust",
               "the cost of checking a plugin's relaxation on its first use, as a share of a certify run"),
+    "resnet": ("dualgraph.bench.resnet",
+               "exact bounds on residual CNNs (paper ResNet, deeper ones, ResNet-18): seconds per example, "
+               "phases, memory, vs the reference implementation"),
     "gpu": ("dualgraph.bench.gpu",
             "the device check: projected training steps (MNIST small, CIFAR ResNet) and exact certification, "
             "images/s"),

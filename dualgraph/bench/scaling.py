@@ -211,9 +211,12 @@ def measure(spec: Spec) -> dict:
             "threads": used_threads, "status": "ok", **info}
 
 
-def run_isolated(spec: Spec, timeout: float) -> dict:
-    """:func:`measure` in a fresh Python process (honest peak memory); failures become rows."""
-    cmd = [sys.executable, "-m", "dualgraph.bench.scaling", "--worker", json.dumps(asdict(spec))]
+def run_isolated(spec, timeout: float, module: str = "dualgraph.bench.scaling") -> dict:
+    """:func:`measure` in a fresh Python process (honest peak memory); failures become rows.
+
+    ``module`` runs as ``python -m module --worker SPEC_JSON`` and prints its row after
+    :data:`RESULT_MARK` (other benchmarks reuse this with their own spec dataclass)."""
+    cmd = [sys.executable, "-m", module, "--worker", json.dumps(asdict(spec))]
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -1,0 +1,83 @@
+"""`dualgraph bench resnet`: the networks, their reference conversion, and a tiny run end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from dualgraph.bench import resnet
+from dualgraph.cli import main
+
+
+def test_networks_have_the_intended_sizes():
+    assert 11.1e6 < sum(p.numel() for p in resnet.build_net("resnet18").parameters()) < 11.3e6
+    assert resnet.residual_blocks(resnet.build_net("paper")) == 4
+    assert resnet.residual_blocks(resnet.build_net("resnet8")) == 8
+    assert resnet.residual_blocks(resnet.build_net("resnet18")) == 8
+    with pytest.raises(Exception, match="unknown network"):
+        resnet.build_net("resnet")
+
+
+def test_weights_keep_the_activation_scale_through_depth():
+    model = resnet.build_net("resnet8")
+    x = torch.rand(8, *resnet.INPUT_SHAPE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        after_stem = model[:2](x).square().mean().sqrt()
+        after_blocks = model[:10](x).square().mean().sqrt()
+    assert 0.5 < float(after_blocks / after_stem) < 2.0
+
+
+@pytest.mark.parametrize("net", ["resnet1", "resnet18"])
+def test_reference_conversion_computes_the_same_function(net):
+    pytest.importorskip("convex_adversarial")
+    model = resnet.build_net(net)
+    x = torch.rand(2, *resnet.INPUT_SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(resnet.reference_model(model)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_eps_fractions():
+    assert resnet.parse_eps("1/255, 0.5") == [1 / 255, 0.5]
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    """One block, both relaxations and the reference, one timed run each."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["bench", "resnet", "--nets", "resnet1", "--eps", "1/255", "--repeats", "1", "--json"]) == 0
+    return json.loads(buf.getvalue())
+
+
+def test_tiny_run_reports_every_figure(tiny_run):
+    rows = tiny_run["rows"]
+    ours = [r for r in rows if r["library"] == "dualgraph"]
+    assert {r["relaxation"] for r in ours} == {"paper", "crown"}
+    for r in ours:
+        assert r["status"] == "ok", r
+        assert r["seconds_per_example"] > 0 and r["peak_mb"] is not None and 0 <= r["crossing"] <= 1
+        assert r["direction"] in ("forward", "backward")
+        assert [p["value"] for p in r["phases"]] and r["final_seconds"] >= 0
+        if r["direction"] == "backward":
+            assert all(p["seconds"] is not None for p in r["phases"])
+    print(resnet.format_tables(tiny_run))
+    print(resnet.format_phases(tiny_run))
+
+
+def test_tiny_run_beside_the_reference(tiny_run):
+    """The reference runs the same network: its exact-arithmetic margins are never below
+    dualgraph's sound ones (lower by the rounding allowance, never above)."""
+    pytest.importorskip("convex_adversarial")
+    rows = {(r["library"], r["relaxation"]): r for r in tiny_run["rows"]}
+    ref, ours = rows["convex_adversarial", "paper"], rows["dualgraph", "paper"]
+    assert ref["status"] == "ok" and 0 <= ref["crossing"] <= 1, ref
+    assert (torch.tensor(ours["margins"]) <= torch.tensor(ref["margins"]) + 1e-4).all()
+    (comparison,) = tiny_run["comparison"]
+    assert comparison["net"] == "resnet1" and comparison["speedup"] > 0
+    assert comparison["dualgraph_lowest_margin"] <= comparison["reference_lowest_margin"] + 1e-4
+    text = resnet.report_markdown(tiny_run)
+    assert "relaxation `paper`" in text and "relaxation `crown`" in text and tiny_run["command"] in text
