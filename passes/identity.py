@@ -1,7 +1,10 @@
-"""Identity elimination: drop ``Identity`` and inference-mode ``Dropout`` nodes.
+"""Identity elimination: drop ``Identity``, inference-mode ``Dropout`` and ``Relu`` of a ReLU output.
 
-Math: ``y = Identity(x)`` and ``y = Dropout(x)`` at inference (``training_mode`` omitted
-or constant false) satisfy ``y = x``, so every use of ``y`` can read ``x`` directly.
+Math: ``y = Identity(x)``, ``y = Dropout(x)`` at inference (``training_mode`` omitted or
+constant false) and ``y = Relu(x)`` with ``x = Relu(w) >= 0`` (or a rearrangement of it) (bit for bit: ``max(x, 0)``
+of a non-negative float is the float) satisfy ``y = x``, so every use of ``y`` can read
+``x`` directly. The last one matters for bounds: the second ReLU's input would otherwise
+be bounded like any activation input (a whole dual pass per unit, for nothing).
 A Dropout whose ``mask`` output is used is kept (the mask is a second, different value).
 
 When ``y`` is a graph output, ``x`` takes over the name ``y`` so the model's output
@@ -37,9 +40,23 @@ def run(graph: Graph) -> PassResult:
     return PassResult(graph, modified)
 
 
+REARRANGING = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity"}
+"""Ops that only move entries around (a value of non-negative entries stays non-negative)."""
+
+
+def _non_negative(v) -> bool:
+    """Whether every entry of ``v`` is a ReLU output (possibly rearranged)."""
+    node = v.producer
+    while node is not None and node.op[0] == "" and node.op_type in REARRANGING:
+        node = node.inputs[0].producer
+    return node is not None and node.op == ("", "Relu")
+
+
 def _is_identity(node: Node) -> bool:
     if node.op == ("", "Identity"):
         return True
+    if node.op == ("", "Relu"):
+        return _non_negative(node.inputs[0])
     if node.op != ("", "Dropout"):
         return False
     mask_used = any(m.users for m in node.outputs[1:])

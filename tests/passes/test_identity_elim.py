@@ -81,5 +81,17 @@ def test_random_chains(chain, fan_out):
         assert len(g.nodes) == len(chain)
     elif all(op in ("Identity", "Dropout") for op in chain):
         assert len(left) == 1  # output = input: one node must remain to produce the output
-    else:
-        assert not left and len(g.nodes) == sum(op in ("Relu", "Neg") for op in chain)
+    else:  # Relu right after Relu (once the identities are gone) is an identity too
+        kept = [op for op in chain if op in ("Relu", "Neg")]
+        kept = [op for i, op in enumerate(kept) if not (op == "Relu" and i and kept[i - 1] == "Relu")]
+        assert not left and len(g.nodes) == len(kept)
+
+
+def test_relu_of_a_relu_output_is_identity():
+    """relu(relu(x)) = relu(x): the paper's CIFAR ResNet flattens a block output (a ReLU
+    output) and applies ReLU again; its input needs no bounds."""
+    net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Flatten(), nn.ReLU(), nn.Linear(6, 2)).double()
+    g = load_module(net, torch.randn(3, 5, dtype=torch.float64))
+    assert ops(g).count("Relu") == 2
+    g = check_pass(identity.run, g)
+    assert ops(g).count("Relu") == 1
