@@ -110,6 +110,8 @@ class BranchAndBound:
         self.bounded = 0
 
     def run(self) -> BabResult:
+        if not self.relus:
+            return BabResult(False, 0, "no ReLU to split")
         root = self.sched.intermediate_bounds(self.box)
         self.root = {v: b for v, b in root.items()}
         signs = {n.name: torch.zeros(1, n.inputs[0].numel, dtype=self.box.lo.dtype) for n in self.relus}
@@ -158,13 +160,14 @@ class BranchAndBound:
         bounds = BoundMap()
         batch = bounds.batch = self.sched.batch(input_set, bounds)
         batch.splits = {n.name: signs[n.name].view(D, *n.inputs[0].unit_shape) for n in self.relus}
-        split_of = {n.inputs[0]: n.name for n in self.relus}
         for v in self.sched.bound_targets:
             b = self.root[v]
             lo, up = b.lower.expand(D, *b.lower.shape[1:]), b.upper.expand(D, *b.upper.shape[1:])
-            if v in split_of:
-                s = batch.splits[split_of[v]]
-                lo, up = torch.where(s == ACTIVE, lo.clamp(min=0), lo), torch.where(s == INACTIVE, up.clamp(max=0), up)
+            for n in self.relus:  # every ReLU reading v (two may read one value)
+                if n.inputs[0] is v:
+                    s = batch.splits[n.name]
+                    lo = torch.where(s == ACTIVE, lo.clamp(min=0), lo)
+                    up = torch.where(s == INACTIVE, up.clamp(max=0), up)
             bounds[v] = batch.rounding.adopt(v, type(b)(lo, up))
         return bounds
 

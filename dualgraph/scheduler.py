@@ -285,6 +285,8 @@ class BoundScheduler:
         batch = replace(bounds.batch, per_row=True)
         picked = rows[examples] if rows.shape[0] > 1 else rows
         again, _ = self.runner.run(self.dual(self.output), picked, batch)
+        if torch.is_tensor(goal) and goal.dim() > 0 and goal.shape[0] > 1:
+            goal = goal[examples]
         again = self._optimise_slopes(picked, batch, again, goal, None)
         return lower.index_put((examples,), torch.maximum(lower[examples], again))
 

@@ -20,8 +20,10 @@ off (so that unsat can only come from the bounds or from ReLU splits):
 from __future__ import annotations
 
 import numpy as np
+import torch
 from hypothesis import HealthCheck, given, settings
 
+from dualgraph.input_sets import Box
 from dualgraph.verification import VerifyConfig, VerifyModel, verify_property
 from dualgraph.vnnlib import read_vnnlib
 
@@ -55,3 +57,67 @@ def test_branch_and_bound_agrees_with_the_milp(pair, tmp_path_factory):
         x = np.asarray(result.x, dtype=np.float64)
         assert (prop.input_lo <= x).all() and (x <= prop.input_hi).all()
         assert prop.unsafe_at(forward64(net, x[None]), 1e-9)[0]
+
+
+def _onnx(folder, nodes, inits, n_in: int, n_out: int):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, n_in])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n_out])],
+                              [numpy_helper.from_array(t, k) for k, t in inits.items()])
+    path = folder / "n.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _box_property(folder, n_in: int, unsafe: str):
+    lines = [f"(declare-const X_{i} Real)" for i in range(n_in)] + ["(declare-const Y_0 Real)"]
+    lines += [s for i in range(n_in) for s in (f"(assert (>= X_{i} -1.0))", f"(assert (<= X_{i} 1.0))")]
+    (folder / "p.vnnlib").write_text("\n".join(lines + [unsafe]) + "\n")
+    return read_vnnlib(folder / "p.vnnlib")
+
+
+def test_two_relus_reading_one_value_are_both_clamped(tmp_path):
+    """Two Relu nodes on one value: each node's splits clamp the value's bounds (review
+    finding: only one node's were applied, so its units were split again and again)."""
+    from onnx import helper
+    rng = np.random.default_rng(1)
+    W1 = rng.standard_normal((6, 3)).astype(np.float32)
+    b1 = (0.3 * rng.standard_normal(6)).astype(np.float32)
+    W2, W3 = (rng.standard_normal((1, 6)).astype(np.float32) for _ in range(2))
+    nodes = [helper.make_node("Gemm", ["X", "W1", "b1"], ["z"], transB=1),
+             helper.make_node("Relu", ["z"], ["r1"]), helper.make_node("Relu", ["z"], ["r2"]),
+             helper.make_node("Gemm", ["r1", "W2"], ["y1"], transB=1),
+             helper.make_node("Gemm", ["r2", "W3"], ["y2"], transB=1), helper.make_node("Add", ["y1", "y2"], ["Y"])]
+    path = _onnx(tmp_path, nodes, {"W1": W1, "b1": b1, "W2": W2, "W3": W3}, 3, 1)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 41)] * 3), -1).reshape(-1, 3)
+    y = np.maximum(grid @ W1.T.astype(np.float64) + b1, 0) @ (W2 + W3).T.astype(np.float64)
+    threshold = float(y.min()) - 0.02 * float(y.max() - y.min())   # just below the minimum: unsat
+    props = _box_property(tmp_path, 3, f"(assert (<= Y_0 {threshold:.9f}))")
+    result = verify_property(VerifyModel(path), props, 30, VerifyConfig(split_max_inputs=0, attack_rounds=0,
+                                                                         relaxations=("crown",)))
+    assert result.answer == "unsat" and result.details["bab_domains"] < 200, result.details
+
+
+def test_a_network_without_relus_is_unknown_not_an_error(tmp_path):
+    """Nothing to split (a sigmoid network, too many inputs for input splitting): the answer is
+    ``unknown`` after the last PGD rounds, not a crash."""
+    from onnx import helper
+    rng = np.random.default_rng(0)
+    W1 = rng.standard_normal((10, 20)).astype(np.float32)
+    W2 = rng.standard_normal((1, 10)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["X", "W1"], ["z"], transB=1), helper.make_node("Sigmoid", ["z"], ["s"]),
+             helper.make_node("Gemm", ["s", "W2"], ["Y"], transB=1)]
+    path = _onnx(tmp_path, nodes, {"W1": W1, "W2": W2}, 20, 1)
+    model = VerifyModel(path)
+    # a threshold between the bounds' minimum and the lowest sampled output: no proof, no easy point
+    xs = np.random.default_rng(1).uniform(-1, 1, (4000, 20))
+    lowest = float(model.run_onnx(xs).min())
+    bound = float(model.certifier("crown").lower_bounds(
+        Box(torch.full((1, 20), -1.0, dtype=torch.float64), torch.full((1, 20), 1.0, dtype=torch.float64)),
+        torch.ones(1, 1, 1, dtype=torch.float64))[0, 0])
+    props = _box_property(tmp_path, 20, f"(assert (<= Y_0 {(bound + lowest) / 2:.6f}))")
+    result = verify_property(model, props, 20, VerifyConfig(attack_rounds=1))
+    assert result.answer in ("unknown", "sat"), result.details
+    if result.answer == "unknown":
+        assert result.details["bab"] == "no ReLU to split"
