@@ -189,10 +189,14 @@ class DualRunner:
         ``min over [l, u] of a_lo z + b_lo`` to ``max over [l, u] of a_up z + b_up``, widened by
         the rounding of the dot products with it. Kept with the input's bounds.
 
-        The cut bound ``lam . centre -/+ |lam| . radius`` is never tighter than a full pass,
-        whose relaxed set ``S`` keeps every unit inside its own box: ``J(lam) = min over S of
-        lam . y`` is superadditive over the rows' units (a minimum of a sum is at least the sum
-        of the minima). A unit the cut bound places on one linear piece is therefore on it."""
+        The cut bound ``lam . centre -/+ |lam| . radius`` is a valid bound by itself. With
+        intermediate bounds from one relaxation (paper, CROWN) it is never tighter than a full
+        pass, whose relaxed set ``S`` keeps every unit inside its own box: ``J(lam) = min over
+        S of lam . y`` is superadditive over the rows' units (a minimum of a sum is at least the
+        sum of the minima), so a unit the cut bound places on one linear piece is on it in the
+        full pass too, and crossing units' bounds are those of the unpruned computation. With
+        optimised or intersected intermediate bounds the cut can occasionally be the tighter
+        one; every bound kept is still sound."""
         rule = dual_rule(primal)
         v = primal.var_inputs[0]
         w = batch.bounds[v]
