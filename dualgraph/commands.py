@@ -49,10 +49,10 @@ def _bound_config(args, **options):
             raise DualgraphError("--delta and --proj-seed need --proj R (random projections)")
         extra = dict(proj=proj, proj_seed=args.proj_seed, delta=args.delta,
                      proj_estimator="geometric" if args.delta is not None else "median")
-    steps = getattr(args, "alpha_steps", 20)
-    if steps != 20 and args.relaxation != "alpha":
-        raise DualgraphError("--alpha-steps applies to --relaxation alpha only")
-    return BoundConfig(relu_relaxation=args.relaxation, alpha_steps=steps, max_memory=max_memory(args),
+    steps, lr = getattr(args, "alpha_steps", 20), getattr(args, "alpha_lr", 0.1)
+    if (steps != 20 or lr != 0.1) and args.relaxation != "alpha":
+        raise DualgraphError("--alpha-steps and --alpha-lr apply to --relaxation alpha only")
+    return BoundConfig(relu_relaxation=args.relaxation, alpha_steps=steps, alpha_lr=lr, max_memory=max_memory(args),
                        **extra, **options)
 
 

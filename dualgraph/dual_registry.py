@@ -533,13 +533,13 @@ class ElementwiseRule(DualRule):
         split constraints' multipliers added to ``lam_in`` (``splits``; ``beta`` clamped to
         ``>= 0``): every value of either gives a sound step, so every iterate of an optimiser does."""
         r = self.relaxation(node, bounds, config)
-        pos, neg = lam.clamp(min=0), lam.clamp(max=0)
-        lam_in = (pos * r.a_lo.unsqueeze(1) + neg * r.a_up.unsqueeze(1)).flatten(2)
+        lam_in = (lam * torch.where(lam > 0, r.a_lo.unsqueeze(1), r.a_up.unsqueeze(1))).flatten(2)
         if slopes is not None:
             k = slopes.index
             base = r.a_lo.flatten(1)[:, k].unsqueeze(1)
             chosen = torch.where(slopes.free, slopes.values.clamp(slopes.lo, slopes.hi), base)
-            lam_in = lam_in.index_add(2, k, pos.flatten(2)[..., k] * (chosen - base))  # free units' lower slopes
+            pos = lam.flatten(2)[..., k].clamp(min=0)
+            lam_in = lam_in.index_add(2, k, pos * (chosen - base))  # free units' lower slopes
         if splits is not None:  # + beta s_j z_j for each split constraint s_j z_j <= 0 of the row's domain
             lam_in = lam_in.index_add(2, splits.index, splits.values.clamp(min=0) * splits.sign)
         return DualStep([lam_in.view_as(lam)], self._sign_offsets(r, lam), None)

