@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .dual_registry import ElementwiseRule, FreeSlopes, Relaxation, SplitMultipliers
-from .dual_run import _needed_bounds
+from .dual_run import needed_bounds
 
 
 LR_FINAL = 0.3
@@ -101,7 +101,7 @@ class _Ascent:
     def __init__(self, runner, dual, first: int, env: dict, offsets, batch, variables: dict,
                  start: torch.Tensor, goal) -> None:
         self.runner, self.dual, self.first = runner, dual, first
-        self.needed = _needed_bounds(dual, first)  # the bounds the passes from ``first`` read
+        self.needed = needed_bounds(dual, first)  # the bounds the passes from ``first`` read
         self.env, self.offsets, self.batch, self.variables = env, offsets, batch, variables
         self.best = start.clone()
         self.goal = goal

@@ -160,7 +160,7 @@ class DualRunner:
 
         def exact(examples, rows):
             picked = {v: lam[examples if lam.shape[0] > 1 else 0, rows].unsqueeze(1) for v, lam in env.items()}
-            return self._run_from(dual, i, picked, batch.take(examples, _needed_bounds(dual, i)),
+            return self._run_from(dual, i, picked, batch.take(examples, needed_bounds(dual, i)),
                                   _pick(lower, examples, rows), _pick(upper, examples, rows), 1, both=True)
 
         def every_row():
@@ -442,7 +442,7 @@ class _PatchPass(GraphWalk):
         rows = p.to_dense(tuple(self.space.unit_shape))
         batch = self.batch
         if p.rows is not None:
-            batch = batch.take(p.rows[0], _needed_bounds(self.dual, index))
+            batch = batch.take(p.rows[0], needed_bounds(self.dual, index))
         return self.runner._run_from(self.dual, index, {current: rows}, batch, lower, upper,
                                      rows.shape[1], self.prune, self.both)
 
@@ -484,7 +484,7 @@ def _box_radius(batch: Batch, v: Value, w: Bounds) -> torch.Tensor:
     return radius + g * batch.rounding.magnitude(v) if g else radius
 
 
-def _needed_bounds(dual: Graph, first: int) -> set[Value]:
+def needed_bounds(dual: Graph, first: int) -> set[Value]:
     """The primal values whose bounds the dual nodes from ``first`` on read."""
     return {v for node in dual.nodes[first:] if node.meta.get("rule") is not None
             and node.meta["rule"].bounds_needed(node.meta["primal"]) for v in node.meta["primal"].var_inputs}

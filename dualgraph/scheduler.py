@@ -298,7 +298,7 @@ class BoundScheduler:
         These passes add each dual step's rounding allowance to their rows (``per_row``): the
         propagated ``eps_v`` covers the relaxations' own slopes only."""
         from .alpha import optimise_rows
-        from .dual_run import _needed_bounds
+        from .dual_run import needed_bounds
         points = self.stable_pieces(v)
         if points is None:
             return raw
@@ -311,7 +311,7 @@ class BoundScheduler:
         if count == 0:
             return raw
         dual = self.dual(v)
-        needed = _needed_bounds(dual, 0)
+        needed = needed_bounds(dual, 0)
         signs = torch.cat([torch.ones(count), -torch.ones(count)]).to(lo)
         examples, units = torch.cat([examples, examples]), torch.cat([units, units])
         start = torch.cat([lo[examples[:count], units[:count]], -up[examples[count:], units[count:]]]).unsqueeze(1)
@@ -341,7 +341,7 @@ class BoundScheduler:
         filled with the open rows' dual variables (:attr:`DualRunner.record`) and their
         ``"examples"``/``"rows"``."""
         from .alpha import optimise_rows
-        from .dual_run import _needed_bounds
+        from .dual_run import needed_bounds
         if goal is not None:
             goal = torch.as_tensor(goal, dtype=lower.dtype, device=lower.device).expand_as(lower)
         open_rows = torch.ones_like(lower, dtype=torch.bool) if goal is None else lower <= goal
@@ -353,7 +353,7 @@ class BoundScheduler:
         if examples.numel() == 0:
             return lower
         dual = self.dual(self.output)
-        needed = _needed_bounds(dual, 0)
+        needed = needed_bounds(dual, 0)
         widest = max(int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
                      if val.shape is not None and len(val.shape) > 2)
         chunk = max(1, self.config.max_elements // (16 * widest))  # dual variables, slopes and their gradients

@@ -274,9 +274,9 @@ def _limit_memory(mb: float) -> None:
     the OOM killer."""
     import resource
 
-    from .scaling import _rss_kb
+    from .scaling import rss_kb
     if mb > 0:
-        size = (_rss_kb("VmSize") or 0) * 1024 + int(mb * MB)
+        size = (rss_kb("VmSize") or 0) * 1024 + int(mb * MB)
         resource.setrlimit(resource.RLIMIT_AS, (size, size))
 
 
@@ -287,7 +287,7 @@ def measure(spec: Spec) -> dict:
     and the share of crossing units. No warm-up run: on the paper's ResNet even one at
     eps 0 costs a minute (the pruning cut of every dense bounded value), and the median
     of three runs drops a slow first one."""
-    from .scaling import _reset_peak, _rss_kb
+    from .scaling import reset_peak, rss_kb
     torch.set_num_threads(spec.threads)
     model = build_net(spec.net)
     gen = torch.Generator().manual_seed(spec.seed + 1)
@@ -299,13 +299,13 @@ def measure(spec: Spec) -> dict:
     else:
         run, cert, row["direction"] = _reference_case(spec, model, x, y), None, "forward"
     _limit_memory(spec.memory_mb)
-    base_kb = _rss_kb("VmRSS")
-    reset = _reset_peak()
+    base_kb = rss_kb("VmRSS")
+    reset = reset_peak()
     with torch.no_grad():
         runs: list[dict] = []
         while len(runs) < max(1, spec.repeats) and sum(r["seconds"] for r in runs) < spec.budget_s:
             runs.append(run(spec.eps))
-    hwm = _rss_kb("VmHWM") if reset else None
+    hwm = rss_kb("VmHWM") if reset else None
     row["peak_mb"] = round(max(0.0, (hwm - base_kb) / 1024), 1) if hwm and base_kb else None
     row.update(_timings(runs, spec.batch), status="ok", margins=runs[-1]["margins"].tolist())
     if "crossing" in runs[-1]:
@@ -370,8 +370,8 @@ def parse_eps(text: str) -> list[float]:
 def specs_of(args: argparse.Namespace) -> list[Spec]:
     """Every configuration to measure, in order: net, relaxation, eps, then the reference
     beside dualgraph (paper relaxation only)."""
-    from .scaling import _available_mb
-    memory = args.memory_limit if args.memory_limit is not None else 0.6 * _available_mb()
+    from .scaling import available_mb
+    memory = args.memory_limit if args.memory_limit is not None else 0.6 * available_mb()
     libraries = ["dualgraph"] + ([] if args.no_reference else ["convex_adversarial"])
     out = []
     for net in args.nets.split(","):

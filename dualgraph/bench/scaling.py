@@ -103,7 +103,7 @@ def build_model(sweep: str, size: float):
                          nn.Linear(c2 * 7 * 7, h), nn.ReLU(), nn.Linear(h, 10)), (1, 28, 28)
 
 
-def _rss_kb(field_name: str) -> int | None:
+def rss_kb(field_name: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -114,7 +114,7 @@ def _rss_kb(field_name: str) -> int | None:
     return None
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -181,8 +181,8 @@ def measure(spec: Spec) -> dict:
         sync()
         torch.cuda.reset_peak_memory_stats(dev)
         base_bytes = torch.cuda.memory_allocated(dev)
-    base_kb = _rss_kb("VmRSS")
-    reset = _reset_peak()
+    base_kb = rss_kb("VmRSS")
+    reset = reset_peak()
     if not reset:
         base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     warm = timed(lambda: step(2))  # lowering, dual graphs, first allocations: not timed
@@ -193,7 +193,7 @@ def measure(spec: Spec) -> dict:
         peak_mb = (torch.cuda.max_memory_allocated(dev) - base_bytes) / MB
         memory_kind = "cuda max_memory_allocated"
     else:
-        hwm = _rss_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hwm = rss_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak_mb = max(0.0, (hwm - base_kb) / 1024) if hwm is not None and base_kb is not None else float("nan")
         memory_kind = "rss high-water mark" if reset else "ru_maxrss (not reset)"
 
@@ -250,7 +250,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def _available_mb() -> float:
+def available_mb() -> float:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -377,7 +377,7 @@ def machine_info(device: str) -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "memory_mb": round(_available_mb())}
+            "memory_mb": round(available_mb())}
     if hasattr(os, "getloadavg"):
         info["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
     try:
@@ -417,7 +417,7 @@ def make_plan(args) -> Plan:
     if reference:
         methods += [("convex_adversarial", "proj", r, "") for r in PROJ_DIMS]
     timeout = args.timeout or (40.0 if args.quick else 150.0)
-    memory = 0.6 * _available_mb() if not device.startswith("cuda") else \
+    memory = 0.6 * available_mb() if not device.startswith("cuda") else \
         0.8 * torch.cuda.get_device_properties(torch.device(device)).total_memory / MB
     plan = Plan(args.sweep, sizes, methods, repeats=1 if args.quick else 2, timeout=timeout,
                 memory_limit_mb=memory, device=device, batch=args.batch, in_process=args.in_process,
