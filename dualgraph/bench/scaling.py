@@ -104,6 +104,7 @@ def build_model(sweep: str, size: float):
 
 
 def rss_kb(field_name: str) -> int | None:
+    """A memory figure of this process from ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in KB."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -115,6 +116,7 @@ def rss_kb(field_name: str) -> int | None:
 
 
 def reset_peak() -> bool:
+    """Reset the peak resident memory (``VmHWM``) to the current level; False where Linux does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -251,6 +253,7 @@ class Plan:
 
 
 def available_mb() -> float:
+    """The memory available now (``MemAvailable``), in MB."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
