@@ -40,6 +40,15 @@ def node_axis(axis: int, rank: int, node: Node, inclusive: bool = False) -> int:
     return normalize_axis(axis, rank, f"node '{node.name}' ({node.op_type})", inclusive=inclusive)
 
 
+def example_axis(axis: int, rank: int, node: Node, what: str) -> int:
+    """:func:`node_axis`, refusing the batch axis (examples are independent): the error says
+    the node ``what`` (e.g. "reduces over") the batch axis."""
+    axis = node_axis(axis, rank, node)
+    if axis == 0:
+        raise DualgraphError(f"node '{node.name}' ({node.op_type}) {what} the batch axis")
+    return axis
+
+
 def torch_pad(pads_begin: Sequence[int], pads_end: Sequence[int]) -> list[int]:
     """ONNX per-axis (begin, end) pads of the trailing axes -> F.pad's last-axis-first list."""
     flat: list[int] = []

@@ -25,15 +25,13 @@ from ..dual_registry import Bounds, DualRule, DualStep
 from ..errors import DualgraphError
 from ..lowering import Call, Missing, Unsupported
 from ..op_registry import define_op, random_const, var
-from .common import chord_relaxation, node_axis
+from .common import chord_relaxation, example_axis
 
 layer_norm = define_op("LayerNormalization")
 
 
 def _normalized_axes(node, rank: int) -> int:
-    axis = node_axis(int(node.attrs.get("axis", -1)), rank, node)
-    if axis == 0:
-        raise DualgraphError(f"node '{node.name}' (LayerNormalization) normalises over the batch axis")
+    axis = example_axis(int(node.attrs.get("axis", -1)), rank, node, "normalises over")
     return axis
 
 

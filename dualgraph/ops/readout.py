@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import DualgraphError
 from ..op_registry import define_op
-from .common import node_axis
+from .common import example_axis
 
 argmax = define_op("ArgMax")
 argmax.output_side = True
@@ -21,9 +20,7 @@ argmax.output_side = True
 @argmax.evaluate
 def _(node, inputs):
     x = inputs[0]
-    axis = node_axis(int(node.attrs.get("axis", 0)), x.dim(), node)
-    if axis == 0:
-        raise DualgraphError(f"node '{node.name}' (ArgMax) reduces over the batch axis")
+    axis = example_axis(int(node.attrs.get("axis", 0)), x.dim(), node, "reduces over")
     if node.attrs.get("select_last_index", 0):
         x = x.flip(axis)
         idx = x.argmax(dim=axis, keepdim=bool(node.attrs.get("keepdims", 1)))

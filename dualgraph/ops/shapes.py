@@ -22,7 +22,7 @@ from ..errors import DualgraphError
 from ..ir import Value
 from ..lowering import BATCH_SIZE, FLOAT_TYPES, PAD_MODES, Call, Const, Missing, OnnxNode, Unsupported, Var, reshape_to
 from ..op_registry import SAME, define_op, random_const, var
-from .common import IndexMapDual, int_list, node_axis, onnx_elementwise, slice_range, torch_pad
+from .common import IndexMapDual, example_axis, int_list, node_axis, onnx_elementwise, slice_range, torch_pad
 
 Tensor = torch.Tensor
 
@@ -596,9 +596,7 @@ gather = define_op("Gather")
 @gather.evaluate
 def _(node, inputs):
     x = inputs[0]
-    axis = node_axis(int(node.attrs.get("axis", 0)), x.dim(), node)
-    if axis == 0:
-        raise DualgraphError(f"node '{node.name}' (Gather) gathers along the batch axis")
+    axis = example_axis(int(node.attrs.get("axis", 0)), x.dim(), node, "gathers along")
     indices = node.const_input(1).to(torch.int64)
     size = int(x.shape[axis])
     if bool(((indices < -size) | (indices >= size)).any()):
