@@ -215,45 +215,49 @@ class DualRunner:
 
     # ---- the patch path -------------------------------------------------------------------
     def patch_bounds(self, dual: Graph, batch: Batch, linear: bool, prune=None):
-        """Bounds of a Conv output through the patch path (see :mod:`dualgraph.patches`)."""
-        first = dual.nodes[0].meta["primal"]
-        p, offset = patches.start(first, 1.0, batch.input_set.center)
-        return self._patches_from(dual, 1, p, dual.nodes[0].outputs[0], first.inputs[0], batch,
-                                  offset, offset, prune, both=not linear)
+        """Bounds of a feature map's units through the patch path (see :mod:`dualgraph.patches`),
+        from the target's identity rows; ``[B, units]`` each."""
+        p = patches.identity(tuple(dual.meta["target"].unit_shape), batch.input_set.center)
+        return self._patches_from(dual, 0, {dual.inputs[0]: p}, batch, 0.0, 0.0, prune, both=not linear)
 
-    def _patches_from(self, dual: Graph, first: int, p: patches.Patches, current: Value, space: Value,
-                      batch: Batch, lower, upper, prune, both: bool = False):
-        """Continue a pass on patches ``p`` (rows of dual value ``current``, in the unit space
-        of primal value ``space``) from dual node ``first``; ``both``: see :meth:`run`."""
-        run = _PatchPass(self, dual, batch, lower, upper, prune, space, both)
-        done = run.walk({current: p}, first)
+    def _patches_from(self, dual: Graph, first: int, env: dict, batch: Batch, lower, upper, prune,
+                      both: bool = False):
+        """Continue a pass on the patches in ``env`` (the live dual values, each in the unit
+        space of the primal value it multiplies) from dual node ``first``; ``both``: see :meth:`run`."""
+        run = _PatchPass(self, dual, batch, lower, upper, prune, both)
+        done = run.walk(env, first)
         return done if isinstance(done, tuple) else run.densify(len(dual.nodes), done)
 
-    def _forked_patches(self, dual: Graph, i: int, p: patches.Patches, current: Value, space: Value,
-                        batch: Batch, lower, upper):
+    def _forked_patches(self, dual: Graph, i: int, env: dict, batch: Batch, lower, upper):
         """:meth:`_forked` on patches: the negated rows become more target channels."""
+        p = next(iter(env.values()))
         m = p.data.shape[2] * (1 if p.rows is not None else p.positions)
         like = batch.input_set.center
         lo, up = _as_rows(lower, m, like), _as_rows(upper, m, like)
         b = max(lo.shape[0], up.shape[0])
         offsets = torch.cat([lo.expand(b, m), -up.expand(b, m)], 1)
-        doubled = replace(p, data=torch.cat([p.data, -p.data], 2))
-        out, _ = self._patches_from(dual, i, doubled, current, space, batch, offsets, None, None)
+        doubled = {v: replace(q, data=torch.cat([q.data, -q.data], 2)) for v, q in env.items()}
+        out, _ = self._patches_from(dual, i, doubled, batch, offsets, None, None)
         return out[:, :m], -out[:, m:]
 
-    def _pruned_patches(self, dual: Graph, i: int, p: patches.Patches, space: Value, batch: Batch,
-                        lower, upper, prune: tuple[float, ...]):
-        """:meth:`_pruned` on patches (``p`` in the unit space of primal value ``space``)."""
+    def _pruned_patches(self, dual: Graph, i: int, env: dict, batch: Batch, lower, upper,
+                        prune: tuple[float, ...]):
+        """:meth:`_pruned` on patches: every live value's windows against its box."""
         node = dual.nodes[i]
-        linear, absolute = patches.box_terms(p, *self.output_box(node.meta["primal"], batch))
+        linear, absolute = 0.0, 0.0
+        for v, p in env.items():
+            box = (self.output_box(node.meta["primal"], batch) if v is node.inputs[0]
+                   else self.value_box(v.meta["primal_value"], batch))
+            centre, radius = patches.box_terms(p, *box)
+            linear, absolute = linear + centre, absolute + radius
 
         def exact(examples, rows):
-            q = patches.select(p, None, examples, rows)
-            return self._patches_from(dual, i, q, node.inputs[0], space, batch,
-                                      _pick(lower, examples, rows), _pick(upper, examples, rows), None, both=True)
+            picked = {v: patches.select(p, None, examples, rows) for v, p in env.items()}
+            return self._patches_from(dual, i, picked, batch, _pick(lower, examples, rows),
+                                      _pick(upper, examples, rows), None, both=True)
 
         def every_row():
-            return self._patches_from(dual, i, p, node.inputs[0], space, batch, lower, upper, None, both=True)
+            return self._patches_from(dual, i, env, batch, lower, upper, None, both=True)
 
         return _refine(lower + linear - absolute, upper + linear + absolute, prune, exact, every_row)
 
@@ -366,44 +370,56 @@ class _DualPass(GraphWalk):
 
 
 class _PatchPass(GraphWalk):
-    """A pass on patches (:mod:`dualgraph.patches`): the walk's environment holds the one
-    live dual variable as local windows while the dual graph is a chain of convolutions and
-    elementwise relaxations; where it branches (or another op comes), the rows are made
-    dense and the pass continues as a :class:`_DualPass`."""
+    """A pass on patches (:mod:`dualgraph.patches`): the walk's environment holds the live
+    dual variables as local windows while the dual graph is made of convolutions, elementwise
+    relaxations, residual sums and fan-out sums of windows of one stride; at anything else
+    the rows are made dense and the pass continues as a :class:`_DualPass`."""
 
     activity = "dual step (patches)"
 
-    def __init__(self, runner: DualRunner, dual: Graph, batch: Batch, lower, upper, prune, space: Value,
+    def __init__(self, runner: DualRunner, dual: Graph, batch: Batch, lower, upper, prune,
                  both: bool = False) -> None:
         self.nodes, self.frees, self.deadline = dual.nodes, runner.frees_of(dual), runner.deadline
         self.runner, self.dual, self.batch, self.prune = runner, dual, batch, prune
-        self.lower, self.upper, self.space, self.both = lower, upper, space, both
+        self.lower, self.upper, self.both = lower, upper, both
 
     def before(self, index: int, node: Node, env: dict):
-        if len(node.inputs) != 1 or node.inputs[0] not in env:
-            return self.densify(index, env)  # the dual graph branches here: continue densely
-        p = env[node.inputs[0]]
-        if node.op == INPUT_SET:
-            center, radius = patches.input_terms(p, self.batch.input_set)
+        if node.op == INPUT_SET and node.inputs[0] in env:
+            center, radius = patches.input_terms(env[node.inputs[0]], self.batch.input_set)
             upper = None if self.upper is None else self.upper + center + radius
             return self.lower + center - radius, upper
-        primal, rule = node.meta["primal"], node.meta["rule"]
-        if patches.conv_geometry(primal) is not None:
-            return None
-        if not isinstance(rule, ElementwiseRule):
+        if not self._on_patches(node, env):
             return self.densify(index, env)
-        if self.upper is None:
+        rule = node.meta.get("rule")
+        if not isinstance(rule, ElementwiseRule) or self.upper is None:
             return None
-        if self.prune is not None:
-            return self.runner._pruned_patches(self.dual, index, p, self.space, self.batch, self.lower, self.upper,
-                                               self.prune)
-        if self.both and not rule.linear(primal, self.runner.config):
-            return self.runner._forked_patches(self.dual, index, p, node.inputs[0], self.space, self.batch,
-                                               self.lower, self.upper)
+        runner = self.runner
+        if self.prune is not None and runner._can_prune_at(node, env, self.batch):
+            return runner._pruned_patches(self.dual, index, env, self.batch, self.lower, self.upper, self.prune)
+        if self.both and not rule.linear(node.meta["primal"], runner.config):
+            return runner._forked_patches(self.dual, index, env, self.batch, self.lower, self.upper)
         return None
 
+    def _on_patches(self, node: Node, env: dict) -> bool:
+        """Whether dual node ``node`` runs on patches (see the class docstring)."""
+        if any(v is None or v not in env for v in node.inputs):
+            return False
+        if any(patches.covers_value(p, v.meta["primal_value"].unit_shape) for v, p in env.items()):
+            return False
+        if node.op == FAN_OUT_SUM:
+            return len({env[v].stride for v in node.inputs}) == 1
+        primal = node.meta.get("primal")
+        if primal is None:
+            return False
+        return (patches.conv_geometry(primal) is not None or patches.sum_signs(primal) is not None
+                or (isinstance(node.meta["rule"], ElementwiseRule) and primal.var_inputs[0] in self.batch.bounds))
+
     def run_node(self, node: Node, env: dict) -> list:
+        if node.op == FAN_OUT_SUM:
+            return [patches.aligned_sum([env[v] for v in node.inputs])]
         p, primal = env[node.inputs[0]], node.meta["primal"]
+        if patches.sum_signs(primal) is not None:
+            return patches.through_sum(p, primal)
         if patches.conv_geometry(primal) is not None:
             p, lo = patches.through_conv(p, primal, self.runner.patch_cache)
             up = lo
@@ -412,39 +428,39 @@ class _PatchPass(GraphWalk):
             p, lo, up = patches.through_elementwise(p, primal, node.meta["rule"], w, self.runner.config)
         self.lower = self.lower + lo
         self.upper = None if self.upper is None or up is None else self.upper + up
-        self.space = primal.inputs[0]
         return [p]
 
     def densify(self, index: int, env: dict):
-        """Continue densely from node ``index`` on the rows of the one live patches, in chunks
-        of rows that fit the memory budget (:meth:`DualRunner.rows_per_chunk`): by blocks of
+        """Continue densely from node ``index`` on the rows of the live patches, in chunks of
+        rows that fit the memory budget (:meth:`DualRunner.rows_per_chunk`): by blocks of
         target channels, or of selected units after :func:`patches.select`."""
-        ((current, p),) = env.items()
         runner = self.runner
         per_chunk = runner.rows_per_chunk(self.dual, self.batch.input_set.center, 2 if self.both else 1)
+        per_chunk = max(1, per_chunk // len(env))
+        p = next(iter(env.values()))
         if p.rows is not None:  # one row block per selected unit: each with its own example's data
             units, block = p.data.shape[0], p.data.shape[2]
             step = max(1, per_chunk // block)
-            parts = [self._dense_part(index, current, p.take_rows(slice(u, u + step)),
+            parts = [self._dense_part(index, {v: q.take_rows(slice(u, u + step)) for v, q in env.items()},
                                       _row_slice(self.lower, slice(u, u + step), None),
                                       _row_slice(self.upper, slice(u, u + step), None))
                      for u in range(0, units, step)]
             return tuple(None if side[0] is None else torch.cat(side, 0) for side in zip(*parts))
         channels, positions = p.data.shape[2], p.positions
         step = max(1, per_chunk // positions)
-        parts = [self._dense_part(index, current, replace(p, data=p.data[:, :, c:c + step]),
+        parts = [self._dense_part(index, {v: replace(q, data=q.data[:, :, c:c + step]) for v, q in env.items()},
                                   _row_slice(self.lower, None, slice(c * positions, (c + step) * positions)),
                                   _row_slice(self.upper, None, slice(c * positions, (c + step) * positions)))
                  for c in range(0, channels, step)]
         return tuple(None if side[0] is None else torch.cat(side, 1) for side in zip(*parts))
 
-    def _dense_part(self, index: int, current: Value, p: patches.Patches, lower, upper):
-        rows = p.to_dense(tuple(self.space.unit_shape))
-        batch = self.batch
+    def _dense_part(self, index: int, env: dict, lower, upper):
+        rows = {v: p.to_dense(tuple(v.meta["primal_value"].unit_shape)) for v, p in env.items()}
+        batch, p = self.batch, next(iter(env.values()))
         if p.rows is not None:
             batch = batch.take(p.rows[0], needed_bounds(self.dual, index))
-        return self.runner._run_from(self.dual, index, {current: rows}, batch, lower, upper,
-                                     rows.shape[1], self.prune, self.both)
+        m = next(iter(rows.values())).shape[1]
+        return self.runner._run_from(self.dual, index, rows, batch, lower, upper, m, self.prune, self.both)
 
 
 @dataclass

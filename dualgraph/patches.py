@@ -1,19 +1,24 @@
-"""Backward passes from a convolution's units, kept as local windows ("patches").
+"""Backward passes from a feature map's units, kept as local windows ("patches").
 
-The bounds of a Conv output need one dual row per unit ``(c, p)`` (channel, position).
-After the transpose of that Conv, row ``(c, p)`` is the filter ``W[c]`` placed at the
-window of position ``p``; after further convolutions and elementwise layers it is still
-zero outside a window of the input. Storing only the window, ``[b, P, C_t, C, K, K]``
-(position, target channel, channel, window), instead of a dense ``[b, C_t*P, C, H, W]``
-row does the same arithmetic as the dense path on ``K*K`` instead of ``H*W`` entries.
+The bounds of a feature map (a Conv output, a residual block's sum) need one dual row per
+unit ``(c, p)`` (channel, position). After the transpose of a Conv, row ``(c, p)`` is the
+filter ``W[c]`` placed at the window of position ``p``; after further convolutions,
+elementwise layers and residual blocks it is still zero outside a window of the input.
+Storing only the window, ``[b, P, C_t, C, K, K]`` (position, target channel, channel,
+window), instead of a dense ``[b, C_t*P, C, H, W]`` row does the same arithmetic as the
+dense path on ``K*K`` instead of ``H*W`` entries.
 
 Window geometry: row ``p = (ph, pw)`` covers rows ``ph*S - Pd .. ph*S - Pd + K - 1`` of
-the current value (likewise columns). Through a Conv with stride ``s``, padding ``q`` and
-kernel ``k``: ``K -> (K-1)s + k``, ``S -> S s``, ``Pd -> Pd s + q``. Entries that fall
-outside the value (its zero padding) are masked to zero, as the dense rows have no
-such entries. Elementwise layers multiply by their slopes' windows; the input term
-takes the windows of the input set's centre and radius. Anything else converts the
-patches to dense rows and the ordinary dual layers continue.
+the current value (likewise columns). A pass starts from the identity rows of the target,
+windows of one pixel (``K = 1, S = 1, Pd = 0``). Through a Conv with stride ``s``, padding
+``q`` and kernel ``k``: ``K -> (K-1)s + k``, ``S -> S s``, ``Pd -> Pd s + q``. Entries that
+fall outside the value (its zero padding) are masked to zero, as the dense rows have no
+such entries. Elementwise layers multiply by their slopes' windows; the sum of two variables
+(a residual block's ``Add``) passes the rows to both operands unchanged; where the two
+branches meet again (the dual graph's fan-out sum at the block's input) their windows are
+placed on a common window of the same stride (:func:`aligned_sum`). The input term takes the
+windows of the input set's centre and radius. Anything else, or windows as large as the
+value itself, converts the patches to dense rows and the ordinary dual layers continue.
 
 When only some units need exact bounds (``BoundConfig.prune_stable``), :func:`select`
 keeps those rows as patches ``[U, 1, 1, C, K, K]`` with the example and position of
@@ -108,18 +113,64 @@ def conv_geometry(node: Node) -> tuple[int, int] | None:
     return g.strides[0], g.begins[0]
 
 
-def start(node: Node, sign: float, like: torch.Tensor) -> tuple[Patches, torch.Tensor]:
-    """Identity rows of ``node``'s output pushed through its transpose; and the bias term."""
-    stride, pad = conv_geometry(node)
-    args = const_args(node, like)
-    w = args[1]
-    Ct = w.shape[0]
-    Ho, Wo = node.output.unit_shape[1:]
-    p = Patches((sign * w).view(1, 1, Ct, *w.shape[1:]), w.shape[2], stride, pad, (Ho, Wo))
-    p.masked(node.inputs[0].unit_shape)
-    bias = args[2] if len(args) > 2 and args[2] is not None else None
-    offset = (sign * bias).view(1, Ct, 1).expand(1, Ct, Ho * Wo).reshape(1, -1) if bias is not None else 0.0
-    return p, offset
+def identity(shape_chw: tuple[int, int, int], like: torch.Tensor) -> Patches:
+    """The identity rows of a value of shape ``(C, H, W)``: one row per unit ``(c, p)``, a
+    one-pixel window holding ``e_c`` at position ``p``."""
+    C, H, W = shape_chw
+    eye = torch.eye(C, dtype=like.dtype, device=like.device)
+    return Patches(eye.view(1, 1, C, C, 1, 1).expand(1, H * W, C, C, 1, 1), 1, 1, 0, (H, W))
+
+
+def aligned_sum(parts: list[Patches]) -> Patches | None:
+    """The sum of patches of the same rows in one value (the contributions a fan-out sum
+    adds up), each padded with zeros onto the smallest window holding all of theirs; None
+    when their strides differ (the windows of one row then do not move together).
+
+    A window with padding ``Pd`` and size ``K`` covers ``-Pd .. K - Pd - 1`` around
+    ``p * S``; the common one runs from ``-max Pd`` to ``max (K - Pd) - 1``."""
+    stride = parts[0].stride
+    if any(p.stride != stride for p in parts):
+        return None
+    pad = max(p.padding for p in parts)
+    kernel = pad + max(p.kernel - p.padding for p in parts)
+    total = None
+    for p in parts:
+        before = pad - p.padding
+        after = kernel - p.kernel - before
+        data = F.pad(p.data, (before, after, before, after)) if before or after else p.data
+        total = data if total is None else total + data
+    return replace(parts[0], data=total, kernel=kernel, padding=pad)
+
+
+def covers_value(p: Patches, shape_chw) -> bool:
+    """Whether ``p``'s windows are at least as large as the value they live in: dense rows
+    then do the same work with less bookkeeping."""
+    return p.kernel * p.kernel >= shape_chw[1] * shape_chw[2]
+
+
+def sum_signs(node: Node) -> tuple[float, float] | None:
+    """``(1, 1)`` for an ``Add``, ``(1, -1)`` for a ``Sub`` of two variables of the output's
+    shape (a residual block's sum; its dual passes ``lam`` to both operands, the second one
+    negated for ``Sub``), else None."""
+    signs = {("", "Add"): (1.0, 1.0), ("", "Sub"): (1.0, -1.0)}.get(node.op)
+    if signs is None or len(node.inputs) != 2 or any(v is None or v.is_const for v in node.inputs):
+        return None
+    shape = node.output.unit_shape
+    return signs if all(v.unit_shape == shape for v in node.inputs) else None
+
+
+def starts_on_patches(target) -> bool:
+    """Whether backward passes from ``target``'s units start on patches: a feature map
+    ``(C, H, W)`` produced by a convolution or by a residual block's sum."""
+    producer = target.producer
+    return (len(target.unit_shape) == 3 and producer is not None
+            and (conv_geometry(producer) is not None or sum_signs(producer) is not None))
+
+
+def through_sum(p: Patches, node: Node) -> list[Patches]:
+    """The dual of a sum of two variables (:func:`sum_signs`): the rows of each operand."""
+    first, second = sum_signs(node)
+    return [p if first == 1 else replace(p, data=-p.data), p if second == 1 else replace(p, data=-p.data)]
 
 
 MAX_DENSE_TRANSPOSE = 1 << 22

@@ -201,7 +201,7 @@ class BoundScheduler:
         chunk = max(1, elements // (widest * size * (1 if linear else 2)))
         like = batch.input_set.center
         prune = self.stable_pieces(v)
-        if self.config.patches and v.producer is not None and patches.conv_geometry(v.producer) is not None:
+        if self.config.patches and patches.starts_on_patches(v):
             lo, up = self.runner.patch_bounds(dual, batch, linear, prune)
             return Bounds(lo.reshape(size, *v.unit_shape), up.reshape(size, *v.unit_shape))
         lows, ups = [], []

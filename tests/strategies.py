@@ -344,16 +344,24 @@ def build_dense(rng: random.Random, acts=("relu",), max_width: int = 10, max_nod
     return net.eval()
 
 
-def build_cnn(rng: random.Random, acts=("relu",), maxpool: bool = False, max_channels: int = 3) -> DagNet:
+CNN_LAYERS = ("conv", "conv", "avgconv", "residual", "downsample", "concat", "multiuse")
+"""The layer kinds of :func:`build_cnn`, "conv" twice as likely as the others."""
+
+
+def build_cnn(rng: random.Random, acts=("relu",), maxpool: bool = False, max_channels: int = 3,
+              kinds: tuple[str, ...] = CNN_LAYERS, layers: tuple[int, int] = (1, 3),
+              sizes: tuple[int, int] = (4, 7)) -> DagNet:
     """Small CNNs: convolutions (random kernel / stride / padding / dilation / groups), average
-    pooling, residual conv blocks, channel concatenation, optional MaxPool2d; Flatten + Linear head."""
-    c_in, hw = rng.randint(1, 2), rng.randint(4, 7)
+    pooling, residual conv blocks (identity or strided convolutional shortcut), channel
+    concatenation, optional MaxPool2d; Flatten + Linear head. ``kinds``: the layer kinds drawn
+    from, ``layers``: how many, ``sizes``: the input's height and width (inclusive ranges)."""
+    c_in, hw = rng.randint(1, 2), rng.randint(*sizes)
     gain = rng.choice([1.0, 1.5])
     with torch.random.fork_rng():
         torch.manual_seed(rng.randrange(2 ** 31))
         net = DagNet((c_in, hw, hw), "cnn")
         prev = 0
-        for _ in range(rng.randint(1, 3)):
+        for _ in range(rng.randint(*layers)):
             cin, size = net.feat_shapes[prev][0], net.feat_shapes[prev][1]
             k, s, p, d = rng.randint(1, 3), rng.randint(1, 2), rng.randint(0, 1), rng.randint(1, 2)
             if _conv_out(size, k, s, p, d) < 1:
@@ -363,7 +371,7 @@ def build_cnn(rng: random.Random, acts=("relu",), maxpool: bool = False, max_cha
             if g > 1 and rng.random() < 0.5:
                 cout, groups = g, g
             act = rng.choice(acts)
-            kind = rng.choice(["conv", "conv", "avgconv", "residual", "concat", "multiuse"])
+            kind = rng.choice(kinds)
             if kind == "avgconv" and size >= 2:
                 pad = rng.randint(0, 1) if size >= 3 else 0
                 pool = nn.AvgPool2d(2, stride=rng.randint(1, 2), padding=pad,
@@ -374,6 +382,15 @@ def build_cnn(rng: random.Random, acts=("relu",), maxpool: bool = False, max_cha
                 inner = net.add([prev], [_scale(nn.Conv2d(cin, c, 3, padding=1), gain)], act=act)
                 cur = net.add([prev, inner], [nn.Identity(), _scale(nn.Conv2d(c, cin, 3, padding=1), gain)],
                               skips=[True, False], act=rng.choice(tuple(acts) + (None,)))
+            elif kind == "downsample" and size >= 2:
+                # a strided block with a convolutional shortcut (ResNet's downsampling block): its
+                # two branches' windows differ in size and padding where they meet again
+                c, k_main, k_short = rng.randint(1, max_channels), rng.choice([1, 3]), rng.choice([1, 3])
+                inner = net.add([prev], [_scale(nn.Conv2d(cin, c, k_main, stride=2, padding=k_main // 2), gain)],
+                                act=act)
+                shortcut = _scale(nn.Conv2d(cin, cout, k_short, stride=2, padding=k_short // 2), gain)
+                cur = net.add([prev, inner], [shortcut, _scale(nn.Conv2d(c, cout, 3, padding=1), gain)],
+                              act=rng.choice(tuple(acts) + (None,)))
             elif kind == "concat":
                 c = rng.randint(1, max_channels)
                 a = net.add([prev], [_scale(nn.Conv2d(cin, c, 3, padding=1), gain)], act=act)
@@ -427,6 +444,13 @@ def dense_nets(acts=("relu",), **kw) -> st.SearchStrategy[DagNet]:
 
 def cnn_nets(acts=("relu",), **kw) -> st.SearchStrategy[DagNet]:
     return _nets([lambda rng: build_cnn(rng, acts, **kw)])
+
+
+def residual_cnn_nets(**kw) -> st.SearchStrategy[DagNet]:
+    """ReLU CNNs of two to four residual blocks (identity or convolutional shortcuts), on
+    maps large enough that convolution windows stay smaller than them for a while."""
+    return _nets([lambda rng: build_cnn(rng, kinds=("residual", "downsample", "residual", "conv"), layers=(2, 4),
+                                        sizes=(6, 10), **kw)])
 
 
 def relu_nets(cnn: bool = True) -> st.SearchStrategy[DagNet]:

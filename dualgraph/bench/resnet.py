@@ -327,7 +327,7 @@ def _timings(runs: list[dict], batch: int) -> dict:
 def _phases(sched, runs: list[dict], direction: str) -> dict:
     """Per bounded value: op, units, share crossing zero (``l < 0 < u``, all examples) and the
     median seconds of its intermediate bounds (backward only; forward bounds all values in
-    one pass), with the path its backward pass starts on (convolution patches or dense rows)."""
+    one pass), with the path its backward pass starts on (patches or dense rows)."""
     from dualgraph import patches
     bounds = runs[-1]["bounds"]
     phases, crossing, units = [], 0, 0
@@ -336,7 +336,7 @@ def _phases(sched, runs: list[dict], direction: str) -> dict:
         cross = int(((lo < 0) & (up > 0)).sum())
         crossing, units = crossing + cross, units + lo.numel()
         seconds = [r["phases"][v.name] for r in runs if v.name in r["phases"]]
-        conv = v.producer is not None and patches.conv_geometry(v.producer) is not None
+        conv = sched.config.patches and patches.starts_on_patches(v)
         phases.append({"value": v.name, "op": v.producer.op[1] if v.producer else "input", "units": v.numel,
                        "crossing": round(cross / lo.numel(), 4),
                        "seconds": round(statistics.median(seconds), 4) if seconds else None,
