@@ -26,9 +26,12 @@ class BoundConfig:
     direction: how intermediate bounds are computed: ``"backward"`` (one dual pass from
         each layer's units), ``"forward"`` (Appendix F: identity columns of the input and
         of every activation's crossing units pushed forward; needs linear dual layers) or
-        ``"auto"`` (the cheaper by an operation count; the bounds are the same).
-    patches: run backward passes from a convolution's units on local windows
-        (:mod:`dualgraph.patches`); same numbers, far less work. Off only for testing.
+        ``"auto"`` (the cheaper by an operation count). The bounds are the same in exact
+        arithmetic; their rounding allowances differ: backward rows pay each their own (tight),
+        the forward direction a propagated one that grows with depth (:mod:`dualgraph.rounding`).
+    patches: run backward passes from a feature map's units (a convolution's, a residual
+        block's sum) on local windows (:mod:`dualgraph.patches`); same numbers, far less work.
+        Off only for testing.
     rounding_allowance: widen every bound by a rigorous bound on its floating-point error
         and on the network's own evaluation error (:mod:`dualgraph.rounding`), so that a
         certificate holds in exact arithmetic and as the network is evaluated. False only

@@ -1,7 +1,9 @@
 """Which direction intermediate bounds run in: backward (one dual pass from each layer's
 units) or forward (the paper's Appendix F: columns of the input and of every activation's
-gap units pushed forward). Both give the same bounds; the choice is a cost model
-(multiply counts of the two) and a memory check (the forward columns are not chunked).
+gap units pushed forward). Both give the same bounds in exact arithmetic (the rounding
+allowance of the forward direction is looser, see :mod:`dualgraph.rounding`); the choice is
+a cost model (multiply counts of the two, backward rows on convolution windows where they
+run on patches) and a memory check (the forward columns are not chunked).
 """
 
 from __future__ import annotations

@@ -386,6 +386,7 @@ class _PatchPass(GraphWalk):
     def before(self, index: int, node: Node, env: dict):
         if node.op == INPUT_SET and node.inputs[0] in env:
             center, radius = patches.input_terms(env[node.inputs[0]], self.batch.input_set)
+            radius = radius + self._slack(node, env)
             upper = None if self.upper is None else self.upper + center + radius
             return self.lower + center - radius, upper
         if not self._on_patches(node, env):
@@ -415,20 +416,34 @@ class _PatchPass(GraphWalk):
                 or (isinstance(node.meta["rule"], ElementwiseRule) and primal.var_inputs[0] in self.batch.bounds))
 
     def run_node(self, node: Node, env: dict) -> list:
+        slack = self._slack(node, env)
         if node.op == FAN_OUT_SUM:
-            return [patches.aligned_sum([env[v] for v in node.inputs])]
-        p, primal = env[node.inputs[0]], node.meta["primal"]
-        if patches.sum_signs(primal) is not None:
-            return patches.through_sum(p, primal)
-        if patches.conv_geometry(primal) is not None:
-            p, lo = patches.through_conv(p, primal, self.runner.patch_cache)
-            up = lo
+            outs, lo, up = [patches.aligned_sum([env[v] for v in node.inputs])], 0.0, 0.0
         else:
-            w = self.batch.bounds[primal.var_inputs[0]]
-            p, lo, up = patches.through_elementwise(p, primal, node.meta["rule"], w, self.runner.config)
-        self.lower = self.lower + lo
-        self.upper = None if self.upper is None or up is None else self.upper + up
-        return [p]
+            p, primal = env[node.inputs[0]], node.meta["primal"]
+            if patches.sum_signs(primal) is not None:
+                outs, lo, up = patches.through_sum(p, primal), 0.0, 0.0
+            elif patches.conv_geometry(primal) is not None:
+                p, lo = patches.through_conv(p, primal, self.runner.patch_cache)
+                outs, up = [p], lo
+            else:
+                w = self.batch.bounds[primal.var_inputs[0]]
+                p, lo, up = patches.through_elementwise(p, primal, node.meta["rule"], w, self.runner.config)
+                outs = [p]
+        self.lower = self.lower + lo - slack
+        self.upper = None if self.upper is None or up is None else self.upper + up + slack
+        return outs
+
+    def _slack(self, node: Node, env: dict):
+        """The step's rounding allowance on the rows (``Batch.per_row``, see :meth:`DualRunner.run_node`)."""
+        rounding = self.batch.rounding
+        if not (self.batch.per_row and rounding.enabled):
+            return 0.0
+        total = 0.0
+        for v, w in zip(node.inputs, rounding.step_weights(node, len(node.inputs))):
+            if w is not None:
+                total = total + patches.abs_dot(env[v], w.to(env[v].data.dtype))
+        return total
 
     def densify(self, index: int, env: dict):
         """Continue densely from node ``index`` on the rows of the live patches, in chunks of

@@ -243,6 +243,11 @@ def box_terms(p: Patches, centre: torch.Tensor, radius: torch.Tensor) -> tuple[t
     return _window_dot(p.data, p.windows(centre)), _window_dot(p.data.abs(), p.windows(radius))
 
 
+def abs_dot(p: Patches, t: torch.Tensor) -> torch.Tensor:
+    """``|lam| . t`` for every row, ``[B, rows]`` (``t`` ``[B, C, H, W]``, e.g. a rounding weight)."""
+    return _window_dot(p.data.abs(), p.windows(t))
+
+
 def select(p: Patches, slope: torch.Tensor | None, examples: torch.Tensor, rows: torch.Tensor) -> Patches:
     """Rows ``rows`` (indices into ``C_t * P``, channel-major) of ``examples`` of ``slope * lam``
     (``lam`` itself when ``slope`` is None), as patches of one row each."""

@@ -36,15 +36,20 @@ exact). That covers the products ``a * lam``, the offset dot products (``n_o`` u
 an offset), the rounding of the relaxation's own slope and offsets, and the activation's
 evaluation, on every bound path at once.
 
-*Intermediate bounds* (one row per unit: per-row allowances would cost as much as the
-bounds). The dual variable of a bound on ``c . v`` is ``lam_k = M_{v<-k}^T c``, ``M`` the
-product of the linear maps from node ``k`` to ``v``, so ``|lam_k| <= |M_{v<-k}|^T |c|`` and
-``sum_k |lam_k| . W_k <= |c| . eps_v`` with ``eps_v = sum_k |M_{v<-k}| W_k``: one vector per
-value, propagated forward with absolute weights (``eps_out = |A| eps_in + W``; rule
-:meth:`DualRule.abs_linear`) plus the dual's sums at fan-outs. Every intermediate bound is
-widened by ``eps_v`` before anything uses it. The pruning box (a bound of the rest of a
-pass by the box of one layer's bounds) adds the rounding of its own dot products to its
-radius where it is formed (:meth:`RoundingAllowance.box_gamma`).
+*Intermediate bounds* computed backward are rows like any other (one per unit and sign):
+each dual step adds its own ``|lam| . W_k`` to the rows' offsets, on dense rows and on
+patches alike (``Batch.per_row``), and the bounds are then only *adopted*
+(:meth:`RoundingAllowance.adopt`: the relaxations that read them rounded outward). This
+costs one dot product per row and step, and it is tight: a bound over ``eps_v``
+propagated with absolute weights (below) grows with the product of the layers' absolute
+weights, which on deep networks is many orders of magnitude above ``|lam_k|``. The pruning
+box (a bound of the rest of a pass by the box of one layer's bounds) adds the rounding of
+its own dot products to its radius where it is formed (:meth:`RoundingAllowance.box_gamma`).
+The propagated bound: the dual variable of a bound on ``c . v`` is ``lam_k = M_{v<-k}^T c``,
+``M`` the product of the linear maps from node ``k`` to ``v``, so ``|lam_k| <= |M_{v<-k}|^T
+|c|`` and ``sum_k |lam_k| . W_k <= |c| . eps_v`` with ``eps_v = sum_k |M_{v<-k}| W_k``: one
+vector per value, propagated forward with absolute weights (``eps_out = |A| eps_in + W``;
+rule :meth:`DualRule.abs_linear`) plus the dual's sums at fan-outs (:meth:`widen`).
 The forward path (Appendix F) pushes columns instead of rows; its ``eps`` uses the
 magnitudes of the linearised network it evaluates and the final reduction over columns
 (:meth:`RoundingAllowance.widen_forward`).
@@ -130,17 +135,20 @@ class RoundingAllowance:
         input), ``[B, m]``: subtract from the step's lower offset, add to its upper one."""
         if not self.enabled:
             return 0.0
-        if dual_node.op == FAN_OUT_SUM:
-            weights = [self._fanout_weight(dual_node.meta["primal_value"])] * len(lams)
-        elif dual_node.op == INPUT_SET:
-            weights = [self._pick(self._w_input)]
-        else:
-            weights = self._weights(dual_node.meta["primal"])
         total: torch.Tensor | float = 0.0
-        for lam, w in zip(lams, weights):
+        for lam, w in zip(lams, self.step_weights(dual_node, len(lams))):
             if lam is not None and w is not None:
                 total = total + batched_dot(lam.detach().abs(), w.to(lam.dtype))
         return total
+
+    def step_weights(self, dual_node, count: int) -> list[torch.Tensor | None]:
+        """``W`` ``[B, *unit]`` (None: an exact step) for each of the ``count`` dual variables
+        ``dual_node`` reads: the allowance of a row is ``sum |lam| . W`` (:meth:`slack`)."""
+        if dual_node.op == FAN_OUT_SUM:
+            return [self._fanout_weight(dual_node.meta["primal_value"])] * count
+        if dual_node.op == INPUT_SET:
+            return [self._pick(self._w_input)]
+        return self._weights(dual_node.meta["primal"])
 
     def take(self, examples: torch.Tensor) -> RoundingAllowance:
         """A view of the given examples (an index tensor into the batch) sharing the memos."""
@@ -159,8 +167,9 @@ class RoundingAllowance:
         return self._finish(v, b, self._eps[v])
 
     def adopt(self, v: Value, b: Bounds) -> Bounds:
-        """Bounds of ``v`` that are already sound (e.g. a branch-and-bound domain's clamped
-        copy of widened bounds), with the relaxations that read ``v`` rounded outward on them."""
+        """Bounds of ``v`` that are already sound (rows with their own allowance, or a
+        branch-and-bound domain's clamped copy of sound bounds), with the relaxations that
+        read ``v`` rounded outward on them."""
         if not self.enabled:
             return b
         self._compute(v)

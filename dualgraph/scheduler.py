@@ -22,9 +22,9 @@ a stable unit does not depend on its bounds, so every later bound and ``J(C)`` a
 same as without pruning.
 
 Floating point: every bound is sound for the network in exact arithmetic and as evaluated
-in its own precision (:mod:`dualgraph.rounding`): intermediate bounds are widened by their
-rounding allowance before they are used, and the final pass adds each dual step's own
-allowance to its offsets (``Batch.per_row``). Budgets: :attr:`BoundScheduler.deadline` is
+in its own precision (:mod:`dualgraph.rounding`): every backward pass, intermediate or
+final, adds each dual step's own allowance to its rows' offsets (``Batch.per_row``); the
+forward direction widens its bounds by a propagated allowance. Budgets: :attr:`BoundScheduler.deadline` is
 checked before every dual step, chunk and forward node; ``BoundConfig.max_memory`` sizes
 the chunks and rules out a forward direction that would not fit.
 
@@ -138,11 +138,11 @@ class BoundScheduler:
             for v in self.bound_targets:
                 start = time.perf_counter()
                 with _out_of_memory_as_error(v.name):
-                    raw = self.value_bounds(v, batch)
+                    raw = self.value_bounds(v, replace(batch, per_row=True))  # each row its own allowance
                     if optimise_slopes:
                         raw = self._optimise_unit_bounds(v, batch, raw)
                         raw = Bounds(torch.maximum(raw.lower, floor[v].lower), torch.minimum(raw.upper, floor[v].upper))
-                    batch.bounds[v] = batch.rounding.widen(v, raw)
+                    batch.bounds[v] = batch.rounding.adopt(v, raw)
                 if self.phase_seconds is not None:
                     self.phase_seconds[v.name] = self.phase_seconds.get(v.name, 0.0) + time.perf_counter() - start
         return batch.bounds

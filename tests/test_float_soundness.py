@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from unittest import mock
 from fractions import Fraction
 
 import numpy as np
@@ -191,3 +192,50 @@ def test_input_box_is_rounded_outward():
         centre = Fraction(float(x[0, j]))
         assert Fraction(float(box.lo[0, j])) <= centre - Fraction(eps)
         assert Fraction(float(box.hi[0, j])) >= centre + Fraction(eps)
+
+
+def test_patch_path_pays_the_same_allowance_as_dense_rows():
+    """Intermediate bounds computed backward carry each row's own rounding allowance, on
+    convolution windows as on dense rows: on a residual CNN with a strided convolutional
+    shortcut (windows summed at fan-outs, pruned and unpruned passes, both relaxations) the
+    two paths pay the same allowance, step by step. The bounds run in float64 with float32's
+    unit roundoff in the analysis, so that every step's share (the fan-out sums' too) stands
+    far above the arithmetic's own noise."""
+    import torch.nn as nn
+
+    from dualgraph import rounding
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self, c_in, c_out, stride):
+            super().__init__()
+            self.a = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+            self.b = nn.Conv2d(c_out, c_out, 3, padding=1)
+            self.skip = nn.Conv2d(c_in, c_out, 1, stride=stride) if stride > 1 else nn.Identity()
+
+        def forward(self, x):
+            return torch.relu(self.skip(x) + self.b(torch.relu(self.a(x))))
+
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), Block(4, 4, 1), Block(4, 6, 2),
+                        nn.Flatten(), nn.Linear(6 * 5 * 5, 3)).eval()
+    x = torch.rand(1, 2, 10, 10, dtype=torch.float64)
+    graph = load_model(net, x.float())
+    for relaxation in ("paper", "crown"):
+        got = {}
+        for patches in (True, False):
+            for prune in (True, False):
+                for allowance in (True, False):
+                    cfg = BoundConfig(relu_relaxation=relaxation, direction="backward", patches=patches,
+                                      prune_stable=prune, rounding_allowance=allowance)
+                    cert = Certifier(graph, cfg, dtype=torch.float64)
+                    with mock.patch.object(rounding, "unit_roundoff", lambda dtype: 2.0 ** -24):
+                        got[patches, prune, allowance] = cert.intermediate_bounds(linf_ball(x, 0.02))
+        for prune in (True, False):  # pruning changes the allowance a little (looser stable bounds, larger magnitudes)
+            dense, dense_raw, windows = got[False, prune, True], got[False, prune, False], got[True, prune, True]
+            for v, want in dense.items():
+                for side in ("lower", "upper"):
+                    w = getattr(want, side)
+                    paid = (w - getattr(dense_raw[v], side)).abs()
+                    assert paid.min() > 0, f"{relaxation}: no allowance on {v.name}"
+                    diff = (getattr(windows[v], side) - w).abs()
+                    assert (diff <= 1e-6 * paid).all(), (relaxation, prune, v.name, side, float((diff / paid).max()))
