@@ -19,10 +19,10 @@ row), the intermediate bounds of crossing units (rows ``+e_j`` and ``-e_j``, lay
 (:mod:`dualgraph.bab`), whose split constraints add multipliers ``beta >= 0``
 (:class:`~dualgraph.dual_registry.SplitMultipliers`) to the variables.
 
-Floating point: the propagated rounding allowance ``eps_v`` covers the relaxations' own
-slopes only, so passes with optimised slopes of intermediate bounds add each dual step's
-allowance to their rows (``Batch.per_row``), as the final bound always does; the outward
-rounding of a relaxation's offsets covers every slope in its range.
+Floating point: like every backward pass, passes with optimised slopes add each dual
+step's allowance to their rows (``Batch.per_row``), computed from the rows' own dual
+variables, so any slopes are covered; the outward rounding of a relaxation's offsets
+covers every slope in its range.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 
 from .dual_registry import ElementwiseRule, FreeSlopes, Relaxation, SplitMultipliers
 from .dual_run import needed_bounds
+from .patches import Patches, geometry, windows_of
 
 
 LR_FINAL = 0.3
@@ -66,7 +67,10 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
     (``Batch.splits``, starting at 0).
 
     ``rows`` is ``[R, 1, *target]`` with ``batch`` holding one example per row (``Batch.take``
-    with repeated examples). Rows whose best bound exceeds ``goal`` (a number or ``[R, 1]``)
+    with repeated examples), or selected units of a feature map as patches
+    (:func:`dualgraph.patches.select`, each row with its example in ``batch``) when the whole
+    pass runs on patches (:func:`dualgraph.patches.geometry`); the slopes then live on each
+    row's window (no branch-and-bound splits). Rows whose best bound exceeds ``goal`` (a number or ``[R, 1]``)
     stop; once half of the rows have, the others go on alone. ``record``: filled with the
     dual variables of a last pass over the rows still below their goal (:attr:`DualRunner.record`)
     and their positions (``"alive"``).
@@ -75,8 +79,12 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
     steps = config.alpha_steps if steps is None else steps
     relaxed = free_relaxations(runner, dual, batch.bounds) if config.relu_relaxation == "alpha" else {}
     split = {name: _multipliers(sign) for name, sign in (batch.splits or {}).items() if bool(sign.any())}
-    variables = {name: (_variables(relaxed[name]) if name in relaxed else None, split.get(name))
-                 for name in set(relaxed) | set(split)}
+    if isinstance(rows, Patches):  # each row's slopes on its own window, wherever the row is
+        windows = _window_geometries(dual, rows)
+        variables = {name: (_window_variables(relaxed[name], windows[name]), None) for name in relaxed}
+    else:
+        variables = {name: (_variables(relaxed[name]) if name in relaxed else None, split.get(name))
+                     for name in set(relaxed) | set(split)}
     if not variables or steps == 0:
         if record is not None:
             runner.record = record
@@ -163,10 +171,12 @@ class _Ascent:
             return
         index = moving.nonzero().flatten()
         self.alive = self.alive[index]
-        self.env = {v: t[index] for v, t in self.env.items()}
+        on_windows = any(isinstance(t, Patches) for t in self.env.values())
+        self.env = {v: t.take_rows(index) if on_windows else t[index] for v, t in self.env.items()}
         if torch.is_tensor(self.offsets) and self.offsets.dim() > 0 and self.offsets.shape[0] > 1:
             self.offsets = self.offsets[index]
-        self.batch = self.batch.take(index, self.needed)
+        if not on_windows:  # patches carry their rows' examples: the batch stays whole
+            self.batch = self.batch.take(index, self.needed)
         state = self.optimiser.state
         for pair in self.variables.values():
             for t in pair:
@@ -194,6 +204,31 @@ def _multipliers(sign: torch.Tensor) -> SplitMultipliers:
     index = (sign != 0).any(0).nonzero().flatten()
     picked = sign[:, index].unsqueeze(1)
     return SplitMultipliers(index, torch.zeros_like(picked).requires_grad_(True), picked)
+
+
+def _window_geometries(dual, rows: Patches) -> dict:
+    """Per primal node name of an elementwise dual layer: a function giving the windows of a
+    ``[R, *unit]`` tensor on the rows' windows at that layer (:func:`dualgraph.patches.geometry`)."""
+    geom = geometry(dual)
+    out = {}
+    for node in dual.nodes:
+        if isinstance(node.meta.get("rule"), ElementwiseRule):
+            shape = geom[node.inputs[0]]
+            out[node.meta["primal"].name] = (
+                lambda t, shape=shape: windows_of(shape, rows.rows, rows.out_hw, t))
+    return out
+
+
+def _window_variables(r: Relaxation, windows) -> FreeSlopes:
+    """The free slopes of ``r`` (one example per row) on each row's window, ``[R, 1, 1, C, K, K]``."""
+    units, lo, hi = r.free
+
+    def win(t):
+        return windows(t) if torch.is_tensor(t) and t.dim() > 0 else t
+
+    values = win(r.a_lo).detach().clone().requires_grad_(True)
+    free = win(units.to(r.a_lo.dtype)) > 0.5
+    return FreeSlopes(None, values, free, win(lo), win(hi))
 
 
 def _variables(r: Relaxation) -> FreeSlopes:

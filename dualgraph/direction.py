@@ -9,13 +9,12 @@ run on patches) and a memory check (the forward columns are not chunked).
 from __future__ import annotations
 
 import functools
-import math
 
-from .dual_registry import ElementwiseRule, dual_rule
+from .dual_registry import dual_rule
 from .errors import DualgraphError
 from .forward import forward_supported
 from .ir import Graph, Node, Value
-from .patches import conv_geometry, starts_on_patches, sum_signs
+from .patches import window_shares
 
 
 class DirectionCost:
@@ -96,48 +95,19 @@ class DirectionCost:
         A row or column costs about one multiply-accumulate per weight use of each node.
         Backward: every target's units are rows pushed through all of its ancestors, at the
         share of each node's outputs their windows cover while they run on patches
-        (:meth:`_window_shares`).
+        (:func:`~dualgraph.patches.window_shares`).
         Forward: the input's columns plus (about half of) each activation's units are
         columns pushed through every node once.
         """
         ops = self.bounded_nodes
         size = {n: _macs(n) for n in ops}
-        bwd = sum(t.numel * sum(size[n] * share for n, share in self._window_shares(t).items())
-                  for t in self.bound_targets)
+        bwd = 0.0
+        for t in self.bound_targets:
+            shares = window_shares(t, self.graph.ancestors(t), self.config.patches)
+            bwd += t.numel * sum(size[n] * shares[n.outputs[0]] for n in self.graph.ancestors(t))
         columns = self.forward_columns
         fwd = sum(columns[n.outputs[0]] * size[n] for n in ops)
         return fwd, bwd
-
-    def _window_shares(self, target: Value) -> dict[Node, float]:
-        """Per ancestor node of ``target``: the share of its outputs one backward row touches.
-
-        A row of a feature map starts as one pixel (:mod:`dualgraph.patches`); going back
-        through a convolution of kernel ``k`` and stride ``s`` its window grows from ``K`` to
-        ``(K - 1) s + k`` (and the window's stride by ``s``); elementwise ops and sums keep it,
-        fan-outs take the widest. The share is ``K^2 / (H W)`` of the node's output, 1 once
-        a window covers its map or anything else (dense rows) has been reached."""
-        window: dict[Value, tuple[float, float]] = {}  # value -> (window side, stride)
-        if self.config.patches and starts_on_patches(target):
-            window[target] = (1.0, 1.0)
-        shares = {}
-        for node in reversed(self.graph.ancestors(target)):
-            out = node.outputs[0]
-            side, step = window.get(out, (math.inf, 1.0))
-            area = out.unit_shape[1] * out.unit_shape[2] if len(out.unit_shape) == 3 else 0
-            shares[node] = min(1.0, side * side / area) if area else 1.0
-            geometry = conv_geometry(node)
-            if len(node.outputs) != 1 or side * side >= area:
-                side = math.inf
-            elif geometry is not None:
-                side, step = (side - 1) * geometry[0] + node.inputs[1].const.shape[-1], step * geometry[0]
-            elif sum_signs(node) is None and not isinstance(dual_rule(node), ElementwiseRule):
-                side = math.inf
-            for v in node.var_inputs:
-                old = window.get(v)
-                if old is not None and old[1] != step:  # windows of two strides do not add up on patches
-                    side = math.inf
-                window[v] = (side, step) if old is None else (max(old[0], side), step)
-        return shares
 
 
 def _macs(node: Node) -> float:

@@ -558,9 +558,10 @@ class FreeSlopes:
     """Values of the free lower slopes of one relaxation (``Relaxation.free``) for a pass on
     rows ``[R, 1, *unit]``: ``values`` ``[R, 1, K]`` at the flat units ``index`` ``[K]`` (the
     units free in some row's example); ``free`` ``[R, 1, K]`` says where they apply (elsewhere
-    the relaxation's own slope stays), ``lo``/``hi`` their range."""
+    the relaxation's own slope stays), ``lo``/``hi`` their range. On patches ``index`` is None
+    and the four are each row's window, ``[R, 1, 1, C, K, K]`` (:mod:`dualgraph.patches`)."""
 
-    index: torch.Tensor
+    index: torch.Tensor | None
     values: torch.Tensor
     free: torch.Tensor
     lo: torch.Tensor | float

@@ -59,7 +59,7 @@ class DualRunner:
         self.deadline: Deadline = NEVER
         self.patch_cache: dict = {}
         self.frees: dict[int, dict] = {}  # last uses per dual graph (the scheduler keeps its duals)
-        self._widest: dict[int, int] = {}  # widest dual value per dual graph (rows_per_chunk)
+        self._widest: dict = {}  # widest dual value per dual graph (rows_per_chunk, channels_per_chunk)
         #: per primal node name, ``(FreeSlopes or None, SplitMultipliers or None)``: the variables
         #: of the slope optimiser (:mod:`dualgraph.alpha`), set around its passes; None: none
         self.variables: dict[str, tuple] | None = None
@@ -97,11 +97,16 @@ class DualRunner:
         ``(its index, the environment there, the lower offsets so far)``, from which
         :meth:`run_from` goes on (the slope optimiser runs the part before its first free
         slopes once). Without such a node: the end of the graph and an empty environment."""
-        run = _DualPass(self, dual, batch, 0.0, 0.0, rows.shape[1], None)
+        if isinstance(rows, patches.Patches):  # selected units of a feature map, on their windows
+            run = _PatchPass(self, dual, batch, 0.0, None, None)
+        else:
+            run = _DualPass(self, dual, batch, 0.0, 0.0, rows.shape[1], None)
         run.stop_at = stop
         done = run.walk({dual.inputs[0]: rows}, 0)
         if isinstance(done, _Stopped):
             return done.index, done.env, done.lower
+        if isinstance(done, tuple):  # a patch pass reached the input set
+            return len(dual.nodes), {}, done[0]
         return len(dual.nodes), {}, run.lower
 
     def run_from(self, dual: Graph, first: int, env: dict, batch: Batch, lower, m: int) -> torch.Tensor:
@@ -109,6 +114,8 @@ class DualRunner:
         if first == len(dual.nodes):
             like = batch.input_set.center
             return torch.as_tensor(lower, dtype=like.dtype, device=like.device).expand(like.shape[0], m)
+        if any(isinstance(t, patches.Patches) for t in env.values()):
+            return self._patches_from(dual, first, dict(env), batch, lower, None, None)[0]
         return self._run_from(dual, first, dict(env), batch, lower, None, m)[0]
 
     def _forked(self, dual: Graph, i: int, env: dict, batch: Batch, lower, upper, m: int):
@@ -216,9 +223,32 @@ class DualRunner:
     # ---- the patch path -------------------------------------------------------------------
     def patch_bounds(self, dual: Graph, batch: Batch, linear: bool, prune=None):
         """Bounds of a feature map's units through the patch path (see :mod:`dualgraph.patches`),
-        from the target's identity rows; ``[B, units]`` each."""
-        p = patches.identity(tuple(dual.meta["target"].unit_shape), batch.input_set.center)
-        return self._patches_from(dual, 0, {dual.inputs[0]: p}, batch, 0.0, 0.0, prune, both=not linear)
+        from the target's identity rows, a block of target channels at a time
+        (:meth:`channels_per_chunk`); ``[B, units]`` each."""
+        target = dual.meta["target"]
+        p = patches.identity(tuple(target.unit_shape), batch.input_set.center)
+        step = self.channels_per_chunk(dual, batch.input_set.center, 1 if linear else 2)
+        parts = [self._patches_from(dual, 0, {dual.inputs[0]: replace(p, data=p.data[:, :, c:c + step])}, batch,
+                                    0.0, 0.0, prune, both=not linear)
+                 for c in range(0, target.unit_shape[0], step)]
+        return tuple(torch.cat(side, 1) for side in zip(*parts)) if len(parts) > 1 else parts[0]
+
+    def channels_per_chunk(self, dual: Graph, like: torch.Tensor, copies: int) -> int:
+        """How many target channels one patch pass may carry within the memory budget: the
+        widest windows any of its values reaches (:func:`patches.window_shares`; the rows are
+        shared by the batch until the first per-example layer, then per example) times the
+        target's positions, as :meth:`rows_per_chunk` counts dense rows."""
+        key = ("patch rows", id(dual))
+        if key not in self._widest:
+            target, graph = dual.meta["target"], dual.meta["primal"]
+            ancestors = graph.ancestors(target)
+            shares = patches.window_shares(target, ancestors)
+            self._widest[key] = max(1, int(max(v.numel * share for v, share in shares.items())))
+        elements = self.config.max_elements
+        if self.config.max_memory is not None:
+            elements = min(elements, self.config.max_memory // (6 * like.element_size()))
+        positions = int(torch.Size(dual.meta["target"].unit_shape[1:]).numel())
+        return max(1, elements // (self._widest[key] * positions * like.shape[0] * copies))
 
     def _patches_from(self, dual: Graph, first: int, env: dict, batch: Batch, lower, upper, prune,
                       both: bool = False):
@@ -383,7 +413,11 @@ class _PatchPass(GraphWalk):
         self.runner, self.dual, self.batch, self.prune = runner, dual, batch, prune
         self.lower, self.upper, self.both = lower, upper, both
 
+    stop_at: set[str] | None = None  # primal node names that end the walk (DualRunner.run_until)
+
     def before(self, index: int, node: Node, env: dict):
+        if self.stop_at is not None and "primal" in node.meta and node.meta["primal"].name in self.stop_at:
+            return _Stopped(index, dict(env), self.lower)
         if node.op == INPUT_SET and node.inputs[0] in env:
             center, radius = patches.input_terms(env[node.inputs[0]], self.batch.input_set)
             radius = radius + self._slack(node, env)
@@ -427,8 +461,14 @@ class _PatchPass(GraphWalk):
                 p, lo = patches.through_conv(p, primal, self.runner.patch_cache)
                 outs, up = [p], lo
             else:
-                w = self.batch.bounds[primal.var_inputs[0]]
-                p, lo, up = patches.through_elementwise(p, primal, node.meta["rule"], w, self.runner.config)
+                w, rule = self.batch.bounds[primal.var_inputs[0]], node.meta["rule"]
+                variables = None if self.runner.variables is None else self.runner.variables.get(primal.name)
+                if variables is not None:  # optimised slopes on the rows' windows (dualgraph.alpha)
+                    p, lo = patches.through_elementwise_with_slopes(p, primal, rule, w, self.runner.config,
+                                                                    variables[0])
+                    up = None
+                else:
+                    p, lo, up = patches.through_elementwise(p, primal, rule, w, self.runner.config)
                 outs = [p]
         self.lower = self.lower + lo - slack
         self.upper = None if self.upper is None or up is None else self.upper + up + slack

@@ -27,12 +27,13 @@ each row in ``rows``; windows of per-example tensors are then taken row by row.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from .dual_registry import ElementwiseRule, const_args
+from .dual_registry import ElementwiseRule, const_args, dual_rule
 from .ir import Node
 from .ops.common import window
 from .linalg import tensor_key
@@ -57,17 +58,23 @@ class Patches:
         B, C, H, W = t.shape
         Ho, Wo = self.out_hw
         K, S, Pd = self.kernel, self.stride, self.padding
+        if self.rows is not None:  # each row's own window, gathered (entries off the map are 0)
+            examples, pos = self.rows
+            examples = examples if B > 1 else torch.zeros_like(pos)
+            steps = torch.arange(K, device=t.device)
+            ys = ((pos // Wo) * S - Pd).unsqueeze(1) + steps                  # [U, K]
+            xs = ((pos % Wo) * S - Pd).unsqueeze(1) + steps
+            inside = ((ys >= 0) & (ys < H)).unsqueeze(2) & ((xs >= 0) & (xs < W)).unsqueeze(1)
+            win = t[examples.view(-1, 1, 1), :, ys.clamp(0, H - 1).unsqueeze(2), xs.clamp(0, W - 1).unsqueeze(1)]
+            win = win.permute(0, 3, 1, 2) * inside.unsqueeze(1).to(t.dtype)  # [U, C, K, K]
+            return win.reshape(-1, 1, 1, C, K, K)
         need_h, need_w = (Ho - 1) * S + K, (Wo - 1) * S + K
         t = F.pad(t, (Pd, need_w - W - Pd, Pd, need_h - H - Pd))  # negative amounts crop
         # a strided view instead of F.unfold, which is two orders of magnitude slower on CPU here
         u = t.unfold(2, K, S).unfold(3, K, S)                     # [B, C, Ho, Wo, K, K]
-        if self.rows is not None:
-            examples, pos = self.rows
-            u = u.permute(0, 2, 3, 1, 4, 5).reshape(B, Ho * Wo, C, K, K)
-            return u[examples if B > 1 else 0, pos].view(-1, 1, 1, C, K, K)
         return u.permute(0, 2, 3, 1, 4, 5).reshape(B, Ho * Wo, 1, C, K, K)
 
-    def take_rows(self, which: slice) -> Patches:
+    def take_rows(self, which: slice | torch.Tensor) -> Patches:
         """Some of the selected units (after :func:`select`)."""
         return replace(self, data=self.data[which], rows=(self.rows[0][which], self.rows[1][which]))
 
@@ -167,6 +174,44 @@ def starts_on_patches(target) -> bool:
             and (conv_geometry(producer) is not None or sum_signs(producer) is not None))
 
 
+def window_shares(target, ancestors: list[Node], enabled: bool = True) -> dict:
+    """Per value a backward pass from ``target`` reaches (``target`` and the variable inputs
+    of ``ancestors``, its producers in topological order): the share of the value's units
+    that one row's window covers, 1 for dense rows.
+
+    A row starts as one pixel (:func:`starts_on_patches`); going back through a convolution
+    of kernel ``k`` and stride ``s`` its window grows from ``K`` to ``(K - 1) s + k`` (and
+    the windows' stride by ``s``); elementwise ops and residual sums keep it, fan-outs take
+    the widest (windows of two strides do not add up: dense). The share is ``K^2 / (H W)``;
+    once a window covers its map, or anything else is reached, the rows are dense."""
+    window: dict = {}  # value -> (window side, windows' stride)
+    if enabled and starts_on_patches(target):
+        window[target] = (1.0, 1)
+    for node in reversed(ancestors):
+        side, step = window.get(node.outputs[0], (math.inf, 1))
+        shape = node.outputs[0].unit_shape
+        if len(node.outputs) != 1 or len(shape) != 3 or side * side >= shape[1] * shape[2]:
+            side = math.inf
+        elif conv_geometry(node) is not None:
+            stride = conv_geometry(node)[0]
+            side, step = (side - 1) * stride + node.inputs[1].const.shape[-1], step * stride
+        elif sum_signs(node) is None and not isinstance(dual_rule(node), ElementwiseRule):
+            side = math.inf
+        for v in node.var_inputs:
+            old = window.get(v)
+            if old is not None and old[1] != step:
+                side = math.inf
+            window[v] = (side, step) if old is None else (max(old[0], side), step)
+    shares = {}
+    for v, (side, _) in window.items():
+        area = v.unit_shape[1] * v.unit_shape[2] if len(v.unit_shape) == 3 else 0
+        shares[v] = min(1.0, side * side / area) if area and side < math.inf else 1.0
+    for node in ancestors:  # values no pass reaches on patches
+        for v in node.outputs:
+            shares.setdefault(v, 1.0)
+    return shares
+
+
 def through_sum(p: Patches, node: Node) -> list[Patches]:
     """The dual of a sum of two variables (:func:`sum_signs`): the rows of each operand."""
     first, second = sum_signs(node)
@@ -228,6 +273,69 @@ def through_elementwise(p: Patches, node: Node, rule: ElementwiseRule, bounds, c
     new = pos * win(r.a_lo) + neg * win(r.a_up)
     lower = _rows((pos * win(r.b_lo) + neg * win(r.b_up)).sum((3, 4, 5)))
     return replace(p, data=new), lower, None
+
+
+def through_elementwise_with_slopes(p: Patches, node: Node, rule: ElementwiseRule, bounds, config, slopes):
+    """:meth:`ElementwiseRule.backward_with_slopes` on patches: ``slopes`` (a
+    :class:`~dualgraph.dual_registry.FreeSlopes` without ``index``) holds each row's free lower
+    slopes on its own window, ``[U, 1, 1, C, K, K]``; returns the patches and the lower offsets."""
+    r = rule.relaxation(node, bounds, config)
+    a_lo, a_up = p.windows(r.a_lo), p.windows(r.a_up)
+    chosen = torch.where(slopes.free, slopes.values.clamp(slopes.lo, slopes.hi), a_lo)
+    data = p.data
+    pos, neg = data.clamp(min=0), data.clamp(max=0)
+    lower = _rows((pos * p.windows(r.b_lo) + neg * p.windows(r.b_up)).sum((3, 4, 5)))
+    return replace(p, data=pos * chosen + neg * a_up), lower
+
+
+def geometry(dual) -> dict | None:
+    """The window geometry ``(kernel, stride, padding)`` of every dual value a pass from the
+    target's identity rows reaches, if the whole pass runs on patches to the input set (the
+    rules of :class:`_PatchPass <dualgraph.dual_run>`: convolutions, elementwise layers,
+    residual sums, fan-out sums of one stride, windows smaller than their map); else None."""
+    from .dual_graph import FAN_OUT_SUM, INPUT_SET
+    target = dual.meta["target"]
+    if not starts_on_patches(target):
+        return None
+    if target.unit_shape[1] * target.unit_shape[2] <= 1:
+        return None
+    geom = {dual.inputs[0]: (1, 1, 0)}
+    for node in dual.nodes:
+        if node.op == INPUT_SET:
+            return geom
+        if any(v is None or v not in geom for v in node.inputs):
+            return None
+        if node.op == FAN_OUT_SUM:
+            parts = [geom[v] for v in node.inputs]
+            if len({s for _, s, _ in parts}) != 1:
+                return None
+            pad = max(q for _, _, q in parts)
+            out = (pad + max(k - q for k, _, q in parts), parts[0][1], pad)
+        else:
+            primal = node.meta["primal"]
+            kernel, stride, pad = geom[node.inputs[0]]
+            conv = conv_geometry(primal)
+            if conv is not None:
+                out = ((kernel - 1) * conv[0] + primal.inputs[1].const.shape[-1], stride * conv[0],
+                       pad * conv[0] + conv[1])
+            elif sum_signs(primal) is not None or isinstance(node.meta["rule"], ElementwiseRule):
+                out = (kernel, stride, pad)
+            else:
+                return None
+        for v in node.outputs:
+            shape = v.meta["primal_value"].unit_shape
+            if out[0] * out[0] >= shape[1] * shape[2]:
+                return None
+            geom[v] = out
+    return None
+
+
+def windows_of(shape: tuple[int, int, int], rows: tuple[torch.Tensor, torch.Tensor], out_hw: tuple[int, int],
+               t: torch.Tensor) -> torch.Tensor:
+    """:meth:`Patches.windows` of ``t`` for selected rows with window ``shape`` ``(kernel,
+    stride, padding)``, without the rows' data."""
+    kernel, stride, padding = shape
+    return Patches(t.new_empty(0), kernel, stride, padding, out_hw, rows).windows(t)
 
 
 def relaxation_terms(p: Patches, r) -> tuple[torch.Tensor, torch.Tensor]:

@@ -295,8 +295,8 @@ class BoundScheduler:
         breakpoints of every activation they feed) tightened by optimised slopes: one row
         ``+e_j`` for the lower and one ``-e_j`` for the upper bound of each, its goal the
         breakpoint when there is one (past it the unit is stable and its bound no longer matters).
-        These passes add each dual step's rounding allowance to their rows (``per_row``): the
-        propagated ``eps_v`` covers the relaxations' own slopes only."""
+        These passes add each dual step's rounding allowance to their rows (``per_row``), as
+        every backward pass does."""
         from .alpha import optimise_rows
         from .dual_run import needed_bounds
         points = self.stable_pieces(v)
@@ -316,16 +316,29 @@ class BoundScheduler:
         examples, units = torch.cat([examples, examples]), torch.cat([units, units])
         start = torch.cat([lo[examples[:count], units[:count]], -up[examples[count:], units[count:]]]).unsqueeze(1)
         goal = points[0] * signs.unsqueeze(1) if len(points) == 1 else None
-        widest = max([int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
-                      if val.shape is not None and len(val.shape) > 2] + [v.numel])
+        on_windows = self.config.patches and batch.splits is None and patches.geometry(dual) is not None
+        if on_windows:  # the rows' windows: far smaller than dense rows
+            shares = patches.window_shares(v, self.graph.ancestors(v))
+            widest = max(1, int(max(u.numel * share for u, share in shares.items())))
+            identity = patches.identity(tuple(v.unit_shape), lo)
+        else:
+            widest = max([int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
+                          if val.shape is not None and len(val.shape) > 2] + [v.numel])
         chunk = max(1, self.config.max_elements // (16 * widest))
         best = []
         for first in range(0, 2 * count, chunk):
             sl = slice(first, first + chunk)
-            rows = torch.zeros(len(units[sl]), 1, v.numel, dtype=lo.dtype, device=lo.device)
-            rows[torch.arange(len(units[sl])), 0, units[sl]] = signs[sl]
-            best.append(optimise_rows(self.runner, dual, rows.view(-1, 1, *v.unit_shape),
-                                      replace(batch.take(examples[sl], needed), per_row=True), start[sl],
+            n = len(units[sl])
+            if on_windows:  # the rows carry their examples: the batch stays whole
+                rows = patches.select(identity, None, examples[sl], units[sl])
+                rows = replace(rows, data=rows.data * signs[sl].view(-1, 1, 1, 1, 1, 1))
+                rows_batch = replace(batch, per_row=True)
+            else:
+                rows = torch.zeros(n, 1, v.numel, dtype=lo.dtype, device=lo.device)
+                rows[torch.arange(n), 0, units[sl]] = signs[sl]
+                rows = rows.view(-1, 1, *v.unit_shape)
+                rows_batch = replace(batch.take(examples[sl], needed), per_row=True)
+            best.append(optimise_rows(self.runner, dual, rows, rows_batch, start[sl],
                                       None if goal is None else goal[sl])[:, 0])
         best = torch.cat(best)
         lo = lo.index_put((examples[:count], units[:count]), best[:count])

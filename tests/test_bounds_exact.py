@@ -33,7 +33,7 @@ from dualgraph import dual_run, patches
 from dualgraph.input_sets import L2Ball, linf_ball
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 
-from strategies import DTYPE, DagNet, SetCase, affine_pieces, input_sets, relu_nets, residual_cnn_nets, to_ir
+from strategies import DTYPE, DagNet, SetCase, affine_pieces, cnn_nets, input_sets, relu_nets, residual_cnn_nets, to_ir
 
 SETTINGS = dict(derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -284,5 +284,57 @@ def test_patches_stay_on_windows_across_skips():
     want = bounds(BoundConfig(direction="backward", patches=False, prune_stable=False))
     assert {(5, 2, 1), (1, 0, 1)} in sums, sums          # the identity skip: (kernel, padding, stride)
     assert {(1, 0, 2), (7, 3, 2)} in sums, sums          # the strided block's 1x1 shortcut and main branch
+    for v in want:
+        assert close(got[v].lower, want[v].lower) and close(got[v].upper, want[v].upper), v.name
+
+
+@settings(max_examples=12, **SETTINGS)
+@given(net=st.one_of(residual_cnn_nets(), cnn_nets()), data=st.data())
+def test_optimised_slopes_on_windows_equal_dense_rows(net, data):
+    """Optimised slopes (alpha) of a feature map's units run on the rows' windows when the
+    whole pass stays on patches, with each row's slopes on its own window: the same ascent as
+    on dense rows (a slope outside a row's window has no gradient and never moves), so the
+    intermediate bounds and ``J`` agree in float64."""
+    graph = to_ir(net)
+    case = data.draw(input_sets(net.input_shape), label="input set")
+    spec = torch.randn(1, 3, net.n_out, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    got = []
+    for on_windows in (True, False):
+        sched = BoundScheduler(graph, BoundConfig(relu_relaxation="alpha", alpha_steps=4, alpha_lr=0.3,
+                                                  direction="backward", patches=on_windows))
+        bounds = sched.intermediate_bounds(case.make())
+        got.append((bounds, sched.bound_output(case.make(), spec, bounds)))
+    (windows, J_windows), (dense, J_dense) = got
+    for v in dense:
+        assert close(windows[v].lower, dense[v].lower) and close(windows[v].upper, dense[v].upper), v.name
+    assert close(J_windows, J_dense), (J_windows, J_dense)
+
+
+def test_optimised_slopes_run_on_windows():
+    """The alpha ascent of a convolution's units behind a ReLU runs on patches (the slopes'
+    windows are used), and its bounds equal the dense rows' ascent."""
+    torch.manual_seed(3)
+    net = DagNet((1, 10, 10), "cnn")
+    a = net.add([0], [nn.Conv2d(1, 3, 3, padding=1)], act="relu")
+    b = net.add([a], [nn.Conv2d(3, 4, 3, stride=2, padding=1)], act="relu")
+    net.add([b], [nn.Sequential(nn.Flatten(), nn.Linear(4 * 5 * 5, 3))])
+    net = net.to(DTYPE).eval()
+    graph = to_ir(net)
+    x = torch.rand(2, 1, 10, 10, dtype=DTYPE)
+    calls = []
+    real = patches.through_elementwise_with_slopes
+
+    def counting(*args, **kw):
+        calls.append(args[0].data.shape)
+        return real(*args, **kw)
+
+    def bounds(on_windows):
+        cfg = BoundConfig(relu_relaxation="alpha", alpha_steps=3, direction="backward", patches=on_windows)
+        return BoundScheduler(graph, cfg).intermediate_bounds(linf_ball(x, 0.1))
+
+    with mock.patch.object(patches, "through_elementwise_with_slopes", counting):
+        got = bounds(True)
+    assert calls and all(shape[-1] < 10 for shape in calls), calls  # windows, not whole maps
+    want = bounds(False)
     for v in want:
         assert close(got[v].lower, want[v].lower) and close(got[v].upper, want[v].upper), v.name
