@@ -58,7 +58,8 @@ class Patches:
         B, C, H, W = t.shape
         Ho, Wo = self.out_hw
         K, S, Pd = self.kernel, self.stride, self.padding
-        if self.rows is not None:  # each row's own window, gathered (entries off the map are 0)
+        if self.rows is not None and B * Ho * Wo > 4 * len(self.rows[1]):
+            # few rows for many windows: gather each row's own window (entries off the map are 0)
             examples, pos = self.rows
             examples = examples if B > 1 else torch.zeros_like(pos)
             steps = torch.arange(K, device=t.device)
@@ -72,7 +73,11 @@ class Patches:
         t = F.pad(t, (Pd, need_w - W - Pd, Pd, need_h - H - Pd))  # negative amounts crop
         # a strided view instead of F.unfold, which is two orders of magnitude slower on CPU here
         u = t.unfold(2, K, S).unfold(3, K, S)                     # [B, C, Ho, Wo, K, K]
-        return u.permute(0, 2, 3, 1, 4, 5).reshape(B, Ho * Wo, 1, C, K, K)
+        u = u.permute(0, 2, 3, 1, 4, 5).reshape(B, Ho * Wo, 1, C, K, K)
+        if self.rows is not None:  # each row's window among all of them
+            examples, pos = self.rows
+            return u[examples if B > 1 else 0, pos].view(-1, 1, 1, C, K, K)
+        return u
 
     def take_rows(self, which: slice | torch.Tensor) -> Patches:
         """Some of the selected units (after :func:`select`)."""
