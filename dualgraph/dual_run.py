@@ -421,8 +421,8 @@ class _PatchPass(GraphWalk):
         if node.op == INPUT_SET and node.inputs[0] in env:
             center, radius = patches.input_terms(env[node.inputs[0]], self.batch.input_set)
             radius = radius + self._slack(node, env)
-            upper = None if self.upper is None else self.upper + center + radius
-            return self.lower + center - radius, upper
+            upper = None if self.upper is None else self.upper + (center + radius)
+            return self.lower + (center - radius), upper
         if not self._on_patches(node, env):
             return self.densify(index, env)
         rule = node.meta.get("rule")
@@ -470,8 +470,9 @@ class _PatchPass(GraphWalk):
                 else:
                     p, lo, up = patches.through_elementwise(p, primal, rule, w, self.runner.config)
                 outs = [p]
-        self.lower = self.lower + lo - slack
-        self.upper = None if self.upper is None or up is None else self.upper + up + slack
+        # the step's offset with its allowance first, then one addition to the running sum (as dense rows do)
+        self.lower = self.lower + (lo - slack)
+        self.upper = None if self.upper is None or up is None else self.upper + (up + slack)
         return outs
 
     def _slack(self, node: Node, env: dict):

@@ -285,11 +285,15 @@ def through_elementwise_with_slopes(p: Patches, node: Node, rule: ElementwiseRul
     :class:`~dualgraph.dual_registry.FreeSlopes` without ``index``) holds each row's free lower
     slopes on its own window, ``[U, 1, 1, C, K, K]``; returns the patches and the lower offsets."""
     r = rule.relaxation(node, bounds, config)
-    a_lo, a_up = p.windows(r.a_lo), p.windows(r.a_up)
+
+    def win(t):  # a relaxation's slopes and offsets may be plain numbers (ReLU's lower offset)
+        return p.windows(t if torch.is_tensor(t) else torch.full_like(bounds.lower, float(t)))
+
+    a_lo, a_up = win(r.a_lo), win(r.a_up)
     chosen = torch.where(slopes.free, slopes.values.clamp(slopes.lo, slopes.hi), a_lo)
     data = p.data
     pos, neg = data.clamp(min=0), data.clamp(max=0)
-    lower = _rows((pos * p.windows(r.b_lo) + neg * p.windows(r.b_up)).sum((3, 4, 5)))
+    lower = _rows((pos * win(r.b_lo) + neg * win(r.b_up)).sum((3, 4, 5)))
     return replace(p, data=pos * chosen + neg * a_up), lower
 
 

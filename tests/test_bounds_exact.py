@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from unittest import mock
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
@@ -310,9 +311,11 @@ def test_optimised_slopes_on_windows_equal_dense_rows(net, data):
     assert close(J_windows, J_dense), (J_windows, J_dense)
 
 
-def test_optimised_slopes_run_on_windows():
+@pytest.mark.parametrize("allowance", [True, False])
+def test_optimised_slopes_run_on_windows(allowance):
     """The alpha ascent of a convolution's units behind a ReLU runs on patches (the slopes'
-    windows are used), and its bounds equal the dense rows' ascent."""
+    windows are used), and its bounds equal the dense rows' ascent; with or without the
+    rounding allowance (without it a relaxation's offsets stay plain numbers)."""
     torch.manual_seed(3)
     net = DagNet((1, 10, 10), "cnn")
     a = net.add([0], [nn.Conv2d(1, 3, 3, padding=1)], act="relu")
@@ -329,7 +332,8 @@ def test_optimised_slopes_run_on_windows():
         return real(*args, **kw)
 
     def bounds(on_windows):
-        cfg = BoundConfig(relu_relaxation="alpha", alpha_steps=3, direction="backward", patches=on_windows)
+        cfg = BoundConfig(relu_relaxation="alpha", alpha_steps=3, direction="backward", patches=on_windows,
+                          rounding_allowance=allowance)
         return BoundScheduler(graph, cfg).intermediate_bounds(linf_ball(x, 0.1))
 
     with mock.patch.object(patches, "through_elementwise_with_slopes", counting):
