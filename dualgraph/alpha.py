@@ -213,7 +213,7 @@ def _window_geometries(dual, rows: Patches) -> dict:
     out = {}
     for node in dual.nodes:
         if isinstance(node.meta.get("rule"), ElementwiseRule):
-            shape = geom[node.inputs[0]]
+            shape = geom[node.meta["primal"].outputs[0]]
             out[node.meta["primal"].name] = (
                 lambda t, shape=shape: windows_of(shape, rows.rows, rows.out_hw, t))
     return out

@@ -27,7 +27,6 @@ each row in ``rows``; windows of per-example tensors are then taken row by row.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -179,38 +178,53 @@ def starts_on_patches(target) -> bool:
             and (conv_geometry(producer) is not None or sum_signs(producer) is not None))
 
 
-def window_shares(target, ancestors: list[Node], enabled: bool = True) -> dict:
+def window_geometry(target, ancestors: list[Node], enabled: bool = True) -> dict:
     """Per value a backward pass from ``target`` reaches (``target`` and the variable inputs
-    of ``ancestors``, its producers in topological order): the share of the value's units
-    that one row's window covers, 1 for dense rows.
+    of ``ancestors``, its producers in topological order): the geometry ``(kernel, stride,
+    padding)`` of the windows its rows occupy on the patch path, or None where they are dense.
+    The static mirror of :class:`~dualgraph.dual_run._PatchPass`'s rules.
 
-    A row starts as one pixel (:func:`starts_on_patches`); going back through a convolution
-    of kernel ``k`` and stride ``s`` its window grows from ``K`` to ``(K - 1) s + k`` (and
-    the windows' stride by ``s``); elementwise ops and residual sums keep it, fan-outs take
-    the widest (windows of two strides do not add up: dense). The share is ``K^2 / (H W)``;
-    once a window covers its map, or anything else is reached, the rows are dense."""
-    window: dict = {}  # value -> (window side, windows' stride)
-    if enabled and starts_on_patches(target):
-        window[target] = (1.0, 1)
+    A row starts as one pixel (:func:`starts_on_patches`); through a convolution the window
+    grows as :func:`through_conv` says; elementwise ops and residual sums keep it; a value read
+    in several places gets the common window of its consumers' (:func:`aligned_sum`; windows
+    of two strides do not add up: dense). Once a window covers its map, or anything else is
+    reached, the rows are dense, and so are they for every value before it."""
+    window: dict = {}
+    if enabled and starts_on_patches(target) and target.unit_shape[1] * target.unit_shape[2] > 1:
+        window[target] = (1, 1, 0)
     for node in reversed(ancestors):
-        side, step = window.get(node.outputs[0], (math.inf, 1))
-        shape = node.outputs[0].unit_shape
-        if len(node.outputs) != 1 or len(shape) != 3 or side * side >= shape[1] * shape[2]:
-            side = math.inf
-        elif conv_geometry(node) is not None:
-            stride = conv_geometry(node)[0]
-            side, step = (side - 1) * stride + node.inputs[1].const.shape[-1], step * stride
-        elif sum_signs(node) is None and not isinstance(dual_rule(node), ElementwiseRule):
-            side = math.inf
+        out = node.outputs[0]
+        geom = window.get(out)
+        if geom is not None and (len(node.outputs) != 1 or len(out.unit_shape) != 3
+                                 or geom[0] * geom[0] >= out.unit_shape[1] * out.unit_shape[2]):
+            geom = window[out] = None
+        if geom is not None:
+            kernel, stride, pad = geom
+            conv = conv_geometry(node)
+            if conv is not None:
+                geom = ((kernel - 1) * conv[0] + node.inputs[1].const.shape[-1], stride * conv[0],
+                        pad * conv[0] + conv[1])
+            elif sum_signs(node) is None and not isinstance(dual_rule(node), ElementwiseRule):
+                geom = None
         for v in node.var_inputs:
-            old = window.get(v)
-            if old is not None and old[1] != step:
-                side = math.inf
-            window[v] = (side, step) if old is None else (max(old[0], side), step)
+            if v not in window:
+                window[v] = geom
+                continue
+            old = window[v]
+            if old is None or geom is None or old[1] != geom[1]:
+                window[v] = None
+            else:
+                pad = max(old[2], geom[2])
+                window[v] = (pad + max(old[0] - old[2], geom[0] - geom[2]), geom[1], pad)
+    return window
+
+
+def window_shares(target, ancestors: list[Node], enabled: bool = True) -> dict:
+    """Per value a backward pass from ``target`` reaches: the share ``K^2 / (H W)`` of its
+    units that one row's window covers (:func:`window_geometry`), 1 for dense rows."""
     shares = {}
-    for v, (side, _) in window.items():
-        area = v.unit_shape[1] * v.unit_shape[2] if len(v.unit_shape) == 3 else 0
-        shares[v] = min(1.0, side * side / area) if area and side < math.inf else 1.0
+    for v, geom in window_geometry(target, ancestors, enabled).items():
+        shares[v] = 1.0 if geom is None else min(1.0, geom[0] * geom[0] / (v.unit_shape[1] * v.unit_shape[2]))
     for node in ancestors:  # values no pass reaches on patches
         for v in node.outputs:
             shares.setdefault(v, 1.0)
@@ -298,45 +312,11 @@ def through_elementwise_with_slopes(p: Patches, node: Node, rule: ElementwiseRul
 
 
 def geometry(dual) -> dict | None:
-    """The window geometry ``(kernel, stride, padding)`` of every dual value a pass from the
-    target's identity rows reaches, if the whole pass runs on patches to the input set (the
-    rules of :class:`_PatchPass <dualgraph.dual_run>`: convolutions, elementwise layers,
-    residual sums, fan-out sums of one stride, windows smaller than their map); else None."""
-    from .dual_graph import FAN_OUT_SUM, INPUT_SET
-    target = dual.meta["target"]
-    if not starts_on_patches(target):
-        return None
-    if target.unit_shape[1] * target.unit_shape[2] <= 1:
-        return None
-    geom = {dual.inputs[0]: (1, 1, 0)}
-    for node in dual.nodes:
-        if node.op == INPUT_SET:
-            return geom
-        if any(v is None or v not in geom for v in node.inputs):
-            return None
-        if node.op == FAN_OUT_SUM:
-            parts = [geom[v] for v in node.inputs]
-            if len({s for _, s, _ in parts}) != 1:
-                return None
-            pad = max(q for _, _, q in parts)
-            out = (pad + max(k - q for k, _, q in parts), parts[0][1], pad)
-        else:
-            primal = node.meta["primal"]
-            kernel, stride, pad = geom[node.inputs[0]]
-            conv = conv_geometry(primal)
-            if conv is not None:
-                out = ((kernel - 1) * conv[0] + primal.inputs[1].const.shape[-1], stride * conv[0],
-                       pad * conv[0] + conv[1])
-            elif sum_signs(primal) is not None or isinstance(node.meta["rule"], ElementwiseRule):
-                out = (kernel, stride, pad)
-            else:
-                return None
-        for v in node.outputs:
-            shape = v.meta["primal_value"].unit_shape
-            if out[0] * out[0] >= shape[1] * shape[2]:
-                return None
-            geom[v] = out
-    return None
+    """:func:`window_geometry` of ``dual``'s target (keyed by primal value) if the whole pass
+    runs on patches to the input set; else None."""
+    target, graph = dual.meta["target"], dual.meta["primal"]
+    geom = window_geometry(target, graph.ancestors(target))
+    return geom if geom.get(graph.inputs[0]) is not None else None
 
 
 def windows_of(shape: tuple[int, int, int], rows: tuple[torch.Tensor, torch.Tensor], out_hw: tuple[int, int],
