@@ -22,6 +22,7 @@ and L2 input sets. A hand-computed 2-layer example pins the formula itself.
 
 from __future__ import annotations
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -255,6 +256,19 @@ def test_patches_through_residual_blocks(net, data):
         assert close(J, final), (describe(cfg), J, final)
 
 
+@contextlib.contextmanager
+def recording(module, name: str, what):
+    """``module.name`` wrapped so that each call appends ``what(*args)`` to the list yielded."""
+    calls, real = [], getattr(module, name)
+
+    def wrapper(*args, **kw):
+        calls.append(what(*args))
+        return real(*args, **kw)
+
+    with mock.patch.object(module, name, wrapper):
+        yield calls
+
+
 def test_patches_stay_on_windows_across_skips():
     """A block output's bounds run on patches through both branches and the fan-out sum
     where they meet (identity skip: windows 5 and 1 wide; strided shortcut: windows of
@@ -270,17 +284,10 @@ def test_patches_stay_on_windows_across_skips():
     net = net.to(DTYPE).eval()
     graph = to_ir(net)
     x = torch.rand(2, 2, 12, 12, dtype=DTYPE)
-    sums = []
-    real_sum = patches.aligned_sum
-
-    def counting_sum(parts):
-        sums.append({(p.kernel, p.padding, p.stride) for p in parts})
-        return real_sum(parts)
-
     def bounds(cfg):
         return BoundScheduler(graph, cfg).intermediate_bounds(linf_ball(x, 0.05))
 
-    with mock.patch.object(patches, "aligned_sum", counting_sum):
+    with recording(patches, "aligned_sum", lambda parts: {(p.kernel, p.padding, p.stride) for p in parts}) as sums:
         got = bounds(BoundConfig(direction="backward", prune_stable=False))
     want = bounds(BoundConfig(direction="backward", patches=False, prune_stable=False))
     assert {(5, 2, 1), (1, 0, 1)} in sums, sums          # the identity skip: (kernel, padding, stride)
@@ -324,19 +331,12 @@ def test_optimised_slopes_run_on_windows(allowance):
     net = net.to(DTYPE).eval()
     graph = to_ir(net)
     x = torch.rand(2, 1, 10, 10, dtype=DTYPE)
-    calls = []
-    real = patches.through_elementwise_with_slopes
-
-    def counting(*args, **kw):
-        calls.append(args[0].data.shape)
-        return real(*args, **kw)
-
     def bounds(on_windows):
         cfg = BoundConfig(relu_relaxation="alpha", alpha_steps=3, direction="backward", patches=on_windows,
                           rounding_allowance=allowance)
         return BoundScheduler(graph, cfg).intermediate_bounds(linf_ball(x, 0.1))
 
-    with mock.patch.object(patches, "through_elementwise_with_slopes", counting):
+    with recording(patches, "through_elementwise_with_slopes", lambda p, *rest: p.data.shape) as calls:
         got = bounds(True)
     assert calls and all(shape[-1] < 10 for shape in calls), calls  # windows, not whole maps
     want = bounds(False)
