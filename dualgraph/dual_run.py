@@ -235,15 +235,13 @@ class DualRunner:
 
     def channels_per_chunk(self, dual: Graph, like: torch.Tensor, copies: int) -> int:
         """How many target channels one patch pass may carry within the memory budget: the
-        widest windows any of its values reaches (:func:`patches.window_shares`; the rows are
+        widest windows any of its values reaches (:func:`patches.widest_row`; the rows are
         shared by the batch until the first per-example layer, then per example) times the
         target's positions, as :meth:`rows_per_chunk` counts dense rows."""
         key = ("patch rows", id(dual))
         if key not in self._widest:
             target, graph = dual.meta["target"], dual.meta["primal"]
-            ancestors = graph.ancestors(target)
-            shares = patches.window_shares(target, ancestors)
-            self._widest[key] = max(1, int(max(v.numel * share for v, share in shares.items())))
+            self._widest[key] = patches.widest_row(target, graph.ancestors(target))
         elements = self.config.max_elements
         if self.config.max_memory is not None:
             elements = min(elements, self.config.max_memory // (6 * like.element_size()))

@@ -231,6 +231,12 @@ def window_shares(target, ancestors: list[Node], enabled: bool = True) -> dict:
     return shares
 
 
+def widest_row(target, ancestors: list[Node]) -> int:
+    """Elements of the largest part of one backward row from ``target``'s units, over the
+    values it reaches (windows where :func:`window_shares` puts them, dense elsewhere)."""
+    return max(1, int(max(v.numel * share for v, share in window_shares(target, ancestors).items())))
+
+
 def through_sum(p: Patches, node: Node) -> list[Patches]:
     """The dual of a sum of two variables (:func:`sum_signs`): the rows of each operand."""
     first, second = sum_signs(node)

@@ -318,8 +318,7 @@ class BoundScheduler:
         goal = points[0] * signs.unsqueeze(1) if len(points) == 1 else None
         on_windows = self.config.patches and batch.splits is None and patches.geometry(dual) is not None
         if on_windows:  # the rows' windows: far smaller than dense rows
-            shares = patches.window_shares(v, self.graph.ancestors(v))
-            widest = max(1, int(max(u.numel * share for u, share in shares.items())))
+            widest = patches.widest_row(v, self.graph.ancestors(v))
             identity = patches.identity(tuple(v.unit_shape), lo)
         else:
             widest = max([int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
