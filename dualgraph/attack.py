@@ -48,15 +48,20 @@ def unsafe_margin(y: Tensor, unsafe: Spec) -> Tensor:
     or the broadcast shape. A conjunction with no rows is all of the output space (``-inf``),
     an empty ``unsafe`` is nothing (``+inf``).
     """
-    per_conj = [
+    if not unsafe:
+        return y.new_full(y.shape[:-1], torch.inf)
+    return conjunction_margins(y, unsafe).amin(-1)
+
+
+def conjunction_margins(y: Tensor, unsafe: Spec) -> Tensor:
+    """Each conjunction's ``max_k (C_m y - d_m)_k``, stacked on a last axis ``[..., len(unsafe)]``
+    (``<= 0``: ``y`` lies in conjunction ``m``; ``-inf`` for a conjunction with no rows)."""
+    return torch.stack([
         ((C @ y.unsqueeze(-1)).squeeze(-1) - d).amax(-1)
         if C.shape[-2] > 0
         else y.new_full(y.shape[:-1], -torch.inf)
         for C, d in unsafe
-    ]
-    if not per_conj:
-        return y.new_full(y.shape[:-1], torch.inf)
-    return torch.stack(per_conj, -1).amin(-1)
+    ], -1)
 
 
 def pgd_attack(
@@ -71,6 +76,8 @@ def pgd_attack(
     seed: int = 0,
     time_limit: float | None = None,
     batched: bool = False,
+    targeted: bool = False,
+    schedule: Sequence[float] | None = None,
 ) -> AttackResult:
     """Search ``[lo, hi]`` for ``x`` with ``f(x)`` in the unsafe set (see the module docstring).
 
@@ -81,6 +88,14 @@ def pgd_attack(
     (``[B, k, n_out]``/``[B, k]``). Work happens in ``lo``'s dtype and device; ``f`` must
     accept them. ``step_size`` is in input units (scalar or broadcastable to ``lo``); the
     default ``2.5 * (hi - lo) / 2 / steps`` lets a run cross 2.5 half-widths of the box.
+    ``schedule`` (overrides ``step_size``): the steps fall into ``len(schedule)`` equal stages,
+    stage ``i`` stepping ``schedule[i] * (hi - lo)`` -- e.g. ``(0.5, 0.1, 0.02)``: jumps across
+    the box first (past flat regions where the sign of a tiny gradient is all there is), then
+    finer ones.
+
+    ``targeted``: restart ``r`` descends on conjunction ``r mod M`` alone instead of on ``L``
+    (whose gradient only follows the conjunction nearest at the moment), so each of the ``M``
+    conjunctions gets its share of the starts; a hit in any conjunction still counts.
     Stops early once every example has a hit, or after ``time_limit`` seconds (checked
     after each step; the starting points are always evaluated).
     """
@@ -96,6 +111,9 @@ def pgd_attack(
     spec = [_per_example(C, d, lo) for C, d in unsafe]
     B, shape, R = lo.shape[0], lo.shape[1:], restarts
     alpha = 1.25 * (hi - lo) / max(steps, 1) if step_size is None else torch.as_tensor(step_size).to(lo)
+    stages = None if schedule is None else [float(f) * (hi - lo) for f in schedule]
+    # restart r aims at conjunction r mod M (targeted) or at the union (all of them: min)
+    aim = torch.arange(R, device=lo.device) % max(len(spec), 1) if targeted and len(spec) > 1 else None
 
     # All restarts in one batch [R, B, *shape]; restart 0 starts at the centre.
     gen = torch.Generator(device=lo.device).manual_seed(seed)
@@ -113,8 +131,14 @@ def pgd_attack(
                 raise DualgraphError(f"the attacked function returned shape {tuple(y.shape)}; expected [{R * B}, n_out]")
             y = y.to(lo.dtype).reshape(R, B, -1)
             _check_outputs(spec, y.shape[-1])
-            m = unsafe_margin(y, spec)  # [R, B]
-            grad = torch.autograd.grad(m.sum(), x_var)[0] if it < steps and m.requires_grad else None
+            if not spec:
+                m = y.new_full((R, B), torch.inf)
+                objective = m
+            else:
+                per_conj = conjunction_margins(y, spec)  # [R, B, M]
+                m = per_conj.amin(-1)  # [R, B]
+                objective = m if aim is None else per_conj.gather(-1, aim.view(R, 1, 1).expand(R, B, 1))
+            grad = torch.autograd.grad(objective.sum(), x_var)[0] if it < steps and objective.requires_grad else None
         with torch.no_grad():
             m_d = torch.where(m.isnan(), torch.inf, m.detach())  # a NaN output is never a hit
             m_best, r_best = m_d.amin(0), m_d.argmin(0)  # best restart per example
@@ -127,7 +151,8 @@ def pgd_attack(
             done = bool((best_m <= 0).all()) or (deadline is not None and time.monotonic() > deadline)
             if it == steps or done or grad is None:
                 break
-            x = torch.clamp(x - alpha * grad.sign().nan_to_num(0.0), lo, hi)
+            step = alpha if stages is None else stages[it * len(stages) // max(steps, 1)]
+            x = torch.clamp(x - step * grad.sign().nan_to_num(0.0), lo, hi)
     return AttackResult(found=best_m <= 0, x=best_x, y=best_y, margin=best_m, iterations=it)
 
 

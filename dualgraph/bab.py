@@ -23,9 +23,15 @@ open rows is split. **Counterexamples**: each open row's dual variable at the in
 points to the corner of the box that minimises its bound; those corners are checked on the
 network (and confirmed by the caller) after every batch.
 
-Domains are processed worst bound first, ``batch`` parents (``2 batch`` children) per
-bound computation, until every domain is proved, a counterexample is confirmed, the time runs
-out, or only domains without a crossing unit to split are left (``None``: unknown).
+**One tree per conjunction.** The conjunctions are proved one after another, each by its own
+tree over the root's intermediate bounds (computed once): a domain's splits then serve the one
+conjunction whose rows it bounds, and bounding a domain costs its own rows' passes, not every
+conjunction's (on a robustness property the nine wrong classes need different splits; with one
+tree for all of them every leaf paid for nine rows, most of them already proved).
+Conjunctions nearest to a proof go first. Within a tree, domains are processed worst bound
+first, ``batch`` parents (``2 batch`` children) per bound computation, until every domain is
+proved, a counterexample is confirmed, the time runs out, or only domains without a crossing
+unit to split are left (unknown).
 """
 
 from __future__ import annotations
@@ -53,9 +59,9 @@ CANDIDATES = 16
 
 @dataclass
 class Domains:
-    """Open domains: per split ReLU node, the constraint signs ``[N, n]`` (0: not split),
-    the worst margin ``[N]`` of the open conjunctions (``lower - threshold``, the lowest
-    first) and the branching scores ``[N, n]``."""
+    """Open domains of one tree: per split ReLU node, the constraint signs ``[N, n]`` (0: not
+    split), the conjunction's margin ``[N]`` (its best row's ``lower - threshold``) and the
+    branching scores ``[N, n]``."""
 
     signs: dict[str, torch.Tensor]
     margin: torch.Tensor
@@ -84,6 +90,16 @@ class BabResult:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class _Conjunction:
+    """The rows of the conjunction one tree proves empty: ``spec`` ``[1, m, n_out]`` and
+    thresholds ``goal`` ``[m]`` (the safety margin included); it is empty on a domain where
+    one of its rows has a lower bound above its threshold."""
+
+    spec: torch.Tensor
+    goal: torch.Tensor
+
+
 class BranchAndBound:
     """Branch and bound for one box ``[lo, hi]`` (``[1, *input_shape]``) and the open
     conjunctions of an unsafe region: rows ``C`` ``[m, n_out]`` with thresholds ``d``
@@ -101,10 +117,9 @@ class BranchAndBound:
         self.sched, self.check, self.batch = scheduler, check, batch
         self.steps = scheduler.config.alpha_steps
         self.box = Box(lo, hi)
-        self.spec = C.to(lo)[None]
-        self.goal = (d + margin * (1 + d.abs())).to(lo)
-        self.owner = torch.as_tensor(owner, dtype=torch.long)
-        self.conjunctions = int(self.owner.max()) + 1
+        goal = (d + margin * (1 + d.abs())).to(lo)
+        owner = torch.as_tensor(owner, dtype=torch.long)
+        self.conjunctions = [_Conjunction(C.to(lo)[None, owner == k], goal[owner == k]) for k in owner.unique()]
         targets = set(scheduler.bound_targets)
         self.relus: list[Node] = [n for n in scheduler.graph.nodes if n.op == ("", "Relu") and n.inputs[0] in targets]
         self.bounded = 0
@@ -112,10 +127,18 @@ class BranchAndBound:
     def run(self) -> BabResult:
         if not self.relus:
             return BabResult(False, 0, "no ReLU to split")
-        root = self.sched.intermediate_bounds(self.box)
-        self.root = {v: b for v, b in root.items()}
-        signs = {n.name: torch.zeros(1, n.inputs[0].numel, dtype=self.box.lo.dtype) for n in self.relus}
-        queue = self._bound(signs)
+        self.root = dict(self.sched.intermediate_bounds(self.box))
+        unsplit = {n.name: torch.zeros(1, n.inputs[0].numel, dtype=self.box.lo.dtype) for n in self.relus}
+        roots = [self._bound(c, unsplit) for c in self.conjunctions]
+        nearest_first = sorted(range(len(roots)), key=lambda k: -float(roots[k].margin.max()) if len(roots[k]) else -np.inf)
+        for k in nearest_first:
+            result = self._search(self.conjunctions[k], roots[k])
+            if not result.proved:
+                return result
+        return BabResult(True, self.bounded)
+
+    def _search(self, conjunction: _Conjunction, queue: Domains) -> BabResult:
+        """Split the open domains of one tree (``queue``) until none is left."""
         while len(queue):
             self.sched.deadline.check()
             order = torch.argsort(queue.margin)
@@ -123,33 +146,29 @@ class BranchAndBound:
             splittable = self._splittable(parents)
             if not bool(splittable.all()):
                 # every crossing unit split: the bound is exact once the multipliers are optimal
-                stuck = self._bound(parents.pick((~splittable).nonzero().flatten()).signs, THOROUGH * self.steps)
+                stuck = self._bound(conjunction, parents.pick((~splittable).nonzero().flatten()).signs, THOROUGH * self.steps)
                 if len(stuck):
                     return BabResult(False, self.bounded, "no split left")
                 parents = parents.pick(splittable.nonzero().flatten())
                 if not len(parents):
                     continue
-            queue = Domains.cat([queue, self._bound(self._branch(parents))])
+            queue = Domains.cat([queue, self._bound(conjunction, self._branch(parents))])
         return BabResult(True, self.bounded)
 
     # ---- one batch ---------------------------------------------------------------------
-    def _bound(self, signs: dict[str, torch.Tensor], steps: int | None = None) -> Domains:
-        """Bound the domains ``signs``; the open ones, with their margins and scores."""
+    def _bound(self, conjunction: _Conjunction, signs: dict[str, torch.Tensor], steps: int | None = None) -> Domains:
+        """Bound the conjunction's rows on the domains ``signs``; the open domains, with their margins and scores."""
         D = next(iter(signs.values())).shape[0]
         bounds = self._domain_bounds(signs, D)
         record: dict = {}
-        lower = self.sched.bound_output(bounds.batch.input_set, self.spec, bounds, goal=self.goal, record=record,
+        lower = self.sched.bound_output(bounds.batch.input_set, conjunction.spec, bounds, goal=conjunction.goal, record=record,
                                         steps=steps)
         self.bounded += D
-        proved_rows = lower > self.goal                                           # [D, m]
-        # per conjunction: its best row (a conjunction is empty where one of its rows is proved)
-        gaps = torch.stack([(lower - self.goal)[:, self.owner == k].max(1).values
-                            for k in range(self.conjunctions)], 1)
-        proved = torch.stack([proved_rows[:, self.owner == k].any(1) for k in range(self.conjunctions)], 1)
-        gaps[proved] = torch.inf
-        margin = gaps.min(1).values
-        self._counterexamples(record, lower)
-        keep = ~proved.all(1)
+        gaps = lower - conjunction.goal                                                  # [D, m]
+        margin = gaps.max(1).values  # the conjunction's best row
+        proved = (gaps > 0).any(1)
+        self._counterexamples(record, gaps)
+        keep = ~proved
         scores = self._scores(bounds, record, D)
         return Domains({k: t[keep] for k, t in signs.items()}, margin[keep], {k: t[keep] for k, t in scores.items()})
 
@@ -190,13 +209,13 @@ class BranchAndBound:
             out[n.name] = score
         return out
 
-    def _counterexamples(self, record: dict, lower: torch.Tensor) -> None:
+    def _counterexamples(self, record: dict, gaps: torch.Tensor) -> None:
         """The corners of the box that minimise the open rows' bounds, checked on the network
-        (those of the ``CANDIDATES`` rows furthest from a proof)."""
+        (those of the ``CANDIDATES`` rows furthest from a proof; ``gaps``: ``lower - goal`` ``[D, m]``)."""
         lam = record.get("input")
         if lam is None or not lam.numel():
             return
-        gap = lower[record["examples"], record["rows"]] - self.goal[record["rows"]]
+        gap = gaps[record["examples"], record["rows"]]
         worst = torch.argsort(gap)[:CANDIDATES]
         lo, hi = self.box.lo[0], self.box.hi[0]
         corners = torch.where(lam[worst, 0] > 0, lo, hi).reshape(len(worst), -1)

@@ -66,7 +66,9 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-restarts", type=int, default=16, help="PGD restarts per round (default 16)")
     p.add_argument("--attack-steps", type=int, default=100, help="PGD steps per round (default 100)")
     p.add_argument("--attack-rounds", type=int, default=3,
-                   help="PGD rounds (seeds): one before the bounds, the rest if they prove nothing (default 3)")
+                   help="PGD rounds (seeds): one before the bounds, the rest (thorough: 4x the restarts per "
+                        "unsafe conjunction, 3x the steps, shrinking) if they prove nothing, before any "
+                        "splitting (default 3)")
     p.add_argument("--no-split", action="store_true", help="never split the input box (default: split when the "
                                                            "property has at most 16 inputs)")
     p.add_argument("--relaxation", choices=["paper", "crown", "alpha"], default="alpha",

@@ -17,6 +17,10 @@ from .errors import DualgraphError
 from .vnnlib import VnnlibProperty
 
 
+THOROUGH_MAX_RESTARTS = 1024
+"""A thorough round runs its starts as one batch: at most this many (memory on large networks)."""
+
+
 class Found(Exception):
     """A confirmed counterexample (raised out of the search loops)."""
 
@@ -33,7 +37,13 @@ class Falsifier:
     def __init__(self, model, config, clock, details: dict) -> None:
         self.model, self.config, self.clock, self.details = model, config, clock, details
 
-    def attack(self, p: VnnlibProperty, seed: int) -> None:
+    def attack(self, p: VnnlibProperty, seed: int, thorough_for: float | None = None) -> None:
+        """One PGD round (``config.attack_restarts`` starts of ``config.attack_steps`` steps);
+        ``thorough_for=seconds``: a thorough one, cut short after that long -- every start aimed
+        at one conjunction, ``4 * attack_restarts`` starts per conjunction and ``3 * attack_steps``
+        steps shrinking from half the box's width to a fiftieth (on networks whose outputs are
+        flat over most of the box, the many random starts and the long first steps are what
+        finds the unsafe pockets)."""
         from .attack import pgd_attack
         self.clock.check()
         cfg = self.config
@@ -43,8 +53,14 @@ class Falsifier:
         lo, hi = (torch.tensor(a, dtype=dtype) for a in (p.input_lo, p.input_hi))
         # Aim a hair inside the unsafe set, so that onnxruntime agrees on the hit.
         unsafe = [(torch.tensor(c.C), torch.tensor(c.d - 1e-5 * (1 + np.abs(c.d)))) for c in p.unsafe]
-        res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=cfg.attack_steps,
-                         restarts=cfg.attack_restarts, seed=seed, time_limit=max(self.clock.remaining, 0.0))
+        time_limit = max(self.clock.remaining, 0.0)
+        if thorough_for is None:
+            res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=cfg.attack_steps,
+                             restarts=cfg.attack_restarts, seed=seed, time_limit=time_limit)
+        else:
+            res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=3 * cfg.attack_steps,
+                             restarts=min(4 * cfg.attack_restarts * max(len(unsafe), 1), THOROUGH_MAX_RESTARTS), seed=seed, targeted=True,
+                             schedule=(0.5, 0.1, 0.02), time_limit=min(time_limit, thorough_for))
         self.details["attack_rounds"] = self.details.get("attack_rounds", 0) + 1
         if bool(res.found[0]):
             x = res.x.reshape(1, -1).double().numpy()

@@ -16,11 +16,13 @@ boxes and, over each, an unsafe output region ``OR_m (C_m y <= d_m)``. The answe
 
 Order of work, cheapest first: one PGD round (counterexamples are often found in a few
 milliseconds), the dual bounds of Wong et al. in float64 with the paper's ReLU relaxation,
-then CROWN slopes (tighter) on the conjunctions still open; for low-dimensional inputs
-(ACAS Xu style) the box is then split along its widest side and every piece bounded,
-which also tests the centre of each piece as a candidate counterexample; last, a few more
-PGD rounds with other seeds. Proofs from different relaxations or pieces combine soundly
-(each bound is valid on its own).
+then CROWN slopes (tighter) and optimised slopes on the conjunctions still open; then a few
+thorough PGD rounds with other seeds (targeted at each conjunction in turn, many more starts,
+steps that shrink; together at most :data:`THOROUGH_ATTACK_SHARE` of the time left); for
+low-dimensional inputs (ACAS Xu style) the box is then split along its widest side and every
+piece bounded, which also tests the centre of each piece as a candidate counterexample; for
+the others branch and bound splits ReLUs (:mod:`dualgraph.bab`) until the time runs out.
+Proofs from different relaxations or pieces combine soundly (each bound is valid on its own).
 
 Soundness. Bounds run in float64 (the float32 weights convert exactly); they include the
 rounding allowance of :mod:`dualgraph.rounding` (the bound computation and the model's own
@@ -57,6 +59,10 @@ from .vnnlib import VnnlibProperty, format_counterexample, read_vnnlib
 ANSWERS = ("sat", "unsat", "unknown", "timeout", "error")
 
 
+THOROUGH_ATTACK_SHARE = 0.1
+"""The thorough PGD rounds together take at most this share of the time left after the bounds."""
+
+
 @dataclass(frozen=True)
 class VerifyConfig:
     """How hard to try.
@@ -69,7 +75,9 @@ class VerifyConfig:
         the slopes and split multipliers of each domain.
     attack_steps, attack_restarts: one PGD round (restarts run as one batch).
     attack_rounds: PGD rounds in all (different seeds): one before the bounds, the rest
-        after them if no proof was found (each is cut short by the time limit).
+        after them if they proved nothing, before any splitting: thorough rounds of
+        ``4 * attack_restarts`` starts per conjunction (each start aimed at one conjunction),
+        ``3 * attack_steps`` steps shrinking from half the box's width to a fiftieth.
     split_max_inputs: split the input box when the property has at most this many
         inputs (0: never); ``split_batch`` pieces are bounded per call, and splitting
         gives up (``unknown``) after ``split_max_boxes`` pieces.
@@ -310,6 +318,12 @@ class _Search:
             if not any(open_):
                 self.details["method"] = f"bounds ({relaxation})"
                 return "unsat"
+        if cfg.attack_rounds > 1:  # before the searches that may take all of the time left
+            budget = self.clock.remaining * THOROUGH_ATTACK_SHARE / (len(props) * (cfg.attack_rounds - 1))
+            for round_ in range(1, cfg.attack_rounds):
+                for p in props:
+                    self._tick()
+                    self.falsifier.attack(p, cfg.seed + round_, thorough_for=budget)
         if cfg.split_max_inputs:
             for p, todo in zip(props, open_):
                 if todo and p.n_inputs <= cfg.split_max_inputs and self._split(p):
@@ -324,10 +338,6 @@ class _Search:
             if not any(open_):
                 self.details["method"] = "branch and bound"
                 return "unsat"
-        for round_ in range(1, cfg.attack_rounds):
-            for p in props:
-                self._tick()
-                self.falsifier.attack(p, cfg.seed + round_)
         return "unknown"
 
     def _tick(self) -> None:
