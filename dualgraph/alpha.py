@@ -57,9 +57,15 @@ def free_relaxations(runner, dual, bounds: dict) -> dict:
     return out
 
 
+Warm = dict[tuple[str, str], torch.Tensor]
+"""Start values of the variables in full layout: ``(primal node name, "slopes" or
+"multipliers")`` -> ``[R, n]`` over the node's flat units, NaN where the usual start applies
+(CROWN's slope, multiplier 0)."""
+
+
 def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
                   goal: float | torch.Tensor | None, record: dict | None = None,
-                  steps: int | None = None) -> torch.Tensor:
+                  steps: int | None = None, warm: Warm | None = None) -> torch.Tensor:
     """The best lower bound ``[R, 1]`` of each single row over ``steps`` (default
     ``config.alpha_steps``) steps of projected gradient ascent on its own variables, from
     ``start`` (its bound with the relaxations' own slopes): the free slopes
@@ -73,17 +79,22 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
     row's window (no branch-and-bound splits). Rows whose best bound exceeds ``goal`` (a number or ``[R, 1]``)
     stop; once half of the rows have, the others go on alone. ``record``: filled with the
     dual variables of a last pass over the rows still below their goal (:attr:`DualRunner.record`)
-    and their positions (``"alive"``).
+    and their positions (``"alive"``), and (on dense rows) the variables' last values in
+    full layout (``"variables"``, a :data:`Warm`), from which ``warm`` restarts a later ascent
+    (branch and bound starts a domain's children from their parent's slopes and multipliers).
     """
     config = runner.config
     steps = config.alpha_steps if steps is None else steps
     relaxed = free_relaxations(runner, dual, batch.bounds) if config.relu_relaxation == "alpha" else {}
-    split = {name: _multipliers(sign) for name, sign in (batch.splits or {}).items() if bool(sign.any())}
+    warm = warm or {}
+    split = {name: _multipliers(sign, warm.get((name, "multipliers"))) for name, sign in (batch.splits or {}).items()
+             if bool(sign.any())}
     if isinstance(rows, Patches):  # each row's slopes on its own window, wherever the row is
         windows = _window_geometries(dual, rows)
         variables = {name: (_window_variables(relaxed[name], windows[name]), None) for name in relaxed}
     else:
-        variables = {name: (_variables(relaxed[name]) if name in relaxed else None, split.get(name))
+        variables = {name: (_variables(relaxed[name], warm.get((name, "slopes"))) if name in relaxed else None,
+                            split.get(name))
                      for name in set(relaxed) | set(split)}
     if not variables or steps == 0:
         if record is not None:
@@ -98,7 +109,10 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
     with torch.no_grad():  # the layers before the first variables do not change: run them once
         first, env, offsets = runner.run_until(dual, rows, batch, set(variables))
     run = _Ascent(runner, dual, first, env, offsets, batch, variables, start, goal)
-    return run.climb(steps, record)
+    best = run.climb(steps, record)
+    if record is not None and not isinstance(rows, Patches):
+        record["variables"] = _full_layout(variables, dual)
+    return best
 
 
 class _Ascent:
@@ -198,12 +212,40 @@ class _Ascent:
         groups[0]["params"] = self._params()
 
 
-def _multipliers(sign: torch.Tensor) -> SplitMultipliers:
-    """Multipliers (at 0: the bound without them) of the split units of the rows' domains."""
+def _multipliers(sign: torch.Tensor, warm: torch.Tensor | None = None) -> SplitMultipliers:
+    """Multipliers of the split units of the rows' domains, at 0 (the bound without them) or
+    at ``warm``'s values."""
     sign = sign.flatten(1)
     index = (sign != 0).any(0).nonzero().flatten()
     picked = sign[:, index].unsqueeze(1)
-    return SplitMultipliers(index, torch.zeros_like(picked).requires_grad_(True), picked)
+    values = _started(torch.zeros_like(picked), warm, index).clamp(min=0)
+    return SplitMultipliers(index, values.requires_grad_(True), picked)
+
+
+def _started(values: torch.Tensor, warm: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    """``values`` ``[R, 1, K]`` (the usual starts at the flat units ``index``), replaced by
+    ``warm``'s ``[R, n]`` values where it has a number."""
+    if warm is None:
+        return values.detach().clone()
+    w = warm.to(values).flatten(1)[:, index].unsqueeze(1)
+    return torch.where(w.isnan(), values, w).detach()
+
+
+def _full_layout(variables: dict, dual) -> Warm:
+    """The variables' values (rows still alive) as a :data:`Warm`: each node's ``[R, n]``,
+    NaN where a row has no variable."""
+    units = {node.meta["primal"].name: node.meta["primal"].outputs[0].numel for node in dual.nodes
+             if "primal" in node.meta}
+    out = {}
+    for name, pair in variables.items():
+        for kind, t in zip(("slopes", "multipliers"), pair):
+            if t is None:
+                continue
+            values = t.values.detach()[:, 0]
+            full = values.new_full((values.shape[0], units[name]), torch.nan)
+            full[:, t.index] = values
+            out[(name, kind)] = full
+    return out
 
 
 def _window_geometries(dual, rows: Patches) -> dict:
@@ -231,8 +273,9 @@ def _window_variables(r: Relaxation, windows) -> FreeSlopes:
     return FreeSlopes(None, values, free, win(lo), win(hi))
 
 
-def _variables(r: Relaxation) -> FreeSlopes:
-    """The free slopes of ``r`` (one example per row) as variables, at their starting values."""
+def _variables(r: Relaxation, warm: torch.Tensor | None = None) -> FreeSlopes:
+    """The free slopes of ``r`` (one example per row) as variables, at CROWN's slopes or at
+    ``warm``'s values (clamped into the range)."""
     units, lo, hi = r.free
     units = units.flatten(1)
     index = units.any(0).nonzero().flatten()
@@ -240,5 +283,6 @@ def _variables(r: Relaxation) -> FreeSlopes:
     def per_row(t):
         return t.flatten(1)[:, index].unsqueeze(1) if torch.is_tensor(t) and t.dim() > 0 else t
 
-    values = per_row(r.a_lo).detach().clone().requires_grad_(True)
-    return FreeSlopes(index, values, per_row(units), per_row(lo), per_row(hi))
+    lo, hi = per_row(lo), per_row(hi)
+    values = _started(per_row(r.a_lo), warm, index).clamp(min=lo).clamp(max=hi).requires_grad_(True)
+    return FreeSlopes(index, values, per_row(units), lo, hi)

@@ -60,25 +60,30 @@ CANDIDATES = 16
 @dataclass
 class Domains:
     """Open domains of one tree: per split ReLU node, the constraint signs ``[N, n]`` (0: not
-    split), the conjunction's margin ``[N]`` (its best row's ``lower - threshold``) and the
-    branching scores ``[N, n]``."""
+    split), the conjunction's margin ``[N]`` (its best row's ``lower - threshold``), the
+    branching scores ``[N, n]`` and the last slopes and multipliers of the domain's ascent
+    (:data:`dualgraph.alpha.Warm`, float32), where its children's ascents start."""
 
     signs: dict[str, torch.Tensor]
     margin: torch.Tensor
     scores: dict[str, torch.Tensor]
+    warm: dict[tuple[str, str], torch.Tensor]
 
     def __len__(self) -> int:
         return int(self.margin.shape[0])
 
     def pick(self, index: torch.Tensor) -> Domains:
         return Domains({k: t[index] for k, t in self.signs.items()}, self.margin[index],
-                       {k: t[index] for k, t in self.scores.items()})
+                       {k: t[index] for k, t in self.scores.items()}, {k: t[index] for k, t in self.warm.items()})
 
     @staticmethod
     def cat(parts: list[Domains]) -> Domains:
         keys = parts[0].signs.keys()
+        found = {k: t for p in parts for k, t in p.warm.items()}  # NaN: no start value in that part
+        warm = {k: torch.cat([p.warm.get(k, t.new_full((len(p), t.shape[1]), torch.nan)) for p in parts])
+                for k, t in found.items()}
         return Domains({k: torch.cat([p.signs[k] for p in parts]) for k in keys}, torch.cat([p.margin for p in parts]),
-                       {k: torch.cat([p.scores[k] for p in parts]) for k in keys})
+                       {k: torch.cat([p.scores[k] for p in parts]) for k in keys}, warm)
 
 
 @dataclass
@@ -146,23 +151,27 @@ class BranchAndBound:
             splittable = self._splittable(parents)
             if not bool(splittable.all()):
                 # every crossing unit split: the bound is exact once the multipliers are optimal
-                stuck = self._bound(conjunction, parents.pick((~splittable).nonzero().flatten()).signs, THOROUGH * self.steps)
+                full = parents.pick((~splittable).nonzero().flatten())
+                stuck = self._bound(conjunction, full.signs, full.warm, THOROUGH * self.steps)
                 if len(stuck):
                     return BabResult(False, self.bounded, "no split left")
                 parents = parents.pick(splittable.nonzero().flatten())
                 if not len(parents):
                     continue
-            queue = Domains.cat([queue, self._bound(conjunction, self._branch(parents))])
+            queue = Domains.cat([queue, self._bound(conjunction, self._branch(parents),
+                                                    {k: t.repeat(2, 1) for k, t in parents.warm.items()})])
         return BabResult(True, self.bounded)
 
     # ---- one batch ---------------------------------------------------------------------
-    def _bound(self, conjunction: _Conjunction, signs: dict[str, torch.Tensor], steps: int | None = None) -> Domains:
-        """Bound the conjunction's rows on the domains ``signs``; the open domains, with their margins and scores."""
+    def _bound(self, conjunction: _Conjunction, signs: dict[str, torch.Tensor], warm: dict | None = None,
+               steps: int | None = None) -> Domains:
+        """Bound the conjunction's rows on the domains ``signs`` (the ascent starting at ``warm``);
+        the open domains, with their margins, scores and last variables."""
         D = next(iter(signs.values())).shape[0]
         bounds = self._domain_bounds(signs, D)
         record: dict = {}
-        lower = self.sched.bound_output(bounds.batch.input_set, conjunction.spec, bounds, goal=conjunction.goal, record=record,
-                                        steps=steps)
+        lower = self.sched.bound_output(bounds.batch.input_set, conjunction.spec, bounds, goal=conjunction.goal,
+                                        record=record, steps=steps, warm=warm)
         self.bounded += D
         gaps = lower - conjunction.goal                                                  # [D, m]
         margin = gaps.max(1).values  # the conjunction's best row
@@ -170,7 +179,12 @@ class BranchAndBound:
         self._counterexamples(record, gaps)
         keep = ~proved
         scores = self._scores(bounds, record, D)
-        return Domains({k: t[keep] for k, t in signs.items()}, margin[keep], {k: t[keep] for k, t in scores.items()})
+        last = {}
+        for k, t in record.get("variables", {}).items():  # a domain's rows share its start: any row's will do
+            last[k] = t.new_full((D, t.shape[1]), torch.nan, dtype=torch.float32)
+            last[k][record["examples"]] = t.float()
+        return Domains({k: t[keep] for k, t in signs.items()}, margin[keep], {k: t[keep] for k, t in scores.items()},
+                       {k: t[keep] for k, t in last.items()})
 
     def _domain_bounds(self, signs: dict[str, torch.Tensor], D: int) -> BoundMap:
         """The root's bounds for ``D`` domains, each split unit clamped to its side; relaxations

@@ -235,7 +235,7 @@ class BoundScheduler:
     def bound_output(self, input_set: InputSet, spec: torch.Tensor,
                      bounds: dict[Value, Bounds] | None = None, *, goal: float | torch.Tensor | None = None,
                      candidates: torch.Tensor | None = None, record: dict | None = None,
-                     steps: int | None = None) -> torch.Tensor:
+                     steps: int | None = None, warm: dict | None = None) -> torch.Tensor:
         """Lower bounds ``J`` of ``spec @ f(x')`` over the input set: ``[B, m]``, valid for the
         network in exact arithmetic and as evaluated in its own precision (each dual step's
         rounding allowance is included, :mod:`dualgraph.rounding`).
@@ -246,7 +246,8 @@ class BoundScheduler:
         ``candidates`` examples (a bool ``[B]``; default all), the others keep CROWN's bound;
         a branch-and-bound batch (``Batch.splits``) also optimises its split multipliers.
         ``record`` (with given bounds): the open rows' dual variables, see :meth:`_optimise_slopes`;
-        ``steps``: the optimiser's steps (default ``config.alpha_steps``).
+        ``steps``: the optimiser's steps (default ``config.alpha_steps``); ``warm``: the
+        variables' start values per example (:data:`dualgraph.alpha.Warm`, ``[B, n]``).
         """
         given = bounds
         if bounds is None:  # with optimised slopes: CROWN's first, optimised ones where still needed
@@ -263,7 +264,7 @@ class BoundScheduler:
             lower, _ = self.runner.run(self.dual(self.output), rows, batch)
             steps = self.config.alpha_steps if steps is None else steps
             if (self.config.relu_relaxation == "alpha" or batch.splits) and steps:
-                lower = self._optimise_slopes(rows, batch, lower, goal, candidates, record, steps)
+                lower = self._optimise_slopes(rows, batch, lower, goal, candidates, record, steps, warm)
                 if given is None and self.config.relu_relaxation == "alpha":
                     lower = self._with_optimised_bounds(input_set, bounds, rows, lower, goal, candidates)
         return lower
@@ -346,12 +347,14 @@ class BoundScheduler:
 
     def _optimise_slopes(self, rows: torch.Tensor, batch: Batch, lower: torch.Tensor,
                          goal: float | torch.Tensor | None, candidates: torch.Tensor | None,
-                         record: dict | None = None, steps: int | None = None) -> torch.Tensor:
+                         record: dict | None = None, steps: int | None = None,
+                         warm: dict | None = None) -> torch.Tensor:
         """Optimised-slope bounds (:func:`dualgraph.alpha.optimise_rows`) of the open rows,
         flattened to one row per ``(example, row)`` and run in chunks that fit the budget.
         ``goal``: a number or a tensor broadcasting to ``lower`` (``[B, m]``). ``record``:
-        filled with the open rows' dual variables (:attr:`DualRunner.record`) and their
-        ``"examples"``/``"rows"``."""
+        filled with the open rows' dual variables (:attr:`DualRunner.record`), their
+        ``"examples"``/``"rows"`` and the variables' last values (``"variables"``); ``warm``:
+        start values per example, shared by its rows."""
         from .alpha import optimise_rows
         from .dual_run import needed_bounds
         if goal is not None:
@@ -375,13 +378,18 @@ class BoundScheduler:
             picked = rows[ex if rows.shape[0] > 1 else 0, row].unsqueeze(1)
             part = None if record is None else {}
             best.append(optimise_rows(self.runner, dual, picked, batch.take(ex, needed), lower[ex, row].unsqueeze(1),
-                                      None if goal is None else goal[ex, row].unsqueeze(1), part, steps)[:, 0])
+                                      None if goal is None else goal[ex, row].unsqueeze(1), part, steps,
+                                      None if warm is None else {k: w[ex] for k, w in warm.items()})[:, 0])
             parts.append(part)
         if record is not None:  # the rows still open, in the order of the parts
             alive = torch.cat([part["alive"] + start for part, start in zip(parts, range(0, len(examples), chunk))])
             record.update(examples=examples[alive], rows=which[alive])
             for key in parts[0]:
-                if key != "alive":
+                if key == "variables":  # NaN (no start value) for a part without some variable
+                    found = {k: t for p in parts for k, t in p.get(key, {}).items()}
+                    record[key] = {k: torch.cat([p.get(key, {}).get(k, t.new_full((len(p["alive"]), t.shape[1]), torch.nan))
+                                                 for p in parts]) for k, t in found.items()}
+                elif key != "alive":
                     record[key] = torch.cat([p[key] for p in parts if key in p])
         return lower.index_put((examples, which), torch.cat(best))
 

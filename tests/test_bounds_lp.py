@@ -140,6 +140,16 @@ def lp_check(net: DagNet, data) -> None:
     # which are inside CROWN's, so the LP on them bounds both.)
     finals["alpha"] = scheds["alpha"].bound_output(box, spec)
     assert (finals["alpha"] >= finals["crown"] - 1e-9 * (1 + finals["crown"].abs())).all()
+    # An ascent may start anywhere (branch and bound starts a domain's from its parent's last
+    # slopes): random starts, out of the slopes' range too, NaN (CROWN's start) in places.
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000), label="warm start"))
+    warm = {}
+    for n in graph.nodes:
+        if n.op_type == "Relu":
+            t = 2 * torch.rand(B, n.outputs[0].numel, generator=g, dtype=DTYPE) - 0.5
+            warm[(n.name, "slopes")] = torch.where(torch.rand(t.shape, generator=g) < 0.3, torch.nan, t)
+    all_bounds["alpha/warm"] = all_bounds["alpha"]
+    finals["alpha/warm"] = scheds["alpha"].bound_output(box, spec, all_bounds["alpha"], warm=warm)
     for v in relu_inputs:
         a, c = all_bounds["alpha"][v], all_bounds["crown"][v]
         crossing = (c.lower < 0) & (c.upper > 0)
