@@ -88,7 +88,7 @@ class VerifyConfig:
     relaxations: tuple[str, ...] = ("paper", "crown", "alpha")
     alpha_steps: int = 20
     branch_and_bound: bool = True
-    bab_batch: int = 64
+    bab_batch: int = 256
     bab_steps: int = 20
     attack_steps: int = 100
     attack_restarts: int = 16
