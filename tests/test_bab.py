@@ -121,3 +121,39 @@ def test_a_network_without_relus_is_unknown_not_an_error(tmp_path):
     assert result.answer in ("unknown", "sat"), result.details
     if result.answer == "unknown":
         assert result.details["bab"] == "no ReLU to split"
+
+
+def test_one_tree_per_conjunction_each_child_starting_from_its_parent(tmp_path, monkeypatch):
+    """Branch and bound proves the conjunctions one at a time: every bound computation
+    carries the rows of one conjunction only, and the children's ascents start from their
+    parents' last slopes and multipliers (a warm start with numbers in it)."""
+    from onnx import helper
+    from dualgraph.scheduler import BoundScheduler
+    rng = np.random.default_rng(4)
+    W1 = rng.standard_normal((8, 3)).astype(np.float32)
+    b1 = (0.3 * rng.standard_normal(8)).astype(np.float32)
+    W2 = rng.standard_normal((2, 8)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["X", "W1", "b1"], ["z"], transB=1), helper.make_node("Relu", ["z"], ["r"]),
+             helper.make_node("Gemm", ["r", "W2"], ["Y"], transB=1)]
+    path = _onnx(tmp_path, nodes, {"W1": W1, "b1": b1, "W2": W2}, 3, 2)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 41)] * 3), -1).reshape(-1, 3)
+    y = np.maximum(grid @ W1.T.astype(np.float64) + b1, 0) @ W2.T.astype(np.float64)
+    t = y.min(0) - 0.02 * (y.max(0) - y.min(0))  # just below each output's minimum: unsat
+    lines = [f"(declare-const X_{i} Real)" for i in range(3)] + [f"(declare-const Y_{j} Real)" for j in range(2)]
+    lines += [s for i in range(3) for s in (f"(assert (>= X_{i} -1.0))", f"(assert (<= X_{i} 1.0))")]
+    lines += [f"(assert (or (and (<= Y_0 {t[0]:.9f})) (and (<= Y_1 {t[1]:.9f}))))"]
+    (tmp_path / "p.vnnlib").write_text("\n".join(lines) + "\n")
+    calls = []
+    original = BoundScheduler.bound_output
+
+    def spy(self, input_set, spec, bounds=None, **kw):
+        if getattr(bounds, "batch", None) is not None and bounds.batch.splits is not None:  # a BaB domain batch
+            warm = kw.get("warm") or {}
+            calls.append((spec.shape[1], any(bool((~v.isnan()).any()) for v in warm.values())))
+        return original(self, input_set, spec, bounds, **kw)
+    monkeypatch.setattr(BoundScheduler, "bound_output", spy)
+    result = verify_property(VerifyModel(path), read_vnnlib(tmp_path / "p.vnnlib"), 30,
+                             VerifyConfig(split_max_inputs=0, attack_rounds=0, relaxations=("crown",)))
+    assert result.answer == "unsat" and result.details["method"] == "branch and bound", result.details
+    assert calls and all(rows == 1 for rows, _ in calls), calls
+    assert any(warm for _, warm in calls[2:]), calls  # after the two roots, children start warm
