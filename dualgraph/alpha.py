@@ -111,7 +111,9 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
     run = _Ascent(runner, dual, first, env, offsets, batch, variables, start, goal)
     best = run.climb(steps, record)
     if record is not None and not isinstance(rows, Patches):
-        record["variables"] = _full_layout(variables, dual)
+        widths = {name: r.free[0][0].numel() for name, r in relaxed.items()}
+        widths.update({name: sign[0].numel() for name, sign in (batch.splits or {}).items()})
+        record["variables"] = _full_layout(variables, widths)
     return best
 
 
@@ -231,18 +233,16 @@ def _started(values: torch.Tensor, warm: torch.Tensor | None, index: torch.Tenso
     return torch.where(w.isnan(), values, w).detach()
 
 
-def _full_layout(variables: dict, dual) -> Warm:
+def _full_layout(variables: dict, widths: dict[str, int]) -> Warm:
     """The variables' values (rows still alive) as a :data:`Warm`: each node's ``[R, n]``,
     NaN where a row has no variable."""
-    units = {node.meta["primal"].name: node.meta["primal"].outputs[0].numel for node in dual.nodes
-             if "primal" in node.meta}
     out = {}
     for name, pair in variables.items():
         for kind, t in zip(("slopes", "multipliers"), pair):
             if t is None:
                 continue
             values = t.values.detach()[:, 0]
-            full = values.new_full((values.shape[0], units[name]), torch.nan)
+            full = values.new_full((values.shape[0], widths[name]), torch.nan)
             full[:, t.index] = values
             out[(name, kind)] = full
     return out

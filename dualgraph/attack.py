@@ -102,6 +102,8 @@ def pgd_attack(
     deadline = None if time_limit is None else time.monotonic() + time_limit
     if lo.shape != hi.shape:
         raise DualgraphError(f"attack box bounds differ in shape: lo {tuple(lo.shape)} vs hi {tuple(hi.shape)}; pass equal shapes")
+    if schedule is not None and (len(schedule) == 0 or min(schedule) <= 0):
+        raise DualgraphError(f"attack schedule must be a non-empty list of positive step fractions, got {schedule!r}")
     if steps < 0 or restarts < 1:
         raise DualgraphError(f"attack needs steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
     lo, hi = (lo, hi) if batched else (lo[None], hi[None])

@@ -119,7 +119,11 @@ class BranchAndBound:
     def __init__(self, scheduler: BoundScheduler, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor,
                  d: torch.Tensor, owner: np.ndarray, check: Callable[[np.ndarray], None],
                  batch: int = 64, margin: float = 1e-9) -> None:
-        self.sched, self.check, self.batch = scheduler, check, batch
+        self.sched, self.check = scheduler, check
+        # each child holds every bounded value's two bounds, and each domain its signs, scores and
+        # start values: at most a few times the memory budget of one chunk of dual variables
+        units = sum(v.numel for v in scheduler.bound_targets)
+        self.batch = max(1, min(batch, scheduler.config.max_elements // (8 * max(units, 1))))
         self.steps = scheduler.config.alpha_steps
         self.box = Box(lo, hi)
         goal = (d + margin * (1 + d.abs())).to(lo)
@@ -180,9 +184,14 @@ class BranchAndBound:
         keep = ~proved
         scores = self._scores(bounds, record, D)
         last = {}
-        for k, t in record.get("variables", {}).items():  # a domain's rows share its start: any row's will do
-            last[k] = t.new_full((D, t.shape[1]), torch.nan, dtype=torch.float32)
-            last[k][record["examples"]] = t.float()
+        if "variables" in record:  # a domain's rows share one start: its first open row's last values
+            examples = record["examples"]
+            first = torch.full((D,), len(examples), dtype=torch.long).scatter_reduce(
+                0, examples, torch.arange(len(examples)), "amin")
+            has = first < len(examples)
+            for k, t in record["variables"].items():
+                last[k] = t.new_full((D, t.shape[1]), torch.nan, dtype=torch.float32)
+                last[k][has] = t[first[has]].float()
         return Domains({k: t[keep] for k, t in signs.items()}, margin[keep], {k: t[keep] for k, t in scores.items()},
                        {k: t[keep] for k, t in last.items()})
 

@@ -18,7 +18,11 @@ from .vnnlib import VnnlibProperty
 
 
 THOROUGH_MAX_RESTARTS = 1024
-"""A thorough round runs its starts as one batch: at most this many (memory on large networks)."""
+"""A thorough round runs its starts as one batch: at most this many ..."""
+
+THOROUGH_MEMORY = 1 << 30
+"""... and at most as many as keep the batch's activations (and their gradients, about three
+float32 copies of every value) within this many bytes: 89 starts on a ResNet-18-sized network."""
 
 
 class Found(Exception):
@@ -58,9 +62,13 @@ class Falsifier:
             res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=cfg.attack_steps,
                              restarts=cfg.attack_restarts, seed=seed, time_limit=time_limit)
         else:
-            res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=3 * cfg.attack_steps,
-                             restarts=min(4 * cfg.attack_restarts * max(len(unsafe), 1), THOROUGH_MAX_RESTARTS), seed=seed, targeted=True,
-                             schedule=(0.5, 0.1, 0.02), time_limit=min(time_limit, thorough_for))
+            activations = sum(v.numel for v in self.model.graph.values.values() if not v.is_const)
+            fits = THOROUGH_MEMORY // (12 * max(activations, 1))
+            restarts = max(cfg.attack_restarts, min(4 * cfg.attack_restarts * max(len(unsafe), 1),
+                                                    THOROUGH_MAX_RESTARTS, fits))
+            res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=3 * cfg.attack_steps, restarts=restarts,
+                             seed=seed, targeted=True, schedule=(0.5, 0.1, 0.02),
+                             time_limit=min(time_limit, thorough_for))
         self.details["attack_rounds"] = self.details.get("attack_rounds", 0) + 1
         if bool(res.found[0]):
             x = res.x.reshape(1, -1).double().numpy()

@@ -384,7 +384,7 @@ class BoundScheduler:
         if record is not None:  # the rows still open, in the order of the parts
             alive = torch.cat([part["alive"] + start for part, start in zip(parts, range(0, len(examples), chunk))])
             record.update(examples=examples[alive], rows=which[alive])
-            for key in parts[0]:
+            for key in dict.fromkeys(k for part in parts for k in part):  # a part whose rows all closed has none
                 if key == "variables":  # NaN (no start value) for a part without some variable
                     found = {k: t for p in parts for k, t in p.get(key, {}).items()}
                     record[key] = {k: torch.cat([p.get(key, {}).get(k, t.new_full((len(p["alive"]), t.shape[1]), torch.nan))

@@ -143,6 +143,8 @@ def test_empty_sets_and_no_grad_context_and_model_untouched() -> None:
         (dict(unsafe=[(torch.ones(1, 5), torch.zeros(1))]), "over 5 outputs but the function has 2"),
         (dict(unsafe=[(torch.ones(1, 2), torch.zeros(2))]), "expected C \\[k, n_out\\] and d \\[k\\]"),
         (dict(steps=-1), "steps >= 0"),
+        (dict(schedule=()), "non-empty list of positive step fractions"),
+        (dict(schedule=(0.5, 0.0)), "non-empty list of positive step fractions"),
     ],
 )
 def test_errors(kwargs, message: str) -> None:
@@ -155,3 +157,20 @@ def test_errors(kwargs, message: str) -> None:
 def test_rejects_wrong_output_shape() -> None:
     with pytest.raises(DualgraphError, match="returned shape"):
         pgd_attack(lambda x: x.sum(), torch.zeros(2), torch.ones(2), [(torch.ones(1, 1), torch.zeros(1))])
+
+
+def test_targeted_restarts_reach_a_conjunction_the_union_gradient_never_follows() -> None:
+    """Two conjunctions: A (``y0 <= 0``, never reachable: ``y0 >= 0.1``) is the nearer one
+    almost everywhere, so descending on ``min(mA, mB)`` follows A's gradient into its floor;
+    with targeted restarts half of them descend on B (``y1 = 1 - 2 mean(x)``), which every
+    corner with ``mean(x) > 1/2`` violates. A decaying schedule gets there too."""
+    d = 50
+
+    def f(x):
+        return torch.stack([0.1 + 0.05 * (x ** 2).mean(-1), 1 - 2 * x.mean(-1)], -1)
+    lo, hi = -torch.ones(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
+    unsafe = [(torch.tensor([[1.0, 0.0]]), torch.zeros(1)), (torch.tensor([[0.0, 1.0]]), torch.zeros(1))]
+    assert not pgd_attack(f, lo, hi, unsafe, restarts=4, steps=50).found.item()
+    for kw in (dict(), dict(schedule=(0.5, 0.1, 0.02))):
+        res = pgd_attack(f, lo, hi, unsafe, restarts=4, steps=50, targeted=True, **kw)
+        assert res.found.item() and float(f(res.x)[0, 1]) <= 0, kw
