@@ -59,9 +59,9 @@ CANDIDATES = 16
 
 @dataclass
 class Domains:
-    """Open domains of one tree: per split ReLU node, the constraint signs ``[N, n]`` (0: not
-    split), the conjunction's margin ``[N]`` (its best row's ``lower - threshold``), the
-    branching scores ``[N, n]`` and the last slopes and multipliers of the domain's ascent
+    """Open domains of one tree: per split ReLU node, the constraint signs ``[N, n]`` (int8; 0:
+    not split), the conjunction's margin ``[N]`` (its best row's ``lower - threshold``), the
+    branching scores ``[N, n]`` (float32) and the last slopes and multipliers of the domain's ascent
     (:data:`dualgraph.alpha.Warm`, float32), where its children's ascents start."""
 
     signs: dict[str, torch.Tensor]
@@ -137,7 +137,7 @@ class BranchAndBound:
         if not self.relus:
             return BabResult(False, 0, "no ReLU to split")
         self.root = dict(self.sched.intermediate_bounds(self.box))
-        unsplit = {n.name: torch.zeros(1, n.inputs[0].numel, dtype=self.box.lo.dtype) for n in self.relus}
+        unsplit = {n.name: torch.zeros(1, n.inputs[0].numel, dtype=torch.int8) for n in self.relus}
         roots = [self._bound(c, unsplit) for c in self.conjunctions]
         nearest_first = sorted(range(len(roots)), key=lambda k: -float(roots[k].margin.max()) if len(roots[k]) else -np.inf)
         for k in nearest_first:
@@ -201,7 +201,8 @@ class BranchAndBound:
         input_set = self.box.take(torch.zeros(D, dtype=torch.long))
         bounds = BoundMap()
         batch = bounds.batch = self.sched.batch(input_set, bounds)
-        batch.splits = {n.name: signs[n.name].view(D, *n.inputs[0].unit_shape) for n in self.relus}
+        dtype = self.box.lo.dtype
+        batch.splits = {n.name: signs[n.name].view(D, *n.inputs[0].unit_shape).to(dtype) for n in self.relus}
         for v in self.sched.bound_targets:
             b = self.root[v]
             lo, up = b.lower.expand(D, *b.lower.shape[1:]), b.upper.expand(D, *b.upper.shape[1:])
@@ -229,7 +230,7 @@ class BranchAndBound:
                 lam = record[n.name].flatten(1)                                    # [R, n]
                 cost = (-lam).clamp(min=0) * gap[examples]
                 score = score.index_add(0, examples, cost)
-            out[n.name] = score
+            out[n.name] = score.float()  # kept with every open domain: half the memory
         return out
 
     def _counterexamples(self, record: dict, gaps: torch.Tensor) -> None:
