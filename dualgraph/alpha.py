@@ -63,6 +63,14 @@ Warm = dict[tuple[str, str], torch.Tensor]
 (CROWN's slope, multiplier 0)."""
 
 
+def cat_warm(blocks: list[tuple[Warm, int]]) -> Warm:
+    """The start values of consecutive blocks of rows (each ``(warm, rows)``) as one
+    :data:`Warm`, NaN where a block has no values for some variable."""
+    found = {k: t for warm, _ in blocks for k, t in warm.items()}
+    return {k: torch.cat([warm.get(k, t.new_full((n, t.shape[1]), torch.nan)) for warm, n in blocks])
+            for k, t in found.items()}
+
+
 def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
                   goal: float | torch.Tensor | None, record: dict | None = None,
                   steps: int | None = None, warm: Warm | None = None) -> torch.Tensor:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .alpha import cat_warm
 from .input_sets import Box
 from .ir import Node
 from .scheduler import BoundMap, BoundScheduler
@@ -79,9 +80,7 @@ class Domains:
     @staticmethod
     def cat(parts: list[Domains]) -> Domains:
         keys = parts[0].signs.keys()
-        found = {k: t for p in parts for k, t in p.warm.items()}  # NaN: no start value in that part
-        warm = {k: torch.cat([p.warm.get(k, t.new_full((len(p), t.shape[1]), torch.nan)) for p in parts])
-                for k, t in found.items()}
+        warm = cat_warm([(p.warm, len(p)) for p in parts])
         return Domains({k: torch.cat([p.signs[k] for p in parts]) for k in keys}, torch.cat([p.margin for p in parts]),
                        {k: torch.cat([p.scores[k] for p in parts]) for k in keys}, warm)
 
@@ -118,7 +117,7 @@ class BranchAndBound:
 
     def __init__(self, scheduler: BoundScheduler, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor,
                  d: torch.Tensor, owner: np.ndarray, check: Callable[[np.ndarray], None],
-                 batch: int = 64, margin: float = 1e-9) -> None:
+                 batch: int = 256, margin: float = 1e-9) -> None:
         self.sched, self.check = scheduler, check
         # each child holds every bounded value's two bounds, and each domain its signs, scores and
         # start values: at most a few times the memory budget of one chunk of dual variables

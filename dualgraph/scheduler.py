@@ -355,7 +355,7 @@ class BoundScheduler:
         filled with the open rows' dual variables (:attr:`DualRunner.record`), their
         ``"examples"``/``"rows"`` and the variables' last values (``"variables"``); ``warm``:
         start values per example, shared by its rows."""
-        from .alpha import optimise_rows
+        from .alpha import cat_warm, optimise_rows
         from .dual_run import needed_bounds
         if goal is not None:
             goal = torch.as_tensor(goal, dtype=lower.dtype, device=lower.device).expand_as(lower)
@@ -385,10 +385,8 @@ class BoundScheduler:
             alive = torch.cat([part["alive"] + start for part, start in zip(parts, range(0, len(examples), chunk))])
             record.update(examples=examples[alive], rows=which[alive])
             for key in dict.fromkeys(k for part in parts for k in part):  # a part whose rows all closed has none
-                if key == "variables":  # NaN (no start value) for a part without some variable
-                    found = {k: t for p in parts for k, t in p.get(key, {}).items()}
-                    record[key] = {k: torch.cat([p.get(key, {}).get(k, t.new_full((len(p["alive"]), t.shape[1]), torch.nan))
-                                                 for p in parts]) for k, t in found.items()}
+                if key == "variables":
+                    record[key] = cat_warm([(p.get(key, {}), len(p["alive"])) for p in parts])
                 elif key != "alive":
                     record[key] = torch.cat([p[key] for p in parts if key in p])
         return lower.index_put((examples, which), torch.cat(best))
