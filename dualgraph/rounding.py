@@ -111,6 +111,7 @@ class RoundingAllowance:
         self.u_e = max(unit_roundoff(graph.inputs[0].dtype), self.u_c)
         self.terms = len(graph.nodes) + 4  # L: one offset per dual node, the input term, the allowance
         self._pick = lambda t: t
+        self._picked: dict = {}  # step weights of this view's examples, per node (a pass reads them every step)
         self._m: dict[Value, torch.Tensor] = {}      # |v| over the family
         self._eps: dict[Value, torch.Tensor] = {}    # eps_v of the backward paths
         self._w: dict = {}                           # node -> W per output (None: exact step)
@@ -147,7 +148,9 @@ class RoundingAllowance:
         if dual_node.op == FAN_OUT_SUM:
             return [self._fanout_weight(dual_node.meta["primal_value"])] * count
         if dual_node.op == INPUT_SET:
-            return [self._pick(self._w_input)]
+            if INPUT_SET not in self._picked:
+                self._picked[INPUT_SET] = [self._pick(self._w_input)]
+            return self._picked[INPUT_SET]
         return self._weights(dual_node.meta["primal"])
 
     def take(self, examples: torch.Tensor) -> RoundingAllowance:
@@ -155,6 +158,7 @@ class RoundingAllowance:
         view = copy.copy(self)
         outer = self._pick
         view._pick = lambda t: take_examples(outer(t), examples)
+        view._picked = {}
         return view
 
     # ---- intermediate bounds: one vector per value ------------------------------------------------
@@ -241,9 +245,11 @@ class RoundingAllowance:
         return sorted(order, key=self._position.__getitem__)
 
     def _weights(self, node) -> list[torch.Tensor | None]:
-        if node not in self._w:
-            self._compute(node.outputs[0])
-        return [None if w is None else self._pick(w) for w in self._w[node]]
+        if node not in self._picked:  # W of a node is computed once (memo shared by every view)
+            if node not in self._w:
+                self._compute(node.outputs[0])
+            self._picked[node] = [None if w is None else self._pick(w) for w in self._w[node]]
+        return self._picked[node]
 
     def _fanout_weight(self, v: Value) -> torch.Tensor:
         """The rounding of the dual's sum over the consumers of ``v``, ``[B, *unit]``."""
@@ -265,8 +271,14 @@ class RoundingAllowance:
 
     def magnitude(self, v: Value) -> torch.Tensor:
         """``m_v >= |v|`` over the family (for a value with final bounds: ``max(|l|, |u|)`` or less)."""
+        key = ("magnitude", v)
+        if key in self._picked:
+            return self._picked[key]
         self._compute(v)
-        return self._pick(self._magnitude(v))
+        m = self._pick(self._magnitude(v))
+        if v in self._tightened:  # final: the value's bounds have tightened it
+            self._picked[key] = m
+        return m
 
     def _inputs(self, node):
         rule = dual_rule(node)

@@ -57,7 +57,8 @@ class GemmDual(AffineRule):
         w = const_args(node, lam_rows)[1]
         if node.attrs.get("transB", 0):
             w = w.t()
-        g = lam_rows @ (w.t() * float(node.attrs.get("alpha", 1.0)))
+        alpha = float(node.attrs.get("alpha", 1.0))
+        g = lam_rows @ (w.t() if alpha == 1.0 else w.t() * alpha)  # no copy of W per pass when alpha is 1
         return [g.t() if node.attrs.get("transA", 0) else g]
 
     def abs_linear(self, node, xs, bounds, config):
