@@ -57,6 +57,9 @@ def free_relaxations(runner, dual, bounds: dict) -> dict:
     return out
 
 
+KINDS = ("slopes", "multipliers")
+"""The two kinds of variables of a node, in the order of the runner's ``(FreeSlopes, SplitMultipliers)`` pairs."""
+
 Warm = dict[tuple[str, str], torch.Tensor]
 """Start values of the variables in full layout: ``(primal node name, "slopes" or
 "multipliers")`` -> ``[R, n]`` over the node's flat units, NaN where the usual start applies
@@ -89,7 +92,12 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
     dual variables of a last pass over the rows still below their goal (:attr:`DualRunner.record`)
     and their positions (``"alive"``), and (on dense rows) the variables' last values in
     full layout (``"variables"``, a :data:`Warm`), from which ``warm`` restarts a later ascent
-    (branch and bound starts a domain's children from their parent's slopes and multipliers).
+    (branch and bound starts a domain's children from their parent's slopes and multipliers),
+    and for every row, in the order of ``rows``, the variables of the iterate whose bound first
+    passed its ``goal`` (``"proving"``, NaN for rows that never did in the ascent): a bound
+    computed at them again, e.g. in another precision, starts from a proof.
+
+    ``steps=0`` with ``warm``: the bound at the ``warm`` values (one pass), or ``start`` if higher.
     """
     config = runner.config
     steps = config.alpha_steps if steps is None else steps
@@ -104,7 +112,7 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
         variables = {name: (_variables(relaxed[name], warm.get((name, "slopes"))) if name in relaxed else None,
                             split.get(name))
                      for name in set(relaxed) | set(split)}
-    if not variables or steps == 0:
+    if not variables or (steps == 0 and not warm):
         if record is not None:
             runner.record = record
             try:
@@ -116,12 +124,16 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
         return start
     with torch.no_grad():  # the layers before the first variables do not change: run them once
         first, env, offsets = runner.run_until(dual, rows, batch, set(variables))
-    run = _Ascent(runner, dual, first, env, offsets, batch, variables, start, goal)
+    dense = not isinstance(rows, Patches)
+    run = _Ascent(runner, dual, first, env, offsets, batch, variables, start, goal,
+                  stash=record is not None and dense and goal is not None)
     best = run.climb(steps, record)
-    if record is not None and not isinstance(rows, Patches):
+    if record is not None and dense:
         widths = {name: r.free[0][0].numel() for name, r in relaxed.items()}
         widths.update({name: sign[0].numel() for name, sign in (batch.splits or {}).items()})
         record["variables"] = _full_layout(variables, widths)
+        if run.proving is not None:
+            record["proving"] = _full_layout(variables, widths, run.proving)
     return best
 
 
@@ -131,13 +143,19 @@ class _Ascent:
     variables and the optimiser; :meth:`keep` drops the rows that reached their goal."""
 
     def __init__(self, runner, dual, first: int, env: dict, offsets, batch, variables: dict,
-                 start: torch.Tensor, goal) -> None:
+                 start: torch.Tensor, goal, stash: bool = False) -> None:
         self.runner, self.dual, self.first = runner, dual, first
         self.needed = needed_bounds(dual, first)  # the bounds the passes from ``first`` read
         self.env, self.offsets, self.batch, self.variables = env, offsets, batch, variables
         self.best = start.clone()
         self.goal = goal
         self.alive = torch.arange(start.shape[0])
+        #: per ``(node name, kind)``: each row's variables ``[R, 1, K]`` at the iterate whose bound
+        #: passed its goal (NaN: none did); see :func:`optimise_rows`
+        self.proving: dict[tuple[str, str], torch.Tensor] | None = None
+        if stash:
+            self.proving = {(name, kind): t.values.detach().new_full(t.values.shape, torch.nan)
+                            for name, pair in variables.items() for kind, t in zip(KINDS, pair) if t is not None}
         lr = runner.config.alpha_lr
         self.optimiser = torch.optim.Adam(self._params(), lr=lr)
 
@@ -165,6 +183,8 @@ class _Ascent:
                     self.optimiser.zero_grad(set_to_none=True)
                     (-lower.sum()).backward()
                 self.best[self.alive] = torch.maximum(self.best[self.alive], lower.detach())
+                if self.proving is not None:
+                    self._stash((lower.detach() > self._goal())[:, 0])
                 for group in self.optimiser.param_groups:
                     group["lr"] = runner.config.alpha_lr * LR_FINAL ** ((step + 1) / steps)
                 self.optimiser.step()
@@ -188,6 +208,17 @@ class _Ascent:
         finally:
             runner.variables = runner.record = None
         return self.best
+
+    def _stash(self, reached: torch.Tensor) -> None:
+        """Keep the variables of the alive rows ``reached`` (a bool over them), whose bound at
+        the current variables passed the goal (before the optimiser moves them)."""
+        if not bool(reached.any()):
+            return
+        rows = self.alive[reached]
+        for name, pair in self.variables.items():
+            for kind, t in zip(KINDS, pair):
+                if t is not None:
+                    self.proving[(name, kind)][rows] = t.values.detach()[reached]
 
     def keep(self, moving: torch.Tensor) -> None:
         """Go on with the rows ``moving`` (a bool over the alive rows) only."""
@@ -241,17 +272,18 @@ def _started(values: torch.Tensor, warm: torch.Tensor | None, index: torch.Tenso
     return torch.where(w.isnan(), values, w).detach()
 
 
-def _full_layout(variables: dict, widths: dict[str, int]) -> Warm:
-    """The variables' values (rows still alive) as a :data:`Warm`: each node's ``[R, n]``,
-    NaN where a row has no variable."""
+def _full_layout(variables: dict, widths: dict[str, int], values: dict | None = None) -> Warm:
+    """The variables' values (rows still alive), or ``values`` (per ``(name, kind)``, ``[R, 1, K]``
+    like theirs), as a :data:`Warm`: each node's ``[R, n]``, NaN where a row has no variable."""
     out = {}
     for name, pair in variables.items():
-        for kind, t in zip(("slopes", "multipliers"), pair):
+        for kind, t in zip(KINDS, pair):
             if t is None:
                 continue
-            values = t.values.detach()[:, 0]
-            full = values.new_full((values.shape[0], widths[name]), torch.nan)
-            full[:, t.index] = values
+            values_of = t.values if values is None else values[(name, kind)]
+            values_of = values_of.detach()[:, 0]
+            full = values_of.new_full((values_of.shape[0], widths[name]), torch.nan)
+            full[:, t.index] = values_of
             out[(name, kind)] = full
     return out
 

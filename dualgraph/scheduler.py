@@ -247,7 +247,8 @@ class BoundScheduler:
         a branch-and-bound batch (``Batch.splits``) also optimises its split multipliers.
         ``record`` (with given bounds): the open rows' dual variables, see :meth:`_optimise_slopes`;
         ``steps``: the optimiser's steps (default ``config.alpha_steps``); ``warm``: the
-        variables' start values per example (:data:`dualgraph.alpha.Warm`, ``[B, n]``).
+        variables' start values per example (:data:`dualgraph.alpha.Warm`, ``[B, n]``); with
+        ``steps=0`` the bound at them (one pass).
         """
         given = bounds
         if bounds is None:  # with optimised slopes: CROWN's first, optimised ones where still needed
@@ -263,7 +264,7 @@ class BoundScheduler:
         with full_precision_matmul(input_set.center.device), _out_of_memory_as_error(self.output.name):
             lower, _ = self.runner.run(self.dual(self.output), rows, batch)
             steps = self.config.alpha_steps if steps is None else steps
-            if (self.config.relu_relaxation == "alpha" or batch.splits) and steps:
+            if (self.config.relu_relaxation == "alpha" or batch.splits) and (steps or warm):
                 lower = self._optimise_slopes(rows, batch, lower, goal, candidates, record, steps, warm)
                 if given is None and self.config.relu_relaxation == "alpha":
                     lower = self._with_optimised_bounds(input_set, bounds, rows, lower, goal, candidates)
@@ -353,8 +354,10 @@ class BoundScheduler:
         flattened to one row per ``(example, row)`` and run in chunks that fit the budget.
         ``goal``: a number or a tensor broadcasting to ``lower`` (``[B, m]``). ``record``:
         filled with the open rows' dual variables (:attr:`DualRunner.record`), their
-        ``"examples"``/``"rows"`` and the variables' last values (``"variables"``); ``warm``:
-        start values per example, shared by its rows."""
+        ``"examples"``/``"rows"`` and the variables' last values (``"variables"``), and the
+        variables at which each optimised row first passed its goal (``"proving"``, a Warm over
+        the rows ``"proving_examples"``/``"proving_rows"``); ``warm``: start values per example,
+        shared by its rows."""
         from .alpha import cat_warm, optimise_rows
         from .dual_run import needed_bounds
         if goal is not None:
@@ -364,7 +367,7 @@ class BoundScheduler:
             open_rows &= candidates.to(lower.device).view(-1, 1)
         examples, which = open_rows.nonzero(as_tuple=True)
         if record is not None:
-            record.update(examples=examples, rows=which)
+            record.update(examples=examples, rows=which, proving_examples=examples, proving_rows=which)
         if examples.numel() == 0:
             return lower
         dual = self.dual(self.output)
@@ -372,7 +375,7 @@ class BoundScheduler:
         widest = max(int(torch.Size(val.shape[2:]).numel()) for val in dual.values.values()
                      if val.shape is not None and len(val.shape) > 2)
         chunk = max(1, self.config.max_elements // (16 * widest))  # dual variables, slopes and their gradients
-        best, parts = [], []
+        best, parts, sizes = [], [], []
         for start in range(0, examples.numel(), chunk):
             ex, row = examples[start:start + chunk], which[start:start + chunk]
             picked = rows[ex if rows.shape[0] > 1 else 0, row].unsqueeze(1)
@@ -381,12 +384,15 @@ class BoundScheduler:
                                       None if goal is None else goal[ex, row].unsqueeze(1), part, steps,
                                       None if warm is None else {k: w[ex] for k, w in warm.items()})[:, 0])
             parts.append(part)
+            sizes.append(len(ex))
         if record is not None:  # the rows still open, in the order of the parts
             alive = torch.cat([part["alive"] + start for part, start in zip(parts, range(0, len(examples), chunk))])
             record.update(examples=examples[alive], rows=which[alive])
             for key in dict.fromkeys(k for part in parts for k in part):  # a part whose rows all closed has none
                 if key == "variables":
                     record[key] = cat_warm([(p.get(key, {}), len(p["alive"])) for p in parts])
+                elif key == "proving":  # every row of every part
+                    record[key] = cat_warm([(p.get(key, {}), n) for p, n in zip(parts, sizes)])
                 elif key != "alive":
                     record[key] = torch.cat([p[key] for p in parts if key in p])
         return lower.index_put((examples, which), torch.cat(best))

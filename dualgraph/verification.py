@@ -72,7 +72,9 @@ class VerifyConfig:
     branch_and_bound: split ReLU units (:mod:`dualgraph.bab`) on the conjunctions the
         relaxations leave open, for properties with more inputs than ``split_max_inputs``;
         ``bab_batch`` parent domains per bound computation, ``bab_steps`` gradient steps of
-        the slopes and split multipliers of each domain.
+        the slopes and split multipliers of each domain; ``bab_float32``: those ascents run in
+        float32 and each domain they prove is bounded again in float64 at the slopes and
+        multipliers that proved it (only the float64 bound counts).
     attack_steps, attack_restarts: one PGD round (restarts run as one batch).
     attack_rounds: PGD rounds in all (different seeds): one before the bounds, the rest
         after them if they proved nothing, before any splitting: thorough rounds of
@@ -90,6 +92,7 @@ class VerifyConfig:
     branch_and_bound: bool = True
     bab_batch: int = 256
     bab_steps: int = 20
+    bab_float32: bool = True
     attack_steps: int = 100
     attack_restarts: int = 16
     attack_rounds: int = 3
@@ -159,16 +162,16 @@ class VerifyModel:
         self.certifier(  # fails early, naming every op without a dual layer
             "paper")
 
-    def certifier(self, relaxation: str, alpha_steps: int = 20):
-        """The float64 :class:`~dualgraph.api.Certifier` with this ReLU relaxation (cached)."""
-        key = (relaxation, alpha_steps)
+    def certifier(self, relaxation: str, alpha_steps: int = 20, dtype: torch.dtype = torch.float64):
+        """The :class:`~dualgraph.api.Certifier` with this ReLU relaxation, float64 unless
+        ``dtype`` says otherwise (cached)."""
+        key = (relaxation, alpha_steps, dtype)
         if key not in self._certifiers:
             from .api import Certifier
             from .scheduler import BoundConfig
             config = BoundConfig(relu_relaxation=relaxation, alpha_steps=alpha_steps, max_memory=self.max_memory)
             # logits=False: VNN-LIB's Y are the model's outputs as they are (a final Softmax included)
-            self._certifiers[key] = Certifier(self.graph, config, device=self.device, dtype=torch.float64,
-                                              logits=False)
+            self._certifiers[key] = Certifier(self.graph, config, device=self.device, dtype=dtype, logits=False)
         return self._certifiers[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -408,8 +411,12 @@ class _Search:
                 self.falsifier.confirm(p, xs[hits][:16], "branch and bound (a domain's minimising corner)")
 
         _, local = np.unique(owner, return_inverse=True)
+        fast = self.model.certifier("alpha", self.config.bab_steps, torch.float32) if self.config.bab_float32 else None
+        if fast is not None:
+            fast.scheduler.deadline = self.clock
         bab = BranchAndBound(cert.scheduler, lo, hi, torch.as_tensor(C), torch.as_tensor(d), local, check,
-                             batch=self.config.bab_batch, margin=self.config.unsat_margin)
+                             batch=self.config.bab_batch, margin=self.config.unsat_margin,
+                             fast=None if fast is None else fast.scheduler)
         try:
             result = bab.run()
         finally:

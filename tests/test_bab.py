@@ -157,3 +157,80 @@ def test_one_tree_per_conjunction_each_child_starting_from_its_parent(tmp_path, 
     assert result.answer == "unsat" and result.details["method"] == "branch and bound", result.details
     assert calls and all(rows == 1 for rows, _ in calls), calls
     assert any(warm for _, warm in calls[2:]), calls  # after the two roots, children start warm
+
+
+def _deep_mlp(tmp_path, seed: int = 7, width: int = 16, depth: int = 3, n_in: int = 4):
+    """A random MLP as an ONNX file: many crossing units on the box [-1, 1]^n_in."""
+    from onnx import helper
+    rng = np.random.default_rng(seed)
+    nodes, inits, x, fan_in = [], {}, "X", n_in
+    for k in range(depth):
+        inits[f"W{k}"] = (rng.standard_normal((width, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
+        inits[f"b{k}"] = (0.1 * rng.standard_normal(width)).astype(np.float32)
+        nodes += [helper.make_node("Gemm", [x, f"W{k}", f"b{k}"], [f"z{k}"], transB=1),
+                  helper.make_node("Relu", [f"z{k}"], [f"r{k}"])]
+        x, fan_in = f"r{k}", width
+    inits["Wo"] = rng.standard_normal((2, width)).astype(np.float32)
+    nodes.append(helper.make_node("Gemm", [x, "Wo"], ["Y"], transB=1))
+    return _onnx(tmp_path, nodes, inits, n_in, 2)
+
+
+def test_the_variables_that_passed_a_goal_pass_it_again(tmp_path):
+    """An ascent keeps, for every row whose bound passed its goal, the slopes of that iterate
+    (before the optimiser moved them): the bound computed again at them (``steps=0`` with a
+    warm start, as branch and bound's float64 confirmation does) is that iterate's bound. One
+    row at a time, the ascent stops at the first iterate past the goal, so its best bound is
+    exactly that iterate's."""
+    model = VerifyModel(_deep_mlp(tmp_path))
+    sched = model.certifier("alpha").scheduler
+    lo = -torch.ones(1, 4, dtype=torch.float64)
+    box = Box(lo, -lo)
+    bounds = sched.intermediate_bounds(box)
+    gen = torch.Generator().manual_seed(0)
+    passed = 0
+    for _ in range(8):
+        spec = torch.randn(1, 1, 2, dtype=torch.float64, generator=gen)
+        crown = sched.bound_output(box, spec, bounds, steps=0)
+        best = sched.bound_output(box, spec, bounds)
+        if not bool(best > crown + 1e-3):
+            continue
+        goal = (crown + best) / 2
+        record: dict = {}
+        reached = sched.bound_output(box, spec, bounds, goal=goal, record=record)
+        warm = record["proving"]
+        assert all(not bool(t.isnan().all()) for t in warm.values())
+        again = sched.bound_output(box, spec, bounds, steps=0, warm=warm)
+        assert bool(again > goal) and torch.allclose(again, reached, rtol=1e-12, atol=0), (again, reached, goal)
+        passed += 1
+    assert passed >= 3, "the slopes must improve some bounds for this test to say anything"
+
+
+def test_float32_proofs_count_only_once_float64_confirms_them(tmp_path, monkeypatch):
+    """Branch and bound's ascents run in float32 (``bab_float32``), but a domain is proved only
+    by the float64 bound at the variables that proved it: with that bound made useless, the
+    same property is no longer proved."""
+    from dualgraph.scheduler import BoundScheduler
+    path = _deep_mlp(tmp_path, seed=3, width=12, depth=2, n_in=3)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 31)] * 3), -1).reshape(-1, 3)
+    with torch.no_grad():
+        y = VerifyModel(path).forward(torch.as_tensor(grid)).numpy()
+    t = y[:, 0].min() - 0.01 * np.ptp(y[:, 0])
+    lines = [f"(declare-const X_{i} Real)" for i in range(3)] + [f"(declare-const Y_{j} Real)" for j in range(2)]
+    lines += [s for i in range(3) for s in (f"(assert (>= X_{i} -1.0))", f"(assert (<= X_{i} 1.0))")]
+    lines += [f"(assert (<= Y_0 {t:.9f}))"]
+    (tmp_path / "p.vnnlib").write_text("\n".join(lines) + "\n")
+    config = VerifyConfig(split_max_inputs=0, attack_rounds=0, relaxations=("crown",))
+    proved = verify_property(VerifyModel(path), read_vnnlib(tmp_path / "p.vnnlib"), 30, config)
+    assert proved.answer == "unsat" and proved.details["method"] == "branch and bound", proved.details
+    original = BoundScheduler.bound_output
+    confirmations = []
+
+    def no_float64_proof(self, input_set, spec, bounds=None, **kw):
+        lower = original(self, input_set, spec, bounds, **kw)
+        if kw.get("steps") == 0 and input_set.center.dtype == torch.float64 and "warm" in kw:
+            confirmations.append(len(lower))
+            return torch.full_like(lower, -torch.inf)
+        return lower
+    monkeypatch.setattr(BoundScheduler, "bound_output", no_float64_proof)
+    result = verify_property(VerifyModel(path), read_vnnlib(tmp_path / "p.vnnlib"), 5, config)
+    assert confirmations and result.answer != "unsat", result.details

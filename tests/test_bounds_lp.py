@@ -150,6 +150,9 @@ def lp_check(net: DagNet, data) -> None:
             warm[(n.name, "slopes")] = torch.where(torch.rand(t.shape, generator=g) < 0.3, torch.nan, t)
     all_bounds["alpha/warm"] = all_bounds["alpha"]
     finals["alpha/warm"] = scheds["alpha"].bound_output(box, spec, all_bounds["alpha"], warm=warm)
+    # and the bound at the start values themselves (branch and bound's float64 confirmation)
+    all_bounds["alpha/at warm"] = all_bounds["alpha"]
+    finals["alpha/at warm"] = scheds["alpha"].bound_output(box, spec, all_bounds["alpha"], warm=warm, steps=0)
     for v in relu_inputs:
         a, c = all_bounds["alpha"][v], all_bounds["crown"][v]
         crossing = (c.lower < 0) & (c.upper > 0)
