@@ -42,7 +42,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .alpha import cat_warm
 from .dual_registry import Bounds
 from .input_sets import Box, outward
 from .ir import Node
@@ -78,12 +77,67 @@ class Domains:
         return Domains({k: t[index] for k, t in self.signs.items()}, self.margin[index],
                        {k: t[index] for k, t in self.scores.items()}, {k: t[index] for k, t in self.warm.items()})
 
+
+class DomainQueue:
+    """The open domains of one tree, in storage that grows by doubling: taking the ``k`` worst
+    and adding children move only those domains, not the whole queue (joining and slicing
+    :class:`Domains` copied every queued domain twice per batch, and held two copies at once).
+    A slot is free where ``live`` is False; warm-start keys that appear later are NaN (the
+    usual start) for the domains stored before."""
+
+    def __init__(self, first: Domains) -> None:
+        self.fields: dict[tuple[str, object], torch.Tensor] = {}
+        self.margin = first.margin.new_empty(0)
+        self.live = torch.zeros(0, dtype=torch.bool)
+        self.count = 0
+        self.push(first)
+
+    def __len__(self) -> int:
+        return self.count
+
     @staticmethod
-    def cat(parts: list[Domains]) -> Domains:
-        keys = parts[0].signs.keys()
-        warm = cat_warm([(p.warm, len(p)) for p in parts])
-        return Domains({k: torch.cat([p.signs[k] for p in parts]) for k in keys}, torch.cat([p.margin for p in parts]),
-                       {k: torch.cat([p.scores[k] for p in parts]) for k in keys}, warm)
+    def _parts(d: Domains) -> dict[tuple[str, object], torch.Tensor]:
+        return {**{("signs", k): t for k, t in d.signs.items()}, **{("scores", k): t for k, t in d.scores.items()},
+                **{("warm", k): t for k, t in d.warm.items()}}
+
+    def push(self, d: Domains) -> None:
+        """Store the domains ``d`` in free slots (growing the storage when there are too few)."""
+        n = len(d)
+        if not n:
+            return
+        free = (~self.live).nonzero().flatten()[:n]
+        if len(free) < n:
+            old = len(self.live)
+            self._grow(max(2 * old, old + n - len(free)))
+            free = torch.cat([free, torch.arange(old, old + n - len(free))])
+        for key, t in self._parts(d).items():
+            if key not in self.fields:  # a key new to this tree: the usual start for the others
+                fill = torch.nan if key[0] == "warm" else 0
+                self.fields[key] = t.new_full((len(self.live), *t.shape[1:]), fill)
+            self.fields[key][free] = t
+        for key, store in self.fields.items():
+            if key[0] == "warm" and key[1] not in d.warm:
+                store[free] = torch.nan
+        self.margin[free] = d.margin.to(self.margin)
+        self.live[free] = True
+        self.count += n
+
+    def pop_worst(self, k: int) -> Domains:
+        """Take out the ``k`` domains with the lowest margins."""
+        margins = torch.where(self.live, self.margin.nan_to_num(nan=-torch.inf), torch.inf)
+        index = torch.topk(margins, min(k, self.count), largest=False).indices
+        self.live[index] = False
+        self.count -= len(index)
+        picked = {key: t[index] for key, t in self.fields.items()}
+        return Domains({k: t for (g, k), t in picked.items() if g == "signs"}, self.margin[index],
+                       {k: t for (g, k), t in picked.items() if g == "scores"},
+                       {k: t for (g, k), t in picked.items() if g == "warm"})
+
+    def _grow(self, capacity: int) -> None:
+        extra = capacity - len(self.live)
+        self.fields = {key: torch.cat([t, t.new_empty((extra, *t.shape[1:]))]) for key, t in self.fields.items()}
+        self.margin = torch.cat([self.margin, self.margin.new_empty(extra)])
+        self.live = torch.cat([self.live, torch.zeros(extra, dtype=torch.bool)])
 
 
 @dataclass
@@ -158,12 +212,12 @@ class BranchAndBound:
                 return result
         return BabResult(True, self.bounded)
 
-    def _search(self, conjunction: _Conjunction, queue: Domains) -> BabResult:
-        """Split the open domains of one tree (``queue``) until none is left."""
+    def _search(self, conjunction: _Conjunction, root: Domains) -> BabResult:
+        """Split the open domains of one tree (from ``root``) until none is left."""
+        queue = DomainQueue(root)
         while len(queue):
             self.sched.deadline.check()
-            order = torch.argsort(queue.margin)
-            parents, queue = queue.pick(order[:self.batch]), queue.pick(order[self.batch:])
+            parents = queue.pop_worst(self.batch)
             splittable = self._splittable(parents)
             if not bool(splittable.all()):
                 # every crossing unit split: the bound is exact once the multipliers are optimal
@@ -174,8 +228,8 @@ class BranchAndBound:
                 parents = parents.pick(splittable.nonzero().flatten())
                 if not len(parents):
                     continue
-            queue = Domains.cat([queue, self._bound(conjunction, self._branch(parents),
-                                                    {k: t.repeat(2, 1) for k, t in parents.warm.items()})])
+            queue.push(self._bound(conjunction, self._branch(parents),
+                                   {k: t.repeat(2, 1) for k, t in parents.warm.items()}))
         return BabResult(True, self.bounded)
 
     # ---- one batch ---------------------------------------------------------------------

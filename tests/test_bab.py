@@ -234,3 +234,42 @@ def test_float32_proofs_count_only_once_float64_confirms_them(tmp_path, monkeypa
     monkeypatch.setattr(BoundScheduler, "bound_output", no_float64_proof)
     result = verify_property(VerifyModel(path), read_vnnlib(tmp_path / "p.vnnlib"), 5, config)
     assert confirmations and result.answer != "unsat", result.details
+
+
+def test_the_queue_gives_the_worst_domains_with_their_fields():
+    """The growable queue against a plain list: the ``k`` lowest margins come out, each with
+    its own signs, scores and warm values; a warm key that appears later is NaN (the usual
+    start) for the domains pushed before it."""
+    from dualgraph.bab import Domains, DomainQueue
+    gen = torch.Generator().manual_seed(0)
+    reference: list[tuple[float, int, bool]] = []  # (margin, id, has the late key)
+    counter = 0
+
+    def batch(n: int, late: bool) -> Domains:
+        nonlocal counter
+        ids = torch.arange(counter, counter + n)
+        counter += n
+        margin = -torch.rand(n, generator=gen, dtype=torch.float64)
+        reference.extend((float(m), int(i), late) for m, i in zip(margin, ids))
+        idf = ids.float().view(-1, 1)
+        warm = {("r", "slopes"): idf.repeat(1, 3)}
+        if late:
+            warm[("r", "multipliers")] = -idf.repeat(1, 3)
+        return Domains({"r": (ids % 100).to(torch.int8).view(-1, 1).repeat(1, 3)}, margin,
+                       {"r": idf.repeat(1, 3)}, warm)
+
+    queue = DomainQueue(batch(5, False))
+    for step in range(30):
+        k = int(torch.randint(1, 9, (), generator=gen))
+        got = queue.pop_worst(k)
+        reference.sort()
+        want, reference[:] = reference[:k], reference[k:]
+        assert [m for m, _, _ in want] == got.margin.tolist()
+        for row, (_, ident, late) in enumerate(want):
+            assert got.scores["r"][row, 0] == ident and got.signs["r"][row, 0] == ident % 100
+            assert got.warm[("r", "slopes")][row, 0] == ident
+            multipliers = got.warm.get(("r", "multipliers"))
+            if multipliers is not None:
+                assert (multipliers[row, 0] == -ident) if late else bool(multipliers[row].isnan().all())
+        queue.push(batch(int(torch.randint(0, 12, (), generator=gen)), late=step > 10 and step % 2 == 0))
+        assert len(queue) == len(reference)
