@@ -93,7 +93,7 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
     and their positions (``"alive"``), and (on dense rows) the variables' last values in
     full layout (``"variables"``, a :data:`Warm`), from which ``warm`` restarts a later ascent
     (branch and bound starts a domain's children from their parent's slopes and multipliers),
-    and for every row, in the order of ``rows``, the variables of the iterate whose bound first
+    and for every row, in the order of ``rows``, the variables of the last iterate whose bound
     passed its ``goal`` (``"proving"``, NaN for rows that never did in the ascent): a bound
     computed at them again, e.g. in another precision, starts from a proof.
 
@@ -150,8 +150,8 @@ class _Ascent:
         self.best = start.clone()
         self.goal = goal
         self.alive = torch.arange(start.shape[0])
-        #: per ``(node name, kind)``: each row's variables ``[R, 1, K]`` at the iterate whose bound
-        #: passed its goal (NaN: none did); see :func:`optimise_rows`
+        #: per ``(node name, kind)``: each row's variables ``[R, 1, K]`` at the last iterate whose
+        #: bound passed its goal (NaN: none did); see :func:`optimise_rows`
         self.proving: dict[tuple[str, str], torch.Tensor] | None = None
         if stash:
             self.proving = {(name, kind): t.values.detach().new_full(t.values.shape, torch.nan)
@@ -201,6 +201,8 @@ class _Ascent:
                 with torch.no_grad():
                     lower = runner.run_from(self.dual, self.first, self.env, self.batch, self.offsets, 1)
                 self.best[self.alive] = torch.maximum(self.best[self.alive], lower)
+                if self.proving is not None:
+                    self._stash((lower > self._goal())[:, 0])
             elif record is not None:
                 record.clear()
             if record is not None:
@@ -272,15 +274,16 @@ def _started(values: torch.Tensor, warm: torch.Tensor | None, index: torch.Tenso
     return torch.where(w.isnan(), values, w).detach()
 
 
-def _full_layout(variables: dict, widths: dict[str, int], values: dict | None = None) -> Warm:
-    """The variables' values (rows still alive), or ``values`` (per ``(name, kind)``, ``[R, 1, K]``
-    like theirs), as a :data:`Warm`: each node's ``[R, n]``, NaN where a row has no variable."""
+def _full_layout(variables: dict, widths: dict[str, int], stash: dict | None = None) -> Warm:
+    """The variables' values (rows still alive), or the ``stash`` of :class:`_Ascent` (per
+    ``(name, kind)``, ``[R, 1, K]`` like theirs), as a :data:`Warm`: each node's ``[R, n]``, NaN
+    where a row has no variable."""
     out = {}
     for name, pair in variables.items():
         for kind, t in zip(KINDS, pair):
             if t is None:
                 continue
-            values_of = t.values if values is None else values[(name, kind)]
+            values_of = t.values if stash is None else stash[(name, kind)]
             values_of = values_of.detach()[:, 0]
             full = values_of.new_full((values_of.shape[0], widths[name]), torch.nan)
             full[:, t.index] = values_of

@@ -244,7 +244,7 @@ class BranchAndBound:
         dtype = bounds.batch.input_set.center.dtype
         record: dict = {}
         lower = sched.bound_output(bounds.batch.input_set, conjunction.spec.to(dtype), bounds,
-                                   goal=conjunction.goal.to(dtype), record=record, steps=steps, warm=warm)
+                                   goal=_rounded_up(conjunction.goal, dtype), record=record, steps=steps, warm=warm)
         self.bounded += D
         gaps = lower.to(conjunction.goal) - conjunction.goal                             # [D, m]
         if fast:
@@ -268,31 +268,31 @@ class BranchAndBound:
 
     def _confirmed(self, conjunction: _Conjunction, signs: dict[str, torch.Tensor], gaps: torch.Tensor,
                    record: dict) -> torch.Tensor:
-        """``gaps`` (``lower - goal``, ``[D, m]``, from the fast scheduler) with the rows of the
-        domains they prove replaced by float64 ones: each such domain's bound computed again by
-        the float64 scheduler at the variables at which its first proving row passed its goal
+        """``gaps`` (``lower - goal``, ``[D, m]``, from the fast scheduler) with every positive
+        one replaced by a float64 one: that row's bound on its domain computed again by the
+        float64 scheduler at the variables of the iterate at which it passed its goal
         (``record["proving"]``; the relaxations' own slopes if it passed without an ascent).
         The float64 bound holds whatever those variables are; where rounding leaves it below
-        the threshold, the domain stays open with that margin."""
-        candidates = (gaps > 0).any(1).nonzero().flatten()
-        if not candidates.numel():
+        the threshold, the row is open again (and its domain too, unless another row holds)."""
+        domains, rows = (gaps > 0).nonzero(as_tuple=True)
+        if not domains.numel():
             return gaps
-        row = (gaps[candidates] > 0).int().argmax(1)  # the first proving row
         warm = {}
         if "proving" in record:
-            examples, rows = record["proving_examples"], record["proving_rows"]
-            position = torch.full(gaps.shape, -1, dtype=torch.long)
-            position[examples, rows] = torch.arange(len(examples))
-            at = position[candidates, row]
+            position = torch.full(gaps.shape, -1, dtype=torch.long, device=gaps.device)
+            position[record["proving_examples"], record["proving_rows"]] = torch.arange(
+                len(record["proving_examples"]), device=gaps.device)
+            at = position[domains, rows]
             has = at >= 0
             for key, t in record["proving"].items():
-                w = t.new_full((len(candidates), t.shape[1]), torch.nan)
+                w = t.new_full((len(domains), t.shape[1]), torch.nan)
                 w[has] = t[at[has]]
                 warm[key] = w.to(conjunction.goal)
-        exact = self._domain_bounds({k: t[candidates] for k, t in signs.items()}, len(candidates))
-        lower = self.sched.bound_output(exact.batch.input_set, conjunction.spec, exact, goal=conjunction.goal,
-                                        steps=0, warm=warm)
-        return gaps.index_put((candidates,), lower - conjunction.goal)
+        exact = self._domain_bounds({k: t[domains] for k, t in signs.items()}, len(domains))
+        spec = conjunction.spec[0, rows].unsqueeze(1)                                   # [P, 1, n_out]
+        goal = conjunction.goal[rows].unsqueeze(1)
+        lower = self.sched.bound_output(exact.batch.input_set, spec, exact, goal=goal, steps=0, warm=warm)
+        return gaps.index_put((domains, rows), (lower - goal)[:, 0])
 
     def _domain_bounds(self, signs: dict[str, torch.Tensor], D: int, fast: bool = False) -> BoundMap:
         """The root's bounds for ``D`` domains, each split unit clamped to its side; relaxations
@@ -370,3 +370,9 @@ class BranchAndBound:
             children[k] = s
             offset += size
         return children
+
+
+def _rounded_up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, rounded up: a fast ascent stops a row only past the real threshold."""
+    low = t.to(dtype)
+    return torch.where(low.to(t.dtype) < t, torch.nextafter(low, low.new_tensor(torch.inf)), low)

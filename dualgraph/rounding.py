@@ -253,8 +253,14 @@ class RoundingAllowance:
 
     def _fanout_weight(self, v: Value) -> torch.Tensor:
         """The rounding of the dual's sum over the consumers of ``v``, ``[B, *unit]``."""
+        key = ("fan-out", v)
+        if key in self._picked:
+            return self._picked[key]
         self._compute(v)
-        return self._pick(SAFETY * gamma(len(v.users), self.u_c) * self._magnitude(v))
+        w = self._pick(SAFETY * gamma(len(v.users), self.u_c) * self._magnitude(v))
+        if v in self._tightened:  # final, like magnitude()
+            self._picked[key] = w
+        return w
 
     def _magnitude(self, v: Value) -> torch.Tensor:
         """``m_v``, tightened (once) by the value's own sound, hence family-wide, bounds."""

@@ -266,7 +266,7 @@ class BoundScheduler:
             steps = self.config.alpha_steps if steps is None else steps
             if (self.config.relu_relaxation == "alpha" or batch.splits) and (steps or warm):
                 lower = self._optimise_slopes(rows, batch, lower, goal, candidates, record, steps, warm)
-                if given is None and self.config.relu_relaxation == "alpha":
+                if given is None and self.config.relu_relaxation == "alpha" and steps:
                     lower = self._with_optimised_bounds(input_set, bounds, rows, lower, goal, candidates)
         return lower
 
@@ -366,7 +366,7 @@ class BoundScheduler:
         if candidates is not None:
             open_rows &= candidates.to(lower.device).view(-1, 1)
         examples, which = open_rows.nonzero(as_tuple=True)
-        if record is not None:
+        if record is not None:  # "proving_*": every optimised row (the open ones end up in examples/rows)
             record.update(examples=examples, rows=which, proving_examples=examples, proving_rows=which)
         if examples.numel() == 0:
             return lower

@@ -201,6 +201,10 @@ def test_the_variables_that_passed_a_goal_pass_it_again(tmp_path):
         assert all(not bool(t.isnan().all()) for t in warm.values())
         again = sched.bound_output(box, spec, bounds, steps=0, warm=warm)
         assert bool(again > goal) and torch.allclose(again, reached, rtol=1e-12, atol=0), (again, reached, goal)
+        # with no step at all, the one pass at the start values is the iterate that passed
+        record = {}
+        sched.bound_output(box, spec, bounds, goal=goal, steps=0, warm=warm, record=record)
+        assert all(torch.equal(t.nan_to_num(-7.0), warm[k].nan_to_num(-7.0)) for k, t in record["proving"].items())
         passed += 1
     assert passed >= 3, "the slopes must improve some bounds for this test to say anything"
 
