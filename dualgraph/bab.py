@@ -244,7 +244,8 @@ class BranchAndBound:
         dtype = bounds.batch.input_set.center.dtype
         record: dict = {}
         lower = sched.bound_output(bounds.batch.input_set, conjunction.spec.to(dtype), bounds,
-                                   goal=_rounded_up(conjunction.goal, dtype), record=record, steps=steps, warm=warm)
+                                   goal=outward(conjunction.goal, conjunction.goal, dtype)[1],  # rounded up
+                                   record=record, steps=steps, warm=warm)
         self.bounded += D
         gaps = lower.to(conjunction.goal) - conjunction.goal                             # [D, m]
         if fast:
@@ -370,9 +371,3 @@ class BranchAndBound:
             children[k] = s
             offset += size
         return children
-
-
-def _rounded_up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, rounded up: a fast ascent stops a row only past the real threshold."""
-    low = t.to(dtype)
-    return torch.where(low.to(t.dtype) < t, torch.nextafter(low, low.new_tensor(torch.inf)), low)

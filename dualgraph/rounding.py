@@ -148,9 +148,7 @@ class RoundingAllowance:
         if dual_node.op == FAN_OUT_SUM:
             return [self._fanout_weight(dual_node.meta["primal_value"])] * count
         if dual_node.op == INPUT_SET:
-            if INPUT_SET not in self._picked:
-                self._picked[INPUT_SET] = [self._pick(self._w_input)]
-            return self._picked[INPUT_SET]
+            return self._picked_once(INPUT_SET, lambda: [self._pick(self._w_input)])
         return self._weights(dual_node.meta["primal"])
 
     def take(self, examples: torch.Tensor) -> RoundingAllowance:
@@ -245,22 +243,27 @@ class RoundingAllowance:
         return sorted(order, key=self._position.__getitem__)
 
     def _weights(self, node) -> list[torch.Tensor | None]:
-        if node not in self._picked:  # W of a node is computed once (memo shared by every view)
+        def picked():
             if node not in self._w:
                 self._compute(node.outputs[0])
-            self._picked[node] = [None if w is None else self._pick(w) for w in self._w[node]]
-        return self._picked[node]
+            return [None if w is None else self._pick(w) for w in self._w[node]]
+        return self._picked_once(node, picked)  # W of a node is computed once (memo shared by every view)
+
+    def _picked_once(self, key, make, final: bool = True):
+        """``make()`` (this view's examples of a memoised tensor), made once per view when
+        ``final``: a pass reads the same weights at every step of an ascent."""
+        if key in self._picked:
+            return self._picked[key]
+        out = make()
+        if final:
+            self._picked[key] = out
+        return out
 
     def _fanout_weight(self, v: Value) -> torch.Tensor:
         """The rounding of the dual's sum over the consumers of ``v``, ``[B, *unit]``."""
-        key = ("fan-out", v)
-        if key in self._picked:
-            return self._picked[key]
         self._compute(v)
-        w = self._pick(SAFETY * gamma(len(v.users), self.u_c) * self._magnitude(v))
-        if v in self._tightened:  # final, like magnitude()
-            self._picked[key] = w
-        return w
+        return self._picked_once(("fan-out", v), lambda: self._pick(SAFETY * gamma(len(v.users), self.u_c)
+                                                                    * self._magnitude(v)), v in self._tightened)
 
     def _magnitude(self, v: Value) -> torch.Tensor:
         """``m_v``, tightened (once) by the value's own sound, hence family-wide, bounds."""
@@ -277,14 +280,8 @@ class RoundingAllowance:
 
     def magnitude(self, v: Value) -> torch.Tensor:
         """``m_v >= |v|`` over the family (for a value with final bounds: ``max(|l|, |u|)`` or less)."""
-        key = ("magnitude", v)
-        if key in self._picked:
-            return self._picked[key]
-        self._compute(v)
-        m = self._pick(self._magnitude(v))
-        if v in self._tightened:  # final: the value's bounds have tightened it
-            self._picked[key] = m
-        return m
+        self._compute(v)  # final once the value's bounds have tightened it
+        return self._picked_once(("magnitude", v), lambda: self._pick(self._magnitude(v)), v in self._tightened)
 
     def _inputs(self, node):
         rule = dual_rule(node)

@@ -355,7 +355,7 @@ class BoundScheduler:
         ``goal``: a number or a tensor broadcasting to ``lower`` (``[B, m]``). ``record``:
         filled with the open rows' dual variables (:attr:`DualRunner.record`), their
         ``"examples"``/``"rows"`` and the variables' last values (``"variables"``), and the
-        variables at which each optimised row first passed its goal (``"proving"``, a Warm over
+        variables at which each optimised row last passed its goal (``"proving"``, a Warm over
         the rows ``"proving_examples"``/``"proving_rows"``); ``warm``: start values per example,
         shared by its rows."""
         from .alpha import cat_warm, optimise_rows
