@@ -236,16 +236,19 @@ def to_ir_sequential(module: nn.Module):
 def test_patches_through_residual_blocks(net, data):
     """Residual CNNs (identity and strided convolutional shortcuts): the patch path, which
     starts at block outputs and carries windows through both branches of each block, gives
-    the one-pass-per-unit bounds in every configuration."""
+    the one-pass-per-unit bounds in every configuration, whichever way a convolution's
+    transpose runs on windows (matrix product or ``conv_transpose2d``)."""
     graph = to_ir(net)
     case = data.draw(input_sets(net.input_shape), label="input set")
     relaxation = data.draw(st.sampled_from(["paper", "crown"]), label="relaxation")
+    by_matrix = data.draw(st.booleans(), label="conv transpose by matrix")
     spec = torch.randn(1, 3, net.n_out, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
     lus, final = slow_all(net, case, spec, relaxation)
     relu_inputs = [n.inputs[0] for n in graph.nodes if n.op_type == "Relu"]
     for cfg, open_share in scheduler_variants(relaxation):
         sched = BoundScheduler(graph, cfg)
-        with mock.patch.object(dual_run, "MAX_OPEN_SHARE", open_share):
+        with mock.patch.object(dual_run, "MAX_OPEN_SHARE", open_share), \
+                mock.patch.object(patches, "by_matrix", lambda *_: by_matrix):
             bounds = sched.intermediate_bounds(case.make())
             J = sched.bound_output(case.make(), spec, bounds)
         for i, v in zip(net.bounded, relu_inputs):

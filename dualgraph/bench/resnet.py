@@ -363,8 +363,21 @@ def _worker_main(argv: list[str]) -> int:
 # ---- the benchmark -----------------------------------------------------------------------------
 
 def parse_eps(text: str) -> list[float]:
-    """Comma-separated radii, fractions allowed (``1/255,8/255``)."""
-    return [float(Fraction(e.strip())) for e in text.split(",") if e.strip()]
+    """Comma-separated non-negative radii, fractions allowed (``1/255,0.5/255,0.01``)."""
+    from dualgraph.errors import DualgraphError
+    out = []
+    for e in (e.strip() for e in text.split(",")):
+        if not e:
+            continue
+        try:
+            num, _, den = e.partition("/")
+            value = Fraction(num) / Fraction(den or 1)
+        except (ValueError, ZeroDivisionError):
+            raise DualgraphError(f"--eps: '{e}' is not a radius; give numbers or fractions such as 2/255 or 0.5/255") from None
+        if value < 0:
+            raise DualgraphError(f"--eps: {e} is negative; an L-inf radius must be >= 0")
+        out.append(float(value))
+    return out
 
 
 def specs_of(args: argparse.Namespace) -> list[Spec]:
