@@ -299,6 +299,39 @@ def test_patches_stay_on_windows_across_skips():
         assert close(got[v].lower, want[v].lower) and close(got[v].upper, want[v].upper), v.name
 
 
+def test_conv_transpose_rule_and_float32_agreement():
+    """The documented rule for a Conv transpose on windows (:func:`patches.by_matrix`), and
+    float32 bounds through a residual CNN that agree whichever way each transpose runs (the
+    same sums in another order; both carry their own rounding allowance)."""
+    f32, f64 = torch.float32, torch.float64
+    assert patches.by_matrix(1, 3, 3, 64, 10_000, f32)           # one-pixel windows: no extra work
+    assert patches.by_matrix(3, 5, 3, 16, 57_600, f32)           # 2.8x the work, 16 channels: matrix
+    assert not patches.by_matrix(3, 5, 3, 32, 230_400, f32)      # ... 32 channels: conv_transpose2d
+    assert not patches.by_matrix(5, 7, 3, 16, 313_600, f32)      # 5.4x the work
+    assert patches.by_matrix(7, 16, 4, 3, 500_000, f32)          # a stem to 3 channels: 16x the work
+    assert patches.by_matrix(9, 11, 3, 64, 3_000_000, f64)       # float64: always the matrix ...
+    assert not patches.by_matrix(9, 11, 3, 64, patches.MAX_DENSE_TRANSPOSE + 1, f64)  # ... up to its size
+    torch.manual_seed(0)
+    net = DagNet((3, 10, 10), "resnet")
+    a = net.add([0], [nn.Conv2d(3, 8, 3, padding=1)], act="relu")
+    inner = net.add([a], [nn.Conv2d(8, 8, 3, padding=1)], act="relu")
+    b = net.add([a, inner], [nn.Identity(), nn.Conv2d(8, 8, 3, padding=1)], skips=[True, False], act="relu")
+    net.add([b], [nn.Sequential(nn.Flatten(), nn.Linear(8 * 10 * 10, 4))])
+    from dualgraph.frontends.fx import load_module
+    graph = load_module(net.to(f32).eval(), torch.zeros(2, 3, 10, 10))
+    x = torch.rand(2, 3, 10, 10)
+    spec = torch.randn(1, 3, 4)
+    out = {}
+    for by_matrix in (True, False):
+        with mock.patch.object(patches, "by_matrix", lambda *_: by_matrix):
+            sched = BoundScheduler(graph, BoundConfig(direction="backward", prune_stable=False))
+            bounds = sched.intermediate_bounds(linf_ball(x, 0.02))
+            out[by_matrix] = [t for b_ in bounds.values() for t in (b_.lower, b_.upper)]
+            out[by_matrix].append(sched.bound_output(linf_ball(x, 0.02), spec, bounds))
+    for m, c in zip(out[True], out[False]):
+        torch.testing.assert_close(m, c, rtol=1e-4, atol=1e-4)
+
+
 @settings(max_examples=12, **SETTINGS)
 @given(net=st.one_of(residual_cnn_nets(), cnn_nets()), data=st.data())
 def test_optimised_slopes_on_windows_equal_dense_rows(net, data):
