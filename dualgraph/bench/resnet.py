@@ -559,7 +559,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_NETS})")
     p.add_argument("--relaxations", default="paper,crown", help="comma-separated: paper, crown (default both)")
     p.add_argument("--eps", default=DEFAULT_EPS, help=f"comma-separated L-inf radii, fractions allowed "
-                                                      f"(default {DEFAULT_EPS})")
+                                                      f"(2/255, 0.5/255; default {DEFAULT_EPS})")
     p.add_argument("--batch", type=int, default=1, help="examples certified at once (default 1)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per measurement (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, median reported (default 3)")
