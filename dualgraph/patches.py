@@ -12,8 +12,9 @@ Window geometry: row ``p = (ph, pw)`` covers rows ``ph*S - Pd .. ph*S - Pd + K -
 the current value (likewise columns). A pass starts from the identity rows of the target,
 windows of one pixel (``K = 1, S = 1, Pd = 0``). Through a Conv with stride ``s``, padding
 ``q`` and kernel ``k``: ``K -> (K-1)s + k``, ``S -> S s``, ``Pd -> Pd s + q``. Entries that
-fall outside the value (its zero padding) are masked to zero, as the dense rows have no
-such entries. Elementwise layers multiply by their slopes' windows; the sum of two variables
+fall outside the value (its zero padding) count as zero, as the dense rows have no such
+entries: they are masked before the next transpose (:meth:`Patches.masked`), and every other
+use multiplies them by windows of a map, which are zero there. Elementwise layers multiply by their slopes' windows; the sum of two variables
 (a residual block's ``Add``) passes the rows to both operands unchanged; where the two
 branches meet again (the dual graph's fan-out sum at the block's input) their windows are
 placed on a common window of the same stride (:func:`aligned_sum`). The input term takes the
@@ -88,10 +89,11 @@ class Patches:
 
         A Conv's transpose leaves values in those entries (``clean`` is then False). Nothing
         reads them but a sum over whole windows: every other use multiplies the entries by
-        windows of a map, which are zero there (an elementwise step's slopes, the input set,
-        the rounding weights), so the masking waits for the next transpose (whose bias term and
-        spread would take them in) or an L2 input term, and an elementwise step makes the rows
-        clean again for free."""
+        windows of a map, which are zero there (an elementwise step's slopes and offsets, the
+        input set, the rounding weights, the pruning cut's box), and dense rows are cropped to
+        the map (:meth:`to_dense`). So the masking waits for the next transpose (whose bias
+        term and spread would take them in) or an L2 input term, and an elementwise step makes
+        the rows clean again for free (``tests/test_bounds_exact.py`` fills them with noise)."""
         if self.clean:
             return self
         ones = self.data.new_ones(1, 1, *shape_chw[1:])
@@ -331,8 +333,9 @@ def through_elementwise(p: Patches, node: Node, rule: ElementwiseRule, bounds, c
 
 def _by_sign(data: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """``lam+ * positive + lam- * negative``: each entry of ``lam`` times the slope of its sign,
-    the same products as the sum (whose other term is an exact zero) in three passes over the
-    rows instead of five."""
+    the same values as the sum (whose other term is an exact zero) in three passes over the
+    rows instead of five. At ``lam = 0`` the gradient takes the positive side's slope (any
+    choice there is a valid subgradient; the bound itself does not depend on it)."""
     return data * torch.where(data >= 0, positive, negative)
 
 

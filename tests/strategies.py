@@ -391,6 +391,12 @@ def build_cnn(rng: random.Random, acts=("relu",), maxpool: bool = False, max_cha
                 shortcut = _scale(nn.Conv2d(cin, cout, k_short, stride=2, padding=k_short // 2), gain)
                 cur = net.add([prev, inner], [shortcut, _scale(nn.Conv2d(c, cout, 3, padding=1), gain)],
                               act=rng.choice(tuple(acts) + (None,)))
+            elif kind == "convchain":
+                # two convolutions with nothing between: a transpose right after a transpose
+                c = rng.randint(1, max_channels)
+                edge = nn.Sequential(_scale(nn.Conv2d(cin, c, 3, padding=1), gain),
+                                     _scale(nn.Conv2d(c, cout, k, stride=s, padding=p, dilation=d), gain))
+                cur = net.add([prev], [edge], act=act)
             elif kind == "concat":
                 c = rng.randint(1, max_channels)
                 a = net.add([prev], [_scale(nn.Conv2d(cin, c, 3, padding=1), gain)], act=act)
@@ -450,6 +456,14 @@ def residual_cnn_nets(**kw) -> st.SearchStrategy[DagNet]:
     """ReLU CNNs of two to four residual blocks (identity or convolutional shortcuts), on
     maps large enough that convolution windows stay smaller than them for a while."""
     return _nets([lambda rng: build_cnn(rng, kinds=("residual", "downsample", "residual", "conv"), layers=(2, 4),
+                                        sizes=(6, 10), **kw)])
+
+
+def conv_chain_nets(**kw) -> st.SearchStrategy[DagNet]:
+    """ReLU CNNs where convolutions also follow each other directly (``"convchain"``) and
+    residual sums without an activation feed the next block: the patch path meets a
+    transpose right after a transpose or a sum of them."""
+    return _nets([lambda rng: build_cnn(rng, kinds=("convchain", "residual", "downsample", "conv"), layers=(2, 4),
                                         sizes=(6, 10), **kw)])
 
 
