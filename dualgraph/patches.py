@@ -335,7 +335,8 @@ def _by_sign(data: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor)
     """``lam+ * positive + lam- * negative``: each entry of ``lam`` times the slope of its sign,
     the same values as the sum (whose other term is an exact zero) in three passes over the
     rows instead of five. At ``lam = 0`` the gradient takes the positive side's slope (any
-    choice there is a valid subgradient; the bound itself does not depend on it)."""
+    choice there is a valid subgradient: it can steer an ascent of optimised slopes, never the
+    soundness of a bound)."""
     return data * torch.where(data >= 0, positive, negative)
 
 
