@@ -14,11 +14,11 @@ windows of one pixel (``K = 1, S = 1, Pd = 0``). Through a Conv with stride ``s`
 ``q`` and kernel ``k``: ``K -> (K-1)s + k``, ``S -> S s``, ``Pd -> Pd s + q``. Entries that
 fall outside the value (its zero padding) count as zero, as the dense rows have no such
 entries: they are masked before the next transpose (:meth:`Patches.masked`), and every other
-use multiplies them by windows of a map, which are zero there. Elementwise layers multiply by their slopes' windows; the sum of two variables
-(a residual block's ``Add``) passes the rows to both operands unchanged; where the two
-branches meet again (the dual graph's fan-out sum at the block's input) their windows are
-placed on a common window of the same stride (:func:`aligned_sum`). The input term takes the
-windows of the input set's centre and radius. Anything else, or windows as large as the
+use multiplies them by windows of a map, which are zero there. Elementwise layers multiply
+by their slopes' windows; the sum of two variables (a residual block's ``Add``) passes the
+rows to both operands unchanged; where the two branches meet again (the dual graph's fan-out
+sum at the block's input) their windows are placed on a common window of the same stride
+(:func:`aligned_sum`). The input term takes the windows of the input set's centre and radius. Anything else, or windows as large as the
 value itself, converts the patches to dense rows and the ordinary dual layers continue.
 
 When only some units need exact bounds (``BoundConfig.prune_stable``), :func:`select`
@@ -327,8 +327,8 @@ def through_elementwise(p: Patches, node: Node, rule: ElementwiseRule, bounds, c
     if linear:
         centre, absolute = relaxation_terms(p, r)
         return replace(p, data=data * win(r.a_lo), clean=True), centre - absolute, centre + absolute
-    return (replace(p, data=_by_sign(data, win(r.a_lo), win(r.a_up)), clean=True), _sign_offsets(p, r.b_lo, r.b_up, win),
-            None)
+    lam_in = replace(p, data=_by_sign(data, win(r.a_lo), win(r.a_up)), clean=True)
+    return lam_in, _sign_offsets(p, r.b_lo, r.b_up, win), None
 
 
 def _by_sign(data: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
