@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .chain import AffineChain, FusedChain
 from .dual_registry import Bounds
 from .input_sets import Box, outward
 from .ir import Node
@@ -174,12 +175,15 @@ class BranchAndBound:
     on the float64 bounds rounded outward, and a domain counts as proved only once the float64
     scheduler's bound, computed again at the slopes and multipliers at which the fast bound
     passed the threshold, does too (:meth:`_confirmed`): every proof is a float64 one.
+    ``fused``: on a chain network (:class:`~dualgraph.chain.AffineChain`) those ascents run as
+    fused dense passes (:class:`~dualgraph.chain.FusedChain`, about 4x faster still), confirmed
+    the same way.
     """
 
     def __init__(self, scheduler: BoundScheduler, lo: torch.Tensor, hi: torch.Tensor, C: torch.Tensor,
                  d: torch.Tensor, owner: np.ndarray, check: Callable[[np.ndarray], None],
                  batch: int = 256, margin: float = 1e-9, fast: BoundScheduler | None = None,
-                 fast_dtype: torch.dtype = torch.float32) -> None:
+                 fast_dtype: torch.dtype = torch.float32, fused: bool = True) -> None:
         self.sched, self.check = scheduler, check
         self.fast, self.fast_dtype = fast, fast_dtype
         # each child holds every bounded value's two bounds, and each domain its signs, scores and
@@ -196,6 +200,11 @@ class BranchAndBound:
         targets = set(scheduler.bound_targets)
         self.relus: list[Node] = [n for n in scheduler.graph.nodes if n.op == ("", "Relu") and n.inputs[0] in targets]
         self.bounded = 0
+        self.fused: FusedChain | None = None
+        if fast is not None and fused:
+            chain = AffineChain.of(scheduler.graph, scheduler.config)
+            if chain is not None and chain.relus == self.relus:
+                self.fused = FusedChain(chain, fast_dtype, lo.device)
 
     def run(self) -> BabResult:
         if not self.relus:
@@ -239,13 +248,16 @@ class BranchAndBound:
         the open domains, with their margins, scores and last variables."""
         D = next(iter(signs.values())).shape[0]
         fast = self.fast is not None
-        bounds = self._domain_bounds(signs, D, fast)
-        sched = self.fast if fast else self.sched
-        dtype = bounds.batch.input_set.center.dtype
         record: dict = {}
-        lower = sched.bound_output(bounds.batch.input_set, conjunction.spec.to(dtype), bounds,
-                                   goal=outward(conjunction.goal, conjunction.goal, dtype)[1],  # rounded up
-                                   record=record, steps=steps, warm=warm)
+        if self.fused is not None:
+            bounds, lower = self._fused_bound(conjunction, signs, D, record, steps, warm)
+        else:
+            bounds = self._domain_bounds(signs, D, fast)
+            sched = self.fast if fast else self.sched
+            dtype = bounds.batch.input_set.center.dtype
+            lower = sched.bound_output(bounds.batch.input_set, conjunction.spec.to(dtype), bounds,
+                                       goal=outward(conjunction.goal, conjunction.goal, dtype)[1],  # rounded up
+                                       record=record, steps=steps, warm=warm)
         self.bounded += D
         gaps = lower.to(conjunction.goal) - conjunction.goal                             # [D, m]
         if fast:
@@ -266,6 +278,25 @@ class BranchAndBound:
                 last[k][has] = t[first[has]].float()
         return Domains({k: t[keep] for k, t in signs.items()}, margin[keep], {k: t[keep] for k, t in scores.items()},
                        {k: t[keep] for k, t in last.items()})
+
+    def _fused_bound(self, conjunction: _Conjunction, signs: dict[str, torch.Tensor], D: int, record: dict,
+                     steps: int | None, warm: dict | None) -> tuple[dict, torch.Tensor]:
+        """The fast bounds of the ReLUs' inputs on ``D`` domains (the root's, each split unit
+        clamped to its side; ``[D, n]``) and the conjunction's rows' lower bounds ``[D, m]`` on
+        them by the fused chain (:meth:`_bound`'s ``record``)."""
+        bounds = {}
+        for n in self.relus:
+            b, s = self.fast_root[n.inputs[0]], signs[n.name]
+            lo, up = b.lower.flatten(1).expand(D, -1), b.upper.flatten(1).expand(D, -1)
+            bounds[n.inputs[0]] = Bounds(torch.where(s == ACTIVE, lo.clamp(min=0), lo),
+                                         torch.where(s == INACTIVE, up.clamp(max=0), up))
+        dtype = self.fast_dtype
+        lower = self.fused.bound(self.fast_box.lo.flatten(), self.fast_box.hi.flatten(),
+                                 [bounds[n.inputs[0]] for n in self.relus], [signs[n.name] for n in self.relus],
+                                 conjunction.spec[0].to(dtype), outward(conjunction.goal, conjunction.goal, dtype)[1],
+                                 steps=self.steps if steps is None else steps, lr=self.sched.config.alpha_lr,
+                                 warm=warm, record=record)
+        return bounds, lower
 
     def _confirmed(self, conjunction: _Conjunction, signs: dict[str, torch.Tensor], gaps: torch.Tensor,
                    record: dict) -> torch.Tensor:

@@ -74,7 +74,9 @@ class VerifyConfig:
         ``bab_batch`` parent domains per bound computation, ``bab_steps`` gradient steps of
         the slopes and split multipliers of each domain; ``bab_float32``: those ascents run in
         float32 and each domain they prove is bounded again in float64 at the slopes and
-        multipliers that proved it (only the float64 bound counts).
+        multipliers that proved it (only the float64 bound counts); ``bab_fused``: on a chain
+        of affine maps and ReLUs those float32 ascents run as fused dense passes
+        (:mod:`dualgraph.chain`), confirmed the same way.
     attack_steps, attack_restarts: one PGD round (restarts run as one batch).
     attack_rounds: PGD rounds in all (different seeds): one before the bounds, the rest
         after them if they proved nothing, before any splitting: thorough rounds of
@@ -93,6 +95,7 @@ class VerifyConfig:
     bab_batch: int = 256
     bab_steps: int = 20
     bab_float32: bool = True
+    bab_fused: bool = True
     attack_steps: int = 100
     attack_restarts: int = 16
     attack_rounds: int = 3
@@ -416,7 +419,7 @@ class _Search:
             fast.scheduler.deadline = self.clock
         bab = BranchAndBound(cert.scheduler, lo, hi, torch.as_tensor(C), torch.as_tensor(d), local, check,
                              batch=self.config.bab_batch, margin=self.config.unsat_margin,
-                             fast=None if fast is None else fast.scheduler)
+                             fast=None if fast is None else fast.scheduler, fused=self.config.bab_fused)
         try:
             result = bab.run()
         finally:

@@ -1,0 +1,334 @@
+"""A fused bound for branch and bound on ReLU chains: one dual pass as a few matrix products.
+
+Branch and bound spends its time in the slope-and-multiplier ascents of its domains, each
+step a dual pass over a batch of single rows. On a network that is a **chain**
+
+    x -> A_1 -> ReLU -> A_2 -> ReLU -> ... -> ReLU -> A_L -> y,    A_i(h) = W_i h + b_i
+
+(every node between two ReLUs one whose dual layer is linear: Gemm, MatMul, Add of a
+constant, Flatten, Sub/Div normalisation, Conv, ...), that pass is, for a specification row
+``c`` with free lower slopes ``alpha`` and split multipliers ``beta >= 0``:
+
+    a_{L-1} = c W_L,                                J = c . b_L
+    at the ReLU after A_i (its input bounds l, u):
+        g_i = a_i^+ * s_i + a_i^- * d_i + beta_i * sign_i
+        J  += a_i^- . (-d_i * l_i) + g_i . b_i,      a_{i-1} = g_i W_i
+    J += a_0 . mid - |a_0| . rad                        (the input box, mid +- rad)
+
+with ``d = u / (u - l)`` on crossing units (1 on active, 0 on inactive ones: the upper line
+``d (z - l)``), ``s`` the lower slope (``alpha`` on crossing units, ``d`` elsewhere) and
+``sign`` the split constraint ``sign z <= 0`` (0 on unsplit units). This is the bound the
+dual graph gives with the same slopes and multipliers (the dual graph of a chain is this
+chain run backwards); here it is a handful of dense products instead of an interpreted walk
+with per-step bookkeeping, about 4x the domains per second on the competition's MNIST
+networks (``bench/vnncomp_report.md``).
+
+**A filter, not a proof.** These passes carry no rounding allowance. Branch and bound uses
+them only to search (:class:`dualgraph.bab.BranchAndBound` with ``fused=True``): a domain
+counts as proved only once the float64 scheduler's bound, computed again at the variables
+with which this bound passed, passes too. A wrong filter costs time, never soundness; the
+tests check that it equals the scheduler's bound in float64.
+
+The ascent is the one of :mod:`dualgraph.alpha` (Adam with the same step-size profile, rows
+stop at their goal, the best iterate kept, the rows still climbing go on alone once half
+have stopped) and fills the same ``record`` (:meth:`dualgraph.scheduler.BoundScheduler.
+bound_output`), so branch and bound branches, warm-starts and confirms alike on both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .alpha import LR_FINAL
+from .dual_registry import Bounds, dual_rule
+from .interpreter import Interpreter
+from .ir import Graph, Node, Value
+
+MAX_DENSE = 1 << 24
+"""The most weight entries (all layers) a chain may have as dense matrices; a larger network
+(wide convolutions) keeps the scheduler's passes."""
+
+RELU = ("", "Relu")
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the scheduler's ascent uses
+SQRT_FLOOR = 1e-30
+CHUNK_ROWS = 256
+"""Rows per ascent: a layer's working set (about ten ``[rows, width]`` tensors) then stays in a
+core's L2 cache on 256-unit layers; 512 rows take 30% longer per row on this machine."""
+
+
+@dataclass
+class AffineChain:
+    """A chain network as dense affine maps: ``weights[i]`` ``[n_{i+1}, n_i]`` and ``biases[i]``
+    ``[n_{i+1}]`` map the input (``i = 0``, flattened) or the output of ``relus[i - 1]`` to the
+    input of ``relus[i]`` or, for the last, the network's output; float64."""
+
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor]
+    relus: list[Node]
+    input_shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, graph: Graph, config) -> AffineChain | None:
+        """The chain form of ``graph``, or None where it is not a chain of affine maps and ReLUs
+        (a skip connection, a value used twice, another activation, several inputs or outputs)
+        or its dense weights would exceed :data:`MAX_DENSE` entries."""
+        if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+            return None
+        segments: list[tuple[Value, list[Node], Value]] = []
+        relus: list[Node] = []
+        start = current = graph.inputs[0]
+        pending: list[Node] = []
+        for node in graph.nodes:
+            if len(current.users) != 1 or node.var_inputs != [current] or len(node.outputs) != 1:
+                return None
+            if node.op == RELU:
+                segments.append((start, pending, current))
+                relus.append(node)
+                start, pending = node.outputs[0], []
+            elif dual_rule(node).linear(node, config):
+                pending.append(node)
+            else:
+                return None
+            current = node.outputs[0]
+        if current is not graph.outputs[0] or not relus:
+            return None
+        segments.append((start, pending, current))
+        if sum(a.numel * b.numel for a, _, b in segments) > MAX_DENSE:
+            return None
+        interpreter = Interpreter(graph)
+        maps = [_affine_map(interpreter, *segment) for segment in segments]
+        return cls([w for w, _ in maps], [b for _, b in maps], relus, graph.inputs[0].unit_shape)
+
+
+def _affine_map(interpreter: Interpreter, source: Value, nodes: list[Node], target: Value
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, b)`` of the affine map ``nodes`` compute from ``source`` to ``target``: the
+    nodes run (float64) on ``0`` and the unit vectors, ``b = f(0)``, ``W e_j = f(e_j) - f(0)``."""
+    n = source.numel
+    x = torch.cat([torch.zeros(1, n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)])
+    env = {source: x.view(n + 1, *source.unit_shape)}
+    for node in nodes:
+        env[node.outputs[0]] = interpreter.run_node(node, env, like=x)[0]
+    y = env[target].reshape(n + 1, -1)
+    return (y[1:] - y[:1]).T.contiguous(), y[0].clone()
+
+
+@dataclass
+class _Relaxed:
+    """One ReLU layer's relaxation on each row's domain, ``[R, n]``, as numbers only: the upper
+    slope ``d``, its intercept ``-d l`` (crossing units), the crossing units (1.0 / 0.0), CROWN's
+    lower slope and the split signs. The passes use no boolean masks: on this project's CPU
+    build a comparison costs about 10x, and ``torch.where`` about 35x, a product."""
+
+    d: torch.Tensor
+    intercept: torch.Tensor
+    crossing: torch.Tensor
+    crown: torch.Tensor
+    sign: torch.Tensor
+
+    @classmethod
+    def of(cls, b: Bounds, sign: torch.Tensor) -> _Relaxed:
+        l, u = b
+        cross = (l < 0) & (u > 0)
+        d = torch.where(cross, u / torch.where(cross, u - l, 1.0), (l >= 0).to(l.dtype))
+        crown = torch.where(cross, (u > -l).to(l.dtype), d)
+        return cls(d, torch.where(cross, -d * l, 0.0), cross.to(l.dtype), crown, sign.to(l.dtype))
+
+    def take(self, index: torch.Tensor) -> _Relaxed:
+        return _Relaxed(*(t[index] for t in (self.d, self.intercept, self.crossing, self.crown, self.sign)))
+
+
+class FusedChain:
+    """The bounds of :class:`AffineChain` ``chain`` in ``dtype`` for branch-and-bound domains
+    (module docstring)."""
+
+    def __init__(self, chain: AffineChain, dtype: torch.dtype = torch.float32, device="cpu") -> None:
+        self.chain, self.dtype = chain, dtype
+        self.weights = [w.to(device, dtype) for w in chain.weights]
+        self.biases = [b.to(device, dtype) for b in chain.biases]
+        self.names = [n.name for n in chain.relus]
+
+    def bound(self, lo: torch.Tensor, hi: torch.Tensor, bounds: list[Bounds], signs: list[torch.Tensor],
+              spec: torch.Tensor, goal: torch.Tensor, *, steps: int, lr: float, warm: dict | None = None,
+              record: dict | None = None) -> torch.Tensor:
+        """Lower bounds ``[D, m]`` of the rows ``spec`` ``[m, n_out]`` on ``D`` domains: the
+        input box ``[lo, hi]`` (flat ``[n_0]``), each ReLU's input bounds ``bounds[i]`` ``[D, n]``
+        (the split units' already clamped) and split signs ``signs[i]`` ``[D, n]``. Each row
+        first at CROWN's slopes; the rows at or below ``goal`` ``[m]`` then climb ``steps``
+        steps from ``warm`` (:data:`dualgraph.alpha.Warm` per domain; ``steps=0``: the bound
+        at ``warm``, or CROWN's if higher). ``record``: as
+        :meth:`dualgraph.scheduler.BoundScheduler.bound_output` fills it."""
+        D, m = bounds[0].lower.shape[0], spec.shape[0]
+        mid, rad = (lo + hi) / 2, (hi - lo) / 2
+        layers = [_Relaxed.of(b, s) for b, s in zip(bounds, signs)]
+        domain = torch.arange(D).repeat_interleave(m)
+        row = torch.arange(m).repeat(D)
+        per_row = [r.take(domain) for r in layers]
+        start = self.run(spec[row], per_row, mid, rad, [r.crown for r in per_row], None).view(D, m)
+        open_rows = start <= goal
+        examples, which = open_rows.nonzero(as_tuple=True)
+        if record is not None:
+            record.update(examples=examples, rows=which, proving_examples=examples, proving_rows=which)
+        if not examples.numel() or not (steps or warm):
+            return start
+        best, parts = [], []
+        for at in range(0, len(examples), CHUNK_ROWS):  # each row climbs on its own: chunks that stay in cache
+            ex, row = examples[at:at + CHUNK_ROWS], which[at:at + CHUNK_ROWS]
+            ascent = _ChainAscent(self, spec[row], [r.take(ex) for r in layers], mid, rad, start[ex, row], goal[row],
+                                  warm, ex, lr)
+            part = None if record is None else {}
+            best.append(ascent.climb(steps, part))
+            if part is not None:
+                parts.append(part | {"examples": ex[ascent.alive], "rows": row[ascent.alive]})
+        if record is not None:
+            for key in dict.fromkeys(k for part in parts for k in part):
+                if key in ("variables", "proving"):
+                    record[key] = {k: torch.cat([p[key][k] for p in parts if key in p]) for k in parts[0]["proving"]}
+                else:
+                    record[key] = torch.cat([p[key] for p in parts if key in p])
+        return start.index_put((examples, which), torch.cat(best))
+
+    def run(self, C: torch.Tensor, layers: list[_Relaxed], mid: torch.Tensor, rad: torch.Tensor,
+            slopes: list[torch.Tensor], multipliers: list[torch.Tensor] | None, record: dict | None = None,
+            gradient: bool = False):
+        """``J`` ``[R]`` of the rows ``C`` ``[R, n_out]`` at the lower ``slopes`` and ``multipliers``
+        (per layer ``[R, n]``; None: 0); ``record``: each ReLU's dual variable and the input's.
+        ``gradient``: also ``dJ/dslopes`` and ``dJ/dmultipliers`` (lists like them), by the
+        chain rule through the pass written out (module docstring's recursion, reversed):
+
+            abar_0 = mid - sign(a_0) rad
+            gbar_i = abar_{i-1} W_i^T + b_i
+            dJ/dalpha_i = gbar_i a_i^+ [crossing],   dJ/dbeta_i = gbar_i sign_i
+            abar_i = gbar_i s_i [a_i > 0] + (gbar_i d_i + intercept_i) [a_i <= 0]
+
+        With ``delta = [crossing] (alpha - d)`` (so ``s = d + delta`` where ``a > 0``) a layer is
+        ``g = a d + a^+ delta + beta sign`` and ``abar = gbar d + intercept + [a > 0] (gbar delta
+        - intercept)``: products and sums only (see :class:`_Relaxed`).
+        """
+        W, b = self.weights, self.biases
+        a = C @ W[-1]
+        J = C @ b[-1]
+        kept = []  # per layer, top first: a^+ and delta
+        for i in reversed(range(len(layers))):
+            r = layers[i]
+            if record is not None:
+                record[self.names[i]] = a
+            positive = a.clamp(min=0)
+            delta = r.crossing * (slopes[i] - r.d)
+            g = torch.addcmul(a * r.d, positive, delta)
+            if multipliers is not None:
+                g.addcmul_(multipliers[i], r.sign)
+            J = J + torch.linalg.vecdot(a - positive, r.intercept) + g @ b[i]
+            if gradient:
+                kept.append((positive, delta))
+            a = g @ W[i]
+        if record is not None:
+            record["input"] = a.view(a.shape[0], 1, *self.chain.input_shape)
+        J = J + a @ mid - a.abs() @ rad
+        if not gradient:
+            return J
+        abar = mid - a.sign() * rad
+        d_slopes, d_multipliers = [], []
+        for i, (positive, delta) in enumerate(reversed(kept)):
+            r = layers[i]
+            gbar = torch.addmm(b[i], abar, W[i].T)
+            d_slopes.append(gbar * positive * r.crossing)
+            d_multipliers.append(gbar * r.sign)
+            abar = torch.addcmul(r.intercept, gbar, r.d).addcmul_((gbar * delta).sub_(r.intercept), positive.sign())
+        return J, d_slopes, d_multipliers
+
+
+class _ChainAscent:
+    """Projected Adam on each open row's slopes and multipliers, the state of
+    :meth:`FusedChain.bound`: all of a row's variables in one ``[R, 2 N]`` tensor (``N``
+    units in all; the slopes of every layer, then the multipliers), so that a step of Adam is
+    a few operations on it; ``alive``: the rows still climbing."""
+
+    def __init__(self, fused: FusedChain, C, layers, mid, rad, start, goal, warm, domains, lr) -> None:
+        self.fused, self.C, self.layers, self.mid, self.rad = fused, C, layers, mid, rad
+        self.best, self.goal, self.lr = start.clone(), goal, lr
+        self.alive = torch.arange(len(start))
+        warm = warm or {}
+
+        def started(key, usual):
+            w = warm.get(key)
+            return usual if w is None else torch.where(w[domains].isnan(), usual, w[domains].to(usual))
+
+        self.keys = [(n, "slopes") for n in fused.names] + [(n, "multipliers") for n in fused.names]
+        usual = [r.crown for r in layers] + [torch.zeros_like(r.d) for r in layers]
+        self.values = torch.cat([started(k, u) for k, u in zip(self.keys, usual)], 1)
+        self.widths = [t.shape[1] for t in usual]
+        self.slope_units = sum(self.widths[:len(layers)])
+        self._project()
+        self.m1, self.m2 = torch.zeros_like(self.values), torch.zeros_like(self.values)
+        self.proving = torch.full_like(self.values, torch.nan)
+        self.steps_taken = 0
+
+    def _parts(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return list(t.split(self.widths, 1))
+
+    def _project(self) -> None:
+        """Slopes into ``[0, 1]``, multipliers into ``[0, inf)``."""
+        self.values.clamp_(min=0)
+        self.values[:, :self.slope_units].clamp_(max=1)
+
+    def _run(self, record: dict | None = None, gradient: bool = False):
+        L = len(self.layers)
+        parts = self._parts(self.values)
+        return self.fused.run(self.C, self.layers, self.mid, self.rad, parts[:L], parts[L:], record, gradient)
+
+    def climb(self, steps: int, record: dict | None) -> torch.Tensor:
+        for step in range(steps):
+            moving = self.best[self.alive] <= self.goal
+            if not bool(moving.any()):
+                self._keep(moving)
+                break
+            if 2 * int(moving.sum()) <= len(moving):
+                self._keep(moving)
+            lower, d_slopes, d_multipliers = self._run(gradient=True)
+            self._observe(lower)
+            self._adam(torch.cat(d_slopes + d_multipliers, 1), self.lr * LR_FINAL ** ((step + 1) / steps))
+        self._keep(self.best[self.alive] <= self.goal)
+        if len(self.alive):
+            part = {} if record is not None else None
+            self._observe(self._run(part))
+            if record is not None:
+                record.update(part)
+                record["variables"] = dict(zip(self.keys, self._parts(self.values)))
+        if record is not None:
+            record["proving"] = dict(zip(self.keys, self._parts(self.proving)))
+        return self.best
+
+    def _observe(self, lower: torch.Tensor) -> None:
+        """Keep the best bound of each alive row, and the variables of the rows whose bound passed."""
+        rows = self.alive
+        self.best[rows] = torch.maximum(self.best[rows], lower)
+        passed = lower > self.goal
+        if bool(passed.any()):
+            self.proving[rows[passed]] = self.values[passed]
+
+    def _adam(self, ascent: torch.Tensor, lr: float) -> None:
+        """One step of Adam (``torch.optim.Adam``'s update, ``m1 / (sqrt(m2) / c2 + eps)`` written
+        as ``c2 m1 / (sqrt(m2) + c2 eps)``) up the gradient ``ascent``, then back into the
+        ranges. The second moments get a tiny floor before the square root (far below Adam's
+        epsilon): the square root of an exact 0 -- every unit without a variable -- takes a slow
+        path, about 13x a normal one."""
+        b1, b2 = ADAM_BETAS
+        self.steps_taken += 1
+        t = self.steps_taken
+        c1, c2 = 1 - b1 ** t, (1 - b2 ** t) ** 0.5
+        self.m1.mul_(b1).add_(ascent, alpha=1 - b1)
+        self.m2.mul_(b2).addcmul_(ascent, ascent, value=1 - b2)
+        self.values.addcdiv_(self.m1, (self.m2 + SQRT_FLOOR).sqrt_().add_(c2 * ADAM_EPS), value=lr * c2 / c1)
+        self._project()
+
+    def _keep(self, moving: torch.Tensor) -> None:
+        """Go on with the alive rows ``moving`` only."""
+        if bool(moving.all()):
+            return
+        index = moving.nonzero().flatten()
+        self.alive, self.C, self.goal = self.alive[index], self.C[index], self.goal[index]
+        self.layers = [r.take(index) for r in self.layers]
+        self.values, self.m1, self.m2 = self.values[index], self.m1[index], self.m2[index]

@@ -1,0 +1,236 @@
+"""The fused chain bound (:mod:`dualgraph.chain`) against the scheduler it stands in for.
+
+Branch and bound searches with the fused passes and proves only with the float64 scheduler,
+so the fused bound need not be sound to keep the answers right -- but it must be the same
+bound, or the search goes astray. On random ReLU MLPs (hypothesis; float64; the scheduler
+without its rounding allowance, which is the one difference the module docstring admits):
+
+* the chain's dense maps reproduce the network, and only chains are taken for chains;
+* one pass at given slopes, multipliers and splits equals the scheduler's pass at them;
+* the hand-written gradient equals autograd's;
+* a whole ascent (20 steps, goals, rows stopping) follows the scheduler's ascent;
+
+and branch and bound answers the same with and without the fused passes (the MILP agreement
+in ``tests/test_bab.py`` runs with them on its chain networks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from dualgraph.bab import ACTIVE, INACTIVE, BranchAndBound
+from dualgraph.chain import AffineChain, FusedChain, _Relaxed
+from dualgraph.dual_registry import Bounds
+from dualgraph.interpreter import Interpreter
+from dualgraph.scheduler import BoundConfig, BoundScheduler
+
+from strategies import DTYPE, mlp_nets, residual_nets, to_ir
+
+SETTINGS = dict(derandomize=True, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EXACT = BoundConfig(relu_relaxation="alpha", rounding_allowance=False)
+
+
+def _forward(chain: AffineChain, x: torch.Tensor) -> torch.Tensor:
+    h = x.flatten(1)
+    for k, (w, b) in enumerate(zip(chain.weights, chain.biases)):
+        h = h @ w.T + b
+        if k < len(chain.relus):
+            h = h.clamp(min=0)
+    return h
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(net=mlp_nets(max_width=8), via=st.sampled_from(["fx", "onnx"]))
+def test_the_dense_maps_reproduce_the_network_and_only_chains_are_taken(net, via):
+    graph = to_ir(net, via)
+    chain = AffineChain.of(graph, EXACT)
+    used_twice = any(len(v.users) > 1 for v in [*graph.inputs, *(v for node in graph.nodes for v in node.outputs)])
+    if chain is None:  # an MLP of these is a chain unless one value feeds two nodes (multi_use edges)
+        assert used_twice, graph
+        return
+    assert not used_twice
+    x = torch.randn(16, *graph.inputs[0].unit_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = Interpreter(graph).run(x)[0].reshape(16, -1)
+    assert torch.allclose(_forward(chain, x), expected, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=10, **SETTINGS)
+@given(net=residual_nets(max_width=6))
+def test_a_skip_connection_is_not_a_chain(net):
+    assert AffineChain.of(to_ir(net), EXACT) is None
+
+
+def test_another_activation_is_not_a_chain():
+    from torch import nn
+    from dualgraph.frontends.fx import load_module
+    for act in (nn.LeakyReLU(0.1), nn.Sigmoid()):
+        net = nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 2)).double().eval()
+        assert AffineChain.of(load_module(net, torch.zeros(2, 3, dtype=torch.float64)), EXACT) is None
+
+
+class _Case:
+    """A chain network, a box, the scheduler's root bounds, ``D`` domains with random splits on
+    the root's crossing units, their float64 bound map (as branch and bound builds it) and the
+    same bounds and signs as the fused chain takes them."""
+
+    def __init__(self, net, seed: int, D: int = 3) -> None:
+        graph = to_ir(net)
+        self.chain = AffineChain.of(graph, EXACT)
+        assume(self.chain is not None)
+        gen = torch.Generator().manual_seed(seed)
+        self.gen = gen
+        n_in, n_out = graph.inputs[0].numel, graph.outputs[0].numel
+        centre = torch.randn(1, n_in, dtype=DTYPE, generator=gen)
+        radius = 0.1 + torch.rand(1, n_in, dtype=DTYPE, generator=gen)
+        self.sched = BoundScheduler(graph, EXACT)
+        owner = np.zeros(1, dtype=np.int64)
+        self.bab = BranchAndBound(self.sched, centre - radius, centre + radius, torch.zeros(1, n_out, dtype=DTYPE),
+                                  torch.zeros(1, dtype=DTYPE), owner, lambda xs: None)
+        self.bab.root = dict(self.sched.intermediate_bounds(self.bab.box))
+        self.signs = {}
+        for n in self.bab.relus:
+            b = self.bab.root[n.inputs[0]]
+            crossing = ((b.lower < 0) & (b.upper > 0)).flatten(1).expand(D, -1)
+            pick = torch.randint(0, 3, crossing.shape, generator=gen) - 1
+            self.signs[n.name] = torch.where(crossing, pick, 0).to(torch.int8)
+        self.bounds = self.bab._domain_bounds(self.signs, D)
+        self.D, self.n_out = D, n_out
+        self.flat = [Bounds(self.bounds[n.inputs[0]].lower.flatten(1), self.bounds[n.inputs[0]].upper.flatten(1))
+                     for n in self.bab.relus]
+        self.sign_list = [self.signs[n.name] for n in self.bab.relus]
+        self.fused = FusedChain(self.chain, torch.float64)
+
+    def random_warm(self) -> dict:
+        warm = {}
+        for n in self.bab.relus:
+            width = n.inputs[0].numel
+            warm[(n.name, "slopes")] = torch.rand(self.D, width, dtype=DTYPE, generator=self.gen)
+            warm[(n.name, "multipliers")] = torch.rand(self.D, width, dtype=DTYPE, generator=self.gen) * 2
+        return warm
+
+    def spec(self, m: int) -> torch.Tensor:
+        return torch.randn(m, self.n_out, dtype=DTYPE, generator=self.gen)
+
+    def scheduler_bound(self, spec, **kw) -> torch.Tensor:
+        return self.sched.bound_output(self.bounds.batch.input_set, spec[None], self.bounds, **kw)
+
+    def fused_bound(self, spec, goal, **kw) -> torch.Tensor:
+        box = self.bab.box
+        return self.fused.bound(box.lo.flatten(), box.hi.flatten(), self.flat, self.sign_list, spec, goal,
+                                lr=EXACT.alpha_lr, **kw)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(net=mlp_nets(max_width=8), seed=st.integers(0, 2 ** 16))
+def test_one_pass_equals_the_schedulers_pass(net, seed):
+    """At the same slopes, multipliers and splits (and at CROWN's slopes, multipliers 0)."""
+    case = _Case(net, seed)
+    spec = case.spec(2)
+    no_goal = torch.full((2,), torch.inf, dtype=DTYPE)
+    assert torch.allclose(case.fused_bound(spec, no_goal, steps=0), case.scheduler_bound(spec, steps=0),
+                          rtol=1e-10, atol=1e-10)
+    warm = case.random_warm()
+    fused = case.fused_bound(spec, no_goal, steps=0, warm=warm)
+    assert torch.allclose(fused, case.scheduler_bound(spec, steps=0, warm=warm), rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(net=mlp_nets(max_width=8), seed=st.integers(0, 2 ** 16))
+def test_the_written_out_gradient_is_autograds(net, seed):
+    case = _Case(net, seed)
+    rows = case.D
+    C = case.spec(rows)
+    layers = [_Relaxed.of(b, s) for b, s in zip(case.flat, case.sign_list)]
+    warm = case.random_warm()
+    slopes = [warm[(n.name, "slopes")].clone().requires_grad_(True) for n in case.bab.relus]
+    multipliers = [warm[(n.name, "multipliers")].clone().requires_grad_(True) for n in case.bab.relus]
+    box = case.bab.box
+    mid, rad = (box.lo.flatten() + box.hi.flatten()) / 2, (box.hi.flatten() - box.lo.flatten()) / 2
+    J, d_slopes, d_multipliers = case.fused.run(C, layers, mid, rad, slopes, multipliers, gradient=True)
+    auto = torch.autograd.grad(J.sum(), slopes + multipliers)
+    for mine, theirs in zip(d_slopes + d_multipliers, auto):
+        assert torch.allclose(mine, theirs, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(net=mlp_nets(max_width=8), seed=st.integers(0, 2 ** 16), warm_start=st.booleans())
+def test_an_ascent_follows_the_schedulers_ascent(net, seed, warm_start):
+    """20 steps from CROWN's slopes (or a warm start), goals halfway up so that rows stop
+    early: the same best bounds, the same rows left open, the same last and proving variables."""
+    case = _Case(net, seed)
+    spec = case.spec(2)
+    warm = case.random_warm() if warm_start else None
+    start = case.scheduler_bound(spec, steps=0)
+    full = case.scheduler_bound(spec, warm=warm)
+    # [m]: some rows pass it, some do not; kept off every row's first bound, which the two
+    # compute in a different order (a tie would be decided by the last bit)
+    goal = ((start + full) / 2).amin(0) - 1e-7 * (1 + start.abs().amax(0))
+    theirs, mine = {}, {}
+    expected = case.scheduler_bound(spec, goal=goal[None], warm=warm, record=theirs)
+    got = case.fused_bound(spec, goal, steps=EXACT.alpha_steps, warm=warm, record=mine)
+    assert torch.allclose(got, expected, rtol=1e-7, atol=1e-9), (got, expected)
+    for key in ("examples", "rows", "proving_examples", "proving_rows"):
+        assert torch.equal(mine[key], theirs[key]), key
+    for group in ("variables", "proving"):
+        for key, t in theirs.get(group, {}).items():
+            known = ~t.isnan()
+            if not bool(known.any()):  # no row left open (the scheduler keeps empty tensors)
+                continue
+            assert torch.allclose(mine[group][key][known], t[known], rtol=1e-6, atol=1e-8), (group, key)
+    for n in case.bab.relus:
+        if n.name in theirs:
+            assert torch.allclose(mine[n.name], theirs[n.name].flatten(1), rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(net=mlp_nets(max_width=8), seed=st.integers(0, 2 ** 16))
+def test_an_ascent_in_chunks_of_rows_proves_and_leaves_open_the_same_rows(net, seed):
+    """Rows climb on their own, so chunks of 2 rows give the open rows the same bounds and
+    record; a row that passed its goal may go on a step more or less (it stops when half of
+    its chunk has), so its bound only has to pass the goal in both."""
+    from unittest import mock
+
+    import dualgraph.chain
+    case = _Case(net, seed)
+    spec = case.spec(2)
+    start, full = case.scheduler_bound(spec, steps=0), case.scheduler_bound(spec)
+    goal = ((start + full) / 2).amin(0) - 1e-7 * (1 + start.abs().amax(0))
+    whole, chunked = {}, {}
+    expected = case.fused_bound(spec, goal, steps=EXACT.alpha_steps, record=whole)
+    with mock.patch.object(dualgraph.chain, "CHUNK_ROWS", 2):
+        got = case.fused_bound(spec, goal, steps=EXACT.alpha_steps, record=chunked)
+    assert torch.equal(got > goal, expected > goal)
+    still_open = expected <= goal
+    assert torch.allclose(got[still_open], expected[still_open], rtol=1e-12, atol=0)
+    for key in ("examples", "rows", "proving_examples", "proving_rows"):
+        assert torch.equal(chunked[key], whole[key]), key
+    assert ("input" in chunked) == ("input" in whole)
+    if "input" in whole:
+        assert torch.allclose(chunked["input"], whole["input"], rtol=1e-12, atol=0)
+    for key, t in whole.get("variables", {}).items():
+        assert torch.allclose(chunked["variables"][key], t, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_branch_and_bound_proves_the_same_with_and_without_fused_passes(tmp_path, fused):
+    """The property of ``tests/test_bab.py``'s float32 test, proved by splits either way."""
+    from test_bab import _deep_mlp
+    from dualgraph.verification import VerifyConfig, VerifyModel, verify_property
+    from dualgraph.vnnlib import read_vnnlib
+    path = _deep_mlp(tmp_path, seed=3, width=12, depth=2, n_in=3)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 31)] * 3), -1).reshape(-1, 3)
+    with torch.no_grad():
+        y = VerifyModel(path).forward(torch.as_tensor(grid)).numpy()
+    t = y[:, 0].min() - 0.01 * np.ptp(y[:, 0])
+    lines = [f"(declare-const X_{i} Real)" for i in range(3)] + [f"(declare-const Y_{j} Real)" for j in range(2)]
+    lines += [s for i in range(3) for s in (f"(assert (>= X_{i} -1.0))", f"(assert (<= X_{i} 1.0))")]
+    lines += [f"(assert (<= Y_0 {t:.9f}))"]
+    (tmp_path / "p.vnnlib").write_text("\n".join(lines) + "\n")
+    config = VerifyConfig(split_max_inputs=0, attack_rounds=0, relaxations=("crown",), bab_fused=fused)
+    result = verify_property(VerifyModel(path), read_vnnlib(tmp_path / "p.vnnlib"), 30, config)
+    assert result.answer == "unsat" and result.details["method"] == "branch and bound", result.details
