@@ -522,8 +522,7 @@ class ElementwiseRule(DualRule):
             r, linear, absolute = self.linear_terms(node, lam, bounds[0], config)
             return DualStep([lam * r.a_lo.unsqueeze(1)], linear - absolute, linear + absolute)
         r = self.relaxation(node, bounds[0], config)
-        pos, neg = lam.clamp(min=0), lam.clamp(max=0)
-        lam_in = pos * r.a_lo.unsqueeze(1) + neg * r.a_up.unsqueeze(1)
+        lam_in = _by_sign(lam, r.a_lo.unsqueeze(1), r.a_up.unsqueeze(1))
         return DualStep([lam_in], self._sign_offsets(r, lam), None)
 
     def backward_with_slopes(self, node: Node, lam: torch.Tensor, bounds: Bounds, config,
@@ -533,7 +532,7 @@ class ElementwiseRule(DualRule):
         split constraints' multipliers added to ``lam_in`` (``splits``; ``beta`` clamped to
         ``>= 0``): every value of either gives a sound step, so every iterate of an optimiser does."""
         r = self.relaxation(node, bounds, config)
-        lam_in = (lam * torch.where(lam > 0, r.a_lo.unsqueeze(1), r.a_up.unsqueeze(1))).flatten(2)
+        lam_in = _by_sign(lam, r.a_lo.unsqueeze(1), r.a_up.unsqueeze(1)).flatten(2)
         if slopes is not None:
             k = slopes.index
             base = r.a_lo.flatten(1)[:, k].unsqueeze(1)
@@ -551,6 +550,14 @@ class ElementwiseRule(DualRule):
         units, mid, gap = _cached_offsets(r)
         part = lam.flatten(2) if units is None else lam.flatten(2)[..., units]
         return batched_dot(part, mid) - batched_dot(part.abs(), gap)
+
+
+def _by_sign(lam: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """``lam+ * positive + lam- * negative``: each entry times the slope of its sign. One of
+    the two terms is an exact zero, so the fused multiply-add gives exactly the one product
+    (one rounding, as the rounding allowance assumes); ``torch.where`` on the sign costs 2-3x
+    these passes on this project's CPU build."""
+    return torch.addcmul(lam.clamp(max=0) * negative, lam.clamp(min=0), positive)
 
 
 @dataclass
