@@ -19,9 +19,10 @@ with ``d = u / (u - l)`` on crossing units (1 on active, 0 on inactive ones: the
 ``d (z - l)``), ``s`` the lower slope (``alpha`` on crossing units, ``d`` elsewhere) and
 ``sign`` the split constraint ``sign z <= 0`` (0 on unsplit units). This is the bound the
 dual graph gives with the same slopes and multipliers (the dual graph of a chain is this
-chain run backwards); here it is a handful of dense products instead of an interpreted walk
-with per-step bookkeeping, about 4x the domains per second on the competition's MNIST
-networks (``bench/vnncomp_report.md``).
+chain run backwards); here it is a handful of dense products and a gradient written out
+instead of an interpreted walk and autograd: 1.5x the domains per second on the
+competition's MNIST networks, where the matrix products are now two thirds of the time
+(``bench/vnncomp_report.md``).
 
 **A filter, not a proof.** These passes carry no rounding allowance. Branch and bound uses
 them only to search (:class:`dualgraph.bab.BranchAndBound` with ``fused=True``): a domain
@@ -43,6 +44,7 @@ import torch
 
 from .alpha import LR_FINAL
 from .dual_registry import Bounds, dual_rule
+from .errors import DualgraphError
 from .interpreter import Interpreter
 from .ir import Graph, Node, Value
 
@@ -52,7 +54,7 @@ MAX_DENSE = 1 << 24
 
 RELU = ("", "Relu")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the scheduler's ascent uses
-SQRT_FLOOR = 1e-30
+SQRT_FLOOR = 1e-30  # added to Adam's second moments before the square root (see _ChainAscent._adam)
 CHUNK_ROWS = 256
 """Rows per ascent: a layer's working set (about ten ``[rows, width]`` tensors) then stays in a
 core's L2 cache on 256-unit layers; 512 rows take 30% longer per row on this machine."""
@@ -81,7 +83,8 @@ class AffineChain:
         start = current = graph.inputs[0]
         pending: list[Node] = []
         for node in graph.nodes:
-            if len(current.users) != 1 or node.var_inputs != [current] or len(node.outputs) != 1:
+            inputs = node.var_inputs
+            if len(current.users) != 1 or len(inputs) != 1 or inputs[0] is not current or len(node.outputs) != 1:
                 return None
             if node.op == RELU:
                 segments.append((start, pending, current))
@@ -98,8 +101,32 @@ class AffineChain:
         if sum(a.numel * b.numel for a, _, b in segments) > MAX_DENSE:
             return None
         interpreter = Interpreter(graph)
-        maps = [_affine_map(interpreter, *segment) for segment in segments]
-        return cls([w for w, _ in maps], [b for _, b in maps], relus, graph.inputs[0].unit_shape)
+        try:
+            maps = [_affine_map(interpreter, *segment) for segment in segments]
+        except (DualgraphError, RuntimeError):  # e.g. a Reshape to a fixed batch of 1
+            return None
+        chain = cls([w for w, _ in maps], [b for _, b in maps], relus, graph.inputs[0].unit_shape)
+        return chain if chain._reproduces(interpreter) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's output ``[B, n_out]`` on inputs ``[B, *input_shape]`` through the maps."""
+        h = x.flatten(1)
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = h @ w.T + b
+            if k < len(self.relus):
+                h = h.clamp(min=0)
+        return h
+
+    def _reproduces(self, interpreter: Interpreter) -> bool:
+        """Whether the maps give the graph's outputs on a few random inputs (float64): a last
+        guard against a segment that evaluates differently on a batch of unit vectors."""
+        x = torch.randn(3, *self.input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        try:
+            expected = interpreter.run(x)[0].reshape(3, -1)
+        except (DualgraphError, RuntimeError):
+            return False
+        return expected.shape == (3, self.weights[-1].shape[0]) and bool(
+            torch.allclose(self(x), expected, rtol=1e-9, atol=1e-9 * (1 + float(expected.abs().max()))))
 
 
 def _affine_map(interpreter: Interpreter, source: Value, nodes: list[Node], target: Value

@@ -20,6 +20,7 @@ off (so that unsat can only come from the bounds or from ReLU splits):
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
@@ -123,11 +124,14 @@ def test_a_network_without_relus_is_unknown_not_an_error(tmp_path):
         assert result.details["bab"] == "no ReLU to split"
 
 
-def test_one_tree_per_conjunction_each_child_starting_from_its_parent(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_tree_per_conjunction_each_child_starting_from_its_parent(tmp_path, monkeypatch, fused):
     """Branch and bound proves the conjunctions one at a time: every bound computation
     carries the rows of one conjunction only, and the children's ascents start from their
-    parents' last slopes and multipliers (a warm start with numbers in it)."""
+    parents' last slopes and multipliers (a warm start with numbers in it); with the
+    scheduler's passes and with the fused passes of a chain (:mod:`dualgraph.chain`)."""
     from onnx import helper
+    from dualgraph.chain import FusedChain
     from dualgraph.scheduler import BoundScheduler
     rng = np.random.default_rng(4)
     W1 = rng.standard_normal((8, 3)).astype(np.float32)
@@ -147,13 +151,23 @@ def test_one_tree_per_conjunction_each_child_starting_from_its_parent(tmp_path, 
     original = BoundScheduler.bound_output
 
     def spy(self, input_set, spec, bounds=None, **kw):
-        if getattr(bounds, "batch", None) is not None and bounds.batch.splits is not None:  # a BaB domain batch
+        searching = kw.get("steps") != 0  # not a float64 confirmation at given variables
+        if searching and getattr(bounds, "batch", None) is not None and bounds.batch.splits is not None:
             warm = kw.get("warm") or {}
             calls.append((spec.shape[1], any(bool((~v.isnan()).any()) for v in warm.values())))
         return original(self, input_set, spec, bounds, **kw)
+
+    fused_bound = FusedChain.bound
+
+    def fused_spy(self, lo, hi, bounds, signs, spec, goal, **kw):
+        warm = kw.get("warm") or {}
+        calls.append((spec.shape[0], any(bool((~v.isnan()).any()) for v in warm.values())))
+        return fused_bound(self, lo, hi, bounds, signs, spec, goal, **kw)
     monkeypatch.setattr(BoundScheduler, "bound_output", spy)
+    monkeypatch.setattr(FusedChain, "bound", fused_spy)
     result = verify_property(VerifyModel(path), read_vnnlib(tmp_path / "p.vnnlib"), 30,
-                             VerifyConfig(split_max_inputs=0, attack_rounds=0, relaxations=("crown",)))
+                             VerifyConfig(split_max_inputs=0, attack_rounds=0, relaxations=("crown",),
+                                          bab_fused=fused))
     assert result.answer == "unsat" and result.details["method"] == "branch and bound", result.details
     assert calls and all(rows == 1 for rows, _ in calls), calls
     assert any(warm for _, warm in calls[2:]), calls  # after the two roots, children start warm
@@ -209,11 +223,9 @@ def test_the_variables_that_passed_a_goal_pass_it_again(tmp_path):
     assert passed >= 3, "the slopes must improve some bounds for this test to say anything"
 
 
-def test_float32_proofs_count_only_once_float64_confirms_them(tmp_path, monkeypatch):
-    """Branch and bound's ascents run in float32 (``bab_float32``), but a domain is proved only
-    by the float64 bound at the variables that proved it: with that bound made useless, the
-    same property is no longer proved."""
-    from dualgraph.scheduler import BoundScheduler
+def near_minimum_instance(tmp_path):
+    """A small MLP (3 inputs) and the property ``Y_0`` below 1% of its spread under its least
+    value on a grid of the box: true, and proved only by splits."""
     path = _deep_mlp(tmp_path, seed=3, width=12, depth=2, n_in=3)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 31)] * 3), -1).reshape(-1, 3)
     with torch.no_grad():
@@ -223,8 +235,17 @@ def test_float32_proofs_count_only_once_float64_confirms_them(tmp_path, monkeypa
     lines += [s for i in range(3) for s in (f"(assert (>= X_{i} -1.0))", f"(assert (<= X_{i} 1.0))")]
     lines += [f"(assert (<= Y_0 {t:.9f}))"]
     (tmp_path / "p.vnnlib").write_text("\n".join(lines) + "\n")
+    return path, tmp_path / "p.vnnlib"
+
+
+def test_float32_proofs_count_only_once_float64_confirms_them(tmp_path, monkeypatch):
+    """Branch and bound's ascents run in float32 (``bab_float32``), but a domain is proved only
+    by the float64 bound at the variables that proved it: with that bound made useless, the
+    same property is no longer proved."""
+    from dualgraph.scheduler import BoundScheduler
+    path, vnnlib = near_minimum_instance(tmp_path)
     config = VerifyConfig(split_max_inputs=0, attack_rounds=0, relaxations=("crown",))
-    proved = verify_property(VerifyModel(path), read_vnnlib(tmp_path / "p.vnnlib"), 30, config)
+    proved = verify_property(VerifyModel(path), read_vnnlib(vnnlib), 30, config)
     assert proved.answer == "unsat" and proved.details["method"] == "branch and bound", proved.details
     original = BoundScheduler.bound_output
     confirmations = []
@@ -236,7 +257,7 @@ def test_float32_proofs_count_only_once_float64_confirms_them(tmp_path, monkeypa
             return torch.full_like(lower, -torch.inf)
         return lower
     monkeypatch.setattr(BoundScheduler, "bound_output", no_float64_proof)
-    result = verify_property(VerifyModel(path), read_vnnlib(tmp_path / "p.vnnlib"), 5, config)
+    result = verify_property(VerifyModel(path), read_vnnlib(vnnlib), 5, config)
     assert confirmations and result.answer != "unsat", result.details
 
 

@@ -35,15 +35,6 @@ SETTINGS = dict(derandomize=True, deadline=None, database=None,
 EXACT = BoundConfig(relu_relaxation="alpha", rounding_allowance=False)
 
 
-def _forward(chain: AffineChain, x: torch.Tensor) -> torch.Tensor:
-    h = x.flatten(1)
-    for k, (w, b) in enumerate(zip(chain.weights, chain.biases)):
-        h = h @ w.T + b
-        if k < len(chain.relus):
-            h = h.clamp(min=0)
-    return h
-
-
 @settings(max_examples=40, **SETTINGS)
 @given(net=mlp_nets(max_width=8), via=st.sampled_from(["fx", "onnx"]))
 def test_the_dense_maps_reproduce_the_network_and_only_chains_are_taken(net, via):
@@ -56,7 +47,7 @@ def test_the_dense_maps_reproduce_the_network_and_only_chains_are_taken(net, via
     assert not used_twice
     x = torch.randn(16, *graph.inputs[0].unit_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     expected = Interpreter(graph).run(x)[0].reshape(16, -1)
-    assert torch.allclose(_forward(chain, x), expected, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(chain(x), expected, rtol=1e-10, atol=1e-10)
 
 
 @settings(max_examples=10, **SETTINGS)
@@ -218,19 +209,36 @@ def test_an_ascent_in_chunks_of_rows_proves_and_leaves_open_the_same_rows(net, s
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_branch_and_bound_proves_the_same_with_and_without_fused_passes(tmp_path, fused):
-    """The property of ``tests/test_bab.py``'s float32 test, proved by splits either way."""
-    from test_bab import _deep_mlp
+    """``tests/test_bab.py``'s float32 test property, proved by splits either way."""
+    from test_bab import near_minimum_instance
     from dualgraph.verification import VerifyConfig, VerifyModel, verify_property
     from dualgraph.vnnlib import read_vnnlib
-    path = _deep_mlp(tmp_path, seed=3, width=12, depth=2, n_in=3)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 31)] * 3), -1).reshape(-1, 3)
-    with torch.no_grad():
-        y = VerifyModel(path).forward(torch.as_tensor(grid)).numpy()
-    t = y[:, 0].min() - 0.01 * np.ptp(y[:, 0])
-    lines = [f"(declare-const X_{i} Real)" for i in range(3)] + [f"(declare-const Y_{j} Real)" for j in range(2)]
-    lines += [s for i in range(3) for s in (f"(assert (>= X_{i} -1.0))", f"(assert (<= X_{i} 1.0))")]
-    lines += [f"(assert (<= Y_0 {t:.9f}))"]
-    (tmp_path / "p.vnnlib").write_text("\n".join(lines) + "\n")
+    path, vnnlib = near_minimum_instance(tmp_path)
     config = VerifyConfig(split_max_inputs=0, attack_rounds=0, relaxations=("crown",), bab_fused=fused)
-    result = verify_property(VerifyModel(path), read_vnnlib(tmp_path / "p.vnnlib"), 30, config)
+    result = verify_property(VerifyModel(path), read_vnnlib(vnnlib), 30, config)
     assert result.answer == "unsat" and result.details["method"] == "branch and bound", result.details
+
+
+def test_a_reshape_to_a_fixed_batch_is_taken_only_if_the_maps_reproduce_the_network(tmp_path):
+    """ONNX exports often reshape to ``[1, n]``: evaluated on the batch of unit vectors such a
+    segment fails or mixes examples; the chain is then refused (or, where the frontend made the
+    batch free, its maps reproduce the network)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from dualgraph.frontends.onnx import load_onnx
+    rng = np.random.default_rng(0)
+    inits = {"shape": np.array([1, 6], dtype=np.int64), "W0": rng.standard_normal((5, 6)).astype(np.float32),
+             "W1": rng.standard_normal((2, 5)).astype(np.float32)}
+    nodes = [helper.make_node("Reshape", ["X", "shape"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "W0"], ["z"], transB=1), helper.make_node("Relu", ["z"], ["h"]),
+             helper.make_node("Gemm", ["h", "W1"], ["Y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 2, 3])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2])],
+                              [numpy_helper.from_array(t, k) for k, t in inits.items()])
+    ir = load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    chain = AffineChain.of(ir, EXACT)
+    if chain is not None:
+        x = torch.randn(4, 2, 3, dtype=torch.float64)
+        assert torch.allclose(chain(x), Interpreter(ir).run(x)[0].reshape(4, -1), rtol=1e-10, atol=1e-10)
+        chain.weights[0][0, 0] += 1e-3  # maps that do not reproduce the network are refused
+        assert not chain._reproduces(Interpreter(ir))
