@@ -42,10 +42,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .chain import AffineChain, FusedChain
+from .chain import AffineChain, ChainAllowance, FusedChain
+from .dual_graph import INPUT_SET
 from .dual_registry import Bounds
 from .input_sets import Box, outward
 from .ir import Node
+from .rounding import SAFETY, gamma, unit_roundoff
 from .scheduler import BoundMap, BoundScheduler
 
 ACTIVE, INACTIVE = -1.0, 1.0
@@ -209,9 +211,7 @@ class BranchAndBound:
     def run(self) -> BabResult:
         if not self.relus:
             return BabResult(False, 0, "no ReLU to split")
-        self.root = dict(self.sched.intermediate_bounds(self.box))
-        if self.fast is not None:
-            self.fast_root = {v: Bounds(*outward(b.lower, b.upper, self.fast_dtype)) for v, b in self.root.items()}
+        self.prepare()
         unsplit = {n.name: torch.zeros(1, n.inputs[0].numel, dtype=torch.int8) for n in self.relus}
         roots = [self._bound(c, unsplit) for c in self.conjunctions]
         nearest_first = sorted(range(len(roots)), key=lambda k: -float(roots[k].margin.max()) if len(roots[k]) else -np.inf)
@@ -220,6 +220,16 @@ class BranchAndBound:
             if not result.proved:
                 return result
         return BabResult(True, self.bounded)
+
+    def prepare(self, root: dict | None = None) -> None:
+        """The root's intermediate bounds (``root``, or computed on the box) and what the fast
+        passes derive from them: the bounds rounded outward to their precision and, on a chain,
+        the rounding allowance of the fused passes."""
+        self.root = dict(self.sched.intermediate_bounds(self.box)) if root is None else root
+        if self.fast is not None:
+            self.fast_root = {v: Bounds(*outward(b.lower, b.upper, self.fast_dtype)) for v, b in self.root.items()}
+        if self.fused is not None and self.fast.config.rounding_allowance:
+            self.fused.allowance = self._chain_allowance()
 
     def _search(self, conjunction: _Conjunction, root: Domains) -> BabResult:
         """Split the open domains of one tree (from ``root``) until none is left."""
@@ -297,6 +307,27 @@ class BranchAndBound:
                                  steps=self.steps if steps is None else steps, lr=self.sched.config.alpha_lr,
                                  warm=warm, record=record)
         return bounds, lower
+
+    def _chain_allowance(self) -> ChainAllowance:
+        """The fast scheduler's rounding allowance on the root's bounds, for the fused passes:
+        each map's step weight, the input term's and the ReLUs' outward rounding of offsets
+        (split domains' bounds are tighter, so the root's weights cover them)."""
+        chain, sched = self.fused.chain, self.fast
+        signs = {n.name: torch.zeros(1, n.inputs[0].numel, dtype=torch.int8) for n in self.relus}
+        rounding = self._domain_bounds(signs, 1, fast=True).batch.rounding
+        dual = sched.dual(sched.output)
+        by_primal = {n.meta["primal"]: n for n in dual.nodes if "primal" in n.meta}
+        entry = next(n for n in dual.nodes if n.op == INPUT_SET)
+
+        def weight(node, width: int) -> torch.Tensor:
+            w = rounding.step_weights(node, 1)[0] if node is not None else None
+            return torch.zeros(width, dtype=self.fast_dtype) if w is None else w.flatten().to(self.fast_dtype)
+
+        steps = [weight(by_primal.get(v.producer), v.numel) for v in chain.targets]
+        u = unit_roundoff(self.fast_dtype)
+        terms = len(sched.graph.nodes) + 4
+        offsets = [SAFETY * gamma(n.inputs[0].numel + 8 + terms, u) for n in chain.relus]
+        return ChainAllowance(steps, weight(entry, int(self.box.lo[0].numel())), offsets)
 
     def _confirmed(self, conjunction: _Conjunction, signs: dict[str, torch.Tensor], gaps: torch.Tensor,
                    record: dict) -> torch.Tensor:

@@ -70,6 +70,7 @@ class AffineChain:
     biases: list[torch.Tensor]
     relus: list[Node]
     input_shape: tuple[int, ...]
+    targets: list[Value]  # what each map computes: the ReLUs' inputs, then the network's output
 
     @classmethod
     def of(cls, graph: Graph, config) -> AffineChain | None:
@@ -105,7 +106,8 @@ class AffineChain:
             maps = [_affine_map(interpreter, *segment) for segment in segments]
         except (DualgraphError, RuntimeError):  # e.g. a Reshape to a fixed batch of 1
             return None
-        chain = cls([w for w, _ in maps], [b for _, b in maps], relus, graph.inputs[0].unit_shape)
+        chain = cls([w for w, _ in maps], [b for _, b in maps], relus, graph.inputs[0].unit_shape,
+                    [target for _, _, target in segments])
         return chain if chain._reproduces(interpreter) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,28 +145,50 @@ def _affine_map(interpreter: Interpreter, source: Value, nodes: list[Node], targ
 
 
 @dataclass
+class ChainAllowance:
+    """The scheduler's rounding allowance (:mod:`dualgraph.rounding`) as the fused bound takes
+    it off each row, so that a row it passes is one the float64 confirmation passes too:
+    ``steps[i]`` ``[n]``, the step weight ``W`` of the node computing map ``i``'s output (the
+    allowance ``|g| . W`` of the dual variable there; the rows ``|c| . W`` for the last),
+    ``input`` ``[n_0]``, the input term's, and ``offsets[i]``, the outward rounding of ReLU
+    ``i``'s offsets per unit of ``m + 2 |b_up|`` on crossing units (``m = max(-l, u)``; the
+    slopes are at most 1). The allowance takes no part in the gradient (the scheduler's
+    neither: it uses ``|lam|`` detached)."""
+
+    steps: list[torch.Tensor]
+    input: torch.Tensor
+    offsets: list[float]
+
+
+@dataclass
 class _Relaxed:
     """One ReLU layer's relaxation on each row's domain, ``[R, n]``, as numbers only: the upper
-    slope ``d``, its intercept ``-d l`` (crossing units), the crossing units (1.0 / 0.0), CROWN's
-    lower slope and the split signs. The passes use no boolean masks: on this project's CPU
+    slope ``d``, half its intercept ``-d l`` (crossing units), the crossing units (1.0 / 0.0),
+    CROWN's lower slope and the split signs. The passes use no boolean masks: on this project's CPU
     build a comparison costs about 10x, and ``torch.where`` about 35x, a product."""
 
     d: torch.Tensor
-    intercept: torch.Tensor
+    half_intercept: torch.Tensor
+    outward: torch.Tensor  # half the intercept plus the offsets' rounding (what |a| multiplies)
     crossing: torch.Tensor
     crown: torch.Tensor
     sign: torch.Tensor
 
     @classmethod
-    def of(cls, b: Bounds, sign: torch.Tensor) -> _Relaxed:
+    def of(cls, b: Bounds, sign: torch.Tensor, rounding: float = 0.0) -> _Relaxed:
         l, u = b
         cross = (l < 0) & (u > 0)
         d = torch.where(cross, u / torch.where(cross, u - l, 1.0), (l >= 0).to(l.dtype))
         crown = torch.where(cross, (u > -l).to(l.dtype), d)
-        return cls(d, torch.where(cross, -d * l, 0.0), cross.to(l.dtype), crown, sign.to(l.dtype))
+        intercept = torch.where(cross, -d * l, 0.0)
+        outward = intercept / 2
+        if rounding:
+            outward = outward + torch.where(cross, rounding * (torch.maximum(-l, u) + 2 * intercept), 0.0)
+        return cls(d, intercept / 2, outward, cross.to(l.dtype), crown, sign.to(l.dtype))
 
     def take(self, index: torch.Tensor) -> _Relaxed:
-        return _Relaxed(*(t[index] for t in (self.d, self.intercept, self.crossing, self.crown, self.sign)))
+        return _Relaxed(*(t[index] for t in (self.d, self.half_intercept, self.outward, self.crossing, self.crown,
+                                             self.sign)))
 
 
 class FusedChain:
@@ -176,6 +200,7 @@ class FusedChain:
         self.weights = [w.to(device, dtype) for w in chain.weights]
         self.biases = [b.to(device, dtype) for b in chain.biases]
         self.names = [n.name for n in chain.relus]
+        self.allowance: ChainAllowance | None = None  # set by branch and bound where rounding counts
 
     def bound(self, lo: torch.Tensor, hi: torch.Tensor, bounds: list[Bounds], signs: list[torch.Tensor],
               spec: torch.Tensor, goal: torch.Tensor, *, steps: int, lr: float, warm: dict | None = None,
@@ -189,7 +214,8 @@ class FusedChain:
         :meth:`dualgraph.scheduler.BoundScheduler.bound_output` fills it."""
         D, m = bounds[0].lower.shape[0], spec.shape[0]
         mid, rad = (lo + hi) / 2, (hi - lo) / 2
-        layers = [_Relaxed.of(b, s) for b, s in zip(bounds, signs)]
+        rounding = self.allowance.offsets if self.allowance is not None else [0.0] * len(bounds)
+        layers = [_Relaxed.of(b, s, k) for b, s, k in zip(bounds, signs, rounding)]
         domain = torch.arange(D).repeat_interleave(m)
         row = torch.arange(m).repeat(D)
         per_row = [r.take(domain) for r in layers]
@@ -228,42 +254,50 @@ class FusedChain:
             abar_0 = mid - sign(a_0) rad
             gbar_i = abar_{i-1} W_i^T + b_i
             dJ/dalpha_i = gbar_i a_i^+ [crossing],   dJ/dbeta_i = gbar_i sign_i
-            abar_i = gbar_i s_i [a_i > 0] + (gbar_i d_i + intercept_i) [a_i <= 0]
+            abar_i = gbar_i (d_i + [a_i > 0] delta_i) + intercept_i (1 - sign(a_i)) / 2
 
-        With ``delta = [crossing] (alpha - d)`` (so ``s = d + delta`` where ``a > 0``) a layer is
-        ``g = a d + a^+ delta + beta sign`` and ``abar = gbar d + intercept + [a > 0] (gbar delta
-        - intercept)``: products and sums only (see :class:`_Relaxed`).
+        with ``delta = [crossing] (alpha - d)`` (``s = d + delta``), so that a layer is ``g = a d
+        + a^+ delta + beta sign``: products and sums only (see :class:`_Relaxed`). At ``a = 0``
+        these are the scheduler's subgradients (the negative side's slope, half the intercept:
+        its offsets are ``a . mid - |a| . gap``), which autograd of this pass gives too.
         """
         W, b = self.weights, self.biases
+        allowance = self.allowance
         a = C @ W[-1]
         J = C @ b[-1]
-        kept = []  # per layer, top first: a^+ and delta
+        if allowance is not None:
+            J = J - C.abs() @ allowance.steps[-1]
+        kept = []  # per layer, top first: a, a^+ and delta
         for i in reversed(range(len(layers))):
             r = layers[i]
             if record is not None:
                 record[self.names[i]] = a
-            positive = a.clamp(min=0)
+            positive = a - a.clamp(max=0)
             delta = r.crossing * (slopes[i] - r.d)
             g = torch.addcmul(a * r.d, positive, delta)
             if multipliers is not None:
                 g.addcmul_(multipliers[i], r.sign)
-            J = J + torch.linalg.vecdot(a - positive, r.intercept) + g @ b[i]
+            # a^- . intercept, as the scheduler writes a relaxation's offsets: a . mid - |a| . gap
+            J = J + torch.linalg.vecdot(a, r.half_intercept) - torch.linalg.vecdot(a.abs(), r.outward) + g @ b[i]
+            if allowance is not None:
+                J = J - g.abs() @ allowance.steps[i]
             if gradient:
-                kept.append((positive, delta))
+                kept.append((a, positive, delta))
             a = g @ W[i]
         if record is not None:
             record["input"] = a.view(a.shape[0], 1, *self.chain.input_shape)
-        J = J + a @ mid - a.abs() @ rad
+        J = J + a @ mid - a.abs() @ (rad if allowance is None else rad + allowance.input)
         if not gradient:
             return J
         abar = mid - a.sign() * rad
         d_slopes, d_multipliers = [], []
-        for i, (positive, delta) in enumerate(reversed(kept)):
+        for i, (a, positive, delta) in enumerate(reversed(kept)):
             r = layers[i]
             gbar = torch.addmm(b[i], abar, W[i].T)
             d_slopes.append(gbar * positive * r.crossing)
             d_multipliers.append(gbar * r.sign)
-            abar = torch.addcmul(r.intercept, gbar, r.d).addcmul_((gbar * delta).sub_(r.intercept), positive.sign())
+            offsets = torch.addcmul(r.half_intercept, r.half_intercept, a.sign(), value=-1)
+            abar = torch.addcmul(offsets, gbar, r.d).addcmul_(gbar * delta, positive.sign())
         return J, d_slopes, d_multipliers
 
 

@@ -556,8 +556,11 @@ def _by_sign(lam: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) 
     """``lam+ * positive + lam- * negative``: each entry times the slope of its sign. One of
     the two terms is an exact zero, so the fused multiply-add gives exactly the one product
     (one rounding, as the rounding allowance assumes); ``torch.where`` on the sign costs 2-3x
-    these passes on this project's CPU build."""
-    return torch.addcmul(lam.clamp(max=0) * negative, lam.clamp(min=0), positive)
+    these passes on this project's CPU build. ``lam+`` is taken as ``lam - lam-`` so that at
+    ``lam = 0`` the gradient is the negative side's slope alone (a valid subgradient; the two
+    clamps would add both slopes)."""
+    negative_part = lam.clamp(max=0)
+    return torch.addcmul(negative_part * negative, lam - negative_part, positive)
 
 
 @dataclass
