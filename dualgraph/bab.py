@@ -143,6 +143,11 @@ class DomainQueue:
         self.live = torch.cat([self.live, torch.zeros(extra, dtype=torch.bool)])
 
 
+def _clamp_to_splits(lo: torch.Tensor, up: torch.Tensor, sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split unit's bounds clamped at 0 on its side (``sign``: ``ACTIVE``, ``INACTIVE`` or 0)."""
+    return torch.where(sign == ACTIVE, lo.clamp(min=0), lo), torch.where(sign == INACTIVE, up.clamp(max=0), up)
+
+
 @dataclass
 class BabResult:
     """``proved``: every domain proved; else why not (``"timeout"``, ``"no split left"``)."""
@@ -178,7 +183,7 @@ class BranchAndBound:
     scheduler's bound, computed again at the slopes and multipliers at which the fast bound
     passed the threshold, does too (:meth:`_confirmed`): every proof is a float64 one.
     ``fused``: on a chain network (:class:`~dualgraph.chain.AffineChain`) those ascents run as
-    fused dense passes (:class:`~dualgraph.chain.FusedChain`, about 4x faster still), confirmed
+    fused dense passes (:class:`~dualgraph.chain.FusedChain`, about 1.7x the domains per second), confirmed
     the same way.
     """
 
@@ -297,9 +302,8 @@ class BranchAndBound:
         bounds = {}
         for n in self.relus:
             b, s = self.fast_root[n.inputs[0]], signs[n.name]
-            lo, up = b.lower.flatten(1).expand(D, -1), b.upper.flatten(1).expand(D, -1)
-            bounds[n.inputs[0]] = Bounds(torch.where(s == ACTIVE, lo.clamp(min=0), lo),
-                                         torch.where(s == INACTIVE, up.clamp(max=0), up))
+            bounds[n.inputs[0]] = Bounds(*_clamp_to_splits(b.lower.flatten(1).expand(D, -1),
+                                                           b.upper.flatten(1).expand(D, -1), s))
         dtype = self.fast_dtype
         lower = self.fused.bound(self.fast_box.lo.flatten(), self.fast_box.hi.flatten(),
                                  [bounds[n.inputs[0]] for n in self.relus], [signs[n.name] for n in self.relus],
@@ -372,9 +376,7 @@ class BranchAndBound:
             lo, up = b.lower.expand(D, *b.lower.shape[1:]), b.upper.expand(D, *b.upper.shape[1:])
             for n in self.relus:  # every ReLU reading v (two may read one value)
                 if n.inputs[0] is v:
-                    s = batch.splits[n.name]
-                    lo = torch.where(s == ACTIVE, lo.clamp(min=0), lo)
-                    up = torch.where(s == INACTIVE, up.clamp(max=0), up)
+                    lo, up = _clamp_to_splits(lo, up, batch.splits[n.name])
             bounds[v] = batch.rounding.adopt(v, type(b)(lo, up))
         return bounds
 
