@@ -18,6 +18,11 @@ def test_networks_have_the_intended_sizes():
     assert resnet.residual_blocks(resnet.build_net("paper")) == 4
     assert resnet.residual_blocks(resnet.build_net("resnet8")) == 8
     assert resnet.residual_blocks(resnet.build_net("resnet18")) == 8
+    # the VNN-COMP 2021 CIFAR ResNets: 112,006 and 123,734 parameters (resnet_2b, resnet_4b)
+    for name, blocks, parameters in (("resnet2b", 2, 112_006), ("resnet4b", 4, 123_734)):
+        model = resnet.build_net(name)
+        assert resnet.size_of(model) == {"blocks": blocks, "parameters": parameters}
+        assert model(torch.rand(1, *resnet.INPUT_SHAPE)).shape == (1, resnet.CLASSES)
     with pytest.raises(Exception, match="unknown network"):
         resnet.build_net("resnet")
 
@@ -31,13 +36,26 @@ def test_weights_keep_the_activation_scale_through_depth():
     assert 0.5 < float(after_blocks / after_stem) < 2.0
 
 
-@pytest.mark.parametrize("net", ["resnet1", "resnet18"])
+@pytest.mark.parametrize("net", ["resnet1", "resnet4b", "resnet18"])
 def test_reference_conversion_computes_the_same_function(net):
     pytest.importorskip("convex_adversarial")
     model = resnet.build_net(net)
     x = torch.rand(2, *resnet.INPUT_SHAPE)
     with torch.no_grad():
         torch.testing.assert_close(resnet.reference_model(model)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_peer_estimates_span_every_split_of_the_72_properties():
+    row = dict(library="dualgraph", status="ok", eps=2 / 255)
+    rows = [dict(row, net="resnet2b", relaxation="crown", seconds_per_example=0.25),
+            dict(row, net="resnet4b", relaxation="crown", seconds_per_example=1.0),
+            dict(row, net="resnet4b", relaxation="paper", seconds_per_example=0.5),  # no resnet2b: no estimate
+            dict(row, net="resnet2", relaxation="crown", seconds_per_example=9.0)]
+    (estimate,) = resnet.peer_estimates(rows)
+    assert estimate["seconds_72"] == [18.0, 72.0]
+    assert estimate["speedup"] == [round(54.3 / 72, 2), round(54.3 / 18, 2)]
+    assert [f["blocks"] for f in resnet.depth_exponents([dict(r, blocks=2) for r in rows])] == []
+    assert resnet.depth_series("resnet8") and not resnet.depth_series("resnet4b")
 
 
 def test_eps_fractions():

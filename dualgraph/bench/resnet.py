@@ -23,6 +23,10 @@ variance-preserving initialisation (:func:`init_weights`):
 * ``paper``: the paper's CIFAR ResNet, ``cifar_resnet()`` (4 residual blocks of 16, 16,
   32, 64 filters at full resolution, then Linear 4096 -> 1000 -> 10). Not in the default
   set: about 1.5 min (``paper``) and 4 min (``crown``) per example on one core;
+* ``resnet2b``, ``resnet4b``: the layouts of the VNN-COMP 2021 CIFAR ResNets (``resnet_2b``,
+  112 k parameters; ``resnet_4b``, 124 k) on which issue 15 quotes auto_LiRPA's times; the
+  report sets those figures beside these networks' times (:func:`peer_estimates`). Random
+  weights here, not the competition's trained ones;
 * ``resnet18``: the standard CIFAR ResNet-18 layout (11.2 M parameters; no BatchNorm).
   Not in the default set: it exceeds the memory limit (see the report).
 
@@ -96,18 +100,42 @@ def deep_resnet(blocks: int, channels: int = 16, classes: int = CLASSES) -> nn.S
                          nn.Flatten(), nn.Linear(channels * 16 * 16, 100), nn.ReLU(), nn.Linear(100, classes))
 
 
+COMPETITION_RESNETS = {"resnet2b": (8, (16,)), "resnet4b": (16, (32, 32))}
+"""VNN-COMP 2021 ``cifar10_resnet`` layouts: stem channels, channels of each stage."""
+
+
+def competition_resnet(name: str, classes: int = CLASSES) -> nn.Sequential:
+    """The layout of the VNN-COMP 2021 CIFAR ResNets the issue's peer figures were taken on
+    (``resnet_2b``: 2 residual blocks, ``resnet_4b``: 4): a 3x3 stride-2 stem, stages of two
+    basic blocks whose first halves the map (stride 2, 1x1 convolutional shortcut), Flatten,
+    Linear -> 100 -> ReLU -> Linear -> classes; no BatchNorm. ``resnet2b``: 8 stem channels,
+    one stage of 16 (16x8x8 at the end); ``resnet4b``: 16, two stages of 32 (32x4x4)."""
+    stem, stages = COMPETITION_RESNETS[name]
+    layers: list[nn.Module] = [nn.Conv2d(3, stem, 3, stride=2, padding=1), nn.ReLU()]
+    c_in, side = stem, INPUT_SHAPE[1] // 2
+    for c_out in stages:
+        layers += [BasicBlock(c_in, c_out, 2), BasicBlock(c_out, c_out, 1)]
+        c_in, side = c_out, side // 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * side * side, 100), nn.ReLU(),
+                         nn.Linear(100, classes))
+
+
 def build_net(name: str) -> nn.Module:
-    """The network ``name`` (``paper``, ``resnetK``, ``resnet18``) with its benchmark weights."""
+    """The network ``name`` (``paper``, ``resnetK``, ``resnet2b``, ``resnet4b``, ``resnet18``)
+    with its benchmark weights."""
     from dualgraph.errors import DualgraphError
     from dualgraph.models.architectures import cifar_resnet
     if name == "paper":
         model = cifar_resnet()
+    elif name in COMPETITION_RESNETS:
+        model = competition_resnet(name)
     elif name == "resnet18":
         model = resnet18()
     elif name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) >= 1:
         model = deep_resnet(int(name[6:]))
     else:
-        raise DualgraphError(f"unknown network '{name}'; use paper, resnet18 or resnetK (K residual blocks)")
+        raise DualgraphError(f"unknown network '{name}'; use paper, resnet2b, resnet4b, resnet18 "
+                             "or resnetK (K residual blocks)")
     return init_weights(model.eval())
 
 
@@ -419,9 +447,42 @@ def run_benchmark(args: argparse.Namespace, progress=None) -> dict:
         machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     return {"benchmark": "resnet", "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
             "timeout_s": args.timeout, "reference_timeout_s": args.reference_timeout, "rows": rows,
-            "exponents": depth_exponents(rows), "comparison": compare(rows), "machine": machine,
+            "exponents": depth_exponents(rows), "comparison": compare(rows), "peer": peer_estimates(rows),
+            "machine": machine,
             "commit": commit, "total_seconds": round(time.perf_counter() - start, 1),
             "command": "dualgraph bench resnet " + " ".join(_argv_of(args))}
+
+
+def depth_series(name: str) -> bool:
+    """Whether ``name`` is one of the ``resnetK`` nets (same width, K blocks)."""
+    return name.startswith("resnet") and name[6:].isdigit()
+
+
+PEER_SECONDS = {"paper": 52.3, "crown": 54.3}
+"""auto_LiRPA's CROWN, one thread, on the issue's 72 L-inf properties of the VNN-COMP 2021
+CIFAR ResNets (``paper``: the paper's slope, ``crown``: the adaptive one): issue 15's figures,
+measured by its author on another machine (auto_LiRPA does not install for the pinned torch)."""
+PEER_PROPERTIES = 72
+
+
+def peer_estimates(rows: list[dict]) -> list[dict]:
+    """Per relaxation and eps where ``resnet2b`` and ``resnet4b`` both ran: the seconds the
+    issue's 72 properties would take at these per-example times, for every split of the 72
+    between the two networks from all ``resnet2b`` to all ``resnet4b`` (the issue does not
+    give it), beside auto_LiRPA's :data:`PEER_SECONDS`. One property is one example here (its
+    intermediate bounds and the 9 margin rows)."""
+    ours = {(r["net"], r["relaxation"], r["eps"]): r["seconds_per_example"] for r in rows
+            if r["status"] == "ok" and r["library"] == "dualgraph"}
+    out = []
+    for (net, relaxation, eps), small in ours.items():
+        large = ours.get(("resnet4b", relaxation, eps))
+        if net != "resnet2b" or large is None or relaxation not in PEER_SECONDS:
+            continue
+        low, high = sorted((PEER_PROPERTIES * small, PEER_PROPERTIES * large))
+        out.append({"relaxation": relaxation, "eps": eps, "resnet2b_s": small, "resnet4b_s": large,
+                    "seconds_72": [round(low, 1), round(high, 1)], "peer_seconds_72": PEER_SECONDS[relaxation],
+                    "speedup": [round(PEER_SECONDS[relaxation] / high, 2), round(PEER_SECONDS[relaxation] / low, 2)]})
+    return out
 
 
 def depth_exponents(rows: list[dict]) -> list[dict]:
@@ -430,7 +491,7 @@ def depth_exponents(rows: list[dict]) -> list[dict]:
     import numpy as np
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["status"] == "ok" and r["net"].startswith("resnet") and r["net"] != "resnet18":
+        if r["status"] == "ok" and depth_series(r["net"]):
             groups.setdefault((r["library"], r["relaxation"], r["eps"]), []).append(r)
     fits = []
     for (library, relaxation, eps), ok in groups.items():
@@ -543,6 +604,12 @@ def report_markdown(result: dict) -> str:
     lines += [f"- {c['net']}, eps {_eps_text(c['eps'])}: the reference takes {c['speedup']:.2f}x dualgraph's time; "
               f"lowest margin bound: dualgraph {c['dualgraph_lowest_margin']:.4g}, reference "
               f"{c['reference_lowest_margin']:.4g}" for c in result["comparison"]] or ["- no net where both finished"]
+    lines += ["", "## The VNN-COMP 2021 ResNets beside the issue's auto_LiRPA figures", ""]
+    lines += [f"- `{e['relaxation']}`, eps {_eps_text(e['eps'])}: resnet2b {e['resnet2b_s']:.3f} s, resnet4b "
+              f"{e['resnet4b_s']:.3f} s per property, so {e['seconds_72'][0]:g}-{e['seconds_72'][1]:g} s for "
+              f"{PEER_PROPERTIES} (auto_LiRPA: {e['peer_seconds_72']:g} s, another machine): "
+              f"{e['speedup'][0]:.2f}-{e['speedup'][1]:.2f}x" for e in result.get("peer", [])] \
+        or ["- resnet2b and resnet4b were not both run"]
     lines += ["", "## Phases (intermediate bounds per bounded value)", "", format_phases(result),
               "## Machine and command", "",
               f"- {m['cpu']}, {m['cores']} cores, {m['memory_mb']} MB available, torch {m['torch']}, "
@@ -555,7 +622,8 @@ def report_markdown(result: dict) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nets", default=DEFAULT_NETS,
-                   help=f"comma-separated networks: paper, resnetK (K residual blocks), resnet18 "
+                   help=f"comma-separated networks: paper, resnetK (K residual blocks), resnet2b and resnet4b "
+                        f"(the VNN-COMP 2021 CIFAR ResNets' layouts), resnet18 "
                         f"(default {DEFAULT_NETS})")
     p.add_argument("--relaxations", default="paper,crown", help="comma-separated: paper, crown (default both)")
     p.add_argument("--eps", default=DEFAULT_EPS, help=f"comma-separated L-inf radii, fractions allowed "
@@ -593,6 +661,9 @@ def main(args: argparse.Namespace) -> int:
         print(format_tables(result))
         print("\n".join(f"depth exponent {f['library']} {f['relaxation']} eps {_eps_text(f['eps'])}: {f['exponent']}"
                         for f in result["exponents"]))
+        print("\n".join(f"VNN-COMP ResNets {e['relaxation']} eps {_eps_text(e['eps'])}: {e['seconds_72'][0]:g}-"
+                        f"{e['seconds_72'][1]:g} s for {PEER_PROPERTIES} properties, auto_LiRPA "
+                        f"{e['peer_seconds_72']:g} s" for e in result["peer"]))
     return 0
 
 
