@@ -10,6 +10,7 @@ import os
 import sys
 import traceback
 
+from .allocator import use_huge_pages
 from .errors import DualgraphError
 
 DEFAULT_MODEL = "digits-small"
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.debug:
         os.environ["DUALGRAPH_DEBUG"] = "1"  # read by the plugin loader
+    use_huge_pages()  # before torch's first large buffer: the dual passes' temporaries fault in 2 MB pages
     threads = getattr(args, "threads", None)
     if threads is not None and args.command not in ("bench",):  # the benchmarks set theirs themselves
         if threads < 1:

@@ -374,6 +374,8 @@ def _phases(sched, runs: list[dict], direction: str) -> dict:
 
 
 def _worker_main(argv: list[str]) -> int:
+    from dualgraph.allocator import use_huge_pages
+    use_huge_pages()  # as the command line does (cli.main)
     """``python -m dualgraph.bench.resnet --worker SPEC_JSON``: one row after RESULT_MARK; a
     failure (out of memory under the limit included) is a row too."""
     from .scaling import RESULT_MARK
