@@ -338,11 +338,13 @@ def _relaxation_step(p: Patches, a_lo: torch.Tensor, a_up: torch.Tensor, b_lo, b
     no term). The signed parts of ``lam`` are taken once for both. In ``lam_in`` one of the two
     terms is an exact zero, so the fused multiply-add gives exactly the one product
     ``lam * slope`` (one rounding, as the rounding allowance assumes); ``torch.where`` on the
-    sign would cost 2-3x these passes on this project's CPU build. Its negative part is
-    written ``lam - lam+`` so that at ``lam = 0`` the gradient takes the positive side's slope
-    alone (as ``torch.where(lam >= 0, ...)`` did; two clamps would add both slopes)."""
-    positive, negative = p.data.clamp(min=0), p.data.clamp(max=0)
-    lam_in = replace(p, data=torch.addcmul((p.data - positive) * a_up, positive, a_lo), clean=True)
+    sign would cost 2-3x these passes on this project's CPU build. The negative part is
+    ``lam - lam+`` (exactly ``min(lam, 0)``, one pass fewer than a second clamp), so that at
+    ``lam = 0`` the gradient takes the positive side alone, in the slopes and the offsets
+    (as ``torch.where(lam >= 0, ...)`` did; two clamps would add both sides)."""
+    positive = p.data.clamp(min=0)
+    negative = p.data - positive
+    lam_in = replace(p, data=torch.addcmul(negative * a_up, positive, a_lo), clean=True)
     lower = _window_dot(negative, win(b_up))
     if torch.is_tensor(b_lo) or b_lo != 0:
         lower = lower + _window_dot(positive, win(b_lo))
