@@ -23,7 +23,7 @@ variance-preserving initialisation (:func:`init_weights`):
 * ``paper``: the paper's CIFAR ResNet, ``cifar_resnet()`` (4 residual blocks of 16, 16,
   32, 64 filters at full resolution, then Linear 4096 -> 1000 -> 10). Not in the default
   set: about 1.5 min (``paper``) and 4 min (``crown``) per example on one core;
-* ``resnet2b``, ``resnet4b``: the layouts of the VNN-COMP 2021 CIFAR ResNets (``resnet_2b``,
+* ``resnet2b``, ``resnet4b`` (in the default set): the layouts of the VNN-COMP 2021 CIFAR ResNets (``resnet_2b``,
   112 k parameters; ``resnet_4b``, 124 k) on which issue 15 quotes auto_LiRPA's times; the
   report sets those figures beside these networks' times (:func:`peer_estimates`). Random
   weights here, not the competition's trained ones;
@@ -59,7 +59,7 @@ from torch import nn
 
 INPUT_SHAPE = (3, 32, 32)
 CLASSES = 10
-DEFAULT_NETS = "resnet1,resnet2,resnet4,resnet8"
+DEFAULT_NETS = "resnet1,resnet2,resnet4,resnet8,resnet2b,resnet4b"
 DEFAULT_EPS = "2/255"
 MB = 1 << 20
 
