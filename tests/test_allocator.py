@@ -13,10 +13,14 @@ from dualgraph.allocator import huge_pages_available
 # in a fresh process (torch reads the switch at its first large buffer): the KB of huge pages
 # behind a live 256 MB tensor, with or without use_huge_pages() first
 PROBE = """
-import sys
+import contextlib, io, sys
 if sys.argv[1] == "on":
     from dualgraph.allocator import use_huge_pages
     assert use_huge_pages()
+elif sys.argv[1] == "cli":  # any command turns it on first
+    from dualgraph.cli import main
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["models"]) == 0
 import torch
 t = torch.ones(64 << 20)
 with open("/proc/self/smaps_rollup") as f:
@@ -34,6 +38,7 @@ def test_large_tensors_get_huge_pages():
     if not huge_pages_available():
         pytest.skip("this kernel grants no transparent huge pages (not Linux, or THP mode 'never')")
     assert _huge_kb("on") >= 128 << 10, "with use_huge_pages a 256 MB tensor should sit mostly on 2 MB pages"
+    assert _huge_kb("cli") >= 128 << 10, "the command line should turn huge pages on"
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
         if "[madvise]" in f.read():  # in mode 'always' every large mapping gets them anyway
             assert _huge_kb("off") == 0, "without the switch torch should not ask for huge pages"
