@@ -400,16 +400,24 @@ class BoundScheduler:
 
 @contextlib.contextmanager
 def _out_of_memory_as_error(where: str) -> Iterator[None]:
-    """Running out of memory is a one-line error naming what was being bounded and the size."""
+    """Running out of memory is a one-line error naming what was being bounded and the size
+    (also when a walk over the graph has already named the failing node: its cause)."""
     try:
         yield
-    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
-        text = str(exc)
-        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in text:
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError, DualgraphError) as exc:
+        failure = exc.__cause__ if isinstance(exc, DualgraphError) else exc
+        if not _allocation_failure(failure):
             raise
-        size = re.search(r"allocate ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", text)
+        size = re.search(r"allocate ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", str(failure))
         raise DualgraphError(f"out of memory while bounding '{where}'"
                              + (f" (asked for {size.group(1)})" if size else "")
                              + "; use a smaller --batch-size or a smaller --max-memory budget") from None
+
+
+def _allocation_failure(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is an allocator's failure (torch's CPU allocator raises a RuntimeError)."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "alloc" in str(exc)
 
 

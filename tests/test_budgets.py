@@ -217,3 +217,24 @@ def test_verify_on_a_large_input_convolutional_network_ends_inside_its_budget(tm
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("direction", ["backward", "forward"])
+def test_running_out_of_memory_is_a_one_line_error(direction, monkeypatch):
+    """An allocation that fails inside a walk over the dual graph (which names the failing
+    node first) still ends as the out-of-memory error with the size and what to do."""
+    from dualgraph import dual_run, forward
+    from dualgraph.errors import DualgraphError
+    from dualgraph.scheduler import BoundConfig
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 123456789 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(forward.ForwardBounds if direction == "forward" else dual_run.DualRunner,
+                        "run_node", fail)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    cert = Certifier(load_model(net, torch.zeros(1, 4)), BoundConfig(direction=direction))
+    with pytest.raises(DualgraphError, match=r"^out of memory while bounding '.*' \(asked for 123456789 bytes\); "
+                                             r"use a smaller --batch-size"):
+        cert.lower_bounds(cert.input_set(torch.zeros(1, 4), 0.1), torch.eye(2)[None])
