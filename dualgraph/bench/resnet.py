@@ -23,10 +23,10 @@ variance-preserving initialisation (:func:`init_weights`):
 * ``paper``: the paper's CIFAR ResNet, ``cifar_resnet()`` (4 residual blocks of 16, 16,
   32, 64 filters at full resolution, then Linear 4096 -> 1000 -> 10). Not in the default
   set: about 1.5 min (``paper``) and 4 min (``crown``) per example on one core;
-* ``resnet2b``, ``resnet4b`` (in the default set): the layouts of the VNN-COMP 2021 CIFAR ResNets (``resnet_2b``,
-  112 k parameters; ``resnet_4b``, 124 k) on which issue 15 quotes auto_LiRPA's times; the
-  report sets those figures beside these networks' times (:func:`peer_estimates`). Random
-  weights here, not the competition's trained ones;
+* ``resnet2b``, ``resnet4b`` (in the default set): the layouts of the VNN-COMP 2021 CIFAR
+  ResNets (``resnet_2b``, 112 k parameters; ``resnet_4b``, 124 k) on which issue 15 quotes
+  auto_LiRPA's times; the report sets those figures beside these networks' times
+  (:func:`peer_estimates`). Random weights here, not the competition's trained ones;
 * ``resnet18``: the standard CIFAR ResNet-18 layout (11.2 M parameters; no BatchNorm).
   Not in the default set: it exceeds the memory limit (see the report).
 
@@ -374,10 +374,10 @@ def _phases(sched, runs: list[dict], direction: str) -> dict:
 
 
 def _worker_main(argv: list[str]) -> int:
-    from dualgraph.allocator import use_huge_pages
-    use_huge_pages()  # as the command line does (cli.main)
     """``python -m dualgraph.bench.resnet --worker SPEC_JSON``: one row after RESULT_MARK; a
     failure (out of memory under the limit included) is a row too."""
+    from dualgraph.allocator import use_huge_pages
+    use_huge_pages()  # as the command line does (cli.main)
     from .scaling import RESULT_MARK
     spec = Spec(**json.loads(argv[argv.index("--worker") + 1]))
     try:
