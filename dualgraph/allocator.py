@@ -7,7 +7,7 @@ on its first write: on this project's VM a product of two such tensors took 38 m
 34 ms were page faults (a tensor of zeros of that size alone: 34 ms). With 2 MB pages the
 same product takes 9 ms, and the memory is still returned on ``free`` (keeping freed blocks
 in the process instead, glibc's ``M_MMAP_MAX = 0``, was 1.2x faster again but raised the
-peak resident size by 60% through fragmentation; not used).
+peak resident size by 60-160% through fragmentation; not used).
 
 torch's CPU allocator has the switch (``THP_MEM_ALLOC_ENABLE=1``: ``madvise(MADV_HUGEPAGE)``
 on every buffer of 2 MB or more); it reads it once, at its first buffer of that size, so
