@@ -113,11 +113,13 @@ def _estimate_report(report, config, n_bounds: int) -> tuple[dict, str]:
 def cmd_certify(args: argparse.Namespace) -> int:
     if str(args.model).endswith(".json"):
         return _certify_cascade(args)
-    from dualgraph.models import model_info
+    from dualgraph.models import model_info, resolve_model
     from .certify import certify_dataset
     from .cli import DEFAULT_MODEL
     from .data import load_dataset
     info = model_info(args.model)
+    if info is None and not Path(args.model).exists():
+        resolve_model(str(args.model))  # a mistyped path: say so before asking for --dataset and --eps
     dataset = args.dataset or (info or {}).get("dataset")
     if dataset is None:
         raise DualgraphError("--dataset is required for this model (mnist, cifar10 or digits)")

@@ -49,6 +49,15 @@ def test_bad_thread_counts_are_one_line_errors(capsys):
     assert capsys.readouterr().err.strip() == "dualgraph: error: --threads must be >= 1, got 0"
 
 
+@pytest.mark.parametrize("model", ["no_such_model.onnx", "no_such_zoo_name"])
+def test_a_missing_model_is_named_before_missing_options(model, capsys):
+    """A mistyped path is the user's real problem; asking for --dataset and --eps would hide it."""
+    assert main(["certify", model, "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dualgraph: error: '{model}' is neither a file nor a zoo model; zoo models:"), err
+    assert "\n" not in err
+
+
 def test_the_readme_python_snippet_runs_as_written():
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
