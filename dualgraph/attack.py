@@ -78,6 +78,7 @@ def pgd_attack(
     batched: bool = False,
     targeted: bool = False,
     schedule: Sequence[float] | None = None,
+    starts: Tensor | None = None,
 ) -> AttackResult:
     """Search ``[lo, hi]`` for ``x`` with ``f(x)`` in the unsafe set (see the module docstring).
 
@@ -98,12 +99,18 @@ def pgd_attack(
     conjunctions gets its share of the starts; a hit in any conjunction still counts.
     Stops early once every example has a hit, or after ``time_limit`` seconds (checked
     after each step; the starting points are always evaluated).
+
+    ``starts`` (``[R, *lo.shape]``, clamped into the box): the starting points instead of the
+    centre and random ones, one restart each (``restarts`` is then ``R``) -- e.g. the box
+    corners that minimise a branch-and-bound domain's bound.
     """
     deadline = None if time_limit is None else time.monotonic() + time_limit
     if lo.shape != hi.shape:
         raise DualgraphError(f"attack box bounds differ in shape: lo {tuple(lo.shape)} vs hi {tuple(hi.shape)}; pass equal shapes")
     if schedule is not None and (len(schedule) == 0 or min(schedule) <= 0):
         raise DualgraphError(f"attack schedule must be a non-empty list of positive step fractions, got {schedule!r}")
+    if starts is not None:
+        restarts = starts.shape[0]
     if steps < 0 or restarts < 1:
         raise DualgraphError(f"attack needs steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
     lo, hi = (lo, hi) if batched else (lo[None], hi[None])
@@ -119,8 +126,11 @@ def pgd_attack(
 
     # All restarts in one batch [R, B, *shape]; restart 0 starts at the centre.
     gen = torch.Generator(device=lo.device).manual_seed(seed)
-    x = lo + (hi - lo) * torch.rand((R, *lo.shape), generator=gen, dtype=lo.dtype, device=lo.device)
-    x[0] = (lo + hi) / 2
+    if starts is None:
+        x = lo + (hi - lo) * torch.rand((R, *lo.shape), generator=gen, dtype=lo.dtype, device=lo.device)
+        x[0] = (lo + hi) / 2
+    else:
+        x = starts.to(lo).reshape(R, *lo.shape)
     x = torch.clamp(x, lo, hi)  # rounding in lo + (hi - lo) * u may leave the box by an ulp
     best_m = torch.full((B,), torch.inf, dtype=lo.dtype, device=lo.device)
     best_x, best_y = x[0].clone(), None

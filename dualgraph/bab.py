@@ -20,8 +20,9 @@ bound above its threshold.
 ``|lam_j^-| u_j (-l_j) / (u_j - l_j)`` (its intercept times the negative part of the row's
 dual variable at the unit's output); the unit with the largest cost summed over the domain's
 open rows is split. **Counterexamples**: each open row's dual variable at the input
-points to the corner of the box that minimises its bound; those corners are checked on the
-network (and confirmed by the caller) after every batch.
+points to the corner of the box that minimises its bound; after every batch the corners of the
+rows furthest from a proof go to the caller's ``check`` (``verify`` descends from them by a
+short PGD and confirms a hit in onnxruntime).
 
 **One tree per conjunction.** The conjunctions are proved one after another, each by its own
 tree over the root's intermediate bounds (computed once): a domain's splits then serve the one
@@ -174,8 +175,8 @@ class BranchAndBound:
     ``[m]`` (the conjunction of each row).
 
     ``scheduler`` is a float64 scheduler with ``relu_relaxation="alpha"``; ``check(xs)``
-    receives candidate counterexamples ``[k, n_inputs]`` (numpy) and raises when one is
-    confirmed.
+    receives candidate counterexamples ``[k, n_inputs]`` (numpy; starting points for a search
+    near them too) and raises when one is confirmed.
 
     ``fast``: a scheduler of the same graph and config whose passes run in ``fast_dtype``
     (float32: about 1.7x the domains per second on CPU). The domains' ascents then run there,

@@ -75,6 +75,23 @@ class Falsifier:
             self.confirm(p, x, f"attack (PGD, seed {seed})")
             self.refine(p, x[0], f"attack (PGD, seed {seed}, refined in onnxruntime)")
 
+    def descend_from(self, p: VnnlibProperty, starts: np.ndarray, steps: int, method: str) -> None:
+        """A short PGD (``steps`` steps, in the model's precision) from each of the points
+        ``starts`` ``[k, n_inputs]`` in the box -- e.g. the corners that minimise branch-and-bound
+        domains' bounds, which a domain's optimised dual variables point to; the best point is
+        confirmed like an attack's. ``steps = 0``: the points themselves are checked."""
+        from .attack import pgd_attack
+        self.clock.check()
+        dtype = self.model.graph.inputs[0].dtype
+        lo, hi = (torch.tensor(a, dtype=dtype) for a in (p.input_lo, p.input_hi))
+        unsafe = [(torch.tensor(c.C), torch.tensor(c.d - 1e-5 * (1 + np.abs(c.d)))) for c in p.unsafe]
+        res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=steps, starts=torch.as_tensor(starts),
+                         time_limit=max(self.clock.remaining, 0.0))
+        if bool(res.found[0]):
+            x = res.x.reshape(1, -1).double().numpy()
+            self.confirm(p, x, method)
+            self.refine(p, x[0], method + ", refined in onnxruntime")
+
     def refine(self, p: VnnlibProperty, x: np.ndarray, method: str, steps: int = 24) -> None:
         """A candidate the IR finds unsafe but onnxruntime does not (their float32 results
         differ near the boundary): step deeper into the unsafe set along the IR's gradient,

@@ -76,7 +76,9 @@ class VerifyConfig:
         float32 and each domain they prove is bounded again in float64 at the slopes and
         multipliers that proved it (only the float64 bound counts); ``bab_fused``: on a chain
         of affine maps and ReLUs those float32 ascents run as fused dense passes
-        (:mod:`dualgraph.chain`), confirmed the same way.
+        (:mod:`dualgraph.chain`), confirmed the same way. ``bab_attack_steps``: PGD steps
+        from the box corners that minimise each batch's worst open domains' bounds (0: the
+        corners are only evaluated); a point found is confirmed in onnxruntime.
     attack_steps, attack_restarts: one PGD round (restarts run as one batch).
     attack_rounds: PGD rounds in all (different seeds): one before the bounds, the rest
         after them if they proved nothing, before any splitting: thorough rounds of
@@ -96,6 +98,7 @@ class VerifyConfig:
     bab_steps: int = 20
     bab_float32: bool = True
     bab_fused: bool = True
+    bab_attack_steps: int = 10
     attack_steps: int = 100
     attack_restarts: int = 16
     attack_rounds: int = 3
@@ -407,11 +410,8 @@ class _Search:
                            for a in (p.input_lo, p.input_hi)), torch.float64)
 
         def check(xs: np.ndarray) -> None:
-            with torch.no_grad():
-                y = self.model.forward(torch.as_tensor(xs, dtype=torch.float64)).numpy()
-            hits = p.violations(y).min(axis=1, initial=np.inf) <= 1e-6
-            if hits.any():
-                self.falsifier.confirm(p, xs[hits][:16], "branch and bound (a domain's minimising corner)")
+            self.falsifier.descend_from(p, xs, self.config.bab_attack_steps,
+                                        "branch and bound (PGD from a domain's minimising corner)")
 
         _, local = np.unique(owner, return_inverse=True)
         fast = self.model.certifier("alpha", self.config.bab_steps, torch.float32) if self.config.bab_float32 else None

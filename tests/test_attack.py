@@ -81,6 +81,19 @@ def test_random_restarts_escape_a_flat_start() -> None:
     assert res.found.item() and res.x.abs().item() >= 0.9 and inside(res.x, lo, hi)
 
 
+def test_given_starts_replace_the_centre_and_random_ones() -> None:
+    # f(x) = x on [-1, 1]: unsafe x >= 0.5. From -1 with steps of 0.25 the descent needs 6 steps.
+    f = lambda x: x.flatten(1) * 1.0  # noqa: E731
+    lo, hi = -torch.ones(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    unsafe = [(torch.tensor([[-1.0]], dtype=torch.float64), torch.tensor([-0.5], dtype=torch.float64))]
+    far = torch.tensor([[-1.0], [-0.9]], dtype=torch.float64)
+    still = pgd_attack(f, lo, hi, unsafe, steps=0, starts=far)
+    assert not still.found.item() and still.x.item() == -0.9  # the better start, not the centre
+    assert not pgd_attack(f, lo, hi, unsafe, steps=5, step_size=0.25, starts=far[:1]).found.item()
+    res = pgd_attack(f, lo, hi, unsafe, steps=6, step_size=0.25, starts=far[:1])
+    assert res.found.item() and res.x.item() == 0.5
+
+
 def test_batched_robustness_spec_with_per_example_rows() -> None:
     # 3 classes, f(x) = x for x in R^3: class j wins iff x_j is largest.
     f = lambda x: x.flatten(1) * 1.0  # noqa: E731

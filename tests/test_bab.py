@@ -12,7 +12,8 @@ off (so that unsat can only come from the bounds or from ReLU splits):
   bounded exactly once its split multipliers are optimal). A conjunction of several rows is
   proved empty through one of its rows or their mean, which need not suffice on a domain where
   only the rows together are infeasible: there ``unknown`` is allowed (never a wrong answer);
-* without a PGD round, any ``sat`` comes from a domain's minimising corner and is real.
+* without a PGD round, any ``sat`` comes from a short descent from a domain's minimising
+  corner and is real.
 
 (``tests/test_verify.py`` shows a property only the splits prove: two ReLUs that cancel.)
 """

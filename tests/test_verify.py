@@ -161,6 +161,22 @@ def test_attack_finds_counterexample_away_from_centre(tmp_path, rank1):
     assert result.x[0] >= 0.9 and result.y[0] >= 0.9
 
 
+def test_pgd_from_branch_and_bound_corners(tmp_path):
+    """The corners a domain's bound points to are only starting points: a short descent from a
+    safe corner reaches the unsafe set (y = x0 + x1 >= 1.5 on [-1, 1]^2 from (1, -1), y = 0),
+    and the point is confirmed in onnxruntime; without steps the corner alone is checked."""
+    from dualgraph.deadline import Deadline
+    from dualgraph.falsify import Falsifier, Found
+    props = parse_vnnlib(vnnlib_text(2, 1, [(-1.0, 1.0), (-1.0, 1.0)], "(assert (>= Y_0 1.5))"))
+    model = VerifyModel(make_onnx(tmp_path / "sum.onnx", [(np.ones((1, 2)), np.zeros(1))]))
+    falsifier = Falsifier(model, FAST, Deadline(30.0), {"unconfirmed": 0})
+    corner = np.array([[1.0, -1.0]])
+    falsifier.descend_from(props[0], corner, 0, "corner")  # no hit: returns
+    with pytest.raises(Found) as found:
+        falsifier.descend_from(props[0], corner, 10, "descent")
+    assert found.value.method == "descent" and found.value.x.sum() >= 1.5 and found.value.x.max() <= 1.0
+
+
 @pytest.mark.parametrize("rank1", [False, True])
 def test_bounds_prove_unsat(tmp_path, rank1):
     text = vnnlib_text(1, 1, [(-1.0, 1.0)], "(assert (>= Y_0 1.5))")
