@@ -10,6 +10,8 @@ onnxruntime at the box centre (a free candidate as well).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -23,6 +25,12 @@ THOROUGH_MAX_RESTARTS = 1024
 THOROUGH_MEMORY = 1 << 30
 """... and at most as many as keep the batch's activations (and their gradients, about three
 float32 copies of every value) within this many bytes: 89 starts on a ResNet-18-sized network."""
+
+DESCENT_SHARE = 0.05
+"""At most this share of the time since the first descent from branch-and-bound corners goes to
+such descents (:meth:`Falsifier.descend_from`); past it the corners are only evaluated. A
+descent costs about 20 ms on the mnistfc networks, and trees of small batches call it hundreds
+of times."""
 
 
 class Found(Exception):
@@ -40,6 +48,7 @@ class Falsifier:
 
     def __init__(self, model, config, clock, details: dict) -> None:
         self.model, self.config, self.clock, self.details = model, config, clock, details
+        self.descent_seconds, self.descent_since = 0.0, None
 
     def attack(self, p: VnnlibProperty, seed: int, thorough_for: float | None = None) -> None:
         """One PGD round (``config.attack_restarts`` starts of ``config.attack_steps`` steps);
@@ -79,14 +88,20 @@ class Falsifier:
         """A short PGD (``steps`` steps, in the model's precision) from each of the points
         ``starts`` ``[k, n_inputs]`` in the box -- e.g. the corners that minimise branch-and-bound
         domains' bounds, which a domain's optimised dual variables point to; the best point is
-        confirmed like an attack's. ``steps = 0``: the points themselves are checked."""
+        confirmed like an attack's. ``steps = 0``, or once the descents have taken
+        :data:`DESCENT_SHARE` of the time since the first: the points themselves are checked."""
         from .attack import pgd_attack
         self.clock.check()
+        start = time.monotonic()
+        self.descent_since = self.descent_since or start
+        if self.descent_seconds > DESCENT_SHARE * (start - self.descent_since):
+            steps = 0
         dtype = self.model.graph.inputs[0].dtype
         lo, hi = (torch.tensor(a, dtype=dtype) for a in (p.input_lo, p.input_hi))
         unsafe = [(torch.tensor(c.C), torch.tensor(c.d - 1e-5 * (1 + np.abs(c.d)))) for c in p.unsafe]
         res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=steps, starts=torch.as_tensor(starts),
                          time_limit=max(self.clock.remaining, 0.0))
+        self.descent_seconds += time.monotonic() - start
         if bool(res.found[0]):
             x = res.x.reshape(1, -1).double().numpy()
             self.confirm(p, x, method)

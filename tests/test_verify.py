@@ -169,12 +169,19 @@ def test_pgd_from_branch_and_bound_corners(tmp_path):
     from dualgraph.falsify import Falsifier, Found
     props = parse_vnnlib(vnnlib_text(2, 1, [(-1.0, 1.0), (-1.0, 1.0)], "(assert (>= Y_0 1.5))"))
     model = VerifyModel(make_onnx(tmp_path / "sum.onnx", [(np.ones((1, 2)), np.zeros(1))]))
-    falsifier = Falsifier(model, FAST, Deadline(30.0), {"unconfirmed": 0})
+    def falsifier():
+        return Falsifier(model, FAST, Deadline(30.0), {"unconfirmed": 0})
+
     corner = np.array([[1.0, -1.0]])
-    falsifier.descend_from(props[0], corner, 0, "corner")  # no hit: returns
+    falsifier().descend_from(props[0], corner, 0, "corner")  # no hit: returns
     with pytest.raises(Found) as found:
-        falsifier.descend_from(props[0], corner, 10, "descent")
+        falsifier().descend_from(props[0], corner, 10, "descent")
     assert found.value.method == "descent" and found.value.x.sum() >= 1.5 and found.value.x.max() <= 1.0
+    # the descents' time budget (DESCENT_SHARE): right after one, the next only checks its corners
+    spent = falsifier()
+    never = parse_vnnlib(vnnlib_text(2, 1, [(-1.0, 1.0), (-1.0, 1.0)], "(assert (>= Y_0 3.0))"))[0]
+    spent.descend_from(never, corner, 10, "never")  # y <= 2: all 10 steps, no hit
+    spent.descend_from(props[0], corner, 10, "budget")
 
 
 @pytest.mark.parametrize("rank1", [False, True])
