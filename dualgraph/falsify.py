@@ -64,8 +64,7 @@ class Falsifier:
         # moved into the exact box and checked in onnxruntime by _confirm.
         dtype = self.model.graph.inputs[0].dtype
         lo, hi = (torch.tensor(a, dtype=dtype) for a in (p.input_lo, p.input_hi))
-        # Aim a hair inside the unsafe set, so that onnxruntime agrees on the hit.
-        unsafe = [(torch.tensor(c.C), torch.tensor(c.d - 1e-5 * (1 + np.abs(c.d)))) for c in p.unsafe]
+        unsafe = _aimed_inside(p)
         time_limit = max(self.clock.remaining, 0.0)
         if thorough_for is None:
             res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=cfg.attack_steps,
@@ -98,8 +97,7 @@ class Falsifier:
             steps = 0
         dtype = self.model.graph.inputs[0].dtype
         lo, hi = (torch.tensor(a, dtype=dtype) for a in (p.input_lo, p.input_hi))
-        unsafe = [(torch.tensor(c.C), torch.tensor(c.d - 1e-5 * (1 + np.abs(c.d)))) for c in p.unsafe]
-        res = pgd_attack(self.model.forward_fast, lo, hi, unsafe, steps=steps, starts=torch.as_tensor(starts),
+        res = pgd_attack(self.model.forward_fast, lo, hi, _aimed_inside(p), steps=steps, starts=torch.as_tensor(starts),
                          time_limit=max(self.clock.remaining, 0.0))
         self.descent_seconds += time.monotonic() - start
         if bool(res.found[0]):
@@ -167,6 +165,12 @@ class Falsifier:
         # the centre is a free candidate counterexample
         if (p.violations(ort).min(initial=np.inf) <= 0):
             self.confirm(p, centre, "box centre")
+
+
+def _aimed_inside(p: VnnlibProperty) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The unsafe conjunctions ``C y <= d`` as an attack aims at them: a hair inside
+    (``d - 1e-5 (1 + |d|)``), so that onnxruntime agrees on a hit found in the IR."""
+    return [(torch.tensor(c.C), torch.tensor(c.d - 1e-5 * (1 + np.abs(c.d)))) for c in p.unsafe]
 
 
 def cast_into_box(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, dtype: np.dtype) -> np.ndarray:
