@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .dual_registry import ElementwiseRule, const_args, dual_rule
 from .ir import Node
 from .ops.common import window
-from .linalg import tensor_key
+from .linalg import conv_transpose2d, tensor_key
 
 
 @dataclass
@@ -309,7 +309,7 @@ def through_conv(p: Patches, node: Node, cache: dict | None = None) -> tuple[Pat
                 cache[key] = T
         x = rows @ T
     else:
-        x = F.conv_transpose2d(rows.view(-1, C, K, K), w, stride=stride)
+        x = conv_transpose2d(rows.view(-1, C, K, K), w, stride=(stride, stride))
     return replace(p, data=x.view(b, P, Ct, Cn, Kn, Kn), kernel=Kn, stride=p.stride * stride,
                    padding=p.padding * stride + pad, clean=False), offset
 

@@ -32,7 +32,8 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dualgraph import dual_run, patches
+from dualgraph import dual_run, linalg, patches
+from dualgraph.ops import linear as linear_ops
 from dualgraph.input_sets import L2Ball, linf_ball
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 
@@ -159,10 +160,14 @@ def test_scheduler_equals_one_pass_per_unit(net, data):
     relu_inputs = [n.inputs[0] for n in graph.nodes if n.op_type == "Relu"]
     assert len(relu_inputs) == len(net.bounded), "the IR should have one Relu per activation of the net"
     lus, final = slow_all(net, case, spec, relaxation)
+    phases = data.draw(st.booleans(), label="strided conv transposes by phases")
+    taps = data.draw(st.booleans(), label="small filters' transposes by taps")
 
     for cfg, open_share in scheduler_variants(relaxation):
         sched = BoundScheduler(graph, cfg)
-        with mock.patch.object(dual_run, "MAX_OPEN_SHARE", open_share):
+        with mock.patch.object(dual_run, "MAX_OPEN_SHARE", open_share), \
+                mock.patch.object(linear_ops, "TAPS_MAX_INPUTS", 64 if taps else 0), \
+                mock.patch.object(linalg, "by_phases", lambda x, stride: phases and tuple(stride) != (1, 1)):
             bounds = sched.intermediate_bounds(case.make())
             J = sched.bound_output(case.make(), spec, bounds)
         assert set(bounds) == set(relu_inputs), describe(cfg)
@@ -238,18 +243,21 @@ def test_patches_through_residual_blocks(net, data):
     """Residual CNNs (identity and strided convolutional shortcuts): the patch path, which
     starts at block outputs and carries windows through both branches of each block, gives
     the one-pass-per-unit bounds in every configuration, whichever way a convolution's
-    transpose runs on windows (matrix product or ``conv_transpose2d``)."""
+    transpose runs on windows (matrix product, ``conv_transpose2d``, or the strided ones
+    phase by phase: :func:`dualgraph.linalg.conv_transpose2d`)."""
     graph = to_ir(net)
     case = data.draw(input_sets(net.input_shape), label="input set")
     relaxation = data.draw(st.sampled_from(["paper", "crown"]), label="relaxation")
     by_matrix = data.draw(st.booleans(), label="conv transpose by matrix")
+    phases = data.draw(st.booleans(), label="strided conv transposes by phases")
     spec = torch.randn(1, 3, net.n_out, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
     lus, final = slow_all(net, case, spec, relaxation)
     relu_inputs = [n.inputs[0] for n in graph.nodes if n.op_type == "Relu"]
     for cfg, open_share in scheduler_variants(relaxation):
         sched = BoundScheduler(graph, cfg)
         with mock.patch.object(dual_run, "MAX_OPEN_SHARE", open_share), \
-                mock.patch.object(patches, "by_matrix", lambda *_: by_matrix):
+                mock.patch.object(patches, "by_matrix", lambda *_: by_matrix), \
+                mock.patch.object(linalg, "by_phases", lambda x, stride: phases and tuple(stride) != (1, 1)):
             bounds = sched.intermediate_bounds(case.make())
             J = sched.bound_output(case.make(), spec, bounds)
         for i, v in zip(net.bounded, relu_inputs):

@@ -19,7 +19,7 @@ from ..dual_registry import AffineRule, DualStep, const_args
 from ..errors import DualgraphError, UnsupportedOpError
 from ..lowering import PAD_MODES, Call, Const, Missing, Ref, Unsupported, Var, ntuple
 from ..ir import Value
-from ..linalg import batched_dot
+from ..linalg import batched_dot, conv_transpose2d
 from ..op_registry import SAME, define_op, random_const, var
 from .common import (CONV_FUNCTIONS, ElementwiseAffineDual, conv_pads, offset_dot_length, require_const,
                      spatial_rank, sum_to_unit, torch_pad, window)
@@ -266,6 +266,10 @@ def _(node, inputs):
                              groups=int(node.attrs.get("group", 1)))
 
 
+TAPS_MAX_INPUTS = 64
+"""Filters with at most this many inputs per output (``c_in * taps``) transpose by taps."""
+
+
 @conv.dual
 class ConvDual(AffineRule):
     """Transpose of a 2-D convolution: ``conv_transpose2d`` with the same weights, or, for
@@ -295,15 +299,17 @@ class ConvDual(AffineRule):
             return super().transpose(node, lam_rows)  # asymmetric padding: generic adjoint
         stride, pads, dil = list(g.strides), list(g.begins), list(g.dilations)
         groups = int(node.attrs.get("group", 1))
-        if groups == 1 and w.shape[1] * w.shape[2] * w.shape[3] <= 64:
+        if groups == 1 and w.shape[1] * w.shape[2] * w.shape[3] <= TAPS_MAX_INPUTS:
             return [conv_transpose_by_taps(lam_rows, w, stride, pads, dil, in_hw)]
         out_hw = lam_rows.shape[2:]
         extra = [in_hw[i] - ((out_hw[i] - 1) * stride[i] - 2 * pads[i] + dil[i] * (w.shape[2 + i] - 1) + 1)
                  for i in range(2)]
         if any(e < 0 or e >= max(stride[i], dil[i]) for i, e in enumerate(extra)):
             return super().transpose(node, lam_rows)
-        return [F.conv_transpose2d(lam_rows, w, stride=stride, padding=pads, output_padding=extra,
-                                   groups=groups, dilation=dil)]
+        if any(d != 1 for d in dil):
+            return [F.conv_transpose2d(lam_rows, w, stride=stride, padding=pads, output_padding=extra,
+                                       groups=groups, dilation=dil)]
+        return [conv_transpose2d(lam_rows, w, stride, pads, extra, groups)]
 
 
 def conv_transpose_by_taps(lam: torch.Tensor, w: torch.Tensor, stride, pad, dil, in_hw) -> torch.Tensor:
