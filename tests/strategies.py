@@ -23,16 +23,20 @@ layer, 3 x 7 x 7 per feature map) so that hundreds of examples run in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
+from dualgraph import linalg
 from dualgraph.input_sets import Box, InputSet, L2Ball, linf_ball
+from dualgraph.ops import linear as linear_ops
 
 DTYPE = torch.float64
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "hardtanh", "abs", "softplus", "sin", "square", "max_pair", "self_product",
@@ -579,3 +583,19 @@ def to_ir(net: DagNet, via: str = "fx"):
                           output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
         return load_onnx(onnx.load_from_string(buf.getvalue()))
     raise ValueError(via)
+
+
+def drawn_conv_transposes(data):
+    """Draw one of the ways convolution transposes run -- strided ones phase by phase
+    (:func:`dualgraph.linalg.conv_transpose2d`, whatever the dtype and map) or by the
+    library's kernel, small filters by taps or not (``TAPS_MAX_INPUTS``) -- and return a
+    context manager factory that runs a block that way (each call a fresh one)."""
+    phases = data.draw(st.booleans(), label="strided conv transposes by phases")
+    taps = data.draw(st.booleans(), label="small filters' transposes by taps")
+
+    @contextlib.contextmanager
+    def patched():
+        with mock.patch.object(linalg, "by_phases", lambda x, stride: phases and tuple(stride) != (1, 1)), \
+                mock.patch.object(linear_ops, "TAPS_MAX_INPUTS", linear_ops.TAPS_MAX_INPUTS if taps else 0):
+            yield
+    return patched

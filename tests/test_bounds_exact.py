@@ -32,12 +32,11 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dualgraph import dual_run, linalg, patches
-from dualgraph.ops import linear as linear_ops
+from dualgraph import dual_run, patches
 from dualgraph.input_sets import L2Ball, linf_ball
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 
-from strategies import DTYPE, DagNet, SetCase, affine_pieces, cnn_nets, conv_chain_nets, input_sets, relu_nets, residual_cnn_nets, to_ir
+from strategies import DTYPE, DagNet, SetCase, affine_pieces, cnn_nets, conv_chain_nets, drawn_conv_transposes, input_sets, relu_nets, residual_cnn_nets, to_ir
 
 SETTINGS = dict(derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -160,14 +159,11 @@ def test_scheduler_equals_one_pass_per_unit(net, data):
     relu_inputs = [n.inputs[0] for n in graph.nodes if n.op_type == "Relu"]
     assert len(relu_inputs) == len(net.bounded), "the IR should have one Relu per activation of the net"
     lus, final = slow_all(net, case, spec, relaxation)
-    phases = data.draw(st.booleans(), label="strided conv transposes by phases")
-    taps = data.draw(st.booleans(), label="small filters' transposes by taps")
+    transposes = drawn_conv_transposes(data)
 
     for cfg, open_share in scheduler_variants(relaxation):
         sched = BoundScheduler(graph, cfg)
-        with mock.patch.object(dual_run, "MAX_OPEN_SHARE", open_share), \
-                mock.patch.object(linear_ops, "TAPS_MAX_INPUTS", 64 if taps else 0), \
-                mock.patch.object(linalg, "by_phases", lambda x, stride: phases and tuple(stride) != (1, 1)):
+        with mock.patch.object(dual_run, "MAX_OPEN_SHARE", open_share), transposes():
             bounds = sched.intermediate_bounds(case.make())
             J = sched.bound_output(case.make(), spec, bounds)
         assert set(bounds) == set(relu_inputs), describe(cfg)
@@ -249,15 +245,14 @@ def test_patches_through_residual_blocks(net, data):
     case = data.draw(input_sets(net.input_shape), label="input set")
     relaxation = data.draw(st.sampled_from(["paper", "crown"]), label="relaxation")
     by_matrix = data.draw(st.booleans(), label="conv transpose by matrix")
-    phases = data.draw(st.booleans(), label="strided conv transposes by phases")
     spec = torch.randn(1, 3, net.n_out, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
     lus, final = slow_all(net, case, spec, relaxation)
     relu_inputs = [n.inputs[0] for n in graph.nodes if n.op_type == "Relu"]
+    transposes = drawn_conv_transposes(data)
     for cfg, open_share in scheduler_variants(relaxation):
         sched = BoundScheduler(graph, cfg)
-        with mock.patch.object(dual_run, "MAX_OPEN_SHARE", open_share), \
-                mock.patch.object(patches, "by_matrix", lambda *_: by_matrix), \
-                mock.patch.object(linalg, "by_phases", lambda x, stride: phases and tuple(stride) != (1, 1)):
+        with mock.patch.object(dual_run, "MAX_OPEN_SHARE", open_share), transposes(), \
+                mock.patch.object(patches, "by_matrix", lambda *_: by_matrix):
             bounds = sched.intermediate_bounds(case.make())
             J = sched.bound_output(case.make(), spec, bounds)
         for i, v in zip(net.bounded, relu_inputs):

@@ -21,7 +21,7 @@ from dualgraph.input_sets import Box, InputSet
 from dualgraph.interpreter import Interpreter
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 
-from strategies import DTYPE, DagNet, any_nets, input_sets, relu_nets, sample_points, to_ir
+from strategies import DTYPE, DagNet, any_nets, drawn_conv_transposes, input_sets, relu_nets, sample_points, to_ir
 
 RELAXATIONS = ("paper", "crown", "alpha")
 PATHS = {  # every bound path: default (auto, patches, pruned), dense unpruned rows, forward
@@ -120,7 +120,15 @@ def check_soundness(net: DagNet, graph, data, relaxations=RELAXATIONS, rtol: flo
         assert torch.allclose((ref * spec.unsqueeze(0)).sum(-1).amin(0), sampled, rtol=rtol, atol=rtol)
     interp = Interpreter(graph)
     attacked = pgd_minimise(lambda x: interp.run(x)[0], input_set, spec)
+    with drawn_conv_transposes(data)():
+        check_paths(graph, case, input_set, env, n, spec, sampled, attacked, relaxations)
+
+
+def check_paths(graph, case, input_set, env, n: int, spec, sampled, attacked, relaxations) -> None:
+    """(a) and (b) on every bound path of :data:`PATHS` and relaxation (``env``: the IR's
+    values at ``n`` sampled points of each example)."""
     from dualgraph.forward import forward_supported
+    B = input_set.center.shape[0]
     for relaxation, path in ((r, p) for r in relaxations for p in PATHS):
         config = BoundConfig(relu_relaxation=relaxation, **PATHS[path])
         if path == "forward" and not forward_supported(graph, graph.nodes, config):
