@@ -587,7 +587,7 @@ def to_ir(net: DagNet, via: str = "fx"):
 
 def drawn_conv_transposes(data):
     """Draw one of the ways convolution transposes run -- strided ones phase by phase
-    (:func:`dualgraph.linalg.conv_transpose2d`, whatever the dtype and map) or by the
+    (:func:`dualgraph.linalg.conv_transpose2d`, whatever the dtype and filter) or by the
     library's kernel, small filters by taps or not (``TAPS_MAX_INPUTS``) -- and return a
     context manager factory that runs a block that way (each call a fresh one)."""
     phases = data.draw(st.booleans(), label="strided conv transposes by phases")
@@ -595,7 +595,7 @@ def drawn_conv_transposes(data):
 
     @contextlib.contextmanager
     def patched():
-        with mock.patch.object(linalg, "by_phases", lambda x, stride: phases and tuple(stride) != (1, 1)), \
+        with mock.patch.object(linalg, "by_phases", lambda x, w, stride: phases and tuple(stride) != (1, 1)), \
                 mock.patch.object(linear_ops, "TAPS_MAX_INPUTS", linear_ops.TAPS_MAX_INPUTS if taps else 0):
             yield
     return patched
