@@ -49,8 +49,8 @@ def tensor_key(t: torch.Tensor) -> tuple[int, int]:
 
 
 def by_phases(x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int]) -> bool:
-    """Whether :func:`conv_transpose2d` runs the transpose of ``x`` by the filter ``w`` phase by
-    phase: in float32, for a filter no wider than its stride (each phase takes at most one
+    """Whether :func:`conv_transpose2d` runs the (undilated) transpose of ``x`` by the filter
+    ``w`` phase by phase: in float32, for a filter no wider than its stride (each phase takes at most one
     tap: a 1x1 ResNet shortcut, a 2x2 stride-2 patch embedding). Measured here (float32, one
     thread, huge pages, 512-4096 rows on 2- to 15-pixel maps): 1.2-5x for those; for wider
     filters between 0.86x and 1.5x, and in float64 0.3-0.9x, so they keep the library's kernel."""
@@ -60,8 +60,8 @@ def by_phases(x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int]) -> bool
 
 def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int] = (1, 1),
                      padding: tuple[int, int] = (0, 0), output_padding: tuple[int, int] = (0, 0),
-                     groups: int = 1) -> torch.Tensor:
-    """``F.conv_transpose2d`` (dilation 1), where :func:`by_phases` says so as one stride-1
+                     groups: int = 1, dilation: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """``F.conv_transpose2d``; undilated, where :func:`by_phases` says so, as one stride-1
     transpose per output **phase**. An output pixel ``y = s i + r`` (phase ``r < s``) takes
     only the taps ``w[r::s]`` of the filter:
 
@@ -72,8 +72,9 @@ def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int] =
     rounding allowance bounds any order); torch's CPU kernel for a strided transpose with a
     filter no wider than its stride is several times slower than these stride-1 ones."""
     s, pad, extra = tuple(stride), tuple(padding), tuple(output_padding)
-    if not by_phases(x, w, s):
-        return F.conv_transpose2d(x, w, stride=s, padding=pad, output_padding=extra, groups=groups)
+    if tuple(dilation) != (1, 1) or not by_phases(x, w, s):
+        return F.conv_transpose2d(x, w, stride=s, padding=pad, output_padding=extra, groups=groups,
+                                  dilation=tuple(dilation))
     (h, v), (kh, kw) = x.shape[2:], w.shape[2:]
     full_hw = ((h - 1) * s[0] + kh, (v - 1) * s[1] + kw)
     every_phase = s[0] <= kh and s[1] <= kw  # else some phases take no tap: zeros

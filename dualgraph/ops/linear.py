@@ -272,7 +272,8 @@ TAPS_MAX_INPUTS = 64
 
 @conv.dual
 class ConvDual(AffineRule):
-    """Transpose of a 2-D convolution: ``conv_transpose2d`` with the same weights, or, for
+    """Transpose of a 2-D convolution: ``conv_transpose2d`` with the same weights
+    (:func:`dualgraph.linalg.conv_transpose2d`: phase by phase where that pays), or, for
     convolutions with few input channels (typically the first layer), a matrix product
     with the filters followed by one strided add per filter tap, which is several times
     faster on CPU than the library's transposed convolution for that shape."""
@@ -306,10 +307,7 @@ class ConvDual(AffineRule):
                  for i in range(2)]
         if any(e < 0 or e >= max(stride[i], dil[i]) for i, e in enumerate(extra)):
             return super().transpose(node, lam_rows)
-        if any(d != 1 for d in dil):
-            return [F.conv_transpose2d(lam_rows, w, stride=stride, padding=pads, output_padding=extra,
-                                       groups=groups, dilation=dil)]
-        return [conv_transpose2d(lam_rows, w, stride, pads, extra, groups)]
+        return [conv_transpose2d(lam_rows, w, stride, pads, extra, groups, dil)]
 
 
 def conv_transpose_by_taps(lam: torch.Tensor, w: torch.Tensor, stride, pad, dil, in_hw) -> torch.Tensor:
