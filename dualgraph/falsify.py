@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from .attack import pgd_attack, unsafe_margin
 from .errors import DualgraphError
 from .vnnlib import VnnlibProperty
 
@@ -57,13 +58,11 @@ class Falsifier:
         steps shrinking from half the box's width to a fiftieth (on networks whose outputs are
         flat over most of the box, the many random starts and the long first steps are what
         finds the unsafe pockets)."""
-        from .attack import pgd_attack
         self.clock.check()
         cfg = self.config
         # In the model's precision (float32: twice as fast as float64); the hit is then
         # moved into the exact box and checked in onnxruntime by _confirm.
-        dtype = self.model.graph.inputs[0].dtype
-        lo, hi = (torch.tensor(a, dtype=dtype) for a in (p.input_lo, p.input_hi))
+        lo, hi = self._box(p)
         unsafe = _aimed_inside(p)
         time_limit = max(self.clock.remaining, 0.0)
         if thorough_for is None:
@@ -89,14 +88,12 @@ class Falsifier:
         domains' bounds, which a domain's optimised dual variables point to; the best point is
         confirmed like an attack's. ``steps = 0``, or once the descents have taken
         :data:`DESCENT_SHARE` of the time since the first: the points themselves are checked."""
-        from .attack import pgd_attack
         self.clock.check()
         start = time.monotonic()
         self.descent_since = self.descent_since or start
         if self.descent_seconds > DESCENT_SHARE * (start - self.descent_since):
             steps = 0
-        dtype = self.model.graph.inputs[0].dtype
-        lo, hi = (torch.tensor(a, dtype=dtype) for a in (p.input_lo, p.input_hi))
+        lo, hi = self._box(p)
         res = pgd_attack(self.model.forward_fast, lo, hi, _aimed_inside(p), steps=steps, starts=torch.as_tensor(starts),
                          time_limit=max(self.clock.remaining, 0.0))
         self.descent_seconds += time.monotonic() - start
@@ -105,12 +102,16 @@ class Falsifier:
             self.confirm(p, x, method)
             self.refine(p, x[0], method + ", refined in onnxruntime")
 
+    def _box(self, p: VnnlibProperty) -> tuple[torch.Tensor, torch.Tensor]:
+        """The property's input box in the model's input precision."""
+        dtype = self.model.graph.inputs[0].dtype
+        return torch.tensor(p.input_lo, dtype=dtype), torch.tensor(p.input_hi, dtype=dtype)
+
     def refine(self, p: VnnlibProperty, x: np.ndarray, method: str, steps: int = 24) -> None:
         """A candidate the IR finds unsafe but onnxruntime does not (their float32 results
         differ near the boundary): step deeper into the unsafe set along the IR's gradient,
         with growing steps, until onnxruntime confirms a point (:class:`Found`) or the steps
         or the time run out. Every point tested is in the box and run in onnxruntime."""
-        from .attack import unsafe_margin
         lo, hi = p.input_lo, p.input_hi
         width = np.maximum(hi - lo, 0.0)
         unsafe = [(torch.tensor(c.C), torch.tensor(c.d)) for c in p.unsafe]
