@@ -20,8 +20,9 @@ from .patches import window_shares
 class DirectionCost:
     """The direction cost model of one graph and its bound targets (computed once)."""
 
-    def __init__(self, graph: Graph, bound_targets: list[Value], config) -> None:
+    def __init__(self, graph: Graph, bound_targets: list[Value], config, by_image: frozenset = frozenset()) -> None:
         self.graph, self.bound_targets, self.config = graph, bound_targets, config
+        self.by_image = by_image  # targets the backward direction bounds without passes
 
     def forward_for(self, batch: int, itemsize: int) -> bool:
         """Whether intermediate bounds of ``batch`` examples run forward: linear dual layers,
@@ -103,6 +104,8 @@ class DirectionCost:
         size = {n: _macs(n) for n in ops}
         bwd = 0.0
         for t in self.bound_targets:
+            if t in self.by_image:
+                continue
             shares = window_shares(t, self.graph.ancestors(t), self.config.patches)
             bwd += t.numel * sum(size[n] * shares[n.outputs[0]] for n in self.graph.ancestors(t))
         columns = self.forward_columns

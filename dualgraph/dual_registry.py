@@ -121,6 +121,19 @@ class DualRule:
         None (the default) when the relaxation depends on the bounds themselves."""
         return None
 
+    def has_image_bounds(self, node: Node) -> bool:
+        """Whether :meth:`image_bounds` gives this node's output bounds (default False)."""
+        return False
+
+    def image_bounds(self, node: Node, bounds: list[Bounds]) -> list[Bounds]:
+        """Bounds of the outputs straight from the inputs' bounds, where no pass of this node's
+        one-unit rows could be tighter given the same input bounds, so the scheduler skips
+        those passes (a ReLU's output in ``[relu(l), relu(u)]``, a max pool's in
+        ``[max l, max u]``; the inputs' bounds are then computed without pruning, see
+        :meth:`BoundScheduler.stable_pieces`). They must hold for the op as evaluated in
+        floating point. Called only where :meth:`has_image_bounds` is True."""
+        raise NotImplementedError
+
     def backward(self, node: Node, lam: torch.Tensor, bounds: list[Bounds | None], config) -> DualStep:
         raise NotImplementedError
 
@@ -443,9 +456,10 @@ class ElementwiseRule(DualRule):
 
     def __init__(self, relax: RelaxFn, linear_if: Callable[[object], bool] = lambda cfg: False,
                  breakpoints: Callable[[Node], tuple[float, ...] | None] = lambda node: None,
-                 eval_roundings: int = 8):
+                 eval_roundings: int = 8, monotone: bool = False):
         self.relax = relax
         self._eval_roundings = eval_roundings
+        self.monotone = monotone
         self._linear_if = linear_if
         self._breakpoints = breakpoints
 
@@ -477,6 +491,22 @@ class ElementwiseRule(DualRule):
 
     def eval_length(self, node: Node, bounds, config) -> int:
         return self._eval_roundings
+
+    def has_image_bounds(self, node: Node) -> bool:
+        return self.monotone and not self._eval_roundings and self.trust_source is None
+
+    def image_bounds(self, node: Node, bounds: list[Bounds]) -> list[Bounds]:
+        """``[f(l), f(u)]`` for a non-decreasing ``f`` evaluated exactly (``monotone`` and no
+        evaluation rounding): a one-unit pass bounds ``f(z_j)`` by a line above (below) ``f``
+        on ``[l_j, u_j]``, never below ``f(u_j)`` (above ``f(l_j)``)."""
+        lo, up = bounds[0]
+        args = const_args(node, lo)
+        slot = next(i for i, v in enumerate(node.inputs) if v is not None and not v.is_const)
+        ends = []
+        for end in (lo, up):
+            args[slot] = end
+            ends.append(eval_node(node, args)[0])
+        return [Bounds(*ends)]
 
     def relaxation(self, node: Node, bounds: Bounds, config) -> Relaxation:
         """The relaxation on ``bounds``, computed once per bounds object and config, and

@@ -183,7 +183,7 @@ class OpDefinition:
 
     def relaxation(self, *, linear_if: Callable[[Any], bool] = lambda config: False,
                    breakpoints: Callable[[Any], tuple[float, ...] | None] = lambda node: None,
-                   eval_roundings: int = 8) -> Callable[[RelaxFn], RelaxFn]:
+                   eval_roundings: int = 8, monotone: bool = False) -> Callable[[RelaxFn], RelaxFn]:
         """The dual layer of an elementwise op from ``relax(node, bounds, config) -> Relaxation``,
         linear bounding functions ``a_lo z + b_lo <= f(z) <= a_up z + b_up`` on ``[l, u]``.
 
@@ -192,11 +192,14 @@ class OpDefinition:
         through it); default False, always safe. ``breakpoints(node)``: see
         :meth:`DualRule.breakpoints`. ``eval_roundings``: how many ulps the op's own
         floating-point evaluation may be off (0 for ReLU; 8 suits ``exp``/``tanh`` formulas).
+        ``monotone``: ``f`` is non-decreasing; with ``eval_roundings=0`` the output's bounds are
+        then ``[f(l), f(u)]`` without a pass (:meth:`DualRule.image_bounds`; the checker tests
+        the claim on every grid it draws).
         """
         self._check_owner()
 
         def deco(relax: RelaxFn) -> RelaxFn:
-            self._set_dual(ElementwiseRule(relax, linear_if, breakpoints, eval_roundings))
+            self._set_dual(ElementwiseRule(relax, linear_if, breakpoints, eval_roundings, monotone))
             return relax
         return deco
 

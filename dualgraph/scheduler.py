@@ -91,7 +91,11 @@ class BoundScheduler:
             if dual_rule(node).bounds_needed(node):
                 needed += [v for v in node.var_inputs if v not in needed]
         self.bound_targets = needed
-        self.direction = DirectionCost(graph, needed, config)
+        #: the bound targets whose bounds come from their producer's bounded inputs (DualRule.image_bounds)
+        self.by_image = frozenset(v for v in needed if v.producer is not None and len(v.producer.outputs) == 1
+                                  and all(x in needed for x in v.producer.var_inputs)
+                                  and dual_rule(v.producer).has_image_bounds(v.producer))
+        self.direction = DirectionCost(graph, needed, config, self.by_image)
         # seconds per bounded value of the backward loop, summed over calls, when a dict (benchmarks)
         self.phase_seconds: dict[str, float] | None = None
 
@@ -138,10 +142,15 @@ class BoundScheduler:
             for v in self.bound_targets:
                 start = time.perf_counter()
                 with _out_of_memory_as_error(v.name):
-                    raw = self.value_bounds(v, replace(batch, per_row=True))  # each row its own allowance
-                    if optimise_slopes:
-                        raw = self._optimise_unit_bounds(v, batch, raw)
-                        raw = Bounds(torch.maximum(raw.lower, floor[v].lower), torch.minimum(raw.upper, floor[v].upper))
+                    if v in self.by_image:  # as tight as a pass could be
+                        node = v.producer
+                        raw = dual_rule(node).image_bounds(node, [batch.bounds[x] for x in node.var_inputs])[0]
+                    else:
+                        raw = self.value_bounds(v, replace(batch, per_row=True))  # each row its own allowance
+                        if optimise_slopes:
+                            raw = self._optimise_unit_bounds(v, batch, raw)
+                            raw = Bounds(torch.maximum(raw.lower, floor[v].lower),
+                                         torch.minimum(raw.upper, floor[v].upper))
                     batch.bounds[v] = batch.rounding.adopt(v, raw)
                 if self.phase_seconds is not None:
                     self.phase_seconds[v.name] = self.phase_seconds.get(v.name, 0.0) + time.perf_counter() - start
@@ -220,8 +229,8 @@ class BoundScheduler:
     def stable_pieces(self, v: Value) -> tuple[float, ...] | None:
         """The breakpoints of every activation fed by ``v`` if its stable units may be pruned
         (``prune_stable`` and all of them piecewise linear, see ``DualRule.breakpoints``)."""
-        if not self.config.prune_stable:
-            return None
+        if not self.config.prune_stable or any(o in self.by_image for user in v.users for o in user.outputs):
+            return None  # a bound from the image of v's bounds needs them exact
         points: set[float] = set()
         for user in v.users:
             rule = dual_rule(user)

@@ -225,6 +225,9 @@ def check_relaxation(rule: ElementwiseRule, n: Node, config, gen: torch.Generato
                                  f"{float(excess.flatten()[k]):.3g})")
     if rule.linear(n, config):
         _require(r.has_equal_slopes(), f"{what}: declared linear but the slopes differ")
+    if rule.monotone:  # the claim behind image_bounds: f non-decreasing along every grid
+        along = fz[:grid]
+        _require(bool((along[1:] >= along[:-1]).all()), f"{what}: declared monotone but f decreases on the grid")
     return z.numel()
 
 
@@ -258,6 +261,10 @@ def check_contract(rule: DualRule, n: Node, config, gen: torch.Generator, mode: 
     full = [zs[v] if v is not None and not v.is_const else a for v, a in zip(n.inputs, args)]
     with torch.no_grad():
         outs = eval_node(n, full)
+    image = rule.image_bounds(n, in_bounds) if in_bounds and rule.has_image_bounds(n) else ()
+    for y, b in zip(outs, image):  # the outputs' bounds straight from the inputs'
+        y = y.reshape(npts, B, *y.shape[1:])
+        _require(bool(((b.lower <= y) & (y <= b.upper)).all()), f"{what}: an output outside its image_bounds")
     lhs = sum(_dot(lam, y.reshape(npts, B, *y.shape[1:])) for lam, y in zip(lams, outs))
     rhs = torch.zeros_like(lhs)
     scale = sum(_dot(lam.abs(), y.reshape(npts, B, *y.shape[1:]).abs()) for lam, y in zip(lams, outs)) + 1.0

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dualgraph.input_sets import Box, InputSet
 from dualgraph.interpreter import Interpreter
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 
-from strategies import DTYPE, DagNet, any_nets, drawn_conv_transposes, input_sets, relu_nets, sample_points, to_ir
+from strategies import (DTYPE, DagNet, any_nets, cnn_nets, drawn_conv_transposes, input_sets, relu_nets, sample_points,
+                        to_ir)
 
 RELAXATIONS = ("paper", "crown", "alpha")
 PATHS = {  # every bound path: default (auto, patches, pruned), dense unpruned rows, forward
@@ -187,3 +188,27 @@ def test_zero_radius_is_tight(net, data):
         J = sched.bound_output(case.make(), spec)
         assert (J <= want + tol(J, want)).all(), (relaxation, J, want)
         assert torch.allclose(J, want, rtol=tight, atol=tight), (relaxation, J, want)
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(net=st.one_of(cnn_nets(maxpool=True), cnn_nets(("relu", "hardtanh"), maxpool=True)), data=st.data())
+def test_image_bounds_are_never_looser_than_a_pass(net, data):
+    """The outputs of ReLU, Clip and MaxPool are bounded from their inputs' bounds
+    (``DualRule.image_bounds``) instead of by passes: on CNNs whose activations feed max pools,
+    each such bound lies inside the bound a pass of one-unit rows gives on the same earlier
+    bounds (float64). That they contain every sampled value is ``check_soundness``'s (a)."""
+    from dataclasses import replace
+    graph = to_ir(net)
+    case = data.draw(input_sets(net.input_shape), label="input set")
+    relaxation = data.draw(st.sampled_from(["paper", "crown"]), label="relaxation")
+    sched = BoundScheduler(graph, BoundConfig(relu_relaxation=relaxation))
+    input_set = case.make()
+    bounds = sched.intermediate_bounds(input_set)
+    imaged = [v for v in sched.bound_targets if v in sched.by_image]
+    assume(imaged)  # an activation before a max pool
+    batch = sched.batch(input_set, dict(bounds))
+    for v in imaged:
+        by_pass = sched.value_bounds(v, replace(batch, per_row=True))
+        tol = 1e-9 * (1 + by_pass.upper.abs() + by_pass.lower.abs())
+        assert (bounds[v].lower >= by_pass.lower - tol).all(), v.name
+        assert (bounds[v].upper <= by_pass.upper + tol).all(), v.name

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dualgraph import define_op, var
 from dualgraph.dual_registry import DUAL_RULES, Bounds, DualRule, DualStep, Relaxation, dual_rule
@@ -88,6 +90,16 @@ def test_checker_catches_a_wrong_plugin_rule(plugin_square, break_it):
     plugin_square.dual_rule.trust_source = None  # the checker, not the first-use check, must catch it
     plugin_square.example(var(4))
     with pytest.raises(OpCheckFailure, match="wrong side of f"):
+        check_op(plugin_square)
+
+
+def test_checker_catches_a_false_monotone_claim(plugin_square):
+    """``monotone=True`` lets the scheduler bound the output by ``[f(l), f(u)]`` without a pass:
+    on ``z^2`` (valid lines, not monotone) that would be unsound, and the checker refuses it."""
+    plugin_square.relaxation(eval_roundings=0, monotone=True)(_square_relaxation)
+    plugin_square.dual_rule.trust_source = None
+    plugin_square.example(var(4))
+    with pytest.raises(OpCheckFailure, match="declared monotone|outside its image_bounds"):
         check_op(plugin_square)
 
 
@@ -191,3 +203,59 @@ def test_conv_transpose_by_taps_equals_the_library_and_differentiates(stride, pa
 def _example(*inputs, attrs=None, special_points=()):
     from dualgraph.op_registry import OpExample
     return OpExample(tuple(inputs), dict(attrs or {}), 1, tuple(special_points))
+
+
+# ---- MaxPool's upper line ------------------------------------------------------------------------
+
+def _windows(draw_values, dtype):
+    """``[1, 1, K, 1]`` lower and upper bounds of one window from drawn pairs."""
+    l = torch.tensor([min(p) for p in draw_values], dtype=dtype).view(1, 1, -1, 1)
+    u = torch.tensor([max(p) for p in draw_values], dtype=dtype).view(1, 1, -1, 1)
+    return l, u
+
+
+_ENDS = st.one_of(st.floats(-1e4, 1e4, width=32), st.sampled_from([0.0, 1.0, -1.0, 1e-7, 3.0000002, 2.9999998]))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(pairs=st.lists(st.tuples(_ENDS, _ENDS), min_size=1, max_size=5),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_max_upper_line_holds_exactly_at_every_vertex(pairs, dtype):
+    """``max_k z_k - (a z_k* + b)`` is convex in ``z``, so the line is valid on the box iff it
+    holds at every vertex: checked in exact rational arithmetic on the line as computed (float32
+    too, where the chord's slope and offset round), with near-ties among the upper bounds drawn
+    on purpose. The line is also never above the constant ``max_k u_k`` it replaces (up to its
+    rounding pad)."""
+    from itertools import product
+    from fractions import Fraction
+    from dualgraph.ops.pooling import max_upper_line
+    l, u = _windows(pairs, dtype)
+    k, a, b = max_upper_line(l, u)
+    k, a, b = int(k.flatten()), Fraction(float(a.flatten())), Fraction(float(b.flatten()))
+    assert 0 <= a <= 1
+    ends = [(Fraction(float(lo)), Fraction(float(hi))) for lo, hi in zip(l.flatten(), u.flatten())]
+    for z in product(*ends):
+        assert max(z) <= a * z[k] + b, (pairs, z, k, a, b)
+    top = max(hi for _, hi in ends)
+    pad = Fraction(8 * torch.finfo(dtype).eps) * (2 * top.__abs__() + max(abs(lo) for lo, _ in ends))
+    for end in ends[k]:
+        assert a * end + b <= top + pad
+
+
+def test_max_pool_upper_line_is_the_chord():
+    """``f(x) = max(x0, x1) - x0 / 2`` on ``x0 in [-1, 1]``, ``x1 in [0, 0.5]``: its largest value
+    is 1 (at ``x0 = -1``). The chord ``max <= x0 / 4 + 3 / 4`` gives exactly 1; the constant upper
+    line ``max <= 1`` of earlier versions gave 1.5."""
+    from dualgraph.input_sets import Box
+    from dualgraph.frontends.fx import load_module
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.max_pool2d(x, (1, 2)).flatten(1) - 0.5 * x[:, 0, 0, :1]
+
+    graph = load_module(Net(), torch.zeros(1, 1, 1, 2, dtype=torch.float64))
+    box = Box(torch.tensor([[[[-1.0, 0.0]]]], dtype=torch.float64), torch.tensor([[[[1.0, 0.5]]]], dtype=torch.float64))
+    for relaxation in ("paper", "crown", "alpha"):
+        J = BoundScheduler(graph, BoundConfig(relu_relaxation=relaxation)).bound_output(
+            box, -torch.ones(1, 1, 1, dtype=torch.float64))
+        assert -float(J) == pytest.approx(1.0, abs=1e-9), relaxation

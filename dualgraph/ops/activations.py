@@ -29,7 +29,7 @@ relu.evaluate(lambda node, inputs: torch.relu(inputs[0]))
 
 
 @relu.relaxation(linear_if=lambda config: config.relu_relaxation == "paper", breakpoints=lambda node: (0.0,),
-                 eval_roundings=0)
+                 eval_roundings=0, monotone=True)
 def relu_relaxation(node, b: Bounds, config) -> Relaxation:
     """Corollary 2: slope ``d = u/(u-l)`` on the crossing set, 0 / 1 on the stable sets.
 
@@ -119,7 +119,7 @@ def _(node, inputs):
     return x
 
 
-@clip.relaxation(linear_if=lambda config: True, eval_roundings=0)
+@clip.relaxation(linear_if=lambda config: True, eval_roundings=0, monotone=True)
 def clip_relaxation(node, b: Bounds, config) -> Relaxation:
     """Piecewise linear with breakpoints at ``min`` and ``max``: the chord relaxation."""
     lo_v, hi_v = _clip_limits(node, const_args(node, b.lower))

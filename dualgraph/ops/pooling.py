@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dual_registry import AffineRule, DualRule, DualStep
+from ..dual_registry import AffineRule, Bounds, DualRule, DualStep
 from ..errors import DualgraphError, UnsupportedOpError
 from ..lowering import Call, Missing, Unsupported, ntuple
 from ..op_registry import define_op, var
@@ -216,21 +216,56 @@ def max_pool_eval(node, inputs):
     return _MAX_POOL_FUNCTIONS[len(kernel)](x, kernel, strides, 0, dilations)
 
 
+def max_upper_line(l_win: Tensor, u_win: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The upper line ``max_k z_k <= a z_k* + b`` of each window, valid on the box
+    ``l <= z <= u``; windows along dimension 2 (``[B, C, K, L]``, padding at ``-inf``).
+
+    ``k*`` is the entry of largest upper bound and ``M`` the largest upper bound of the
+    others. On the box ``max_k z_k <= max(z_k*, M)``, a convex function of ``z_k*`` alone,
+    so its chord over ``[l_k*, u_k*]`` bounds it: through ``(l_k*, M)`` and ``(u_k*, u_k*)``,
+    slope ``a = (u_k* - M) / (u_k* - l_k*)`` in ``[0, 1]``. Where ``M <= l_k*`` the max is
+    exactly ``z_k*`` (``a = 1, b = 0``); where ``M = u_k*`` the chord is the constant
+    ``max_k u_k``. The line is never above that constant on ``[l_k*, u_k*]``.
+
+    Floating point: any computed slope gives a valid line once ``b`` is at least both
+    ``M - a l_k*`` and ``u_k* (1 - a)`` (the chord's two ends; the gap is convex), so ``b``
+    is their maximum moved up by a bound of its own rounding. Returns ``(k*, a, b)`` as
+    ``[B, C, 1, L]`` indices and ``[B, C, L]`` values. Ties go to the first entry (the same
+    whatever the tensors' memory layout, so that every bound path picks the same ``k*``).
+    """
+    top = u_win.amax(2, keepdim=True)
+    k_up = _first(u_win == top)
+    others = u_win.scatter(2, k_up, -math.inf).amax(2, keepdim=True)
+    l_top = l_win.gather(2, k_up)
+    exact = others <= l_top  # also windows of one entry (others = -inf)
+    finite_others = torch.where(exact, l_top, others)
+    width = (top - l_top).clamp(min=torch.finfo(top.dtype).tiny)
+    a = torch.where(exact, 1.0, ((top - finite_others) / width).clamp(0.0, 1.0))
+    ends = torch.maximum(finite_others - a * l_top, top - a * top)
+    reach = finite_others.abs() + top.abs() + a * (l_top.abs() + top.abs())
+    b = torch.where(exact, 0.0, ends + 4 * torch.finfo(top.dtype).eps * reach)
+    return k_up, a.squeeze(2), b.squeeze(2)
+
+
 @max_pool.dual
 class MaxPoolDual(DualRule):
     """Lower: ``max_k z_k >= z_k*`` with ``k*`` the window entry of largest lower bound.
-    Upper: ``z_k*`` itself when ``l_k* >= u_k`` for every other ``k`` in the window (then
-    the max is exactly ``z_k*``), else the constant ``max_k u_k``. Sign-dependent, so the
-    rule is not linear. Windows are formed with ``unfold``; the adjoint is ``fold``.
+    Upper: the chord of :func:`max_upper_line` on the entry of largest upper bound (``z_k*``
+    itself when ``l_k* >= u_k`` for every other ``k``, then the max is exactly ``z_k*``).
+    Sign-dependent, so the rule is not linear. Windows are formed with ``unfold``; the
+    adjoint is ``fold``.
     """
 
     needs_bounds = True
 
     def abs_linear(self, node, xs, bounds, config):
-        return [max_pool_eval(node, [xs[0]])]  # |max_k z_k| <= max_k |z_k|
+        return [max_pool_eval(node, [xs[0]])]  # each row routed to one entry, weight <= 1
 
     def constant_magnitude(self, node, m_in, bounds, config):
-        return [max_pool_eval(node, [m_in[0]])]  # the constant max_u of the upper line
+        # the upper line's offset: |b| <= |M| + |l_k*| + |u_k*| (plus its rounding)
+        l, u = bounds[0]
+        widest = max_pool_eval(node, [torch.maximum(l.abs(), u.abs())])
+        return [3 * widest]
 
     def output_magnitude(self, node, m_in, bounds, config, terms):
         return [max_pool_eval(node, [m_in[0]])]
@@ -241,35 +276,77 @@ class MaxPoolDual(DualRule):
     def dual_length(self, node, bounds, config):
         return max(math.prod(node.attrs["kernel_shape"]), node.output.numel) + 1
 
-    def backward(self, node, lam, bounds, config):
+    def has_image_bounds(self, node):
+        return True
+
+    def image_bounds(self, node, bounds):
+        """``[max_k l_k, max_k u_k]``: a one-unit pass bounds the max by ``z_k*`` below and by
+        the chord through ``(u_k*, u_k*)`` above, so it can do no better."""
         l, u = bounds[0]
-        g = window(node, l.shape[2:])
-        k = list(g.kernel)
-        if len(k) != 2 or node.attrs.get("ceil_mode", 0):
-            raise UnsupportedOpError(f"node '{node.name}' (MaxPool): only 2-D pooling without ceil_mode "
-                                     "has a dual layer")
-        geom = dict(kernel_size=k, stride=list(g.strides), dilation=list(g.dilations))
+        return [Bounds(max_pool_eval(node, [l]), max_pool_eval(node, [u]))]
+
+    def backward(self, node, lam, bounds, config):
+        l = bounds[0].lower
+        kernel, geom, pad = _pool_2d(node, l.shape[2:])
+        k_lo, k_up, slope, offset = (t.flatten(2) for t in max_pool_lines(node, bounds[0]))  # [B, C, L]
         B, C, H, W = l.shape
-        pad = (g.begins[1], g.ends[1], g.begins[0], g.ends[0])  # F.pad order: left, right, top, bottom
-        # padded entries never win the max: pad l and u with -inf
-        l_win = F.unfold(F.pad(l, pad, value=-math.inf), **geom).view(B, C, k[0] * k[1], -1)
-        u_win = F.unfold(F.pad(u, pad, value=-math.inf), **geom).view(B, C, k[0] * k[1], -1)
-        best_l, sel = l_win.max(2, keepdim=True)                       # [B, C, 1, L]
-        max_u = u_win.amax(2)                                          # [B, C, L]
-        others_u = u_win.scatter(2, sel, -math.inf).amax(2)
-        exact = best_l.squeeze(2) >= others_u                          # [B, C, L]
+        K, L = kernel[0] * kernel[1], k_lo.shape[-1]
         b, m = lam.shape[:2]
         lam_f = lam.flatten(3)                                         # [b, m, C, L]
-        route = lam_f.clamp(min=0) + torch.where(exact.unsqueeze(1), lam_f.clamp(max=0), 0.0)
-        const = torch.where(exact.unsqueeze(1), 0.0, lam_f.clamp(max=0) * max_u.unsqueeze(1))
+        pos = lam_f.clamp(min=0)
+        neg = lam_f - pos
         bb = max(b, B)
-        onehot = torch.zeros(B, C, k[0] * k[1], l_win.shape[-1], dtype=lam.dtype, device=lam.device)
-        onehot.scatter_(2, sel, 1.0)
-        cols = onehot.unsqueeze(1) * route.unsqueeze(3)                # [bb, m, C, K, L]
+        cols = torch.zeros(bb, m, C, K, L, dtype=lam.dtype, device=lam.device)
+        cols.scatter_add_(3, k_lo.unsqueeze(1).unsqueeze(3).expand(bb, m, C, 1, L), pos.unsqueeze(3).expand(bb, m, C, 1, L))
+        cols.scatter_add_(3, k_up.unsqueeze(1).unsqueeze(3).expand(bb, m, C, 1, L),
+                          (neg * slope.unsqueeze(1)).unsqueeze(3).expand(bb, m, C, 1, L))
+        const = neg * offset.unsqueeze(1)
         Hp, Wp = H + pad[2] + pad[3], W + pad[0] + pad[1]
-        folded = F.fold(cols.reshape(bb * m, C * k[0] * k[1], -1), (Hp, Wp), **geom)
+        folded = F.fold(cols.reshape(bb * m, C * K, L), (Hp, Wp), **geom)
         lam_in = folded[:, :, pad[2]:pad[2] + H, pad[0]:pad[0] + W].reshape(bb, m, C, H, W)
         return DualStep([lam_in], const.flatten(2).sum(-1), None)
+
+
+def _pool_2d(node, spatial) -> tuple[list[int], dict, tuple[int, int, int, int]]:
+    """``(kernel, unfold/fold geometry, F.pad amounts)`` of a 2-D MaxPool with a dual layer."""
+    g = window(node, spatial)
+    kernel = list(g.kernel)
+    if len(kernel) != 2 or node.attrs.get("ceil_mode", 0):
+        raise UnsupportedOpError(f"node '{node.name}' (MaxPool): only 2-D pooling without ceil_mode "
+                                 "has a dual layer")
+    geom = dict(kernel_size=kernel, stride=list(g.strides), dilation=list(g.dilations))
+    return kernel, geom, (g.begins[1], g.ends[1], g.begins[0], g.ends[0])  # F.pad order: left, right, top, bottom
+
+
+def max_pool_lines(node, bounds: Bounds) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both lines of every window of a 2-D MaxPool on ``bounds`` of its input, as maps of its
+    output's shape ``[B, C, Ho, Wo]``: the entry of the lower line ``z_k*`` (index within the
+    window, row-major; the entry of largest lower bound) and the entry, slope and offset of
+    the upper line (:func:`max_upper_line`). Computed once per bounds object; the dense dual
+    layer and the patch path (:func:`dualgraph.patches.through_max_pool`) both read them."""
+    key = (node.name, "max_pool_lines")
+    if key not in bounds.cache:
+        l, u = bounds
+        kernel, geom, pad = _pool_2d(node, l.shape[2:])
+        B, C = l.shape[:2]
+        # padded entries never win the max: pad l and u with -inf
+        l_win = F.unfold(F.pad(l, pad, value=-math.inf), **geom).view(B, C, kernel[0] * kernel[1], -1)
+        u_win = F.unfold(F.pad(u, pad, value=-math.inf), **geom).view(B, C, kernel[0] * kernel[1], -1)
+        k_up, slope, offset = max_upper_line(l_win, u_win)
+        shape = (B, C, *node.output.unit_shape[1:])
+        # the lower line: the largest lower bound; among ties (ReLU outputs often share l = 0)
+        # the largest upper bound, then the first entry
+        tied = torch.where(l_win == l_win.amax(2, keepdim=True), u_win, -math.inf)
+        k_lo = _first(tied == tied.amax(2, keepdim=True))
+        bounds.cache[key] = (k_lo.view(shape), k_up.view(shape), slope.view(shape), offset.view(shape))
+    return bounds.cache[key]
+
+
+def _first(mask: Tensor) -> Tensor:
+    """The first True entry along dimension 2 of ``mask`` (``argmax`` leaves ties to the
+    kernel, which may resolve them differently for different memory layouts)."""
+    index = torch.arange(mask.shape[2], device=mask.device).view(1, 1, -1, *([1] * (mask.dim() - 3)))
+    return torch.where(mask, index, mask.shape[2]).amin(2, keepdim=True)
 
 
 max_pool.onnx_import(_onnx_pool)
