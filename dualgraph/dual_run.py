@@ -423,13 +423,12 @@ class _PatchPass(GraphWalk):
             return self.lower + (center - radius), upper
         if not self._on_patches(node, env):
             return self.densify(index, env)
-        rule = node.meta.get("rule")
-        if not isinstance(rule, ElementwiseRule) or self.upper is None:
+        if self.upper is None or node.op == FAN_OUT_SUM:
             return None
         runner = self.runner
         if self.prune is not None and runner._can_prune_at(node, env, self.batch):
             return runner._pruned_patches(self.dual, index, env, self.batch, self.lower, self.upper, self.prune)
-        if self.both and not rule.linear(node.meta["primal"], runner.config):
+        if self.both and _nonlinear(node, runner.config):
             return runner._forked_patches(self.dual, index, env, self.batch, self.lower, self.upper)
         return None
 
@@ -444,8 +443,10 @@ class _PatchPass(GraphWalk):
         primal = node.meta.get("primal")
         if primal is None:
             return False
-        return (patches.conv_geometry(primal) is not None or patches.sum_signs(primal) is not None
-                or (isinstance(node.meta["rule"], ElementwiseRule) and primal.var_inputs[0] in self.batch.bounds))
+        if patches.conv_geometry(primal) is not None or patches.sum_signs(primal) is not None:
+            return True
+        return ((isinstance(node.meta["rule"], ElementwiseRule) or patches.pool_geometry(primal) is not None)
+                and primal.var_inputs[0] in self.batch.bounds)
 
     def run_node(self, node: Node, env: dict) -> list:
         slack = self._slack(node, env)
@@ -458,6 +459,9 @@ class _PatchPass(GraphWalk):
             elif patches.conv_geometry(primal) is not None:
                 p, lo = patches.through_conv(p, primal, self.runner.patch_cache)
                 outs, up = [p], lo
+            elif patches.pool_geometry(primal) is not None:
+                p, lo = patches.through_max_pool(p, primal, self.batch.bounds[primal.var_inputs[0]])
+                outs, up = [p], None
             else:
                 w, rule = self.batch.bounds[primal.var_inputs[0]], node.meta["rule"]
                 variables = None if self.runner.variables is None else self.runner.variables.get(primal.name)

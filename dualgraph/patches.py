@@ -3,7 +3,7 @@
 The bounds of a feature map (a Conv output, a residual block's sum) need one dual row per
 unit ``(c, p)`` (channel, position). After the transpose of a Conv, row ``(c, p)`` is the
 filter ``W[c]`` placed at the window of position ``p``; after further convolutions,
-elementwise layers and residual blocks it is still zero outside a window of the input.
+elementwise layers and residual blocks (and max pools) it is still zero outside a window of the input.
 Storing only the window, ``[b, P, C_t, C, K, K]`` (position, target channel, channel,
 window), instead of a dense ``[b, C_t*P, C, H, W]`` row does the same arithmetic as the
 dense path on ``K*K`` instead of ``H*W`` entries.
@@ -11,7 +11,8 @@ dense path on ``K*K`` instead of ``H*W`` entries.
 Window geometry: row ``p = (ph, pw)`` covers rows ``ph*S - Pd .. ph*S - Pd + K - 1`` of
 the current value (likewise columns). A pass starts from the identity rows of the target,
 windows of one pixel (``K = 1, S = 1, Pd = 0``). Through a Conv with stride ``s``, padding
-``q`` and kernel ``k``: ``K -> (K-1)s + k``, ``S -> S s``, ``Pd -> Pd s + q``. Entries that
+``q`` and kernel ``k``: ``K -> (K-1)s + k``, ``S -> S s``, ``Pd -> Pd s + q`` (a MaxPool's
+window likewise, :func:`through_max_pool`). Entries that
 fall outside the value (its zero padding) count as zero, as the dense rows have no such
 entries: they are masked before the next transpose (:meth:`Patches.masked`), and every other
 use multiplies them by windows of a map, which are zero there. Elementwise layers multiply
@@ -211,10 +212,12 @@ def window_geometry(target, ancestors: list[Node], enabled: bool = True) -> dict
             geom = window[out] = None
         if geom is not None:
             kernel, stride, pad = geom
-            conv = conv_geometry(node)
+            conv, pool = conv_geometry(node), pool_geometry(node)
             if conv is not None:
                 geom = ((kernel - 1) * conv[0] + node.inputs[1].const.shape[-1], stride * conv[0],
                         pad * conv[0] + conv[1])
+            elif pool is not None:
+                geom = ((kernel - 1) * pool[1] + pool[0], stride * pool[1], pad * pool[1] + pool[2])
             elif sum_signs(node) is None and not isinstance(dual_rule(node), ElementwiseRule):
                 geom = None
         for v in node.var_inputs:
@@ -312,6 +315,45 @@ def through_conv(p: Patches, node: Node, cache: dict | None = None) -> tuple[Pat
         x = conv_transpose2d(rows.view(-1, C, K, K), w, stride=(stride, stride))
     return replace(p, data=x.view(b, P, Ct, Cn, Kn, Kn), kernel=Kn, stride=p.stride * stride,
                    padding=p.padding * stride + pad, clean=False), offset
+
+
+def pool_geometry(node: Node) -> tuple[int, int, int] | None:
+    """``(kernel, stride, padding)`` if ``node`` is a 2-D MaxPool with square, symmetric
+    geometry, no dilation and no ``ceil_mode`` (what the patch path handles), else None."""
+    if node.op != ("", "MaxPool") or len(node.inputs[0].unit_shape) != 3 or node.attrs.get("ceil_mode", 0):
+        return None
+    g = window(node, node.inputs[0].unit_shape[1:])
+    if (len(set(g.kernel)) != 1 or set(g.dilations) != {1} or len(set(g.begins + g.ends)) != 1
+            or len(set(g.strides)) != 1):
+        return None
+    return g.kernel[0], g.strides[0], g.begins[0]
+
+
+def through_max_pool(p: Patches, node: Node, bounds) -> tuple[Patches, torch.Tensor]:
+    """The MaxPool dual layer on patches (``p`` in the pool's output space): each window entry's
+    ``lam+`` goes to the pool window's entry of the lower line and ``lam- * a`` to the entry of
+    the upper line (:func:`dualgraph.ops.pooling.max_pool_lines`), one kernel offset at a time
+    into the strided entries of the input's window, which grows as a convolution's does
+    (``K -> (K-1)s + k``). Returns the patches and the lower offsets ``lam- . b``, ``[B, rows]``.
+    Entries outside the pooled map meet windows of maps, zero there, so the result is clean."""
+    from .ops.pooling import max_pool_lines
+    k, stride, pad = pool_geometry(node)
+    k_lo, k_up, slope, offset = max_pool_lines(node, bounds)
+    positive = p.data.clamp(min=0)
+    negative = p.data - positive
+    b, P, Ct, C, K, _ = p.data.shape
+    Kn, span = (K - 1) * stride + k, (K - 1) * stride + 1
+    examples = b if p.rows is not None else max(b, k_lo.shape[0])  # rows shared by the batch fan out
+    data = p.data.new_zeros(examples, P, Ct, C, Kn, Kn)
+    for entry in range(k * k):
+        y, x = divmod(entry, k)
+        to_lower = p.windows((k_lo == entry).to(p.data.dtype))
+        to_upper = p.windows(torch.where(k_up == entry, slope, 0.0))
+        # one of the two terms is an exact zero (a row's entry has one sign), as on dense rows
+        data[..., y:y + span:stride, x:x + span:stride] += torch.addcmul(negative * to_upper, positive, to_lower)
+    lower = _window_dot(negative, p.windows(offset))
+    return replace(p, data=data, kernel=Kn, stride=p.stride * stride, padding=p.padding * stride + pad,
+                   clean=True), lower
 
 
 def through_elementwise(p: Patches, node: Node, rule: ElementwiseRule, bounds, config):

@@ -354,11 +354,12 @@ CNN_LAYERS = ("conv", "conv", "avgconv", "residual", "downsample", "concat", "mu
 
 def build_cnn(rng: random.Random, acts=("relu",), maxpool: bool = False, max_channels: int = 3,
               kinds: tuple[str, ...] = CNN_LAYERS, layers: tuple[int, int] = (1, 3),
-              sizes: tuple[int, int] = (4, 7)) -> DagNet:
+              sizes: tuple[int, int] = (4, 7), pool_chance: float = 0.5) -> DagNet:
     """Small CNNs: convolutions (random kernel / stride / padding / dilation / groups), average
     pooling, residual conv blocks (identity or strided convolutional shortcut), channel
     concatenation, optional MaxPool2d; Flatten + Linear head. ``kinds``: the layer kinds drawn
-    from, ``layers``: how many, ``sizes``: the input's height and width (inclusive ranges)."""
+    from, ``layers``: how many, ``sizes``: the input's height and width (inclusive ranges),
+    ``pool_chance``: how likely a MaxPool2d follows an activation (with ``maxpool``)."""
     c_in, hw = rng.randint(1, 2), rng.randint(*sizes)
     gain = rng.choice([1.0, 1.5])
     with torch.random.fork_rng():
@@ -414,7 +415,7 @@ def build_cnn(rng: random.Random, acts=("relu",), maxpool: bool = False, max_cha
                 conv = _scale(nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=groups), gain)
                 edge = nn.Sequential(conv, _batchnorm(nn.BatchNorm2d(cout))) if rng.random() < 0.25 else conv
                 cur = net.add([prev], [edge], act=act)
-            if maxpool and net.dag[cur - 1].act is not None and net.feat_shapes[cur][1] >= 2 and rng.random() < 0.5:
+            if maxpool and net.dag[cur - 1].act is not None and net.feat_shapes[cur][1] >= 2 and rng.random() < pool_chance:
                 node = net.dag[cur - 1]
                 ks = min(rng.randint(2, 3), net.feat_shapes[cur][1])
                 node.post = nn.MaxPool2d(ks, stride=rng.randint(1, 2), padding=min(rng.randint(0, 1), ks // 2))

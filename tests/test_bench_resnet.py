@@ -18,6 +18,8 @@ def test_networks_have_the_intended_sizes():
     assert resnet.residual_blocks(resnet.build_net("paper")) == 4
     assert resnet.residual_blocks(resnet.build_net("resnet8")) == 8
     assert resnet.residual_blocks(resnet.build_net("resnet18")) == 8
+    pooled = resnet.build_net("pooled")
+    assert resnet.residual_blocks(pooled) == 0 and sum(isinstance(m, torch.nn.MaxPool2d) for m in pooled) == 3
     # the VNN-COMP 2021 CIFAR ResNets: 112,006 and 123,734 parameters (resnet_2b, resnet_4b)
     for name, blocks, parameters in (("resnet2b", 2, 112_006), ("resnet4b", 4, 123_734)):
         model = resnet.build_net(name)

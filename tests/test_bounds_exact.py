@@ -29,7 +29,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dualgraph import dual_run, patches
@@ -419,3 +419,38 @@ def test_optimised_slopes_run_on_windows(allowance):
     want = bounds(False)
     for v in want:
         assert close(got[v].lower, want[v].lower) and close(got[v].upper, want[v].upper), v.name
+
+
+POOLED = dict(maxpool=True, layers=(2, 4), sizes=(8, 12), pool_chance=0.8)
+
+
+@settings(max_examples=30, **{**SETTINGS, "suppress_health_check": [*SETTINGS["suppress_health_check"],
+                                                                  HealthCheck.filter_too_much]})
+@given(net=st.one_of(cnn_nets(**POOLED), cnn_nets(("relu", "hardtanh"), **POOLED)), data=st.data())
+def test_max_pool_on_windows_equals_dense_rows(net, data):
+    """Passes carry their windows through max pools (:func:`dualgraph.patches.through_max_pool`):
+    each bounded value's bounds, computed from the same earlier bounds, equal the dense rows'
+    in float64, with every relaxation, pruned or not, with tiny chunks, and whichever way
+    convolution transposes run. (Comparing two whole runs would not do: where two entries of
+    a pool window have bounds equal up to rounding, which one the lines pick may differ
+    between two runs, and both are sound.)"""
+    graph = to_ir(net)
+    case = data.draw(input_sets(net.input_shape), label="input set")
+    relaxation = data.draw(st.sampled_from(["paper", "crown", "alpha"]), label="relaxation")
+    prune = data.draw(st.booleans(), label="prune stable units")
+    chunk = data.draw(st.sampled_from([1 << 24, 97]), label="max_elements")
+    config = dict(relu_relaxation=relaxation, alpha_steps=3, direction="backward", prune_stable=prune)
+    on_windows = BoundScheduler(graph, BoundConfig(patches=True, max_elements=chunk, **config))
+    dense = BoundScheduler(graph, BoundConfig(patches=False, **config))
+    input_set = case.make()
+    transposes = drawn_conv_transposes(data)
+    with recording(patches, "through_max_pool", lambda p, *rest: p.data.shape) as calls, transposes():
+        bounds = on_windows.intermediate_bounds(input_set)
+        for v in on_windows.bound_targets:
+            if v in on_windows.by_image:
+                continue
+            earlier = {k: b for k, b in bounds.items() if k is not v}
+            got = on_windows.value_bounds(v, replace(on_windows.batch(input_set, earlier), per_row=True))
+            want = dense.value_bounds(v, replace(dense.batch(input_set, earlier), per_row=True))
+            assert close(got.lower, want.lower) and close(got.upper, want.upper), (v.name, describe(on_windows.config))
+    assume(calls)  # some pass reached a max pool on its windows

@@ -120,9 +120,22 @@ def competition_resnet(name: str, classes: int = CLASSES) -> nn.Sequential:
                          nn.Linear(100, classes))
 
 
+def pooled_cnn(classes: int = CLASSES) -> nn.Sequential:
+    """A plain CNN with max pooling (no residual blocks): three stages of a 3x3 convolution
+    (16, 32, 64 channels), ReLU and a 2x2 MaxPool (32 -> 16 -> 8 -> 4 pixels), Flatten,
+    Linear 1024 -> 100 -> ReLU -> Linear -> classes. Passes through its pools stay on
+    convolution windows (:func:`dualgraph.patches.through_max_pool`)."""
+    layers: list[nn.Module] = []
+    c_in = INPUT_SHAPE[0]
+    for c_out in (16, 32, 64):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c_in = c_out
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 4 * 4, 100), nn.ReLU(), nn.Linear(100, classes))
+
+
 def build_net(name: str) -> nn.Module:
-    """The network ``name`` (``paper``, ``resnetK``, ``resnet2b``, ``resnet4b``, ``resnet18``)
-    with its benchmark weights."""
+    """The network ``name`` (``paper``, ``resnetK``, ``resnet2b``, ``resnet4b``, ``resnet18``,
+    ``pooled``) with its benchmark weights."""
     from dualgraph.errors import DualgraphError
     from dualgraph.models.architectures import cifar_resnet
     if name == "paper":
@@ -131,11 +144,13 @@ def build_net(name: str) -> nn.Module:
         model = competition_resnet(name)
     elif name == "resnet18":
         model = resnet18()
+    elif name == "pooled":
+        model = pooled_cnn()
     elif name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) >= 1:
         model = deep_resnet(int(name[6:]))
     else:
-        raise DualgraphError(f"unknown network '{name}'; use paper, resnet2b, resnet4b, resnet18 "
-                             "or resnetK (K residual blocks)")
+        raise DualgraphError(f"unknown network '{name}'; use paper, resnet2b, resnet4b, resnet18, "
+                             "pooled (a CNN with max pools) or resnetK (K residual blocks)")
     return init_weights(model.eval())
 
 
@@ -625,7 +640,7 @@ def report_markdown(result: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nets", default=DEFAULT_NETS,
                    help=f"comma-separated networks: paper, resnetK (K residual blocks), resnet2b and resnet4b "
-                        f"(the VNN-COMP 2021 CIFAR ResNets' layouts), resnet18 "
+                        f"(the VNN-COMP 2021 CIFAR ResNets' layouts), resnet18, pooled (a CNN with max pools) "
                         f"(default {DEFAULT_NETS})")
     p.add_argument("--relaxations", default="paper,crown", help="comma-separated: paper, crown (default both)")
     p.add_argument("--eps", default=DEFAULT_EPS, help=f"comma-separated L-inf radii, fractions allowed "
