@@ -130,7 +130,7 @@ class DualRule:
         one-unit rows could be tighter given the same input bounds, so the scheduler skips
         those passes (a ReLU's output in ``[relu(l), relu(u)]``, a max pool's in
         ``[max l, max u]``; the inputs' bounds are then computed without pruning, see
-        :meth:`BoundScheduler.stable_pieces`). They must hold for the op as evaluated in
+        :meth:`BoundScheduler.value_bounds`). They must hold for the op as evaluated in
         floating point. Called only where :meth:`has_image_bounds` is True."""
         raise NotImplementedError
 

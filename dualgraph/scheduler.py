@@ -209,7 +209,9 @@ class BoundScheduler:
             elements = min(elements, self.config.max_memory // (6 * batch.input_set.center.element_size()))
         chunk = max(1, elements // (widest * size * (1 if linear else 2)))
         like = batch.input_set.center
-        prune = self.stable_pieces(v)
+        # an image of v's bounds (DualRule.image_bounds) needs them exact: pruned stable units' are looser
+        feeds_image = any(o in self.by_image for user in v.users for o in user.outputs)
+        prune = None if feeds_image else self.stable_pieces(v)
         if self.config.patches and patches.starts_on_patches(v):
             lo, up = self.runner.patch_bounds(dual, batch, linear, prune)
             return Bounds(lo.reshape(size, *v.unit_shape), up.reshape(size, *v.unit_shape))
@@ -229,8 +231,8 @@ class BoundScheduler:
     def stable_pieces(self, v: Value) -> tuple[float, ...] | None:
         """The breakpoints of every activation fed by ``v`` if its stable units may be pruned
         (``prune_stable`` and all of them piecewise linear, see ``DualRule.breakpoints``)."""
-        if not self.config.prune_stable or any(o in self.by_image for user in v.users for o in user.outputs):
-            return None  # a bound from the image of v's bounds needs them exact
+        if not self.config.prune_stable:
+            return None
         points: set[float] = set()
         for user in v.users:
             rule = dual_rule(user)

@@ -32,7 +32,7 @@ import torch.nn as nn
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dualgraph import dual_run, patches
+from dualgraph import alpha, dual_run, patches
 from dualgraph.input_sets import L2Ball, linf_ball
 from dualgraph.scheduler import BoundConfig, BoundScheduler
 
@@ -454,3 +454,27 @@ def test_max_pool_on_windows_equals_dense_rows(net, data):
             want = dense.value_bounds(v, replace(dense.batch(input_set, earlier), per_row=True))
             assert close(got.lower, want.lower) and close(got.upper, want.upper), (v.name, describe(on_windows.config))
     assume(calls)  # some pass reached a max pool on its windows
+
+
+def test_optimised_slopes_reach_values_whose_relu_feeds_a_pool():
+    """A ReLU output feeding a max pool takes the image of its input's bounds; those input
+    bounds, computed unpruned, still get their crossing units optimised with ``alpha``."""
+    torch.manual_seed(5)
+    net = DagNet((1, 8, 8), "cnn")
+    a = net.add([0], [nn.Conv2d(1, 3, 3, padding=1)], act="relu")
+    net.dag[a - 1].post = nn.MaxPool2d(2)
+    net.feat_shapes[a] = (3, 4, 4)
+    b = net.add([a], [nn.Conv2d(3, 3, 3, padding=1)], act="relu")
+    net.dag[b - 1].post = nn.MaxPool2d(2)
+    net.feat_shapes[b] = (3, 2, 2)
+    net.add([b], [nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 2, 3))])
+    net = net.to(DTYPE).eval()
+    graph = to_ir(net)
+    sched = BoundScheduler(graph, BoundConfig(relu_relaxation="alpha", alpha_steps=5))
+    conv = [n.outputs[0] for n in graph.nodes if n.op_type == "Conv"][1]  # behind a ReLU and a pool
+    input_set = linf_ball(torch.rand(1, 1, 8, 8, dtype=DTYPE), 0.2)
+    crown = sched.intermediate_bounds(input_set, optimise_slopes=False)
+    with recording(alpha, "optimise_rows", lambda runner, dual, rows, *rest: dual.meta["target"]) as targets:
+        optimised = sched.intermediate_bounds(input_set, optimise_slopes=True)
+    assert conv in targets and any(v in sched.by_image for v in optimised)
+    assert (optimised[conv].upper - optimised[conv].lower).sum() < (crown[conv].upper - crown[conv].lower).sum()
