@@ -2,7 +2,9 @@
 
 A crossing ReLU unit may take any lower line ``a z`` with ``0 <= a <= 1`` (LeakyReLU:
 ``alpha <= a <= 1``); every choice gives a sound dual layer (:class:`~dualgraph.dual_registry.
-Relaxation` ``free``). The final bound ``J(C)`` is then a function of these slopes, and
+Relaxation` ``free``); a max pool's lower line may be any convex combination of its window's
+entries (normalised free weights, :func:`free_pools`; on dense rows only). The final
+bound ``J(C)`` is then a function of these slopes, and
 this module maximises it by projected gradient ascent (Adam, then a clamp into the range),
 starting from CROWN's slopes.
 
@@ -37,6 +39,23 @@ from .patches import Patches, geometry, windows_of
 LR_FINAL = 0.3
 """The step size shrinks geometrically to this share of ``alpha_lr`` over the steps (late
 steps refine rather than jump; the same profile whatever the number of steps)."""
+
+
+def free_pools(dual, bounds: dict) -> dict:
+    """``{primal node name: FreeSlopes}``: the lower lines' logits of the max pools in ``dual``
+    whose windows are not all dominated by one entry (:func:`dualgraph.ops.pooling.free_lower_weights`;
+    dense rows only: on windows the pools keep their fixed lines)."""
+    from .ops.pooling import free_lower_weights
+    out = {}
+    for node in dual.nodes:
+        primal = node.meta.get("primal")
+        if primal is None or primal.op != ("", "MaxPool"):
+            continue
+        b = bounds.get(primal.var_inputs[0])
+        weights = None if b is None else free_lower_weights(primal, b)
+        if weights is not None:
+            out[primal.name] = weights
+    return out
 
 
 def free_relaxations(runner, dual, bounds: dict) -> dict:
@@ -112,6 +131,9 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
         variables = {name: (_variables(relaxed[name], warm.get((name, "slopes"))) if name in relaxed else None,
                             split.get(name))
                      for name in set(relaxed) | set(split)}
+        if config.relu_relaxation == "alpha":
+            pools = free_pools(dual, batch.bounds)
+            variables.update({name: (_warmed(w, warm.get((name, "slopes"))), None) for name, w in pools.items()})
     if not variables or (steps == 0 and not warm):
         if record is not None:
             runner.record = record
@@ -130,6 +152,8 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
     best = run.climb(steps, record)
     if record is not None and dense:
         widths = {name: r.free[0][0].numel() for name, r in relaxed.items()}
+        widths.update({name: pair[0].values.shape[-1] for name, pair in variables.items()
+                       if name not in relaxed and pair[0] is not None})
         widths.update({name: sign[0].numel() for name, sign in (batch.splits or {}).items()})
         record["variables"] = _full_layout(variables, widths)
         if run.proving is not None:
@@ -289,6 +313,14 @@ def _full_layout(variables: dict, widths: dict[str, int], stash: dict | None = N
             full[:, t.index] = values_of
             out[(name, kind)] = full
     return out
+
+
+def _warmed(weights, warm: torch.Tensor | None):
+    """A max pool's logits (:func:`free_pools`) started at ``warm``'s values where it has them."""
+    if warm is None:
+        return weights
+    values = _started(weights.values.detach(), warm, weights.index).requires_grad_(True)
+    return type(weights)(weights.index, values, weights.free, weights.lo, weights.hi)
 
 
 def _window_geometries(dual, rows: Patches) -> dict:

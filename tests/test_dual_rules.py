@@ -259,3 +259,62 @@ def test_max_pool_upper_line_is_the_chord():
         J = BoundScheduler(graph, BoundConfig(relu_relaxation=relaxation)).bound_output(
             box, -torch.ones(1, 1, 1, dtype=torch.float64))
         assert -float(J) == pytest.approx(1.0, abs=1e-9), relaxation
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), dtype=st.sampled_from([torch.float32, torch.float64]),
+       kind=st.sampled_from(["random", "zero", "tiny", "one-hot"]), mode=st.sampled_from(["mixed", "negative"]))
+def test_max_pool_free_weights_give_sound_steps(seed, dtype, kind, mode):
+    """Any weights of the lower line (``relu_relaxation="alpha"``) give a step that satisfies
+    inequality (1) at every sampled point and box corner of each window, checked in float64 on
+    the step as computed: random weights, all zero (the line is then 0, paid for by the
+    offsets' ``|s - 1| r``), tiny ones (their normalised sum rounds) and one-hot. One row per
+    output unit, so that no unit's slack hides another's violation."""
+    from dualgraph.dual_registry import FreeSlopes
+    from dualgraph.ops.pooling import free_lower_weights
+    gen = torch.Generator().manual_seed(seed)
+    n = example_node(OPS[("", "MaxPool")], _example(var(2, 5, 5), attrs={"kernel_shape": [3, 3], "strides": [2, 2],
+                                                                       "pads": [1, 1, 1, 1]}))
+    b = random_bounds(n.inputs[0].unit_shape, gen, mode)
+    b = Bounds(b.lower.to(dtype), b.upper.to(dtype))
+    start = free_lower_weights(n, b)
+    if start is None:
+        return
+    values = {"random": torch.rand(start.values.shape, generator=gen, dtype=torch.float64),
+              "zero": torch.zeros(start.values.shape, dtype=torch.float64),
+              "tiny": torch.rand(start.values.shape, generator=gen, dtype=torch.float64) * 1e-30,
+              "one-hot": start.values.detach().double()}[kind].to(dtype)
+    weights = FreeSlopes(start.index, values, start.free, 0.0, 1.0)
+    B, units = b.lower.shape[0], n.output.numel
+    signs = torch.randn(B, units, generator=gen, dtype=torch.float64)
+    lam = torch.diag_embed(signs).view(B, units, *n.output.unit_shape).to(dtype)    # row j: unit j only
+    step = DUAL_RULES[("", "MaxPool")].backward_with_slopes(n, lam, b, CONFIGS[0], weights)
+    l, u = b.lower.double(), b.upper.double()
+    t = torch.rand((64, *l.shape), generator=gen, dtype=torch.float64)
+    corners = (torch.rand((64, *l.shape), generator=gen) < 0.5).double()
+    z = torch.cat([l + t * (u - l), l + corners * (u - l)])                          # [128, B, C, H, W]
+    with torch.no_grad():
+        y = torch.nn.functional.max_pool2d(z.flatten(0, 1), 3, stride=2, padding=1).view(z.shape[0], B, -1)
+    lhs = signs * y                                                                   # [128, B, units]
+    rhs = (step.lam_in[0].double().unsqueeze(0) * z.unsqueeze(2)).flatten(3).sum(-1) + step.lower.double()
+    scale = (signs.abs() * y.abs()) + 1
+    assert (rhs <= lhs + 4 * torch.finfo(dtype).eps * scale).all(), float((rhs - lhs).max())
+
+
+def test_max_pool_free_weights_reach_a_mixture():
+    """``max(x, -x)`` over ``x in [-1, 1]`` is ``|x| >= 0``. Any one entry as the lower line gives
+    ``-1``; the weights ``(1/2, 1/2)`` give ``0``, the true minimum, which ``alpha`` finds."""
+    from dualgraph.input_sets import Box
+    from dualgraph.frontends.fx import load_module
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.max_pool2d(torch.cat([x, -x], 3), (1, 2)).flatten(1)
+
+    graph = load_module(Net(), torch.zeros(1, 1, 1, 1, dtype=torch.float64))
+    box = Box(-torch.ones(1, 1, 1, 1, dtype=torch.float64), torch.ones(1, 1, 1, 1, dtype=torch.float64))
+    spec = torch.ones(1, 1, 1, dtype=torch.float64)
+    crown = BoundScheduler(graph, BoundConfig(relu_relaxation="crown")).bound_output(box, spec)
+    alpha = BoundScheduler(graph, BoundConfig(relu_relaxation="alpha", alpha_steps=40)).bound_output(box, spec)
+    assert float(crown) == pytest.approx(-1.0, abs=1e-9)
+    assert -0.05 <= float(alpha) <= 1e-9, float(alpha)

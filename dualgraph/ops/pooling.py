@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dual_registry import AffineRule, Bounds, DualRule, DualStep
+from ..dual_registry import AffineRule, Bounds, DualRule, DualStep, FreeSlopes
 from ..errors import DualgraphError, UnsupportedOpError
 from ..lowering import Call, Missing, Unsupported, ntuple
 from ..op_registry import define_op, var
@@ -286,9 +286,19 @@ class MaxPoolDual(DualRule):
         return [Bounds(max_pool_eval(node, [l]), max_pool_eval(node, [u]))]
 
     def backward(self, node, lam, bounds, config):
-        l = bounds[0].lower
+        return self.backward_with_slopes(node, lam, bounds[0], config, None)
+
+    def backward_with_slopes(self, node, lam, bounds: Bounds, config, weights, splits=None):
+        """:meth:`backward`, or with ``weights`` (a :class:`~dualgraph.dual_registry.FreeSlopes`
+        from :func:`free_lower_weights`, ``relu_relaxation="alpha"``) the lower line
+        ``sum_k p_k z_k`` with ``p = w / sum_k w_k`` for each row's weights ``w >= 0`` on the
+        window's entries: a convex combination is below the max, so any weights give a sound
+        step. The computed ``p >= 0`` may sum to ``s != 1`` (rounding, or all weights 0); then
+        ``sum_k p_k z_k <= s max_k z_k <= max_k z_k + |s - 1| r`` with ``r`` the window's largest
+        ``|l|, |u|``, which the offsets pay (``s`` summed in float64)."""
+        l = bounds.lower
         kernel, geom, pad = _pool_2d(node, l.shape[2:])
-        k_lo, k_up, slope, offset = (t.flatten(2) for t in max_pool_lines(node, bounds[0]))  # [B, C, L]
+        k_lo, k_up, slope, offset = (t.flatten(2) for t in max_pool_lines(node, bounds))  # [B, C, L]
         B, C, H, W = l.shape
         K, L = kernel[0] * kernel[1], k_lo.shape[-1]
         b, m = lam.shape[:2]
@@ -296,11 +306,20 @@ class MaxPoolDual(DualRule):
         pos = lam_f.clamp(min=0)
         neg = lam_f - pos
         bb = max(b, B)
-        cols = torch.zeros(bb, m, C, K, L, dtype=lam.dtype, device=lam.device)
-        cols.scatter_add_(3, k_lo.unsqueeze(1).unsqueeze(3).expand(bb, m, C, 1, L), pos.unsqueeze(3).expand(bb, m, C, 1, L))
-        cols.scatter_add_(3, k_up.unsqueeze(1).unsqueeze(3).expand(bb, m, C, 1, L),
-                          (neg * slope.unsqueeze(1)).unsqueeze(3).expand(bb, m, C, 1, L))
         const = neg * offset.unsqueeze(1)
+        if weights is None:
+            cols = torch.zeros(bb, m, C, K, L, dtype=lam.dtype, device=lam.device)
+            cols.scatter_add_(3, k_lo.unsqueeze(1).unsqueeze(3).expand(bb, m, C, 1, L),
+                              pos.unsqueeze(3).expand(bb, m, C, 1, L))
+        else:  # one row per example (the optimiser's batch): logits [b, 1, C * K * L]
+            valid, reach = _window_facts(node, bounds)
+            w = weights.values.view(b, C, K, L).clamp(0.0, 1.0) * valid
+            p = w / w.sum(2, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
+            excess = ((p.detach().double().sum(2) - 1).abs() + (K + 1) * 2.0 ** -53).to(lam.dtype)  # [b, C, L]
+            cols = p.unsqueeze(1) * pos.unsqueeze(3)
+            const = const - pos * (2 * excess * reach).unsqueeze(1)
+        cols = cols.scatter_add(3, k_up.unsqueeze(1).unsqueeze(3).expand(bb, m, C, 1, L),
+                                (neg * slope.unsqueeze(1)).unsqueeze(3).expand(bb, m, C, 1, L))
         Hp, Wp = H + pad[2] + pad[3], W + pad[0] + pad[1]
         folded = F.fold(cols.reshape(bb * m, C * K, L), (Hp, Wp), **geom)
         lam_in = folded[:, :, pad[2]:pad[2] + H, pad[0]:pad[0] + W].reshape(bb, m, C, H, W)
@@ -339,6 +358,38 @@ def max_pool_lines(node, bounds: Bounds) -> tuple[Tensor, Tensor, Tensor, Tensor
         tied = torch.where(l_win == l_win.amax(2, keepdim=True), u_win, -math.inf)
         k_lo = _first(tied == tied.amax(2, keepdim=True))
         bounds.cache[key] = (k_lo.view(shape), k_up.view(shape), slope.view(shape), offset.view(shape))
+    return bounds.cache[key]
+
+
+def free_lower_weights(node, bounds: Bounds) -> FreeSlopes | None:
+    """The lower line's free parameters of a 2-D MaxPool on ``bounds`` (one example per row,
+    as the slope optimiser's batches have): weights in ``[0, 1]`` on each window's entries,
+    ``[B, 1, C * K * L]`` (channel, window entry, position), normalised where used, started
+    one-hot on the entry of the fixed lower line (the same line); None where every window
+    has a dominating entry (its line is then exact)."""
+    k_lo, k_up, slope, offset = max_pool_lines(node, bounds)
+    if bool((slope == 1).all() & (offset == 0).all()):
+        return None
+    valid, _ = _window_facts(node, bounds)
+    B, C, K, L = valid.shape
+    start = torch.zeros(valid.shape, dtype=bounds.lower.dtype, device=bounds.lower.device)
+    start.scatter_(2, k_lo.view(B, C, 1, L), 1.0)
+    values = start.view(B, 1, -1).requires_grad_(True)
+    index = torch.arange(values.shape[-1], device=values.device)
+    return FreeSlopes(index, values, valid.view(B, 1, -1), 0.0, 1.0)
+
+
+def _window_facts(node, bounds: Bounds) -> tuple[Tensor, Tensor]:
+    """``(valid, reach)``: which entries of each window lie on the map (``[B, C, K, L]``) and
+    the window's largest ``|l|, |u|`` (``[B, C, L]``); kept with the bounds."""
+    key = (node.name, "max_pool_window_facts")
+    if key not in bounds.cache:
+        l, u = bounds
+        kernel, geom, pad = _pool_2d(node, l.shape[2:])
+        B, C = l.shape[:2]
+        l_win = F.unfold(F.pad(l, pad, value=-math.inf), **geom).view(B, C, kernel[0] * kernel[1], -1)
+        widest = F.unfold(F.pad(torch.maximum(l.abs(), u.abs()), pad), **geom).view(B, C, kernel[0] * kernel[1], -1)
+        bounds.cache[key] = (torch.isfinite(l_win), widest.amax(2))
     return bounds.cache[key]
 
 
