@@ -230,9 +230,14 @@ class BoundScheduler:
 
     def stable_pieces(self, v: Value) -> tuple[float, ...] | None:
         """The breakpoints of every activation fed by ``v`` if its stable units may be pruned
-        (``prune_stable`` and all of them piecewise linear, see ``DualRule.breakpoints``)."""
-        if not self.config.prune_stable:
-            return None
+        (``prune_stable`` and :meth:`breakpoints`)."""
+        return self.breakpoints(v) if self.config.prune_stable else None
+
+    @staticmethod
+    def breakpoints(v: Value) -> tuple[float, ...] | None:
+        """The breakpoints of every activation fed by ``v`` if all of them are piecewise linear
+        (``DualRule.breakpoints``): only a unit between two of them has a relaxation that its
+        bounds decide."""
         points: set[float] = set()
         for user in v.users:
             rule = dual_rule(user)
@@ -312,7 +317,7 @@ class BoundScheduler:
         every backward pass does."""
         from .alpha import optimise_rows
         from .dual_run import needed_bounds
-        points = self.stable_pieces(v)
+        points = self.breakpoints(v)
         if points is None:
             return raw
         lo, up = raw.lower.flatten(1), raw.upper.flatten(1)

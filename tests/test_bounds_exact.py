@@ -456,9 +456,11 @@ def test_max_pool_on_windows_equals_dense_rows(net, data):
     assume(calls)  # some pass reached a max pool on its windows
 
 
-def test_optimised_slopes_reach_values_whose_relu_feeds_a_pool():
+@pytest.mark.parametrize("prune", [True, False])
+def test_optimised_slopes_reach_values_whose_relu_feeds_a_pool(prune):
     """A ReLU output feeding a max pool takes the image of its input's bounds; those input
-    bounds, computed unpruned, still get their crossing units optimised with ``alpha``."""
+    bounds, computed unpruned, still get their crossing units optimised with ``alpha``, and
+    so do they with pruning switched off everywhere (``dump --bounds`` does)."""
     torch.manual_seed(5)
     net = DagNet((1, 8, 8), "cnn")
     a = net.add([0], [nn.Conv2d(1, 3, 3, padding=1)], act="relu")
@@ -470,7 +472,7 @@ def test_optimised_slopes_reach_values_whose_relu_feeds_a_pool():
     net.add([b], [nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 2, 3))])
     net = net.to(DTYPE).eval()
     graph = to_ir(net)
-    sched = BoundScheduler(graph, BoundConfig(relu_relaxation="alpha", alpha_steps=5))
+    sched = BoundScheduler(graph, BoundConfig(relu_relaxation="alpha", alpha_steps=5, prune_stable=prune))
     conv = [n.outputs[0] for n in graph.nodes if n.op_type == "Conv"][1]  # behind a ReLU and a pool
     input_set = linf_ball(torch.rand(1, 1, 8, 8, dtype=DTYPE), 0.2)
     crown = sched.intermediate_bounds(input_set, optimise_slopes=False)
