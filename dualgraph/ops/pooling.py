@@ -253,7 +253,8 @@ class MaxPoolDual(DualRule):
     Upper: the chord of :func:`max_upper_line` on the entry of largest upper bound (``z_k*``
     itself when ``l_k* >= u_k`` for every other ``k``, then the max is exactly ``z_k*``).
     Sign-dependent, so the rule is not linear. Windows are formed with ``unfold``; the
-    adjoint is ``fold``.
+    adjoint is ``fold``. With ``relu_relaxation="alpha"`` the lower line may be any convex
+    combination of the window's entries (:meth:`backward_with_slopes`).
     """
 
     needs_bounds = True
@@ -311,7 +312,7 @@ class MaxPoolDual(DualRule):
             cols = torch.zeros(bb, m, C, K, L, dtype=lam.dtype, device=lam.device)
             cols.scatter_add_(3, k_lo.unsqueeze(1).unsqueeze(3).expand(bb, m, C, 1, L),
                               pos.unsqueeze(3).expand(bb, m, C, 1, L))
-        else:  # one row per example (the optimiser's batch): logits [b, 1, C * K * L]
+        else:  # one row per example (the optimiser's batch): weights [b, 1, C * K * L]
             valid, reach = _window_facts(node, bounds)
             w = weights.values.view(b, C, K, L).clamp(0.0, 1.0) * valid
             p = w / w.sum(2, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
@@ -346,13 +347,9 @@ def max_pool_lines(node, bounds: Bounds) -> tuple[Tensor, Tensor, Tensor, Tensor
     key = (node.name, "max_pool_lines")
     if key not in bounds.cache:
         l, u = bounds
-        kernel, geom, pad = _pool_2d(node, l.shape[2:])
-        B, C = l.shape[:2]
-        # padded entries never win the max: pad l and u with -inf
-        l_win = F.unfold(F.pad(l, pad, value=-math.inf), **geom).view(B, C, kernel[0] * kernel[1], -1)
-        u_win = F.unfold(F.pad(u, pad, value=-math.inf), **geom).view(B, C, kernel[0] * kernel[1], -1)
+        l_win, u_win = _windows(node, l), _windows(node, u)
         k_up, slope, offset = max_upper_line(l_win, u_win)
-        shape = (B, C, *node.output.unit_shape[1:])
+        shape = (*l.shape[:2], *node.output.unit_shape[1:])
         # the lower line: the largest lower bound; among ties (ReLU outputs often share l = 0)
         # the largest upper bound, then the first entry
         tied = torch.where(l_win == l_win.amax(2, keepdim=True), u_win, -math.inf)
@@ -385,12 +382,16 @@ def _window_facts(node, bounds: Bounds) -> tuple[Tensor, Tensor]:
     key = (node.name, "max_pool_window_facts")
     if key not in bounds.cache:
         l, u = bounds
-        kernel, geom, pad = _pool_2d(node, l.shape[2:])
-        B, C = l.shape[:2]
-        l_win = F.unfold(F.pad(l, pad, value=-math.inf), **geom).view(B, C, kernel[0] * kernel[1], -1)
-        widest = F.unfold(F.pad(torch.maximum(l.abs(), u.abs()), pad), **geom).view(B, C, kernel[0] * kernel[1], -1)
-        bounds.cache[key] = (torch.isfinite(l_win), widest.amax(2))
+        reach = max_pool_eval(node, [torch.maximum(l.abs(), u.abs())]).flatten(2)
+        bounds.cache[key] = (torch.isfinite(_windows(node, l)), reach)
     return bounds.cache[key]
+
+
+def _windows(node, x: Tensor) -> Tensor:
+    """The pool windows of ``x`` ``[B, C, H, W]`` as ``[B, C, K, L]`` (entry, position), the
+    padding at ``-inf`` (it never wins a max)."""
+    kernel, geom, pad = _pool_2d(node, x.shape[2:])
+    return F.unfold(F.pad(x, pad, value=-math.inf), **geom).view(*x.shape[:2], kernel[0] * kernel[1], -1)
 
 
 def _first(mask: Tensor) -> Tensor:
