@@ -493,7 +493,9 @@ class ElementwiseRule(DualRule):
         return self._eval_roundings
 
     def has_image_bounds(self, node: Node) -> bool:
-        return self.monotone and not self._eval_roundings and self.trust_source is None
+        # one variable input: a Clip whose limits are computed is not a function of z alone
+        return (self.monotone and not self._eval_roundings and self.trust_source is None
+                and len(node.var_inputs) == 1)
 
     def image_bounds(self, node: Node, bounds: list[Bounds]) -> list[Bounds]:
         """``[f(l), f(u)]`` for a non-decreasing ``f`` evaluated exactly (``monotone`` and no
