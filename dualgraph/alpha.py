@@ -42,7 +42,7 @@ steps refine rather than jump; the same profile whatever the number of steps).""
 
 
 def free_pools(dual, bounds: dict) -> dict:
-    """``{primal node name: FreeSlopes}``: the lower lines' logits of the max pools in ``dual``
+    """``{primal node name: FreeSlopes}``: the lower lines' weights of the max pools in ``dual``
     whose windows are not all dominated by one entry (:func:`dualgraph.ops.pooling.free_lower_weights`;
     dense rows only: on windows the pools keep their fixed lines)."""
     from .ops.pooling import free_lower_weights
@@ -316,7 +316,7 @@ def _full_layout(variables: dict, widths: dict[str, int], stash: dict | None = N
 
 
 def _warmed(weights, warm: torch.Tensor | None):
-    """A max pool's logits (:func:`free_pools`) started at ``warm``'s values where it has them."""
+    """A max pool's weights (:func:`free_pools`) started at ``warm``'s values where it has them."""
     if warm is None:
         return weights
     values = _started(weights.values.detach(), warm, weights.index).requires_grad_(True)
