@@ -7,7 +7,7 @@ import and torch.fx lowering are declared together; :func:`var` and :func:`rando
 describe the example nodes :func:`dualgraph.testing.check_op` checks it on.
 """
 
-from .dual_registry import AffineRule, Bounds, DualRule, DualStep, Relaxation
+from .dual_registry import AffineRule, Bounds, DualRule, DualStep, FreeLines, Relaxation
 from .errors import DualgraphError, UnsupportedOpError
 from .interpreter import Interpreter, infer_shapes, run_graph
 from .ir import BATCH, Graph, Node, Value, check_graph
@@ -16,7 +16,7 @@ from .op_registry import SAME, OpDefinition, define_op, random_const, var
 __version__ = "0.1.0"
 
 __all__ = [
-    "AffineRule", "BATCH", "Bounds", "DualRule", "DualStep", "DualgraphError", "Graph", "Interpreter", "Node",
+    "AffineRule", "BATCH", "Bounds", "DualRule", "DualStep", "DualgraphError", "FreeLines", "Graph", "Interpreter", "Node",
     "OpDefinition", "Relaxation", "SAME", "UnsupportedOpError", "Value", "check_graph", "define_op",
     "infer_shapes", "random_const", "run_graph", "var",
 ]

@@ -1,12 +1,15 @@
-"""Optimised slopes (alpha-CROWN): the free lower slopes of the relaxations as variables.
+"""Optimised slopes (alpha-CROWN): the free lines of the relaxations as variables.
 
 A crossing ReLU unit may take any lower line ``a z`` with ``0 <= a <= 1`` (LeakyReLU:
-``alpha <= a <= 1``); every choice gives a sound dual layer (:class:`~dualgraph.dual_registry.
-Relaxation` ``free``); a max pool's lower line may be any convex combination of its window's
-entries (normalised free weights, :func:`free_pools`; on dense rows only). The final
-bound ``J(C)`` is then a function of these slopes, and
-this module maximises it by projected gradient ascent (Adam, then a clamp into the range),
-starting from CROWN's slopes.
+``alpha <= a <= 1``); a Sigmoid or Tanh unit any lower and upper line, each with the
+tightest offset for its slope (the tangent lines, by their slopes; on dense rows only); every
+choice gives a sound dual layer (:class:`~dualgraph.dual_registry.FreeLines`). A max pool's
+lower line may be any convex combination of its window's entries (normalised free weights,
+:func:`free_pools`; on dense rows only). The final bound ``J(C)`` is then a function of
+these variables, and this module maximises it by projected gradient ascent (Adam, then a
+clamp into the range), starting from CROWN's slopes. Slopes whose ranges differ in width
+from unit to unit (an S-shaped ``f'`` on ``[l, u]``) are optimised in units of their range
+(:attr:`~dualgraph.dual_registry.FreeSlopes.scale`), so one step size suits them all.
 
 **One set of slopes per row.** Each ``(example, row)`` pair has its own slopes for every
 free unit of the network, so the rows are independent problems: they are flattened into a
@@ -16,7 +19,8 @@ of every iterate is kept (each is valid, so the maximum over iterates is too). T
 before the first free slopes do not change between steps and run once.
 
 The same ascent serves three callers: the final bound ``J(C)`` (one row per specification
-row), the intermediate bounds of crossing units (rows ``+e_j`` and ``-e_j``, layer by layer,
+row), the intermediate bounds of crossing units (of every unit before a Sigmoid or Tanh;
+rows ``+e_j`` and ``-e_j``, layer by layer,
 :meth:`~dualgraph.scheduler.BoundScheduler.intermediate_bounds`), and branch and bound
 (:mod:`dualgraph.bab`), whose split constraints add multipliers ``beta >= 0``
 (:class:`~dualgraph.dual_registry.SplitMultipliers`) to the variables.
@@ -71,13 +75,15 @@ def free_relaxations(runner, dual, bounds: dict) -> dict:
         if b is None:
             continue
         r = rule.relaxation(primal, b, runner.config)
-        if r.free is not None and bool(r.free[0].any()):
+        if r.free is not None and bool(r.free.units.any()):
             out[primal.name] = r
     return out
 
 
-KINDS = ("slopes", "multipliers")
-"""The two kinds of variables of a node, in the order of the runner's ``(FreeSlopes, SplitMultipliers)`` pairs."""
+KINDS = ("slopes", "multipliers", "upper slopes")
+"""The kinds of variables of a node, in the order of the runner's ``(FreeSlopes, SplitMultipliers,
+FreeSlopes)`` triples: the lower lines' slopes (a max pool's weights), the split multipliers, the
+upper lines' slopes (relaxations whose both lines are free, :class:`~dualgraph.dual_registry.FreeLines`)."""
 
 Warm = dict[tuple[str, str], torch.Tensor]
 """Start values of the variables in full layout: ``(primal node name, "slopes" or
@@ -126,14 +132,17 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
              if bool(sign.any())}
     if isinstance(rows, Patches):  # each row's slopes on its own window, wherever the row is
         windows = _window_geometries(dual, rows)
-        variables = {name: (_window_variables(relaxed[name], windows[name]), None) for name in relaxed}
+        variables = {name: (_window_variables(r, windows[name]), None, None) for name, r in relaxed.items()
+                     if r.free.offsets is None}  # lines with their own offsets: on dense rows only
     else:
-        variables = {name: (_variables(relaxed[name], warm.get((name, "slopes"))) if name in relaxed else None,
-                            split.get(name))
+        variables = {name: (_variables(relaxed[name], -1, warm.get((name, "slopes"))) if name in relaxed else None,
+                            split.get(name),
+                            _variables(relaxed[name], 1, warm.get((name, "upper slopes")))
+                            if name in relaxed and relaxed[name].free.upper is not None else None)
                      for name in set(relaxed) | set(split)}
         if config.relu_relaxation == "alpha":
             pools = free_pools(dual, batch.bounds)
-            variables.update({name: (_warmed(w, warm.get((name, "slopes"))), None) for name, w in pools.items()})
+            variables.update({name: (_warmed(w, warm.get((name, "slopes"))), None, None) for name, w in pools.items()})
     if not variables or (steps == 0 and not warm):
         if record is not None:
             runner.record = record
@@ -151,7 +160,7 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
                   stash=record is not None and dense and goal is not None)
     best = run.climb(steps, record)
     if record is not None and dense:
-        widths = {name: r.free[0][0].numel() for name, r in relaxed.items()}
+        widths = {name: r.free.units[0].numel() for name, r in relaxed.items()}
         widths.update({name: pair[0].values.shape[-1] for name, pair in variables.items()
                        if name not in relaxed and pair[0] is not None})
         widths.update({name: sign[0].numel() for name, sign in (batch.splits or {}).items()})
@@ -213,9 +222,10 @@ class _Ascent:
                     group["lr"] = runner.config.alpha_lr * LR_FINAL ** ((step + 1) / steps)
                 self.optimiser.step()
                 with torch.no_grad():
-                    for slopes, multipliers in self.variables.values():
-                        if slopes is not None:
-                            slopes.values.clamp_(slopes.lo, slopes.hi)
+                    for slopes, multipliers, upper in self.variables.values():
+                        for t in (slopes, upper):
+                            if t is not None:
+                                t.values.clamp_(t.lo, t.hi)
                         if multipliers is not None:
                             multipliers.values.clamp_(min=0)
             if self.goal is not None:  # the last step's variables, on the rows still open
@@ -244,7 +254,7 @@ class _Ascent:
         for name, pair in self.variables.items():
             for kind, t in zip(KINDS, pair):
                 if t is not None:
-                    self.proving[(name, kind)][rows] = t.values.detach()[reached]
+                    self.proving[(name, kind)][rows] = _in_slopes(t)[reached]
 
     def keep(self, moving: torch.Tensor) -> None:
         """Go on with the rows ``moving`` (a bool over the alive rows) only."""
@@ -268,7 +278,7 @@ class _Ascent:
                 for name in ("free", "sign"):
                     if hasattr(t, name):
                         setattr(t, name, getattr(t, name)[index])
-                for name in ("lo", "hi"):
+                for name in ("lo", "hi", "scale"):
                     if hasattr(t, name) and torch.is_tensor(getattr(t, name)) and getattr(t, name).dim() > 0:
                         setattr(t, name, getattr(t, name)[index])
                 if old in state:
@@ -289,13 +299,22 @@ def _multipliers(sign: torch.Tensor, warm: torch.Tensor | None = None) -> SplitM
     return SplitMultipliers(index, values.requires_grad_(True), picked)
 
 
-def _started(values: torch.Tensor, warm: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+def _started(values: torch.Tensor, warm: torch.Tensor | None, index: torch.Tensor,
+             scale: torch.Tensor | None = None) -> torch.Tensor:
     """``values`` ``[R, 1, K]`` (the usual starts at the flat units ``index``), replaced by
-    ``warm``'s ``[R, n]`` values where it has a number."""
+    ``warm``'s ``[R, n]`` values (slopes, divided by ``scale`` when given) where it has a number."""
     if warm is None:
         return values.detach().clone()
     w = warm.to(values).flatten(1)[:, index].unsqueeze(1)
+    if scale is not None:
+        w = w / scale
     return torch.where(w.isnan(), values, w).detach()
+
+
+def _in_slopes(t) -> torch.Tensor:
+    """The values of variables ``t`` as slopes (:attr:`FreeSlopes.scale` undone), detached."""
+    values = t.values.detach()
+    return values * t.scale if getattr(t, "scale", None) is not None else values
 
 
 def _full_layout(variables: dict, widths: dict[str, int], stash: dict | None = None) -> Warm:
@@ -307,8 +326,8 @@ def _full_layout(variables: dict, widths: dict[str, int], stash: dict | None = N
         for kind, t in zip(KINDS, pair):
             if t is None:
                 continue
-            values_of = t.values if stash is None else stash[(name, kind)]
-            values_of = values_of.detach()[:, 0]
+            values_of = _in_slopes(t) if stash is None else stash[(name, kind)]
+            values_of = values_of[:, 0]
             full = values_of.new_full((values_of.shape[0], widths[name]), torch.nan)
             full[:, t.index] = values_of
             out[(name, kind)] = full
@@ -337,8 +356,8 @@ def _window_geometries(dual, rows: Patches) -> dict:
 
 
 def _window_variables(r: Relaxation, windows) -> FreeSlopes:
-    """The free slopes of ``r`` (one example per row) on each row's window, ``[R, 1, 1, C, K, K]``."""
-    units, lo, hi = r.free
+    """The free lower slopes of ``r`` (one example per row) on each row's window, ``[R, 1, 1, C, K, K]``."""
+    units, lo, hi = r.free.units, r.free.lo, r.free.hi
 
     def win(t):
         return windows(t) if torch.is_tensor(t) and t.dim() > 0 else t
@@ -348,16 +367,23 @@ def _window_variables(r: Relaxation, windows) -> FreeSlopes:
     return FreeSlopes(None, values, free, win(lo), win(hi))
 
 
-def _variables(r: Relaxation, warm: torch.Tensor | None = None) -> FreeSlopes:
-    """The free slopes of ``r`` (one example per row) as variables, at CROWN's slopes or at
-    ``warm``'s values (clamped into the range)."""
-    units, lo, hi = r.free
-    units = units.flatten(1)
+def _variables(r: Relaxation, side: int, warm: torch.Tensor | None = None) -> FreeSlopes:
+    """The free slopes of the lower (``side = -1``) or upper (``+1``) lines of ``r`` (one example
+    per row) as variables, at the relaxation's own slopes (CROWN's) or at ``warm``'s values
+    (clamped into the range)."""
+    units = r.free.units.flatten(1)
+    lo, hi = (r.free.lo, r.free.hi) if side < 0 else r.free.upper
+    start = r.a_lo if side < 0 else r.a_up
     index = units.any(0).nonzero().flatten()
 
     def per_row(t):
         return t.flatten(1)[:, index].unsqueeze(1) if torch.is_tensor(t) and t.dim() > 0 else t
 
-    lo, hi = per_row(lo), per_row(hi)
-    values = _started(per_row(r.a_lo), warm, index).clamp(min=lo).clamp(max=hi).requires_grad_(True)
-    return FreeSlopes(index, values, per_row(units), lo, hi)
+    lo, hi, start = per_row(lo), per_row(hi), per_row(start)
+    scale = None
+    if r.free.offsets is not None:  # ranges of any width (an S-shaped f' on [l, u]): each about 1 wide
+        width = hi - lo
+        scale = torch.where(width > 0, width, 1.0)
+        lo, hi, start = lo / scale, hi / scale, start / scale
+    values = _started(start, warm, index, scale).clamp(min=lo).clamp(max=hi).requires_grad_(True)
+    return FreeSlopes(index, values, per_row(units), lo, hi, scale)

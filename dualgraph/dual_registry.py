@@ -37,7 +37,7 @@ only the linear bounding functions, an :class:`ElementwiseRule`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -373,6 +373,78 @@ class AffineRule(DualRule):
 
 
 @dataclass
+class FreeLines:
+    """The optimisable lines of a relaxation (``relu_relaxation="alpha"``), on ``units`` (a
+    bool ``[B, *unit]``).
+
+    The lower line may take any slope ``a`` in ``[lo, hi]``. With ``offsets`` None its
+    offset stays the relaxation's ``b_lo`` (a ReLU's lines ``a z``, ``0 <= a <= 1``: one
+    offset serves every slope), and the upper line is fixed. With ``offsets`` both lines
+    are free, the upper one's slope in ``upper`` ``(lo, hi)``, and each line's offset is the
+    tightest for its slope, ``offsets(a, index, side)``: ``min`` (``side = -1``, the lower
+    line) or ``max`` (``side = +1``) over ``[l, u]`` of ``f(z) - a z``, rounded outward, for
+    slopes ``a`` ``[R, 1, K]`` at the flat units ``index`` ``[K]`` of one example per row
+    (``offsets(a, index, side, examples)``: of the given examples of the relaxation's batch;
+    for an S-shaped ``f`` the tangent lines, parametrised by their slopes).
+    ``reach`` ``[B, *unit]`` bounds ``|offsets(a)|`` for every slope in range (the
+    rounding allowance's magnitude); ``shift`` is how far the rounding allowance has
+    moved the offsets out (:meth:`Relaxation.moved_out`)."""
+
+    units: torch.Tensor
+    lo: torch.Tensor | float
+    hi: torch.Tensor | float
+    upper: tuple | None = None
+    offsets: Callable | None = None
+    reach: torch.Tensor | None = None
+    shift: torch.Tensor | float = 0.0
+
+    def offset(self, a: torch.Tensor, index: torch.Tensor, side: int) -> torch.Tensor:
+        """The lower (``side = -1``) or upper (``+1``) line's offset at slopes ``a`` ``[R, 1, K]``
+        on the flat units ``index``, moved out by ``shift``."""
+        b = self.offsets(a, index, side)
+        shift = self.shift
+        if torch.is_tensor(shift) and shift.dim() > 0:
+            shift = shift.flatten(1)[:, index].unsqueeze(1)
+        return b + side * shift
+
+    def ranges(self) -> list[tuple[int, object, object]]:
+        """``(side, lo, hi)`` of each free line: the lower line (-1), and the upper one (+1)."""
+        out = [(-1, self.lo, self.hi)]
+        if self.upper is not None:
+            out.append((1, *self.upper))
+        return out
+
+    def lines(self, r: Relaxation, at: tuple[float, ...] = (0.0, 0.5, 1.0)) -> list[tuple[int, torch.Tensor, object]]:
+        """``(side, a, b)``: the lines ``a z + b`` ``[B, *unit]`` of ``r`` with each free line's
+        slope at the fractions ``at`` of its range (the others as in ``r``), for checks: the
+        valid slopes form an interval, so a sound rule holds at its ends and inside."""
+        out = []
+        for side, lo, hi in self.ranges():
+            base_a, base_b = (r.a_lo, r.b_lo) if side < 0 else (r.a_up, r.b_up)
+            lo, hi = (torch.as_tensor(t, dtype=base_a.dtype).expand_as(base_a) for t in (lo, hi))
+            for t in at:
+                a = torch.where(self.units, lo + t * (hi - lo), base_a)
+                b = base_b
+                if self.offsets is not None:
+                    n = a[0].numel()
+                    b_free = self.offset(a.reshape(a.shape[0], 1, n), torch.arange(n), side).view_as(a)
+                    b = torch.where(self.units, b_free, torch.as_tensor(base_b, dtype=a.dtype).expand_as(a))
+                out.append((side, a, b))
+        return out
+
+    def take(self, examples: torch.Tensor) -> FreeLines:
+        def pick(t):
+            return take_examples(t, examples) if torch.is_tensor(t) and t.dim() > 0 else t
+        upper = None if self.upper is None else tuple(pick(t) for t in self.upper)
+        offsets = self.offsets
+        if offsets is not None:
+            def offsets(a, index, side, more=None, inner=self.offsets):  # the picked examples' units
+                return inner(a, index, side, examples if more is None else take_examples(examples, more))
+        return FreeLines(pick(self.units), pick(self.lo), pick(self.hi), upper, offsets, pick(self.reach),
+                         pick(self.shift))
+
+
+@dataclass
 class Relaxation:
     """Linear bounds ``a_lo * z + b_lo <= f(z) <= a_up * z + b_up`` valid on ``[l, u]``.
 
@@ -384,33 +456,43 @@ class Relaxation:
     b_lo: torch.Tensor | float
     a_up: torch.Tensor
     b_up: torch.Tensor | float
-    #: optimisable lower slopes ``(units, lo, hi)``: on ``units`` (a bool ``[B, *unit]``) the
-    #: lower line may take any slope ``a`` in ``[lo, hi]`` with the same offset ``b_lo`` (a ReLU's
-    #: lines ``a z``, ``0 <= a <= 1``); ``a_lo`` is the starting point. None: fixed slopes.
-    free: tuple | None = None
+    #: optimisable lines (:class:`FreeLines`, or a tuple of its first three fields: free lower
+    #: slopes with one offset); ``a_lo``/``a_up`` are the starting point. None: fixed.
+    free: FreeLines | None = None
     offsets: tuple | None = field(default=None, repr=False)  # (units, mid, gap), see _cached_offsets
     _magnitudes: tuple | None = field(default=None, repr=False)  # (|a|, |b|), see magnitudes
 
+    def __post_init__(self) -> None:
+        if isinstance(self.free, tuple):  # ``(units, lo, hi)``: free lower slopes, one offset
+            self.free = FreeLines(*self.free)
+
     def magnitudes(self, free: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """``max(|a_lo|, |a_up|)`` (and, unless ``free`` is False, ``max(|lo|, |hi|)`` on free
-        units: what optimised slopes may reach) and ``max(|b_lo|, |b_up|)``, ``[B, *unit]``
-        (detached, kept)."""
+        """``max(|a_lo|, |a_up|)`` (and, unless ``free`` is False, the largest ``|slope|`` of the
+        free lines' ranges: what optimised slopes may reach) and ``max(|b_lo|, |b_up|)`` (with
+        the free lines' offset ``reach``), ``[B, *unit]`` (detached, kept)."""
         if self._magnitudes is None:
             a = self.a_lo.abs() if self.a_up is self.a_lo else torch.maximum(self.a_lo.abs(), self.a_up.abs())
             b_lo, b_up = (torch.as_tensor(t, dtype=a.dtype, device=a.device).abs() for t in (self.b_lo, self.b_up))
             b = torch.maximum(b_lo, b_up).detach().expand_as(a)
             widest = a
             if self.free is not None:
-                units, lo, hi = self.free
-                reach = torch.maximum(torch.as_tensor(lo).abs(), torch.as_tensor(hi).abs()).to(a)
-                widest = torch.where(units, torch.maximum(a, reach), a)
+                units = self.free.units
+                for _, lo, hi in self.free.ranges():
+                    reach = torch.maximum(torch.as_tensor(lo).abs(), torch.as_tensor(hi).abs()).to(a)
+                    widest = torch.where(units, torch.maximum(widest, reach), widest)
+                if self.free.reach is not None:
+                    b = torch.where(units, torch.maximum(b, self.free.reach.detach().to(b)), b)
             self._magnitudes = (a.detach(), b, widest.detach())
         a, b, widest = self._magnitudes
         return (widest if free else a), b
 
-    def with_offsets(self, b_lo, b_up) -> Relaxation:
-        """The same slopes (and free slopes) with other offsets."""
-        return Relaxation(self.a_lo, b_lo, self.a_up, b_up, self.free)
+    def moved_out(self, delta: torch.Tensor) -> Relaxation:
+        """The same lines with every offset, the free lines' included, moved out by ``delta``
+        ``[B, *unit]`` (the rounding allowance, :mod:`dualgraph.rounding`)."""
+        free = self.free
+        if free is not None and free.offsets is not None:
+            free = replace(free, shift=free.shift + delta)
+        return Relaxation(self.a_lo, self.b_lo - delta, self.a_up, self.b_up + delta, free)
 
     def has_equal_slopes(self) -> bool:
         return self.a_lo is self.a_up or bool(torch.equal(self.a_lo, self.a_up))
@@ -420,7 +502,7 @@ class Relaxation:
         def pick(t):
             return take_examples(t, examples) if torch.is_tensor(t) and t.dim() > 0 else t
         a_lo = pick(self.a_lo)
-        free = None if self.free is None else tuple(pick(t) for t in self.free)
+        free = None if self.free is None else self.free.take(examples)
         out = Relaxation(a_lo, pick(self.b_lo), a_lo if self.a_up is self.a_lo else pick(self.a_up), pick(self.b_up),
                          free)
         if self.offsets is not None:
@@ -558,22 +640,33 @@ class ElementwiseRule(DualRule):
         return DualStep([lam_in], self._sign_offsets(r, lam), None)
 
     def backward_with_slopes(self, node: Node, lam: torch.Tensor, bounds: Bounds, config,
-                             slopes: FreeSlopes | None, splits: SplitMultipliers | None = None) -> DualStep:
-        """:meth:`backward` with the free lower slopes of the relaxation (``Relaxation.free``)
-        set to ``slopes`` (one value per row and free unit), clamped into their range, and the
+                             slopes: FreeSlopes | None, splits: SplitMultipliers | None = None,
+                             upper: FreeSlopes | None = None) -> DualStep:
+        """:meth:`backward` with the free lines of the relaxation (``Relaxation.free``) at the
+        slopes ``slopes`` (lower lines) and ``upper`` (upper lines; one value per row and free
+        unit), clamped into their ranges, with their offsets (:class:`FreeLines`), and the
         split constraints' multipliers added to ``lam_in`` (``splits``; ``beta`` clamped to
         ``>= 0``): every value of either gives a sound step, so every iterate of an optimiser does."""
         r = self.relaxation(node, bounds, config)
         lam_in = _by_sign(lam, r.a_lo.unsqueeze(1), r.a_up.unsqueeze(1)).flatten(2)
-        if slopes is not None:
-            k = slopes.index
-            base = r.a_lo.flatten(1)[:, k].unsqueeze(1)
-            chosen = torch.where(slopes.free, slopes.values.clamp(slopes.lo, slopes.hi), base)
-            pos = lam.flatten(2)[..., k].clamp(min=0)
-            lam_in = lam_in.index_add(2, k, pos * (chosen - base))  # free units' lower slopes
+        offset = self._sign_offsets(r, lam)
+        flat = lam.flatten(2)
+        for side, chosen_slopes, base_slopes, base_offsets in ((-1, slopes, r.a_lo, r.b_lo), (1, upper, r.a_up, r.b_up)):
+            if chosen_slopes is None:
+                continue
+            k = chosen_slopes.index
+            part = flat[..., k].clamp(min=0) if side < 0 else flat[..., k].clamp(max=0)  # the rows using this line
+            base = base_slopes.flatten(1)[:, k].unsqueeze(1)
+            chosen = torch.where(chosen_slopes.free, chosen_slopes.slopes(), base)
+            lam_in = lam_in.index_add(2, k, part * (chosen - base))
+            if r.free.offsets is not None:  # the chosen lines' own offsets replace the relaxation's
+                b = base_offsets if torch.is_tensor(base_offsets) else torch.full_like(r.a_lo, float(base_offsets))
+                b = b.flatten(1)[:, k].unsqueeze(1)
+                moved = torch.where(chosen_slopes.free, r.free.offset(chosen, k, side), b)
+                offset = offset + (part * (moved - b)).sum(-1)
         if splits is not None:  # + beta s_j z_j for each split constraint s_j z_j <= 0 of the row's domain
             lam_in = lam_in.index_add(2, splits.index, splits.values.clamp(min=0) * splits.sign)
-        return DualStep([lam_in.view_as(lam)], self._sign_offsets(r, lam), None)
+        return DualStep([lam_in.view_as(lam)], offset, None)
 
     @staticmethod
     def _sign_offsets(r: Relaxation, lam: torch.Tensor) -> torch.Tensor:
@@ -597,17 +690,25 @@ def _by_sign(lam: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) 
 
 @dataclass
 class FreeSlopes:
-    """Values of the free lower slopes of one relaxation (``Relaxation.free``) for a pass on
+    """Values of the free slopes of one side of a relaxation (``Relaxation.free``) for a pass on
     rows ``[R, 1, *unit]``: ``values`` ``[R, 1, K]`` at the flat units ``index`` ``[K]`` (the
     units free in some row's example); ``free`` ``[R, 1, K]`` says where they apply (elsewhere
-    the relaxation's own slope stays), ``lo``/``hi`` their range. On patches ``index`` is None
-    and the four are each row's window, ``[R, 1, 1, C, K, K]`` (:mod:`dualgraph.patches`)."""
+    the relaxation's own slope stays), ``lo``/``hi`` their range. With ``scale`` (``[R, 1, K]``)
+    the values and their range are the slopes divided by it (each unit's range about 1 wide,
+    so one step size suits them all; :meth:`slopes`). On patches ``index`` is None and the
+    tensors are each row's window, ``[R, 1, 1, C, K, K]`` (:mod:`dualgraph.patches`)."""
 
     index: torch.Tensor | None
     values: torch.Tensor
     free: torch.Tensor
     lo: torch.Tensor | float
     hi: torch.Tensor | float
+    scale: torch.Tensor | None = None
+
+    def slopes(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """The slopes at ``values`` (default: the variables), clamped into their range."""
+        clamped = (self.values if values is None else values).clamp(self.lo, self.hi)
+        return clamped if self.scale is None else clamped * self.scale
 
 
 @dataclass

@@ -60,8 +60,9 @@ class DualRunner:
         self.patch_cache: dict = {}
         self.frees: dict[int, dict] = {}  # last uses per dual graph (the scheduler keeps its duals)
         self._widest: dict = {}  # widest dual value per dual graph (rows_per_chunk, channels_per_chunk)
-        #: per primal node name, ``(FreeSlopes or None, SplitMultipliers or None)``: the variables
-        #: of the slope optimiser (:mod:`dualgraph.alpha`), set around its passes; None: none
+        #: per primal node name, ``(FreeSlopes or None, SplitMultipliers or None, FreeSlopes or None)``
+        #: (lower slopes, split multipliers, upper slopes): the variables of the slope optimiser
+        #: (:mod:`dualgraph.alpha`), set around its passes; None: none
         self.variables: dict[str, tuple] | None = None
         #: when a dict: each pass stores the rows' dual variables at every elementwise layer's
         #: output (by primal node name) and at the input (``"input"``), for branching heuristics

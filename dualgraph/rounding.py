@@ -206,12 +206,16 @@ class RoundingAllowance:
         if r.a_up is not r.a_lo:
             rounds |= (r.a_up != 0) & (r.a_up != 1)
         n_off = int(with_offset.flatten(1).sum(1).max()) if with_offset.numel() else 0
+        if r.free is not None and r.free.offsets is not None:
+            # optimised lines' offsets enter as corrections lam (b(a) - b) of the fixed ones' dot
+            # product (ElementwiseRule.backward_with_slopes): twice the terms, and a subtraction each
+            n_off = 2 * n_off + 2
         with naming_node(node, "rounding analysis"):
             n_eval = rule.eval_length(node, [b], self.config)
         coef = SAFETY * (gamma(n_off + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e))
         m = torch.maximum(b.lower.abs(), b.upper.abs()).detach()
         delta = torch.where(rounds, coef * (a * m + 2 * b_abs), 0.0)
-        return r.with_offsets(r.b_lo - delta, r.b_up + delta)
+        return r.moved_out(delta)
 
     # ---- the forward passes over magnitudes -------------------------------------------------------
     # Not under no_grad: a relaxation computed here is cached on its bounds and reused by the

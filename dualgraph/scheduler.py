@@ -49,7 +49,7 @@ from .bound_config import BoundConfig
 from .deadline import Deadline
 from .direction import DirectionCost
 from .dual_graph import build_dual
-from .dual_registry import Bounds, dual_rule
+from .dual_registry import Bounds, ElementwiseRule, dual_rule
 from .dual_run import Batch, DualRunner
 from .errors import DualgraphError
 from .forward import ForwardBounds
@@ -120,7 +120,8 @@ class BoundScheduler:
         in floating point (:mod:`dualgraph.rounding`) before anything uses it.
 
         ``optimise_slopes`` (default: with ``relu_relaxation="alpha"``): each unit whose bound
-        decides its relaxation (a crossing ReLU unit) gets its lower and upper bound tightened
+        decides its relaxation (a crossing ReLU unit; every unit before a Sigmoid or Tanh)
+        gets its lower and upper bound tightened
         by optimised slopes (:func:`dualgraph.alpha.optimise_rows`), layer by layer, and
         intersected with ``floor`` (CROWN's bounds, computed first when not given): CROWN's
         bound of a later layer can be looser on tighter earlier bounds, the intersection never is."""
@@ -248,6 +249,20 @@ class BoundScheduler:
                 points.update(pieces)
         return tuple(sorted(points)) or None
 
+    def _smooth_users(self, v: Value, bounds: Bounds) -> bool:
+        """Whether every op that relaxes ``v`` has free lines with their own offsets on
+        ``bounds`` (:class:`~dualgraph.dual_registry.FreeLines`: Sigmoid, Tanh with ``alpha``),
+        whose every unit's bounds shape the lines an ascent can reach."""
+        users = [u for u in v.users if dual_rule(u).bounds_needed(u)]
+        for user in users:
+            rule = dual_rule(user)
+            if not isinstance(rule, ElementwiseRule):
+                return False
+            free = rule.relaxation(user, bounds, self.config).free
+            if free is None or free.offsets is None:
+                return False
+        return bool(users)
+
     def bound_output(self, input_set: InputSet, spec: torch.Tensor,
                      bounds: dict[Value, Bounds] | None = None, *, goal: float | torch.Tensor | None = None,
                      candidates: torch.Tensor | None = None, record: dict | None = None,
@@ -310,7 +325,8 @@ class BoundScheduler:
 
     def _optimise_unit_bounds(self, v: Value, batch: Batch, raw: Bounds) -> Bounds:
         """``raw`` with the units whose bounds decide their relaxation (those between two
-        breakpoints of every activation they feed) tightened by optimised slopes: one row
+        breakpoints of every activation they feed, or all of them before activations whose
+        free lines all have their own offsets, :meth:`_smooth_users`) tightened by optimised slopes: one row
         ``+e_j`` for the lower and one ``-e_j`` for the upper bound of each, its goal the
         breakpoint when there is one (past it the unit is stable and its bound no longer matters).
         These passes add each dual step's rounding allowance to their rows (``per_row``), as
@@ -318,12 +334,15 @@ class BoundScheduler:
         from .alpha import optimise_rows
         from .dual_run import needed_bounds
         points = self.breakpoints(v)
-        if points is None:
-            return raw
         lo, up = raw.lower.flatten(1), raw.upper.flatten(1)
-        open_units = torch.zeros_like(lo, dtype=torch.bool)
-        for p in points:
-            open_units |= (lo < p) & (up > p)
+        if points is None:  # smooth activations: every unit's bounds decide its relaxation
+            if not self._smooth_users(v, raw):
+                return raw
+            open_units = lo < up
+        else:
+            open_units = torch.zeros_like(lo, dtype=torch.bool)
+            for p in points:
+                open_units |= (lo < p) & (up > p)
         examples, units = open_units.nonzero(as_tuple=True)
         count = examples.numel()
         if count == 0:
@@ -333,7 +352,7 @@ class BoundScheduler:
         signs = torch.cat([torch.ones(count), -torch.ones(count)]).to(lo)
         examples, units = torch.cat([examples, examples]), torch.cat([units, units])
         start = torch.cat([lo[examples[:count], units[:count]], -up[examples[count:], units[count:]]]).unsqueeze(1)
-        goal = points[0] * signs.unsqueeze(1) if len(points) == 1 else None
+        goal = points[0] * signs.unsqueeze(1) if points is not None and len(points) == 1 else None
         on_windows = self.config.patches and batch.splits is None and patches.geometry(dual) is not None
         if on_windows:  # the rows' windows: far smaller than dense rows
             widest = patches.widest_row(v, self.graph.ancestors(v))

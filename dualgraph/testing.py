@@ -210,11 +210,12 @@ def check_relaxation(rule: ElementwiseRule, n: Node, config, gen: torch.Generato
     what = f"{mode} bounds, {config.relu_relaxation}"
     checks = [(low - fz - 1e-9 * (1 + fz.abs() + low_scale), "lower"),
               (fz - up - 1e-9 * (1 + fz.abs() + up_scale), "upper")]
-    if r.free is not None:  # optimisable lower slopes: both ends of each free unit's range
-        units, lo_slope, hi_slope = r.free
-        for end in (lo_slope, hi_slope):
-            end_line, end_scale = value(torch.where(units, torch.as_tensor(end, dtype=DTYPE), r.a_lo), r.b_lo)
-            checks.append((end_line - fz - 1e-9 * (1 + fz.abs() + end_scale), "free lower (end of its slope range)"))
+    if r.free is not None:  # optimisable lines: the ends and the middle of each free slope's range
+        for side, a, b in r.free.lines(r):
+            line, scale = value(a, b)
+            excess = line - fz if side < 0 else fz - line
+            checks.append((excess - 1e-9 * (1 + fz.abs() + scale),
+                           f"free {'lower' if side < 0 else 'upper'} (at a slope of its range)"))
     for excess, name in checks:
         excess = torch.nan_to_num(excess, nan=float("inf"))
         if bool((excess > 0).any()):

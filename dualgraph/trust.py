@@ -64,11 +64,10 @@ def verify_relaxation(rule: DualRule, node: Node, bounds, r: Relaxation) -> None
 
     magnitude = torch.maximum(l.abs(), u.abs()).where(torch.isfinite(l) & torch.isfinite(u), torch.zeros_like(l))
     lines = [(*line(r.a_lo, r.b_lo), "lower", 1.0), (*line(r.a_up, r.b_up), "upper", -1.0)]
-    if r.free is not None:  # free lower slopes: the valid slopes form an interval, so its two ends
-        units, lo_slope, hi_slope = r.free
-        for end in (lo_slope, hi_slope):
-            a = torch.where(units, torch.as_tensor(end, dtype=r.a_lo.dtype).expand_as(r.a_lo), r.a_lo)
-            lines.append((*line(a, r.b_lo), "free lower (at the end of its slope range)", 1.0))
+    if r.free is not None:  # free lines: the valid slopes form an interval, so its ends and its middle
+        for side, a, b in r.free.lines(r):
+            which = "free lower" if side < 0 else "free upper"
+            lines.append((*line(a, b), f"{which} (at a slope of its range)", -float(side)))
     # the allowance's share for a relaxation: 8 units of roundoff (u = eps / 2) of |a| m + 2 |b|;
     # 4 float64 ulps of f cover the check's own evaluation
     f64 = torch.finfo(torch.float64).eps

@@ -318,3 +318,99 @@ def test_max_pool_free_weights_reach_a_mixture():
     alpha = BoundScheduler(graph, BoundConfig(relu_relaxation="alpha", alpha_steps=40)).bound_output(box, spec)
     assert float(crown) == pytest.approx(-1.0, abs=1e-9)
     assert -0.05 <= float(alpha) <= 1e-9, float(alpha)
+
+
+S_SHAPED = {"Sigmoid": torch.sigmoid, "Tanh": torch.tanh}
+
+
+def _s_shaped_relaxation(op_type: str, gen: torch.Generator, mode: str, dtype: torch.dtype):
+    n = example_node(OPS[("", op_type)], _example(var(7)))
+    b = random_bounds(n.inputs[0].unit_shape, gen, mode)
+    b = Bounds(b.lower.to(dtype), b.upper.to(dtype))
+    return n, b, dual_rule(n).relaxation(n, b, CONFIGS[2])  # relu_relaxation="alpha"
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), dtype=st.sampled_from([torch.float32, torch.float64]),
+       op_type=st.sampled_from(sorted(S_SHAPED)), mode=st.sampled_from(["mixed", "negative", "wide"]),
+       where=st.sampled_from(["inside", "outside", "ends"]))
+def test_s_shaped_free_lines_give_sound_steps(seed, dtype, op_type, mode, where):
+    """Any slopes of Sigmoid's and Tanh's free lower and upper lines (``relu_relaxation="alpha"``,
+    :class:`~dualgraph.dual_registry.FreeLines`: each line's offset the tightest for its slope)
+    give a step that satisfies inequality (1) at every sampled point, checked in float64 on the
+    step as computed: slopes inside their range, outside it (clamped) and at its ends. One row
+    per unit, so that no unit's slack hides another's violation."""
+    from dualgraph.dual_registry import FreeSlopes
+    gen = torch.Generator().manual_seed(seed)
+    n, b, r = _s_shaped_relaxation(op_type, gen, mode, dtype)
+    assert r.free is not None and r.free.offsets is not None and r.free.upper is not None
+    B, units = b.lower.shape[0], n.output.numel
+    index = torch.arange(units)
+
+    def variables(lo, hi):
+        lo, hi = (torch.as_tensor(t, dtype=dtype).expand(B, units).unsqueeze(1) for t in (lo, hi))
+        t = torch.rand(lo.shape, generator=gen, dtype=torch.float64).to(dtype)
+        t = {"inside": t, "outside": 3 * t - 1, "ends": (t > 0.5).to(dtype)}[where]
+        return FreeSlopes(index, lo + t * (hi - lo), r.free.units.view(B, 1, units), lo, hi)
+    signs = torch.randn(B, units, generator=gen, dtype=torch.float64)
+    lam = torch.diag_embed(signs).view(B, units, units).to(dtype)                     # row j: unit j only
+    lower_slopes, upper_slopes = variables(r.free.lo, r.free.hi), variables(*r.free.upper)
+    rule = dual_rule(n)
+    step = rule.backward_with_slopes(n, lam, b, CONFIGS[2], lower_slopes, None, upper_slopes)
+    l, u = b.lower.double(), b.upper.double()
+    t = torch.cat([torch.rand((96, *l.shape), generator=gen, dtype=torch.float64),
+                   torch.zeros(1, *l.shape, dtype=torch.float64), torch.ones(1, *l.shape, dtype=torch.float64)])
+    z = l + t * (u - l)                                                                # [98, B, units]
+    lhs = signs * S_SHAPED[op_type](z)
+    rhs = step.lam_in[0].double().diagonal(dim1=1, dim2=2) * z + step.lower.double()
+    scale = signs.abs() * (1 + z.abs()) + step.lower.double().abs()
+    assert (rhs <= lhs + 4 * torch.finfo(dtype).eps * scale).all(), float((rhs - lhs).max())
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), op_type=st.sampled_from(sorted(S_SHAPED)),
+       mode=st.sampled_from(["mixed", "negative", "wide"]))
+def test_s_shaped_free_lines_touch_f(seed, op_type, mode):
+    """The free lines' offsets are the tightest for their slopes: each line at any slope of
+    its range lies on the right side of ``f`` on a dense grid of ``[l, u]`` and touches it
+    (a tangent where the extreme of ``f - a z`` is inside the interval, else at an end)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, b, r = _s_shaped_relaxation(op_type, gen, mode, torch.float64)
+    l, u = b
+    grid = l + torch.linspace(0, 1, 20001, dtype=torch.float64).view(-1, 1, 1) * (u - l)
+    f = S_SHAPED[op_type](grid)
+    for side, a, offset in r.free.lines(r, at=(0.0, 0.1, 0.37, 0.5, 0.9, 1.0)):
+        gap = side * (a * grid + offset - f)  # >= 0: the line on its side of f
+        units = r.free.units
+        assert (gap[:, units] >= -1e-12).all()
+        # the grid's spacing bounds how far its closest point is from the touching point
+        spacing = ((u - l) / 20000)[units]
+        slope_gap = (a[units].abs() + 1) * spacing
+        assert (gap[:, units].amin(0) <= 1e-9 + slope_gap).all(), float((gap[:, units].amin(0) - slope_gap).max())
+
+
+def test_free_lines_given_as_a_tuple_are_lower_slopes():
+    """A relaxation may still give ``free`` as ``(units, lo, hi)``: free lower slopes with one offset."""
+    units = torch.tensor([[True, False]])
+    r = Relaxation(torch.zeros(1, 2), 0.0, torch.ones(1, 2), 0.0, (units, 0.0, 1.0))
+    assert r.free.units is units and r.free.upper is None and r.free.offsets is None
+
+
+@pytest.mark.parametrize("op_type", sorted(S_SHAPED))
+def test_optimised_s_shaped_line_reaches_the_minimum(op_type):
+    """``f(z)`` over ``z in [-2, 3]`` for an increasing S-shaped ``f`` is ``f(-2)``. The chord's
+    parallel lines (CROWN) fall short of it; a lower line of slope at most ``f'(-2)`` through
+    ``(-2, f(-2))`` reaches it, and so does ``alpha``. Likewise the maximum ``f(3)``."""
+    from dualgraph.frontends.fx import load_module
+    from dualgraph.input_sets import Box
+    f = S_SHAPED[op_type]
+    module = {"Sigmoid": torch.nn.Sigmoid, "Tanh": torch.nn.Tanh}[op_type]()
+    graph = load_module(module, torch.zeros(1, 1, dtype=torch.float64))
+    box = Box(torch.full((1, 1), -2.0, dtype=torch.float64), torch.full((1, 1), 3.0, dtype=torch.float64))
+    spec = torch.tensor([[[1.0], [-1.0]]], dtype=torch.float64)
+    exact = torch.tensor([float(f(torch.tensor(-2.0, dtype=torch.float64))),
+                          -float(f(torch.tensor(3.0, dtype=torch.float64)))], dtype=torch.float64)
+    crown = BoundScheduler(graph, BoundConfig(relu_relaxation="crown")).bound_output(box, spec)[0]
+    alpha = BoundScheduler(graph, BoundConfig(relu_relaxation="alpha", alpha_steps=40)).bound_output(box, spec)[0]
+    assert (crown < exact - 0.01).all(), (crown, exact)
+    assert (alpha <= exact + 1e-12).all() and (alpha >= exact - 1e-6).all(), (alpha, exact)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dual_registry import Bounds, DualRule, DualStep, Relaxation, const_args
+from ..dual_registry import Bounds, DualRule, DualStep, FreeLines, Relaxation, const_args
 from ..errors import DualgraphError
 from ..lowering import Call, Unsupported
 from ..op_registry import define_op, var
@@ -45,7 +45,7 @@ def relu_relaxation(node, b: Bounds, config) -> Relaxation:
     if config.relu_relaxation == "paper":
         return Relaxation(d, 0.0, d, b_up)
     a_lo = torch.where(cross, (u > -l).to(l.dtype), d)
-    return Relaxation(a_lo, 0.0, d, b_up, (cross, 0.0, 1.0) if config.relu_relaxation == "alpha" else None)
+    return Relaxation(a_lo, 0.0, d, b_up, FreeLines(cross, 0.0, 1.0) if config.relu_relaxation == "alpha" else None)
 
 
 relu.onnx_import(onnx_elementwise)
@@ -74,7 +74,7 @@ def leaky_relu_relaxation(node, b: Bounds, config) -> Relaxation:
     cross = crossing(b)
     s = torch.where(cross, (u - alpha * l) / torch.where(cross, u - l, 1.0),
                     torch.where(l >= 0, torch.ones_like(l), torch.full_like(l, alpha)))  # alpha in l's precision
-    free = (cross, alpha, 1.0) if config.relu_relaxation == "alpha" else None
+    free = FreeLines(cross, alpha, 1.0) if config.relu_relaxation == "alpha" else None
     return Relaxation(s, 0.0, s, torch.where(cross, l * (alpha - s), 0.0), free)
 
 
@@ -199,21 +199,44 @@ def _tanh_stationary(a: torch.Tensor) -> list[torch.Tensor]:
     return [z, -z]
 
 
-def _define_s_shaped(op_type: str, f, stationary, *fx_targets):
-    """An S-shaped activation: chord slope, offsets through the stationary points of f - a z."""
+def _define_s_shaped(op_type: str, f, derivative, stationary, *fx_targets):
+    """An S-shaped activation: chord slope, offsets through the stationary points of f - a z.
+
+    With ``relu_relaxation="alpha"`` the lower and the upper line are free (optimised from
+    the chord), each with the tightest offset for its slope: a tangent line where the
+    extreme of ``f - a z`` is a stationary point (the tangent point parametrised by its
+    slope), the line through an end where it is not. Slopes range over the values ``f'``
+    takes on ``[l, u]`` (``f'`` is even and decreasing in ``|z|``: from ``min(f'(l), f'(u))``
+    to ``f'`` at the point of ``[l, u]`` nearest 0)."""
     op = define_op(op_type)
     op.evaluate(lambda node, inputs: f(inputs[0]))
-    op.relaxation(linear_if=lambda config: True)(
-        lambda node, b, config: chord_relaxation(b, f, stationary=stationary))
+
+    @op.relaxation(linear_if=lambda config: config.relu_relaxation != "alpha")
+    def relax(node, b: Bounds, config) -> Relaxation:
+        free = None
+        if config.relu_relaxation == "alpha":
+            l, u = (t.detach().to(torch.float64) for t in b)
+            free = (torch.minimum(derivative(l), derivative(u)), derivative(torch.zeros_like(l).clamp(min=l, max=u)))
+        return chord_relaxation(b, f, stationary=stationary, free_slopes=free)
+
     op.onnx_import(onnx_elementwise)
     op.fx_lowering(*fx_targets)(fx_unary(op_type))
     op.example(var(6))
     return op
 
 
-sigmoid = _define_s_shaped("Sigmoid", torch.sigmoid, _sigmoid_stationary, nn.Sigmoid, F.sigmoid, torch.sigmoid,
-                           "sigmoid")
-tanh = _define_s_shaped("Tanh", torch.tanh, _tanh_stationary, nn.Tanh, F.tanh, torch.tanh, "tanh")
+def _sigmoid_derivative(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 - s)
+
+
+def _tanh_derivative(z: torch.Tensor) -> torch.Tensor:
+    return 1 - torch.tanh(z) ** 2
+
+
+sigmoid = _define_s_shaped("Sigmoid", torch.sigmoid, _sigmoid_derivative, _sigmoid_stationary, nn.Sigmoid, F.sigmoid,
+                           torch.sigmoid, "sigmoid")
+tanh = _define_s_shaped("Tanh", torch.tanh, _tanh_derivative, _tanh_stationary, nn.Tanh, F.tanh, torch.tanh, "tanh")
 
 
 @sigmoid.fx_lowering(nn.SiLU, F.silu)

@@ -15,9 +15,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..dual_registry import AffineRule, Bounds, Relaxation
+from ..dual_registry import AffineRule, Bounds, FreeLines, Relaxation
 from ..errors import DualgraphError, UnsupportedOpError
 from ..ir import Node, normalize_axis
+from ..linalg import take_examples
 from ..lowering import Call
 
 Tensor = torch.Tensor
@@ -208,7 +209,8 @@ def crossing(b: Bounds) -> torch.Tensor:
 
 
 def chord_relaxation(b: Bounds, f: Callable[[Tensor], Tensor], breakpoints: Sequence[float] = (),
-                     stationary: Callable[[Tensor], list[Tensor]] | None = None) -> Relaxation:
+                     stationary: Callable[[Tensor], list[Tensor]] | None = None,
+                     free_slopes: tuple[Tensor, Tensor] | None = None) -> Relaxation:
     """Parallel lines of the chord slope ``a`` through the extremes of ``g(z) = f(z) - a z``.
 
     The extremes of ``g`` on ``[l, u]`` lie at ``l``, ``u``, the breakpoints of a piecewise
@@ -220,6 +222,13 @@ def chord_relaxation(b: Bounds, f: Callable[[Tensor], Tensor], breakpoints: Sequ
     (``|a_t - a| max(|l|, |u|)``) plus a float64 slack, and rounded outward. So the lines bound
     ``f`` (as computed in float64) on the whole interval, with no slack of the bounds' own
     precision left in them: the rounding allowance accounts for float32 evaluation apart.
+
+    ``free_slopes`` (``(lo, hi)``, float64 ``[B, *unit]``): both lines become free
+    (:class:`~dualgraph.dual_registry.FreeLines`, ``relu_relaxation="alpha"``) with slopes in
+    ``[lo, hi]`` and, for each slope, the same tightest offsets (``stationary`` must then
+    give every solution of ``f'(z) = a`` for any slope in the range): the line of slope
+    ``a`` through the extreme of ``g`` touches ``f`` there, a tangent line where the extreme
+    is a stationary point.
     """
     dtype = b.lower.dtype
     l, u = (t.to(torch.float64) for t in b)  # differentiable: the robust loss trains through bounds
@@ -227,14 +236,52 @@ def chord_relaxation(b: Bounds, f: Callable[[Tensor], Tensor], breakpoints: Sequ
     width = u - l
     flat = width <= 1e-12 * (1 + m)
     a = torch.where(flat, 0.0, (f(u) - f(l)) / torch.where(flat, 1.0, width))
+    a_t = a.to(dtype)
+    lo, hi = _extremes(l, u, a, a_t, f, breakpoints, stationary)
+    r = Relaxation(a_t, _round_down(lo, dtype), a_t, _round_up(hi, dtype))
+    if free_slopes is not None:
+        r.free = _free_lines(l, u, r, f, breakpoints, stationary, free_slopes, ~flat)
+    return r
+
+
+def _extremes(l: Tensor, u: Tensor, a: Tensor, a_t: Tensor, f, breakpoints, stationary,
+              detach_points: bool = False) -> tuple[Tensor, Tensor]:
+    """``min`` and ``max`` of ``f(z) - a z`` on ``[l, u]`` (float64), moved out by the shift
+    of rounding ``a`` to ``a_t`` and a float64 slack. ``detach_points``: the candidate points
+    carry no gradient, so the gradient in ``a`` is ``-z*`` (the extreme's point, Danskin)."""
+    m = torch.maximum(l.abs(), u.abs())
     cands = [l, u] + [torch.full_like(l, p).clamp(min=l, max=u) for p in breakpoints]
     if stationary is not None:
-        cands += [z.clamp(min=l, max=u) for z in stationary(a)]
+        cands += [z.clamp(min=l, max=u) for z in stationary(a.detach() if detach_points else a)]
+    if detach_points:
+        cands = [z.detach() for z in cands]
     g = torch.stack([f(z) - a * z for z in cands])
-    a_t = a.to(dtype)
     slack = (a_t.to(torch.float64) - a).abs() * m + 1e-12 * (1 + g.abs().amax(0) + a.abs() * m)
-    lo, hi = g.amin(0) - slack, g.amax(0) + slack
-    return Relaxation(a_t, _round_down(lo, dtype), a_t, _round_up(hi, dtype))
+    return g.amin(0) - slack, g.amax(0) + slack
+
+
+def _free_lines(l: Tensor, u: Tensor, r: Relaxation, f, breakpoints, stationary,
+                slopes: tuple[Tensor, Tensor], units: Tensor) -> FreeLines:
+    """The free lines of :func:`chord_relaxation`: slopes in ``slopes``, offsets by :func:`_extremes`."""
+    dtype = r.a_lo.dtype
+    lo, hi = (t.to(dtype) for t in slopes)
+    lo, hi = torch.minimum(lo, r.a_lo), torch.maximum(hi, r.a_lo)  # the start (the chord) in range
+
+    def offsets(a: Tensor, index: Tensor, side: int, examples: Tensor | None = None) -> Tensor:
+        def at(t):  # [R, 1, K]: the rows' examples, the free units
+            t = t if examples is None else take_examples(t, examples)
+            return t.flatten(1)[:, index].unsqueeze(1)
+        a64 = a.to(torch.float64)
+        low, high = _extremes(at(l), at(u), a64, a, f, breakpoints, stationary, detach_points=True)
+        return _round_down(low, a.dtype) if side < 0 else _round_up(high, a.dtype)
+
+    # |f(z)| <= |a_chord| |z| + max |b| (f lies between the chord's lines), so every line's offset
+    # f(z*) - a z* is at most that plus max |a| m
+    m = torch.maximum(l.abs(), u.abs()).detach()
+    b_abs = torch.maximum(torch.as_tensor(r.b_lo).abs(), torch.as_tensor(r.b_up).abs()).detach().to(torch.float64)
+    steepest = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
+    reach = ((r.a_lo.detach().abs().to(torch.float64) * m + b_abs + steepest * m) * (1 + 1e-6)).to(dtype)
+    return FreeLines(units, lo, hi, (lo, hi), offsets, reach)
 
 
 def _round_down(t: Tensor, dtype: torch.dtype) -> Tensor:

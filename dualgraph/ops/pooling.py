@@ -289,7 +289,7 @@ class MaxPoolDual(DualRule):
     def backward(self, node, lam, bounds, config):
         return self.backward_with_slopes(node, lam, bounds[0], config, None)
 
-    def backward_with_slopes(self, node, lam, bounds: Bounds, config, weights, splits=None):
+    def backward_with_slopes(self, node, lam, bounds: Bounds, config, weights, splits=None, upper=None):
         """:meth:`backward`, or with ``weights`` (a :class:`~dualgraph.dual_registry.FreeSlopes`
         from :func:`free_lower_weights`, ``relu_relaxation="alpha"``) the lower line
         ``sum_k p_k z_k`` with ``p = w / sum_k w_k`` for each row's weights ``w >= 0`` on the
