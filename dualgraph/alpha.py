@@ -1,8 +1,9 @@
 """Optimised slopes (alpha-CROWN): the free lines of the relaxations as variables.
 
 A crossing ReLU unit may take any lower line ``a z`` with ``0 <= a <= 1`` (LeakyReLU:
-``alpha <= a <= 1``); a Sigmoid or Tanh unit any lower and upper line, each with the
-tightest offset for its slope (the tangent lines, by their slopes; on dense rows only); every
+``alpha <= a <= 1``); a Sigmoid, Tanh, Erf, Softplus, Exp, Abs or Clip unit any lower and
+upper line, each with the tightest offset for its slope (for Sigmoid and Tanh the tangent
+lines, by their slopes; on dense rows only); every
 choice gives a sound dual layer (:class:`~dualgraph.dual_registry.FreeLines`). A max pool's
 lower line may be any convex combination of its window's entries (normalised free weights,
 :func:`free_pools`; on dense rows only). The final bound ``J(C)`` is then a function of
@@ -19,7 +20,7 @@ of every iterate is kept (each is valid, so the maximum over iterates is too). T
 before the first free slopes do not change between steps and run once.
 
 The same ascent serves three callers: the final bound ``J(C)`` (one row per specification
-row), the intermediate bounds of crossing units (of every unit before a Sigmoid or Tanh;
+row), the intermediate bounds of crossing units (of every unit before a smooth activation;
 rows ``+e_j`` and ``-e_j``, layer by layer,
 :meth:`~dualgraph.scheduler.BoundScheduler.intermediate_bounds`), and branch and bound
 (:mod:`dualgraph.bab`), whose split constraints add multipliers ``beta >= 0``

@@ -34,7 +34,7 @@ def _add_bound_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--relaxation", choices=["paper", "crown", "alpha"], default="paper",
                    help="ReLU lower slope: paper = u/(u-l) as in Wong et al. (default), crown = adaptive (tighter), "
                         "alpha = optimised per specification row from crown's, with max-pool lower lines and "
-                        "Sigmoid/Tanh tangent lines (tightest, slower)")
+                        "the free lines of Sigmoid, Tanh and other smooth activations (tightest, slower)")
     p.add_argument("--alpha-steps", type=int, default=20, metavar="N",
                    help="with --relaxation alpha: gradient steps of the slope optimisation (default 20)")
     p.add_argument("--alpha-lr", type=float, default=0.1, metavar="LR",

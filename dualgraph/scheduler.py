@@ -120,7 +120,8 @@ class BoundScheduler:
         in floating point (:mod:`dualgraph.rounding`) before anything uses it.
 
         ``optimise_slopes`` (default: with ``relu_relaxation="alpha"``): each unit whose bound
-        decides its relaxation (a crossing ReLU unit; every unit before a Sigmoid or Tanh)
+        decides its relaxation (a crossing ReLU unit; every unit before a smooth activation
+        with free lines, e.g. Sigmoid or Tanh)
         gets its lower and upper bound tightened
         by optimised slopes (:func:`dualgraph.alpha.optimise_rows`), layer by layer, and
         intersected with ``floor`` (CROWN's bounds, computed first when not given): CROWN's
@@ -251,7 +252,7 @@ class BoundScheduler:
 
     def _smooth_users(self, v: Value, bounds: Bounds) -> bool:
         """Whether every op that relaxes ``v`` has free lines with their own offsets on
-        ``bounds`` (:class:`~dualgraph.dual_registry.FreeLines`: Sigmoid, Tanh with ``alpha``),
+        ``bounds`` (:class:`~dualgraph.dual_registry.FreeLines`: Sigmoid, Tanh, ... with ``alpha``),
         whose every unit's bounds shape the lines an ascent can reach."""
         users = [u for u in v.users if dual_rule(u).bounds_needed(u)]
         for user in users:

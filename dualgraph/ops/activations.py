@@ -20,7 +20,7 @@ from ..dual_registry import Bounds, DualRule, DualStep, FreeLines, Relaxation, c
 from ..errors import DualgraphError
 from ..lowering import Call, Unsupported
 from ..op_registry import define_op, var
-from .common import chord_relaxation, crossing, fx_unary, node_axis, onnx_elementwise
+from .common import chord_relaxation, crossing, derivative_range, fx_unary, node_axis, onnx_elementwise
 
 # ---- Relu --------------------------------------------------------------------------------------------
 
@@ -119,14 +119,23 @@ def _(node, inputs):
     return x
 
 
-@clip.relaxation(linear_if=lambda config: True, eval_roundings=0, monotone=True)
+@clip.relaxation(linear_if=lambda config: config.relu_relaxation != "alpha", eval_roundings=0, monotone=True)
 def clip_relaxation(node, b: Bounds, config) -> Relaxation:
-    """Piecewise linear with breakpoints at ``min`` and ``max``: the chord relaxation."""
+    """Piecewise linear with breakpoints at ``min`` and ``max``: the chord relaxation. With
+    ``relu_relaxation="alpha"`` both lines are free, slopes in ``[0, 1]`` where the interval
+    reaches both a flat piece and the sloped one (each line's offset the tightest for its
+    slope: a HardTanh's lines like a ReLU's on either side)."""
     lo_v, hi_v = _clip_limits(node, const_args(node, b.lower))
     lo = float(lo_v) if lo_v is not None else -math.inf
     hi = float(hi_v) if hi_v is not None else math.inf
     bps = tuple(p for p in (lo, hi) if math.isfinite(p))
-    return chord_relaxation(b, lambda z: z.clamp(min=lo, max=hi), breakpoints=bps)
+    # f' is 1 between the limits, 0 outside: "peaked" anywhere between them
+    peak = (lo + hi) / 2 if bps == (lo, hi) else (lo + 1 if math.isfinite(lo) else (hi - 1 if bps else 0.0))
+
+    def derivative(z):
+        return ((z > lo) & (z < hi)).to(z.dtype)
+    return chord_relaxation(b, lambda z: z.clamp(min=lo, max=hi), breakpoints=bps,
+                            free_slopes=derivative_range(config, b, derivative, peak))
 
 
 @clip.onnx_import
@@ -213,11 +222,7 @@ def _define_s_shaped(op_type: str, f, derivative, stationary, *fx_targets):
 
     @op.relaxation(linear_if=lambda config: config.relu_relaxation != "alpha")
     def relax(node, b: Bounds, config) -> Relaxation:
-        free = None
-        if config.relu_relaxation == "alpha":
-            l, u = (t.detach().to(torch.float64) for t in b)
-            free = (torch.minimum(derivative(l), derivative(u)), derivative(torch.zeros_like(l).clamp(min=l, max=u)))
-        return chord_relaxation(b, f, stationary=stationary, free_slopes=free)
+        return chord_relaxation(b, f, stationary=stationary, free_slopes=derivative_range(config, b, derivative, 0.0))
 
     op.onnx_import(onnx_elementwise)
     op.fx_lowering(*fx_targets)(fx_unary(op_type))

@@ -244,6 +244,22 @@ def chord_relaxation(b: Bounds, f: Callable[[Tensor], Tensor], breakpoints: Sequ
     return r
 
 
+def derivative_range(config, b: Bounds, derivative: Callable[[Tensor], Tensor],
+                     peak: float | None = None) -> tuple[Tensor, Tensor] | None:
+    """The slopes ``f'`` takes on ``[l, u]`` (float64), the free lines' range of
+    :func:`chord_relaxation` with ``relu_relaxation="alpha"`` (None otherwise): between
+    ``f'(l)`` and ``f'(u)`` for ``f'`` monotone on the line (``f`` convex or concave), and
+    with ``peak`` (``f'`` increasing up to ``peak``, decreasing after: an S-shaped ``f``)
+    up to ``f'`` at the point of ``[l, u]`` nearest the peak."""
+    if config.relu_relaxation != "alpha":
+        return None
+    l, u = (t.detach().to(torch.float64) for t in b)
+    at_l, at_u = derivative(l), derivative(u)
+    if peak is None:
+        return torch.minimum(at_l, at_u), torch.maximum(at_l, at_u)
+    return torch.minimum(at_l, at_u), derivative(torch.full_like(l, peak).clamp(min=l, max=u))
+
+
 def _extremes(l: Tensor, u: Tensor, a: Tensor, a_t: Tensor, f, breakpoints, stationary,
               detach_points: bool = False) -> tuple[Tensor, Tensor]:
     """``min`` and ``max`` of ``f(z) - a z`` on ``[l, u]`` (float64), moved out by the shift

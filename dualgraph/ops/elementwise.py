@@ -4,7 +4,10 @@ Sin, Cos, and the steps Sign, Floor, Ceil.
 Every relaxation is a pair of parallel lines (the dual layers are linear): the chord's slope
 ``a`` and offsets through the extremes of ``g(z) = f(z) - a z`` on ``[l, u]``, which lie at
 the ends, at kinks, or where ``f'(z) = a`` (each op states those stationary points;
-:func:`~dualgraph.ops.common.chord_relaxation`). Steps are monotone: the constant lines
+:func:`~dualgraph.ops.common.chord_relaxation`). With ``relu_relaxation="alpha"`` the lines
+of Abs, Exp, Softplus and Erf are free, each with the tightest offset for its slope, slopes
+over the values ``f'`` takes on ``[l, u]`` (:func:`~dualgraph.ops.common.derivative_range`;
+not for Log, Sqrt, Reciprocal, whose ``f'`` is unbounded near 0, nor Pow, Sin, Cos). Steps are monotone: the constant lines
 ``f(l)`` and ``f(u)``. Ops defined on part of the line (Log, Sqrt, Reciprocal, fractional
 powers) refuse bounds that leave it, and Exp refuses bounds it would overflow on, with an
 error naming the node: a bound that is not finite is no bound.
@@ -24,7 +27,7 @@ from ..dual_registry import Bounds, Relaxation
 from ..errors import DualgraphError, UnsupportedOpError
 from ..lowering import Call, Unsupported
 from ..op_registry import define_op, var
-from .common import chord_relaxation, fx_unary, onnx_elementwise
+from .common import chord_relaxation, derivative_range, fx_unary, onnx_elementwise
 
 Tensor = torch.Tensor
 INF = float("inf")
@@ -44,11 +47,14 @@ def _require_inside(node, b: Bounds, low: float, high: float = INF, *, open_low:
 
 
 def _define(op_type: str, f: Callable[[Tensor], Tensor], relax, *fx_targets, eval_roundings: int = 8,
-            breakpoints=lambda node: None):
-    """A one-input function: evaluation ``f``, linear relaxation, ONNX import as it is, fx lowering."""
+            breakpoints=lambda node: None, free_lines: bool = False):
+    """A one-input function: evaluation ``f``, linear relaxation, ONNX import as it is, fx lowering.
+    ``free_lines``: with ``relu_relaxation="alpha"`` the relaxation's lines are free
+    (:func:`~dualgraph.ops.common.derivative_range`), so its dual layer is not linear then."""
     op = define_op(op_type)
     op.evaluate(lambda node, inputs: f(inputs[0]))
-    op.relaxation(linear_if=lambda config: True, eval_roundings=eval_roundings, breakpoints=breakpoints)(relax)
+    linear_if = (lambda config: config.relu_relaxation != "alpha") if free_lines else (lambda config: True)
+    op.relaxation(linear_if=linear_if, eval_roundings=eval_roundings, breakpoints=breakpoints)(relax)
     op.onnx_import(onnx_elementwise)
     if fx_targets:
         op.fx_lowering(*fx_targets)(fx_unary(op_type))
@@ -57,8 +63,10 @@ def _define(op_type: str, f: Callable[[Tensor], Tensor], relax, *fx_targets, eva
 
 # ---- convex / concave functions ------------------------------------------------------------------
 
-abs_op = _define("Abs", torch.abs, lambda node, b, config: chord_relaxation(b, torch.abs, breakpoints=(0.0,)),
-                 torch.abs, "abs", eval_roundings=0, breakpoints=lambda node: (0.0,))
+abs_op = _define("Abs", torch.abs,
+                 lambda node, b, config: chord_relaxation(b, torch.abs, breakpoints=(0.0,),
+                                                          free_slopes=derivative_range(config, b, torch.sign)),
+                 torch.abs, "abs", eval_roundings=0, breakpoints=lambda node: (0.0,), free_lines=True)
 abs_op.example(var(6))
 abs_op.example(var(2, 3))
 
@@ -66,10 +74,11 @@ abs_op.example(var(2, 3))
 def _exp_relaxation(node, b: Bounds, config) -> Relaxation:
     _require_inside(node, b, -INF, math.log(torch.finfo(b.upper.dtype).max) - 1,
                     what=" (exp would overflow)")
-    return chord_relaxation(b, torch.exp, stationary=lambda a: [torch.log(a.clamp(min=1e-300))])
+    return chord_relaxation(b, torch.exp, stationary=lambda a: [torch.log(a.clamp(min=1e-300))],
+                            free_slopes=derivative_range(config, b, torch.exp))
 
 
-exp = _define("Exp", torch.exp, _exp_relaxation, torch.exp, "exp")
+exp = _define("Exp", torch.exp, _exp_relaxation, torch.exp, "exp", free_lines=True)
 exp.example(var(6), domain=(-INF, 30.0))
 
 
@@ -108,10 +117,11 @@ reciprocal.example(var(6), domain=(-INF, -0.05))
 
 def _softplus_relaxation(node, b: Bounds, config) -> Relaxation:
     # f'(z) = sigmoid(z) = a: z = logit(a)
-    return chord_relaxation(b, F.softplus, stationary=lambda a: [torch.logit(a.clamp(1e-15, 1 - 1e-15))])
+    return chord_relaxation(b, F.softplus, stationary=lambda a: [torch.logit(a.clamp(1e-15, 1 - 1e-15))],
+                            free_slopes=derivative_range(config, b, torch.sigmoid))
 
 
-softplus = _define("Softplus", F.softplus, _softplus_relaxation)
+softplus = _define("Softplus", F.softplus, _softplus_relaxation, free_lines=True)
 
 
 @softplus.fx_lowering(nn.Softplus)
@@ -139,8 +149,16 @@ def _erf_stationary(a: Tensor) -> list[Tensor]:
     return [z, -z]
 
 
-erf = _define("Erf", torch.erf, lambda node, b, config: chord_relaxation(b, torch.erf, stationary=_erf_stationary),
-              torch.erf, "erf")
+def _erf_derivative(z: Tensor) -> Tensor:
+    return 2 / math.sqrt(math.pi) * torch.exp(-z * z)
+
+
+def _erf_relaxation(node, b: Bounds, config) -> Relaxation:
+    return chord_relaxation(b, torch.erf, stationary=_erf_stationary,
+                            free_slopes=derivative_range(config, b, _erf_derivative, peak=0.0))
+
+
+erf = _define("Erf", torch.erf, _erf_relaxation, torch.erf, "erf", free_lines=True)
 erf.example(var(6))
 
 
