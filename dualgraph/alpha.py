@@ -1,16 +1,17 @@
-"""Optimised slopes (alpha-CROWN): the free lines of the relaxations as variables.
+"""Optimised slopes (alpha-CROWN): the dual layers' free parameters as variables.
 
-A crossing ReLU unit may take any lower line ``a z`` with ``0 <= a <= 1`` (LeakyReLU:
-``alpha <= a <= 1``); a Sigmoid, Tanh, Erf, Softplus, Exp, Abs or Clip unit any lower and
-upper line, each with the tightest offset for its slope (for Sigmoid and Tanh the tangent
-lines, by their slopes; on dense rows only); every
-choice gives a sound dual layer (:class:`~dualgraph.dual_registry.FreeLines`). A max pool's
-lower line may be any convex combination of its window's entries (normalised free weights,
-:func:`free_pools`; on dense rows only). The final bound ``J(C)`` is then a function of
-these variables, and this module maximises it by projected gradient ascent (Adam, then a
-clamp into the range), starting from CROWN's slopes. Slopes whose ranges differ in width
-from unit to unit (an S-shaped ``f'`` on ``[l, u]``) are optimised in units of their range
-(:attr:`~dualgraph.dual_registry.FreeSlopes.scale`), so one step size suits them all.
+Each dual layer declares its free parameters (:meth:`~dualgraph.dual_registry.DualRule.
+free_variables`), every value of which gives a sound step. A crossing ReLU unit may take any
+lower line ``a z`` with ``0 <= a <= 1`` (LeakyReLU: ``alpha <= a <= 1``); a Sigmoid, Tanh,
+Erf, Softplus, Exp, Abs or Clip unit any lower and upper line, each with the tightest
+offset for its slope (for Sigmoid and Tanh the tangent lines, by their slopes; dense rows
+only) (:class:`~dualgraph.dual_registry.FreeLines`); a max pool's lower line any convex
+combination of its window's entries (normalised free weights; dense rows only). The final
+bound ``J(C)`` is then a function of these variables, and this module maximises it by
+projected gradient ascent (Adam, then a clamp into the range), starting from CROWN's slopes.
+Slopes whose ranges differ in width from unit to unit (an S-shaped ``f'`` on ``[l, u]``) are
+optimised in units of their range (:attr:`~dualgraph.dual_registry.FreeSlopes.scale`), so one
+step size suits them all.
 
 **One set of slopes per row.** Each ``(example, row)`` pair has its own slopes for every
 free unit of the network, so the rows are independent problems: they are flattened into a
@@ -34,6 +35,8 @@ covers every slope in its range.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .dual_registry import ElementwiseRule, FreeSlopes, Relaxation, SplitMultipliers
@@ -46,26 +49,28 @@ LR_FINAL = 0.3
 steps refine rather than jump; the same profile whatever the number of steps)."""
 
 
-def free_pools(dual, bounds: dict) -> dict:
-    """``{primal node name: FreeSlopes}``: the lower lines' weights of the max pools in ``dual``
-    whose windows are not all dominated by one entry (:func:`dualgraph.ops.pooling.free_lower_weights`;
-    dense rows only: on windows the pools keep their fixed lines)."""
-    from .ops.pooling import free_lower_weights
+def free_variables(runner, dual, bounds: dict) -> dict[str, dict[str, FreeSlopes]]:
+    """``{primal node name: {kind: FreeSlopes}}``: the free parameters that the dual layers of
+    ``dual`` declare on ``bounds`` (:meth:`~dualgraph.dual_registry.DualRule.free_variables`),
+    at their starting values, for dense rows."""
     out = {}
     for node in dual.nodes:
-        primal = node.meta.get("primal")
-        if primal is None or primal.op != ("", "MaxPool"):
+        rule, primal = node.meta.get("rule"), node.meta.get("primal")
+        if rule is None or primal is None or not rule.bounds_needed(primal):
             continue
-        b = bounds.get(primal.var_inputs[0])
-        weights = None if b is None else free_lower_weights(primal, b)
-        if weights is not None:
-            out[primal.name] = weights
+        b = [bounds.get(v) for v in primal.var_inputs]
+        if not b or any(x is None for x in b):
+            continue
+        found = rule.free_variables(primal, b, runner.config)
+        if found:
+            out[primal.name] = found
     return out
 
 
-def free_relaxations(runner, dual, bounds: dict) -> dict:
-    """``{primal node name: relaxation}`` of the relaxations in ``dual`` (a dual graph) with
-    free lower slopes on some unit of some example."""
+def window_relaxations(runner, dual, bounds: dict) -> dict:
+    """``{primal node name: relaxation}`` of the relaxations in ``dual`` whose free lower
+    slopes share one offset (a ReLU's), on some unit of some example: what runs on the rows'
+    windows (lines with offsets of their own, and max pools, run on dense rows only)."""
     out = {}
     for node in dual.nodes:
         rule = node.meta.get("rule")
@@ -76,7 +81,7 @@ def free_relaxations(runner, dual, bounds: dict) -> dict:
         if b is None:
             continue
         r = rule.relaxation(primal, b, runner.config)
-        if r.free is not None and bool(r.free.units.any()):
+        if r.free is not None and r.free.offsets is None and bool(r.free.units.any()):
             out[primal.name] = r
     return out
 
@@ -127,23 +132,19 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
     """
     config = runner.config
     steps = config.alpha_steps if steps is None else steps
-    relaxed = free_relaxations(runner, dual, batch.bounds) if config.relu_relaxation == "alpha" else {}
+    alpha = config.relu_relaxation == "alpha"
     warm = warm or {}
     split = {name: _multipliers(sign, warm.get((name, "multipliers"))) for name, sign in (batch.splits or {}).items()
              if bool(sign.any())}
     if isinstance(rows, Patches):  # each row's slopes on its own window, wherever the row is
         windows = _window_geometries(dual, rows)
-        variables = {name: (_window_variables(r, windows[name]), None, None) for name, r in relaxed.items()
-                     if r.free.offsets is None}  # lines with their own offsets: on dense rows only
+        relaxed = window_relaxations(runner, dual, batch.bounds) if alpha else {}
+        variables = {name: (_window_variables(r, windows[name]), None, None) for name, r in relaxed.items()}
     else:
-        variables = {name: (_variables(relaxed[name], -1, warm.get((name, "slopes"))) if name in relaxed else None,
-                            split.get(name),
-                            _variables(relaxed[name], 1, warm.get((name, "upper slopes")))
-                            if name in relaxed and relaxed[name].free.upper is not None else None)
-                     for name in set(relaxed) | set(split)}
-        if config.relu_relaxation == "alpha":
-            pools = free_pools(dual, batch.bounds)
-            variables.update({name: (_warmed(w, warm.get((name, "slopes"))), None, None) for name, w in pools.items()})
+        free = free_variables(runner, dual, batch.bounds) if alpha else {}
+        variables = {name: tuple(split.get(name) if kind == "multipliers" else
+                                 _warmed(free.get(name, {}).get(kind), warm.get((name, kind))) for kind in KINDS)
+                     for name in set(free) | set(split)}
     if not variables or (steps == 0 and not warm):
         if record is not None:
             runner.record = record
@@ -161,9 +162,7 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
                   stash=record is not None and dense and goal is not None)
     best = run.climb(steps, record)
     if record is not None and dense:
-        widths = {name: r.free.units[0].numel() for name, r in relaxed.items()}
-        widths.update({name: pair[0].values.shape[-1] for name, pair in variables.items()
-                       if name not in relaxed and pair[0] is not None})
+        widths = {name: t.width for name, triple in variables.items() for t in triple[::2] if t is not None}
         widths.update({name: sign[0].numel() for name, sign in (batch.splits or {}).items()})
         record["variables"] = _full_layout(variables, widths)
         if run.proving is not None:
@@ -335,12 +334,14 @@ def _full_layout(variables: dict, widths: dict[str, int], stash: dict | None = N
     return out
 
 
-def _warmed(weights, warm: torch.Tensor | None):
-    """A max pool's weights (:func:`free_pools`) started at ``warm``'s values where it has them."""
-    if warm is None:
-        return weights
-    values = _started(weights.values.detach(), warm, weights.index).requires_grad_(True)
-    return type(weights)(weights.index, values, weights.free, weights.lo, weights.hi)
+def _warmed(variables: FreeSlopes | None, warm: torch.Tensor | None) -> FreeSlopes | None:
+    """``variables`` (a rule's free parameters at their usual start) started at ``warm``'s
+    values (:data:`Warm`, in slopes) where it has them, clamped into their range."""
+    if variables is None or warm is None:
+        return variables
+    values = _started(variables.values.detach(), warm, variables.index, variables.scale)
+    values = values.clamp(min=variables.lo).clamp(max=variables.hi).requires_grad_(True)
+    return replace(variables, values=values)
 
 
 def _window_geometries(dual, rows: Patches) -> dict:
@@ -366,25 +367,3 @@ def _window_variables(r: Relaxation, windows) -> FreeSlopes:
     values = win(r.a_lo).detach().clone().requires_grad_(True)
     free = win(units.to(r.a_lo.dtype)) > 0.5
     return FreeSlopes(None, values, free, win(lo), win(hi))
-
-
-def _variables(r: Relaxation, side: int, warm: torch.Tensor | None = None) -> FreeSlopes:
-    """The free slopes of the lower (``side = -1``) or upper (``+1``) lines of ``r`` (one example
-    per row) as variables, at the relaxation's own slopes (CROWN's) or at ``warm``'s values
-    (clamped into the range)."""
-    units = r.free.units.flatten(1)
-    lo, hi = (r.free.lo, r.free.hi) if side < 0 else r.free.upper
-    start = r.a_lo if side < 0 else r.a_up
-    index = units.any(0).nonzero().flatten()
-
-    def per_row(t):
-        return t.flatten(1)[:, index].unsqueeze(1) if torch.is_tensor(t) and t.dim() > 0 else t
-
-    lo, hi, start = per_row(lo), per_row(hi), per_row(start)
-    scale = None
-    if r.free.offsets is not None:  # ranges of any width (an S-shaped f' on [l, u]): each about 1 wide
-        width = hi - lo
-        scale = torch.where(width > 0, width, 1.0)
-        lo, hi, start = lo / scale, hi / scale, start / scale
-    values = _started(start, warm, index, scale).clamp(min=lo).clamp(max=hi).requires_grad_(True)
-    return FreeSlopes(index, values, per_row(units), lo, hi, scale)

@@ -137,6 +137,16 @@ class DualRule:
     def backward(self, node: Node, lam: torch.Tensor, bounds: list[Bounds | None], config) -> DualStep:
         raise NotImplementedError
 
+    # ---- optimised parameters (relu_relaxation="alpha", dualgraph.alpha) ----
+    def free_variables(self, node: Node, bounds: list[Bounds], config) -> dict[str, FreeSlopes]:
+        """The dual layer's free parameters on ``bounds`` (one example per row of the passes
+        that use them), at their starting values: ``{"slopes": ..., "upper slopes": ...}``
+        (either may be absent), each a :class:`FreeSlopes` over flat positions ``0 ..
+        width - 1``. Every value in range must give a sound step of
+        ``backward_with_slopes(node, lam, bounds[0], config, slopes, splits=None, upper=None)``,
+        which a rule that declares any must implement. Default: none."""
+        return {}
+
     # ---- floating point (see dualgraph.rounding): what the rounding allowance needs to know ----
     def abs_linear(self, node: Node, xs: list[torch.Tensor], bounds: list[Bounds | None], config) -> list[torch.Tensor]:
         """``|A| x`` per output for nonnegative ``xs`` (one ``[B, *in_unit]`` per variable input),
@@ -432,6 +442,26 @@ class FreeLines:
                 out.append((side, a, b))
         return out
 
+    def variables(self, r: Relaxation, side: int) -> FreeSlopes:
+        """The slopes of the lower (``side = -1``) or upper (``+1``) free lines of ``r`` (one
+        example per row) as variables at ``r``'s own slopes, over the units free in some
+        example; with offsets of their own, in units of each unit's range (``scale``)."""
+        units = self.units.flatten(1)
+        index = units.any(0).nonzero().flatten()
+
+        def per_row(t):
+            return t.flatten(1)[:, index].unsqueeze(1) if torch.is_tensor(t) and t.dim() > 0 else t
+
+        lo, hi = (self.lo, self.hi) if side < 0 else self.upper
+        lo, hi, start = per_row(lo), per_row(hi), per_row(r.a_lo if side < 0 else r.a_up)
+        scale = None
+        if self.offsets is not None:  # ranges of any width (an S-shaped f' on [l, u]): each about 1 wide
+            width = hi - lo
+            scale = torch.where(width > 0, width, 1.0)
+            lo, hi, start = lo / scale, hi / scale, start / scale
+        values = start.detach().clone().clamp(min=lo).clamp(max=hi).requires_grad_(True)
+        return FreeSlopes(index, values, per_row(units), lo, hi, scale, units.shape[1])
+
     def take(self, examples: torch.Tensor) -> FreeLines:
         def pick(t):
             return take_examples(t, examples) if torch.is_tensor(t) and t.dim() > 0 else t
@@ -639,6 +669,16 @@ class ElementwiseRule(DualRule):
         lam_in = _by_sign(lam, r.a_lo.unsqueeze(1), r.a_up.unsqueeze(1))
         return DualStep([lam_in], self._sign_offsets(r, lam), None)
 
+    def free_variables(self, node: Node, bounds: list[Bounds], config) -> dict[str, FreeSlopes]:
+        """The slopes of the relaxation's free lines (:class:`FreeLines`), lower and upper."""
+        r = self.relaxation(node, bounds[0], config)
+        if r.free is None or not bool(r.free.units.any()):
+            return {}
+        out = {"slopes": r.free.variables(r, -1)}
+        if r.free.upper is not None:
+            out["upper slopes"] = r.free.variables(r, 1)
+        return out
+
     def backward_with_slopes(self, node: Node, lam: torch.Tensor, bounds: Bounds, config,
                              slopes: FreeSlopes | None, splits: SplitMultipliers | None = None,
                              upper: FreeSlopes | None = None) -> DualStep:
@@ -704,6 +744,7 @@ class FreeSlopes:
     lo: torch.Tensor | float
     hi: torch.Tensor | float
     scale: torch.Tensor | None = None
+    width: int | None = None  # how many flat positions ``index`` indexes (dense rows)
 
     def slopes(self, values: torch.Tensor | None = None) -> torch.Tensor:
         """The slopes at ``values`` (default: the variables), clamped into their range."""

@@ -427,3 +427,72 @@ def test_optimised_s_shaped_line_reaches_the_minimum(op_type):
     alpha = BoundScheduler(graph, BoundConfig(relu_relaxation="alpha", alpha_steps=40)).bound_output(box, spec)[0]
     assert (crown < exact - 0.01).all(), (crown, exact)
     assert (alpha <= exact + 1e-12).all() and (alpha >= exact - 1e-6).all(), (alpha, exact)
+
+
+class _AbsWithFreeSlope(DualRule):
+    """``|z|`` as a plugin's own dual layer (not a relaxation): lower line ``a z`` with any
+    ``a`` in ``[-1, 1]`` (below ``|z|`` everywhere), the chord above; the free slope is
+    declared through :meth:`DualRule.free_variables`."""
+
+    needs_bounds = True
+
+    def free_variables(self, node, bounds, config):
+        from dualgraph.dual_registry import FreeSlopes
+        l, u = bounds[0]
+        n = l[0].numel()
+        start = self._chord(l, u)[0].reshape(l.shape[0], 1, n)
+        return {"slopes": FreeSlopes(torch.arange(n), start.clone().requires_grad_(True),
+                                     torch.ones_like(start, dtype=torch.bool), -1.0, 1.0, width=n)}
+
+    @staticmethod
+    def _chord(l, u):
+        a = (u.abs() - l.abs()) / (u - l).clamp(min=1e-12)
+        return a, u.abs() - a * u
+
+    def backward(self, node, lam, bounds, config):
+        return self.backward_with_slopes(node, lam, bounds[0], config, None)
+
+    def backward_with_slopes(self, node, lam, bounds, config, slopes, splits=None, upper=None):
+        a_up, b_up = self._chord(*bounds)
+        a_lo = a_up.flatten(1).unsqueeze(1) if slopes is None else slopes.slopes()
+        flat = lam.flatten(2)
+        lam_in = flat.clamp(min=0) * a_lo + flat.clamp(max=0) * a_up.flatten(1).unsqueeze(1)
+        return DualStep([lam_in.view_as(lam)], (flat.clamp(max=0) * b_up.flatten(1).unsqueeze(1)).sum(-1), None)
+
+    def abs_linear(self, node, xs, bounds, config):
+        return [xs[0]]
+
+    def constant_magnitude(self, node, m_in, bounds, config):
+        l, u = bounds[0]
+        return [2 * torch.maximum(l.abs(), u.abs())]
+
+    def eval_length(self, node, bounds, config):
+        return 0
+
+    def dual_length(self, node, bounds, config):
+        return node.output.numel + 2
+
+
+def test_alpha_optimises_what_any_rule_declares():
+    """``alpha`` asks every dual layer for its free parameters (``DualRule.free_variables``),
+    not only the built-in relaxations: a plugin's own rule for ``|z|`` on ``[-1, 3]`` starts
+    from the chord's slope ``1/2`` (bound ``-1/2``) and its free lower slope reaches the true
+    minimum 0 (slope 0)."""
+    from dualgraph import infer_shapes
+    from dualgraph.input_sets import Box
+    op = define_op("AbsFree", domain=PLUGIN)
+    op.evaluate(lambda n, inputs: inputs[0].abs())
+    op.dual(_AbsWithFreeSlope)
+    try:
+        g = Graph()
+        x = g.add_input("x", (1, 1))
+        g.outputs = [g.add_node(op.key, [x]).output]
+        infer_shapes(g)
+        box = Box(torch.full((1, 1), -1.0, dtype=torch.float64), torch.full((1, 1), 3.0, dtype=torch.float64))
+        spec = torch.ones(1, 1, 1, dtype=torch.float64)
+        crown = BoundScheduler(g, BoundConfig(relu_relaxation="crown")).bound_output(box, spec)
+        alpha = BoundScheduler(g, BoundConfig(relu_relaxation="alpha", alpha_steps=30)).bound_output(box, spec)
+        assert float(crown) == pytest.approx(-0.5, abs=1e-9)
+        assert -0.01 <= float(alpha) <= 1e-9, float(alpha)  # Adam circles the kink at slope 0
+    finally:
+        remove_op(op.key)

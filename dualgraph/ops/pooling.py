@@ -289,6 +289,11 @@ class MaxPoolDual(DualRule):
     def backward(self, node, lam, bounds, config):
         return self.backward_with_slopes(node, lam, bounds[0], config, None)
 
+    def free_variables(self, node, bounds, config):
+        """The lower line's weights (:func:`free_lower_weights`)."""
+        weights = free_lower_weights(node, bounds[0])
+        return {} if weights is None else {"slopes": weights}
+
     def backward_with_slopes(self, node, lam, bounds: Bounds, config, weights, splits=None, upper=None):
         """:meth:`backward`, or with ``weights`` (a :class:`~dualgraph.dual_registry.FreeSlopes`
         from :func:`free_lower_weights`, ``relu_relaxation="alpha"``) the lower line
@@ -373,7 +378,7 @@ def free_lower_weights(node, bounds: Bounds) -> FreeSlopes | None:
     start.scatter_(2, k_lo.view(B, C, 1, L), 1.0)
     values = start.view(B, 1, -1).requires_grad_(True)
     index = torch.arange(values.shape[-1], device=values.device)
-    return FreeSlopes(index, values, valid.view(B, 1, -1), 0.0, 1.0)
+    return FreeSlopes(index, values, valid.view(B, 1, -1), 0.0, 1.0, width=values.shape[-1])
 
 
 def _window_facts(node, bounds: Bounds) -> tuple[Tensor, Tensor]:
