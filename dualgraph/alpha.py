@@ -30,7 +30,9 @@ rows ``+e_j`` and ``-e_j``, layer by layer,
 Floating point: like every backward pass, passes with optimised slopes add each dual
 step's allowance to their rows (``Batch.per_row``), computed from the rows' own dual
 variables, so any slopes are covered; the outward rounding of a relaxation's offsets
-covers every slope in its range.
+covers every slope in its range where the free lines share the fixed offsets (a ReLU's),
+and lines with offsets of their own pay their own, at the chosen slope
+(:class:`~dualgraph.dual_registry.FreeLines`), so the fixed lines keep CROWN's bounds.
 """
 
 from __future__ import annotations

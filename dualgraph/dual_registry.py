@@ -396,25 +396,30 @@ class FreeLines:
     slopes ``a`` ``[R, 1, K]`` at the flat units ``index`` ``[K]`` of one example per row
     (``offsets(a, index, side, examples)``: of the given examples of the relaxation's batch;
     for an S-shaped ``f`` the tangent lines, parametrised by their slopes).
-    ``reach`` ``[B, *unit]`` bounds ``|offsets(a)|`` for every slope in range (the
-    rounding allowance's magnitude); ``shift`` is how far the rounding allowance has
-    moved the offsets out (:meth:`Relaxation.moved_out`)."""
+    Rounding (:mod:`dualgraph.rounding`, :meth:`Relaxation.moved_out`): lines with offsets of
+    their own pay their own allowance when chosen, so the relaxation's fixed lines keep
+    CROWN's: ``shift`` (the fixed lines' allowance) plus ``coef (|a| m + 2 |b(a)|)`` for the
+    chosen slope ``a`` and offset ``b(a)`` (``m`` bounds ``|z|``)."""
 
     units: torch.Tensor
     lo: torch.Tensor | float
     hi: torch.Tensor | float
     upper: tuple | None = None
     offsets: Callable | None = None
-    reach: torch.Tensor | None = None
     shift: torch.Tensor | float = 0.0
+    coef: float = 0.0
+    m: torch.Tensor | float = 0.0
 
     def offset(self, a: torch.Tensor, index: torch.Tensor, side: int) -> torch.Tensor:
         """The lower (``side = -1``) or upper (``+1``) line's offset at slopes ``a`` ``[R, 1, K]``
-        on the flat units ``index``, moved out by ``shift``."""
+        on the flat units ``index``, moved out by its rounding allowance."""
         b = self.offsets(a, index, side)
-        shift = self.shift
-        if torch.is_tensor(shift) and shift.dim() > 0:
-            shift = shift.flatten(1)[:, index].unsqueeze(1)
+
+        def at(t):
+            return t.flatten(1)[:, index].unsqueeze(1) if torch.is_tensor(t) and t.dim() > 0 else t
+        shift = at(self.shift)
+        if self.coef:
+            shift = shift + self.coef * (a.detach().abs() * at(self.m) + 2 * b.detach().abs())
         return b + side * shift
 
     def ranges(self) -> list[tuple[int, object, object]]:
@@ -470,8 +475,8 @@ class FreeLines:
         if offsets is not None:
             def offsets(a, index, side, more=None, inner=self.offsets):  # the picked examples' units
                 return inner(a, index, side, examples if more is None else take_examples(examples, more))
-        return FreeLines(pick(self.units), pick(self.lo), pick(self.hi), upper, offsets, pick(self.reach),
-                         pick(self.shift))
+        return FreeLines(pick(self.units), pick(self.lo), pick(self.hi), upper, offsets, pick(self.shift),
+                         self.coef, pick(self.m))
 
 
 @dataclass
@@ -498,30 +503,30 @@ class Relaxation:
 
     def magnitudes(self, free: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``max(|a_lo|, |a_up|)`` (and, unless ``free`` is False, the largest ``|slope|`` of the
-        free lines' ranges: what optimised slopes may reach) and ``max(|b_lo|, |b_up|)`` (with
-        the free lines' offset ``reach``), ``[B, *unit]`` (detached, kept)."""
+        ranges of free lines that share the fixed offsets: what optimised slopes may reach with
+        them) and ``max(|b_lo|, |b_up|)``, ``[B, *unit]`` (detached, kept). Free lines with
+        offsets of their own pay their own rounding (:class:`FreeLines`)."""
         if self._magnitudes is None:
             a = self.a_lo.abs() if self.a_up is self.a_lo else torch.maximum(self.a_lo.abs(), self.a_up.abs())
             b_lo, b_up = (torch.as_tensor(t, dtype=a.dtype, device=a.device).abs() for t in (self.b_lo, self.b_up))
             b = torch.maximum(b_lo, b_up).detach().expand_as(a)
             widest = a
-            if self.free is not None:
+            if self.free is not None and self.free.offsets is None:
                 units = self.free.units
                 for _, lo, hi in self.free.ranges():
                     reach = torch.maximum(torch.as_tensor(lo).abs(), torch.as_tensor(hi).abs()).to(a)
                     widest = torch.where(units, torch.maximum(widest, reach), widest)
-                if self.free.reach is not None:
-                    b = torch.where(units, torch.maximum(b, self.free.reach.detach().to(b)), b)
             self._magnitudes = (a.detach(), b, widest.detach())
         a, b, widest = self._magnitudes
         return (widest if free else a), b
 
-    def moved_out(self, delta: torch.Tensor) -> Relaxation:
-        """The same lines with every offset, the free lines' included, moved out by ``delta``
-        ``[B, *unit]`` (the rounding allowance, :mod:`dualgraph.rounding`)."""
+    def moved_out(self, delta: torch.Tensor, free_coef: float = 0.0, m: torch.Tensor | float = 0.0) -> Relaxation:
+        """The same lines with every offset moved out by ``delta`` ``[B, *unit]`` (the rounding
+        allowance, :mod:`dualgraph.rounding`), the free lines with offsets of their own by
+        ``delta`` plus ``free_coef (|a| m + 2 |b(a)|)`` at their chosen slopes (:class:`FreeLines`)."""
         free = self.free
         if free is not None and free.offsets is not None:
-            free = replace(free, shift=free.shift + delta)
+            free = replace(free, shift=free.shift + delta, coef=free.coef + free_coef, m=m)
         return Relaxation(self.a_lo, self.b_lo - delta, self.a_up, self.b_up + delta, free)
 
     def has_equal_slopes(self) -> bool:

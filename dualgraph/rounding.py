@@ -34,7 +34,11 @@ are final, the offsets of each relaxation that reads it are moved outward by
 whose slope is not exactly 0 or 1 or whose offsets are nonzero (a stable ReLU unit is
 exact). That covers the products ``a * lam``, the offset dot products (``n_o`` units with
 an offset), the rounding of the relaxation's own slope and offsets, and the activation's
-evaluation, on every bound path at once.
+evaluation, on every bound path at once. ``|a|`` includes the range of free slopes that share
+these offsets (a ReLU's under ``alpha``); free lines with offsets of their own
+(:class:`~dualgraph.dual_registry.FreeLines`) pay ``delta`` plus ``(gamma(2 n_o + 10 + L, u_c) +
+gamma(n_e, u_e)) (|a| m + 2 |b(a)|)`` at the slope ``a`` and offset ``b(a)`` chosen, so the
+fixed lines' allowance is CROWN's.
 
 *Intermediate bounds* computed backward are rows like any other (one per unit and sign):
 each dual step adds its own ``|lam| . W_k`` to the rows' offsets, on dense rows and on
@@ -206,16 +210,16 @@ class RoundingAllowance:
         if r.a_up is not r.a_lo:
             rounds |= (r.a_up != 0) & (r.a_up != 1)
         n_off = int(with_offset.flatten(1).sum(1).max()) if with_offset.numel() else 0
-        if r.free is not None and r.free.offsets is not None:
-            # optimised lines' offsets enter as corrections lam (b(a) - b) of the fixed ones' dot
-            # product (ElementwiseRule.backward_with_slopes): twice the terms, and a subtraction each
-            n_off = 2 * n_off + 2
         with naming_node(node, "rounding analysis"):
             n_eval = rule.eval_length(node, [b], self.config)
         coef = SAFETY * (gamma(n_off + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e))
         m = torch.maximum(b.lower.abs(), b.upper.abs()).detach()
         delta = torch.where(rounds, coef * (a * m + 2 * b_abs), 0.0)
-        return r.moved_out(delta)
+        # free lines with offsets of their own (FreeLines): chosen, their offsets enter as
+        # corrections lam (b(a) - b) of the fixed lines' dot product, twice the terms and a
+        # subtraction each, and they pay for their own slope and offset on top of delta
+        free_coef = SAFETY * (gamma(2 * n_off + 2 + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e))
+        return r.moved_out(delta, free_coef, m)
 
     # ---- the forward passes over magnitudes -------------------------------------------------------
     # Not under no_grad: a relaxation computed here is cached on its bounds and reused by the

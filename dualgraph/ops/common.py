@@ -291,13 +291,7 @@ def _free_lines(l: Tensor, u: Tensor, r: Relaxation, f, breakpoints, stationary,
         low, high = _extremes(at(l), at(u), a64, a, f, breakpoints, stationary, detach_points=True)
         return _round_down(low, a.dtype) if side < 0 else _round_up(high, a.dtype)
 
-    # |f(z)| <= |a_chord| |z| + max |b| (f lies between the chord's lines), so every line's offset
-    # f(z*) - a z* is at most that plus max |a| m
-    m = torch.maximum(l.abs(), u.abs()).detach()
-    b_abs = torch.maximum(torch.as_tensor(r.b_lo).abs(), torch.as_tensor(r.b_up).abs()).detach().to(torch.float64)
-    steepest = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
-    reach = ((r.a_lo.detach().abs().to(torch.float64) * m + b_abs + steepest * m) * (1 + 1e-6)).to(dtype)
-    return FreeLines(units, lo, hi, (lo, hi), offsets, reach)
+    return FreeLines(units, lo, hi, (lo, hi), offsets)
 
 
 def _round_down(t: Tensor, dtype: torch.dtype) -> Tensor:
