@@ -4,8 +4,8 @@ Each dual layer declares its free parameters (:meth:`~dualgraph.dual_registry.Du
 free_variables`), every value of which gives a sound step. A crossing ReLU unit may take any
 lower line ``a z`` with ``0 <= a <= 1`` (LeakyReLU: ``alpha <= a <= 1``); a Sigmoid, Tanh,
 Erf, Softplus, Exp, Abs or Clip unit any lower and upper line, each with the tightest
-offset for its slope (for Sigmoid and Tanh the tangent lines, by their slopes; dense rows
-only) (:class:`~dualgraph.dual_registry.FreeLines`); a max pool's lower line any convex
+offset for its slope (for Sigmoid and Tanh the tangent lines, by their slopes)
+(:class:`~dualgraph.dual_registry.FreeLines`); a max pool's lower line any convex
 combination of its window's entries (normalised free weights; dense rows only). The final
 bound ``J(C)`` is then a function of these variables, and this module maximises it by
 projected gradient ascent (Adam, then a clamp into the range), starting from CROWN's slopes.
@@ -70,9 +70,8 @@ def free_variables(runner, dual, bounds: dict) -> dict[str, dict[str, FreeSlopes
 
 
 def window_relaxations(runner, dual, bounds: dict) -> dict:
-    """``{primal node name: relaxation}`` of the relaxations in ``dual`` whose free lower
-    slopes share one offset (a ReLU's), on some unit of some example: what runs on the rows'
-    windows (lines with offsets of their own, and max pools, run on dense rows only)."""
+    """``{primal node name: relaxation}`` of the relaxations in ``dual`` with free lines on some
+    unit of some example: what runs on the rows' windows (max pools keep their fixed lines there)."""
     out = {}
     for node in dual.nodes:
         rule = node.meta.get("rule")
@@ -83,7 +82,7 @@ def window_relaxations(runner, dual, bounds: dict) -> dict:
         if b is None:
             continue
         r = rule.relaxation(primal, b, runner.config)
-        if r.free is not None and r.free.offsets is None and bool(r.free.units.any()):
+        if r.free is not None and bool(r.free.units.any()):
             out[primal.name] = r
     return out
 
@@ -141,7 +140,9 @@ def optimise_rows(runner, dual, rows: torch.Tensor, batch, start: torch.Tensor,
     if isinstance(rows, Patches):  # each row's slopes on its own window, wherever the row is
         windows = _window_geometries(dual, rows)
         relaxed = window_relaxations(runner, dual, batch.bounds) if alpha else {}
-        variables = {name: (_window_variables(r, windows[name]), None, None) for name, r in relaxed.items()}
+        variables = {name: (_window_variables(r, windows[name], -1), None,
+                            _window_variables(r, windows[name], 1) if r.free.upper is not None else None)
+                     for name, r in relaxed.items()}
     else:
         free = free_variables(runner, dual, batch.bounds) if alpha else {}
         variables = {name: tuple(split.get(name) if kind == "multipliers" else
@@ -359,13 +360,22 @@ def _window_geometries(dual, rows: Patches) -> dict:
     return out
 
 
-def _window_variables(r: Relaxation, windows) -> FreeSlopes:
-    """The free lower slopes of ``r`` (one example per row) on each row's window, ``[R, 1, 1, C, K, K]``."""
-    units, lo, hi = r.free.units, r.free.lo, r.free.hi
+def _window_variables(r: Relaxation, windows, side: int) -> FreeSlopes:
+    """The free slopes of the lower (``side = -1``) or upper (``+1``) lines of ``r`` (one
+    example per row) on each row's window, ``[R, 1, 1, C, K, K]``; with offsets of their own,
+    in units of each unit's range (as :meth:`~dualgraph.dual_registry.FreeLines.variables`)."""
+    free = r.free
 
     def win(t):
         return windows(t) if torch.is_tensor(t) and t.dim() > 0 else t
 
-    values = win(r.a_lo).detach().clone().requires_grad_(True)
-    free = win(units.to(r.a_lo.dtype)) > 0.5
-    return FreeSlopes(None, values, free, win(lo), win(hi))
+    lo, hi = (free.lo, free.hi) if side < 0 else free.upper
+    lo, hi, start = win(lo), win(hi), win(r.a_lo if side < 0 else r.a_up)
+    scale = None
+    if free.offsets is not None:
+        width = hi - lo
+        scale = torch.where(width > 0, width, 1.0)
+        lo, hi, start = lo / scale, hi / scale, start / scale
+    values = start.detach().clone().requires_grad_(True)
+    units = win(free.units.to(r.a_lo.dtype)) > 0.5
+    return FreeSlopes(None, values, units, lo, hi, scale)

@@ -391,11 +391,11 @@ class FreeLines:
     offset stays the relaxation's ``b_lo`` (a ReLU's lines ``a z``, ``0 <= a <= 1``: one
     offset serves every slope), and the upper line is fixed. With ``offsets`` both lines
     are free, the upper one's slope in ``upper`` ``(lo, hi)``, and each line's offset is the
-    tightest for its slope, ``offsets(a, index, side)``: ``min`` (``side = -1``, the lower
+    tightest for its slope, ``offsets(a, at, side)``: ``min`` (``side = -1``, the lower
     line) or ``max`` (``side = +1``) over ``[l, u]`` of ``f(z) - a z``, rounded outward, for
-    slopes ``a`` ``[R, 1, K]`` at the flat units ``index`` ``[K]`` of one example per row
-    (``offsets(a, index, side, examples)``: of the given examples of the relaxation's batch;
-    for an S-shaped ``f`` the tangent lines, parametrised by their slopes).
+    slopes ``a`` in any layout, ``at`` mapping a ``[B, *unit]`` tensor of the relaxation's
+    batch into it (the free units of one example per row on dense rows, each row's window on
+    patches); for an S-shaped ``f`` the tangent lines, parametrised by their slopes.
     Rounding (:mod:`dualgraph.rounding`, :meth:`Relaxation.moved_out`): lines with offsets of
     their own pay their own allowance when chosen, so the relaxation's fixed lines keep
     CROWN's: ``shift`` (the fixed lines' allowance) plus ``coef (|a| m + 2 |b(a)|)`` for the
@@ -410,17 +410,22 @@ class FreeLines:
     coef: float = 0.0
     m: torch.Tensor | float = 0.0
 
-    def offset(self, a: torch.Tensor, index: torch.Tensor, side: int) -> torch.Tensor:
-        """The lower (``side = -1``) or upper (``+1``) line's offset at slopes ``a`` ``[R, 1, K]``
-        on the flat units ``index``, moved out by its rounding allowance."""
-        b = self.offsets(a, index, side)
+    def offset(self, a: torch.Tensor, at: Callable, side: int) -> torch.Tensor:
+        """The lower (``side = -1``) or upper (``+1``) line's offset at slopes ``a`` (in the
+        layout ``at`` maps into, see above), moved out by its rounding allowance."""
+        b = self.offsets(a, at, side)
 
-        def at(t):
-            return t.flatten(1)[:, index].unsqueeze(1) if torch.is_tensor(t) and t.dim() > 0 else t
-        shift = at(self.shift)
+        def laid_out(t):
+            return at(t) if torch.is_tensor(t) and t.dim() > 0 else t
+        shift = laid_out(self.shift)
         if self.coef:
-            shift = shift + self.coef * (a.detach().abs() * at(self.m) + 2 * b.detach().abs())
+            shift = shift + self.coef * (a.detach().abs() * laid_out(self.m) + 2 * b.detach().abs())
         return b + side * shift
+
+    @staticmethod
+    def at_units(index: torch.Tensor) -> Callable:
+        """The layout of dense rows' variables: ``[B, *unit]`` -> ``[B, 1, K]`` at the flat units ``index``."""
+        return lambda t: t.flatten(1)[:, index].unsqueeze(1)
 
     def ranges(self) -> list[tuple[int, object, object]]:
         """``(side, lo, hi)`` of each free line: the lower line (-1), and the upper one (+1)."""
@@ -442,7 +447,7 @@ class FreeLines:
                 b = base_b
                 if self.offsets is not None:
                     n = a[0].numel()
-                    b_free = self.offset(a.reshape(a.shape[0], 1, n), torch.arange(n), side).view_as(a)
+                    b_free = self.offset(a.reshape(a.shape[0], 1, n), self.at_units(torch.arange(n)), side).view_as(a)
                     b = torch.where(self.units, b_free, torch.as_tensor(base_b, dtype=a.dtype).expand_as(a))
                 out.append((side, a, b))
         return out
@@ -473,8 +478,8 @@ class FreeLines:
         upper = None if self.upper is None else tuple(pick(t) for t in self.upper)
         offsets = self.offsets
         if offsets is not None:
-            def offsets(a, index, side, more=None, inner=self.offsets):  # the picked examples' units
-                return inner(a, index, side, examples if more is None else take_examples(examples, more))
+            def offsets(a, at, side, inner=self.offsets):  # the picked examples' units
+                return inner(a, lambda t: at(take_examples(t, examples)), side)
         return FreeLines(pick(self.units), pick(self.lo), pick(self.hi), upper, offsets, pick(self.shift),
                          self.coef, pick(self.m))
 
@@ -696,19 +701,29 @@ class ElementwiseRule(DualRule):
         lam_in = _by_sign(lam, r.a_lo.unsqueeze(1), r.a_up.unsqueeze(1)).flatten(2)
         offset = self._sign_offsets(r, lam)
         flat = lam.flatten(2)
+        moved_by = {}
         for side, chosen_slopes, base_slopes, base_offsets in ((-1, slopes, r.a_lo, r.b_lo), (1, upper, r.a_up, r.b_up)):
             if chosen_slopes is None:
                 continue
             k = chosen_slopes.index
-            part = flat[..., k].clamp(min=0) if side < 0 else flat[..., k].clamp(max=0)  # the rows using this line
+            # the rows using this line: lam- = min(lam, 0) or lam+ = lam - lam-, so that at lam = 0
+            # the slopes' gradient is the negative side's alone, as in _by_sign (and on windows)
+            at_k = flat[..., k]
+            negative = at_k.clamp(max=0)
+            part = at_k - negative if side < 0 else negative
             base = base_slopes.flatten(1)[:, k].unsqueeze(1)
             chosen = torch.where(chosen_slopes.free, chosen_slopes.slopes(), base)
             lam_in = lam_in.index_add(2, k, part * (chosen - base))
             if r.free.offsets is not None:  # the chosen lines' own offsets replace the relaxation's
                 b = base_offsets if torch.is_tensor(base_offsets) else torch.full_like(r.a_lo, float(base_offsets))
                 b = b.flatten(1)[:, k].unsqueeze(1)
-                moved = torch.where(chosen_slopes.free, r.free.offset(chosen, k, side), b)
-                offset = offset + (part * (moved - b)).sum(-1)
+                moved = torch.where(chosen_slopes.free, r.free.offset(chosen, FreeLines.at_units(k), side), b)
+                moved_by[side] = (k, moved - b)
+        if moved_by:  # as lam . mid - |lam| . gap, like the fixed offsets (_sign_offsets)
+            k = next(iter(moved_by.values()))[0]
+            d_lo, d_up = (moved_by[s][1] if s in moved_by else 0.0 for s in (-1, 1))
+            part = flat[..., k]
+            offset = offset + (part * ((d_lo + d_up) / 2)).sum(-1) - (part.abs() * ((d_up - d_lo) / 2)).sum(-1)
         if splits is not None:  # + beta s_j z_j for each split constraint s_j z_j <= 0 of the row's domain
             lam_in = lam_in.index_add(2, splits.index, splits.values.clamp(min=0) * splits.sign)
         return DualStep([lam_in.view_as(lam)], offset, None)

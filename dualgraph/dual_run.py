@@ -468,7 +468,7 @@ class _PatchPass(GraphWalk):
                 variables = None if self.runner.variables is None else self.runner.variables.get(primal.name)
                 if variables is not None:  # optimised slopes on the rows' windows (dualgraph.alpha)
                     p, lo = patches.through_elementwise_with_slopes(p, primal, rule, w, self.runner.config,
-                                                                    variables[0])
+                                                                    variables[0], variables[2])
                     up = None
                 else:
                     p, lo, up = patches.through_elementwise(p, primal, rule, w, self.runner.config)

@@ -380,31 +380,48 @@ def _relaxation_step(p: Patches, a_lo: torch.Tensor, a_up: torch.Tensor, b_lo, b
     no term). The signed parts of ``lam`` are taken once for both. In ``lam_in`` one of the two
     terms is an exact zero, so the fused multiply-add gives exactly the one product
     ``lam * slope`` (one rounding, as the rounding allowance assumes); ``torch.where`` on the
-    sign would cost 2-3x these passes on this project's CPU build. The negative part is
-    ``lam - lam+`` (exactly ``min(lam, 0)``, one pass fewer than a second clamp), so that at
-    ``lam = 0`` the gradient takes the positive side alone, in the slopes and the offsets
-    (as ``torch.where(lam >= 0, ...)`` did; two clamps would add both sides)."""
-    positive = p.data.clamp(min=0)
-    negative = p.data - positive
+    sign would cost 2-3x these passes on this project's CPU build. The positive part is
+    ``lam - lam-`` (exactly ``max(lam, 0)``, one pass fewer than a second clamp), so that at
+    ``lam = 0`` the slopes' gradient takes the negative side alone, and the offsets' is their
+    mean: the subgradients dense rows take (:func:`dualgraph.dual_registry._by_sign`,
+    ``lam . mid - |lam| . gap``), so the slope optimiser climbs the same way on both paths."""
+    negative = p.data.clamp(max=0)
+    positive = p.data - negative
     lam_in = replace(p, data=torch.addcmul(negative * a_up, positive, a_lo), clean=True)
+    if p.data.requires_grad and torch.is_grad_enabled():
+        # the same values, (lam -/+ |lam|) / 2 exactly, whose gradient at lam = 0 is the offsets'
+        # mean, as dense rows' lam . mid - |lam| . gap gives it (the optimiser climbs alike)
+        magnitude = p.data.abs()
+        negative, positive = (p.data - magnitude) / 2, (p.data + magnitude) / 2
     lower = _window_dot(negative, win(b_up))
     if torch.is_tensor(b_lo) or b_lo != 0:
         lower = lower + _window_dot(positive, win(b_lo))
     return lam_in, lower, None
 
 
-def through_elementwise_with_slopes(p: Patches, node: Node, rule: ElementwiseRule, bounds, config, slopes):
-    """:meth:`ElementwiseRule.backward_with_slopes` on patches: ``slopes`` (a
-    :class:`~dualgraph.dual_registry.FreeSlopes` without ``index``) holds each row's free lower
-    slopes on its own window, ``[U, 1, 1, C, K, K]``; returns the patches and the lower offsets."""
+def through_elementwise_with_slopes(p: Patches, node: Node, rule: ElementwiseRule, bounds, config, slopes,
+                                    upper=None):
+    """:meth:`ElementwiseRule.backward_with_slopes` on patches: ``slopes`` and ``upper`` (each a
+    :class:`~dualgraph.dual_registry.FreeSlopes` without ``index``, or None) hold each row's
+    free lower and upper slopes on its own window, ``[U, 1, 1, C, K, K]``; lines with offsets of
+    their own (:class:`~dualgraph.dual_registry.FreeLines`) take them on the window too.
+    Returns the patches and the lower offsets."""
     r = rule.relaxation(node, bounds, config)
 
     def win(t):  # a relaxation's slopes and offsets may be plain numbers (ReLU's lower offset)
         return p.windows(t if torch.is_tensor(t) else torch.full_like(bounds.lower, float(t)))
 
     a_lo, a_up = win(r.a_lo), win(r.a_up)
-    chosen = torch.where(slopes.free, slopes.values.clamp(slopes.lo, slopes.hi), a_lo)
-    return _relaxation_step(p, chosen, a_up, r.b_lo, r.b_up, win)[:2]
+    b_lo, b_up = r.b_lo, r.b_up
+    if slopes is not None:
+        a_lo = torch.where(slopes.free, slopes.slopes(), a_lo)
+    if upper is not None:
+        a_up = torch.where(upper.free, upper.slopes(), a_up)
+    if r.free is not None and r.free.offsets is not None:  # each chosen line's own offset, on the windows
+        b_lo = win(b_lo) if slopes is None else torch.where(slopes.free, r.free.offset(a_lo, p.windows, -1), win(b_lo))
+        b_up = win(b_up) if upper is None else torch.where(upper.free, r.free.offset(a_up, p.windows, 1), win(b_up))
+        return _relaxation_step(p, a_lo, a_up, b_lo, b_up, lambda t: t)[:2]
+    return _relaxation_step(p, a_lo, a_up, b_lo, b_up, win)[:2]
 
 
 def geometry(dual) -> dict | None:

@@ -373,13 +373,18 @@ def test_padding_entries_never_reach_a_bound(net, data):
         assert torch.equal(a, b), (relaxation, prune, (a - b).abs().max())
 
 
-@settings(max_examples=12, **SETTINGS)
-@given(net=st.one_of(residual_cnn_nets(), cnn_nets()), data=st.data())
+FREE_LINE_ACTS = ("relu", "tanh", "sigmoid", "hardtanh", "softplus", "abs")
+"""Activations with free lines under alpha: ReLU's lower slopes, and both lines with their own
+offsets (dualgraph.dual_registry.FreeLines)."""
+
+
+@settings(max_examples=16, **SETTINGS)
+@given(net=st.one_of(residual_cnn_nets(), cnn_nets(), cnn_nets(FREE_LINE_ACTS)), data=st.data())
 def test_optimised_slopes_on_windows_equal_dense_rows(net, data):
     """Optimised slopes (alpha) of a feature map's units run on the rows' windows when the
     whole pass stays on patches, with each row's slopes on its own window: the same ascent as
     on dense rows (a slope outside a row's window has no gradient and never moves), so the
-    intermediate bounds and ``J`` agree in float64."""
+    intermediate bounds and ``J`` agree in float64, for lines with offsets of their own too."""
     graph = to_ir(net)
     case = data.draw(input_sets(net.input_shape), label="input set")
     spec = torch.randn(1, 3, net.n_out, dtype=DTYPE, generator=torch.Generator().manual_seed(1))

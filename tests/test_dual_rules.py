@@ -370,9 +370,13 @@ def test_free_lines_give_sound_steps(seed, dtype, op_type, mode, where):
     lhs = signs * FREE_LINES[op_type](z)
     rhs = step.lam_in[0].double().diagonal(dim1=1, dim2=2) * z + step.lower.double()
     # the rounding allowance moves the offsets out by a few units of roundoff of |a| m + 2 |b|
-    # (dualgraph.rounding); a step on its own relaxation may be off by that much
+    # at the chosen slope (dualgraph.rounding); a step on its own relaxation may be off by that
+    # much. |b(a)| <= max |f| + |a| m <= |a_chord| m + max |b_chord| + |a| m
     a_mag, b_mag = (t.double() for t in r.magnitudes())
-    scale = signs.abs() * (1 + a_mag * torch.maximum(l.abs(), u.abs()) + 2 * b_mag) + step.lower.double().abs()
+    m = torch.maximum(l.abs(), u.abs())
+    steepest = torch.maximum(torch.as_tensor(r.free.lo).abs(), torch.as_tensor(r.free.hi).abs()).double()
+    widest = torch.maximum(a_mag, steepest)
+    scale = signs.abs() * (1 + widest * m + 2 * (a_mag * m + b_mag + widest * m)) + step.lower.double().abs()
     assert (rhs <= lhs + 4 * torch.finfo(dtype).eps * scale).all(), float((rhs - lhs).max())
 
 

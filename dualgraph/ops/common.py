@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from ..dual_registry import AffineRule, Bounds, FreeLines, Relaxation
 from ..errors import DualgraphError, UnsupportedOpError
 from ..ir import Node, normalize_axis
-from ..linalg import take_examples
 from ..lowering import Call
 
 Tensor = torch.Tensor
@@ -263,17 +262,31 @@ def derivative_range(config, b: Bounds, derivative: Callable[[Tensor], Tensor],
 def _extremes(l: Tensor, u: Tensor, a: Tensor, a_t: Tensor, f, breakpoints, stationary,
               detach_points: bool = False) -> tuple[Tensor, Tensor]:
     """``min`` and ``max`` of ``f(z) - a z`` on ``[l, u]`` (float64), moved out by the shift
-    of rounding ``a`` to ``a_t`` and a float64 slack. ``detach_points``: the candidate points
-    carry no gradient, so the gradient in ``a`` is ``-z*`` (the extreme's point, Danskin)."""
+    of rounding ``a`` to ``a_t`` and a float64 slack. ``detach_points`` (the free lines'
+    offsets): the gradient in ``a`` alone, ``-z*`` at the extreme's point (Danskin), the mean
+    of the points that tie for it. Ties are the rule, not the exception: at the chord's slope
+    ``g(l) = g(u)``, and which end wins by the last bit of ``f`` depends on how the tensor is
+    laid out (vectorised lanes or not), so the points within a relative 1e-10 count as tied;
+    the optimiser then climbs alike on dense rows and on windows."""
     m = torch.maximum(l.abs(), u.abs())
     cands = [l, u] + [torch.full_like(l, p).clamp(min=l, max=u) for p in breakpoints]
     if stationary is not None:
         cands += [z.clamp(min=l, max=u) for z in stationary(a.detach() if detach_points else a)]
-    if detach_points:
-        cands = [z.detach() for z in cands]
-    g = torch.stack([f(z) - a * z for z in cands])
-    slack = (a_t.to(torch.float64) - a).abs() * m + 1e-12 * (1 + g.abs().amax(0) + a.abs() * m)
-    return g.amin(0) - slack, g.amax(0) + slack
+    if not detach_points:
+        g = torch.stack([f(z) - a * z for z in cands])
+        slack = (a_t.to(torch.float64) - a).abs() * m + 1e-12 * (1 + g.abs().amax(0) + a.abs() * m)
+        return g.amin(0) - slack, g.amax(0) + slack
+    a_value = a.detach()
+    z = torch.stack([c.detach() for c in cands])
+    g = f(z) - a_value * z
+    scale = 1 + g.abs().amax(0) + a_value.abs() * m.detach()
+    slack = (a_t.detach().to(torch.float64) - a_value).abs() * m.detach() + 1e-12 * scale
+    step = a - a_value  # zero, carrying the gradient in a
+
+    def extreme(value: Tensor) -> Tensor:
+        tied = (g - value).abs() <= 1e-10 * scale
+        return value - step * (z * tied).sum(0) / tied.sum(0)
+    return extreme(g.amin(0)) - slack, extreme(g.amax(0)) + slack
 
 
 def _free_lines(l: Tensor, u: Tensor, r: Relaxation, f, breakpoints, stationary,
@@ -283,10 +296,7 @@ def _free_lines(l: Tensor, u: Tensor, r: Relaxation, f, breakpoints, stationary,
     lo, hi = (t.to(dtype) for t in slopes)
     lo, hi = torch.minimum(lo, r.a_lo), torch.maximum(hi, r.a_lo)  # the start (the chord) in range
 
-    def offsets(a: Tensor, index: Tensor, side: int, examples: Tensor | None = None) -> Tensor:
-        def at(t):  # [R, 1, K]: the rows' examples, the free units
-            t = t if examples is None else take_examples(t, examples)
-            return t.flatten(1)[:, index].unsqueeze(1)
+    def offsets(a: Tensor, at: Callable[[Tensor], Tensor], side: int) -> Tensor:
         a64 = a.to(torch.float64)
         low, high = _extremes(at(l), at(u), a64, a, f, breakpoints, stationary, detach_points=True)
         return _round_down(low, a.dtype) if side < 0 else _round_up(high, a.dtype)
