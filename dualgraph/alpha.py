@@ -364,18 +364,10 @@ def _window_variables(r: Relaxation, windows, side: int) -> FreeSlopes:
     """The free slopes of the lower (``side = -1``) or upper (``+1``) lines of ``r`` (one
     example per row) on each row's window, ``[R, 1, 1, C, K, K]``; with offsets of their own,
     in units of each unit's range (as :meth:`~dualgraph.dual_registry.FreeLines.variables`)."""
-    free = r.free
-
     def win(t):
         return windows(t) if torch.is_tensor(t) and t.dim() > 0 else t
 
-    lo, hi = (free.lo, free.hi) if side < 0 else free.upper
-    lo, hi, start = win(lo), win(hi), win(r.a_lo if side < 0 else r.a_up)
-    scale = None
-    if free.offsets is not None:
-        width = hi - lo
-        scale = torch.where(width > 0, width, 1.0)
-        lo, hi, start = lo / scale, hi / scale, start / scale
+    lo, hi, start, scale = r.free.scaled(side, r, win)
     values = start.detach().clone().requires_grad_(True)
-    units = win(free.units.to(r.a_lo.dtype)) > 0.5
+    units = win(r.free.units.to(r.a_lo.dtype)) > 0.5
     return FreeSlopes(None, values, units, lo, hi, scale)

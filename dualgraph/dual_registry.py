@@ -462,15 +462,22 @@ class FreeLines:
         def per_row(t):
             return t.flatten(1)[:, index].unsqueeze(1) if torch.is_tensor(t) and t.dim() > 0 else t
 
-        lo, hi = (self.lo, self.hi) if side < 0 else self.upper
-        lo, hi, start = per_row(lo), per_row(hi), per_row(r.a_lo if side < 0 else r.a_up)
-        scale = None
-        if self.offsets is not None:  # ranges of any width (an S-shaped f' on [l, u]): each about 1 wide
-            width = hi - lo
-            scale = torch.where(width > 0, width, 1.0)
-            lo, hi, start = lo / scale, hi / scale, start / scale
+        lo, hi, start, scale = self.scaled(side, r, per_row)
         values = start.detach().clone().clamp(min=lo).clamp(max=hi).requires_grad_(True)
         return FreeSlopes(index, values, per_row(units), lo, hi, scale, units.shape[1])
+
+    def scaled(self, side: int, r: Relaxation, laid_out: Callable) -> tuple:
+        """``(lo, hi, start, scale)`` of one side's slopes in a layout (``laid_out`` maps a
+        ``[B, *unit]`` tensor into it): with offsets of their own the ranges have any width (an
+        S-shaped ``f'`` on ``[l, u]``), so they are divided by it, each about 1 wide
+        (:attr:`FreeSlopes.scale`); else ``scale`` is None."""
+        lo, hi = (self.lo, self.hi) if side < 0 else self.upper
+        lo, hi, start = laid_out(lo), laid_out(hi), laid_out(r.a_lo if side < 0 else r.a_up)
+        if self.offsets is None:
+            return lo, hi, start, None
+        width = hi - lo
+        scale = torch.where(width > 0, width, 1.0)
+        return lo / scale, hi / scale, start / scale, scale
 
     def take(self, examples: torch.Tensor) -> FreeLines:
         def pick(t):
