@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,26 @@ def test_input_splitting_proves_what_the_relaxation_cannot(tmp_path):
     # splitting the ReLUs instead of the input proves it too
     relu_splits = verify_property(model, props, 30, VerifyConfig(split_max_inputs=0, attack_rounds=1))
     assert relu_splits.answer == "unsat" and relu_splits.details["method"] == "branch and bound"
+
+
+def test_optimised_tangent_lines_prove_what_the_chord_cannot(tmp_path):
+    """``sigmoid(x) >= sigmoid(-2)`` on ``x in [-2, 3]``: the chord's parallel lines (paper,
+    crown) fall short of it by more than 0.01, a tangent-side line of ``alpha`` reaches it; the
+    property with 1e-3 to spare is ``unsat`` through the bounds alone (no input splitting)."""
+    nodes = [helper.make_node("Sigmoid", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "sigmoid", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "sigmoid.onnx"))
+    floor = float(1 / (1 + np.exp(2.0)) - 1e-3)
+    props = parse_vnnlib(vnnlib_text(1, 1, [(-2.0, 3.0)], f"(assert (<= Y_0 {floor!r}))"))
+    config = VerifyConfig(attack_restarts=8, attack_steps=50, attack_rounds=1, split_max_inputs=0)
+    chord = verify_property(VerifyModel(tmp_path / "sigmoid.onnx"), props, 30,
+                            replace(config, relaxations=("paper", "crown")))
+    assert chord.answer == "unknown"
+    tangents = verify_property(VerifyModel(tmp_path / "sigmoid.onnx"), props, 30, config)
+    assert tangents.answer == "unsat" and tangents.details["method"] == "bounds (alpha)", tangents.details
 
 
 def test_mean_of_rows_proves_a_contradictory_conjunction(tmp_path):
