@@ -727,7 +727,7 @@ class ElementwiseRule(DualRule):
                 moved = torch.where(chosen_slopes.free, r.free.offset(chosen, FreeLines.at_units(k), side), b)
                 moved_by[side] = (k, moved - b)
         if moved_by:  # as lam . mid - |lam| . gap, like the fixed offsets (_sign_offsets)
-            k = next(iter(moved_by.values()))[0]
+            k = next(iter(moved_by.values()))[0]  # both sides' variables cover the same units (FreeLines.variables)
             d_lo, d_up = (moved_by[s][1] if s in moved_by else 0.0 for s in (-1, 1))
             part = flat[..., k]
             offset = offset + (part * ((d_lo + d_up) / 2)).sum(-1) - (part.abs() * ((d_up - d_lo) / 2)).sum(-1)
