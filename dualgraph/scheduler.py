@@ -121,8 +121,7 @@ class BoundScheduler:
 
         ``optimise_slopes`` (default: with ``relu_relaxation="alpha"``): each unit whose bound
         decides its relaxation (a crossing ReLU unit; every unit before a smooth activation
-        with free lines, e.g. Sigmoid or Tanh)
-        gets its lower and upper bound tightened
+        with free lines, e.g. Sigmoid or Tanh) gets its lower and upper bound tightened
         by optimised slopes (:func:`dualgraph.alpha.optimise_rows`), layer by layer, and
         intersected with ``floor`` (CROWN's bounds, computed first when not given): CROWN's
         bound of a later layer can be looser on tighter earlier bounds, the intersection never is."""
@@ -327,9 +326,10 @@ class BoundScheduler:
     def _optimise_unit_bounds(self, v: Value, batch: Batch, raw: Bounds) -> Bounds:
         """``raw`` with the units whose bounds decide their relaxation (those between two
         breakpoints of every activation they feed, or all of them before activations whose
-        free lines all have their own offsets, :meth:`_smooth_users`) tightened by optimised slopes: one row
-        ``+e_j`` for the lower and one ``-e_j`` for the upper bound of each, its goal the
-        breakpoint when there is one (past it the unit is stable and its bound no longer matters).
+        free lines all have their own offsets, :meth:`_smooth_users`) tightened by optimised
+        slopes: one row ``+e_j`` for the lower and one ``-e_j`` for the upper bound of each, its
+        goal the breakpoint when there is one (past it the unit is stable and its bound no
+        longer matters).
         These passes add each dual step's rounding allowance to their rows (``per_row``), as
         every backward pass does."""
         from .alpha import optimise_rows
