@@ -93,9 +93,10 @@ FreeSlopes)`` triples: the lower lines' slopes (a max pool's weights), the split
 upper lines' slopes (relaxations whose both lines are free, :class:`~dualgraph.dual_registry.FreeLines`)."""
 
 Warm = dict[tuple[str, str], torch.Tensor]
-"""Start values of the variables in full layout: ``(primal node name, "slopes" or
-"multipliers")`` -> ``[R, n]`` over the node's flat units, NaN where the usual start applies
-(CROWN's slope, multiplier 0)."""
+"""Start values of the variables in full layout: ``(primal node name, kind)`` (one of
+:data:`KINDS`) -> ``[R, n]`` over the node's flat positions (slopes as slopes, whatever their
+:attr:`~dualgraph.dual_registry.FreeSlopes.scale`), NaN where the usual start applies (CROWN's
+slope, multiplier 0)."""
 
 
 def cat_warm(blocks: list[tuple[Warm, int]]) -> Warm:
