@@ -219,7 +219,9 @@ class _Ascent:
                     lower = runner.run_from(self.dual, self.first, self.env, self.batch, self.offsets, 1)
                     self.optimiser.zero_grad(set_to_none=True)
                     (-lower.sum()).backward()
-                self.best[self.alive] = torch.maximum(self.best[self.alive], lower.detach())
+                # fmax: an iterate whose bound is NaN (a NaN gradient reached its variables) is
+                # no bound at all, and the best valid one stays
+                self.best[self.alive] = torch.fmax(self.best[self.alive], lower.detach())
                 if self.proving is not None:
                     self._stash((lower.detach() > self._goal())[:, 0])
                 for group in self.optimiser.param_groups:
@@ -238,7 +240,7 @@ class _Ascent:
             if len(self.alive):
                 with torch.no_grad():
                     lower = runner.run_from(self.dual, self.first, self.env, self.batch, self.offsets, 1)
-                self.best[self.alive] = torch.maximum(self.best[self.alive], lower)
+                self.best[self.alive] = torch.fmax(self.best[self.alive], lower)
                 if self.proving is not None:
                     self._stash((lower > self._goal())[:, 0])
             elif record is not None:

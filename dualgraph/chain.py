@@ -369,7 +369,7 @@ class _ChainAscent:
     def _observe(self, lower: torch.Tensor) -> None:
         """Keep the best bound of each alive row, and the variables of the rows whose bound passed."""
         rows = self.alive
-        self.best[rows] = torch.maximum(self.best[rows], lower)
+        self.best[rows] = torch.fmax(self.best[rows], lower)  # a NaN iterate is no bound
         passed = lower > self.goal
         if bool(passed.any()):
             self.proving[rows[passed]] = self.values[passed]

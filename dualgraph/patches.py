@@ -475,9 +475,10 @@ def input_terms(p: Patches, input_set) -> tuple[torch.Tensor, torch.Tensor]:
     center = _window_dot(data, p.windows(input_set.center))
     if hasattr(input_set, "radius"):
         radius = _window_dot(data.abs(), p.windows(input_set.radius))
-    else:  # L2 ball: eps * ||lam||_2 over the entries inside the input
+    else:  # L2 ball: eps * ||lam||_2 over the entries inside the input; the norm's subgradient
+        # at a row that vanished is 0, as the dense rows' (a sqrt of the squares would give NaN)
         data = p.masked(tuple(input_set.center.shape[1:])).data
-        radius = _rows(data.pow(2).sum((3, 4, 5)).sqrt()) * input_set.eps
+        radius = _rows(torch.linalg.vector_norm(data, dim=(3, 4, 5))) * input_set.eps
         radius = radius.expand(center.shape[0], -1) if radius.shape[0] == 1 else radius
     return center, radius
 

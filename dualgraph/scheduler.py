@@ -150,8 +150,8 @@ class BoundScheduler:
                         raw = self.value_bounds(v, replace(batch, per_row=True))  # each row its own allowance
                         if optimise_slopes:
                             raw = self._optimise_unit_bounds(v, batch, raw)
-                            raw = Bounds(torch.maximum(raw.lower, floor[v].lower),
-                                         torch.minimum(raw.upper, floor[v].upper))
+                            raw = Bounds(torch.fmax(raw.lower, floor[v].lower),  # NaN: no bound
+                                         torch.fmin(raw.upper, floor[v].upper))
                     batch.bounds[v] = batch.rounding.adopt(v, raw)
                 if self.phase_seconds is not None:
                     self.phase_seconds[v.name] = self.phase_seconds.get(v.name, 0.0) + time.perf_counter() - start

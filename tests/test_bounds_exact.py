@@ -400,6 +400,35 @@ def test_optimised_slopes_on_windows_equal_dense_rows(net, data):
     assert close(J_windows, J_dense), (J_windows, J_dense)
 
 
+def test_optimised_slopes_on_windows_survive_rows_that_vanish_in_an_l2_ball():
+    """A row can vanish before the input: the lower bound row of a crossing unit whose window
+    meets only crossing ReLUs that CROWN gives the lower slope 0 (their inputs reach further
+    below 0 than above). Its L2 input term ``eps ||lam||_2`` is then the norm of zero, whose
+    subgradient must be 0 (the dense rows' ``norm`` gives 0): a ``sqrt`` of the squares gave
+    NaN, the ascent's slopes became NaN, and so did the bound (a max pool after it failed).
+    On windows the ascent gives the dense rows' bounds, all finite."""
+    net = DagNet((1, 6, 6), "cnn")
+    a = net.add([0], [nn.Conv2d(1, 1, 3, padding=1)], act="relu")
+    b = net.add([a], [nn.Conv2d(1, 1, 3, padding=1)], act="relu")
+    net.add([b], [nn.Sequential(nn.Flatten(), nn.Linear(36, 2))])
+    net = net.to(DTYPE).eval()
+    first, second = net.dag[a - 1].edges[0], net.dag[b - 1].edges[0]
+    with torch.no_grad():  # every first-layer unit crosses, reaching further down than up
+        first.weight.fill_(1.0), first.bias.fill_(-1.5)
+        second.weight.fill_(1.0), second.bias.fill_(-0.2)
+    graph = to_ir(net)
+    x = torch.full((1, 1, 6, 6), 0.1, dtype=DTYPE)
+    got = []
+    for on_windows in (True, False):
+        sched = BoundScheduler(graph, BoundConfig(relu_relaxation="alpha", alpha_steps=4, direction="backward",
+                                                  patches=on_windows))
+        got.append(sched.intermediate_bounds(L2Ball(x, 0.5)))
+    windows, dense = got
+    for v in dense:
+        assert torch.isfinite(windows[v].lower).all() and torch.isfinite(windows[v].upper).all(), v.name
+        assert close(windows[v].lower, dense[v].lower) and close(windows[v].upper, dense[v].upper), v.name
+
+
 @pytest.mark.parametrize("allowance", [True, False])
 def test_optimised_slopes_run_on_windows(allowance):
     """The alpha ascent of a convolution's units behind a ReLU runs on patches (the slopes'
@@ -435,7 +464,8 @@ POOLED = dict(maxpool=True, layers=(2, 4), sizes=(8, 12), pool_chance=0.8)
 def test_max_pool_on_windows_equals_dense_rows(net, data):
     """Passes carry their windows through max pools (:func:`dualgraph.patches.through_max_pool`):
     each bounded value's bounds, computed from the same earlier bounds, equal the dense rows'
-    in float64, with every relaxation, pruned or not, with tiny chunks, and whichever way
+    in float64, with every relaxation, pruned or not (open rows run alone or with all rows),
+    with tiny chunks, and whichever way
     convolution transposes run. (Comparing two whole runs would not do: where two entries of
     a pool window have bounds equal up to rounding, which one the lines pick may differ
     between two runs, and both are sound.)"""
@@ -444,12 +474,17 @@ def test_max_pool_on_windows_equals_dense_rows(net, data):
     relaxation = data.draw(st.sampled_from(["paper", "crown", "alpha"]), label="relaxation")
     prune = data.draw(st.booleans(), label="prune stable units")
     chunk = data.draw(st.sampled_from([1 << 24, 97]), label="max_elements")
+    # whether a chunk's rows left open by the pruning cut run alone or with all the others
+    # (the others then get exact bounds, else they keep the cut's) depends on where the chunks
+    # end, which differs between windows and dense rows: the same rule for both
+    open_share = data.draw(st.sampled_from([0.0, 1.0]), label="open share") if prune else dual_run.MAX_OPEN_SHARE
     config = dict(relu_relaxation=relaxation, alpha_steps=3, direction="backward", prune_stable=prune)
     on_windows = BoundScheduler(graph, BoundConfig(patches=True, max_elements=chunk, **config))
     dense = BoundScheduler(graph, BoundConfig(patches=False, **config))
     input_set = case.make()
     transposes = drawn_conv_transposes(data)
-    with recording(patches, "through_max_pool", lambda p, *rest: p.data.shape) as calls, transposes():
+    with recording(patches, "through_max_pool", lambda p, *rest: p.data.shape) as calls, transposes(), \
+            mock.patch.object(dual_run, "MAX_OPEN_SHARE", open_share):
         bounds = on_windows.intermediate_bounds(input_set)
         for v in on_windows.bound_targets:
             if v in on_windows.by_image:
