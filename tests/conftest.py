@@ -7,6 +7,13 @@ from typing import Callable
 
 import pytest
 
+from dualgraph.allocator import use_huge_pages
+
+# before any tensor of 2 MB: large buffers in huge pages, as the command line runs (each fresh
+# 4 KB page of a freed and reallocated buffer faults; the MNIST model card's certification
+# of 10,000 images spends a third of its time in the kernel without them)
+use_huge_pages()
+
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
 

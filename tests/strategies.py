@@ -70,7 +70,8 @@ def make_act(kind: str | None) -> nn.Module | None:
             "silu": lambda: Elementwise(lambda x: x * torch.sigmoid(x)),
             "gelu": nn.GELU,
             "softmax": lambda: nn.Softmax(dim=1),
-            "layer_norm": lambda: Elementwise(lambda x: F.layer_norm(x, x.shape[-1:]))}[kind]()
+            # the axis's size as a constant: a traced x.shape[-1:] fails torch's ONNX export
+            "layer_norm": lambda: Elementwise(lambda x: F.layer_norm(x, (int(x.shape[-1]),)))}[kind]()
 
 
 class DagNode(nn.Module):

@@ -15,8 +15,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from dualgraph.api import Certifier
+from dualgraph.errors import UnsupportedOpError
 from dualgraph.frontends.onnx import load_onnx
 from dualgraph.interpreter import Interpreter
+from dualgraph.scheduler import BoundConfig
 
 # op, constant inputs, input range (inputs are drawn uniformly inside it)
 TABLE = [
@@ -43,20 +45,23 @@ TABLE = [
 IDS = [f"{op}{'-' + str(float(np.ravel(c[0])[0])) if c else ''}{'-neg' if r[1] < 0 else ''}" for op, c, r in TABLE]
 
 
-def one_node(op: str, consts: list, width: int = 6):
+def one_node(op: str, consts: list, width: int = 6, attrs: dict | None = None, opset: int = 17):
     names = ["x"] + [f"c{i}" for i in range(len(consts))]
     inits = [numpy_helper.from_array(c, f"c{i}") for i, c in enumerate(consts)]
-    graph = helper.make_graph([helper.make_node(op, names, ["y"], name=f"the_{op.lower()}")], "t",
+    graph = helper.make_graph([helper.make_node(op, names, ["y"], name=f"the_{op.lower()}", **(attrs or {}))], "t",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return model
 
 
 @pytest.mark.parametrize("op,consts,domain", TABLE, ids=IDS)
 def test_import_agrees_with_onnxruntime(op, consts, domain):
-    model = one_node(op, consts)
+    check_import(one_node(op, consts), op, domain)
+
+
+def check_import(model, op: str, domain: tuple[float, float]) -> None:
     rng = np.random.default_rng(0)
     x = rng.uniform(*domain, size=(5, 6)).astype(np.float32)
     if op in ("Sign", "Floor", "Ceil"):
@@ -67,7 +72,7 @@ def test_import_agrees_with_onnxruntime(op, consts, domain):
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
 
 
-def network(op: str, consts: list, domain: tuple[float, float]):
+def network(op: str, consts: list, domain: tuple[float, float], attrs: dict | None = None, opset: int = 17):
     """x[4] -> Gemm -> op -> Gemm -> y[3]; the first Gemm maps the input box [-1, 1]^4 (exactly)
     into the middle of the op's domain."""
     rng = np.random.default_rng(1)
@@ -80,13 +85,13 @@ def network(op: str, consts: list, domain: tuple[float, float]):
     w2 = rng.standard_normal((3, 6)).astype(np.float32)
     names = ["h"] + [f"c{i}" for i in range(len(consts))]
     nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="fc1"),
-             helper.make_node(op, names, ["a"], name="the_op"),
+             helper.make_node(op, names, ["a"], name="the_op", **(attrs or {})),
              helper.make_node("Gemm", ["a", "w2"], ["y"], transB=1, name="fc2")]
     inits = [numpy_helper.from_array(t, n) for t, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))]
     inits += [numpy_helper.from_array(c, f"c{i}") for i, c in enumerate(consts)]
     graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return model
 
@@ -94,8 +99,11 @@ def network(op: str, consts: list, domain: tuple[float, float]):
 @pytest.mark.parametrize("op,consts,domain", TABLE, ids=IDS)
 def test_bounds_in_a_network_hold_for_sampled_points(op, consts, domain):
     lo, hi = max(domain[0], -50.0), min(domain[1], 50.0)
-    graph = load_onnx(network(op, consts, (lo, hi)))
-    cert = Certifier(graph, dtype=torch.float32)
+    check_bounds(load_onnx(network(op, consts, (lo, hi))))
+
+
+def check_bounds(graph, relaxation: str = "paper") -> None:
+    cert = Certifier(graph, BoundConfig(relu_relaxation=relaxation), dtype=torch.float32)
     x = torch.zeros(1, 4)
     spec = torch.tensor([[[1.0, -1.0, 0.0], [0.0, 1.0, -1.0], [-1.0, 0.0, 1.0]]])
     bound = cert.lower_bounds(cert.input_set(x, 1.0), spec)[0]                     # [3]
@@ -105,6 +113,29 @@ def test_bounds_in_a_network_hold_for_sampled_points(op, consts, domain):
     values = (cert.forward(pts) @ spec[0].T).min(0).values
     assert torch.isfinite(bound).all()
     assert (bound <= values).all(), (bound, values)
+
+
+# ---- ops with attributes or a newer opset -----------------------------------------------------------
+
+ATTRIBUTED = [  # op, attributes, opset, input range
+    ("Gelu", {}, 20, (-4, 3)),
+    ("Gelu", {"approximate": "tanh"}, 20, (-4, 3)),
+]
+
+
+@pytest.mark.parametrize("op,attrs,opset,domain", ATTRIBUTED, ids=["Gelu", "Gelu-tanh"])
+def test_attributed_ops_agree_with_onnxruntime_and_bound(op, attrs, opset, domain):
+    """Gelu (opset 20; torch's exporter writes it for ``nn.GELU`` from that opset on) is
+    imported as the composition the torch.fx frontend lowers GELU to; its bounds hold, with
+    every relaxation."""
+    check_import(one_node(op, [], attrs=attrs, opset=opset), op, domain)
+    for relaxation in ("paper", "crown", "alpha"):
+        check_bounds(load_onnx(network(op, [], domain, attrs=attrs, opset=opset)), relaxation)
+
+
+def test_gelu_with_an_unknown_approximation_is_refused():
+    with pytest.raises(UnsupportedOpError, match="approximate='cubic'"):
+        load_onnx(one_node("Gelu", [], attrs={"approximate": "cubic"}, opset=20))
 
 
 # ---- structural and affine ops on [N, 2, 3, 4] ------------------------------------------------------
