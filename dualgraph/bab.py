@@ -247,7 +247,8 @@ class BranchAndBound:
             if not bool(splittable.all()):
                 # every crossing unit split: the bound is exact once the multipliers are optimal
                 full = parents.pick((~splittable).nonzero().flatten())
-                stuck = self._bound(conjunction, full.signs, full.warm, THOROUGH * self.steps)
+                # in float64: the fast passes' rounding allowance alone can keep a close call open
+                stuck = self._bound(conjunction, full.signs, full.warm, THOROUGH * self.steps, precise=True)
                 if len(stuck):
                     return BabResult(False, self.bounded, "no split left")
                 parents = parents.pick(splittable.nonzero().flatten())
@@ -259,13 +260,14 @@ class BranchAndBound:
 
     # ---- one batch ---------------------------------------------------------------------
     def _bound(self, conjunction: _Conjunction, signs: dict[str, torch.Tensor], warm: dict | None = None,
-               steps: int | None = None) -> Domains:
+               steps: int | None = None, precise: bool = False) -> Domains:
         """Bound the conjunction's rows on the domains ``signs`` (the ascent starting at ``warm``);
-        the open domains, with their margins, scores and last variables."""
+        the open domains, with their margins, scores and last variables. ``precise``: the
+        ascent runs on the float64 scheduler, not on the fast passes."""
         D = next(iter(signs.values())).shape[0]
-        fast = self.fast is not None
+        fast = self.fast is not None and not precise
         record: dict = {}
-        if self.fused is not None:
+        if self.fused is not None and not precise:
             bounds, lower = self._fused_bound(conjunction, signs, D, record, steps, warm)
         else:
             bounds = self._domain_bounds(signs, D, fast)

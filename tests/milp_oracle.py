@@ -430,15 +430,16 @@ def small_relu_nets(max_inputs: int | None = None) -> st.SearchStrategy[DagNet]:
     builders of tests/strategies.py (MultiUse edges and BatchNorm included); 1-6 inputs, 1-4
     outputs, at most ~40 crossing units: a MILP takes ~15 ms on average, rarely 0.5 s.
     ``max_inputs``: keep only nets with at most that many inputs (a filter)."""
-    fams = [lambda rng: build_mlp(rng, max_width=10, max_depth=3),
-            lambda rng: build_residual(rng, max_width=6),
-            lambda rng: build_dense(rng, max_width=6, max_nodes=3)]
-
-    def build(seed: int) -> DagNet:
-        rng = random.Random(seed)
-        return rng.choice(fams)(rng)
-    nets = SEEDS.map(build)
+    nets = SEEDS.map(relu_net_of_seed)
     return nets if max_inputs is None else nets.filter(lambda net: net.input_shape[0] <= max_inputs)
+
+
+def relu_net_of_seed(seed: int) -> DagNet:
+    """The net :func:`small_relu_nets` draws for ``seed``."""
+    rng = random.Random(seed)
+    families = [lambda: build_mlp(rng, max_width=10, max_depth=3), lambda: build_residual(rng, max_width=6),
+                lambda: build_dense(rng, max_width=6, max_nodes=3)]
+    return rng.choice(families)()
 
 
 def random_box(rng: random.Random, n_in: int) -> tuple[np.ndarray, np.ndarray]:

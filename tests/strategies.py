@@ -56,6 +56,21 @@ class Elementwise(nn.Module):
         return self.fn(x)
 
 
+class LastAxisLayerNorm(nn.Module):
+    """``F.layer_norm`` over the last axis, without weights. The axis's size is fixed at the
+    first call (:meth:`DagNet.add` runs every node once): torch's ONNX exporter cannot write
+    a traced ``x.shape[-1:]``, and fx cannot take ``int()`` of a traced size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.width: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.width is None:
+            self.width = int(x.shape[-1])
+        return F.layer_norm(x, (self.width,))
+
+
 def make_act(kind: str | None) -> nn.Module | None:
     if kind is None:
         return None
@@ -70,8 +85,7 @@ def make_act(kind: str | None) -> nn.Module | None:
             "silu": lambda: Elementwise(lambda x: x * torch.sigmoid(x)),
             "gelu": nn.GELU,
             "softmax": lambda: nn.Softmax(dim=1),
-            # the axis's size as a constant: a traced x.shape[-1:] fails torch's ONNX export
-            "layer_norm": lambda: Elementwise(lambda x: F.layer_norm(x, (int(x.shape[-1]),)))}[kind]()
+            "layer_norm": LastAxisLayerNorm}[kind]()
 
 
 class DagNode(nn.Module):
