@@ -195,6 +195,17 @@ class ShapeProp(Interpreter):
         super().__init__(graph)
         self.frees = {n: [] for n in self.nodes}  # keep every value: all of them get shapes
 
+    def run_node(self, node: Node, env: dict[Value, torch.Tensor], like: torch.Tensor | None = None
+                 ) -> list[torch.Tensor]:
+        """One node on meta tensors; an evaluation rule that fails there was given inputs whose
+        shapes do not fit (a corrupt or inconsistent model): an error naming the node."""
+        try:
+            return super().run_node(node, env, like)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DualgraphError(f"node '{node.name}' ({node.op_type}): its inputs' shapes do not fit "
+                                 f"({message}); check that the model file is complete and consistent") from None
+
     def store(self, node: Node, outs: list, env: dict) -> None:
         if len(outs) != len(node.outputs):
             raise DualgraphError(f"node '{node.name}' ({node.op_type}) produced {len(outs)} outputs, "

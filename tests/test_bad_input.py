@@ -23,6 +23,18 @@ def test_a_model_claiming_a_future_opset_is_refused(tmp_path):
         load_onnx(model)
 
 
+def test_a_model_whose_shapes_do_not_fit_gets_one_line_naming_the_node(tmp_path, capsys):
+    """A file whose declared input no longer fits its first layer (the CLI fuzz test found one
+    by flipping bytes): the shape inference's failure names the node, not a torch traceback."""
+    model = onnx.load(ZOO_DIR / "digits_small.onnx")
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 2  # channels: the first Conv takes 1
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    assert main(["dump", str(path)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shapes do not fit" in err and "node '" in err, err
+
+
 def test_dump_refuses_flags_it_would_ignore(capsys):
     assert main(["dump", "digits-small", "--eps", "0.1", "--bounds", "--dual"]) == 2
     err = capsys.readouterr().err.strip()
