@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +16,27 @@ from dualgraph.allocator import use_huge_pages
 use_huge_pages()
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+FRESH_SEEDS = "DUALGRAPH_FRESH_SEEDS"
+"""``DUALGRAPH_FRESH_SEEDS=K``: every hypothesis test draws fresh random examples, K times as
+many as its settings say. CI runs the fixed (derandomized) ones; a fresh run with K = 3 found
+four bugs they had missed (``bench/vnncomp_report.md``, twelfth session)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    factor = os.environ.get(FRESH_SEEDS)
+    if not factor:
+        return
+    from hypothesis import settings
+    done = set()
+    for item in items:
+        test = getattr(item, "obj", None)
+        own = getattr(test, "_hypothesis_internal_use_settings", None)
+        if own is None or not hasattr(test, "hypothesis") or id(test) in done:
+            continue
+        done.add(id(test))  # once per function, however many parameters it runs with
+        test._hypothesis_internal_use_settings = settings(
+            own, derandomize=False, database=None, max_examples=max(1, round(own.max_examples * float(factor))))
 
 
 def find_shared_dir() -> Path | None:
