@@ -465,10 +465,9 @@ def test_max_pool_on_windows_equals_dense_rows(net, data):
     """Passes carry their windows through max pools (:func:`dualgraph.patches.through_max_pool`):
     each bounded value's bounds, computed from the same earlier bounds, equal the dense rows'
     in float64, with every relaxation, pruned or not (open rows run alone or with all rows),
-    with tiny chunks, and whichever way
-    convolution transposes run. (Comparing two whole runs would not do: where two entries of
-    a pool window have bounds equal up to rounding, which one the lines pick may differ
-    between two runs, and both are sound.)"""
+    with tiny chunks, and whichever way convolution transposes run. (Comparing two whole runs
+    would not do: where two entries of a pool window have bounds equal up to rounding, which
+    one the lines pick may differ between two runs, and both are sound.)"""
     graph = to_ir(net)
     case = data.draw(input_sets(net.input_shape), label="input set")
     relaxation = data.draw(st.sampled_from(["paper", "crown", "alpha"]), label="relaxation")
