@@ -40,7 +40,7 @@ from dualgraph.ops import linear as linear_ops
 
 DTYPE = torch.float64
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "hardtanh", "abs", "softplus", "sin", "square", "max_pair", "self_product",
-               "silu", "gelu", "softmax", "layer_norm")
+               "silu", "gelu", "softmax", "layer_norm", "hardsigmoid", "hardswish", "elu", "selu", "prelu")
 SET_KINDS = ("linf", "linf01", "l2")
 
 
@@ -85,7 +85,10 @@ def make_act(kind: str | None) -> nn.Module | None:
             "silu": lambda: Elementwise(lambda x: x * torch.sigmoid(x)),
             "gelu": nn.GELU,
             "softmax": lambda: nn.Softmax(dim=1),
-            "layer_norm": LastAxisLayerNorm}[kind]()
+            "layer_norm": LastAxisLayerNorm,
+            # compositions (dualgraph.ops.composites); ONNX export writes each as one op
+            "hardsigmoid": nn.Hardsigmoid, "hardswish": nn.Hardswish, "elu": lambda: nn.ELU(0.7), "selu": nn.SELU,
+            "prelu": lambda: nn.PReLU(init=-0.3)}[kind]()
 
 
 class DagNode(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from dualgraph.api import Certifier
-from dualgraph.errors import UnsupportedOpError
+from dualgraph.errors import DualgraphError, UnsupportedOpError
 from dualgraph.frontends.onnx import load_onnx
 from dualgraph.interpreter import Interpreter
 from dualgraph.scheduler import BoundConfig
@@ -117,20 +117,37 @@ def check_bounds(graph, relaxation: str = "paper") -> None:
 
 # ---- ops with attributes or a newer opset -----------------------------------------------------------
 
-ATTRIBUTED = [  # op, attributes, opset, input range
-    ("Gelu", {}, 20, (-4, 3)),
-    ("Gelu", {"approximate": "tanh"}, 20, (-4, 3)),
+ATTRIBUTED = [  # op, constant inputs, attributes, opset, input range
+    ("Gelu", [], {}, 20, (-4, 3)),
+    ("Gelu", [], {"approximate": "tanh"}, 20, (-4, 3)),
+    ("HardSigmoid", [], {}, 17, (-4, 4)),
+    ("HardSigmoid", [], {"alpha": 0.5, "beta": 0.2}, 17, (-3, 3)),
+    ("HardSwish", [], {}, 17, (-5, 5)),
+    ("Elu", [], {"alpha": 0.7}, 17, (-4, 3)),
+    ("Selu", [], {}, 17, (-4, 3)),
+    ("PRelu", [np.linspace(-0.5, 0.7, 6).astype(np.float32)], {}, 17, (-3, 3)),
+    ("PRelu", [np.array([0.25], np.float32)], {}, 17, (-3, 3)),
 ]
+AIDS = ["Gelu", "Gelu-tanh", "HardSigmoid", "HardSigmoid-attrs", "HardSwish", "Elu", "Selu", "PRelu", "PRelu-one"]
 
 
-@pytest.mark.parametrize("op,attrs,opset,domain", ATTRIBUTED, ids=["Gelu", "Gelu-tanh"])
-def test_attributed_ops_agree_with_onnxruntime_and_bound(op, attrs, opset, domain):
-    """Gelu (opset 20; torch's exporter writes it for ``nn.GELU`` from that opset on) is
-    imported as the composition the torch.fx frontend lowers GELU to; its bounds hold, with
-    every relaxation."""
-    check_import(one_node(op, [], attrs=attrs, opset=opset), op, domain)
+@pytest.mark.parametrize("op,consts,attrs,opset,domain", ATTRIBUTED, ids=AIDS)
+def test_attributed_ops_agree_with_onnxruntime_and_bound(op, consts, attrs, opset, domain):
+    """Ops imported as a composition of others (:mod:`dualgraph.ops.composites`; Gelu, which
+    torch's exporter writes for ``nn.GELU`` from opset 20 on): the imported graph agrees with
+    onnxruntime, and its bounds hold, with every relaxation."""
+    check_import(one_node(op, consts, attrs=attrs, opset=opset), op, domain)
     for relaxation in ("paper", "crown", "alpha"):
-        check_bounds(load_onnx(network(op, [], domain, attrs=attrs, opset=opset)), relaxation)
+        check_bounds(load_onnx(network(op, consts, domain, attrs=attrs, opset=opset)), relaxation)
+
+
+def test_a_prelu_with_a_computed_slope_is_refused():
+    graph = helper.make_graph([helper.make_node("PRelu", ["x", "x"], ["y"], name="the_prelu")], "t",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(DualgraphError, match="the_prelu.*depends on the network input"):
+        load_onnx(model)
 
 
 def test_gelu_with_an_unknown_approximation_is_refused():
@@ -310,7 +327,7 @@ def test_a_trailing_argmax_is_certified_as_the_class_it_reads():
 
 
 def test_output_side_ops_elsewhere_are_refused_with_what_to_export():
-    from dualgraph.errors import UnsupportedOpError
+    from dualgraph.errors import DualgraphError, UnsupportedOpError
     model = _with_readout(lambda y: [helper.make_node("ArgMax", [y], ["cls"], axis=1, keepdims=1),
                                      helper.make_node("Equal", ["cls", "three"], ["is3"])],
                           [helper.make_tensor_value_info("is3", TensorProto.BOOL, ["N", 1])])

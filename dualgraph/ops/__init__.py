@@ -6,5 +6,5 @@ torch.fx lowering and checker examples on consecutive lines) and the op table of
 network generator in ``tests/strategies.py``.
 """
 
-from . import (activations, arithmetic, elementwise, extrema, linear, normalization, pooling,  # noqa: F401
-               readout, reductions, resize, shapes)  # (importing defines the ops)
+from . import (activations, arithmetic, composites, elementwise, extrema, linear, normalization,  # noqa: F401
+               pooling, readout, reductions, resize, shapes)  # (importing defines the ops)
