@@ -5,14 +5,15 @@ has dual layers for (and so certifies with their relaxations, each sound):
   ``nn.Hardsigmoid`` alpha 1/6);
 * ``HardSwish(x) = x * HardSigmoid_{1/6, 1/2}(x)``, a product of two variables (bilinear Mul);
 * ``Elu(x) = relu(x) + alpha (exp(min(x, 0)) - 1)``, and ``Selu(x) = gamma Elu_alpha(x)``;
-* ``PRelu(x) = relu(x) - slope * relu(-x)`` with a constant slope per channel.
+* ``PRelu(x) = relu(x) - slope * relu(-x)`` with a constant slope per channel;
+* ``Gelu(x) = x * 0.5 (1 + erf(x / sqrt 2))`` (or its tanh form), as torch's ONNX export before
+  opset 20 writes it (from opset 20 on, one Gelu node).
 
 Each composition is written once, as a function of two callbacks: ``emit(op, inputs, hint)``
 appends a node and returns its output value (``hint`` None: the op's final node) and
 ``const(value)`` makes a float64 constant (cast to the model's precision when run). The
 ONNX import and the torch.fx lowering of an op both emit through it (:func:`onnx_import`,
-:func:`fx_emitters`); GELU's composition (:func:`dualgraph.ops.elementwise.gelu_nodes`)
-follows the same pattern.
+:func:`fx_emitters`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import DualgraphError, UnsupportedOpError
-from ..lowering import Call, Var
+from ..lowering import Call, Unsupported, Var
 from ..op_registry import define_op
 
 Emit = Callable[[str, list, "str | None"], Any]
@@ -56,6 +57,22 @@ def prelu_nodes(x, slope, emit: Emit):
     """``relu(x) - slope * relu(-x)``; ``slope`` a constant value broadcasting against ``x``."""
     below = emit("Mul", [emit("Relu", [emit("Neg", [x], "neg")], "relu_neg"), slope], "slope")
     return emit("Sub", [emit("Relu", [x], "relu"), below], None)
+
+
+def gelu_nodes(x, approximate: str, emit: Emit, const: Callable):
+    """``x * 0.5 (1 + erf(x / sqrt 2))``, or with ``approximate='tanh'``,
+    ``x * 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``: the product of ``x`` with a
+    function of ``x`` is a bilinear Mul."""
+    if approximate == "none":
+        inner = emit("Erf", [emit("Mul", [x, const(1 / math.sqrt(2))], "scale")], "erf")
+    elif approximate == "tanh":
+        cube = emit("Pow", [x, const(3.0)], "cube")
+        poly = emit("Add", [x, emit("Mul", [cube, const(0.044715)], "c3")], "poly")
+        inner = emit("Tanh", [emit("Mul", [poly, const(math.sqrt(2 / math.pi))], "s")], "tanh")
+    else:
+        raise Unsupported(f"approximate={approximate!r}")
+    half = emit("Mul", [emit("Add", [inner, const(1.0)], "one"), const(0.5)], "half")
+    return emit("Mul", [x, half], None)
 
 
 # ---- the two frontends --------------------------------------------------------------------------------
@@ -97,6 +114,19 @@ hard_swish = define_op("HardSwish", doc="x * HardSigmoid(x) with alpha 1/6, impo
 elu = define_op("Elu", doc="relu(x) + alpha (exp(min(x, 0)) - 1), imported as its composition")
 selu = define_op("Selu", doc="gamma Elu_alpha(x), imported as its composition")
 prelu = define_op("PRelu", doc="relu(x) - slope relu(-x) with a constant slope, imported as its composition")
+gelu = define_op("Gelu", doc="ONNX Gelu (opset 20): imported as its Erf (or Tanh) composition")
+
+
+@gelu.onnx_import
+def _(ctx, n):
+    x = ctx.var(n, 0)
+    approximate = n.attrs.get("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise UnsupportedOpError(f"node '{n.name}' (Gelu) has approximate={approximate!r}; "
+                                 "only 'none' and 'tanh' are defined")
+    emit, const, final = onnx_emitters(ctx, n, x)
+    gelu_nodes(x.value, approximate, emit, const)
+    return final
 
 
 @hard_sigmoid.onnx_import
@@ -182,3 +212,15 @@ def _(lo, call: Call):
     slope = weight.reshape(-1, *[1] * (rank - 2)) if weight.numel() > 1 else weight.reshape(())
     emit, _ = fx_emitters(lo)
     return prelu_nodes(x, lo.constant(slope, "weight"), emit)
+
+
+@gelu.fx_lowering(nn.GELU)
+def _(lo, call: Call):
+    emit, const = fx_emitters(lo)
+    return gelu_nodes(lo.var(call.arg(0, "input")), call.module.approximate, emit, const)
+
+
+@gelu.fx_lowering(F.gelu)
+def _(lo, call: Call):
+    emit, const = fx_emitters(lo)
+    return gelu_nodes(lo.var(call.arg(0, "input")), call.kwargs.get("approximate", "none"), emit, const)

@@ -19,7 +19,6 @@ import math
 import operator
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -161,69 +160,6 @@ def _erf_relaxation(node, b: Bounds, config) -> Relaxation:
 
 erf = _define("Erf", torch.erf, _erf_relaxation, torch.erf, "erf", free_lines=True)
 erf.example(var(6))
-
-
-def gelu_nodes(x, approximate: str, emit: Callable, const: Callable):
-    """GELU as its ONNX export before opset 20 writes it: ``x * 0.5 (1 + erf(x / sqrt 2))``,
-    or with ``approximate='tanh'``, ``x * 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``:
-    the product of ``x`` with a function of ``x`` is a bilinear Mul. One composition for both
-    frontends: ``emit(op, inputs, hint)`` appends a node and returns its output (``hint``
-    None: the final node), ``const(value)`` a float64 constant (cast to the model's precision
-    when run)."""
-    if approximate == "none":
-        inner = emit("Erf", [emit("Mul", [x, const(1 / math.sqrt(2))], "scale")], "erf")
-    elif approximate == "tanh":
-        cube = emit("Pow", [x, const(3.0)], "cube")
-        poly = emit("Add", [x, emit("Mul", [cube, const(0.044715)], "c3")], "poly")
-        inner = emit("Tanh", [emit("Mul", [poly, const(math.sqrt(2 / math.pi))], "s")], "tanh")
-    else:
-        raise Unsupported(f"approximate={approximate!r}")
-    half = emit("Mul", [emit("Add", [inner, const(1.0)], "one"), const(0.5)], "half")
-    return emit("Mul", [x, half], None)
-
-
-def _lower_gelu(lo, x, approximate: str):
-    x = lo.var(x)
-    name = lo.node_name
-
-    def emit(op: str, inputs: list, hint: str | None):
-        return lo.emit(op, inputs) if hint is None else lo.emit(op, inputs, hint=f"{name}_{hint}")
-    return gelu_nodes(x, approximate, emit, lambda value: torch.tensor(value, dtype=torch.float64))
-
-
-@erf.fx_lowering(nn.GELU)
-def _(lo, call: Call):
-    return _lower_gelu(lo, call.arg(0, "input"), call.module.approximate)
-
-
-@erf.fx_lowering(F.gelu)
-def _(lo, call: Call):
-    return _lower_gelu(lo, call.arg(0, "input"), call.kwargs.get("approximate", "none"))
-
-
-gelu = define_op("Gelu", doc="ONNX Gelu (opset 20): imported as its Erf (or Tanh) composition")
-
-
-@gelu.onnx_import
-def _(ctx, n):
-    x = ctx.var(n, 0)
-    approximate = n.attrs.get("approximate", "none")
-    if approximate not in ("none", "tanh"):
-        raise UnsupportedOpError(f"node '{n.name}' (Gelu) has approximate={approximate!r}; "
-                                 "only 'none' and 'tanh' are defined")
-
-    final: list = []
-
-    def emit(op: str, inputs: list, hint: str | None):  # helper nodes get derived names
-        outs = ctx.emit(n, op, inputs, {}, x.added, n.outs if hint is None else None)
-        if hint is None:
-            final.extend(outs)
-        return outs[0].value
-
-    def const(value: float):
-        return ctx.ir_const(np.array(value, dtype=np.float64), f"{n.name}/dg_gelu")
-    gelu_nodes(x.value, approximate, emit, const)
-    return final
 
 
 # ---- Pow with a constant exponent ----------------------------------------------------------------
