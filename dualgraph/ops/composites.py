@@ -12,7 +12,7 @@ has dual layers for (and so certifies with their relaxations, each sound):
 Each composition is written once, as a function of two callbacks: ``emit(op, inputs, hint)``
 appends a node and returns its output value (``hint`` None: the op's final node) and
 ``const(value)`` makes a float64 constant (cast to the model's precision when run). The
-ONNX import and the torch.fx lowering of an op both emit through it (:func:`onnx_import`,
+ONNX import and the torch.fx lowering of an op both emit through it (:func:`onnx_emitters`,
 :func:`fx_emitters`).
 """
 
@@ -54,7 +54,8 @@ def elu_nodes(x, emit: Emit, const: Callable, alpha: float = 1.0, gamma: float |
 
 
 def prelu_nodes(x, slope, emit: Emit):
-    """``relu(x) - slope * relu(-x)``; ``slope`` a constant value broadcasting against ``x``."""
+    """``relu(x) - slope * relu(-x)``; ``slope`` a constant broadcasting against ``x`` (the
+    ONNX import places it itself, at the node with hint ``"slope"``)."""
     below = emit("Mul", [emit("Relu", [emit("Neg", [x], "neg")], "relu_neg"), slope], "slope")
     return emit("Sub", [emit("Relu", [x], "relu"), below], None)
 
@@ -167,10 +168,13 @@ def _(ctx, n):
     if ctx.const(n, 1, "the PRelu slope") is None:  # (a slope computed from the input is refused there)
         raise DualgraphError(f"node '{n.name}' (PRelu) has no slope input; the ONNX op needs one")
     emit, _, final = onnx_emitters(ctx, n, x)
-    relu_neg = emit("Relu", [emit("Neg", [x.value], "neg")], "relu_neg")
-    # the slope broadcast as ONNX broadcasts it (numpy rules, past the batch axis)
-    below = ctx.binary(n, "Mul", Var(relu_neg, x.added), n.ins[1], None, ("", n.in_names[1]))
-    emit("Sub", [emit("Relu", [x.value], "relu"), below.value], None)
+
+    def emit_broadcasting(op: str, inputs: list, hint: str | None):
+        if hint != "slope":
+            return emit(op, inputs, hint)
+        # the slope broadcast as ONNX broadcasts it (numpy rules, past the batch axis)
+        return ctx.binary(n, "Mul", Var(inputs[0], x.added), n.ins[1], None, ("", n.in_names[1])).value
+    prelu_nodes(x.value, None, emit_broadcasting)
     return final
 
 
