@@ -615,6 +615,6 @@ def drawn_conv_transposes(data):
     @contextlib.contextmanager
     def patched():
         with mock.patch.object(linalg, "by_phases", lambda x, w, stride: phases and tuple(stride) != (1, 1)), \
-                mock.patch.object(linear_ops, "TAPS_MAX_INPUTS", linear_ops.TAPS_MAX_INPUTS if taps else 0):
+                mock.patch.object(linalg, "TAPS_MAX_INPUTS", linalg.TAPS_MAX_INPUTS if taps else 0):
             yield
     return patched

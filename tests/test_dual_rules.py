@@ -188,7 +188,7 @@ def test_op_without_rule_raises_naming_op_node_and_plugins(op):
 def test_conv_transpose_by_taps_equals_the_library_and_differentiates(stride, pad, dil, k, in_hw):
     """The first-layer transpose (one strided add per filter tap, its own backward) equals
     ``conv_transpose2d`` and passes a finite-difference gradient check in both inputs."""
-    from dualgraph.ops.linear import conv_transpose_by_taps as _conv_transpose_by_taps
+    from dualgraph.linalg import conv_transpose_by_taps as _conv_transpose_by_taps
     g = torch.Generator().manual_seed(sum(in_hw))
     w = torch.randn(3, 2, k, k, dtype=torch.float64, generator=g, requires_grad=True)
     out_hw = [(in_hw[i] + 2 * pad[i] - dil[i] * (k - 1) - 1) // stride[i] + 1 for i in range(2)]

@@ -36,7 +36,7 @@ def test_phases_compute_the_strided_transpose_and_its_gradients(case):
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
     x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
     want = F.conv_transpose2d(x64, w64, stride=stride, padding=pad, output_padding=extra, groups=groups)
-    with mock.patch.object(linalg, "by_phases", lambda *_: True):
+    with mock.patch.object(linalg, "by_phases", lambda *_: True), mock.patch.object(linalg, "TAPS_MAX_INPUTS", 0):
         got = linalg.conv_transpose2d(x, w, stride, pad, extra, groups)
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
@@ -48,6 +48,7 @@ def test_phases_compute_the_strided_transpose_and_its_gradients(case):
 
 
 def test_phases_only_for_float32_filters_no_wider_than_their_stride(monkeypatch):
+    monkeypatch.setattr(linalg, "TAPS_MAX_INPUTS", 0)
     calls = []
     real = F.conv_transpose2d
     monkeypatch.setattr(F, "conv_transpose2d", lambda *a, **k: calls.append(k.get("stride", 1)) or real(*a, **k))
@@ -62,3 +63,40 @@ def test_phases_only_for_float32_filters_no_wider_than_their_stride(monkeypatch)
     linalg.conv_transpose2d(x, torch.randn(4, 2, 1, 1), (2, 2))   # a 1x1 shortcut: one phase has the tap
     linalg.conv_transpose2d(x, torch.randn(4, 2, 2, 2), (2, 2))   # 2x2 stride 2: one tap per phase
     assert calls == [1] * 5
+
+
+@settings(max_examples=100, deadline=None)
+@given(strided_transposes(), st.integers(1, 2), st.integers(1, 2))
+def test_taps_compute_the_transpose_and_its_gradients(case, dil_h, dil_w):
+    """By filter taps (whatever ``TAPS_MAX_INPUTS`` would choose), with padding, output padding
+    and dilation, against the library's kernel in float64: values and both gradients."""
+    x, w, stride, pad, extra, groups = case
+    assume(groups == 1)
+    dil = (dil_h, dil_w)
+    extra = tuple(min(e, max(s, d) - 1) for e, s, d in zip(extra, stride, dil))
+    assume(all((n - 1) * s - 2 * p + d * (k - 1) + 1 + e >= 1
+               for n, s, p, d, k, e in zip(x.shape[2:], stride, pad, dil, w.shape[2:], extra)))
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = F.conv_transpose2d(x64, w64, stride=stride, padding=pad, output_padding=extra, dilation=dil)
+    with mock.patch.object(linalg, "TAPS_MAX_INPUTS", 10 ** 6):
+        got = linalg.conv_transpose2d(x, w, stride, pad, extra, 1, dil)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    weights = torch.randn_like(want)
+    (want * weights).sum().backward()
+    (got * weights.float()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_first_layers_transpose_by_taps(monkeypatch):
+    """A stem's transpose (few outputs per input pixel) takes the taps, wider ones the kernel."""
+    calls = []
+    real = linalg.conv_transpose_by_taps
+    monkeypatch.setattr(linalg, "conv_transpose_by_taps", lambda *a: calls.append("taps") or real(*a))
+    x = torch.randn(2, 16, 7, 7)
+    linalg.conv_transpose2d(x, torch.randn(16, 3, 3, 3), (2, 2))     # 27 outputs per input pixel
+    linalg.conv_transpose2d(x, torch.randn(16, 16, 3, 3), (2, 2))    # 144
+    linalg.conv_transpose2d(x, torch.randn(16, 3, 3, 3), (1, 1), groups=1)
+    assert calls == ["taps", "taps"]

@@ -266,17 +266,11 @@ def _(node, inputs):
                              groups=int(node.attrs.get("group", 1)))
 
 
-TAPS_MAX_INPUTS = 64
-"""Filters with at most this many inputs per output (``c_in * taps``) transpose by taps."""
-
-
 @conv.dual
 class ConvDual(AffineRule):
     """Transpose of a 2-D convolution: ``conv_transpose2d`` with the same weights
-    (:func:`dualgraph.linalg.conv_transpose2d`: phase by phase where that pays), or, for
-    convolutions with few input channels (typically the first layer), a matrix product
-    with the filters followed by one strided add per filter tap, which is several times
-    faster on CPU than the library's transposed convolution for that shape."""
+    (:func:`dualgraph.linalg.conv_transpose2d`: by filter taps for convolutions with few input
+    channels, typically the first layer; phase by phase where that pays)."""
 
     abs_by_eval = True
     bias_slot = 2
@@ -300,75 +294,12 @@ class ConvDual(AffineRule):
             return super().transpose(node, lam_rows)  # asymmetric padding: generic adjoint
         stride, pads, dil = list(g.strides), list(g.begins), list(g.dilations)
         groups = int(node.attrs.get("group", 1))
-        if groups == 1 and w.shape[1] * w.shape[2] * w.shape[3] <= TAPS_MAX_INPUTS:
-            return [conv_transpose_by_taps(lam_rows, w, stride, pads, dil, in_hw)]
         out_hw = lam_rows.shape[2:]
         extra = [in_hw[i] - ((out_hw[i] - 1) * stride[i] - 2 * pads[i] + dil[i] * (w.shape[2 + i] - 1) + 1)
                  for i in range(2)]
         if any(e < 0 or e >= max(stride[i], dil[i]) for i, e in enumerate(extra)):
             return super().transpose(node, lam_rows)
         return [conv_transpose2d(lam_rows, w, stride, pads, extra, groups, dil)]
-
-
-def conv_transpose_by_taps(lam: torch.Tensor, w: torch.Tensor, stride, pad, dil, in_hw) -> torch.Tensor:
-    """``conv_transpose2d`` as ``W^T lam`` (one plane per filter tap) + a strided add per tap."""
-    return _TapsTranspose.apply(lam, w, (tuple(stride), tuple(pad), tuple(dil), tuple(in_hw)))
-
-
-class _TapsTranspose(torch.autograd.Function):
-    """The transposed convolution by filter taps, with a backward of the same shape: the
-    strided views of the output gradient, one per tap (the adjoint of the strided adds),
-    then one matrix product for ``lam``'s gradient and one for the filters'."""
-
-    @staticmethod
-    def _full_size(lam, w, stride, pad, dil, in_hw):
-        (ho, wo), (kh, kw) = lam.shape[2:], w.shape[2:]
-        return (max(in_hw[0] + 2 * pad[0], (ho - 1) * stride[0] + dil[0] * (kh - 1) + 1),
-                max(in_hw[1] + 2 * pad[1], (wo - 1) * stride[1] + dil[1] * (kw - 1) + 1))
-
-    @staticmethod
-    def _tap_views(t, lam, w, stride, dil):
-        """The strided view of padded ``t`` ``[r, c_in, H, W]`` that each tap writes to."""
-        (ho, wo), (kh, kw) = lam.shape[2:], w.shape[2:]
-        for i in range(kh):
-            for j in range(kw):
-                y, x = i * dil[0], j * dil[1]
-                yield t[:, :, y:y + (ho - 1) * stride[0] + 1:stride[0], x:x + (wo - 1) * stride[1] + 1:stride[1]]
-
-    @staticmethod
-    def forward(ctx, lam, w, geometry):
-        stride, pad, dil, in_hw = geometry
-        ctx.save_for_backward(lam, w)
-        ctx.geometry = geometry
-        r, c_out, ho, wo = lam.shape
-        c_in, kh, kw = w.shape[1:]
-        # [c_in*kh*kw, c_out] @ [r, c_out, P]: each tap's plane comes out contiguous (bmm on the
-        # expanded filters: matmul would fold the rows into one product through two copies)
-        filters = w.reshape(c_out, c_in * kh * kw).t()
-        planes = torch.bmm(filters.expand(r, *filters.shape), lam.reshape(r, c_out, ho * wo))
-        planes = planes.view(r, c_in, kh * kw, ho, wo)
-        out = lam.new_zeros(r, c_in, *_TapsTranspose._full_size(lam, w, stride, pad, dil, in_hw))
-        for k, view in enumerate(_TapsTranspose._tap_views(out, lam, w, stride, dil)):
-            view += planes[:, :, k]
-        return out[:, :, pad[0]:pad[0] + in_hw[0], pad[1]:pad[1] + in_hw[1]]
-
-    @staticmethod
-    def backward(ctx, grad):
-        lam, w = ctx.saved_tensors
-        stride, pad, dil, in_hw = ctx.geometry
-        r, c_out, ho, wo = lam.shape
-        full = grad.new_zeros(r, grad.shape[1], *_TapsTranspose._full_size(lam, w, stride, pad, dil, in_hw))
-        full[:, :, pad[0]:pad[0] + in_hw[0], pad[1]:pad[1] + in_hw[1]] = grad
-        planes = torch.stack(list(_TapsTranspose._tap_views(full, lam, w, stride, dil)), 2)
-        planes = planes.view(r, -1, ho * wo)                                    # [r, c_in*kh*kw, P]
-        grad_lam = grad_w = None
-        if ctx.needs_input_grad[0]:
-            filters = w.reshape(c_out, -1)
-            grad_lam = torch.bmm(filters.expand(r, *filters.shape), planes).view_as(lam)
-        if ctx.needs_input_grad[1]:
-            # sum over rows of [c_out, P] @ [P, c_in*kh*kw] (einsum picks a far slower order here)
-            grad_w = torch.bmm(lam.reshape(r, c_out, -1), planes.transpose(1, 2)).sum(0).reshape_as(w)
-        return grad_lam, grad_w, None
 
 
 @conv.onnx_import
