@@ -36,6 +36,12 @@ def batched_dot(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bmn,bn->bm", lf, tf)
 
 
+def between(l: torch.Tensor, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``l + t (u - l)`` for ``t`` in ``[0, 1]``, kept in ``[l, u]``: at ``t = 1`` the sum may
+    round past ``u``, and a point outside an interval tests nothing that must hold on it."""
+    return torch.minimum(torch.maximum(l + t * (u - l), l), u)
+
+
 def take_examples(t: torch.Tensor, examples: torch.Tensor) -> torch.Tensor:
     """Rows ``examples`` of a batched tensor ``[B, ...]``; a batch of 1 is shared by all (and
     one tensor expanded over the batch stays an expanded view)."""

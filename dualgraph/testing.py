@@ -35,6 +35,7 @@ from .forward import forward_supported
 from .input_sets import linf_ball
 from .interpreter import Interpreter, infer_shapes
 from .ir import Graph, Node
+from .linalg import between
 from .op_registry import OpDefinition, OpExample, RandomConst, VarSpec, find_op
 from .scheduler import BoundScheduler
 
@@ -136,6 +137,8 @@ def random_bounds(shape: tuple[int, ...], gen: torch.Generator, mode: str, batch
         "degenerate": lambda: (lambda z: (z, z.clone()))(torch.where(r(0, 1) < 0.2, 0.0, r(-2.0, 2.0))),
         "wide": lambda: (-r(10.0, 1e3), r(10.0, 1e3)),
         "far": lambda: (lambda l: (l, l + r(0.0, 5.0)))(r(-40.0, 40.0)),
+        # across +-20, where library kernels switch formulas (torch's softplus returns z above 20)
+        "switch": lambda: (lambda c: (c - r(0.0, 2.0), c + r(0.0, 2.0)))(20.0 * torch.sign(r(-1.0, 1.0))),
         "thin": lambda: (lambda l: (l, l + 1e-9))(r(-2.0, 2.0)),
         "touching": lambda: (torch.where(r(0, 1) < 0.5, 0.0, -r(0.0, 2.0)), r(0.0, 2.0)),
     }
@@ -154,7 +157,7 @@ def sample_points(b: Bounds, gen: torch.Generator, special: tuple[float, ...], n
     """Random points, vertices, and special points of the box: ``[n', B, *shape]``."""
     l, u = b
     t = torch.rand((n, *l.shape), generator=gen, dtype=DTYPE)
-    pts = [l + t * (u - l)]
+    pts = [between(l, u, t)]
     pick = torch.rand((n, *l.shape), generator=gen, dtype=DTYPE) < 0.5
     pts.append(torch.where(pick, u, l))
     pts += [torch.full_like(l, s).clamp(min=l, max=u).unsqueeze(0) for s in special]
@@ -194,7 +197,7 @@ def check_relaxation(rule: ElementwiseRule, n: Node, config, gen: torch.Generato
     r = rule.relaxation(n, b, config)
     l, u = b
     t = torch.linspace(0.0, 1.0, grid, dtype=DTYPE).view(-1, *([1] * l.dim()))
-    z = torch.cat([l + t * (u - l), sample_points(b, gen, special)])
+    z = torch.cat([between(l, u, t), sample_points(b, gen, special)])
     args = const_args(n, l)
     slot = next(i for i, v in enumerate(n.inputs) if v is not None and not v.is_const)
     args[slot] = z.reshape(-1, *l.shape[1:])

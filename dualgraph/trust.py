@@ -27,6 +27,7 @@ from .dual_registry import DualRule, DualStep, Relaxation, const_args
 from .errors import DualgraphError
 from .interpreter import EVAL_RULES
 from .ir import Node
+from .linalg import between
 
 POINTS_PER_UNIT = 16     # per sampled unit: both ends, the midpoint and 13 random points
 MAX_ENTRIES = 1 << 16    # a cap on the evaluations, so the check costs the same on any batch
@@ -53,7 +54,7 @@ def verify_relaxation(rule: DualRule, node: Node, bounds, r: Relaxation) -> None
     t = torch.cat([torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64),
                    torch.rand(POINTS_PER_UNIT - 3, generator=gen, dtype=torch.float64)])
     t = t.view(-1, *([1] * l.dim()))
-    z = (l + t * (u - l)).where(torch.isfinite(l) & torch.isfinite(u), torch.zeros_like(l))   # [K, rows, *unit]
+    z = between(l, u, t).where(torch.isfinite(l) & torch.isfinite(u), torch.zeros_like(l))   # [K, rows, *unit]
     fz = _evaluate(node, z.reshape(-1, *l.shape[1:])).view_as(z)
     eps = torch.finfo(lower.dtype).eps
 
@@ -108,7 +109,7 @@ def verify_dual_step(rule: DualRule, node: Node, lam, bounds: list, config, step
         l, u = (_take(t.detach(), rows).to(torch.float64).expand(rows, *v.unit_shape) for t in bd)
         t = torch.rand(shape, generator=gen, dtype=torch.float64)
         t[0], t[1] = 0.0, 1.0
-        drawn[v] = l + t * (u - l)
+        drawn[v] = between(l, u, t)
     zs = [drawn[v] for v in var_inputs]
     where = "inside its input bounds" if bounds else "(normal random inputs; the rule takes no bounds)"
     args = const_args(node, zs[0])

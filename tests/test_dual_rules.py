@@ -380,6 +380,43 @@ def test_free_lines_give_sound_steps(seed, dtype, op_type, mode, where):
     assert (rhs <= lhs + 4 * torch.finfo(dtype).eps * scale).all(), float((rhs - lhs).max())
 
 
+def _exact_softplus(z: torch.Tensor) -> torch.Tensor:
+    """``log(1 + e^z)`` without torch's switch to ``z`` above 20 (onnxruntime computes this)."""
+    return z.clamp(min=0) + torch.log1p(torch.exp(-z.abs()))
+
+
+@pytest.mark.parametrize("config", [1, 2], ids=["crown", "alpha"])
+def test_softplus_lines_hold_across_torchs_switch_at_20(config):
+    """torch's ``softplus`` returns ``z`` itself above 20, ``2e-9`` below ``log(1 + e^z)`` (a
+    step down at 20, so not convex), and onnxruntime computes the exact value: the lines of
+    Softplus must bound both, in float64, at every slope. Intervals that straddle 20, the
+    points next to it sampled; the lower line failed by ``9e-10`` before it took the step's
+    foot as a candidate extreme (found by a fresh-seed run of the test above)."""
+    from dualgraph.dual_registry import FreeSlopes
+    gen = torch.Generator().manual_seed(0)
+    n = example_node(OPS[("", "Softplus")], _example(var(7)))
+    units = n.output.numel
+    l = 20 - 3 * torch.rand(B, units, generator=gen, dtype=torch.float64)
+    u = 20 + 3 * torch.rand(B, units, generator=gen, dtype=torch.float64)
+    b = Bounds(l, u)
+    rule = dual_rule(n)
+    r = rule.relaxation(n, b, CONFIGS[config])
+    twenty = torch.tensor(20.0, dtype=torch.float64)
+    z = torch.cat([l + torch.rand((200, *l.shape), generator=gen, dtype=torch.float64) * (u - l),
+                   torch.stack([l, u, twenty.expand_as(l), torch.nextafter(twenty, 2 * twenty).expand_as(l),
+                                torch.nextafter(twenty, 0 * twenty).expand_as(l)])])
+    lines = [(r.a_lo, r.b_lo, r.a_up, r.b_up)]
+    if r.free is not None:  # the free lines at slopes across their range
+        for t in torch.linspace(0, 1, 5, dtype=torch.float64):
+            lo_a = r.free.lo + t * (r.free.hi - r.free.lo)
+            up_a = r.free.upper[0] + t * (r.free.upper[1] - r.free.upper[0])
+            lines.append((lo_a, r.free.offset(lo_a, lambda x: x, -1), up_a, r.free.offset(up_a, lambda x: x, 1)))
+    for a_lo, b_lo, a_up, b_up in lines:
+        for f in (torch.nn.functional.softplus, _exact_softplus):
+            assert (a_lo * z + b_lo <= f(z)).all(), float((a_lo * z + b_lo - f(z)).max())
+            assert (a_up * z + b_up >= f(z)).all(), float((f(z) - a_up * z - b_up).max())
+
+
 @settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(seed=st.integers(0, 2 ** 31 - 1), op_type=st.sampled_from(sorted(FREE_LINES)),
        mode=st.sampled_from(["mixed", "negative", "wide"]))

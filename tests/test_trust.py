@@ -35,10 +35,12 @@ def chord_twice(node, bounds, config) -> Relaxation:
 
 
 def sound(node, bounds, config) -> Relaxation:
-    """f = z tanh(z/2) is convex and >= 0: the constant 0 below, the chord above (not linear)."""
+    """``0 <= f = z tanh(z/2) <= |z|``: the constant 0 below, the chord of the convex ``|z|``
+    above (not linear). (The chord of ``f`` itself is not an upper line: ``f`` is convex only
+    for ``|z|`` below about 2.4, and on ``[19.1, 21.3]`` ``f`` rises ``4e-8`` above its chord.)"""
     l, u = bounds
-    a = (sym_swish(u) - sym_swish(l)) / (u - l).clamp(min=1e-12)
-    return Relaxation(torch.zeros_like(l), 0.0, a, sym_swish(l) - a * l + 1e-9)
+    a = (u.abs() - l.abs()) / (u - l).clamp(min=1e-12)
+    return Relaxation(torch.zeros_like(l), 0.0, a, l.abs() - a * l + 1e-9)
 
 
 @pytest.fixture
@@ -230,3 +232,30 @@ def test_free_slopes_are_checked_at_both_ends_of_their_range(swish_op):
         bound(scalar_net(swish_op.key), BoundConfig(relu_relaxation="alpha"))
     with pytest.raises(OpCheckFailure, match="free lower"):
         check_op(swish_op)
+
+
+def test_a_relaxation_exact_at_an_end_of_its_interval_is_trusted():
+    """A cube bounded by the constants ``l^3`` and ``u^3`` is exact at ``z = u``; the check's
+    point ``l + 1 (u - l)`` rounds past ``u`` on these bounds (found by ``dualgraph check-op``
+    on a test plugin), where ``z^3`` exceeds the line by more than the check's tolerance: a
+    sound plugin was refused. The check's points stay in ``[l, u]``."""
+    from dualgraph.dual_registry import Bounds
+    from dualgraph.trust import verify_relaxation
+    op = define_op("Cube", domain=DOMAIN)
+    op.evaluate(lambda node, inputs: inputs[0] ** 3)
+    op.example(var(1))
+    try:
+        op.relaxation()(lambda node, bounds, config: Relaxation(torch.zeros_like(bounds.lower), bounds.lower ** 3,
+                                                                 torch.zeros_like(bounds.lower), bounds.upper ** 3))
+        rule = DUAL_RULES[op.key]
+        l = torch.tensor([[-1.9330556463065995]], dtype=torch.float64)
+        u = torch.tensor([[0.10454332960381407]], dtype=torch.float64)
+        assert float(l + (u - l)) > float(u)  # the rounding this test is about
+        g = Graph("cube")
+        x = g.add_input("x", (1,), torch.float64)
+        g.outputs = [g.add_node(op.key, [x], name="cube").output]
+        infer_shapes(g, torch.float64)
+        b = Bounds(l, u)
+        verify_relaxation(rule, g.nodes[0], b, rule.relaxation(g.nodes[0], b, BoundConfig()))
+    finally:
+        remove_op(op.key)

@@ -209,7 +209,8 @@ def crossing(b: Bounds) -> torch.Tensor:
 
 def chord_relaxation(b: Bounds, f: Callable[[Tensor], Tensor], breakpoints: Sequence[float] = (),
                      stationary: Callable[[Tensor], list[Tensor]] | None = None,
-                     free_slopes: tuple[Tensor, Tensor] | None = None) -> Relaxation:
+                     free_slopes: tuple[Tensor, Tensor] | None = None,
+                     f_above: Callable[[Tensor], Tensor] | None = None) -> Relaxation:
     """Parallel lines of the chord slope ``a`` through the extremes of ``g(z) = f(z) - a z``.
 
     The extremes of ``g`` on ``[l, u]`` lie at ``l``, ``u``, the breakpoints of a piecewise
@@ -228,6 +229,10 @@ def chord_relaxation(b: Bounds, f: Callable[[Tensor], Tensor], breakpoints: Sequ
     give every solution of ``f'(z) = a`` for any slope in the range): the line of slope
     ``a`` through the extreme of ``g`` touches ``f`` there, a tangent line where the extreme
     is a stationary point.
+
+    ``f_above``: where runtimes compute ``f`` differently, the highest of their values (``>= f``
+    everywhere, with the same kinks and stationary points, or none): the upper lines bound it
+    instead of ``f`` (the lower ones bound ``f``, which must then be the lowest).
     """
     dtype = b.lower.dtype
     l, u = (t.to(torch.float64) for t in b)  # differentiable: the robust loss trains through bounds
@@ -236,10 +241,11 @@ def chord_relaxation(b: Bounds, f: Callable[[Tensor], Tensor], breakpoints: Sequ
     flat = width <= 1e-12 * (1 + m)
     a = torch.where(flat, 0.0, (f(u) - f(l)) / torch.where(flat, 1.0, width))
     a_t = a.to(dtype)
-    lo, hi = _extremes(l, u, a, a_t, f, breakpoints, stationary)
+    fs = (f, f_above or f)
+    lo, hi = _extremes(l, u, a, a_t, fs, breakpoints, stationary)
     r = Relaxation(a_t, _round_down(lo, dtype), a_t, _round_up(hi, dtype))
     if free_slopes is not None:
-        r.free = _free_lines(l, u, r, f, breakpoints, stationary, free_slopes, ~flat)
+        r.free = _free_lines(l, u, r, fs, breakpoints, stationary, free_slopes, ~flat)
     return r
 
 
@@ -259,9 +265,10 @@ def derivative_range(config, b: Bounds, derivative: Callable[[Tensor], Tensor],
     return torch.minimum(at_l, at_u), derivative(torch.full_like(l, peak).clamp(min=l, max=u))
 
 
-def _extremes(l: Tensor, u: Tensor, a: Tensor, a_t: Tensor, f, breakpoints, stationary,
+def _extremes(l: Tensor, u: Tensor, a: Tensor, a_t: Tensor, fs, breakpoints, stationary,
               detach_points: bool = False) -> tuple[Tensor, Tensor]:
-    """``min`` and ``max`` of ``f(z) - a z`` on ``[l, u]`` (float64), moved out by the shift
+    """``min`` of ``f(z) - a z`` and ``max`` of ``f_above(z) - a z`` on ``[l, u]`` (float64;
+    ``fs = (f, f_above)``), moved out by the shift
     of rounding ``a`` to ``a_t`` and a float64 slack. ``detach_points`` (the free lines'
     offsets): the gradient in ``a`` alone, ``-z*`` at the extreme's point (Danskin), the mean
     of the points that tie for it. Ties are the rule, not the exception: at the chord's slope
@@ -272,24 +279,26 @@ def _extremes(l: Tensor, u: Tensor, a: Tensor, a_t: Tensor, f, breakpoints, stat
     cands = [l, u] + [torch.full_like(l, p).clamp(min=l, max=u) for p in breakpoints]
     if stationary is not None:
         cands += [z.clamp(min=l, max=u) for z in stationary(a.detach() if detach_points else a)]
+    f, f_above = fs
     if not detach_points:
-        g = torch.stack([f(z) - a * z for z in cands])
-        slack = (a_t.to(torch.float64) - a).abs() * m + 1e-12 * (1 + g.abs().amax(0) + a.abs() * m)
-        return g.amin(0) - slack, g.amax(0) + slack
+        g, g_above = (torch.stack([h(z) - a * z for z in cands]) for h in (f, f_above))
+        scale = 1 + torch.maximum(g.abs().amax(0), g_above.abs().amax(0)) + a.abs() * m
+        slack = (a_t.to(torch.float64) - a).abs() * m + 1e-12 * scale
+        return g.amin(0) - slack, g_above.amax(0) + slack
     a_value = a.detach()
     z = torch.stack([c.detach() for c in cands])
-    g = f(z) - a_value * z
-    scale = 1 + g.abs().amax(0) + a_value.abs() * m.detach()
+    g, g_above = (h(z) - a_value * z for h in (f, f_above))
+    scale = 1 + torch.maximum(g.abs().amax(0), g_above.abs().amax(0)) + a_value.abs() * m.detach()
     slack = (a_t.detach().to(torch.float64) - a_value).abs() * m.detach() + 1e-12 * scale
     step = a - a_value  # zero, carrying the gradient in a
 
-    def extreme(value: Tensor) -> Tensor:
+    def extreme(g: Tensor, value: Tensor) -> Tensor:
         tied = (g - value).abs() <= 1e-10 * scale
         return value - step * (z * tied).sum(0) / tied.sum(0)
-    return extreme(g.amin(0)) - slack, extreme(g.amax(0)) + slack
+    return extreme(g, g.amin(0)) - slack, extreme(g_above, g_above.amax(0)) + slack
 
 
-def _free_lines(l: Tensor, u: Tensor, r: Relaxation, f, breakpoints, stationary,
+def _free_lines(l: Tensor, u: Tensor, r: Relaxation, fs, breakpoints, stationary,
                 slopes: tuple[Tensor, Tensor], units: Tensor) -> FreeLines:
     """The free lines of :func:`chord_relaxation`: slopes in ``slopes``, offsets by :func:`_extremes`."""
     dtype = r.a_lo.dtype
@@ -298,7 +307,7 @@ def _free_lines(l: Tensor, u: Tensor, r: Relaxation, f, breakpoints, stationary,
 
     def offsets(a: Tensor, at: Callable[[Tensor], Tensor], side: int) -> Tensor:
         a64 = a.to(torch.float64)
-        low, high = _extremes(at(l), at(u), a64, a, f, breakpoints, stationary, detach_points=True)
+        low, high = _extremes(at(l), at(u), a64, a, fs, breakpoints, stationary, detach_points=True)
         return _round_down(low, a.dtype) if side < 0 else _round_up(high, a.dtype)
 
     return FreeLines(units, lo, hi, (lo, hi), offsets)

@@ -115,10 +115,30 @@ reciprocal.example(var(6), domain=(0.05, INF))
 reciprocal.example(var(6), domain=(-INF, -0.05))
 
 
+SOFTPLUS_SWITCH = 20.0
+"""torch's ``softplus`` returns ``z`` itself above this (its ``threshold``): about ``2e-9``
+below ``log(1 + e^z)`` in float64, a step down, so not convex there; onnxruntime computes
+the exact value."""
+
+
+LOGIT_FLOOR = 1e-300
+"""Slopes are clamped into ``[LOGIT_FLOOR, 1 - 2^-53]`` before ``logit``: finite stationary points
+(and gradients), exact down to ``z = -690``, where softplus is below ``1e-299`` (a clamp at
+``1e-15`` put the tangent point of a chord on ``[-40, -36]`` at an end of the interval)."""
+
+
+def _exact_softplus(z: torch.Tensor) -> torch.Tensor:
+    return z.clamp(min=0) + torch.log1p(torch.exp(-z.abs()))
+
+
 def _softplus_relaxation(node, b: Bounds, config) -> Relaxation:
-    # f'(z) = sigmoid(z) = a: z = logit(a)
-    return chord_relaxation(b, F.softplus, stationary=lambda a: [torch.logit(a.clamp(1e-15, 1 - 1e-15))],
-                            free_slopes=derivative_range(config, b, torch.sigmoid))
+    # f'(z) = sigmoid(z) = a: z = logit(a). The lower lines bound torch's values (the lower
+    # ones; the foot of its step at the switch is a candidate extreme), the upper lines the exact ones.
+    switch = torch.tensor(SOFTPLUS_SWITCH, dtype=torch.float64)
+    foot = float(torch.nextafter(switch, 2 * switch))
+    return chord_relaxation(b, F.softplus, breakpoints=(SOFTPLUS_SWITCH, foot),
+                            stationary=lambda a: [torch.logit(a.clamp(LOGIT_FLOOR, 1 - 2.0 ** -53))],
+                            free_slopes=derivative_range(config, b, torch.sigmoid), f_above=_exact_softplus)
 
 
 softplus = _define("Softplus", F.softplus, _softplus_relaxation, free_lines=True)
