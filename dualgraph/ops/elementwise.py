@@ -132,8 +132,8 @@ def _exact_softplus(z: torch.Tensor) -> torch.Tensor:
 
 
 def _softplus_relaxation(node, b: Bounds, config) -> Relaxation:
-    # f'(z) = sigmoid(z) = a: z = logit(a). The lower lines bound torch's values (the lower
-    # ones; the foot of its step at the switch is a candidate extreme), the upper lines the exact ones.
+    # f'(z) = sigmoid(z) = a: z = logit(a). The lower lines bound torch's values, the lower of
+    # the two (the top and foot of its step are candidate extremes); the upper lines the exact ones.
     switch = torch.tensor(SOFTPLUS_SWITCH, dtype=torch.float64)
     foot = float(torch.nextafter(switch, 2 * switch))
     return chord_relaxation(b, F.softplus, breakpoints=(SOFTPLUS_SWITCH, foot),
