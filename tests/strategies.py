@@ -36,7 +36,6 @@ from hypothesis import strategies as st
 
 from dualgraph import linalg
 from dualgraph.input_sets import Box, InputSet, L2Ball, linf_ball
-from dualgraph.ops import linear as linear_ops
 
 DTYPE = torch.float64
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "hardtanh", "abs", "softplus", "sin", "square", "max_pair", "self_product",
