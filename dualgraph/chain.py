@@ -177,6 +177,11 @@ class _Relaxed:
     crossing: torch.Tensor
     crown: torch.Tensor
     sign: torch.Tensor
+    stable: torch.Tensor   # d on the stable units, 0 on the crossing ones
+
+    def lower_slopes(self, alpha: torch.Tensor) -> torch.Tensor:
+        """``alpha`` on the crossing units, ``d`` elsewhere, exactly (one term is an exact zero)."""
+        return torch.addcmul(self.stable, self.crossing, alpha)
 
     @classmethod
     def of(cls, b: Bounds, sign: torch.Tensor, rounding: float = 0.0) -> _Relaxed:
@@ -188,11 +193,11 @@ class _Relaxed:
         outward = intercept / 2
         if rounding:
             outward = outward + torch.where(cross, rounding * (torch.maximum(-l, u) + 2 * intercept), 0.0)
-        return cls(d, intercept / 2, outward, cross.to(l.dtype), crown, sign.to(l.dtype))
+        return cls(d, intercept / 2, outward, cross.to(l.dtype), crown, sign.to(l.dtype), torch.where(cross, 0.0, d))
 
     def take(self, index: torch.Tensor) -> _Relaxed:
         return _Relaxed(*(t[index] for t in (self.d, self.half_intercept, self.outward, self.crossing, self.crown,
-                                             self.sign)))
+                                             self.sign, self.stable)))
 
 
 class FusedChain:
@@ -260,10 +265,11 @@ class FusedChain:
             dJ/dalpha_i = gbar_i a_i^+ [crossing],   dJ/dbeta_i = gbar_i sign_i
             abar_i = gbar_i (d_i + [a_i > 0] delta_i) + intercept_i (1 - sign(a_i)) / 2
 
-        with ``delta = [crossing] (alpha - d)`` (``s = d + delta``), so that a layer is ``g = a d
-        + a^+ delta + beta sign``: products and sums only (see :class:`_Relaxed`). At ``a = 0``
-        these are the scheduler's subgradients (the negative side's slope, half the intercept:
-        its offsets are ``a . mid - |a| . gap``), which autograd of this pass gives too.
+        with ``delta = s - d`` (``alpha - d`` on crossing units, 0 elsewhere), a layer being ``g =
+        a^- d + a^+ s + beta sign`` as the scheduler computes it: products and sums only (see
+        :class:`_Relaxed`). At ``a = 0`` these are the scheduler's subgradients (the negative
+        side's slope, half the intercept: its offsets are ``a . mid - |a| . gap``), which autograd
+        of this pass gives too.
         """
         W, b = self.weights, self.biases
         allowance = self.allowance
@@ -276,9 +282,13 @@ class FusedChain:
             r = layers[i]
             if record is not None:
                 record[self.names[i]] = a
-            positive = a - a.clamp(max=0)
-            delta = r.crossing * (slopes[i] - r.d)
-            g = torch.addcmul(a * r.d, positive, delta)
+            # the scheduler's step (dual_registry._by_sign): a^- d + a^+ s, one of the two terms an
+            # exact zero, so g is exactly 0 where it is there (a + (s - d) a^+ is off by a rounding,
+            # and at a = 0 the input term's subgradient then takes another sign)
+            negative = a.clamp(max=0)
+            positive = a - negative
+            lower = r.lower_slopes(slopes[i])
+            g = torch.addcmul(negative * r.d, positive, lower)
             if multipliers is not None:
                 g.addcmul_(multipliers[i], r.sign)
             # a^- . intercept, as the scheduler writes a relaxation's offsets: a . mid - |a| . gap
@@ -286,7 +296,7 @@ class FusedChain:
             if allowance is not None:
                 J = J - g.abs() @ allowance.steps[i]
             if gradient:
-                kept.append((a, positive, delta))
+                kept.append((a, positive, lower - r.d))
             a = g @ W[i]
         if record is not None:
             record["input"] = a.view(a.shape[0], 1, *self.chain.input_shape)
