@@ -65,3 +65,22 @@ def test_the_readme_python_snippet_runs_as_written():
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
     assert namespace["result"].certified.shape == (20,)
+
+
+def test_the_readme_plugin_snippet_passes_the_checker():
+    """The README's plugin example is what users copy: its relaxation must pass ``check_op``
+    (run here under a domain of its own, beside the installed example package)."""
+    from dualgraph.op_registry import remove_op
+    from dualgraph.testing import check_op
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    snippet = next(b for b in blocks if "define_op(\"Softplus\"" in b)
+    snippet = snippet.replace('domain="com.example.dualgraph"', 'domain="tests.readme"')
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    op = namespace["softplus"]
+    try:
+        assert op.key == ("tests.readme", "Softplus")
+        check_op(op)
+    finally:
+        remove_op(op.key)
