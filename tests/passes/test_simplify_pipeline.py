@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dualgraph.interpreter import run_graph
@@ -109,13 +109,15 @@ def _layer(kind: str, c: int) -> nn.Module:
 
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.sampled_from(_LAYERS), min_size=1, max_size=6), st.integers(0, 1000))
+@example(["conv"] * 6, 0)  # the smallest map the generator can reach (a fresh-seed run drew it)
 def test_random_sequential_nets(kinds, seed):
     torch.manual_seed(seed)
     layers = [_layer(k, 2) for k in kinds] + [nn.Flatten(), nn.LazyLinear(3)]
     net = nn.Sequential(*layers).double()
-    net(torch.randn(1, 2, 12, 12, dtype=F64))  # materialise the lazy Linear
+    # 14 pixels: six unpadded 3x3 convolutions (the most drawn) leave 2 (at 12 they left none)
+    net(torch.randn(1, 2, 14, 14, dtype=F64))  # materialise the lazy Linear
     net = randomize_bn(net, seed)
-    g = load_module(net, torch.randn(2, 2, 12, 12, dtype=F64))
+    g = load_module(net, torch.randn(2, 2, 14, 14, dtype=F64))
     g, _ = check_simplify(g, net)
     assert not {"Identity", "Dropout", "Sub", "Div"} & set(ops(g))
 
