@@ -26,7 +26,9 @@ class BoundConfig:
     direction: how intermediate bounds are computed: ``"backward"`` (one dual pass from
         each layer's units), ``"forward"`` (Appendix F: identity columns of the input and
         of every activation's crossing units pushed forward; needs linear dual layers) or
-        ``"auto"`` (the cheaper by an operation count). The bounds are the same in exact
+        ``"auto"`` (the cheaper by an operation count, unless a forward run's rounding
+        allowance came out larger than the widths it widens: then backward, from then on,
+        :data:`dualgraph.direction.FORWARD_LOOSE_SHARE`). The bounds are the same in exact
         arithmetic; their rounding allowances differ: backward rows pay each their own (tight),
         the forward direction a propagated one that grows with depth (:mod:`dualgraph.rounding`).
     patches: run backward passes from a feature map's units (a convolution's, a residual

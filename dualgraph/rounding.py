@@ -186,9 +186,13 @@ class RoundingAllowance:
         reduction over the pushed columns)."""
         if not self.enabled:
             return b
+        return self._finish(v, b, self.forward_allowance(v))
+
+    def forward_allowance(self, v: Value) -> torch.Tensor:
+        """What :meth:`widen_forward` moves ``v``'s bounds out by (before this view's example
+        pick), ``[B or 1, *unit]``: the propagated ``eps`` and the reduction over the columns."""
         self._compute_forward(v)
-        reduce = SAFETY * gamma(self._columns + self.terms, self.u_c) * self._m_lin[v]
-        return self._finish(v, b, self._eps_fwd[v] + reduce)
+        return self._eps_fwd[v] + SAFETY * gamma(self._columns + self.terms, self.u_c) * self._m_lin[v]
 
     def _finish(self, v: Value, b: Bounds, eps: torch.Tensor) -> Bounds:
         e = self._pick(eps).to(b.lower.dtype)

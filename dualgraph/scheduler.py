@@ -138,8 +138,12 @@ class BoundScheduler:
             center = input_set.center
             if self.bound_targets and self.forward_for(center.shape[0], center.element_size()):
                 with _out_of_memory_as_error("the forward direction"):
-                    return ForwardBounds(self.graph, self.config, deadline=self.deadline).bounds(
+                    forward = ForwardBounds(self.graph, self.config, deadline=self.deadline).bounds(
                         self.bound_targets, input_set, batch.bounds, batch.rounding.widen_forward)
+                if not (batch.rounding.enabled and self.direction.too_loose(self._forward_shares(forward))):
+                    return forward
+                bounds = BoundMap()  # "auto": backward after all, from scratch
+                batch = bounds.batch = self.batch(input_set, bounds)
             for v in self.bound_targets:
                 start = time.perf_counter()
                 with _out_of_memory_as_error(v.name):
@@ -156,6 +160,16 @@ class BoundScheduler:
                 if self.phase_seconds is not None:
                     self.phase_seconds[v.name] = self.phase_seconds.get(v.name, 0.0) + time.perf_counter() - start
         return batch.bounds
+
+    def _forward_shares(self, bounds: dict[Value, Bounds]) -> list[tuple[float, float]]:
+        """Each target's forward rounding allowance and bound width, summed over units and examples."""
+        rounding = bounds.batch.rounding
+        out = []
+        for v in self.bound_targets:
+            b = bounds[v]
+            allowance = rounding.forward_allowance(v).expand_as(b.lower)
+            out.append((float(allowance.sum()), float((b.upper - b.lower).sum())))
+        return out
 
     def batch(self, input_set: InputSet, bounds: dict[Value, Bounds]) -> Batch:
         """The state the passes over one batch share (bounds are filled in as computed)."""

@@ -239,3 +239,35 @@ def test_patch_path_pays_the_same_allowance_as_dense_rows():
                     assert paid.min() > 0, f"{relaxation}: no allowance on {v.name}"
                     diff = (getattr(windows[v], side) - w).abs()
                     assert (diff <= 1e-6 * paid).all(), (relaxation, prune, v.name, side, float((diff / paid).max()))
+
+
+def _deep_narrow_mlp(depth: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(5, 50), torch.nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [torch.nn.Linear(50, 50), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(50, 5))
+
+
+@pytest.mark.parametrize("depth, loose", [(2, False), (12, True)])
+def test_auto_direction_turns_backward_where_the_forward_allowance_is_loose(depth, loose):
+    """With 5 inputs the forward direction is the cheaper one, but its rounding allowance is
+    propagated with absolute weights: on 12 layers of 50 it is more than the widths it widens
+    (the backward direction's per-row allowance is negligible), and the margins come out 17-24%
+    lower. ``"auto"`` then runs backward, from then on; at 2 layers it stays forward."""
+    x = torch.rand(8, 5, generator=torch.Generator().manual_seed(1))
+    graph = load_model(_deep_narrow_mlp(depth), x)
+    spec = margin_spec(torch.zeros(8, dtype=torch.long), 5)
+
+    def margins(direction):
+        cert = Certifier(graph, BoundConfig(relu_relaxation="paper", direction=direction))
+        input_set = cert.input_set(x, 0.01)
+        return cert.scheduler, cert.scheduler.bound_output(input_set, spec)
+
+    auto, got = margins("auto")
+    forced, forward = margins("forward")
+    _, backward = margins("backward")
+    assert auto.forward_for(8, 4) is not loose  # remembered
+    assert torch.equal(got, backward if loose else forward)
+    assert bool((backward > forward + 0.01 * forward.abs()).any()) is loose
+    assert forced.forward_for(8, 4)  # "forward" as asked, however loose

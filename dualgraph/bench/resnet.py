@@ -353,7 +353,8 @@ def measure(spec: Spec) -> dict:
     row.update(_timings(runs, spec.batch), status="ok", margins=runs[-1]["margins"].tolist())
     if "crossing" in runs[-1]:
         row["crossing"] = runs[-1]["crossing"]
-    if cert is not None:
+    if cert is not None:  # as run: "auto" may have turned backward after a forward run was too loose
+        row["direction"] = "forward" if cert.scheduler.forward_for(spec.batch, x.element_size()) else "backward"
         row.update(_phases(cert.scheduler, runs, row["direction"]))
     return row
 
