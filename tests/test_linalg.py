@@ -27,24 +27,33 @@ def strided_transposes(draw):
     return x, w, stride, pad, extra, groups
 
 
-@settings(max_examples=150, deadline=None)
-@given(strided_transposes())
-def test_phases_compute_the_strided_transpose_and_its_gradients(case):
-    """Phase by phase (whatever :func:`linalg.by_phases` would choose), against the library's
-    kernel in float64: values and both gradients."""
-    x, w, stride, pad, extra, groups = case
+def _same_as_the_library(run, x: torch.Tensor, w: torch.Tensor, **geometry) -> torch.Tensor:
+    """``run(x, w)`` in float32 against ``F.conv_transpose2d(**geometry)`` in float64: the values
+    and both gradients (of a random weighting of the output). Returns ``run``'s output."""
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
     x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
-    want = F.conv_transpose2d(x64, w64, stride=stride, padding=pad, output_padding=extra, groups=groups)
-    with mock.patch.object(linalg, "by_phases", lambda *_: True), mock.patch.object(linalg, "TAPS_MAX_INPUTS", 0):
-        got = linalg.conv_transpose2d(x, w, stride, pad, extra, groups)
-    assert got.shape == want.shape and got.is_contiguous()
+    want = F.conv_transpose2d(x64, w64, **geometry)
+    got = run(x, w)
+    assert got.shape == want.shape
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     weights = torch.randn_like(want)
     (want * weights).sum().backward()
     (got * weights.float()).sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-4)
+    return got
+
+
+@settings(max_examples=150, deadline=None)
+@given(strided_transposes())
+def test_phases_compute_the_strided_transpose_and_its_gradients(case):
+    """Phase by phase (whatever :func:`linalg.by_phases` would choose), against the library's
+    kernel in float64: values and both gradients."""
+    x, w, stride, pad, extra, groups = case
+    with mock.patch.object(linalg, "by_phases", lambda *_: True), mock.patch.object(linalg, "TAPS_MAX_INPUTS", 0):
+        got = _same_as_the_library(lambda a, b: linalg.conv_transpose2d(a, b, stride, pad, extra, groups), x, w,
+                                   stride=stride, padding=pad, output_padding=extra, groups=groups)
+    assert got.is_contiguous()
 
 
 def test_phases_only_for_float32_filters_no_wider_than_their_stride(monkeypatch):
@@ -76,18 +85,9 @@ def test_taps_compute_the_transpose_and_its_gradients(case, dil_h, dil_w):
     extra = tuple(min(e, max(s, d) - 1) for e, s, d in zip(extra, stride, dil))
     assume(all((n - 1) * s - 2 * p + d * (k - 1) + 1 + e >= 1
                for n, s, p, d, k, e in zip(x.shape[2:], stride, pad, dil, w.shape[2:], extra)))
-    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
-    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
-    want = F.conv_transpose2d(x64, w64, stride=stride, padding=pad, output_padding=extra, dilation=dil)
     with mock.patch.object(linalg, "TAPS_MAX_INPUTS", 10 ** 6):
-        got = linalg.conv_transpose2d(x, w, stride, pad, extra, 1, dil)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    weights = torch.randn_like(want)
-    (want * weights).sum().backward()
-    (got * weights.float()).sum().backward()
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-4)
+        _same_as_the_library(lambda a, b: linalg.conv_transpose2d(a, b, stride, pad, extra, 1, dil), x, w,
+                             stride=stride, padding=pad, output_padding=extra, dilation=dil)
 
 
 def test_first_layers_transpose_by_taps(monkeypatch):
