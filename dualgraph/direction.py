@@ -63,12 +63,10 @@ class DirectionCost:
         return fwd < bwd
 
     def too_loose(self, widths: list[tuple[float, float]]) -> bool:
-        """Whether a forward run whose targets' allowances and widths (summed over units and
-        examples) are ``widths`` was too loose (then remembered, under ``"auto"``)."""
-        loose = any(allowance > FORWARD_LOOSE_SHARE * width for allowance, width in widths)
-        if loose and self.config.direction == "auto":
-            self.forward_too_loose = True
-        return loose and self.config.direction == "auto"
+        """Whether a forward run under ``"auto"`` whose targets' allowances and widths (summed
+        over units and examples) are ``widths`` was too loose; remembered."""
+        self.forward_too_loose = any(allowance > FORWARD_LOOSE_SHARE * width for allowance, width in widths)
+        return self.forward_too_loose
 
     def forward_peak_bytes(self, batch: int, itemsize: int) -> tuple[float, str]:
         """Estimated peak memory of the forward direction and the node where it is reached:

@@ -140,8 +140,9 @@ class BoundScheduler:
                 with _out_of_memory_as_error("the forward direction"):
                     forward = ForwardBounds(self.graph, self.config, deadline=self.deadline).bounds(
                         self.bound_targets, input_set, batch.bounds, batch.rounding.widen_forward)
-                if not (batch.rounding.enabled and self.direction.too_loose(self._forward_shares(forward))):
-                    return forward
+                if (self.config.direction != "auto" or not batch.rounding.enabled
+                        or not self.direction.too_loose(self._forward_shares(forward))):
+                    return forward  # (asked for, or exact arithmetic, or tight enough)
                 bounds = BoundMap()  # "auto": backward after all, from scratch
                 batch = bounds.batch = self.batch(input_set, bounds)
             for v in self.bound_targets:
