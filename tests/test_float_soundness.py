@@ -256,7 +256,8 @@ def test_auto_direction_turns_backward_where_the_forward_allowance_is_loose(dept
     (the backward direction's per-row allowance is negligible), and the margins come out 17-24%
     lower. ``"auto"`` then runs backward, from then on; at 2 layers it stays forward."""
     x = torch.rand(8, 5, generator=torch.Generator().manual_seed(1))
-    graph = load_model(_deep_narrow_mlp(depth), x)
+    net = _deep_narrow_mlp(depth)
+    graph = load_model(net, x)
     spec = margin_spec(torch.zeros(8, dtype=torch.long), 5)
 
     def margins(direction):
@@ -271,3 +272,10 @@ def test_auto_direction_turns_backward_where_the_forward_allowance_is_loose(dept
     assert torch.equal(got, backward if loose else forward)
     assert bool((backward > forward + 0.01 * forward.abs()).any()) is loose
     assert forced.forward_for(8, 4)  # "forward" as asked, however loose
+    # the bounds hold at reachable points: corners and random points of the ball, as evaluated
+    gen = torch.Generator().manual_seed(2)
+    t = torch.cat([torch.randint(0, 2, (256, 8, 5), generator=gen).float(), torch.rand(256, 8, 5, generator=gen)])
+    with torch.no_grad():
+        y = net((x + 0.01 * (2 * t - 1)).reshape(-1, 5)).reshape(512, 8, 5).double()
+    reached = torch.einsum("bmk,sbk->sbm", spec, y).amin(0)
+    assert bool((got <= reached).all()), float((got - reached).max())
