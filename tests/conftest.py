@@ -7,8 +7,15 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from hypothesis import settings
 
 from dualgraph.allocator import use_huge_pages
+
+# hypothesis's "ci" profile (derandomized examples, no deadline, no example database) on every
+# machine, not only where $CI is set: a user's run of the README's test command then draws
+# exactly the examples CI passed, instead of fresh ones that CI never saw (fresh draws are
+# asked for with DUALGRAPH_FRESH_SEEDS, below)
+settings.load_profile("ci")
 
 # before any tensor of 2 MB: large buffers in huge pages, as the command line runs (each fresh
 # 4 KB page of a freed and reallocated buffer faults; the MNIST model card's certification
