@@ -124,17 +124,18 @@ class DirectionCost:
         Forward: the input's columns plus (about half of) each activation's units are
         columns pushed through every node once.
         """
-        ops = self.bounded_nodes
-        size = {n: _macs(n) for n in ops}
-        bwd = 0.0
-        for t in self.bound_targets:
-            if t in self.by_image:
-                continue
-            shares = window_shares(t, self.graph.ancestors(t), self.config.patches)
-            bwd += t.numel * sum(size[n] * shares[n.outputs[0]] for n in self.graph.ancestors(t))
+        bwd = sum(t.numel * self.row_macs(t) for t in self.bound_targets if t not in self.by_image)
         columns = self.forward_columns
-        fwd = sum(columns[n.outputs[0]] * size[n] for n in ops)
+        fwd = sum(columns[n.outputs[0]] * _macs(n) for n in self.bounded_nodes)
         return fwd, bwd
+
+    def row_macs(self, target: Value) -> float:
+        """Rough multiply count of one backward row from a unit of ``target`` to the input (one
+        sign, no pruning): each ancestor's :func:`_macs` at the share of its outputs the row's
+        windows cover while it runs on patches (:func:`~dualgraph.patches.window_shares`)."""
+        ancestors = self.graph.ancestors(target)
+        shares = window_shares(target, ancestors, self.config.patches)
+        return sum(_macs(n) * shares[n.outputs[0]] for n in ancestors)
 
 
 def _macs(node: Node) -> float:

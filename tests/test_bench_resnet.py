@@ -90,6 +90,7 @@ def test_tiny_run_reports_every_figure(tiny_run):
         assert r["seconds_per_example"] > 0 and r["peak_mb"] is not None and 0 <= r["crossing"] <= 1
         assert r["direction"] in ("forward", "backward")
         assert [p["value"] for p in r["phases"]] and r["final_seconds"] >= 0
+        assert 0 < r["gmacs_crossing"] <= r["gmacs_all"] and all(p["row_mmacs"] > 0 for p in r["phases"])
         if r["direction"] == "backward":
             assert all(p["seconds"] is not None for p in r["phases"])
     print(resnet.format_tables(tiny_run))
@@ -109,3 +110,22 @@ def test_tiny_run_beside_the_reference(tiny_run):
     assert comparison["dualgraph_lowest_margin"] <= comparison["reference_lowest_margin"] + 1e-4
     text = resnet.report_markdown(tiny_run)
     assert "relaxation `paper`" in text and "relaxation `crown`" in text and tiny_run["command"] in text
+
+
+def test_row_multiply_counts_follow_the_windows():
+    """``DirectionCost.row_macs`` (the benchmark's multiply-add figures), counted by hand on
+    conv(3 -> 4) - ReLU - conv(4 -> 5), 3x3 with padding on 8x8: a row from a unit of the
+    second conv's output is a 1-pixel window there (its transpose: 5 * 4 * 9 = 180, one
+    application per target channel, as the rows run), a 3x3 window at the ReLU (4 * 9 = 36)
+    and through the first conv's transpose (4 * 3 * 9 * 9 = 972)."""
+    from torch import nn
+    from dualgraph.api import Certifier, load_model
+    from dualgraph.scheduler import BoundConfig
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(320, 10))
+    sched = Certifier(load_model(model, torch.rand(1, 3, 8, 8)), BoundConfig()).scheduler
+    first, second = sched.bound_targets
+    assert sched.direction.row_macs(first) == 4 * 3 * 9
+    assert sched.direction.row_macs(second) == 5 * 4 * 9 + 4 * 9 + 4 * 3 * 9 * 9
+    assert sched.direction.operation_counts[1] == 256 * 108 + 320 * 1188

@@ -369,24 +369,32 @@ def _timings(runs: list[dict], batch: int) -> dict:
 
 
 def _phases(sched, runs: list[dict], direction: str) -> dict:
-    """Per bounded value: op, units, share crossing zero (``l < 0 < u``, all examples) and the
-    median seconds of its intermediate bounds (backward only; forward bounds all values in
-    one pass), with the path its backward pass starts on (patches or dense rows)."""
+    """Per bounded value: op, units, share crossing zero (``l < 0 < u``, all examples), the
+    multiply count of one backward row from one of its units
+    (:meth:`~dualgraph.direction.DirectionCost.row_macs`) and the median seconds of its
+    intermediate bounds (backward only; forward bounds all values in one pass), with the path
+    its backward pass starts on (patches or dense rows). Totals per example: the multiply-adds
+    of one pass from every unit (``gmacs_all``) and from the crossing units alone
+    (``gmacs_crossing``: what a pruning cut that found every stable unit would leave)."""
     from dualgraph import patches
     bounds = runs[-1]["bounds"]
-    phases, crossing, units = [], 0, 0
+    phases, crossing, units, macs_all, macs_crossing = [], 0, 0, 0.0, 0.0
     for v in sched.bound_targets:
         lo, up = bounds[v]
         cross = int(((lo < 0) & (up > 0)).sum())
         crossing, units = crossing + cross, units + lo.numel()
         seconds = [r["phases"][v.name] for r in runs if v.name in r["phases"]]
         conv = sched.config.patches and patches.starts_on_patches(v)
+        row = 0.0 if v in sched.direction.by_image else sched.direction.row_macs(v)
+        macs_all += v.numel * row
+        macs_crossing += cross / max(lo.shape[0], 1) * row
         phases.append({"value": v.name, "op": v.producer.op[1] if v.producer else "input", "units": v.numel,
-                       "crossing": round(cross / lo.numel(), 4),
+                       "crossing": round(cross / lo.numel(), 4), "row_mmacs": round(row / 1e6, 4),
                        "seconds": round(statistics.median(seconds), 4) if seconds else None,
                        "start": "forward" if direction == "forward" else ("patches" if conv else "dense")})
     return {"phases": phases, "crossing": round(crossing / max(units, 1), 4),
-            "bounded_units": sum(v.numel for v in sched.bound_targets)}
+            "bounded_units": sum(v.numel for v in sched.bound_targets),
+            "gmacs_all": round(macs_all / 1e9, 4), "gmacs_crossing": round(macs_crossing / 1e9, 4)}
 
 
 def _worker_main(argv: list[str]) -> int:
@@ -586,9 +594,12 @@ def format_phases(result: dict) -> str:
             continue
         out += [f"#### {r['net']}, `{r['relaxation']}`, eps {_eps_text(r['eps'])}: {r['direction']}, "
                 f"J(C) {r['final_seconds']:.3f} s", "",
-                "| value | op | units | crossing | start | seconds |", "|---|---|---:|---:|---|---:|"]
-        out += [f"| {p['value']} | {p['op']} | {p['units']} | {_percent(p['crossing'])} | {p['start']} | "
-                f"{_num(p['seconds'])} |" for p in r["phases"]]
+                f"One backward pass (one sign) from every bounded unit: {r['gmacs_all']:.3g} G multiply-adds per "
+                f"example; from the crossing units alone: {r['gmacs_crossing']:.3g} G.", "",
+                "| value | op | units | crossing | M multiply-adds per row | start | seconds |",
+                "|---|---|---:|---:|---:|---|---:|"]
+        out += [f"| {p['value']} | {p['op']} | {p['units']} | {_percent(p['crossing'])} | {p['row_mmacs']:.3f} | "
+                f"{p['start']} | {_num(p['seconds'])} |" for p in r["phases"]]
         out.append("")
     return "\n".join(out)
 
