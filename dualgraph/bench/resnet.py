@@ -389,7 +389,7 @@ def _phases(sched, runs: list[dict], direction: str) -> dict:
         macs_all += v.numel * row
         macs_crossing += cross / max(lo.shape[0], 1) * row
         phases.append({"value": v.name, "op": v.producer.op[1] if v.producer else "input", "units": v.numel,
-                       "crossing": round(cross / lo.numel(), 4), "row_mmacs": round(row / 1e6, 4),
+                       "crossing": round(cross / lo.numel(), 4), "row_mmacs": round(row / 1e6, 6),
                        "seconds": round(statistics.median(seconds), 4) if seconds else None,
                        "start": "forward" if direction == "forward" else ("patches" if conv else "dense")})
     return {"phases": phases, "crossing": round(crossing / max(units, 1), 4),
@@ -598,7 +598,7 @@ def format_phases(result: dict) -> str:
                 f"example; from the crossing units alone: {r['gmacs_crossing']:.3g} G.", "",
                 "| value | op | units | crossing | M multiply-adds per row | start | seconds |",
                 "|---|---|---:|---:|---:|---|---:|"]
-        out += [f"| {p['value']} | {p['op']} | {p['units']} | {_percent(p['crossing'])} | {p['row_mmacs']:.3f} | "
+        out += [f"| {p['value']} | {p['op']} | {p['units']} | {_percent(p['crossing'])} | {p['row_mmacs']:.3g} | "
                 f"{p['start']} | {_num(p['seconds'])} |" for p in r["phases"]]
         out.append("")
     return "\n".join(out)
