@@ -148,10 +148,19 @@ def test_the_written_out_gradient_is_autograds(net, seed):
     multipliers = [warm[(n.name, "multipliers")].clone().requires_grad_(True) for n in case.bab.relus]
     box = case.bab.box
     mid, rad = (box.lo.flatten() + box.hi.flatten()) / 2, (box.hi.flatten() - box.lo.flatten()) / 2
-    J, d_slopes, d_multipliers = case.fused.run(C, layers, mid, rad, slopes, multipliers, gradient=True)
-    auto = torch.autograd.grad(J.sum(), slopes + multipliers)
-    for mine, theirs in zip(d_slopes + d_multipliers, auto):
-        assert torch.allclose(mine, theirs, rtol=1e-10, atol=1e-12)
+    for leave_dead_rows in (False, True):
+        case.fused.leave_dead_rows = leave_dead_rows
+        record = {}
+        J, d_slopes, d_multipliers = case.fused.run(C, layers, mid, rad, slopes, multipliers, record, gradient=True)
+        auto = torch.autograd.grad(J.sum(), slopes + multipliers)
+        live = ~_dead_rows(record) if leave_dead_rows else slice(None)  # (the dead ones: the test below)
+        for mine, theirs in zip(d_slopes + d_multipliers, auto):
+            assert torch.allclose(mine[live], theirs[live], rtol=1e-10, atol=1e-12)
+
+
+def _dead_rows(record: dict) -> torch.Tensor:
+    """The rows ``[R]`` that are an exact 0 at some layer, in a ``record`` of :meth:`FusedChain.run`."""
+    return torch.stack([a.flatten(1).abs().sum(1) == 0 for a in record.values()]).any(0)
 
 
 @settings(max_examples=30, **SETTINGS)
@@ -161,7 +170,9 @@ def test_an_ascent_follows_the_schedulers_ascent(net, seed, warm_start):
     early: the same best bounds, the same rows left open, the same last and proving variables.
     On MLPs: on convolutional chains a row's input coefficients can be exactly 0 (pixels no
     unit it reads sees), where the bound is not differentiable and the two passes' gradients
-    take different subgradients, so the ascents part after a few steps (each a valid ascent)."""
+    take different subgradients, so the ascents part after a few steps (each a valid ascent).
+    Likewise behind a layer that passes on nothing, unless the fused pass takes the
+    scheduler's subgradient there (``leave_dead_rows = False``; the tests below)."""
     case = _Case(net, seed)
     spec = case.spec(2)
     warm = case.random_warm() if warm_start else None
@@ -172,6 +183,7 @@ def test_an_ascent_follows_the_schedulers_ascent(net, seed, warm_start):
     goal = ((start + full) / 2).amin(0) - 1e-7 * (1 + start.abs().amax(0))
     theirs, mine = {}, {}
     expected = case.scheduler_bound(spec, goal=goal[None], warm=warm, record=theirs)
+    case.fused.leave_dead_rows = False  # (where a row is dead the two take other supergradients)
     got = case.fused_bound(spec, goal, steps=EXACT.alpha_steps, warm=warm, record=mine)
     assert torch.allclose(got, expected, rtol=1e-7, atol=1e-9), (got, expected)
     for key in ("examples", "rows", "proving_examples", "proving_rows"):
@@ -187,21 +199,94 @@ def test_an_ascent_follows_the_schedulers_ascent(net, seed, warm_start):
             assert torch.allclose(mine[n.name], theirs[n.name].flatten(1), rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("net_seed, case_seed", [(14, 1), (59, 2), (100, 3)])
+DEAD_ROW_CASES = [(14, 1), (59, 2), (100, 3)]
+"""Networks and domains (``relu_net_of_seed`` seed, case seed) where some rows are dead at
+CROWN's slopes: every unit of a layer passes on an exact 0 (split inactive with multiplier 0,
+or crossing at CROWN's lower slope 0 with ``a > 0``), so the rows below it are exact zeros.
+Found by fresh-seed runs of the ascent test above."""
+
+
+@pytest.mark.parametrize("net_seed, case_seed", DEAD_ROW_CASES)
 def test_an_ascent_follows_the_schedulers_where_a_layer_passes_on_nothing(net_seed, case_seed):
-    """Where every unit of a layer passes on an exact 0 (split inactive with multiplier 0, or
-    crossing at CROWN's lower slope 0 with ``a > 0``), the scheduler's row at the input is
-    exactly 0 and its input term takes the subgradient 0. The fused step once wrote the
-    layer as ``a d + a^+ (alpha - d)``, a rounding away from 0, so its input term took a
-    sign and its ascent parted from the scheduler's (by 0.1 on one of these; found by a
-    fresh-seed run of the test above). It now computes ``a^- d + a^+ s`` as the scheduler does."""
+    """With the scheduler's subgradient there, the same ascent. (The fused step once wrote the
+    layer as ``a d + a^+ (alpha - d)``, a rounding away from 0, so the input term took a sign
+    and its ascent parted from the scheduler's by 0.1 on one of these; it computes ``a^- d +
+    a^+ s`` as the scheduler does.)"""
     from milp_oracle import relu_net_of_seed
     case = _Case(relu_net_of_seed(net_seed), case_seed)
     spec = case.spec(2)
     no_goal = torch.full((2,), torch.inf, dtype=DTYPE)
     expected = case.scheduler_bound(spec)
+    case.fused.leave_dead_rows = False
     got = case.fused_bound(spec, no_goal, steps=EXACT.alpha_steps)
     assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12), (got, expected)
+
+
+def _dead_behind_the_top_layer(case: _Case, rows: int):
+    """Rows ``C`` ``[rows, n_out]`` and a relaxation (made-up bounds: a bound is a number here,
+    not a claim) under which the top ReLU layer passes on nothing: its units with ``a > 0``
+    crossing at lower slope 0, those with ``a <= 0`` inactive; the layers below crossing
+    everywhere at random slopes. Also the ray: the top layer's crossing units, 1.0."""
+    gen, W = case.gen, case.fused.weights
+    C = torch.randn(rows, case.n_out, dtype=DTYPE, generator=gen)
+    top = C @ W[-1]
+    layers, slopes = [], []
+    for i, w in enumerate(W[:-1]):
+        shape = (rows, w.shape[0])
+        lower = -0.1 - torch.rand(shape, dtype=DTYPE, generator=gen)
+        upper = 0.1 + torch.rand(shape, dtype=DTYPE, generator=gen)
+        slope = torch.rand(shape, dtype=DTYPE, generator=gen)
+        if i == len(W) - 2:
+            upper = torch.where(top > 0, upper, lower / 2)
+            slope = torch.zeros(shape, dtype=DTYPE)
+        layers.append(_Relaxed.of(Bounds(lower, upper), torch.zeros(shape, dtype=torch.int8)))
+        slopes.append(slope)
+    ray = [torch.zeros_like(s) for s in slopes[:-1]] + [layers[-1].crossing.clone()]
+    return C, layers, slopes, [torch.zeros_like(s) for s in slopes], ray
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(net=mlp_nets(max_width=8), seed=st.integers(0, 2 ** 16))
+def test_a_dead_layers_slopes_get_the_derivative_along_the_ray_where_they_fall(net, seed):
+    """At a row dead behind layer ``k`` the bound is at a kink, and the fused gradient of layer
+    ``k``'s slopes is the supergradient most in favour of their rising: summed over the layer's
+    crossing units (at slope 0), it is the derivative of ``J`` along the ray where those slopes
+    fall below 0, measured here from two passes (``J`` is linear along it: every row behind
+    the layer is a multiple of the distance). The rows that are not dead keep autograd's
+    gradient (the test above)."""
+    case = _Case(net, seed)
+    assume(len(case.fused.names) >= 2)
+    C, layers, slopes, multipliers, ray = _dead_behind_the_top_layer(case, rows=4)
+    box = case.bab.box
+    mid, rad = (box.lo.flatten() + box.hi.flatten()) / 2, (box.hi.flatten() - box.lo.flatten()) / 2
+    record = {}
+    J, d_slopes, _ = case.fused.run(C, layers, mid, rad, slopes, multipliers, record, gradient=True)
+    assert bool(_dead_rows(record).all())
+    moving = ray[-1].sum(1) > 0
+    assume(bool(moving.any()))
+    t = 1e-3
+    J_t = case.fused.run(C, layers, mid, rad, [s - t * v for s, v in zip(slopes, ray)], multipliers)
+    along = (J_t - J) / -t
+    predicted = sum((g * v).sum(1) for g, v in zip(d_slopes, ray))
+    assert torch.allclose(predicted[moving], along[moving], rtol=1e-8, atol=1e-10), (predicted, along)
+
+
+def test_the_scheduler_takes_another_supergradient_at_a_dead_row():
+    """(So that the test above tells the two apart: from the centre of the relaxation, the
+    derivative along that ray is another number.)"""
+    from milp_oracle import relu_net_of_seed
+    case = _Case(relu_net_of_seed(14), 1)
+    C, layers, slopes, multipliers, ray = _dead_behind_the_top_layer(case, rows=4)
+    box = case.bab.box
+    mid, rad = (box.lo.flatten() + box.hi.flatten()) / 2, (box.hi.flatten() - box.lo.flatten()) / 2
+    found = {}
+    for leave_dead_rows in (True, False):
+        case.fused.leave_dead_rows = leave_dead_rows
+        _, d_slopes, _ = case.fused.run(C, layers, mid, rad, slopes, multipliers, gradient=True)
+        found[leave_dead_rows] = sum((g * v).sum(1) for g, v in zip(d_slopes, ray))
+    moving = ray[-1].sum(1) > 0
+    assert bool(moving.any())
+    assert not torch.allclose(found[True][moving], found[False][moving], rtol=1e-3)
 
 
 @settings(max_examples=15, **SETTINGS)
