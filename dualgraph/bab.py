@@ -126,9 +126,17 @@ class DomainQueue:
         self.live[free] = True
         self.count += n
 
+    def _ranked_margins(self) -> torch.Tensor:
+        """Each slot's margin, a NaN one as ``-inf`` (worst: it is taken first) and a free slot's ``inf``."""
+        return torch.where(self.live, self.margin.nan_to_num(nan=-torch.inf), torch.inf)
+
+    def worst_margin(self) -> float:
+        """The lowest margin of an open domain (``inf`` when none is open)."""
+        return float(self._ranked_margins().min()) if self.count else float("inf")
+
     def pop_worst(self, k: int) -> Domains:
         """Take out the ``k`` domains with the lowest margins."""
-        margins = torch.where(self.live, self.margin.nan_to_num(nan=-torch.inf), torch.inf)
+        margins = self._ranked_margins()
         index = torch.topk(margins, min(k, self.count), largest=False).indices
         self.live[index] = False
         self.count -= len(index)
@@ -156,6 +164,17 @@ class BabResult:
     proved: bool
     domains: int  # domains bounded
     reason: str = ""
+
+
+@dataclass
+class SearchProgress:
+    """Where the tree being searched stands, as of the last batch taken: its open domains and
+    the lowest margin among them (the search's float32 estimate, not a proof: the margin the
+    whole input region would have if every open domain were as far as its estimate). What a
+    timed-out search reports: how far it got."""
+
+    open_domains: int = 0
+    worst_margin: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -208,6 +227,7 @@ class BranchAndBound:
         targets = set(scheduler.bound_targets)
         self.relus: list[Node] = [n for n in scheduler.graph.nodes if n.op == ("", "Relu") and n.inputs[0] in targets]
         self.bounded = 0
+        self.progress = SearchProgress()
         self.fused: FusedChain | None = None
         if fast is not None and fused:
             chain = AffineChain.of(scheduler.graph, scheduler.config)
@@ -241,6 +261,7 @@ class BranchAndBound:
         """Split the open domains of one tree (from ``root``) until none is left."""
         queue = DomainQueue(root)
         while len(queue):
+            self.progress = SearchProgress(len(queue), queue.worst_margin())
             self.sched.deadline.check()
             parents = queue.pop_worst(self.batch)
             splittable = self._splittable(parents)
@@ -256,6 +277,7 @@ class BranchAndBound:
                     continue
             queue.push(self._bound(conjunction, self._branch(parents),
                                    {k: t.repeat(2, 1) for k, t in parents.warm.items()}))
+        self.progress = SearchProgress()
         return BabResult(True, self.bounded)
 
     # ---- one batch ---------------------------------------------------------------------

@@ -383,6 +383,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     how = result.details.get("method")
     if how and result.answer == "sat":
         how += f"; confirmed by {result.details['confirmed_by']}"
+    if result.answer in ("timeout", "unknown") and "bab_open_domains" in result.details:
+        how = (f"branch and bound: {result.details['bab_domains']:,} domains bounded, "
+               f"{result.details['bab_open_domains']:,} open, the worst at margin "
+               f"{result.details['bab_worst_open_margin']:.4g}")
     print(f"dualgraph: {result.answer} in {result.seconds:.2f} s" + (f" ({how})" if how else ""), file=sys.stderr)
     return 0
 

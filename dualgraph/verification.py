@@ -424,6 +424,9 @@ class _Search:
             result = bab.run()
         finally:
             self.details["bab_domains"] = self.details.get("bab_domains", 0) + bab.bounded
+            if bab.progress.open_domains:  # how far a search that stopped got (a proved one has none open)
+                self.details["bab_open_domains"] = bab.progress.open_domains
+                self.details["bab_worst_open_margin"] = bab.progress.worst_margin
         if not result.proved:
             self.details["bab"] = result.reason
         return result.proved

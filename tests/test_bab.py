@@ -94,9 +94,9 @@ def test_a_close_call_on_a_fully_split_domain_is_proved_in_float64(tmp_path):
     assert result.answer == "unsat", result.details
 
 
-def test_two_relus_reading_one_value_are_both_clamped(tmp_path):
-    """Two Relu nodes on one value: each node's splits clamp the value's bounds (review
-    finding: only one node's were applied, so its units were split again and again)."""
+def _two_relus_on_one_value(tmp_path):
+    """An ONNX file whose two Relu nodes read one value, and a property that only branch and
+    bound proves (a threshold just below the output's minimum on a grid of the box)."""
     from onnx import helper
     rng = np.random.default_rng(1)
     W1 = rng.standard_normal((6, 3)).astype(np.float32)
@@ -110,10 +110,51 @@ def test_two_relus_reading_one_value_are_both_clamped(tmp_path):
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 41)] * 3), -1).reshape(-1, 3)
     y = np.maximum(grid @ W1.T.astype(np.float64) + b1, 0) @ (W2 + W3).T.astype(np.float64)
     threshold = float(y.min()) - 0.02 * float(y.max() - y.min())   # just below the minimum: unsat
-    props = _box_property(tmp_path, 3, f"(assert (<= Y_0 {threshold:.9f}))")
-    result = verify_property(VerifyModel(path), props, 30, VerifyConfig(split_max_inputs=0, attack_rounds=0,
-                                                                         relaxations=("crown",)))
+    return path, _box_property(tmp_path, 3, f"(assert (<= Y_0 {threshold:.9f}))")
+
+
+CROWN_SPLITS_ONLY = VerifyConfig(split_max_inputs=0, attack_rounds=0, relaxations=("crown",))
+
+
+def test_two_relus_reading_one_value_are_both_clamped(tmp_path):
+    """Two Relu nodes on one value: each node's splits clamp the value's bounds (review
+    finding: only one node's were applied, so its units were split again and again)."""
+    path, props = _two_relus_on_one_value(tmp_path)
+    result = verify_property(VerifyModel(path), props, 30, CROWN_SPLITS_ONLY)
     assert result.answer == "unsat" and result.details["bab_domains"] < 200, result.details
+    assert "bab_open_domains" not in result.details  # a finished search leaves none open
+
+
+def test_a_search_that_runs_out_of_time_says_how_far_it_got(tmp_path, monkeypatch, capsys):
+    """The time runs out in the third batch (one domain a batch): the answer is ``timeout``,
+    with the domains left open when it ran out and the lowest margin among them (below 0: the
+    open ones are those not proved), which the CLI prints."""
+    from dataclasses import replace
+
+    from dualgraph.bab import BranchAndBound
+    from dualgraph.deadline import DeadlineExceeded
+    path, props = _two_relus_on_one_value(tmp_path)
+    bound, batches = BranchAndBound._bound, []
+
+    def bound_until_the_third(self, *args, **kw):
+        batches.append(1)
+        if len(batches) == 3:
+            raise DeadlineExceeded
+        return bound(self, *args, **kw)
+
+    monkeypatch.setattr(BranchAndBound, "_bound", bound_until_the_third)
+    result = verify_property(VerifyModel(path), props, 30, replace(CROWN_SPLITS_ONLY, bab_batch=1))
+    details = result.details
+    assert result.answer == "timeout", details
+    assert details["bab_domains"] == 1 + 2  # the root, then a batch's two children
+    assert details["bab_open_domains"] >= 1 and details["bab_worst_open_margin"] <= 0, details
+    from dualgraph.cli import main
+    batches.clear()
+    assert main(["verify", str(path), str(tmp_path / "p.vnnlib"), "--no-split", "--attack-rounds", "0",
+                 "--relaxation", "crown"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "timeout\n"
+    assert f"(branch and bound: 3 domains bounded, {details['bab_open_domains']} open, the worst at margin -" in err
 
 
 def test_a_network_without_relus_is_unknown_not_an_error(tmp_path):
