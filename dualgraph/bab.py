@@ -126,17 +126,9 @@ class DomainQueue:
         self.live[free] = True
         self.count += n
 
-    def _ranked_margins(self) -> torch.Tensor:
-        """Each slot's margin, a NaN one as ``-inf`` (worst: it is taken first) and a free slot's ``inf``."""
-        return torch.where(self.live, self.margin.nan_to_num(nan=-torch.inf), torch.inf)
-
-    def worst_margin(self) -> float:
-        """The lowest margin of an open domain (``inf`` when none is open)."""
-        return float(self._ranked_margins().min()) if self.count else float("inf")
-
     def pop_worst(self, k: int) -> Domains:
         """Take out the ``k`` domains with the lowest margins."""
-        margins = self._ranked_margins()
+        margins = torch.where(self.live, self.margin.nan_to_num(nan=-torch.inf), torch.inf)
         index = torch.topk(margins, min(k, self.count), largest=False).indices
         self.live[index] = False
         self.count -= len(index)
@@ -168,10 +160,10 @@ class BabResult:
 
 @dataclass
 class SearchProgress:
-    """Where the tree being searched stands, as of the last batch taken: its open domains and
-    the lowest margin among them (the search's float32 estimate, not a proof: the margin the
-    whole input region would have if every open domain were as far as its estimate). What a
-    timed-out search reports: how far it got."""
+    """Where the tree being searched stands as its last batch is taken: its open domains (that
+    batch's included) and the lowest margin among them, the conjunction's margin on the worst
+    open domain as the search estimates it (in float32: not a proof). What a search that runs
+    out of time reports: how far it got."""
 
     open_domains: int = 0
     worst_margin: float = float("nan")
@@ -261,9 +253,9 @@ class BranchAndBound:
         """Split the open domains of one tree (from ``root``) until none is left."""
         queue = DomainQueue(root)
         while len(queue):
-            self.progress = SearchProgress(len(queue), queue.worst_margin())
+            parents = queue.pop_worst(self.batch)  # the worst first
+            self.progress = SearchProgress(len(queue) + len(parents), float(parents.margin[0]))
             self.sched.deadline.check()
-            parents = queue.pop_worst(self.batch)
             splittable = self._splittable(parents)
             if not bool(splittable.all()):
                 # every crossing unit split: the bound is exact once the multipliers are optimal
