@@ -317,9 +317,12 @@ class FusedChain:
         directions = [k[0] for k in reversed(kept)] + [a]  # bottom first, the input's last
         if self.leave_dead_rows:
             sizes.append(magnitude.sum(1))
-            dead = (torch.stack(sizes).amin(0) == 0).nonzero().flatten()
+            zero = torch.stack(sizes[-2::-1] + sizes[-1:]) == 0  # [L + 1, R], as directions
+            dead = zero.any(0).nonzero().flatten()
             if dead.numel():
-                self._leaving_directions(layers, slopes, multipliers, directions, dead)
+                if record is not None:  # (it holds these rows: change copies)
+                    directions = [t.clone() for t in directions]
+                self._leaving_directions(layers, slopes, multipliers, directions, zero[:, dead], dead)
         abar = mid - directions[-1].sign() * rad
         d_slopes, d_multipliers = [], []
         for i, (positive, delta) in enumerate(k[1:] for k in reversed(kept)):
@@ -333,10 +336,11 @@ class FusedChain:
 
     def _leaving_directions(self, layers: list[_Relaxed], slopes: list[torch.Tensor],
                             multipliers: list[torch.Tensor] | None, directions: list[torch.Tensor],
-                            dead: torch.Tensor) -> None:
-        """Replace, in the rows ``dead`` of ``directions`` (each layer's row, bottom first, then
-        the input's), each layer's row that is an exact 0 by the direction in which it leaves 0
-        as the slopes of the layer that passed on nothing fall.
+                            zero: torch.Tensor, dead: torch.Tensor) -> None:
+        """Replace, in place, in the rows ``dead`` of ``directions`` (each layer's row, bottom
+        first, then the input's), each row that is an exact 0 (``zero``, ``[L + 1, len(dead)]``)
+        by the direction in which it leaves 0 as the slopes of the layer that passed on nothing
+        fall.
 
         A layer passes on nothing (``g_k = 0``) where its rows' positive units are crossing at
         lower slope 0 or inactive, and their negative units inactive: CROWN's slopes do that
@@ -353,27 +357,26 @@ class FusedChain:
         Every iterate is still a bound and the best is kept, so this only chooses where the
         ascent looks. On 256x4 ``prop_10_0.05`` it takes branch and bound from 163,929 to 66,935
         domains (``bench/vnncomp_report.md``)."""
-        W = self.weights
-        row = directions[len(layers) - 1][dead]
-
-        def lexicographic(at: int) -> torch.Tensor:
-            """The row itself where it is not all zero, else the direction it leaves 0 in."""
-            actual = directions[at][dead]
-            chosen = torch.where((actual.abs().sum(1) != 0)[:, None], actual, row)
-            directions[at] = directions[at].index_put((dead,), chosen)
-            return chosen
-
-        for i in reversed(range(len(layers))):
+        W, L = self.weights, len(layers)
+        below = [L] + list(range(L - 1))  # the index in directions of the row below layer i
+        # above the highest layer under which a dead row is 0, every row is itself: start there
+        top = max(i for i in range(L) if bool(zero[below[i]].any()))
+        row = directions[top][dead]
+        for i in range(top, -1, -1):
             r = layers[i]
-            row = lexicographic(i)
+            if i < top:  # the row itself where it is not 0, else the direction it leaves 0 in
+                row = torch.where(zero[i][:, None], row, directions[i][dead])
+            crossing = r.crossing[dead]
+            lower = torch.addcmul(r.stable[dead], crossing, slopes[i][dead])  # r.lower_slopes on these rows
             negative = row.clamp(max=0)
-            g = torch.addcmul(negative * r.d[dead], row - negative, r.lower_slopes(slopes[i])[dead])
+            g = torch.addcmul(negative * r.d[dead], row - negative, lower)
             if multipliers is not None:
                 g.addcmul_(multipliers[i][dead], r.sign[dead])
             passes_nothing = g.abs().sum(1) == 0
-            g = torch.where(passes_nothing[:, None], -(row.clamp(min=0) * r.crossing[dead]), g)
+            g = torch.where(passes_nothing[:, None], -(row.clamp(min=0) * crossing), g)
             row = g @ W[i]
-        lexicographic(len(layers))
+            low = zero[below[i]]
+            directions[below[i]][dead[low]] = row[low]
 
 
 class _ChainAscent:
