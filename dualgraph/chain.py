@@ -306,7 +306,8 @@ class FusedChain:
                 J = J - g.abs() @ allowance.steps[i]
             if gradient:
                 kept.append((a, positive, lower - r.d))
-                sizes.append(magnitude.sum(1))
+                if self.leave_dead_rows:
+                    sizes.append(magnitude.sum(1))
             a = g @ W[i]
         if record is not None:
             record["input"] = a.view(a.shape[0], 1, *self.chain.input_shape)
