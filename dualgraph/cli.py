@@ -16,6 +16,23 @@ from .errors import DualgraphError
 DEFAULT_MODEL = "digits-small"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: one line, ``dualgraph: error: ...`` and a
+    pointer to the command's help (argparse prints the whole usage block first), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"dualgraph: error: {message} (see '{self.prog} --help')\n")
+
+
+def _radius(text: str) -> float:
+    """``--eps`` and friends: a number or a fraction such as ``2/255``, at least 0."""
+    from .input_sets import parse_radius
+    try:
+        return parse_radius(text)
+    except DualgraphError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_model_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("model", nargs="?" if optional else None, default=DEFAULT_MODEL if optional else None,
                    help="an .onnx file or a model name from the zoo (see 'dualgraph models')"
@@ -117,13 +134,15 @@ def _add_train_parser(sub) -> None:
                    help="training data (default: scikit-learn's bundled 8x8 digits, no download)")
     p.add_argument("--data-dir", help="folder with the dataset files (MNIST IDX or CIFAR-10 python batches)")
     p.add_argument("--model", default="small", help="architecture (see 'dualgraph models'; default small)")
-    p.add_argument("--eps", type=float, default=0.1, help="target radius of the ball (pixel scale [0,1]; default 0.1)")
+    p.add_argument("--eps", type=_radius, default=0.1,
+                   help="target radius of the ball (pixel scale [0,1]; a number or a fraction such as 2/255; "
+                        "default 0.1)")
     p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="norm of the ball (default linf)")
     p.add_argument("--no-clip", action="store_true", help="do not intersect the L-inf ball with the [0,1] pixel box")
     p.add_argument("--epochs", type=int, default=60, help="epochs (default 60, the paper's)")
     p.add_argument("--ramp-epochs", type=int, default=20,
                    help="epochs over which eps ramps linearly from --eps-start to --eps (default 20)")
-    p.add_argument("--eps-start", type=float, help="first eps of the ramp (default: 0.01 MNIST/digits, 0.001 CIFAR)")
+    p.add_argument("--eps-start", type=_radius, help="first eps of the ramp (default: 0.01 MNIST/digits, 0.001 CIFAR)")
     p.add_argument("--lr-halve-every", type=int, default=10,
                    help="halve the learning rate every N epochs after the ramp (0: never; default 10)")
     p.add_argument("--batch-size", type=int, default=50, help="training batch size (default 50, the paper's)")
@@ -155,7 +174,7 @@ def _add_train_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dualgraph", description="Provable robustness certificates for neural networks via dual networks "
                                       "(Wong et al., 'Scaling provable adversarial defenses', NeurIPS 2018).")
     from . import __version__
@@ -171,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset (default: digits for the default model, else required)")
     p.add_argument("--data-dir", help="folder with the dataset files (MNIST IDX or CIFAR-10 python batches)")
     p.add_argument("--split", choices=["test", "train"], default="test", help="dataset split (default test)")
-    p.add_argument("--eps", type=float, default=None, help="radius of the ball (pixel scale [0,1])")
+    p.add_argument("--eps", type=_radius, default=None,
+                   help="radius of the ball (pixel scale [0,1]; a number or a fraction such as 2/255)")
     p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="norm of the ball (default linf)")
     p.add_argument("--no-clip", action="store_true", help="do not intersect the L-inf ball with the [0,1] pixel box")
     p.add_argument("--limit", type=int, help="certify only the first N examples")
@@ -187,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text (default), json, or Graphviz dot (graphs only)")
     p.add_argument("--dual", action="store_true", help="print the dual graph (of the output) instead")
     p.add_argument("--bounds", action="store_true", help="print per-layer bound statistics (needs --eps)")
-    p.add_argument("--eps", type=float, help="radius for --bounds")
+    p.add_argument("--eps", type=_radius, help="radius for --bounds (a number or a fraction such as 2/255)")
     p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="norm of the ball for --bounds")
     p.add_argument("--dataset", choices=["mnist", "cifar10", "digits"], help="take --bounds inputs from a dataset")
     p.add_argument("--data-dir", help="folder with the dataset files (MNIST IDX or CIFAR-10 python batches)")
@@ -221,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     if args.debug:
         os.environ["DUALGRAPH_DEBUG"] = "1"  # read by the plugin loader
     use_huge_pages()  # before torch's first large buffer: the dual passes' temporaries fault in 2 MB pages

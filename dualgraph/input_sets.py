@@ -21,6 +21,20 @@ from .errors import DualgraphError
 from .linalg import batched_dot, flat_rows, take_examples
 
 
+def parse_radius(text: str) -> float:
+    """A radius as the command line takes it: a number or a fraction (``0.1``, ``2/255``,
+    ``0.5/255``), checked by :func:`check_eps`."""
+    from fractions import Fraction
+    num, slash, den = str(text).strip().partition("/")
+    try:
+        if slash and not den.strip():
+            raise ValueError(text)
+        value = float(Fraction(num) / Fraction(den or 1))
+    except (ValueError, ZeroDivisionError):
+        raise DualgraphError(f"'{text}' is not a radius; give a number or a fraction such as 0.1 or 2/255") from None
+    return check_eps(value)
+
+
 def check_eps(eps: float) -> float:
     """``eps`` as a float, or a DualgraphError if it is negative or not finite."""
     eps = float(eps)

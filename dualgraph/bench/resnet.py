@@ -52,7 +52,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 
 import torch
 from torch import nn
@@ -419,19 +418,11 @@ def _worker_main(argv: list[str]) -> int:
 def parse_eps(text: str) -> list[float]:
     """Comma-separated non-negative radii, fractions allowed (``1/255,0.5/255,0.01``)."""
     from dualgraph.errors import DualgraphError
-    out = []
-    for e in (e.strip() for e in text.split(",")):
-        if not e:
-            continue
-        try:
-            num, _, den = e.partition("/")
-            value = Fraction(num) / Fraction(den or 1)
-        except (ValueError, ZeroDivisionError):
-            raise DualgraphError(f"--eps: '{e}' is not a radius; give numbers or fractions such as 2/255 or 0.5/255") from None
-        if value < 0:
-            raise DualgraphError(f"--eps: {e} is negative; an L-inf radius must be >= 0")
-        out.append(float(value))
-    return out
+    from dualgraph.input_sets import parse_radius
+    try:
+        return [parse_radius(e) for e in (e.strip() for e in text.split(",")) if e]
+    except DualgraphError as exc:
+        raise DualgraphError(f"--eps: {exc}") from None
 
 
 def specs_of(args: argparse.Namespace) -> list[Spec]:
