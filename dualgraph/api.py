@@ -69,7 +69,9 @@ def add_input_normalization(graph: Graph, mean, std) -> Graph:
     std = list(std or [1.0])
     for name, vals in (("--mean", mean), ("--std", std)):
         if len(vals) not in (1, channels):
-            raise DualgraphError(f"{name} needs 1 or {channels} values (one per input channel), got {len(vals)}")
+            wanted = "1 value (the input has one channel)" if channels == 1 else \
+                f"1 or {channels} values (one per input channel)"
+            raise DualgraphError(f"{name} needs {wanted}, got {len(vals)}")
     if not all(math.isfinite(v) for v in [*mean, *std]):
         raise DualgraphError("--mean and --std values must be finite numbers")
     if any(s <= 0 for s in std):
@@ -202,6 +204,11 @@ class Certifier:
         """Certify that every point within ``eps`` of each ``x`` is classified as its label."""
         with torch.no_grad():
             logits = self.forward(x)
+            if bool(logits.isnan().any()):
+                k = int(logits.isnan().any(1).nonzero()[0])
+                raise DualgraphError(f"the model outputs NaN on input {k} of this batch (NaN weights, or an op "
+                                     "such as Log or Sqrt of a negative value); check the model: a certificate "
+                                     "about its class would mean nothing")
             preds = logits.argmax(1)
             correct = preds == labels.to(self.device)
             spec = margin_spec(labels.to(self.device), self.num_outputs)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .certify import key_value_table
 from .data import Dataset
 from .errors import DualgraphError
+from .files import make_folder
 
 
 @dataclass
@@ -150,8 +151,7 @@ def train_cascade(config, stages: int, train_set: Dataset, test_set: Dataset, ou
     from .train import train
     if stages < 1:
         raise DualgraphError(f"--cascade needs at least 1 stage, got {stages}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out, "--out")
     remaining = train_set
     files: list[Path] = []
     for m in range(stages):

@@ -52,6 +52,9 @@ def _bound_config(args, **options):
     steps, lr = getattr(args, "alpha_steps", 20), getattr(args, "alpha_lr", 0.1)
     if (steps != 20 or lr != 0.1) and args.relaxation != "alpha":
         raise DualgraphError("--alpha-steps and --alpha-lr apply to --relaxation alpha only")
+    _check_counts(args, alpha_steps=0)
+    if not lr > 0 or lr == float("inf"):
+        raise DualgraphError(f"--alpha-lr must be a positive number, got {lr}")
     return BoundConfig(relu_relaxation=args.relaxation, alpha_steps=steps, alpha_lr=lr, max_memory=max_memory(args),
                        **extra, **options)
 
@@ -130,8 +133,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         args.mean, args.std = info.get("mean"), info.get("std")
     from .input_sets import check_eps
     eps = check_eps(eps)
-    if args.batch_size < 1:
-        raise DualgraphError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_counts(args, batch_size=1, limit=1, alpha_steps=0)
     certifier = _certifier(args, _load(args))  # the model first: its errors matter more than the data's
     data = load_dataset(dataset, args.data_dir, split=args.split, limit=args.limit)
     from .deadline import Deadline
@@ -162,7 +164,10 @@ def _certify_cascade(args: argparse.Namespace) -> int:
     files, manifest_eps = read_manifest(args.model)
     if args.dataset is None:
         raise DualgraphError("--dataset is required to certify a cascade (mnist, cifar10 or digits)")
-    eps = check_eps(args.eps if args.eps is not None else manifest_eps if manifest_eps is not None else -1)
+    eps = args.eps if args.eps is not None else manifest_eps
+    if eps is None:
+        raise DualgraphError(f"--eps is required: the manifest {args.model} names no eps")
+    eps = check_eps(eps)
     if args.proj is not None:
         raise DualgraphError("a cascade is certified with exact bounds; drop --proj")
     certs = load_stages(files, _bound_config(args), device=args.device, dtype=_dtype(args))
@@ -234,6 +239,15 @@ def cmd_dump(args: argparse.Namespace) -> int:
     if args.bounds and args.dual:
         raise DualgraphError("--bounds prints the bounds of the primal graph's values; it does not combine with "
                              "--dual (drop one of them)")
+    if not args.bounds:
+        given = [flag for flag, value in (("--eps", args.eps), ("--dataset", args.dataset), ("--vnnlib", args.vnnlib),
+                                          ("--data-dir", args.data_dir)) if value is not None]
+        if given:
+            raise DualgraphError(f"{', '.join(given)} only take effect with --bounds; add --bounds or drop them")
+    elif args.vnnlib and (args.dataset or args.eps is not None):
+        raise DualgraphError("--bounds takes its inputs from --vnnlib or from --dataset and --eps, not both; "
+                             "drop one of them")
+    _check_counts(args, limit=1)
     graph = _load(args, simplify=not args.no_simplify)
     shown = graph
     if args.dual:
@@ -256,7 +270,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
     estimate = not certifier.config.sound
     if args.format == "dot":
         shown = certifier.graph  # the graph the bounds are about (a final readout left out)
-        print(printer.format_dot(shown, printer.bound_notes(shown, bounds)), end="")
+        title = (f"bounds ESTIMATED with random projections (r = {certifier.config.proj}); not sound"
+                 if estimate else None)
+        print(printer.format_dot(shown, printer.bound_notes(shown, bounds), title), end="")
     elif args.format == "json":
         extra = _estimate_labels(certifier.config, sum(v.numel for v in certifier.scheduler.bound_targets)) \
             if estimate else {}
@@ -353,8 +369,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _check_counts(args, **least: int) -> None:
+    """One-line errors naming the flag: each ``--name`` (``name`` with ``_``) at least its bound."""
+    for name, bound in least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < bound:
+            raise DualgraphError(f"--{name.replace('_', '-')} must be at least {bound}, got {value}")
+
+
 def _verify_config(args):
     from .verification import VerifyConfig  # --threads is applied by cli.main for every command
+    _check_counts(args, alpha_steps=0, attack_steps=0, attack_rounds=0, attack_restarts=1)
     order = ("paper", "crown", "alpha")
     return VerifyConfig(relaxations=order[:order.index(args.relaxation) + 1], alpha_steps=args.alpha_steps,
                         branch_and_bound=not args.no_bab, attack_steps=args.attack_steps,
@@ -370,16 +395,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .verification import verify_instance
     if not (args.timeout > 0 and math.isfinite(args.timeout)):
         raise DualgraphError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    config = _verify_config(args)
+    if args.results:  # before the run: an answer must not be lost for want of a folder
+        from .files import check_writable
+        check_writable(args.results, "results file")
     try:
-        result = verify_instance(args.model, args.property, args.timeout, _verify_config(args))
+        result = verify_instance(args.model, args.property, args.timeout, config)
     except Exception:
         if args.results:  # the harness reads the file: say "error" there too
             write_result(args.results, "error\n")
         raise
     text = result.result_text()
+    print(text, end="", flush=True)
     if args.results:
         write_result(args.results, text)
-    print(text, end="")
     how = result.details.get("method")
     if how and result.answer == "sat":
         how += f"; confirmed by {result.details['confirmed_by']}"

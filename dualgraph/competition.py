@@ -71,13 +71,14 @@ class RunSummary:
 
 def read_instances(csv_path: str | Path, root: str | Path | None = None) -> list[tuple[Path, Path, float]]:
     """Rows ``onnx,vnnlib,timeout`` of a competition instances CSV, paths resolved against
-    ``root`` (default: the CSV's folder)."""
+    ``root`` (default: the CSV's folder); every timeout a positive number of seconds."""
+    import math
+    from .files import read_text
     csv_path = Path(csv_path)
-    try:
-        text = csv_path.read_text()
-    except OSError as e:
-        raise DualgraphError(f"cannot read instances file {csv_path}: {e.strerror}") from None
+    text = read_text(csv_path, "VNN-COMP instances CSV")
     base = Path(root) if root is not None else csv_path.parent
+    if not base.is_dir():
+        raise DualgraphError(f"--root '{base}' is not a folder; give the folder the CSV's paths are relative to")
     rows = []
     for i, row in enumerate(csv.reader(text.splitlines()), start=1):
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
@@ -87,8 +88,13 @@ def read_instances(csv_path: str | Path, root: str | Path | None = None) -> list
         try:
             timeout = float(row[2])
         except ValueError:
-            raise DualgraphError(f"{csv_path}:{i}: timeout {row[2]!r} is not a number") from None
+            hint = " (a header row? VNN-COMP instance files have none: remove it)" if not rows else ""
+            raise DualgraphError(f"{csv_path}:{i}: timeout {row[2]!r} is not a number{hint}") from None
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise DualgraphError(f"{csv_path}:{i}: timeout {row[2]!r} must be a positive number of seconds")
         rows.append((base / row[0].strip(), base / row[1].strip(), timeout))
+    if not rows:
+        raise DualgraphError(f"{csv_path} lists no instances (expected lines 'onnx,vnnlib,timeout')")
     return rows
 
 
@@ -102,11 +108,19 @@ def run_instances(csv_path: str | Path, root: str | Path | None = None, out: str
     ``results_dir``, one competition result file per instance. An instance that fails
     (bad file, unsupported op) is answered ``error`` and the run goes on.
     """
+    import math
     from tqdm import tqdm
+    from .files import check_writable, make_folder
     t0 = time.monotonic()
+    if limit is not None and limit < 1:
+        raise DualgraphError(f"--limit must be a positive number of instances, got {limit}")
+    if max_timeout is not None and not (max_timeout > 0 and math.isfinite(max_timeout)):
+        raise DualgraphError(f"--max-timeout must be a positive number of seconds, got {max_timeout}")
     instances = read_instances(csv_path, root)[:limit]
+    if out is not None:  # before the run: its answers must not be lost at the end
+        check_writable(out, "results CSV")
     if results_dir is not None:
-        Path(results_dir).mkdir(parents=True, exist_ok=True)
+        make_folder(results_dir, "--results-dir")
     models: dict[Path, VerifyModel | Exception] = {}
     load_seconds = 0.0
     rows: list[InstanceRow] = []

@@ -52,7 +52,8 @@ def _require_dir(data_dir: str | Path | None, what: str, hint: str) -> Path:
         raise DualgraphError(f"{what} needs a data directory; pass --data-dir DIR ({hint})")
     path = Path(data_dir).expanduser()
     if not path.is_dir():
-        raise DualgraphError(f"{what} data directory {path} does not exist; "
+        state = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DualgraphError(f"{what} data directory {path} {state}; "
                              f"pass --data-dir pointing at the folder with the {what} files ({hint})")
     return path
 

@@ -158,6 +158,11 @@ class Falsifier:
         diff = np.abs(ir - ort)
         tol = 1e-3 * (1 + np.abs(ort))
         self.details["ir_vs_onnxruntime"] = float(diff.max(initial=0.0))
+        if np.isnan(ort).any():
+            j = int(np.argmax(np.isnan(ort[0])))
+            raise DualgraphError(f"'{self.model.path.name}' outputs NaN at the box centre (output {j}, in "
+                                 "onnxruntime): NaN weights, or an op such as Log or Sqrt of a negative value; "
+                                 "check the model")
         if not np.all(diff <= tol):
             j = int(np.argmax(diff - tol))
             raise DualgraphError(f"the lowered model disagrees with onnxruntime on '{self.model.path.name}' "

@@ -34,3 +34,34 @@ def read_text(path: str | Path, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DualgraphError(f"'{path}' is not UTF-8 text (byte {e.start}); is it really a {what}?") from None
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Raise a one-line error now if ``path`` cannot be written (a missing folder, a directory,
+    no permission): checked before a long run, so that its answers are not lost at the end.
+    Leaves an existing file as it is and removes one it had to create."""
+    path = Path(path)
+    if path.is_dir():
+        raise DualgraphError(f"{what} '{path}' is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise DualgraphError(f"cannot write {what} '{path}': folder '{path.parent}' does not exist; create it first")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise DualgraphError(f"cannot write {what} '{path}': {e.strerror}") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
+def make_folder(path: str | Path, what: str) -> Path:
+    """``path`` created as a folder (with its parents) if it is not one; one-line errors."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DualgraphError(f"{what} '{path}' is a file, not a folder; give another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DualgraphError(f"cannot create {what} '{path}': {e.strerror}") from None
+    return path

@@ -184,15 +184,18 @@ def _dot_label(*parts: str) -> str:
     return '"' + "\\n".join(_dot_str(p)[1:-1] for p in parts) + '"'
 
 
-def format_dot(graph: Graph, notes: Mapping[Value, str] | None = None) -> str:
+def format_dot(graph: Graph, notes: Mapping[Value, str] | None = None, title: str | None = None) -> str:
     """Graphviz DOT: boxes for nodes, ellipses for graph inputs/outputs, edges named by value
-    (with ``notes[value]`` under the name, e.g. its bounds).
+    (with ``notes[value]`` under the name, e.g. its bounds); ``title``: the graph's label (and
+    a DOT comment), e.g. that the bounds are estimates.
 
     Edges follow the graph's own data flow, so a dual graph is drawn reversed with respect
     to its primal (from ``lam:<output>`` down to the input set). Node ids are synthetic
     (``n0``, ``i0``...) so arbitrary value names only ever appear inside quoted labels.
     """
     lines = [f"digraph {_dot_str(graph.name)} {{", '  node [fontname="Helvetica"];']
+    if title:
+        lines += [f"  // {title}", f"  label={_dot_str(title)}; labelloc=t;"]
     src: dict[int, str] = {}
     for i, v in enumerate(graph.inputs):
         src[id(v)] = f"i{i}"

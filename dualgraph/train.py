@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import time
 import warnings
@@ -37,6 +38,7 @@ from tqdm import tqdm
 
 from .data import Dataset
 from .errors import DualgraphError
+from .files import make_folder
 from .input_sets import check_eps
 from .scheduler import BoundConfig
 
@@ -90,6 +92,16 @@ class TrainConfig:
             raise DualgraphError(f"unknown optimizer '{self.optimizer}'; use adam or sgd")
         if self.proj is not None and self.proj < 1:
             raise DualgraphError(f"--proj must be a positive number of projections, got {self.proj}")
+        for name, least, strict in (("lr", 0.0, True), ("momentum", 0.0, False), ("weight_decay", 0.0, False)):
+            value = getattr(self, name)  # None: the recipe's value
+            if value is not None and not (math.isfinite(value) and (value > least if strict else value >= least)):
+                raise DualgraphError(f"--{name.replace('_', '-')} must be a finite number "
+                                     f"{'>' if strict else '>='} {least:g}, got {value}")
+        if self.eps_start is not None:
+            check_eps(self.eps_start)
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise DualgraphError(f"--eval-limit must be a positive number of test examples (0: all), "
+                                 f"got {self.eval_limit}")
         from .projections import ESTIMATORS
         if self.proj_estimator not in ESTIMATORS:
             raise DualgraphError(f"unknown --proj-estimator '{self.proj_estimator}'; use {', '.join(ESTIMATORS)}")
@@ -150,7 +162,7 @@ def train(config: TrainConfig, train_set: Dataset, test_set: Dataset, out: str |
     if resume:
         first_epoch, history, projection_state = _load_checkpoint(checkpoint, config, model, opt, shuffle)
     elif w.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "--out")
     n = len(train_set)
     steps = (n + config.batch_size - 1) // config.batch_size
     x_all, y_all = train_set.images, train_set.labels

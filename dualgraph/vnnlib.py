@@ -43,6 +43,7 @@ _VARIABLE = re.compile(r"([XY])_(\d+)$")
 # else (a comparison split over lines, nested terms) goes through the general parser.
 _S, _S1 = r"[ \t\r]*", r"[ \t\r]+"
 _DECL = re.compile(r"\(\s*declare-const\s+([XY]_\d+)\s+Real\s*\)")
+_OTHER_DECL = re.compile(r"\(\s*declare-const\s+(\S+)\s+(?!Real\s*\))([^\s()]+)\s*\)")
 _BOUND = re.compile(
     rf"^{_S}\(assert{_S}\({_S}(<=|>=){_S1}(?:X_(\d+){_S1}({_NUM})|({_NUM}){_S1}X_(\d+)){_S}\){_S}\){_S}$", re.M
 )
@@ -119,7 +120,14 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
     text = _COMMENT.sub("", text)
     if "@" in text:  # "@" is the placeholder of the fast path below
         _fail(source, _line_at(text, text.index("@")), "unexpected character '@'")
+    other = _OTHER_DECL.search(text)
+    if other:
+        _fail(source, _line_at(text, other.start()), f"(declare-const {other[1]} {other[2]}): only Real "
+                                                      "variables X_i and Y_i are supported; declare it Real")
     names = {n: (n[0] == "Y", int(n[2:])) for n in _DECL.findall(text)}
+    if not names:
+        _fail(source, None, "no variables declared; a property declares its inputs and outputs with "
+                            "(declare-const X_0 Real) ... (declare-const Y_0 Real) ...")
     stripped = _DECL.sub("", text)
     if stripped.count("\n") != text.count("\n"):  # a declaration over several lines: keep its newlines
         stripped = _DECL.sub(lambda m: "\n" * m[0].count("\n"), text)
@@ -157,7 +165,8 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
         for arr, what, op in ((lo, "lower", ">="), (hi, "upper", "<=")):
             if not np.isfinite(arr).all():
                 i = int(np.argmin(np.isfinite(arr)))
-                _fail(source, None, f"input X_{i} has no {what} bound; add (assert ({op} X_{i} c))")
+                _fail(source, None, f"input X_{i} has no finite {what} bound; add (assert ({op} X_{i} c)) "
+                                    "with a finite number c")
         if (lo > hi).any():
             continue  # no input satisfies this disjunct: it is false, the others still count
         props.append(VnnlibProperty(_frozen(lo), _frozen(hi), n_out, tuple(unsafe)))

@@ -96,7 +96,7 @@ def test_run_instances_summary_and_csv(tmp_path, capsys):
 
 def test_run_instances_missing_csv(capsys):
     assert main(["run-instances", "/nonexistent/instances.csv", "--no-progress"]) == 2
-    assert "cannot read instances file" in capsys.readouterr().err
+    assert "cannot read VNN-COMP instances CSV" in capsys.readouterr().err
 
 
 # ---- the competition scripts ------------------------------------------------------------------

@@ -41,6 +41,31 @@ def add_parsers(sub) -> None:
         importlib.import_module(module).add_arguments(q)
 
 
+def check_counts(args: argparse.Namespace, *names: str) -> None:
+    """One-line errors for ``--name`` options (``name`` with ``_``) that must be at least 1."""
+    from dualgraph.errors import DualgraphError
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise DualgraphError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def parse_list(text: str, convert, flag: str, example: str) -> list:
+    """Comma-separated values of ``flag``, each through ``convert``; one-line errors."""
+    from dualgraph.errors import DualgraphError
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(convert(item))
+        except (ValueError, TypeError):
+            raise DualgraphError(f"{flag}: cannot read '{item}'; give comma-separated values such as {example}") from None
+    if not out:
+        raise DualgraphError(f"{flag} names no values; give comma-separated values such as {example}")
+    return out
+
+
 def shared_dir(args: argparse.Namespace) -> Path:
     """The shared folder: ``--shared``, else ``$DUALGRAPH_SHARED``, else ``../shared``."""
     return Path(args.shared or os.environ.get("DUALGRAPH_SHARED") or Path("..") / "shared")

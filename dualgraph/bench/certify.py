@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _setup(args):
     from dualgraph.models.architectures import mnist_small
     shared = shared_dir(args)
+    from dualgraph.errors import DualgraphError
+    for flag, given in (("--model", args.model), ("--data-dir", args.data_dir)):
+        if given and not Path(given).exists():
+            raise DualgraphError(f"{flag} {given} does not exist")
     model_path = Path(args.model) if args.model else shared / "paper_models" / "mnist_small_0_3_stage0.onnx"
     data_dir = Path(args.data_dir) if args.data_dir else shared / "data" / "mnist"
     torch.manual_seed(0)
@@ -53,6 +57,7 @@ def _setup(args):
         data = load_mnist(data_dir)
         x, y = data.images[:n], data.labels[:n]
     else:
+        print(f"dualgraph bench certify: no MNIST at {data_dir}: timing on random images", file=sys.stderr)
         x, y = torch.rand(n, 1, 28, 28), torch.randint(0, 10, (n,))
     module = mnist_small().eval()
     if model_path.exists():  # the reference code needs the torch module: load the ONNX weights into it
@@ -60,7 +65,14 @@ def _setup(args):
         from onnx import numpy_helper
         weights = {t.name: torch.tensor(numpy_helper.to_array(t).copy())
                    for t in onnx.load(str(model_path)).graph.initializer}
-        module.load_state_dict(weights)  # names are the state-dict keys ("0.weight", ...)
+        try:
+            module.load_state_dict(weights)  # names are the state-dict keys ("0.weight", ...)
+        except RuntimeError:
+            raise DualgraphError(f"{model_path} is not the paper's small MNIST model (its weights do not fit "
+                                 "the architecture the reference implementation runs); pass that model") from None
+    else:
+        print(f"dualgraph bench certify: no model at {model_path}: timing a randomly initialised one",
+              file=sys.stderr)
     return module, model_path, x, y
 
 
@@ -145,6 +157,8 @@ def _peak_mb(args, method: str) -> float | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from . import check_counts
+    check_counts(args, "batches", "batch_size", "threads")
     torch.set_num_threads(args.threads)
     if args.worker:
         return _worker(args)

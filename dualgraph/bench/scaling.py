@@ -403,7 +403,14 @@ def make_plan(args) -> Plan:
         from ..errors import DualgraphError
         raise DualgraphError("--device cuda was asked for but no CUDA GPU is available")
     if args.sizes:
-        sizes = tuple(float(s) if args.sweep == "width" else int(s) for s in args.sizes.split(","))
+        from . import parse_list
+        if args.sweep == "width":
+            sizes = tuple(parse_list(args.sizes, float, "--sizes", "0.5,1,2"))
+        else:
+            sizes = tuple(parse_list(args.sizes, int, "--sizes", "8,16,32"))
+            if any(side < 4 or side % 4 for side in sizes):
+                from ..errors import DualgraphError
+                raise DualgraphError(f"--sizes: input sides must be positive multiples of 4, got {args.sizes}")
     elif args.sweep == "spatial":
         sizes = SPATIAL_QUICK if args.quick else SPATIAL_FULL
     else:

@@ -93,6 +93,14 @@ def main(args: argparse.Namespace) -> int:
     from dualgraph.errors import DualgraphError
     from dualgraph.train import TrainConfig, train
 
+    from . import parse_list
+
+    def mode(text: str) -> str:
+        if text != "exact" and int(text) < 1:
+            raise ValueError(text)
+        return text
+
+    modes = parse_list(args.modes, mode, "--modes", "exact,10,50")
     torch.set_num_threads(args.threads)
     data_dir = Path(args.data_dir) if args.data_dir else shared_dir(args) / "data" / "mnist"
     if not data_dir.exists():
@@ -101,7 +109,6 @@ def main(args: argparse.Namespace) -> int:
     if args.limit:
         train_set = train_set.take(args.limit)
     final_test = test_set.take(args.test_limit) if args.test_limit else test_set
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     impls = ["dualgraph"] if args.no_reference else [i.strip() for i in args.impls.split(",") if i.strip()]
     unknown = [i for i in impls if i not in IMPLS]
     if unknown or not impls:
