@@ -128,8 +128,9 @@ class DomainQueue:
 
     def pop_worst(self, k: int) -> Domains:
         """Take out the ``k`` domains with the lowest margins."""
-        margins = torch.where(self.live, self.margin.nan_to_num(nan=-torch.inf), torch.inf)
-        index = torch.topk(margins, min(k, self.count), largest=False).indices
+        live = self.live.nonzero().flatten()  # a free slot is never a candidate, whatever the margins
+        worst = torch.topk(self.margin[live].nan_to_num(nan=-torch.inf), min(k, self.count), largest=False).indices
+        index = live[worst]
         self.live[index] = False
         self.count -= len(index)
         picked = {key: t[index] for key, t in self.fields.items()}

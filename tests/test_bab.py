@@ -318,6 +318,20 @@ def test_float32_proofs_count_only_once_float64_confirms_them(tmp_path, monkeypa
     assert confirmations and result.answer != "unsat", result.details
 
 
+def test_the_queue_never_takes_a_free_slot_for_a_domain():
+    """Live domains at margin +inf behind free slots (their first five domains taken): all
+    five come out, not the free slots before them."""
+    from dualgraph.bab import Domains, DomainQueue
+    ids = torch.arange(10)
+    finite, infinite = -torch.ones(5, dtype=torch.float64), torch.full((5,), torch.inf, dtype=torch.float64)
+    for margin, first, then in ((torch.cat([finite, infinite]), [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]),
+                                (torch.cat([infinite, finite]), [5, 6, 7, 8, 9], [0, 1, 2, 3, 4])):
+        queue = DomainQueue(Domains({"r": ids.to(torch.int8).view(-1, 1)}, margin, {"r": ids.float().view(-1, 1)}, {}))
+        assert sorted(queue.pop_worst(5).scores["r"].flatten().tolist()) == first
+        assert sorted(queue.pop_worst(5).scores["r"].flatten().tolist()) == then
+        assert len(queue) == 0
+
+
 def test_the_queue_gives_the_worst_domains_with_their_fields():
     """The growable queue against a plain list: the ``k`` lowest margins come out, each with
     its own signs, scores and warm values; a warm key that appears later is NaN (the usual
@@ -355,3 +369,5 @@ def test_the_queue_gives_the_worst_domains_with_their_fields():
                 assert (multipliers[row, 0] == -ident) if late else bool(multipliers[row].isnan().all())
         queue.push(batch(int(torch.randint(0, 12, (), generator=gen)), late=step > 10 and step % 2 == 0))
         assert len(queue) == len(reference)
+    rest = queue.pop_worst(len(queue) + 5)  # the whole queue, free slots never among it
+    assert sorted(int(i) for i in rest.scores["r"][:, 0]) == sorted(i for _, i, _ in reference)
