@@ -319,7 +319,10 @@ class FusedChain:
         if self.leave_dead_rows:
             sizes.append(magnitude.sum(1))
             zero = torch.stack(sizes[-2::-1] + sizes[-1:]) == 0  # [L + 1, R], as directions
-            dead = zero.any(0).nonzero().flatten()
+            # dead: 0 below some ReLU layer (the top layer's row c W_L is 0 only where c is in
+            # W_L's left null space, no layer's doing; the multipliers may keep the rows below alive)
+            L = len(layers)
+            dead = torch.cat([zero[:L - 1], zero[L:]]).any(0).nonzero().flatten()
             if dead.numel():
                 if record is not None:  # (it holds these rows: change copies)
                     directions = [t.clone() for t in directions]

@@ -111,7 +111,13 @@ class _Case:
         return warm
 
     def spec(self, m: int) -> torch.Tensor:
-        return torch.randn(m, self.n_out, dtype=DTYPE, generator=self.gen)
+        """``m`` random rows, one of them (one case in three) in the last layer's left null space
+        (``c W_L = 0``: a zero row, or two equal output units compared): the top layer's row is
+        then 0 while the multipliers keep the rows below it alive."""
+        C = torch.randn(m, self.n_out, dtype=DTYPE, generator=self.gen)
+        if int(torch.randint(0, 3, (), generator=self.gen)) == 0:
+            C[-1] = 0
+        return C
 
     def scheduler_bound(self, spec, **kw) -> torch.Tensor:
         return self.sched.bound_output(self.bounds.batch.input_set, spec[None], self.bounds, **kw)
