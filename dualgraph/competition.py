@@ -77,8 +77,6 @@ def read_instances(csv_path: str | Path, root: str | Path | None = None) -> list
     csv_path = Path(csv_path)
     text = read_text(csv_path, "VNN-COMP instances CSV")
     base = Path(root) if root is not None else csv_path.parent
-    if not base.is_dir():
-        raise DualgraphError(f"--root '{base}' is not a folder; give the folder the CSV's paths are relative to")
     rows = []
     for i, row in enumerate(csv.reader(text.splitlines()), start=1):
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
@@ -116,6 +114,8 @@ def run_instances(csv_path: str | Path, root: str | Path | None = None, out: str
         raise DualgraphError(f"--limit must be a positive number of instances, got {limit}")
     if max_timeout is not None and not (max_timeout > 0 and math.isfinite(max_timeout)):
         raise DualgraphError(f"--max-timeout must be a positive number of seconds, got {max_timeout}")
+    if root is not None and not Path(root).is_dir():
+        raise DualgraphError(f"--root '{root}' is not a folder; give the folder the CSV's paths are relative to")
     instances = read_instances(csv_path, root)[:limit]
     if out is not None:  # before the run: its answers must not be lost at the end
         check_writable(out, "results CSV")

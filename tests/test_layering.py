@@ -25,7 +25,7 @@ FOLDERS = {"dualgraph": ROOT / "dualgraph", "dualgraph.frontends": ROOT / "front
 
 APPLICATIONS = {f"dualgraph.{m}" for m in (
     "api", "attack", "cascade", "certify", "cli", "commands", "competition", "data", "distributed", "falsify",
-    "train", "training", "verification", "vnnlib", "bench")}
+    "train", "training", "verification", "vnnlib", "bench", "__main__")}
 
 
 def is_core(name: str) -> bool:

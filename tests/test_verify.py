@@ -383,7 +383,7 @@ def test_read_instances_errors(tmp_path):
     bad.write_text("a.onnx,b.vnnlib,soon\n")
     with pytest.raises(DualgraphError, match="not a number"):
         read_instances(bad)
-    with pytest.raises(DualgraphError, match="cannot read instances file"):
+    with pytest.raises(DualgraphError, match="cannot read VNN-COMP instances CSV"):
         read_instances(tmp_path / "none.csv")
     good = tmp_path / "good.csv"
     good.write_text("# comment\nm.onnx, p.vnnlib ,60\n")
