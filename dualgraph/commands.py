@@ -25,6 +25,14 @@ def check_device(name: str) -> None:
         raise DualgraphError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs (0..)")
 
 
+def check_counts(args, **least: int) -> None:
+    """One-line errors naming the flag: each ``--name`` (``name`` with ``_``) at least its bound."""
+    for name, bound in least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < bound:
+            raise DualgraphError(f"--{name.replace('_', '-')} must be at least {bound}, got {value}")
+
+
 def _dtype(args) -> torch.dtype:
     return torch.float64 if getattr(args, "dtype", "float32") == "float64" else torch.float32
 
@@ -52,7 +60,7 @@ def _bound_config(args, **options):
     steps, lr = getattr(args, "alpha_steps", 20), getattr(args, "alpha_lr", 0.1)
     if (steps != 20 or lr != 0.1) and args.relaxation != "alpha":
         raise DualgraphError("--alpha-steps and --alpha-lr apply to --relaxation alpha only")
-    _check_counts(args, alpha_steps=0)
+    check_counts(args, alpha_steps=0)
     if not lr > 0 or lr == float("inf"):
         raise DualgraphError(f"--alpha-lr must be a positive number, got {lr}")
     return BoundConfig(relu_relaxation=args.relaxation, alpha_steps=steps, alpha_lr=lr, max_memory=max_memory(args),
@@ -133,7 +141,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         args.mean, args.std = info.get("mean"), info.get("std")
     from .input_sets import check_eps
     eps = check_eps(eps)
-    _check_counts(args, batch_size=1, limit=1, alpha_steps=0)
+    check_counts(args, batch_size=1, limit=1)  # --alpha-*: _bound_config
     certifier = _certifier(args, _load(args))  # the model first: its errors matter more than the data's
     data = load_dataset(dataset, args.data_dir, split=args.split, limit=args.limit)
     from .deadline import Deadline
@@ -247,7 +255,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     elif args.vnnlib and (args.dataset or args.eps is not None):
         raise DualgraphError("--bounds takes its inputs from --vnnlib or from --dataset and --eps, not both; "
                              "drop one of them")
-    _check_counts(args, limit=1)
+    check_counts(args, limit=1)
     graph = _load(args, simplify=not args.no_simplify)
     shown = graph
     if args.dual:
@@ -369,17 +377,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _check_counts(args, **least: int) -> None:
-    """One-line errors naming the flag: each ``--name`` (``name`` with ``_``) at least its bound."""
-    for name, bound in least.items():
-        value = getattr(args, name, None)
-        if value is not None and value < bound:
-            raise DualgraphError(f"--{name.replace('_', '-')} must be at least {bound}, got {value}")
-
-
 def _verify_config(args):
     from .verification import VerifyConfig  # --threads is applied by cli.main for every command
-    _check_counts(args, alpha_steps=0, attack_steps=0, attack_rounds=0, attack_restarts=1)
+    check_counts(args, alpha_steps=0, attack_steps=0, attack_rounds=0, attack_restarts=1)
     order = ("paper", "crown", "alpha")
     return VerifyConfig(relaxations=order[:order.index(args.relaxation) + 1], alpha_steps=args.alpha_steps,
                         branch_and_bound=not args.no_bab, attack_steps=args.attack_steps,

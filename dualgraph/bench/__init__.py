@@ -41,15 +41,6 @@ def add_parsers(sub) -> None:
         importlib.import_module(module).add_arguments(q)
 
 
-def check_counts(args: argparse.Namespace, *names: str) -> None:
-    """One-line errors for ``--name`` options (``name`` with ``_``) that must be at least 1."""
-    from dualgraph.errors import DualgraphError
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise DualgraphError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-
-
 def parse_list(text: str, convert, flag: str, example: str) -> list:
     """Comma-separated values of ``flag``, each through ``convert``; one-line errors."""
     from dualgraph.errors import DualgraphError

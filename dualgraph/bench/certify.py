@@ -42,9 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _setup(args):
+    from dualgraph.errors import DualgraphError
     from dualgraph.models.architectures import mnist_small
     shared = shared_dir(args)
-    from dualgraph.errors import DualgraphError
     for flag, given in (("--model", args.model), ("--data-dir", args.data_dir)):
         if given and not Path(given).exists():
             raise DualgraphError(f"{flag} {given} does not exist")
@@ -157,8 +157,8 @@ def _peak_mb(args, method: str) -> float | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from . import check_counts
-    check_counts(args, "batches", "batch_size", "threads")
+    from ..commands import check_counts
+    check_counts(args, batches=1, batch_size=1, threads=1)
     torch.set_num_threads(args.threads)
     if args.worker:
         return _worker(args)

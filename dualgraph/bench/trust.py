@@ -29,8 +29,8 @@ def main(args: argparse.Namespace) -> int:
     from .. import trust
     from ..api import Certifier, load_model
     from ..op_registry import OPS, define_op, loading_plugin, remove_op
-    from . import check_counts
-    check_counts(args, "images", "rounds", "threads")
+    from ..commands import check_counts
+    check_counts(args, images=1, rounds=1, threads=1)
     torch.set_num_threads(args.threads)
 
     relu = OPS[("", "Relu")].dual_rule
