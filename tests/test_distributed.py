@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,12 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     """Run ``cmd``; a torchrun whose workers were killed by a signal (once seen under full
     load on the 2-core machine: SIGABRT in both workers, not reproducible alone) is
-    started again, up to twice; any other failure fails at once."""
+    started again, up to twice, on a clean ``--out`` (a crashed run may have left a checkpoint
+    there, which a fresh run rightly refuses to overwrite); any other failure fails at once."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for attempt in range(3):
+        if attempt and "--out" in cmd:
+            shutil.rmtree(cmd[cmd.index("--out") + 1], ignore_errors=True)
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         crashed = "Signal " in out.stderr and "received by PID" in out.stderr
         if out.returncode == 0 or not crashed:
