@@ -321,8 +321,7 @@ class FusedChain:
             zero = torch.stack(sizes[-2::-1] + sizes[-1:]) == 0  # [L + 1, R], as directions
             # dead: 0 below some ReLU layer (the top layer's row c W_L is 0 only where c is in
             # W_L's left null space, no layer's doing; the multipliers may keep the rows below alive)
-            L = len(layers)
-            dead = torch.cat([zero[:L - 1], zero[L:]]).any(0).nonzero().flatten()
+            dead = zero[_rows_below(len(layers))].any(0).nonzero().flatten()
             if dead.numel():
                 if record is not None:  # (it holds these rows: change copies)
                     directions = [t.clone() for t in directions]
@@ -362,7 +361,7 @@ class FusedChain:
         ascent looks. On 256x4 ``prop_10_0.05`` it takes branch and bound from 163,929 to 66,935
         domains (``bench/vnncomp_report.md``)."""
         W, L = self.weights, len(layers)
-        below = [L] + list(range(L - 1))  # the index in directions of the row below layer i
+        below = _rows_below(L)
         # above the highest layer under which a dead row is 0, every row is itself: start there
         top = max(i for i in range(L) if bool(zero[below[i]].any()))
         row = directions[top][dead]
@@ -381,6 +380,12 @@ class FusedChain:
             row = g @ W[i]
             low = zero[below[i]]
             directions[below[i]][dead[low]] = row[low]
+
+
+def _rows_below(layers: int) -> list[int]:
+    """The index, in a pass's ``directions`` (each layer's row bottom first, then the input's),
+    of the row below each ReLU layer ``i``: the input's for the first, layer ``i - 1``'s else."""
+    return [layers] + list(range(layers - 1))
 
 
 class _ChainAscent:
