@@ -28,6 +28,31 @@ BATCH = "N"
 """The symbolic batch dimension of variable values."""
 
 Shape = tuple  # tuple[int | str, ...]; the first entry of a variable value is BATCH
+
+EVALUATED_IN = "evaluated_in"
+"""``Graph.meta`` key: the float dtypes the network as evaluated also computes in, besides its
+input's (the targets of float ``Cast`` nodes, which the IR drops as identities); a set."""
+
+FOLDED_ROUNDING = "folded_rounding"
+"""``Node.meta`` key of a node that a pass made from several evaluated ops (a BatchNormalization
+or an input normalisation folded into a Gemm or Conv): a :class:`FoldedRounding`."""
+
+
+@dataclass
+class FoldedRounding:
+    """How the network as evaluated computes a node that stands for several of its ops: ``ops``
+    roundings more than the node's own, on intermediate values whose magnitudes (carried to the
+    node's output, per output unit, broadcastable to one example) are at most the node's own
+    ``|A| m + |b|`` plus ``magnitude`` (:mod:`dualgraph.rounding`; a fold's cancellations, e.g.
+    ``(W x + c - mean) s`` as ``W' x + c'``, make ``|b|`` alone too small)."""
+
+    ops: int
+    magnitude: torch.Tensor
+
+    @staticmethod
+    def of(node: Node) -> FoldedRounding:
+        """``node``'s note, or none (no extra rounding, no extra magnitude)."""
+        return node.meta.get(FOLDED_ROUNDING) or FoldedRounding(0, torch.zeros((), dtype=torch.float64))
 OpKey = tuple  # (domain, op_type)
 
 

@@ -58,6 +58,13 @@ The forward path (Appendix F) pushes columns instead of rows; its ``eps`` uses t
 magnitudes of the linearised network it evaluates and the final reduction over columns
 (:meth:`RoundingAllowance.widen_forward`).
 
+*What is evaluated.* ``u_e`` is the coarsest precision the network computes in: its input's,
+or a float ``Cast``'s target (the IR drops the Cast; ``Graph.meta[EVALUATED_IN]``), and with
+mixed precisions every evaluation counts one term more (an absorbed Cast rounds the input once).
+A node a pass made from several ops (a folded BatchNormalization or input normalisation)
+carries a :class:`~dualgraph.ir.FoldedRounding` note: the ops' extra roundings and the
+magnitudes their cancellations hide, added to its ``n_e`` and ``T``.
+
 ``SAFETY = 1.01`` covers the rounding of the allowance itself and the second-order
 difference between computed and exact dual variables (each ``n u`` is kept below
 0.005). The input box is rounded outward when it is formed
@@ -77,7 +84,7 @@ from .dual_registry import AffineRule, Bounds, ElementwiseRule, Relaxation, dual
 from .errors import InternalError
 from .input_sets import InputSet
 from .interpreter import naming_node
-from .ir import Graph, Value
+from .ir import EVALUATED_IN, FoldedRounding, Graph, Value
 from .linalg import batched_dot, take_examples
 
 SAFETY = 1.01
@@ -112,7 +119,12 @@ class RoundingAllowance:
         # with random projections the bounds are estimates, not proofs: no allowance to pay for
         self.enabled = getattr(config, "rounding_allowance", True) and getattr(config, "proj", None) is None
         self.u_c = unit_roundoff(input_set.center.dtype)
-        self.u_e = max(unit_roundoff(graph.inputs[0].dtype), self.u_c)
+        # the network evaluates in the coarsest of its precisions (a float Cast is dropped at
+        # import, so the input's dtype alone can be finer); with several precisions a node may
+        # round each input once more (an absorbed Cast): one term more per evaluation
+        precisions = {graph.inputs[0].dtype, *graph.meta.get(EVALUATED_IN, ())}
+        self.u_e = max([unit_roundoff(d) for d in precisions] + [self.u_c])
+        self.cast_terms = 1 if len(precisions) > 1 else 0
         self.terms = len(graph.nodes) + 4  # L: one offset per dual node, the input term, the allowance
         self._pick = lambda t: t
         self._picked: dict = {}  # step weights of this view's examples, per node (a pass reads them every step)
@@ -215,7 +227,7 @@ class RoundingAllowance:
             rounds |= (r.a_up != 0) & (r.a_up != 1)
         n_off = int(with_offset.flatten(1).sum(1).max()) if with_offset.numel() else 0
         with naming_node(node, "rounding analysis"):
-            n_eval = rule.eval_length(node, [b], self.config)
+            n_eval = rule.eval_length(node, [b], self.config) + self.cast_terms
         coef = SAFETY * (gamma(n_off + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e))
         m = torch.maximum(b.lower.abs(), b.upper.abs()).detach()
         delta = torch.where(rounds, coef * (a * m + 2 * b_abs), 0.0)
@@ -285,6 +297,16 @@ class RoundingAllowance:
             self._tightened.add(v)
         return self._m[v]
 
+    def evaluation_error(self, node) -> torch.Tensor | float:
+        """``eta_max`` of ``node``'s first output (module docstring): how far the network as
+        evaluated in its own precision may be from ``node`` applied exactly to its inputs as
+        evaluated, ``SAFETY gamma(n_e, u_e) T`` ``[B, *unit]`` (0.0 with the allowance off)."""
+        if not self.enabled:
+            return 0.0
+        self._compute(node.outputs[0])
+        evaluation, terms = self._noise[node]
+        return self._pick(SAFETY * evaluation * terms[0])
+
     def box_gamma(self, v: Value) -> float:
         """Relative rounding of the pruning box's dot products over the units of ``v`` (the
         scheduler adds ``gamma |lam a| . m`` to the box's radius, :meth:`magnitude`)."""
@@ -311,11 +333,14 @@ class RoundingAllowance:
         cfg = self.config
         m_in = [self._magnitude(v) for v in ins]
         folded = isinstance(rule, ElementwiseRule)  # its rounding is in the (outward) relaxation
+        note = FoldedRounding.of(node)  # a node standing for several evaluated ops (a pass's fold)
         with naming_node(node, "rounding analysis"):
-            n_eval = 0 if folded else rule.eval_length(node, in_bounds, cfg)
+            n_eval = 0 if folded else rule.eval_length(node, in_bounds, cfg) + self.cast_terms + note.ops
             n_dual = 0 if folded else rule.dual_length(node, in_bounds, cfg)
             spread, carried = _abs_pair(rule, node, m_in, [self._eps[v] for v in ins], in_bounds, cfg)
             terms = _add(spread, _detach(rule.constant_magnitude(node, m_in, in_bounds, cfg)))
+            if note.ops:
+                terms[0] = terms[0] + note.magnitude.to(terms[0])
             m_out = _detach(rule.output_magnitude(node, m_in, in_bounds, cfg, terms))
         evaluation = gamma(n_eval, self.u_e)                               # the network's own rounding
         dual = gamma(n_dual + self.terms, self.u_c) if n_dual else 0.0     # this dual step's rounding

@@ -8,6 +8,12 @@ For ``Gemm`` (``alpha A B' + beta C``) the columns of ``B'`` are scaled by ``s``
 new bias is ``C' = beta C s + t`` (with ``beta`` set to 1); a 2-D ``MatMul`` becomes such a
 Gemm. The rewrite is exact; new parameters are computed in float64.
 
+The network as evaluated still computes ``y`` and then the BN, on magnitudes the folded bias
+no longer shows (``b - mean`` cancels): the folded node carries a
+:class:`~dualgraph.ir.FoldedRounding` note, ``|s| (|b| + |mean|) + |beta|`` per channel (plus
+the producer's own note, scaled) and 8 roundings more (the BN's four operations, its factor's
+three, the fold's float64 arithmetic), which the rounding allowance adds to the node's.
+
 Folded only when the BN's input has no other user (and is no graph output): with a
 fan-out (a residual block) the unnormalised value is still needed elsewhere. Other BNs
 (first layer, after an Add) stay as they are: they are affine and have their own exact
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from dualgraph.ir import Graph, Node, Value
+from dualgraph.ir import FOLDED_ROUNDING, FoldedRounding, Graph, Node, Value
 
 from .base import PassResult
 
@@ -57,6 +63,7 @@ def _fold(graph: Graph, bn: Node) -> bool:
     if len(prod.inputs) < 2 or prod.inputs[1] is None or not all(v is None or v.is_const for v in prod.inputs[1:]):
         return False
     gamma, beta, mean, var = (p.const.to(torch.float64).reshape(-1) for p in params)
+    beta, mean = beta.expand_as(gamma), mean.expand_as(gamma)
     s = gamma / torch.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
     t = beta - mean * s
     if prod.op == ("", "Conv"):
@@ -67,6 +74,7 @@ def _fold(graph: Graph, bn: Node) -> bool:
         b = torch.zeros_like(s) if b is None else b.to(torch.float64)
         set_input(graph, prod, 1, w * s.reshape(-1, *[1] * (w.dim() - 1)), "weight")
         set_input(graph, prod, 2, b * s + t, "bias")
+        _note_fold(prod, s, b, beta, mean, [1] * (w.dim() - 2))
         return True
     matmul_2d = (prod.op == ("", "MatMul") and len(prod.inputs[0].shape or ()) == 2
                  and prod.inputs[1].const.dim() == 2)
@@ -84,8 +92,29 @@ def _fold(graph: Graph, bn: Node) -> bool:
         set_input(graph, prod, 1, w * (s[:, None] if trans_b else s[None, :]), "weight")
         set_input(graph, prod, 2, c * s + t, "bias")
         prod.attrs["beta"] = 1.0
+        _note_fold(prod, s, c, beta, mean, [])
         return True
     return False
+
+
+BN_ROUNDINGS = 8
+"""Roundings of an evaluated BN beyond its producer's: ``(y - mean) * s + beta`` with ``s`` from
+``gamma / sqrt(var + eps)`` (4 + 3), and one for the fold's float64 arithmetic (its constants'
+error is far below one float32 rounding of the same magnitudes)."""
+
+
+def channel_magnitude(note: FoldedRounding, channels: int) -> torch.Tensor:
+    """A note's magnitude per output channel ``[channels]`` (its largest entry where it varies otherwise)."""
+    mag = note.magnitude.to(torch.float64)
+    return mag.reshape(-1).clone() if mag.numel() == channels else mag.max().expand(channels).clone()
+
+
+def _note_fold(prod: Node, s: torch.Tensor, bias: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor,
+               trailing: list[int]) -> None:
+    """The :class:`FoldedRounding` of ``prod`` after a BN folded into it (module docstring)."""
+    note = FoldedRounding.of(prod)
+    magnitude = s.abs() * (bias.abs() + channel_magnitude(note, s.numel()) + mean.abs()) + beta.abs()
+    prod.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + BN_ROUNDINGS, magnitude.reshape(-1, *trailing))
 
 
 def set_input(graph: Graph, node: Node, index: int, tensor: torch.Tensor | Value, hint: str = "const") -> Value:

@@ -25,19 +25,29 @@ elementwise (``x - c``: a=1, b=-c; ``c - x``: a=-1, b=c; ``x / c``: a=1/c, b=0; 
 
 An op is folded only when its output has no other user and is no graph output. All
 rewrites are exact up to float64 rounding; new constants are float64.
+
+*Rounding.* The network as evaluated still runs the original ops, on magnitudes the merged or
+folded constants no longer show (``(x - mean) / std`` then ``W``: the folded bias ``c - W mean /
+std`` may cancel). Each rewritten node carries a :class:`~dualgraph.ir.FoldedRounding` note for
+the rounding allowance: a merged chain ``a_k (...) + b_k`` the magnitude ``B`` with ``B_k = |a_k|
+B_{k-1} + |b_k|`` and one rounding per op; a fold into ``W`` the magnitude ``|W| (|b| + B) + |c|``
+(carried to its outputs) and the chain's roundings plus :data:`FOLD_ROUNDINGS`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dualgraph.ir import Graph, Node, Value
+from dualgraph.ir import FOLDED_ROUNDING, FoldedRounding, Graph, Node, Value
 
 from .base import PassResult
-from .fold_batchnorm import set_input
+from .fold_batchnorm import channel_magnitude, set_input
 
 F64 = torch.float64
 LINEAR_OPS = {("", "Conv"), ("", "Gemm"), ("", "MatMul")}
+FOLD_ROUNDINGS = 3
+"""Roundings a fold adds beyond the ops it absorbs: the op's own rounding of its input, and the
+float64 arithmetic of the new constants (far below one float32 rounding of the same magnitudes)."""
 
 
 NEEDS_SHAPES = True  # reads Value.shape: shapes are re-inferred before it
@@ -98,15 +108,21 @@ def _merge_chains(graph: Graph) -> bool:
         while _single_use(graph, chain[-1].output) and affine_of(chain[-1].output.users[0]) is not None:
             chain.append(chain[-1].output.users[0])
         a, b = torch.ones((), dtype=F64), torch.zeros((), dtype=F64)
+        spread, ops = torch.zeros((), dtype=F64), 0  # B of the module docstring; roundings
         for n in chain:
             _, an, bn = affine_of(n)
+            note = FoldedRounding.of(n)
             a, b = a * an, b * an + bn
+            spread, ops = spread * an.abs() + bn.abs() + note.magnitude, ops + 1 + note.ops
         canon = _canonical(a, b)
-        if not canon and chain[-1].output in graph.outputs:
-            canon = [("Mul", a)]  # a no-op, but a node must still produce the graph output
+        if not canon and (chain[-1].output in graph.outputs or bool((spread != 0).any())):
+            # a no-op, but a node must still produce the graph output, or carry the rounding of
+            # shifts that cancel (``x + c - c`` is not ``x`` as evaluated)
+            canon = [("Mul", a)]
         if [op for op, _ in canon] == [n.op_type for n in chain] or len(chain) == len(canon) == 1:
             continue  # already canonical, or a lone Sub/Div that is as good as Add/Mul
         _rewrite_chain(graph, chain, x, canon)
+        chain[-1].meta[FOLDED_ROUNDING] = FoldedRounding(ops + FOLD_ROUNDINGS, spread)  # stands for the chain
         modified = True
     return modified
 
@@ -141,6 +157,7 @@ def _rewrite_chain(graph: Graph, chain: list[Node], x: Value, canon: list[tuple[
     keep = len(nodes) - len(canon)
     prev = x
     for node, (op, c) in zip(nodes[keep:], canon):
+        node.meta.pop(FOLDED_ROUNDING, None)  # the chain's note goes on its last node (the caller's)
         node.op = ("", op)
         set_input(graph, node, 0, prev)
         set_input(graph, node, 1, c, op.lower())
@@ -171,9 +188,14 @@ def _fold_one(graph: Graph, op: Node) -> bool:
         return False  # e.g. ``c - x``; the chain merge splits such ops into two
     axis = 1 if op.op_type == "Conv" else len(z.shape) - 1
     vec = _along(a if scale else b, z.shape, axis)
+    note = FoldedRounding.of(p)
+    carried = _along(b.abs() + note.magnitude, z.shape, axis)  # what x' may hold beyond |a x|
+    if carried is None:  # varies within a channel: its largest entry for all
+        carried = torch.full((z.shape[axis],), float((b.abs() + note.magnitude).max()), dtype=F64)
     if vec is None:
         return False
-    folded = (_fold_conv if op.op_type == "Conv" else _fold_gemm)(graph, op, vec, scale)
+    folded = (_fold_conv if op.op_type == "Conv" else _fold_gemm)(graph, op, vec, scale, carried,
+                                                                  note.ops + FOLD_ROUNDINGS)
     if folded:
         set_input(graph, op, 0, x)
         graph.remove_node(p)
@@ -186,36 +208,52 @@ def _along(t: torch.Tensor, shape: tuple, axis: int) -> torch.Tensor | None:
     return full[:, 0].clone() if bool((full == full[:, :1]).all()) else None
 
 
-def _fold_conv(graph: Graph, conv: Node, vec: torch.Tensor, scale: bool) -> bool:
+def _fold_conv(graph: Graph, conv: Node, vec: torch.Tensor, scale: bool, carried: torch.Tensor, ops: int) -> bool:
     w = conv.inputs[1].const.to(F64)
     m, cg, g = w.shape[0], w.shape[1], int(conv.attrs.get("group", 1))
     if vec.numel() != cg * g:
         return False
     # vec[c] for input channel c, laid out like W: row m uses channels of group m // (M/g)
-    per_w = vec.reshape(g, 1, cg).expand(g, m // g, cg).reshape(m, cg, *[1] * (w.dim() - 2))
+    def laid_out(v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(g, 1, cg).expand(g, m // g, cg).reshape(m, cg, *[1] * (w.dim() - 2))
+
+    per_w = laid_out(vec)
+    bias = conv.const_input(2)
+    bias = torch.zeros(m, dtype=F64) if bias is None else bias.to(F64)
+    padded = any(conv.attrs.get("pads", [])) or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+    if not scale and padded:
+        return False  # not exact at the borders, see the module docstring
+    # the rounding note, in the old weights' terms (see the module docstring)
+    note = FoldedRounding.of(conv)
+    magnitude = ((w.abs() * laid_out(carried)).sum(dim=tuple(range(1, w.dim()))) + bias.abs()
+                 + channel_magnitude(note, m))
+    conv.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + ops, magnitude.reshape(m, *[1] * (w.dim() - 2)))
     if scale:
         set_input(graph, conv, 1, w * per_w, "weight")
         return True
-    padded = any(conv.attrs.get("pads", [])) or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
-    if padded:
-        return False  # not exact at the borders, see the module docstring
-    bias = conv.const_input(2)
-    bias = torch.zeros(m, dtype=F64) if bias is None else bias.to(F64)
     set_input(graph, conv, 2, bias + (w * per_w).sum(dim=tuple(range(1, w.dim()))), "bias")
     return True
 
 
-def _fold_gemm(graph: Graph, op: Node, vec: torch.Tensor, scale: bool) -> bool:
+def _fold_gemm(graph: Graph, op: Node, vec: torch.Tensor, scale: bool, carried: torch.Tensor, ops: int) -> bool:
     w = op.inputs[1].const.to(F64)
     trans_b = bool(op.attrs.get("transB", 0))
     w_kn = w.t() if trans_b else w  # [K, N_out]
+    alpha = float(op.attrs.get("alpha", 1.0))
+    note = FoldedRounding.of(op)
+    # the rounding note, in the old weights' terms (see the module docstring); with |c| below
+    magnitude = abs(alpha) * (carried @ w_kn.abs()) + channel_magnitude(note, w_kn.shape[1])
     if scale:
+        c = op.const_input(2) if op.op_type == "Gemm" else None
+        beta = abs(float(op.attrs.get("beta", 1.0)))
+        c_abs = 0.0 if c is None else c.to(F64).abs().reshape(-1).expand(w_kn.shape[1]) * beta
+        op.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + ops, magnitude + c_abs)
         w_kn = vec[:, None] * w_kn
         set_input(graph, op, 1, (w_kn.t() if trans_b else w_kn).contiguous(), "weight")
         return True
-    shift = float(op.attrs.get("alpha", 1.0)) * (vec @ w_kn)  # [N_out]
+    shift = alpha * (vec @ w_kn)  # [N_out]
     if op.op_type == "MatMul" and len(op.inputs[0].shape) != 2:
-        return _shift_following_add(graph, op, shift)
+        return _shift_following_add(graph, op, shift, FoldedRounding(note.ops + ops, magnitude))
     c = op.const_input(2) if op.op_type == "Gemm" else None
     if c is not None and torch.broadcast_shapes(c.shape, (1, shift.numel())) != (1, shift.numel()):
         return False
@@ -224,18 +262,23 @@ def _fold_gemm(graph: Graph, op: Node, vec: torch.Tensor, scale: bool) -> bool:
         op.op, op.attrs = ("", "Gemm"), {}  # same function for a 2-D input, and it has a bias
     set_input(graph, op, 2, c + shift, "bias")
     op.attrs["beta"] = 1.0
+    op.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + ops, magnitude + c.abs())
     return True
 
 
-def _shift_following_add(graph: Graph, op: Node, shift: torch.Tensor) -> bool:
-    """Add ``shift`` to the constant of an ``Add`` that alone consumes ``op``'s output."""
+def _shift_following_add(graph: Graph, op: Node, shift: torch.Tensor, note: FoldedRounding) -> bool:
+    """Add ``shift`` to the constant of an ``Add`` that alone consumes ``op``'s output; ``note``:
+    ``op``'s rounding note for the fold, to which the Add's old constant is added (``op``'s output
+    magnitude then covers what the Add adds as evaluated)."""
     y = op.output
     add = y.users[0] if _single_use(graph, y) else None
     aff = affine_of(add) if add is not None and add.op_type == "Add" else None
     if aff is None or _along(aff[2], y.shape, len(y.shape) - 1) is None:
         return False
-    set_input(graph, add, 1, _along(aff[2], y.shape, len(y.shape) - 1) + shift, "bias")
+    old = _along(aff[2], y.shape, len(y.shape) - 1)
+    set_input(graph, add, 1, old + shift, "bias")
     set_input(graph, add, 0, y)
+    op.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops, note.magnitude + old.abs())
     return True
 
 
@@ -254,6 +297,10 @@ def _commute_reshape(graph: Graph, reshape: Node) -> bool:
     if _along(t, z.shape, len(z.shape) - 1) is None:
         return False  # would not fold after the move either
     (consumer,) = z.users
+    note = q.meta.get(FOLDED_ROUNDING)
+    if note is not None:  # q now computes in the reshaped units
+        q.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops, torch.broadcast_to(
+            note.magnitude, (1, *w.shape[1:])).reshape(1, *z.shape[1:])[0].clone())
     set_input(graph, reshape, 0, x)
     q.op = ("", op)
     set_input(graph, q, 0, z)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import DualgraphError
-from ..ir import Value
+from ..ir import EVALUATED_IN, Value
 from ..lowering import BATCH_SIZE, FLOAT_TYPES, PAD_MODES, Call, Const, Missing, OnnxNode, Unsupported, Var, reshape_to
 from ..op_registry import SAME, define_op, random_const, var
 from .common import IndexMapDual, example_axis, int_list, node_axis, onnx_elementwise, slice_range, torch_pad
@@ -80,7 +80,8 @@ cast = define_op("Cast")
 def _(ctx, n):
     if int(n.attrs.get("to", 0)) not in FLOAT_TYPES:
         raise DualgraphError(f"node '{n.name}' (Cast) casts a network tensor to a non-float type; not supported")
-    x = ctx.var(n, 0)  # a float-to-float cast is the identity for analysis purposes
+    x = ctx.var(n, 0)  # a float-to-float cast is the identity for the bounds, not for the rounding:
+    ctx.g.meta.setdefault(EVALUATED_IN, set()).add(FLOAT_TYPES[int(n.attrs["to"])])
     return ctx.emit(n, "Identity", [x.value], {}, x.added, n.outs)
 
 
