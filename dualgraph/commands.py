@@ -413,7 +413,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if how and result.answer == "sat":
         how += f"; confirmed by {result.details['confirmed_by']}"
     if result.answer in ("timeout", "unknown") and "bab_open_domains" in result.details:
-        how = (f"branch and bound: {result.details['bab_domains']:,} domains bounded, "
+        empty = result.details.get("bab_empty_domains", 0)
+        how = (f"branch and bound: {result.details['bab_domains']:,} domains bounded"
+               + (f" and {empty:,} found empty" if empty else "") + ", "
                f"{result.details['bab_open_domains']:,} open, the worst at margin "
                f"{result.details['bab_worst_open_margin']:.4g}")
     print(f"dualgraph: {result.answer} in {result.seconds:.2f} s" + (f" ({how})" if how else ""), file=sys.stderr)

@@ -76,7 +76,9 @@ class VerifyConfig:
         float32 and each domain they prove is bounded again in float64 at the slopes and
         multipliers that proved it (only the float64 bound counts); ``bab_fused``: on a chain
         of affine maps and ReLUs those float32 ascents run as fused dense passes
-        (:mod:`dualgraph.chain`), confirmed the same way. ``bab_attack_steps``: PGD steps
+        (:mod:`dualgraph.chain`), confirmed the same way; ``bab_empty_test``: children that one
+        layer's splits make empty are dropped before their ascent, on a proof by a small LP
+        (:mod:`dualgraph.split_lp`). ``bab_attack_steps``: PGD steps
         from the box corners that minimise each batch's worst open domains' bounds (0: the
         corners are only evaluated); a point found is confirmed in onnxruntime.
     attack_steps, attack_restarts: one PGD round (restarts run as one batch).
@@ -98,6 +100,7 @@ class VerifyConfig:
     bab_steps: int = 20
     bab_float32: bool = True
     bab_fused: bool = True
+    bab_empty_test: bool = True
     bab_attack_steps: int = 10
     attack_steps: int = 100
     attack_restarts: int = 16
@@ -419,11 +422,14 @@ class _Search:
             fast.scheduler.deadline = self.clock
         bab = BranchAndBound(cert.scheduler, lo, hi, torch.as_tensor(C), torch.as_tensor(d), local, check,
                              batch=self.config.bab_batch, margin=self.config.unsat_margin,
-                             fast=None if fast is None else fast.scheduler, fused=self.config.bab_fused)
+                             fast=None if fast is None else fast.scheduler, fused=self.config.bab_fused,
+                             empty_test=self.config.bab_empty_test)
         try:
             result = bab.run()
         finally:
             self.details["bab_domains"] = self.details.get("bab_domains", 0) + bab.bounded
+            if bab.empty:
+                self.details["bab_empty_domains"] = self.details.get("bab_empty_domains", 0) + bab.empty
             if bab.progress.open_domains:  # how far a search that stopped got (a proved one has none open)
                 self.details["bab_open_domains"] = bab.progress.open_domains
                 self.details["bab_worst_open_margin"] = bab.progress.worst_margin
