@@ -21,7 +21,8 @@ domains are empty (their splits contradict each other): an ascent proves those o
 multipliers grow. Before a batch of children is bounded, those that the splits of one layer
 (the one just split, or the next, whose input box that split narrowed) make empty over the box
 of the layer's inputs are dropped, each on a float64 LP certificate (:mod:`dualgraph.split_lp`;
-on Gemm layers). On the competition's 256x4 network this halved the trees.
+on Gemm layers). On the competition's 256x4 network the trees shrank 1.3-4.4x
+(``bench/vnncomp_report.md``).
 
 **Branching** (BaBSR-like): a crossing unit's upper line costs the bound
 ``|lam_j^-| u_j (-l_j) / (u_j - l_j)`` (its intercept times the negative part of the row's
