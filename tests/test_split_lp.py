@@ -10,6 +10,8 @@
 * A contradiction smaller than the network's evaluation error is not a proof; a larger one is.
 * In branch and bound: children are dropped, and the answers are those of the search without
   the test (``tests/test_bab.py`` runs its MILP agreement with the test on, the default).
+* Only Gemm layers (``alpha = beta = 1``) of the previous ReLU or the input get the test, with
+  their own stored weights (not through a residual sum, not with a scaled product).
 """
 
 from __future__ import annotations
@@ -277,3 +279,58 @@ def test_branch_and_bound_drops_empty_children_and_answers_alike(tmp_path):
     assert with_test.answer == without.answer == "unsat", (with_test.details, without.details)
     assert with_test.details.get("bab_empty_domains", 0) > 0, with_test.details
     assert with_test.details["bab_domains"] < without.details["bab_domains"]
+
+
+def _graph_of(tmp_path, nodes, inits, n_in: int, n_out: int):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dualgraph.frontends.onnx import load_onnx
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, n_in])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n_out])],
+                              [numpy_helper.from_array(np.asarray(t, np.float32), k) for k, t in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "g.onnx")
+    return load_onnx(onnx.load(tmp_path / "g.onnx"))
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("chain", [True, True]),
+    ("alpha", [False, True]),        # Gemm alpha != 1: the weights are not the map's
+    ("residual", [True, False]),     # the second Gemm reads relu + x, not the previous ReLU alone
+    ("no_bias_transposed", [True, True]),
+])
+def test_the_test_runs_only_on_gemm_layers_of_the_previous_relu(tmp_path, case, expected):
+    """Which ReLUs get the split-LP test: those whose input is an exact Gemm (alpha = beta = 1,
+    constant weights) of the previous ReLU's output or of the input."""
+    from onnx import helper
+
+    from dualgraph.ir import Node
+    from dualgraph.split_lp import gemm_map, split_sources
+    g = np.random.default_rng(0)
+    W1, b1, W2, b2, W3 = g.standard_normal((3, 3)), g.standard_normal(3), g.standard_normal((3, 3)), \
+        g.standard_normal(3), g.standard_normal((1, 3))
+    first = dict(transB=1, alpha=0.5) if case == "alpha" else dict(transB=1)
+    nodes = [helper.make_node("Gemm", ["X", "W1", "b1"], ["z1"], **first), helper.make_node("Relu", ["z1"], ["r1"])]
+    inits = dict(W1=W1, b1=b1, W2=W2, b2=b2, W3=W3)
+    second_in = "r1"
+    if case == "residual":
+        nodes.append(helper.make_node("Add", ["r1", "X"], ["s"]))
+        second_in = "s"
+    if case == "no_bias_transposed":
+        inits["W2"] = W2.T
+        nodes.append(helper.make_node("Gemm", [second_in, "W2"], ["z2"]))
+    else:
+        nodes.append(helper.make_node("Gemm", [second_in, "W2", "b2"], ["z2"], transB=1))
+    nodes += [helper.make_node("Relu", ["z2"], ["r2"]), helper.make_node("Gemm", ["r2", "W3"], ["Y"], transB=1)]
+    graph = _graph_of(tmp_path, nodes, inits, 3, 1)
+    relus: list[Node] = [n for n in graph.nodes if n.op == ("", "Relu")]
+    found = [source is not None and gemm_map(relu.inputs[0].producer, source) is not None
+             for relu, source in zip(relus, split_sources(graph, relus))]
+    assert found == expected
+    as_stored = lambda a: torch.tensor(np.asarray(a, np.float32), dtype=torch.float64)  # noqa: E731
+    layers = [(as_stored(W1), as_stored(b1)), (as_stored(W2), as_stored(b2) * (case != "no_bias_transposed"))]
+    for (relu, source), (W, b) in zip(zip(relus, split_sources(graph, relus)), layers):
+        exact = None if source is None else gemm_map(relu.inputs[0].producer, source)
+        if exact is not None:  # the layer's own weights, exactly
+            assert torch.equal(exact[0], W) and torch.equal(exact[1], b)
