@@ -160,6 +160,13 @@ def _search_on(path, lo: np.ndarray, hi: np.ndarray, n_out: int) -> BranchAndBou
     return bab
 
 
+def _fresh(test: EmptinessTest, only: int | None = None) -> EmptinessTest:
+    """A new test of the same layers (``only``: that layer alone, not the next one's splits
+    too), so that every call tests every layer (a test that found nothing lately only probes)."""
+    layers = [form if only is None or i == only else None for i, form in enumerate(test.layers)]
+    return EmptinessTest(test.names, layers, test.input_box, test.root)
+
+
 def _evaluate32(weights, x: np.ndarray) -> list[np.ndarray]:
     """Each hidden layer's pre-activations as float32 evaluates them, ``[P, N_k]``."""
     zs, h = [], x.astype(np.float32)
@@ -192,7 +199,7 @@ def test_a_domain_around_a_point_of_the_box_is_never_dropped(seed, near_duplicat
         keep = g.random(z.shape) < g.choice([0.3, 0.7, 1.0])
         signs[relu.name] = torch.tensor(s * keep, dtype=torch.int8)
     for k in range(len(bab.relus)):
-        empty = test.empty(signs, torch.full((len(points),), k))
+        empty = _fresh(test).empty(signs, torch.full((len(points),), k))
         assert not bool(empty.any()), f"layer {k}: a domain holding a point of the box was dropped"
 
 
@@ -236,9 +243,7 @@ def test_random_domains_are_dropped_where_the_lp_says_empty(seed, tmp_path_facto
                                      dtype=torch.int8) for relu in bab.relus}
     for k, relu in enumerate(bab.relus):
         form = test.layers[k]
-        alone = EmptinessTest(test.names, [form if i == k else None for i in range(len(test.layers))],
-                              test.input_box, test.root)  # not the next layer's splits too
-        empty = alone.empty(signs, torch.full((D,), k))
+        empty = _fresh(test, only=k).empty(signs, torch.full((D,), k))
         box_lo, box_up = test._box(k, signs, torch.arange(D))
         for d in range(D):
             s = signs[relu.name][d].numpy().astype(float)
@@ -334,3 +339,28 @@ def test_the_test_runs_only_on_gemm_layers_of_the_previous_relu(tmp_path, case, 
         exact = None if source is None else gemm_map(relu.inputs[0].producer, source)
         if exact is not None:  # the layer's own weights, exactly
             assert torch.equal(exact[0], W) and torch.equal(exact[1], b)
+
+
+def test_a_layer_that_finds_nothing_is_only_probed():
+    """After its warm-up a layer whose tests found no empty child is tested on one call in
+    PROBE_EVERY; one that keeps finding them on every call."""
+    from dualgraph import split_lp
+    W = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    form = SplitLayer(W, torch.tensor([0.0, -1.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    box = (torch.tensor([-1.0, -1.0], dtype=torch.float64), torch.tensor([1.0, 1.0], dtype=torch.float64))
+    test = EmptinessTest(["r"], [form], box, [])
+    D = split_lp.WARM_UP
+    # z_0 = y_0 >= 0 and z_1 = y_0 - 1 >= 0 meet at y_0 = 1: never empty
+    feasible = {"r": torch.tensor([[-1, -1]], dtype=torch.int8).repeat(D, 1)}
+    assert test._worth_it(0)  # warming up
+    tested = []
+    for _ in range(2 * split_lp.PROBE_EVERY):
+        before = test.seen[0]
+        assert not test.empty(feasible, torch.zeros(D, dtype=torch.long)).any()
+        tested.append(test.seen[0] > before)
+    assert tested[0] and sum(tested) <= 1 + 2, tested  # the warm-up, then probes only
+    # z_0 = y_0 <= 0 and z_1 = y_0 - 1 >= 0: empty on every call
+    empty = {"r": torch.tensor([[1, -1]], dtype=torch.int8).repeat(D, 1)}
+    test = EmptinessTest(["r"], [form], box, [])
+    for _ in range(2 * split_lp.PROBE_EVERY):
+        assert test.empty(empty, torch.zeros(D, dtype=torch.long)).all()
