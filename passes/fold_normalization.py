@@ -188,12 +188,12 @@ def _fold_one(graph: Graph, op: Node) -> bool:
         return False  # e.g. ``c - x``; the chain merge splits such ops into two
     axis = 1 if op.op_type == "Conv" else len(z.shape) - 1
     vec = _along(a if scale else b, z.shape, axis)
+    if vec is None:
+        return False
     note = FoldedRounding.of(p)
     carried = _along(b.abs() + note.magnitude, z.shape, axis)  # what x' may hold beyond |a x|
     if carried is None:  # varies within a channel: its largest entry for all
         carried = torch.full((z.shape[axis],), float((b.abs() + note.magnitude).max()), dtype=F64)
-    if vec is None:
-        return False
     folded = (_fold_conv if op.op_type == "Conv" else _fold_gemm)(graph, op, vec, scale, carried,
                                                                   note.ops + FOLD_ROUNDINGS)
     if folded:
@@ -241,13 +241,10 @@ def _fold_gemm(graph: Graph, op: Node, vec: torch.Tensor, scale: bool, carried: 
     w_kn = w.t() if trans_b else w  # [K, N_out]
     alpha = float(op.attrs.get("alpha", 1.0))
     note = FoldedRounding.of(op)
-    # the rounding note, in the old weights' terms (see the module docstring); with |c| below
+    # the rounding note, in the old weights' terms (see the module docstring)
     magnitude = abs(alpha) * (carried @ w_kn.abs()) + channel_magnitude(note, w_kn.shape[1])
-    if scale:
-        c = op.const_input(2) if op.op_type == "Gemm" else None
-        beta = abs(float(op.attrs.get("beta", 1.0)))
-        c_abs = 0.0 if c is None else c.to(F64).abs().reshape(-1).expand(w_kn.shape[1]) * beta
-        op.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + ops, magnitude + c_abs)
+    if scale:  # the bias is unchanged: its |c| is in the node's own T
+        op.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + ops, magnitude)
         w_kn = vec[:, None] * w_kn
         set_input(graph, op, 1, (w_kn.t() if trans_b else w_kn).contiguous(), "weight")
         return True
