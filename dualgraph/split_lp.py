@@ -175,6 +175,7 @@ class _Tableau:
     rows: torch.Tensor     # [d, K] split units
     sign: torch.Tensor     # [d, K] float64 (0: padding)
     radius: torch.Tensor   # [d, n]
+    radius32: torch.Tensor  # [d, n] float32, for the pricing
     at: torch.Tensor       # [d, n] float32: a nonbasic t_i's value (-1 or 1), 0 where basic
     slack_out: torch.Tensor  # [d, K]: 1 where w_k is nonbasic (at 0)
     basic: torch.Tensor    # [d, K] ids: t_0..t_{n-1}, tau (n), w_0..w_{K-1} (n + 1 + k)
@@ -231,7 +232,7 @@ def minimax_simplex(W: torch.Tensor, rows: torch.Tensor, sign: torch.Tensor, bia
     slack_out = torch.zeros(D, K, dtype=dtype)
     slack_out[batch, tau_at] = 1.0
     beta_out = torch.zeros(D, K, dtype=dtype)
-    tab = _Tableau(batch, rows, sign, radius, corner.float(), slack_out, basic, xb, Binv, tau_at)
+    tab = _Tableau(batch, rows, sign, radius, radius.float(), corner.float(), slack_out, basic, xb, Binv, tau_at)
     running = tau > 0
     for _ in range(pivots):
         if len(tab.origin) and int(running.sum()) < 0.75 * len(tab.origin):  # pack the running ones
@@ -256,7 +257,7 @@ def _pivot(tab: _Tableau, W: torch.Tensor, W32: torch.Tensor, running: torch.Ten
     batch = torch.arange(d_all)
     beta = -tab.Binv[batch, tab.tau_at]                  # y = the row of B^-1 at tau; beta = -y
     lam = torch.zeros(d_all, W.shape[0]).scatter_add_(1, tab.rows, (beta * tab.sign).float())
-    best_t, i = ((lam @ W32) * tab.radius.float() * tab.at).max(1)   # beta . Q_i, signed to a gain
+    best_t, i = ((lam @ W32) * tab.radius32 * tab.at).max(1)   # beta . Q_i, signed to a gain
     best_w, j = (-beta * tab.slack_out).max(1)                        # w_k's reduced cost is beta_k
     is_t = best_t.to(dtype) >= best_w
     running = running & (torch.maximum(best_t.to(dtype), best_w) > tol)   # else optimal
