@@ -394,7 +394,9 @@ class BranchAndBound:
         u = unit_roundoff(self.fast_dtype)
         terms = len(sched.graph.nodes) + 4
         offsets = [SAFETY * gamma(n.inputs[0].numel + 8 + terms, u) for n in chain.relus]
-        return ChainAllowance(steps, weight(entry, int(self.box.lo[0].numel())), offsets)
+        underflow = [SAFETY * (rounding.sigma_e + 8 * rounding.sigma_c)] * len(chain.relus)  # as _outward's
+        constant = sum(rounding.step_constant(n) for n in dual.nodes)
+        return ChainAllowance(steps, weight(entry, int(self.box.lo[0].numel())), offsets, underflow, constant)
 
     def _confirmed(self, conjunction: _Conjunction, signs: dict[str, torch.Tensor], gaps: torch.Tensor,
                    record: dict) -> torch.Tensor:

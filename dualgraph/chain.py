@@ -160,12 +160,16 @@ class ChainAllowance:
     allowance ``|g| . W`` of the dual variable there; the rows ``|c| . W`` for the last),
     ``input`` ``[n_0]``, the input term's, and ``offsets[i]``, the outward rounding of ReLU
     ``i``'s offsets per unit of ``m + 2 |b_up|`` on crossing units (``m = max(-l, u)``; the
-    slopes are at most 1). The allowance takes no part in the gradient (the scheduler's
-    neither: it uses ``|lam|`` detached)."""
+    slopes are at most 1), plus ``underflow[i]`` per crossing unit; ``constant``, what underflow
+    in the steps' own arithmetic takes off every row (:meth:`~dualgraph.rounding.
+    RoundingAllowance.step_constant`, summed). The allowance takes no part in the gradient (the
+    scheduler's neither: it uses ``|lam|`` detached)."""
 
     steps: list[torch.Tensor]
     input: torch.Tensor
     offsets: list[float]
+    underflow: list[float]
+    constant: float
 
 
 @dataclass
@@ -188,7 +192,7 @@ class _Relaxed:
         return torch.addcmul(self.stable, self.crossing, alpha)
 
     @classmethod
-    def of(cls, b: Bounds, sign: torch.Tensor, rounding: float = 0.0) -> _Relaxed:
+    def of(cls, b: Bounds, sign: torch.Tensor, rounding: float = 0.0, underflow: float = 0.0) -> _Relaxed:
         l, u = b
         cross = (l < 0) & (u > 0)
         d = torch.where(cross, u / torch.where(cross, u - l, 1.0), (l >= 0).to(l.dtype))
@@ -196,7 +200,7 @@ class _Relaxed:
         intercept = torch.where(cross, -d * l, 0.0)
         outward = intercept / 2
         if rounding:
-            outward = outward + torch.where(cross, rounding * (torch.maximum(-l, u) + 2 * intercept), 0.0)
+            outward = outward + torch.where(cross, rounding * (torch.maximum(-l, u) + 2 * intercept) + underflow, 0.0)
         return cls(d, intercept / 2, outward, cross.to(l.dtype), crown, sign.to(l.dtype), torch.where(cross, 0.0, d))
 
     def take(self, index: torch.Tensor) -> _Relaxed:
@@ -228,8 +232,10 @@ class FusedChain:
         :meth:`dualgraph.scheduler.BoundScheduler.bound_output` fills it."""
         D, m = bounds[0].lower.shape[0], spec.shape[0]
         mid, rad = (lo + hi) / 2, (hi - lo) / 2
-        rounding = self.allowance.offsets if self.allowance is not None else [0.0] * len(bounds)
-        layers = [_Relaxed.of(b, s, k) for b, s, k in zip(bounds, signs, rounding)]
+        allowance = self.allowance
+        rounding = allowance.offsets if allowance is not None else [0.0] * len(bounds)
+        underflow = allowance.underflow if allowance is not None else [0.0] * len(bounds)
+        layers = [_Relaxed.of(b, s, k, f) for b, s, k, f in zip(bounds, signs, rounding, underflow)]
         domain = torch.arange(D).repeat_interleave(m)
         row = torch.arange(m).repeat(D)
         per_row = [r.take(domain) for r in layers]
@@ -283,7 +289,7 @@ class FusedChain:
         a = C @ W[-1]
         J = C @ b[-1]
         if allowance is not None:
-            J = J - C.abs() @ allowance.steps[-1]
+            J = J - C.abs() @ allowance.steps[-1] - allowance.constant
         kept = []  # per layer, top first: a, a^+ and delta
         sizes = []  # per layer and the input, each row's |a|_1 (an exact 0: a dead row)
         for i in reversed(range(len(layers))):

@@ -165,6 +165,7 @@ class DualRunner:
             centre, radius = (self.output_box(node.meta["primal"], batch) if v is node.inputs[0]
                               else self.value_box(v.meta["primal_value"], batch))
             linear, absolute = linear + batched_dot(lam, centre), absolute + batched_dot(lam.abs(), radius)
+        absolute = absolute + batch.rounding.cut_constant()
 
         def exact(examples, rows):
             picked = {v: lam[examples if lam.shape[0] > 1 else 0, rows].unsqueeze(1) for v, lam in env.items()}
@@ -217,7 +218,7 @@ class DualRunner:
             radius = (high - low) / 2
             g = batch.rounding.box_gamma(v)
             if g:
-                radius = radius + g * r.magnitudes()[1]
+                radius = radius + g * r.magnitudes()[1] + batch.rounding.box_absolute()
             w.cache[key] = ((low + high) / 2, radius)
         return w.cache[key]
 
@@ -279,6 +280,7 @@ class DualRunner:
                    else self.value_box(v.meta["primal_value"], batch))
             centre, radius = patches.box_terms(p, *box)
             linear, absolute = linear + centre, absolute + radius
+        absolute = absolute + batch.rounding.cut_constant()
 
         def exact(examples, rows):
             picked = {v: patches.select(p, None, examples, rows) for v, p in env.items()}
@@ -483,7 +485,7 @@ class _PatchPass(GraphWalk):
         rounding = self.batch.rounding
         if not (self.batch.per_row and rounding.enabled):
             return 0.0
-        total = 0.0
+        total = rounding.step_constant(node)
         for v, w in zip(node.inputs, rounding.step_weights(node, len(node.inputs))):
             if w is not None:
                 total = total + patches.abs_dot(env[v], w.to(env[v].data.dtype))
@@ -556,7 +558,7 @@ def _box_radius(batch: Batch, v: Value, w: Bounds) -> torch.Tensor:
     """Half-widths ``(u - l)/2`` of ``v``'s box, plus the rounding of the box's dot products."""
     radius = (w.upper - w.lower) / 2
     g = batch.rounding.box_gamma(v)
-    return radius + g * batch.rounding.magnitude(v) if g else radius
+    return radius + g * batch.rounding.magnitude(v) + batch.rounding.box_absolute() if g else radius
 
 
 def needed_bounds(dual: Graph, first: int) -> set[Value]:

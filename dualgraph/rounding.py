@@ -44,19 +44,30 @@ fixed lines' allowance is CROWN's.
 each dual step adds its own ``|lam| . W_k`` to the rows' offsets, on dense rows and on
 patches alike (``Batch.per_row``), and the bounds are then only *adopted*
 (:meth:`RoundingAllowance.adopt`: the relaxations that read them rounded outward). This
-costs one dot product per row and step, and it is tight: a bound over ``eps_v``
-propagated with absolute weights (below) grows with the product of the layers' absolute
-weights, which on deep networks is many orders of magnitude above ``|lam_k|``. The pruning
-box (a bound of the rest of a pass by the box of one layer's bounds) adds the rounding of
-its own dot products to its radius where it is formed (:meth:`RoundingAllowance.box_gamma`).
-The propagated bound: the dual variable of a bound on ``c . v`` is ``lam_k = M_{v<-k}^T c``,
-``M`` the product of the linear maps from node ``k`` to ``v``, so ``|lam_k| <= |M_{v<-k}|^T
-|c|`` and ``sum_k |lam_k| . W_k <= |c| . eps_v`` with ``eps_v = sum_k |M_{v<-k}| W_k``: one
-vector per value, propagated forward with absolute weights (``eps_out = |A| eps_in + W``;
-rule :meth:`DualRule.abs_linear`) plus the dual's sums at fan-outs (:meth:`widen`).
-The forward path (Appendix F) pushes columns instead of rows; its ``eps`` uses the
-magnitudes of the linearised network it evaluates and the final reduction over columns
+costs one dot product per row and step, and it is tight: a bound propagated forward with
+absolute weights would grow with the product of the layers' absolute weights, which on deep
+networks is many orders of magnitude above ``|lam_k|``. The pruning box (a bound of the rest
+of a pass by the box of one layer's bounds) adds the rounding of its own dot products to its
+radius where it is formed (:meth:`RoundingAllowance.box_gamma`). The forward path
+(Appendix F) pushes columns instead of rows; its ``eps`` uses the magnitudes of the
+linearised network it evaluates, propagated forward with absolute weights (``eps_out = |A|
+eps_in + W``; rule :meth:`DualRule.abs_linear`), and the final reduction over columns
 (:meth:`RoundingAllowance.widen_forward`).
+
+*Underflow.* Higham's model holds for results of magnitude at least ``sigma``, the smallest
+normal number (2^-126 in float32). Below it a result is rounded to a subnormal, or flushed to
+zero where a kernel sets flush-to-zero / denormals-are-zero, so every operation may err by
+less than ``sigma`` on top of its relative error (:func:`underflow`). The evaluation of a node
+with sums of ``n_e`` terms (``2 n_e`` operations) therefore adds ``(2 n_e + 1) sigma_e`` per
+unit to ``eta_max`` (the one more: a subnormal result read as zero by the next op), in ``W``,
+in ``m`` and in the relaxations' outward offsets. The dual's own arithmetic does not scale
+with ``lam``: an entry of ``lam_in`` errs by at most ``2 (n_d + 6) sigma_c`` more (its sum
+and the relaxations' products), which moves the bound by that times ``m_z``, and each offset
+dot product by ``2 (units + L) sigma_c``: every step takes a constant off every row
+(:meth:`RoundingAllowance.step_constant`), the largest over the examples, and so does a
+pruning cut (:meth:`RoundingAllowance.cut_constant`). These terms matter only for networks
+whose values or margins are within a few orders of magnitude of ``sigma``, where the relative
+model alone certified what the evaluated network violates.
 
 *What is evaluated.* ``u_e`` is the coarsest precision the network computes in: its input's,
 or a float ``Cast``'s target (the IR drops the Cast; ``Graph.meta[EVALUATED_IN]``), and with
@@ -97,6 +108,13 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+def underflow(dtype: torch.dtype) -> float:
+    """``sigma``, the smallest normal number of a floating-point dtype (2^-126 for float32):
+    below it an operation's result may be subnormal or flushed to zero, an absolute error of
+    less than ``sigma`` besides the relative one (module docstring, *Underflow*)."""
+    return torch.finfo(dtype).tiny
+
+
 def gamma(n: int, u: float) -> float:
     """Higham's ``gamma_n = n u / (1 - n u)``: the relative error bound of a sum of ``n`` products."""
     nu = n * u
@@ -110,7 +128,7 @@ class RoundingAllowance:
 
     ``bounds`` is the scheduler's bounds dictionary, filled as bounds are computed: the
     analysis of a node reads the bounds of its inputs, which the scheduler's topological
-    order has finalised (through :meth:`widen`) before any later bound needs them.
+    order has finalised (through :meth:`adopt`) before any later bound needs them.
     Results are memoised per node and value; :meth:`take` gives a view of some examples.
     """
 
@@ -125,17 +143,20 @@ class RoundingAllowance:
         precisions = {graph.inputs[0].dtype, *graph.meta.get(EVALUATED_IN, ())}
         self.u_e = max([unit_roundoff(d) for d in precisions] + [self.u_c])
         self.cast_terms = 1 if len(precisions) > 1 else 0
+        self.sigma_c = underflow(input_set.center.dtype)
+        self.sigma_e = max([underflow(d) for d in precisions] + [self.sigma_c])
         self.terms = len(graph.nodes) + 4  # L: one offset per dual node, the input term, the allowance
         self._pick = lambda t: t
         self._picked: dict = {}  # step weights of this view's examples, per node (a pass reads them every step)
         self._m: dict[Value, torch.Tensor] = {}      # |v| over the family
-        self._eps: dict[Value, torch.Tensor] = {}    # eps_v of the backward paths
         self._w: dict = {}                           # node -> W per output (None: exact step)
+        self._constant: dict = {}                    # node or fan-out value -> its step's underflow constant
         self._m_lin: dict[Value, torch.Tensor] = {}  # |v| over the linearised network (forward path)
         self._eps_fwd: dict[Value, torch.Tensor] = {}
-        self._noise: dict = {}                       # node -> (gamma of its evaluation, T per output)
+        self._noise: dict = {}                       # node -> (gamma of its evaluation, T per output, underflow)
         self._tightened: set = set()                 # values whose m already uses their bounds
         self._position = {n: i for i, n in enumerate(graph.nodes)}  # topological order, built once
+        self._units = sum(v.numel for v in graph.inputs) + sum(v.numel for n in graph.nodes for v in n.outputs)
         x = graph.inputs[0]
         lo, hi = (t.detach() for t in input_set.bounding_box())
         self._columns = x.numel  # columns the forward path reduces at a bounded value (grows per activation)
@@ -143,7 +164,12 @@ class RoundingAllowance:
         # the input term lam.c - rho(lam): dot products over the input's units
         self._w_input = SAFETY * gamma(x.numel + self.terms, self.u_c) * (input_set.center.detach().abs()
                                                                           + (hi - lo) / 2)
-        self._eps[x] = self._eps_fwd[x] = self._w_input
+        self._eps_fwd[x] = self._w_input
+        # lam . c and |lam| . r: two sums over the input's units, each operation off by < sigma
+        self._input_constant = SAFETY * 4 * (x.numel + self.terms) * self.sigma_c
+        # the forward path's columns are multiplied by at most m_x (input) or 1 (gap columns)
+        self._column_mass = _largest_sum(self._m[x]) + x.numel
+        self._note_fan_out(x)
 
     # ---- the final bound: one allowance per row and dual step ------------------------------------
     def slack(self, dual_node, lams: list) -> torch.Tensor | float:
@@ -152,11 +178,38 @@ class RoundingAllowance:
         input), ``[B, m]``: subtract from the step's lower offset, add to its upper one."""
         if not self.enabled:
             return 0.0
-        total: torch.Tensor | float = 0.0
+        total: torch.Tensor | float = self.step_constant(dual_node)
         for lam, w in zip(lams, self.step_weights(dual_node, len(lams))):
             if lam is not None and w is not None:
                 total = total + batched_dot(lam.detach().abs(), w.to(lam.dtype))
         return total
+
+    def step_constant(self, dual_node) -> float:
+        """What underflow in ``dual_node``'s own arithmetic may cost any row's bound (module
+        docstring, *Underflow*): subtract from the step's lower offset, add to its upper one."""
+        if not self.enabled:
+            return 0.0
+        if dual_node.op == INPUT_SET:
+            return self._input_constant
+        if dual_node.op == FAN_OUT_SUM:
+            v = dual_node.meta["primal_value"]
+            self._compute(v)
+            return self._constant[v]
+        node = dual_node.meta["primal"]
+        self._compute(node.outputs[0])
+        return self._constant[node]
+
+    def cut_constant(self) -> float:
+        """What underflow may cost a pruning cut's bound ``lam . centre -/+ |lam| . radius``
+        (two sums over at most every unit of the graph; module docstring, *Underflow*)."""
+        if not self.enabled:
+            return 0.0
+        return SAFETY * 4 * (self._units + self.terms) * self.sigma_c
+
+    def box_absolute(self) -> float:
+        """What underflow may cost each unit of a pruning box's centre and radius (a few
+        operations each): added to the radius."""
+        return SAFETY * 8 * self.sigma_c if self.enabled else 0.0
 
     def step_weights(self, dual_node, count: int) -> list[torch.Tensor | None]:
         """``W`` ``[B, *unit]`` (None: an exact step) for each of the ``count`` dual variables
@@ -176,14 +229,6 @@ class RoundingAllowance:
         return view
 
     # ---- intermediate bounds: one vector per value ------------------------------------------------
-    def widen(self, v: Value, b: Bounds) -> Bounds:
-        """Raw bounds of ``v`` from a backward path, widened by ``eps_v``; the relaxations
-        that read ``v`` are rounded outward on them. A new Bounds (gradients flow through ``b``)."""
-        if not self.enabled:
-            return b
-        self._compute(v)
-        return self._finish(v, b, self._eps[v])
-
     def adopt(self, v: Value, b: Bounds) -> Bounds:
         """Bounds of ``v`` that are already sound (rows with their own allowance, or a
         branch-and-bound domain's clamped copy of sound bounds), with the relaxations that
@@ -194,8 +239,9 @@ class RoundingAllowance:
         return self._finish(v, b, torch.zeros_like(b.lower[:1]))
 
     def widen_forward(self, v: Value, b: Bounds) -> Bounds:
-        """:meth:`widen` for bounds formed by the forward path (its own ``eps`` and the final
-        reduction over the pushed columns)."""
+        """Bounds formed by the forward path, moved out by their own ``eps`` and the rounding
+        of the final reduction over the pushed columns; the relaxations that read them rounded
+        outward on them."""
         if not self.enabled:
             return b
         return self._finish(v, b, self.forward_allowance(v))
@@ -204,7 +250,9 @@ class RoundingAllowance:
         """What :meth:`widen_forward` moves ``v``'s bounds out by (before this view's example
         pick), ``[B or 1, *unit]``: the propagated ``eps`` and the reduction over the columns."""
         self._compute_forward(v)
-        return self._eps_fwd[v] + SAFETY * gamma(self._columns + self.terms, self.u_c) * self._m_lin[v]
+        reduction = SAFETY * (gamma(self._columns + self.terms, self.u_c) * self._m_lin[v]
+                              + 4 * (self._columns + self.terms) * self.sigma_c)
+        return self._eps_fwd[v] + reduction
 
     def _finish(self, v: Value, b: Bounds, eps: torch.Tensor) -> Bounds:
         e = self._pick(eps).to(b.lower.dtype)
@@ -229,8 +277,9 @@ class RoundingAllowance:
         with naming_node(node, "rounding analysis"):
             n_eval = rule.eval_length(node, [b], self.config) + self.cast_terms
         coef = SAFETY * (gamma(n_off + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e))
+        underflow = SAFETY * ((2 * n_eval + 1) * self.sigma_e + 8 * self.sigma_c)
         m = torch.maximum(b.lower.abs(), b.upper.abs()).detach()
-        delta = torch.where(rounds, coef * (a * m + 2 * b_abs), 0.0)
+        delta = torch.where(rounds, coef * (a * m + 2 * b_abs) + underflow, 0.0)
         # free lines with offsets of their own (FreeLines): chosen, their offsets enter as
         # corrections lam (b(a) - b) of the fixed lines' dot product, twice the terms and a
         # subtraction each, and they pay for their own slope and offset on top of delta
@@ -241,8 +290,8 @@ class RoundingAllowance:
     # Not under no_grad: a relaxation computed here is cached on its bounds and reused by the
     # dual pass, which must see its graph when gradients are wanted. Results are detached.
     def _compute(self, v: Value) -> None:
-        if v not in self._eps:
-            for node in self._pending_producers(v, self._eps):
+        if v not in self._m:
+            for node in self._pending_producers(v, self._m):
                 self._run_node(node)
 
     def _compute_forward(self, v: Value) -> None:
@@ -289,6 +338,12 @@ class RoundingAllowance:
         return self._picked_once(("fan-out", v), lambda: self._pick(SAFETY * gamma(len(v.users), self.u_c)
                                                                     * self._magnitude(v)), v in self._tightened)
 
+    def _note_fan_out(self, v: Value) -> None:
+        """The underflow constant of the dual's sum over the consumers of ``v`` (each entry
+        of the sum off by ``< 2 users sigma_c``, times ``m_v``), where it has several."""
+        if len(v.users) > 1:
+            self._constant[v] = SAFETY * 2 * self.sigma_c * len(v.users) * _largest_sum(self._m[v])
+
     def _magnitude(self, v: Value) -> torch.Tensor:
         """``m_v``, tightened (once) by the value's own sound, hence family-wide, bounds."""
         b = self.bounds.get(v)
@@ -300,12 +355,13 @@ class RoundingAllowance:
     def evaluation_error(self, node) -> torch.Tensor | float:
         """``eta_max`` of ``node``'s first output (module docstring): how far the network as
         evaluated in its own precision may be from ``node`` applied exactly to its inputs as
-        evaluated, ``SAFETY gamma(n_e, u_e) T`` ``[B, *unit]`` (0.0 with the allowance off)."""
+        evaluated, ``SAFETY (gamma(n_e, u_e) T + (2 n_e + 1) sigma_e)`` ``[B, *unit]`` (0.0 with
+        the allowance off)."""
         if not self.enabled:
             return 0.0
         self._compute(node.outputs[0])
-        evaluation, terms = self._noise[node]
-        return self._pick(SAFETY * evaluation * terms[0])
+        evaluation, terms, underflow = self._noise[node]
+        return self._pick(SAFETY * (evaluation * terms[0] + underflow))
 
     def box_gamma(self, v: Value) -> float:
         """Relative rounding of the pruning box's dot products over the units of ``v`` (the
@@ -328,7 +384,8 @@ class RoundingAllowance:
         return rule, ins, in_bounds
 
     def _run_node(self, node) -> None:
-        """``m``, ``W`` and ``eps`` of the node's outputs (what the backward paths need)."""
+        """``m``, ``W`` and the underflow constants of the node's outputs (what the backward
+        paths need)."""
         rule, ins, in_bounds = self._inputs(node)
         cfg = self.config
         m_in = [self._magnitude(v) for v in ins]
@@ -337,23 +394,23 @@ class RoundingAllowance:
         with naming_node(node, "rounding analysis"):
             n_eval = 0 if folded else rule.eval_length(node, in_bounds, cfg) + self.cast_terms + note.ops
             n_dual = 0 if folded else rule.dual_length(node, in_bounds, cfg)
-            spread, carried = _abs_pair(rule, node, m_in, [self._eps[v] for v in ins], in_bounds, cfg)
-            terms = _add(spread, _detach(rule.constant_magnitude(node, m_in, in_bounds, cfg)))
+            terms = _add(_detach(rule.abs_linear(node, m_in, in_bounds, cfg)),
+                         _detach(rule.constant_magnitude(node, m_in, in_bounds, cfg)))
             if note.ops:
                 terms[0] = terms[0] + note.magnitude.to(terms[0])
             m_out = _detach(rule.output_magnitude(node, m_in, in_bounds, cfg, terms))
         evaluation = gamma(n_eval, self.u_e)                               # the network's own rounding
+        underflow = (2 * n_eval + 1) * self.sigma_e if n_eval else 0.0     # ... below sigma_e, per unit
         dual = gamma(n_dual + self.terms, self.u_c) if n_dual else 0.0     # this dual step's rounding
-        self._noise[node] = (evaluation, terms)
+        self._noise[node] = (evaluation, terms, underflow)
+        outputs = sum(o.numel for o in node.outputs)
+        self._constant[node] = SAFETY * 2 * self.sigma_c * ((n_dual + 6) * sum(map(_largest_sum, m_in))
+                                                            + outputs + self.terms)
         weights = []
-        for out, t, m, e in zip(node.outputs, terms, m_out, carried):
-            self._m[out] = m + evaluation * t if evaluation else m
-            w = SAFETY * (dual + evaluation) * t if dual or evaluation else None
-            weights.append(w)
-            eps = e if w is None else e + w
-            if len(out.users) > 1:  # the dual sums the contributions of the consumers
-                eps = eps + SAFETY * gamma(len(out.users), self.u_c) * self._m[out]
-            self._eps[out] = eps
+        for out, t, m in zip(node.outputs, terms, m_out):
+            self._m[out] = m + evaluation * t + underflow if evaluation else m
+            weights.append(SAFETY * ((dual + evaluation) * t + underflow) if dual or evaluation else None)
+            self._note_fan_out(out)
         self._w[node] = weights
 
     def _run_node_forward(self, node) -> None:
@@ -366,13 +423,16 @@ class RoundingAllowance:
             spread, carried = _abs_pair(rule, node, lin_in, [self._eps_fwd[v] for v in ins], in_bounds, cfg)
             terms_lin = _add(spread, _detach(rule.constant_magnitude(node, lin_in, in_bounds, cfg)))
         forward = gamma(n_eval + 2 + self.terms, self.u_c)  # columns pushed through the node
-        evaluation, terms = self._noise[node]
+        # ... and their entries' underflow, each times at most the column's multiplier
+        pushed = 2 * (n_eval + 2 + self.terms) * self.sigma_c * self._column_mass
+        evaluation, terms, underflow = self._noise[node]
         for out, t, t_lin, e in zip(node.outputs, terms, terms_lin, carried):
-            noise = evaluation * t
+            noise = evaluation * t + underflow
             self._m_lin[out] = t_lin + noise
-            self._eps_fwd[out] = e + SAFETY * (forward * t_lin + noise)
+            self._eps_fwd[out] = e + SAFETY * (forward * t_lin + pushed + noise)
         if rule.bounds_needed(node):
             self._columns += node.output.numel  # the forward path may add a gap column per unit
+            self._column_mass += node.output.numel
 
 
 def _abs_pair(rule, node, xs: list, ys: list, bounds, config) -> tuple[list, list]:
@@ -383,6 +443,11 @@ def _abs_pair(rule, node, xs: list, ys: list, bounds, config) -> tuple[list, lis
         both = _detach(rule.abs_linear(node, [torch.cat([x, y]) for x, y in zip(xs, ys)], bounds, config))
         return [t[:n] for t in both], [t[n:] for t in both]
     return (_detach(rule.abs_linear(node, xs, bounds, config)), _detach(rule.abs_linear(node, ys, bounds, config)))
+
+
+def _largest_sum(m: torch.Tensor) -> float:
+    """``max over examples of ||m||_1`` of magnitudes ``[B, *unit]``."""
+    return float(m.flatten(1).sum(1).max()) if m.numel() else 0.0
 
 
 def _add(a: list, b: list) -> list:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .ir import Graph, Node, Value
-from .rounding import SAFETY, gamma, unit_roundoff
+from .rounding import SAFETY, gamma, underflow, unit_roundoff
 
 PROBE_EVERY = 16
 """A layer whose recent tests found almost nothing empty (:data:`LEAN_SHARE`) is tested on one
@@ -309,7 +309,8 @@ def certified_empty(form: SplitLayer, rows: torch.Tensor, sign: torch.Tensor, lo
     (|W|^T beta)_i`` (``|sign| = 1``), which moves the minimum by at most that times ``m_i =
     max(|lo_i|, |up_i|)``; the products and the sums of ``n + 2K`` terms at most
     ``gamma(n + 2K + 2)`` of the terms' magnitudes; ``gamma`` is superadditive, so one
-    ``gamma(n + 2K + 4)`` covers both (times :data:`SAFETY`)."""
+    ``gamma(n + 2K + 4)`` covers both (times :data:`SAFETY`), with an absolute term for
+    underflow (:func:`dualgraph.rounding.underflow`)."""
     D, K = rows.shape
     N, n = form.weight.shape
     a = torch.zeros(D, N, dtype=torch.float64).scatter_add_(1, rows, beta * sign) @ form.weight
@@ -317,5 +318,9 @@ def certified_empty(form: SplitLayer, rows: torch.Tensor, sign: torch.Tensor, lo
     value = (beta * (sign * form.bias[rows] - form.noise[rows])).sum(1) + torch.minimum(a * lo, a * up).sum(1)
     m = torch.maximum(lo.abs(), up.abs())
     magnitude = (beta * (form.bias[rows].abs() + form.noise[rows])).sum(1) + (spread * m).sum(1)
-    allowance = SAFETY * gamma(n + 2 * K + 4, unit_roundoff(torch.float64)) * magnitude
+    # below float64's smallest normal number each operation may err by < sigma more: an entry of
+    # a by 2K of them (times m_i in the minimum), the value's sums by 2 (n + 2K + 4)
+    sigma = underflow(torch.float64)
+    allowance = SAFETY * (gamma(n + 2 * K + 4, unit_roundoff(torch.float64)) * magnitude
+                          + 2 * sigma * (K * m.sum(1) + n + 2 * K + 4))
     return value - allowance > 0

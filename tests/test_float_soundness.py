@@ -232,6 +232,49 @@ def test_an_evaluated_cancellation_the_ir_does_not_show_is_no_certificate(tmp_pa
     assert out["float32_min"] > 0 or not any(certified for _, certified in out["results"].values()), out
 
 
+def underflowing_net(rng: random.Random, n_in: int, hidden: int, centre: np.ndarray, eps: float, margin: float,
+                     zero_units: int) -> Net:
+    """:func:`adversarial_net` scaled into float32's underflow range: the first layer by 2^-70
+    and ``W2`` by 2^-76 (both exact: the scaled weights stay normal), so the second layer's
+    products are subnormal or below the smallest subnormal, where float32 errs by up to 2^-150
+    per operation (or flushes to zero) and the relative rounding model no longer holds. The
+    output bias puts the exact minimum of ``y0 - y1`` near ``margin`` 2^-146 (it is itself
+    rounded to a subnormal)."""
+    base = adversarial_net(rng, n_in, hidden, centre, eps, 1.0, zero_units)
+    scaled = [(t * np.float32(f)).astype(np.float32) for t, f in ((base.W1, 2.0 ** -70), (base.b1, 2.0 ** -70),
+                                                                    (base.W2, 2.0 ** -76))]
+    for t, old, f in zip(scaled, (base.W1, base.b1, base.W2), (2.0 ** -70, 2.0 ** -70, 2.0 ** -76)):
+        assert (t.astype(np.float64) == old.astype(np.float64) * f).all(), "a scaled weight left the normal range"
+    net = Net(*scaled, np.zeros(2, dtype=np.float32))
+    worst = min(m[0] - m[1] for m in (net.out_exact(v) for v in vertices(centre, eps)))
+    net.b2 = np.array([np.float32(float(Fraction(margin) * Fraction(2) ** -146 - worst)), 0.0], dtype=np.float32)
+    net.exact_b[1] = [Fraction(float(v)) for v in net.b2]
+    return net
+
+
+@settings(max_examples=12, **SETTINGS)
+@given(seed=st.integers(0, 2 ** 31 - 1), k=st.integers(14, 24), margin=st.sampled_from([0.1, 1.0, 10.0, 100.0]),
+       zero_units=st.integers(0, 4), n_in=st.integers(2, 6), hidden=st.integers(2, 20))
+def test_bounds_hold_where_float32_underflows(tmp_path_factory, seed, k, margin, zero_units, n_in, hidden):
+    rng = random.Random(seed)
+    centre = np.array([rng.random() for _ in range(n_in)], dtype=np.float32)
+    eps = 2.0 ** -k
+    net = underflowing_net(rng, n_in, hidden, centre, eps, margin, zero_units)
+    check_net(net, centre, eps, tmp_path_factory.mktemp("underflow"))
+
+
+def test_a_margin_lost_to_underflow_is_no_certificate(tmp_path):
+    """An underflowing network whose exact margin is positive at every vertex while float32
+    evaluates one at or below zero: no bound, in either precision, certifies it (without the
+    underflow terms of the rounding allowance both did)."""
+    rng = random.Random(1)
+    centre = np.array([rng.random() for _ in range(3)], dtype=np.float32)
+    net = underflowing_net(rng, 3, 12, centre, 2.0 ** -16, 0.1, zero_units=0)
+    out = check_net(net, centre, 2.0 ** -16, tmp_path)
+    assert out["exact_min"] > 0 >= out["float32_min"], out  # the construction bites
+    assert not any(certified for _, certified in out["results"].values()), out
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_zero_radius_with_zero_preactivations(tmp_path, seed):
     """eps = 0 and pre-activations exactly 0 at the centre: every bound contains the value
