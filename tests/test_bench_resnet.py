@@ -47,15 +47,18 @@ def test_reference_conversion_computes_the_same_function(net):
         torch.testing.assert_close(resnet.reference_model(model)(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_peer_estimates_span_every_split_of_the_72_properties():
-    row = dict(library="dualgraph", status="ok", eps=2 / 255)
-    rows = [dict(row, net="resnet2b", relaxation="crown", seconds_per_example=0.25),
-            dict(row, net="resnet4b", relaxation="crown", seconds_per_example=1.0),
-            dict(row, net="resnet4b", relaxation="paper", seconds_per_example=0.5),  # no resnet2b: no estimate
-            dict(row, net="resnet2", relaxation="crown", seconds_per_example=9.0)]
+def test_peer_estimates_take_the_benchmarks_48_and_24_properties():
+    row = dict(library="dualgraph", status="ok")
+    rows = [dict(row, net="resnet2b", relaxation="crown", eps=2 / 255, seconds_per_example=0.25),
+            dict(row, net="resnet2b", relaxation="crown", eps=1 / 255, seconds_per_example=9.0),  # not its radius
+            dict(row, net="resnet4b", relaxation="crown", eps=1 / 255, seconds_per_example=1.0),
+            dict(row, net="resnet4b", relaxation="crown", eps=2 / 255, seconds_per_example=9.0),  # not its radius
+            dict(row, net="resnet4b", relaxation="paper", eps=1 / 255, seconds_per_example=0.5),  # no resnet2b
+            dict(row, net="resnet2", relaxation="crown", eps=2 / 255, seconds_per_example=9.0)]
     (estimate,) = resnet.peer_estimates(rows)
-    assert estimate["seconds_72"] == [18.0, 72.0]
-    assert estimate["speedup"] == [round(54.3 / 72, 2), round(54.3 / 18, 2)]
+    assert estimate["seconds_72"] == 48 * 0.25 + 24 * 1.0
+    assert estimate["speedup"] == round(54.3 / 36.0, 2)
+    assert resnet.PEER_PROPERTIES == 72
     assert [f["blocks"] for f in resnet.depth_exponents([dict(r, blocks=2) for r in rows])] == []
     assert resnet.depth_series("resnet8") and not resnet.depth_series("resnet4b")
 
