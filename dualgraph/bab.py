@@ -270,6 +270,10 @@ class BranchAndBound:
         evaluation error at each; None where no ReLU qualifies."""
         signs = {n.name: torch.zeros(1, n.inputs[0].numel, dtype=torch.int8) for n in self.relus}
         rounding = self._domain_bounds(signs, 1).batch.rounding
+        rounding.magnitude(self.sched.output)  # the whole network analysed: a possible overflow is known
+        overflow = rounding.may_overflow()
+        if overflow is not None and bool(overflow.any()):
+            return None  # an emptiness proof assumes finite values as evaluated
         layers: list[SplitLayer | None] = []
         for relu, source in zip(self.relus, split_sources(self.sched.graph, self.relus)):
             producer = relu.inputs[0].producer

@@ -239,7 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"dualgraph: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+    warnings.formatwarning = _one_line_warning  # a warning is one line in normal CLI use, like an error
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

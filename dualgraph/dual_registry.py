@@ -585,9 +585,10 @@ class ElementwiseRule(DualRule):
 
     def __init__(self, relax: RelaxFn, linear_if: Callable[[object], bool] = lambda cfg: False,
                  breakpoints: Callable[[Node], tuple[float, ...] | None] = lambda node: None,
-                 eval_roundings: int = 8, monotone: bool = False):
+                 eval_roundings: int = 8, monotone: bool = False, eval_absolute: float = 0.0):
         self.relax = relax
         self._eval_roundings = eval_roundings
+        self._eval_absolute = eval_absolute
         self.monotone = monotone
         self._linear_if = linear_if
         self._breakpoints = breakpoints
@@ -621,10 +622,15 @@ class ElementwiseRule(DualRule):
     def eval_length(self, node: Node, bounds, config) -> int:
         return self._eval_roundings
 
+    def eval_absolute(self, node: Node) -> float:
+        """An absolute error of the op's evaluation beyond its ``eval_roundings`` ulps, in units of
+        the evaluation's unit roundoff (an approximation accurate to a fixed absolute error)."""
+        return self._eval_absolute
+
     def has_image_bounds(self, node: Node) -> bool:
         # one variable input: a Clip whose limits are computed is not a function of z alone
-        return (self.monotone and not self._eval_roundings and self.trust_source is None
-                and len(node.var_inputs) == 1)
+        return (self.monotone and not self._eval_roundings and not self._eval_absolute
+                and self.trust_source is None and len(node.var_inputs) == 1)
 
     def image_bounds(self, node: Node, bounds: list[Bounds]) -> list[Bounds]:
         """``[f(l), f(u)]`` for a non-decreasing ``f`` evaluated exactly (``monotone`` and no

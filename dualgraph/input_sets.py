@@ -18,7 +18,7 @@ import math
 import torch
 
 from .errors import DualgraphError
-from .linalg import batched_dot, flat_rows, take_examples
+from .linalg import batched_dot, flat_rows, norm_upper, take_examples
 
 
 def parse_radius(text: str) -> float:
@@ -116,7 +116,7 @@ class L2Ball(InputSet):
         self.center, self.eps = x, check_eps(eps)
 
     def support(self, lam):
-        n = flat_rows(lam).norm(dim=-1) * self.eps
+        n = norm_upper(flat_rows(lam), -1) * self.eps
         return n.expand(self.center.shape[0], -1) if n.shape[0] == 1 else n
 
     def bounding_box(self):

@@ -36,6 +36,21 @@ def batched_dot(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bmn,bn->bm", lf, tf)
 
 
+def norm_upper(t: torch.Tensor, dim) -> torch.Tensor:
+    """An upper bound of ``||t||_2`` over ``dim`` that the squares' underflow cannot make too
+    small (``torch.linalg.vector_norm`` of entries around 2^-80 in float32 is 0): the norm of
+    ``t / s`` times ``s``, ``s`` the power of two at or below the largest ``|t|`` (exact scalings),
+    plus ``sqrt(n sigma) s`` for the squares of ``t / s`` that may still underflow or be flushed
+    (each below ``sigma``, the smallest normal number). Its rounding is relative, as the
+    norm's; its gradient is the norm's (``s`` is a constant)."""
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    n = math.prod(t.shape[d] for d in dims)
+    largest = t.detach().abs().amax(dim=dims, keepdim=True)
+    scale = torch.exp2(torch.floor(torch.log2(torch.where(largest > 0, largest, 1.0))))
+    norm = torch.linalg.vector_norm(t / scale, dim=dims) + math.sqrt(n * torch.finfo(t.dtype).tiny)
+    return norm * scale.squeeze(dims)
+
+
 def between(l: torch.Tensor, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``l + t (u - l)`` for ``t`` in ``[0, 1]``, kept in ``[l, u]``: at ``t = 1`` the sum may
     round past ``u``, and a point outside an interval tests nothing that must hold on it."""

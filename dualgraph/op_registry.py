@@ -183,7 +183,8 @@ class OpDefinition:
 
     def relaxation(self, *, linear_if: Callable[[Any], bool] = lambda config: False,
                    breakpoints: Callable[[Any], tuple[float, ...] | None] = lambda node: None,
-                   eval_roundings: int = 8, monotone: bool = False) -> Callable[[RelaxFn], RelaxFn]:
+                   eval_roundings: int = 8, monotone: bool = False,
+                   eval_absolute: float = 0.0) -> Callable[[RelaxFn], RelaxFn]:
         """The dual layer of an elementwise op from ``relax(node, bounds, config) -> Relaxation``,
         linear bounding functions ``a_lo z + b_lo <= f(z) <= a_up z + b_up`` on ``[l, u]``.
 
@@ -191,7 +192,9 @@ class OpDefinition:
         (one pass then gives both bounds; forward direction and random projections can run
         through it); default False, always safe. ``breakpoints(node)``: see
         :meth:`DualRule.breakpoints`. ``eval_roundings``: how many ulps the op's own
-        floating-point evaluation may be off (0 for ReLU; 8 suits ``exp``/``tanh`` formulas).
+        floating-point evaluation may be off (0 for ReLU; 8 suits ``exp``/``tanh`` formulas);
+        ``eval_absolute``: an absolute error on top, in units of the evaluation's unit roundoff
+        (onnxruntime's float32 ``Sigmoid`` is an approximation accurate to about 3 of them).
         ``monotone``: ``f`` is non-decreasing; with ``eval_roundings=0`` the output's bounds are
         then ``[f(l), f(u)]`` without a pass (:meth:`DualRule.image_bounds`; the checker tests
         the claim on every grid it draws).
@@ -199,7 +202,7 @@ class OpDefinition:
         self._check_owner()
 
         def deco(relax: RelaxFn) -> RelaxFn:
-            self._set_dual(ElementwiseRule(relax, linear_if, breakpoints, eval_roundings, monotone))
+            self._set_dual(ElementwiseRule(relax, linear_if, breakpoints, eval_roundings, monotone, eval_absolute))
             return relax
         return deco
 

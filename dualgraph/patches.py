@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .dual_registry import ElementwiseRule, const_args, dual_rule
 from .ir import Node
 from .ops.common import window
-from .linalg import conv_transpose2d, tensor_key
+from .linalg import conv_transpose2d, norm_upper, tensor_key
 
 
 @dataclass
@@ -478,7 +478,7 @@ def input_terms(p: Patches, input_set) -> tuple[torch.Tensor, torch.Tensor]:
     else:  # L2 ball: eps * ||lam||_2 over the entries inside the input; the norm's subgradient
         # at a row that vanished is 0, as the dense rows' (a sqrt of the squares would give NaN)
         data = p.masked(tuple(input_set.center.shape[1:])).data
-        radius = _rows(torch.linalg.vector_norm(data, dim=(3, 4, 5))) * input_set.eps
+        radius = _rows(norm_upper(data, (3, 4, 5))) * input_set.eps
         radius = radius.expand(center.shape[0], -1) if radius.shape[0] == 1 else radius
     return center, radius
 

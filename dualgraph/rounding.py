@@ -56,18 +56,33 @@ eps_in + W``; rule :meth:`DualRule.abs_linear`), and the final reduction over co
 
 *Underflow.* Higham's model holds for results of magnitude at least ``sigma``, the smallest
 normal number (2^-126 in float32). Below it a result is rounded to a subnormal, or flushed to
-zero where a kernel sets flush-to-zero / denormals-are-zero, so every operation may err by
-less than ``sigma`` on top of its relative error (:func:`underflow`). The evaluation of a node
-with sums of ``n_e`` terms (``2 n_e`` operations) therefore adds ``(2 n_e + 1) sigma_e`` per
-unit to ``eta_max`` (the one more: a subnormal result read as zero by the next op), in ``W``,
-in ``m`` and in the relaxations' outward offsets. The dual's own arithmetic does not scale
-with ``lam``: an entry of ``lam_in`` errs by at most ``2 (n_d + 6) sigma_c`` more (its sum
-and the relaxations' products), which moves the bound by that times ``m_z``, and each offset
-dot product by ``2 (units + L) sigma_c``: every step takes a constant off every row
-(:meth:`RoundingAllowance.step_constant`), the largest over the examples, and so does a
-pruning cut (:meth:`RoundingAllowance.cut_constant`). These terms matter only for networks
-whose values or margins are within a few orders of magnitude of ``sigma``, where the relative
-model alone certified what the evaluated network violates.
+zero by a kernel that sets flush-to-zero, so every operation may err by less than ``sigma`` on
+top of its relative error (:func:`underflow`). The evaluation of a node with sums of ``n_e``
+terms (``2 n_e`` operations) therefore adds ``(2 n_e + 1) sigma_e`` per unit to ``eta_max``
+(the one more: a subnormal result read as zero by the next op under denormals-are-zero), in
+``W``, in ``m`` and in the relaxations' outward offsets. An *operand* read as zero errs by its
+own size times the other factor's: a subnormal input coordinate by less than ``sigma_e`` (``W``
+of the input term adds ``sigma_e`` per unit), a subnormal weight by less than ``sigma_e m_k`` --
+where any constant of the graph is subnormal, every affine node adds ``sigma_e ||m_in||_1`` per
+unit. The dual's own arithmetic does not scale with ``lam``: an entry of ``lam_in`` errs by at
+most ``2 (n_d + 6) sigma_c`` more (its sum and the relaxations' products), which moves the
+bound by that times ``m_z``, each offset dot product by ``2 (units + L) sigma_c``, and an entry
+of ``lam`` read as zero by ``sigma_c`` times its terms (``sigma_c ||T||_1``): every step takes
+a constant off every row (:meth:`RoundingAllowance.step_constant`), the largest over the
+examples, and so does a pruning cut (:meth:`RoundingAllowance.cut_constant`). These terms
+matter only for networks whose values or margins are within a few orders of magnitude of
+``sigma``, where the relative model alone certified what the evaluated network violates.
+
+*Overflow.* None of this holds once the evaluation can overflow (an infinity, then NaN, where
+the exact network is finite): an example any of whose magnitudes ``T`` or ``m`` reaches half the
+evaluation precision's largest number gets no certificate (:meth:`RoundingAllowance.
+may_overflow`; the final bound is ``-inf`` there).
+
+*Approximate activations.* onnxruntime evaluates float32 ``Sigmoid`` with a vectorised
+approximation whose error is absolute (about 1.7e-7, also where the value is near 0), not a
+few ulps: a relaxation declares such an error as ``eval_absolute`` (in units of ``u_e``,
+:meth:`~dualgraph.op_registry.OpDefinition.relaxation`), added to its outward offsets.
+``tests/test_float_soundness.py`` measures onnxruntime's errors against every declaration.
 
 *What is evaluated.* ``u_e`` is the coarsest precision the network computes in: its input's,
 or a float ``Cast``'s target (the IR drops the Cast; ``Graph.meta[EVALUATED_IN]``), and with
@@ -145,6 +160,10 @@ class RoundingAllowance:
         self.cast_terms = 1 if len(precisions) > 1 else 0
         self.sigma_c = underflow(input_set.center.dtype)
         self.sigma_e = max([underflow(d) for d in precisions] + [self.sigma_c])
+        # half the largest number of the coarsest precision: beyond it an evaluation may overflow
+        self.overflow_limit = min(torch.finfo(d).max for d in [*precisions, input_set.center.dtype]) / 2
+        self._may_overflow: list[tuple[str, torch.Tensor]] = []  # (node, its examples' flags), shared by views
+        self._subnormal_constants = _has_subnormal_constants(graph, self.sigma_e)
         self.terms = len(graph.nodes) + 4  # L: one offset per dual node, the input term, the allowance
         self._pick = lambda t: t
         self._picked: dict = {}  # step weights of this view's examples, per node (a pass reads them every step)
@@ -162,11 +181,13 @@ class RoundingAllowance:
         self._columns = x.numel  # columns the forward path reduces at a bounded value (grows per activation)
         self._m[x] = self._m_lin[x] = torch.maximum(lo.abs(), hi.abs())
         # the input term lam.c - rho(lam): dot products over the input's units
-        self._w_input = SAFETY * gamma(x.numel + self.terms, self.u_c) * (input_set.center.detach().abs()
-                                                                          + (hi - lo) / 2)
+        reach = input_set.center.detach().abs() + (hi - lo) / 2
+        # ... and a subnormal input coordinate read as zero by the evaluation (denormals-are-zero)
+        self._w_input = SAFETY * (gamma(x.numel + self.terms, self.u_c) * reach + self.sigma_e)
         self._eps_fwd[x] = self._w_input
-        # lam . c and |lam| . r: two sums over the input's units, each operation off by < sigma
-        self._input_constant = SAFETY * 4 * (x.numel + self.terms) * self.sigma_c
+        # lam . c and |lam| . r: two sums over the input's units, each operation off by < sigma,
+        # and entries of lam read as zero, each off by < sigma times |c| + r
+        self._input_constant = SAFETY * self.sigma_c * (4 * (x.numel + self.terms) + _largest_sum(reach))
         # the forward path's columns are multiplied by at most m_x (input) or 1 (gap columns)
         self._column_mass = _largest_sum(self._m[x]) + x.numel
         self._note_fan_out(x)
@@ -210,6 +231,20 @@ class RoundingAllowance:
         """What underflow may cost each unit of a pruning box's centre and radius (a few
         operations each): added to the radius."""
         return SAFETY * 8 * self.sigma_c if self.enabled else 0.0
+
+    def may_overflow(self) -> torch.Tensor | None:
+        """``[B]`` (or ``[1]``) bool: the examples whose evaluation may overflow at some node
+        analysed so far (module docstring, *Overflow*); None with the allowance off."""
+        if not self.enabled or not self._may_overflow:
+            return None
+        flags = self._may_overflow[0][1]
+        for _, f in self._may_overflow[1:]:
+            flags = flags | f  # [B] or [1]: broadcasts
+        return self._pick(flags.view(-1, 1)).view(-1)
+
+    def overflow_node(self) -> str | None:
+        """The first node analysed whose evaluation may overflow (for a message), or None."""
+        return self._may_overflow[0][0] if self._may_overflow else None
 
     def step_weights(self, dual_node, count: int) -> list[torch.Tensor | None]:
         """``W`` ``[B, *unit]`` (None: an exact step) for each of the ``count`` dual variables
@@ -277,7 +312,8 @@ class RoundingAllowance:
         with naming_node(node, "rounding analysis"):
             n_eval = rule.eval_length(node, [b], self.config) + self.cast_terms
         coef = SAFETY * (gamma(n_off + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e))
-        underflow = SAFETY * ((2 * n_eval + 1) * self.sigma_e + 8 * self.sigma_c)
+        underflow = SAFETY * ((2 * n_eval + 1) * self.sigma_e + rule.eval_absolute(node) * self.u_e
+                              + 8 * self.sigma_c)
         m = torch.maximum(b.lower.abs(), b.upper.abs()).detach()
         delta = torch.where(rounds, coef * (a * m + 2 * b_abs) + underflow, 0.0)
         # free lines with offsets of their own (FreeLines): chosen, their offsets enter as
@@ -401,11 +437,18 @@ class RoundingAllowance:
             m_out = _detach(rule.output_magnitude(node, m_in, in_bounds, cfg, terms))
         evaluation = gamma(n_eval, self.u_e)                               # the network's own rounding
         underflow = (2 * n_eval + 1) * self.sigma_e if n_eval else 0.0     # ... below sigma_e, per unit
+        reach = sum(map(_largest_sum, m_in))
+        if n_eval and self._subnormal_constants:  # a subnormal weight read as zero: < sigma_e m_k
+            underflow += self.sigma_e * reach
         dual = gamma(n_dual + self.terms, self.u_c) if n_dual else 0.0     # this dual step's rounding
         self._noise[node] = (evaluation, terms, underflow)
         outputs = sum(o.numel for o in node.outputs)
-        self._constant[node] = SAFETY * 2 * self.sigma_c * ((n_dual + 6) * sum(map(_largest_sum, m_in))
-                                                            + outputs + self.terms)
+        self._constant[node] = SAFETY * self.sigma_c * (2 * (n_dual + 6) * reach + 2 * (outputs + self.terms)
+                                                        + sum(map(_largest_sum, terms)))
+        for t, m in zip(terms, m_out):
+            flags = _reaches(t, self.overflow_limit) | _reaches(m, self.overflow_limit)
+            if bool(flags.any()):
+                self._may_overflow.append((node.name, flags))
         weights = []
         for out, t, m in zip(node.outputs, terms, m_out):
             self._m[out] = m + evaluation * t + underflow if evaluation else m
@@ -445,8 +488,30 @@ def _abs_pair(rule, node, xs: list, ys: list, bounds, config) -> tuple[list, lis
     return (_detach(rule.abs_linear(node, xs, bounds, config)), _detach(rule.abs_linear(node, ys, bounds, config)))
 
 
-def _largest_sum(m: torch.Tensor) -> float:
-    """``max over examples of ||m||_1`` of magnitudes ``[B, *unit]``."""
+def _has_subnormal_constants(graph: Graph, sigma: float) -> bool:
+    """Whether some floating-point constant of ``graph`` has a nonzero entry below ``sigma``
+    (subnormal in the evaluation's precision: read as zero under denormals-are-zero)."""
+    for node in graph.nodes:
+        for v in node.inputs:
+            if v is not None and v.is_const and v.const.is_floating_point():
+                c = v.const.abs()
+                if bool(((c > 0) & (c < sigma)).any()):
+                    return True
+    return False
+
+
+def _reaches(m: torch.Tensor | float, limit: float) -> torch.Tensor:
+    """Per example, whether magnitudes ``[B, *unit]`` reach ``limit`` anywhere: ``[B]`` bool
+    (``[1]`` for a number or a tensor without unit dimensions)."""
+    m = torch.as_tensor(m)
+    return (m >= limit).reshape(m.shape[0] if m.dim() >= 2 else 1, -1).any(1)
+
+
+def _largest_sum(m: torch.Tensor | float) -> float:
+    """``max over examples of ||m||_1`` of magnitudes ``[B, *unit]`` (a number or a tensor
+    without unit dimensions: all of it)."""
+    if not torch.is_tensor(m) or m.dim() < 2:
+        return float(torch.as_tensor(m).abs().sum())
     return float(m.flatten(1).sum(1).max()) if m.numel() else 0.0
 
 

@@ -314,7 +314,7 @@ class BoundScheduler:
                 lower = self._optimise_slopes(rows, batch, lower, goal, candidates, record, steps, warm)
                 if given is None and self.config.relu_relaxation == "alpha" and steps:
                     lower = self._with_optimised_bounds(input_set, bounds, rows, lower, goal, candidates)
-        return lower
+        return _without_overflow(lower, batch.rounding)
 
     def _with_optimised_bounds(self, input_set: InputSet, crown: dict[Value, Bounds], rows: torch.Tensor,
                                lower: torch.Tensor, goal: float | None,
@@ -472,3 +472,15 @@ def _allocation_failure(exc: BaseException | None) -> bool:
     return isinstance(exc, RuntimeError) and "alloc" in str(exc)
 
 
+def _without_overflow(lower: torch.Tensor, rounding: RoundingAllowance) -> torch.Tensor:
+    """``lower`` with ``-inf`` for the examples whose evaluation may overflow (no certificate:
+    the rounding model assumes finite values, :meth:`RoundingAllowance.may_overflow`), and a
+    warning that names the node."""
+    flags = rounding.may_overflow()
+    if flags is None or not bool(flags.any()):
+        return lower
+    import warnings
+    warnings.warn(f"node '{rounding.overflow_node()}' may overflow as the network evaluates it (its magnitudes "
+                  f"reach {rounding.overflow_limit:.3g}): no bound where it may (the bound is -inf there)",
+                  RuntimeWarning, stacklevel=3)  # one message per node: shown once
+    return lower.masked_fill(flags.to(lower.device).view(-1, 1), float("-inf"))

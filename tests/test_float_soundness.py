@@ -32,6 +32,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from scipy import special
 
 from dualgraph.api import Certifier, load_model, margin_spec
 from dualgraph.input_sets import linf_ball
@@ -151,8 +152,24 @@ def float32_into_box(points: list[list[Fraction]], centre: np.ndarray, eps: floa
     return out
 
 
+def _denormals_are_zero() -> ort.SessionOptions:
+    """onnxruntime evaluating with subnormal numbers flushed to zero (an evaluation mode the
+    certificates must hold for too)."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return options
+
+
+def _keep_denormals() -> None:
+    """Clear the thread's flush-to-zero and denormals-are-zero bits, which a session with
+    ``session.set_denormal_as_zero`` sets for good (torch's switch is a no-op unless toggled)."""
+    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(False)
+
+
 def check_net(net: Net, centre: np.ndarray, eps: float, tmp_path) -> dict:
-    """Every bound and certificate against exact and float32 values at the vertices."""
+    """Every bound and certificate against exact and float32 values at the vertices (float32:
+    onnxruntime and dualgraph's own evaluation, each also with subnormal numbers flushed)."""
     path = net.onnx(tmp_path / "net.onnx")
     points = vertices(centre, eps)
     exact_margin = [float(m[0] - m[1]) for m in (net.out_exact(v) for v in points)]
@@ -160,9 +177,18 @@ def check_net(net: Net, centre: np.ndarray, eps: float, tmp_path) -> dict:
     x32 = float32_into_box(points, centre, eps)
     fed = x32.astype(np.float64) if net.form == "cast64" else x32
     y_ort = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": fed})[0]
+    y_daz = ort.InferenceSession(path, _denormals_are_zero(), providers=["CPUExecutionProvider"]).run(None, {"x": fed})[0]
+    _keep_denormals()
     graph = load_model(path)
-    y_torch = Certifier(graph).forward(torch.from_numpy(x32)).numpy() if net.form == "plain" else y_ort
-    f32_margin = np.minimum(y_ort[:, 0] - y_ort[:, 1], y_torch[:, 0] - y_torch[:, 1]).astype(np.float64)
+    y_torch = y_flushed = y_ort
+    if net.form == "plain":  # the IR of the other forms is folded: not the network as written
+        y_torch = Certifier(graph).forward(torch.from_numpy(x32)).numpy()
+        torch.set_flush_denormal(True)
+        try:
+            y_flushed = Certifier(graph).forward(torch.from_numpy(x32)).numpy()
+        finally:
+            _keep_denormals()
+    f32_margin = np.minimum.reduce([y[:, 0] - y[:, 1] for y in (y_ort, y_daz, y_torch, y_flushed)]).astype(np.float64)
     lowest = min(min(exact_margin), float(f32_margin.min()))
     results = {}
     for dtype in (torch.float32, torch.float64):
@@ -232,34 +258,48 @@ def test_an_evaluated_cancellation_the_ir_does_not_show_is_no_certificate(tmp_pa
     assert out["float32_min"] > 0 or not any(certified for _, certified in out["results"].values()), out
 
 
+LARGE_INPUT = 2.0 ** 40
+"""The input scale of :func:`underflowing_net`'s subnormal weights (exact in float32)."""
+
+
 def underflowing_net(rng: random.Random, n_in: int, hidden: int, centre: np.ndarray, eps: float, margin: float,
-                     zero_units: int) -> Net:
+                     zero_units: int, subnormal_weights: bool = False) -> Net:
     """:func:`adversarial_net` scaled into float32's underflow range: the first layer by 2^-70
     and ``W2`` by 2^-76 (both exact: the scaled weights stay normal), so the second layer's
     products are subnormal or below the smallest subnormal, where float32 errs by up to 2^-150
     per operation (or flushes to zero) and the relative rounding model no longer holds. The
-    output bias puts the exact minimum of ``y0 - y1`` near ``margin`` 2^-146 (it is itself
-    rounded to a subnormal)."""
+    output bias puts the exact minimum of ``y0 - y1`` near ``margin`` times the output scale
+    (2^-146; the bias is itself rounded to a subnormal).
+
+    ``subnormal_weights`` (for a centre and eps scaled by :data:`LARGE_INPUT`): the first layer
+    by 2^-136 instead, so that about a tenth of its weights are subnormal (rounded where they are
+    scaled: the exact network is the stored one), and ``W2`` by 2^60 (margin scale 2^-36):
+    onnxruntime's matrix product reads subnormal weights as zero, an error of ``|w| |x|``
+    (about 2^-86 here), not of a rounding."""
     base = adversarial_net(rng, n_in, hidden, centre, eps, 1.0, zero_units)
-    scaled = [(t * np.float32(f)).astype(np.float32) for t, f in ((base.W1, 2.0 ** -70), (base.b1, 2.0 ** -70),
-                                                                    (base.W2, 2.0 ** -76))]
-    for t, old, f in zip(scaled, (base.W1, base.b1, base.W2), (2.0 ** -70, 2.0 ** -70, 2.0 ** -76)):
-        assert (t.astype(np.float64) == old.astype(np.float64) * f).all(), "a scaled weight left the normal range"
+    first, second = (2.0 ** -136, 2.0 ** 60) if subnormal_weights else (2.0 ** -70, 2.0 ** -76)
+    originals = (base.W1, base.b1, base.W2)
+    scaled = [(t * np.float64(f)).astype(np.float32) for t, f in zip(originals, (first, first, second))]
+    if not subnormal_weights:
+        for t, old, f in zip(scaled, originals, (first, first, second)):
+            assert (t.astype(np.float64) == old.astype(np.float64) * f).all(), "a scaled weight left the normal range"
     net = Net(*scaled, np.zeros(2, dtype=np.float32))
     worst = min(m[0] - m[1] for m in (net.out_exact(v) for v in vertices(centre, eps)))
-    net.b2 = np.array([np.float32(float(Fraction(margin) * Fraction(2) ** -146 - worst)), 0.0], dtype=np.float32)
+    target = Fraction(margin) * (Fraction(2) ** -36 if subnormal_weights else Fraction(first) * Fraction(second))
+    net.b2 = np.array([np.float32(float(target - worst)), 0.0], dtype=np.float32)
     net.exact_b[1] = [Fraction(float(v)) for v in net.b2]
     return net
 
 
-@settings(max_examples=12, **SETTINGS)
+@settings(max_examples=16, **SETTINGS)
 @given(seed=st.integers(0, 2 ** 31 - 1), k=st.integers(14, 24), margin=st.sampled_from([0.1, 1.0, 10.0, 100.0]),
-       zero_units=st.integers(0, 4), n_in=st.integers(2, 6), hidden=st.integers(2, 20))
-def test_bounds_hold_where_float32_underflows(tmp_path_factory, seed, k, margin, zero_units, n_in, hidden):
+       zero_units=st.integers(0, 4), n_in=st.integers(2, 6), hidden=st.integers(2, 20), subnormal=st.booleans())
+def test_bounds_hold_where_float32_underflows(tmp_path_factory, seed, k, margin, zero_units, n_in, hidden, subnormal):
     rng = random.Random(seed)
-    centre = np.array([rng.random() for _ in range(n_in)], dtype=np.float32)
-    eps = 2.0 ** -k
-    net = underflowing_net(rng, n_in, hidden, centre, eps, margin, zero_units)
+    scale = LARGE_INPUT if subnormal else 1.0
+    centre = np.array([rng.random() * scale for _ in range(n_in)], dtype=np.float32)
+    eps = 2.0 ** -k * scale
+    net = underflowing_net(rng, n_in, hidden, centre, eps, margin, zero_units, subnormal)
     check_net(net, centre, eps, tmp_path_factory.mktemp("underflow"))
 
 
@@ -381,3 +421,145 @@ def test_auto_direction_turns_backward_where_the_forward_allowance_is_loose(dept
         y = net((x + 0.01 * (2 * t - 1)).reshape(-1, 5)).reshape(512, 8, 5).double()
     reached = torch.einsum("bmk,sbk->sbm", spec, y).amin(0)
     assert bool((got <= reached).all()), float((got - reached).max())
+
+
+# ---- the regimes an independent review found past the rounding model (eighteenth session) ----------
+
+def _chain_onnx(path, layers: list, n_in: int, activation: str = "Relu") -> str:
+    """``Gemm -> activation -> ... -> Gemm`` (``layers``: ``(W, b)`` pairs, float32) as an ONNX file."""
+    inits, nodes, x = [], [], "x"
+    for i, (W, b) in enumerate(layers):
+        inits += [numpy_helper.from_array(np.asarray(W, np.float32), f"W{i}"),
+                  numpy_helper.from_array(np.asarray(b, np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [x, f"W{i}", f"b{i}"], [f"z{i}"], transB=1))
+        x = f"z{i}"
+        if i < len(layers) - 1:
+            nodes.append(helper.make_node(activation, [x], [f"h{i}"]))
+            x = f"h{i}"
+    n_out = np.asarray(layers[-1][0]).shape[0]
+    nodes[-1].output[0] = "y"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_out])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+    return str(path)
+
+
+def _certified(path, centre, eps, norm="linf") -> dict:
+    graph = load_model(path)
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        for relaxation in ("paper", "alpha"):
+            cert = Certifier(graph, BoundConfig(relu_relaxation=relaxation), dtype=dtype)
+            result = cert.certify(torch.tensor([centre], dtype=torch.float32), torch.tensor([0]), eps, norm=norm)
+            out[(dtype, relaxation)] = (float(result.margins[0, 0]), bool(result.certified[0]))
+    return out
+
+
+def test_a_subnormal_input_read_as_zero_is_no_certificate(tmp_path):
+    """x around 2^-139 (subnormal in float32): read as zero (denormals-are-zero), z = 2^100 x
+    loses 2^-39; y0 = 2^30 relu(z) against y1 = 2^-10. The exact minimum margin is 2^-11, as
+    evaluated with x flushed -2^-10: no certificate (the input term pays sigma per unit)."""
+    c, eps = 2.0 ** -139, 2.0 ** -141
+    path = _chain_onnx(tmp_path / "net.onnx", [([[2.0 ** 100]], [0.0]), ([[2.0 ** 30], [0.0]], [0.0, 2.0 ** -10])], 1)
+    torch.set_flush_denormal(True)
+    try:
+        flushed = Certifier(load_model(path)).forward(torch.tensor([[c]], dtype=torch.float32))[0]
+    finally:
+        _keep_denormals()
+    assert float(flushed[0] - flushed[1]) < 0 < (Fraction(c) - Fraction(eps)) * 2 ** 130 - Fraction(2) ** -10
+    assert not any(certified for _, certified in _certified(path, [c], eps).values())
+
+
+def test_a_subnormal_weight_read_as_zero_is_no_certificate(tmp_path):
+    """w = 2^-140 (subnormal), x around 2^40: an evaluation that reads w as zero (torch with
+    flushed denormals, onnxruntime with ``session.set_denormal_as_zero``) gives y0 = 2^90
+    relu(w x) = 0 against y1 = 2^-11, where the exact margin is +4.9e-4. No certificate."""
+    c, eps = 2.0 ** 40, 2.0 ** 30
+    path = _chain_onnx(tmp_path / "net.onnx", [([[2.0 ** -140]], [0.0]), ([[2.0 ** 90], [0.0]], [0.0, 2.0 ** -11])], 1)
+    xs = np.array([[c - eps], [c], [c + eps]], np.float32)
+    torch.set_flush_denormal(True)
+    try:
+        y = Certifier(load_model(path)).forward(torch.from_numpy(xs)).numpy()
+    finally:
+        _keep_denormals()
+    assert float((y[:, 0] - y[:, 1]).max()) < 0 < Fraction(2) ** -140 * (Fraction(c) - Fraction(eps)) * 2 ** 90 - Fraction(2) ** -11
+    assert not any(certified for _, certified in _certified(path, [c], eps).values())
+
+
+def test_an_l2_ball_keeps_the_norm_of_underflowing_rows(tmp_path):
+    """y0 = 2^-80 (sum x) - 3 2^-80 over the L2 ball of radius 1 around (1, 1, 1, 1): the minimum
+    -2^-80 is reached at x = 0.5 (in the ball). Computed naively, ``||lam||_2`` of entries 2^-80
+    squares to zero in float32 and the ball's term vanishes; no precision may certify."""
+    s = 2.0 ** -80
+    path = _chain_onnx(tmp_path / "net.onnx", [([[s] * 4, [0.0] * 4], [-3 * s, 0.0])], 4)
+    results = _certified(path, [1.0] * 4, 1.0, norm="l2")
+    assert all(margin <= -s * (1 - 1e-5) for margin, _ in results.values()), results
+
+
+def test_a_network_that_may_overflow_gets_no_bound(tmp_path):
+    """z = 2^100 x with x around 2^28 overflows float32 (inf, then NaN in the output) while the
+    exact margin is about 8e8: float64 bounds used to certify it. Now every bound is -inf, with a
+    warning that names the node."""
+    c, eps = 2.0 ** 28, 2.0 ** 10
+    path = _chain_onnx(tmp_path / "net.onnx", [([[2.0 ** 100]], [0.0]), ([[0.0], [2.0 ** -100]], [2.0 ** 30, 0.0])], 1)
+    cert = Certifier(load_model(path), dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="'z0' may overflow"):
+        result = cert.certify(torch.tensor([[c]]), torch.tensor([0]), eps)
+    assert float(result.margins[0, 0]) == float("-inf") and not bool(result.certified[0])
+
+
+def test_onnxruntime_sigmoid_approximation_is_no_certificate(tmp_path):
+    """onnxruntime's float32 Sigmoid returns 0 near x = -18 (the value is 1.5e-8): y0 = 1e8
+    sigmoid(x) against y1 = 1 is 0.52 above in exact arithmetic and -1 as evaluated."""
+    c, eps = -18.0, 2.0 ** -12
+    inits = [numpy_helper.from_array(np.array([[1e8], [0.0]], np.float32), "W"),
+             numpy_helper.from_array(np.array([0.0, 1.0], np.float32), "b")]
+    nodes = [helper.make_node("Sigmoid", ["x"], ["h"]), helper.make_node("Gemm", ["h", "W", "b"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "sig", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    path = str(tmp_path / "net.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    xs = np.linspace(c - eps, c + eps, 101).astype(np.float32)[:, None]
+    y = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": xs})[0]
+    assert float((y[:, 0] - y[:, 1]).min()) < 0  # the approximation bites
+    assert not any(certified for _, certified in _certified(path, [c], eps).values())
+
+
+ACTIVATIONS = {"Sigmoid": lambda v: 1 / (1 + np.exp(-v)), "Tanh": np.tanh, "Erf": special.erf, "Exp": np.exp, "Log": np.log,
+               "Sqrt": np.sqrt, "Reciprocal": lambda v: 1 / v, "Sin": np.sin, "Cos": np.cos,
+               "Softplus": lambda v: np.logaddexp(0, v), "Abs": np.abs, "Relu": lambda v: np.maximum(v, 0)}
+
+
+@pytest.mark.parametrize("op", sorted(ACTIVATIONS))
+def test_onnxruntime_activations_stay_within_their_declared_error(op, tmp_path):
+    """Each elementwise op's float32 evaluation by onnxruntime, on 400k inputs from 1e-40 to
+    1e3 in magnitude, errs by at most what its dual rule declares: ``gamma(eval_roundings) |f|``
+    plus ``eval_absolute`` units of 2^-24 plus the underflow term (rounding module docstring)."""
+    from dualgraph.dual_registry import dual_rule
+    from dualgraph.rounding import gamma
+    rng = np.random.default_rng(0)
+    magnitude = 10.0 ** rng.uniform(-40, 3, 100_000)
+    x = np.concatenate([magnitude, -magnitude, np.linspace(-120, 120, 200_001)]).astype(np.float32)
+    if op in ("Log", "Sqrt"):
+        x = np.abs(x)
+    if op in ("Log", "Reciprocal"):
+        x = x[x != 0]
+    if op in ("Sin", "Cos"):
+        x = x[np.abs(x) < 100]
+    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"])], "op",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])])
+    path = str(tmp_path / "op.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    y = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with np.errstate(all="ignore"):
+        exact = ACTIVATIONS[op](x.astype(np.float64))
+    finite = np.isfinite(exact) & (np.abs(exact) < 1e38)
+    error = np.abs(y.astype(np.float64) - exact)[finite]
+    node = next(n for n in load_model(path).nodes if n.op_type == op)
+    rule = dual_rule(node)
+    n = rule.eval_length(node, [None], None)
+    u, sigma = 2.0 ** -24, 2.0 ** -126
+    allowed = gamma(n, u) * np.abs(exact[finite]) + rule.eval_absolute(node) * u + (2 * n + 1) * sigma
+    worst = int(np.argmax(error - allowed))
+    assert (error <= allowed).all(), (op, float(x[finite][worst]), float(error[worst]), float(allowed[worst]))
