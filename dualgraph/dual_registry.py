@@ -174,6 +174,12 @@ class DualRule:
         nonzero terms of one sum (0: exact, like ReLU or a reshape). Safe default: all inputs."""
         return sum(v.numel for v in node.var_inputs) + 2
 
+    def evaluation_gain(self, node: Node) -> float:
+        """How far the op's evaluated intermediate values may exceed its terms ``T`` (overflow),
+        and its intermediate rounding errors be amplified (underflow), as a factor ``>= 1``:
+        1 for ops that scale nothing after their sums (:mod:`dualgraph.rounding`)."""
+        return 1.0
+
     def dual_length(self, node: Node, bounds: list[Bounds | None], config) -> int:
         """The most nonzero terms of one floating-point sum in this dual layer, per row (the
         adjoint's sums and the dot product of ``lam`` with the offsets; 0: exact, no offsets).

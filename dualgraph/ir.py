@@ -38,6 +38,24 @@ FOLDED_ROUNDING = "folded_rounding"
 or an input normalisation folded into a Gemm or Conv): a :class:`FoldedRounding`."""
 
 
+FOLD_GAIN = 2.0 ** 16
+"""The most a pass may hide by folding: every factor it folds (and every partial product of a
+merged chain) has ``1 / FOLD_GAIN <= |a| <= FOLD_GAIN`` and every shift ``|b| <= FOLD_GAIN``, so
+the values the network as evaluated computes between the folded ops are within ``FOLD_GAIN``
+times the node's own magnitudes plus one, and their rounding errors are amplified by at most
+``FOLD_GAIN`` (:mod:`dualgraph.rounding`: underflow and overflow of a folded node)."""
+
+
+def within_fold_gain(factors: torch.Tensor | None = None, shifts: torch.Tensor | None = None) -> bool:
+    """Whether a pass may fold these constants (:data:`FOLD_GAIN`): nonzero factors within
+    ``[1/FOLD_GAIN, FOLD_GAIN]`` in magnitude, shifts at most ``FOLD_GAIN``."""
+    if factors is not None:
+        a = factors.abs()
+        if bool((a > FOLD_GAIN).any()) or bool(((a > 0) & (a < 1 / FOLD_GAIN)).any()):
+            return False
+    return shifts is None or not bool((shifts.abs() > FOLD_GAIN).any())
+
+
 @dataclass
 class FoldedRounding:
     """How the network as evaluated computes a node that stands for several of its ops: ``ops``

@@ -74,9 +74,14 @@ matter only for networks whose values or margins are within a few orders of magn
 ``sigma``, where the relative model alone certified what the evaluated network violates.
 
 *Overflow.* None of this holds once the evaluation can overflow (an infinity, then NaN, where
-the exact network is finite): an example any of whose magnitudes ``T`` or ``m`` reaches half the
-evaluation precision's largest number gets no certificate (:meth:`RoundingAllowance.
-may_overflow`; the final bound is ``-inf`` there).
+the exact network is finite): an example whose input, or any of whose magnitudes ``T`` or ``m``,
+reaches half the evaluation precision's largest number gets no certificate (:meth:`
+RoundingAllowance.may_overflow`; the final bound is ``-inf`` there). Where the evaluation
+computes values ``T`` does not show -- a Gemm's product before its ``alpha``, the ops a pass
+folded into a node (at most :data:`~dualgraph.ir.FOLD_GAIN` times its magnitudes, the passes
+fold nothing larger) -- ``T``, ``m`` and the node's input are checked at that gain, and the
+node's underflow term grows by it (each folded op's result off by ``2 sigma_e``, seen through
+``|A|``).
 
 *Approximate activations.* onnxruntime evaluates float32 ``Sigmoid`` with a vectorised
 approximation whose error is absolute (about 1.7e-7, also where the value is near 0), not a
@@ -101,6 +106,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from typing import Iterator
 
 import torch
@@ -110,7 +116,7 @@ from .dual_registry import AffineRule, Bounds, ElementwiseRule, Relaxation, dual
 from .errors import InternalError
 from .input_sets import InputSet
 from .interpreter import naming_node
-from .ir import EVALUATED_IN, FoldedRounding, Graph, Value
+from .ir import EVALUATED_IN, FOLD_GAIN, FoldedRounding, Graph, Value
 from .linalg import batched_dot, take_examples
 
 SAFETY = 1.01
@@ -191,6 +197,9 @@ class RoundingAllowance:
         # the forward path's columns are multiplied by at most m_x (input) or 1 (gap columns)
         self._column_mass = _largest_sum(self._m[x]) + x.numel
         self._note_fan_out(x)
+        flags = _reaches(self._m[x], self.overflow_limit)  # an input the evaluation cannot hold
+        if bool(flags.any()):
+            self._may_overflow.append((x.name, flags))
 
     # ---- the final bound: one allowance per row and dual step ------------------------------------
     def slack(self, dual_node, lams: list) -> torch.Tensor | float:
@@ -440,13 +449,24 @@ class RoundingAllowance:
         reach = sum(map(_largest_sum, m_in))
         if n_eval and self._subnormal_constants:  # a subnormal weight read as zero: < sigma_e m_k
             underflow += self.sigma_e * reach
+        # values the evaluation computes that T does not show: before a Gemm's alpha, between
+        # the ops a pass folded into this node (ir.FOLD_GAIN), with their errors amplified as much
+        gain = max(rule.evaluation_gain(node), FOLD_GAIN if note.ops else 1.0)
+        if gain > 1 and n_eval:
+            underflow = underflow * gain
+            if note.ops:  # each folded op's result off by < 2 sigma_e, seen through |A| or directly
+                with naming_node(node, "rounding analysis"):
+                    spread = _detach(rule.abs_linear(node, [torch.ones_like(m) for m in m_in], in_bounds, cfg))[0]
+                underflow = underflow + 2 * note.ops * gain * self.sigma_e * (spread + 1)
         dual = gamma(n_dual + self.terms, self.u_c) if n_dual else 0.0     # this dual step's rounding
         self._noise[node] = (evaluation, terms, underflow)
         outputs = sum(o.numel for o in node.outputs)
         self._constant[node] = SAFETY * self.sigma_c * (2 * (n_dual + 6) * reach + 2 * (outputs + self.terms)
                                                         + sum(map(_largest_sum, terms)))
         for t, m in zip(terms, m_out):
-            flags = _reaches(t, self.overflow_limit) | _reaches(m, self.overflow_limit)
+            flags = _reaches(t * gain, self.overflow_limit) | _reaches(m * gain, self.overflow_limit)
+            if note.ops:  # the folded ops read the node's input, up to FOLD_GAIN (m_in + 1)
+                flags = flags | _reaches(gain * (max(map(_largest_max, m_in)) + 1), self.overflow_limit)
             if bool(flags.any()):
                 self._may_overflow.append((node.name, flags))
         weights = []
@@ -488,16 +508,19 @@ def _abs_pair(rule, node, xs: list, ys: list, bounds, config) -> tuple[list, lis
     return (_detach(rule.abs_linear(node, xs, bounds, config)), _detach(rule.abs_linear(node, ys, bounds, config)))
 
 
+_SUBNORMAL_SCANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> {sigma: found}
+
+
 def _has_subnormal_constants(graph: Graph, sigma: float) -> bool:
     """Whether some floating-point constant of ``graph`` has a nonzero entry below ``sigma``
-    (subnormal in the evaluation's precision: read as zero under denormals-are-zero)."""
-    for node in graph.nodes:
-        for v in node.inputs:
-            if v is not None and v.is_const and v.const.is_floating_point():
-                c = v.const.abs()
-                if bool(((c > 0) & (c < sigma)).any()):
-                    return True
-    return False
+    (subnormal in the evaluation's precision: read as zero under denormals-are-zero). Scanned
+    once per graph (an allowance is made per batch; the constants do not change once it runs)."""
+    scans = _SUBNORMAL_SCANS.setdefault(graph, {})
+    if sigma not in scans:
+        scans[sigma] = any(bool(((c > 0) & (c < sigma)).any())
+                           for c in (v.const.abs() for node in graph.nodes for v in node.inputs
+                                     if v is not None and v.is_const and v.const.is_floating_point()))
+    return scans[sigma]
 
 
 def _reaches(m: torch.Tensor | float, limit: float) -> torch.Tensor:
@@ -505,6 +528,11 @@ def _reaches(m: torch.Tensor | float, limit: float) -> torch.Tensor:
     (``[1]`` for a number or a tensor without unit dimensions)."""
     m = torch.as_tensor(m)
     return (m >= limit).reshape(m.shape[0] if m.dim() >= 2 else 1, -1).any(1)
+
+
+def _largest_max(m: torch.Tensor | float) -> float:
+    """The largest entry of magnitudes (any shape)."""
+    return float(torch.as_tensor(m).max()) if torch.as_tensor(m).numel() else 0.0
 
 
 def _largest_sum(m: torch.Tensor | float) -> float:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from dualgraph.ir import FOLDED_ROUNDING, FoldedRounding, Graph, Node, Value
+from dualgraph.ir import FOLDED_ROUNDING, FoldedRounding, Graph, Node, Value, within_fold_gain
 
 from .base import PassResult
 
@@ -66,6 +66,8 @@ def _fold(graph: Graph, bn: Node) -> bool:
     beta, mean = beta.expand_as(gamma), mean.expand_as(gamma)
     s = gamma / torch.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
     t = beta - mean * s
+    if not within_fold_gain(s):
+        return False  # (y - mean) as evaluated could be FOLD_GAIN times the folded node's magnitudes
     if prod.op == ("", "Conv"):
         w = prod.inputs[1].const.to(torch.float64)
         if w.shape[0] != s.numel():

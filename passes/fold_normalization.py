@@ -23,8 +23,11 @@ elementwise (``x - c``: a=1, b=-c; ``c - x``: a=-1, b=c; ``x / c``: a=1/c, b=0; 
    broadcast to the unit shape first), so the MNIST-style ``Normalize -> Flatten ->
    Linear`` folds too.
 
-An op is folded only when its output has no other user and is no graph output. All
-rewrites are exact up to float64 rounding; new constants are float64.
+An op is folded only when its output has no other user and is no graph output, and only
+within :data:`~dualgraph.ir.FOLD_GAIN` (every partial factor and shift of a chain, every folded
+factor): beyond it the values the evaluated network computes between the folded ops could
+underflow or overflow where the folded node's magnitudes do not show it. All rewrites are exact
+up to float64 rounding; new constants are float64.
 
 *Rounding.* The network as evaluated still runs the original ops, on magnitudes the merged or
 folded constants no longer show (``(x - mean) / std`` then ``W``: the folded bias ``c - W mean /
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from dualgraph.ir import FOLDED_ROUNDING, FoldedRounding, Graph, Node, Value
+from dualgraph.ir import FOLDED_ROUNDING, FoldedRounding, Graph, Node, Value, within_fold_gain
 
 from .base import PassResult
 from .fold_batchnorm import channel_magnitude, set_input
@@ -109,11 +112,15 @@ def _merge_chains(graph: Graph) -> bool:
             chain.append(chain[-1].output.users[0])
         a, b = torch.ones((), dtype=F64), torch.zeros((), dtype=F64)
         spread, ops = torch.zeros((), dtype=F64), 0  # B of the module docstring; roundings
+        benign = True  # every partial product and shift within FOLD_GAIN (what the note may hide)
         for n in chain:
             _, an, bn = affine_of(n)
             note = FoldedRounding.of(n)
             a, b = a * an, b * an + bn
             spread, ops = spread * an.abs() + bn.abs() + note.magnitude, ops + 1 + note.ops
+            benign = benign and within_fold_gain(a, spread)
+        if not benign:
+            continue  # e.g. x 2^-148 2^148: the evaluated intermediate underflows; its ops stay
         canon = _canonical(a, b)
         if not canon and (chain[-1].output in graph.outputs or bool((spread != 0).any())):
             # a no-op, but a node must still produce the graph output, or carry the rounding of
@@ -186,6 +193,8 @@ def _fold_one(graph: Graph, op: Node) -> bool:
     scale, shift = not bool((a == 1).all()), not bool((b == 0).all())
     if scale and shift:
         return False  # e.g. ``c - x``; the chain merge splits such ops into two
+    if not within_fold_gain(a, b + FoldedRounding.of(p).magnitude):
+        return False  # the evaluated a x (+ b) could leave the range the rounding note covers
     axis = 1 if op.op_type == "Conv" else len(z.shape) - 1
     vec = _along(a if scale else b, z.shape, axis)
     if vec is None:

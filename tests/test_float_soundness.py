@@ -563,3 +563,64 @@ def test_onnxruntime_activations_stay_within_their_declared_error(op, tmp_path):
     allowed = gamma(n, u) * np.abs(exact[finite]) + rule.eval_absolute(node) * u + (2 * n + 1) * sigma
     worst = int(np.argmax(error - allowed))
     assert (error <= allowed).all(), (op, float(x[finite][worst]), float(error[worst]), float(allowed[worst]))
+
+
+def _graph_onnx(path, nodes, inits: dict, n_in: int, n_out: int, x_type=TensorProto.FLOAT) -> str:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", x_type, ["N", n_in])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_out])],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+    return str(path)
+
+
+def test_a_chain_whose_partial_product_underflows_is_not_folded_away(tmp_path):
+    """``x 2^-148 2^100 2^48`` is ``x`` exactly, but float32 computes ``x 2^-148`` as a subnormal
+    with one or two bits (or flushes it): y0 = h - 1.1 is -0.1 at x = 1.2 as evaluated, +0.05 and
+    more in exact arithmetic. The chain must not merge into a factor of one: no certificate."""
+    path = _graph_onnx(tmp_path / "net.onnx",
+                       [helper.make_node("Mul", ["x", "c0"], ["t0"]), helper.make_node("Mul", ["t0", "c1"], ["t1"]),
+                        helper.make_node("Mul", ["t1", "c2"], ["h"]), helper.make_node("Gemm", ["h", "W", "b"], ["y"], transB=1)],
+                       {"c0": [2.0 ** -148], "c1": [2.0 ** 100], "c2": [2.0 ** 48], "W": [[1.0], [0.0]], "b": [-1.1, 0.0]}, 1, 2)
+    y = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": np.array([[1.2]], np.float32)})[0]
+    assert float(y[0, 0] - y[0, 1]) < 0
+    assert not any(certified for _, certified in _certified(path, [1.2], 0.05).values())
+
+
+@pytest.mark.parametrize("how", ["folded Mul", "Gemm alpha"])
+def test_an_overflow_a_fold_or_alpha_hides_gets_no_bound(tmp_path, how):
+    """``2^31 - 2^-100 (2^100 x)`` over x in [2^26, 2^28 + 2^26]: the scale 2^100 folded into the
+    Gemm's weights (or a Gemm's alpha 2^-100 on B = 2^100) leaves every magnitude the IR shows
+    small, while float32 computes ``2^100 x = inf`` on the upper part of the box."""
+    if how == "folded Mul":
+        nodes = [helper.make_node("Mul", ["x", "s"], ["xs"]), helper.make_node("Gemm", ["xs", "W", "b"], ["y"], transB=1)]
+        inits = {"s": [2.0 ** 100], "W": [[-2.0 ** -100]], "b": [2.0 ** 31]}
+    else:
+        nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["y"], transB=1, alpha=2.0 ** -100)]
+        inits = {"W": [[-2.0 ** 100]], "b": [2.0 ** 31]}
+    path = _graph_onnx(tmp_path / "net.onnx", nodes, inits, 1, 1)
+    top = np.array([[2.0 ** 28 + 2.0 ** 26]], np.float32)
+    assert np.isinf(ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": top})[0]).all()
+    for dtype in (torch.float32, torch.float64):
+        cert = Certifier(load_model(path), dtype=dtype)
+        with pytest.warns(RuntimeWarning, match="may overflow"):
+            low = cert.lower_bounds(cert.input_set(torch.tensor([[2.0 ** 27 + 2.0 ** 26]], dtype=dtype), 2.0 ** 27),
+                                    torch.ones(1, 1, 1, dtype=dtype))
+        assert float(low[0, 0]) == float("-inf")
+
+
+@pytest.mark.parametrize("cast", [TensorProto.FLOAT16, TensorProto.DOUBLE])
+def test_an_input_its_precision_cannot_hold_gets_no_bound(tmp_path, cast):
+    """x around 70005 through a Cast to float16 (largest 65504), or a float64 input around 3e38
+    cast to float32: the evaluated network's input is inf, its output -inf / NaN."""
+    if cast == TensorProto.FLOAT16:
+        nodes = [helper.make_node("Cast", ["x"], ["xh"], to=cast), helper.make_node("Cast", ["xh"], ["xf"], to=TensorProto.FLOAT)]
+        x_type, c, eps = TensorProto.FLOAT, 70005.0, 5.0
+    else:
+        nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT)]
+        x_type, c, eps = TensorProto.DOUBLE, 3.0e38, 1e37
+    nodes.append(helper.make_node("Gemm", ["xf", "W", "b"], ["y"], transB=1))
+    path = _graph_onnx(tmp_path / "net.onnx", nodes, {"W": [[-2.0 ** -14], [0.0]], "b": [10.0, 0.0]}, 1, 2, x_type)
+    cert = Certifier(load_model(path), dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="'x' may overflow"):
+        result = cert.certify(torch.tensor([[c]], dtype=torch.float64), torch.tensor([0]), eps)
+    assert not bool(result.certified[0])

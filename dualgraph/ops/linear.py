@@ -71,6 +71,12 @@ class GemmDual(AffineRule):
         w = node.inputs[1].const
         return w.shape[1 if node.attrs.get("transB", 0) else 0] + 3  # K products, then alpha, beta * C
 
+    def evaluation_gain(self, node):
+        """``alpha (A B)``: the product before ``alpha`` is ``T / |alpha|``, and its errors are
+        scaled by ``|alpha|``."""
+        alpha = abs(float(node.attrs.get("alpha", 1.0)))
+        return max(alpha, 1 / alpha) if alpha not in (0.0, 1.0) else 1.0
+
     def dual_length(self, node, bounds, config):
         return node.output.numel + 2  # the adjoint sums over the outputs; so does lam . bias
 
