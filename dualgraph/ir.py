@@ -46,6 +46,14 @@ times the node's own magnitudes plus one, and their rounding errors are amplifie
 ``FOLD_GAIN`` (:mod:`dualgraph.rounding`: underflow and overflow of a folded node)."""
 
 
+def fold_gain(factors: torch.Tensor) -> float:
+    """How far folding ``factors`` hides the evaluated values' size from the folded node's
+    magnitudes, in either direction: ``max(|a|, 1/|a|)`` over the nonzero factors (at least 1)."""
+    a = factors.abs()
+    a = a[a > 0]
+    return max(1.0, float(a.max()), float(1 / a.min())) if a.numel() else 1.0
+
+
 def within_fold_gain(factors: torch.Tensor | None = None, shifts: torch.Tensor | None = None) -> bool:
     """Whether a pass may fold these constants (:data:`FOLD_GAIN`): nonzero factors within
     ``[1/FOLD_GAIN, FOLD_GAIN]`` in magnitude, shifts at most ``FOLD_GAIN``."""
@@ -66,6 +74,7 @@ class FoldedRounding:
 
     ops: int
     magnitude: torch.Tensor
+    gain: float = 1.0  # the product of the folded factors' gains (fold_gain), at most FOLD_GAIN
 
     @staticmethod
     def of(node: Node) -> FoldedRounding:

@@ -77,11 +77,12 @@ matter only for networks whose values or margins are within a few orders of magn
 the exact network is finite): an example whose input, or any of whose magnitudes ``T`` or ``m``,
 reaches half the evaluation precision's largest number gets no certificate (:meth:`
 RoundingAllowance.may_overflow`; the final bound is ``-inf`` there). Where the evaluation
-computes values ``T`` does not show -- a Gemm's product before its ``alpha``, the ops a pass
-folded into a node (at most :data:`~dualgraph.ir.FOLD_GAIN` times its magnitudes, the passes
-fold nothing larger) -- ``T``, ``m`` and the node's input are checked at that gain, and the
-node's underflow term grows by it (each folded op's result off by ``2 sigma_e``, seen through
-``|A|``).
+computes values ``T`` does not show -- a Gemm's product before its ``alpha``, a mean's sum
+before its division (:meth:`~dualgraph.dual_registry.DualRule.evaluation_gain`), the ops a pass
+folded into a node (the product of the folded factors' gains, ``FoldedRounding.gain``, at most
+:data:`~dualgraph.ir.FOLD_GAIN`: the passes fold nothing larger) -- ``T``, ``m`` and the node's
+input are checked at the product of those gains, and the node's underflow term grows by it
+(each folded op's result off by ``2 sigma_e``, seen through ``|A|``).
 
 *Approximate activations.* onnxruntime evaluates float32 ``Sigmoid`` with a vectorised
 approximation whose error is absolute (about 1.7e-7, also where the value is near 0), not a
@@ -451,7 +452,7 @@ class RoundingAllowance:
             underflow += self.sigma_e * reach
         # values the evaluation computes that T does not show: before a Gemm's alpha, between
         # the ops a pass folded into this node (ir.FOLD_GAIN), with their errors amplified as much
-        gain = max(rule.evaluation_gain(node), FOLD_GAIN if note.ops else 1.0)
+        gain = rule.evaluation_gain(node) * note.gain
         if gain > 1 and n_eval:
             underflow = underflow * gain
             if note.ops:  # each folded op's result off by < 2 sigma_e, seen through |A| or directly
@@ -465,8 +466,8 @@ class RoundingAllowance:
                                                         + sum(map(_largest_sum, terms)))
         for t, m in zip(terms, m_out):
             flags = _reaches(t * gain, self.overflow_limit) | _reaches(m * gain, self.overflow_limit)
-            if note.ops:  # the folded ops read the node's input, up to FOLD_GAIN (m_in + 1)
-                flags = flags | _reaches(gain * (max(map(_largest_max, m_in)) + 1), self.overflow_limit)
+            if note.ops:  # the folded ops read the node's input: up to gain m_in plus shifts of FOLD_GAIN
+                flags = flags | _reaches(gain * max(map(_largest_max, m_in)) + FOLD_GAIN, self.overflow_limit)
             if bool(flags.any()):
                 self._may_overflow.append((node.name, flags))
         weights = []

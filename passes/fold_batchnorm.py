@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from dualgraph.ir import FOLDED_ROUNDING, FoldedRounding, Graph, Node, Value, within_fold_gain
+from dualgraph.ir import FOLD_GAIN, FOLDED_ROUNDING, FoldedRounding, Graph, Node, Value, fold_gain, within_fold_gain
 
 from .base import PassResult
 
@@ -66,8 +66,8 @@ def _fold(graph: Graph, bn: Node) -> bool:
     beta, mean = beta.expand_as(gamma), mean.expand_as(gamma)
     s = gamma / torch.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
     t = beta - mean * s
-    if not within_fold_gain(s):
-        return False  # (y - mean) as evaluated could be FOLD_GAIN times the folded node's magnitudes
+    if not within_fold_gain(s) or FoldedRounding.of(prod).gain * fold_gain(s) > FOLD_GAIN:
+        return False  # (y - mean) as evaluated could exceed FOLD_GAIN times the folded node's magnitudes
     if prod.op == ("", "Conv"):
         w = prod.inputs[1].const.to(torch.float64)
         if w.shape[0] != s.numel():
@@ -116,7 +116,8 @@ def _note_fold(prod: Node, s: torch.Tensor, bias: torch.Tensor, beta: torch.Tens
     """The :class:`FoldedRounding` of ``prod`` after a BN folded into it (module docstring)."""
     note = FoldedRounding.of(prod)
     magnitude = s.abs() * (bias.abs() + channel_magnitude(note, s.numel()) + mean.abs()) + beta.abs()
-    prod.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + BN_ROUNDINGS, magnitude.reshape(-1, *trailing))
+    prod.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + BN_ROUNDINGS, magnitude.reshape(-1, *trailing),
+                                                note.gain * fold_gain(s))
 
 
 def set_input(graph: Graph, node: Node, index: int, tensor: torch.Tensor | Value, hint: str = "const") -> Value:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from dualgraph.ir import FOLDED_ROUNDING, FoldedRounding, Graph, Node, Value, within_fold_gain
+from dualgraph.ir import FOLD_GAIN, FOLDED_ROUNDING, FoldedRounding, Graph, Node, Value, fold_gain, within_fold_gain
 
 from .base import PassResult
 from .fold_batchnorm import channel_magnitude, set_input
@@ -113,13 +113,16 @@ def _merge_chains(graph: Graph) -> bool:
         a, b = torch.ones((), dtype=F64), torch.zeros((), dtype=F64)
         spread, ops = torch.zeros((), dtype=F64), 0  # B of the module docstring; roundings
         benign = True  # every partial product and shift within FOLD_GAIN (what the note may hide)
+        inner, partial = 1.0, 1.0  # the members' own notes' gains; the largest partial product's
         for n in chain:
             _, an, bn = affine_of(n)
             note = FoldedRounding.of(n)
             a, b = a * an, b * an + bn
             spread, ops = spread * an.abs() + bn.abs() + note.magnitude, ops + 1 + note.ops
+            inner, partial = inner * note.gain, max(partial, fold_gain(a))
             benign = benign and within_fold_gain(a, spread)
-        if not benign:
+        gain = inner * partial
+        if not benign or gain > FOLD_GAIN:
             continue  # e.g. x 2^-148 2^148: the evaluated intermediate underflows; its ops stay
         canon = _canonical(a, b)
         if not canon and (chain[-1].output in graph.outputs or bool((spread != 0).any())):
@@ -129,7 +132,7 @@ def _merge_chains(graph: Graph) -> bool:
         if [op for op, _ in canon] == [n.op_type for n in chain] or len(chain) == len(canon) == 1:
             continue  # already canonical, or a lone Sub/Div that is as good as Add/Mul
         _rewrite_chain(graph, chain, x, canon)
-        chain[-1].meta[FOLDED_ROUNDING] = FoldedRounding(ops + FOLD_ROUNDINGS, spread)  # stands for the chain
+        chain[-1].meta[FOLDED_ROUNDING] = FoldedRounding(ops + FOLD_ROUNDINGS, spread, gain)  # stands for the chain
         modified = True
     return modified
 
@@ -193,7 +196,8 @@ def _fold_one(graph: Graph, op: Node) -> bool:
     scale, shift = not bool((a == 1).all()), not bool((b == 0).all())
     if scale and shift:
         return False  # e.g. ``c - x``; the chain merge splits such ops into two
-    if not within_fold_gain(a, b + FoldedRounding.of(p).magnitude):
+    gain = FoldedRounding.of(op).gain * max(FoldedRounding.of(p).gain, fold_gain(a))
+    if not within_fold_gain(a, b.abs() + FoldedRounding.of(p).magnitude) or gain > FOLD_GAIN:
         return False  # the evaluated a x (+ b) could leave the range the rounding note covers
     axis = 1 if op.op_type == "Conv" else len(z.shape) - 1
     vec = _along(a if scale else b, z.shape, axis)
@@ -204,7 +208,7 @@ def _fold_one(graph: Graph, op: Node) -> bool:
     if carried is None:  # varies within a channel: its largest entry for all
         carried = torch.full((z.shape[axis],), float((b.abs() + note.magnitude).max()), dtype=F64)
     folded = (_fold_conv if op.op_type == "Conv" else _fold_gemm)(graph, op, vec, scale, carried,
-                                                                  note.ops + FOLD_ROUNDINGS)
+                                                                  note.ops + FOLD_ROUNDINGS, gain)
     if folded:
         set_input(graph, op, 0, x)
         graph.remove_node(p)
@@ -217,7 +221,8 @@ def _along(t: torch.Tensor, shape: tuple, axis: int) -> torch.Tensor | None:
     return full[:, 0].clone() if bool((full == full[:, :1]).all()) else None
 
 
-def _fold_conv(graph: Graph, conv: Node, vec: torch.Tensor, scale: bool, carried: torch.Tensor, ops: int) -> bool:
+def _fold_conv(graph: Graph, conv: Node, vec: torch.Tensor, scale: bool, carried: torch.Tensor, ops: int,
+               gain: float) -> bool:
     w = conv.inputs[1].const.to(F64)
     m, cg, g = w.shape[0], w.shape[1], int(conv.attrs.get("group", 1))
     if vec.numel() != cg * g:
@@ -236,7 +241,7 @@ def _fold_conv(graph: Graph, conv: Node, vec: torch.Tensor, scale: bool, carried
     note = FoldedRounding.of(conv)
     magnitude = ((w.abs() * laid_out(carried)).sum(dim=tuple(range(1, w.dim()))) + bias.abs()
                  + channel_magnitude(note, m))
-    conv.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + ops, magnitude.reshape(m, *[1] * (w.dim() - 2)))
+    conv.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + ops, magnitude.reshape(m, *[1] * (w.dim() - 2)), gain)
     if scale:
         set_input(graph, conv, 1, w * per_w, "weight")
         return True
@@ -244,7 +249,8 @@ def _fold_conv(graph: Graph, conv: Node, vec: torch.Tensor, scale: bool, carried
     return True
 
 
-def _fold_gemm(graph: Graph, op: Node, vec: torch.Tensor, scale: bool, carried: torch.Tensor, ops: int) -> bool:
+def _fold_gemm(graph: Graph, op: Node, vec: torch.Tensor, scale: bool, carried: torch.Tensor, ops: int,
+               gain: float) -> bool:
     w = op.inputs[1].const.to(F64)
     trans_b = bool(op.attrs.get("transB", 0))
     w_kn = w.t() if trans_b else w  # [K, N_out]
@@ -253,13 +259,13 @@ def _fold_gemm(graph: Graph, op: Node, vec: torch.Tensor, scale: bool, carried: 
     # the rounding note, in the old weights' terms (see the module docstring)
     magnitude = abs(alpha) * (carried @ w_kn.abs()) + channel_magnitude(note, w_kn.shape[1])
     if scale:  # the bias is unchanged: its |c| is in the node's own T
-        op.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + ops, magnitude)
+        op.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + ops, magnitude, gain)
         w_kn = vec[:, None] * w_kn
         set_input(graph, op, 1, (w_kn.t() if trans_b else w_kn).contiguous(), "weight")
         return True
     shift = alpha * (vec @ w_kn)  # [N_out]
     if op.op_type == "MatMul" and len(op.inputs[0].shape) != 2:
-        return _shift_following_add(graph, op, shift, FoldedRounding(note.ops + ops, magnitude))
+        return _shift_following_add(graph, op, shift, FoldedRounding(note.ops + ops, magnitude, gain))
     c = op.const_input(2) if op.op_type == "Gemm" else None
     if c is not None and torch.broadcast_shapes(c.shape, (1, shift.numel())) != (1, shift.numel()):
         return False
@@ -268,7 +274,7 @@ def _fold_gemm(graph: Graph, op: Node, vec: torch.Tensor, scale: bool, carried: 
         op.op, op.attrs = ("", "Gemm"), {}  # same function for a 2-D input, and it has a bias
     set_input(graph, op, 2, c + shift, "bias")
     op.attrs["beta"] = 1.0
-    op.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + ops, magnitude + c.abs())
+    op.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops + ops, magnitude + c.abs(), gain)
     return True
 
 
@@ -284,7 +290,7 @@ def _shift_following_add(graph: Graph, op: Node, shift: torch.Tensor, note: Fold
     old = _along(aff[2], y.shape, len(y.shape) - 1)
     set_input(graph, add, 1, old + shift, "bias")
     set_input(graph, add, 0, y)
-    op.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops, note.magnitude + old.abs())
+    op.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops, note.magnitude + old.abs(), note.gain)
     return True
 
 
@@ -306,7 +312,7 @@ def _commute_reshape(graph: Graph, reshape: Node) -> bool:
     note = q.meta.get(FOLDED_ROUNDING)
     if note is not None:  # q now computes in the reshaped units
         q.meta[FOLDED_ROUNDING] = FoldedRounding(note.ops, torch.broadcast_to(
-            note.magnitude, (1, *w.shape[1:])).reshape(1, *z.shape[1:])[0].clone())
+            note.magnitude, (1, *w.shape[1:])).reshape(1, *z.shape[1:])[0].clone(), note.gain)
     set_input(graph, reshape, 0, x)
     q.op = ("", op)
     set_input(graph, q, 0, z)

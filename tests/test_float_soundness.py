@@ -20,6 +20,7 @@ Gemm, where the cancellation no longer shows).
 from __future__ import annotations
 
 import itertools
+import warnings
 import random
 from unittest import mock
 from fractions import Fraction
@@ -624,3 +625,59 @@ def test_an_input_its_precision_cannot_hold_gets_no_bound(tmp_path, cast):
     with pytest.warns(RuntimeWarning, match="'x' may overflow"):
         result = cert.certify(torch.tensor([[c]], dtype=torch.float64), torch.tensor([0]), eps)
     assert not bool(result.certified[0])
+
+
+def _lower_bound(path, centre: float, eps: float, dtype) -> float:
+    cert = Certifier(load_model(path), dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the overflow warning, where there is one
+        low = cert.lower_bounds(cert.input_set(torch.tensor([[centre]], dtype=dtype), eps), torch.ones(1, 1, 1, dtype=dtype))
+    return float(low[0, 0])
+
+
+def test_stacked_folds_multiply_their_gains(tmp_path):
+    """A Gemm (W = 2^126) then two BatchNormalizations of scale 2^-16 each, both folded: W' =
+    2^94, but onnxruntime computes W x = 2^128 = inf for x near 4 (a third review's case). The
+    fold's gain is the product 2^32, so the bound is -inf; exact y = 10 - x is in [6, 8]."""
+    bn = {"g": [2.0 ** -16], "B": [0.0], "mean": [0.0], "var": [1.0]}
+    nodes = [helper.make_node("Gemm", ["x", "W", "b0"], ["h"], transB=1),
+             helper.make_node("BatchNormalization", ["h", "g", "B", "mean", "var"], ["n1"], epsilon=0.0),
+             helper.make_node("BatchNormalization", ["n1", "g", "B", "mean", "var"], ["n2"], epsilon=0.0),
+             helper.make_node("Gemm", ["n2", "W2", "b2"], ["y"], transB=1)]
+    path = _graph_onnx(tmp_path / "net.onnx", nodes, {"W": [[2.0 ** 126]], "b0": [0.0], **bn,
+                                                      "W2": [[-2.0 ** -94]], "b2": [10.0]}, 1, 1)
+    assert np.isinf(ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.array([[4.0]], np.float32)})[0]).all()
+    assert all(_lower_bound(path, 3.0, 1.0, dtype) == float("-inf") for dtype in (torch.float32, torch.float64))
+
+
+def test_a_mean_whose_sum_overflows_gets_no_bound(tmp_path):
+    """ReduceMean of four entries near 1.05e38: each is finite, their sum (formed before the
+    division) is not."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=1),
+             helper.make_node("Gemm", ["m", "W", "b"], ["y"], transB=1)]
+    path = _graph_onnx(tmp_path / "net.onnx", nodes, {"W": [[-1e-38]], "b": [10.0]}, 4, 1)
+    x = np.full((1, 4), 1.05e38, np.float32)
+    assert not np.isfinite(ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]).all()
+    cert = Certifier(load_model(path), dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="may overflow"):
+        low = cert.lower_bounds(cert.input_set(torch.from_numpy(x).double(), 1e36), torch.ones(1, 1, 1, dtype=torch.float64))
+    assert float(low[0, 0]) == float("-inf")
+
+
+def test_a_batchnorm_whose_bias_cancels_pays_for_its_parts(tmp_path):
+    """BatchNormalization(x) with mean 1e6 and B = mean s (the folded bias B - mean s is about 0):
+    onnxruntime forms B - mean s in float32, an error of about u |mean s| = 0.03, so the evaluated
+    margin is -3e-3 where the exact one is +2e-3. No bound may exceed an evaluated value."""
+    mean, var = 1.0e6, 3.0
+    s = 1 / np.sqrt(np.float64(var) + np.float64(np.float32(1e-5)))
+    bias = float(np.float32(mean * s))
+    nodes = [helper.make_node("BatchNormalization", ["x", "g", "B", "mean", "var"], ["z"], epsilon=1e-5),
+             helper.make_node("Gemm", ["z", "W", "b"], ["y"], transB=1)]
+    exact_low = float(s * (1 - 2.0 ** -10) + (bias - mean * s))
+    path = _graph_onnx(tmp_path / "net.onnx", nodes, {"g": [1.0], "B": [bias], "mean": [mean], "var": [var],
+                                                      "W": [[1.0]], "b": [-(exact_low - 2e-3)]}, 1, 1)
+    xs = np.array([[1 - 2.0 ** -10], [1.0], [1 + 2.0 ** -10]], np.float32)
+    evaluated = float(ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": xs})[0].min())
+    for dtype in (torch.float32, torch.float64):
+        assert _lower_bound(path, 1.0, 2.0 ** -10, dtype) <= evaluated

@@ -393,6 +393,16 @@ def _(node, inputs):
 class BatchNormDual(ElementwiseAffineDual):
     """Inference BatchNorm: with |scale| and |B| its linear part is |scale| / sqrt(var + eps)."""
 
+    def constant_magnitude(self, node, m_in, bounds, config):
+        """``|B| + |mean s|`` (``s = scale / sqrt(var + eps)``), not ``|B - mean s|``: the
+        evaluation forms ``B - mean s`` or ``(x - mean) s``, whose rounding is relative to the
+        parts, which may cancel."""
+        scale, bias, mean, var = (node.inputs[i].const.to(m_in[0]) for i in range(1, 5))
+        s = scale / torch.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+        unit = node.output.unit_shape
+        per_channel = (bias.abs() + (mean * s).abs()).reshape(-1, *[1] * (len(unit) - 1))
+        return [torch.broadcast_to(per_channel, unit).unsqueeze(0)]
+
 
 @batch_norm.onnx_import
 def _(ctx, n):

@@ -113,6 +113,9 @@ class AveragePoolDual(AffineRule):
     def eval_length(self, node, bounds, config):
         return math.prod(node.attrs["kernel_shape"]) + 1
 
+    def evaluation_gain(self, node):
+        return float(math.prod(node.attrs["kernel_shape"]))  # the window's sum, before the division
+
     def dual_length(self, node, bounds, config):
         return math.prod(node.attrs["kernel_shape"]) + 1  # overlapping windows add up per input unit
 
@@ -192,6 +195,9 @@ class GlobalAveragePoolDual(AffineRule):
 
     def eval_length(self, node, bounds, config):
         return math.prod(node.inputs[0].unit_shape[1:]) + 1
+
+    def evaluation_gain(self, node):
+        return float(math.prod(node.inputs[0].unit_shape[1:]))  # the map's sum, before the division
 
     def dual_length(self, node, bounds, config):
         return 1

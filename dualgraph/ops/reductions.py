@@ -39,6 +39,11 @@ class ReduceDual(AffineRule):
     def eval_length(self, node, bounds, config):
         return math.prod(node.inputs[0].unit_shape) // max(1, node.output.numel) + 1
 
+    def evaluation_gain(self, node):
+        """A mean is a sum, then a division: the sum is ``n`` times the mean's terms."""
+        n = math.prod(node.inputs[0].unit_shape) // max(1, node.output.numel)
+        return float(n) if node.op_type == "ReduceMean" else 1.0
+
     def dual_length(self, node, bounds, config):
         return 2
 
