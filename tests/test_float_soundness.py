@@ -155,7 +155,8 @@ def float32_into_box(points: list[list[Fraction]], centre: np.ndarray, eps: floa
 
 def _denormals_are_zero() -> ort.SessionOptions:
     """onnxruntime evaluating with subnormal numbers flushed to zero (an evaluation mode the
-    certificates must hold for too)."""
+    certificates must hold for too). onnxruntime honours it only in a process's first session,
+    so torch's own switch (``set_flush_denormal``) is the flushed evaluation these tests rely on."""
     options = ort.SessionOptions()
     options.add_session_config_entry("session.set_denormal_as_zero", "1")
     return options
