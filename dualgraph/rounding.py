@@ -450,8 +450,9 @@ class RoundingAllowance:
         reach = sum(map(_largest_sum, m_in))
         if n_eval and self._subnormal_constants:  # a subnormal weight read as zero: < sigma_e m_k
             underflow += self.sigma_e * reach
-        # values the evaluation computes that T does not show: before a Gemm's alpha, between
-        # the ops a pass folded into this node (ir.FOLD_GAIN), with their errors amplified as much
+        # values the evaluation computes that T does not show: before a Gemm's alpha or a mean's
+        # division, between the ops a pass folded into this node (FoldedRounding.gain, at most
+        # ir.FOLD_GAIN), with their errors amplified as much
         gain = rule.evaluation_gain(node) * note.gain
         if gain > 1 and n_eval:
             underflow = underflow * gain
