@@ -466,7 +466,8 @@ class RoundingAllowance:
         self._constant[node] = SAFETY * self.sigma_c * (2 * (n_dual + 6) * reach + 2 * (outputs + self.terms)
                                                         + sum(map(_largest_sum, terms)))
         for t, m in zip(terms, m_out):
-            flags = _reaches(t * gain, self.overflow_limit) | _reaches(m * gain, self.overflow_limit)
+            limit = self.overflow_limit / gain  # the magnitudes at the gain, without a scaled copy
+            flags = _reaches(t, limit) | _reaches(m, limit)
             if note.ops:  # the folded ops read the node's input: up to gain m_in plus shifts of FOLD_GAIN
                 flags = flags | _reaches(gain * max(map(_largest_max, m_in)) + FOLD_GAIN, self.overflow_limit)
             if bool(flags.any()):
