@@ -30,6 +30,9 @@ BATCH = "N"
 Shape = tuple  # tuple[int | str, ...]; the first entry of a variable value is BATCH
 
 EVALUATED_IN = "evaluated_in"
+APPROXIMATE_CONSTANTS = "approximate_constants"
+"""``Graph.meta`` key: how many ulps a constant folded at import from an approximated op (its
+onnxruntime value against the reference's) may be off (:mod:`dualgraph.frontends.onnx_folding`)."""
 """``Graph.meta`` key: the float dtypes the network as evaluated also computes in, besides its
 input's (the targets of float ``Cast`` nodes, which the IR drops as identities); a set."""
 

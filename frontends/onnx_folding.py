@@ -2,7 +2,12 @@
 batch size 1 and 2 (``Const.t1``/``Const.t2``), so a value computed from the batch size
 (``Shape`` of a variable, ``ConstantOfShape`` of it) is recognised as batch dependent and
 a value that merely repeats per example is not. Nodes are evaluated with onnx's reference
-implementation, so folding follows ONNX semantics exactly."""
+implementation, so folding follows ONNX semantics exactly -- except where onnxruntime computes
+an op differently (:data:`APPROXIMATED`): there onnxruntime's constant must be within
+:data:`CONSTANT_ULPS` of the reference's, or the model is refused (a certificate holds for one
+network, not for two); within it, the graph records the discrepancy (``Graph.meta[
+APPROXIMATE_CONSTANTS]``) and the rounding allowance counts it as that many more roundings of
+every evaluation (the constant's relative error carries through products)."""
 
 from __future__ import annotations
 
@@ -17,11 +22,21 @@ from dualgraph.frontends.onnx_refs import SHAPE_OPS, node_attrs
 from dualgraph.lowering import Const, Ref, Var
 
 
+APPROXIMATED = {"Sigmoid"}
+"""Ops whose float32 kernel in onnxruntime is an approximation off by more than an ulp (its
+Sigmoid: up to 1.7e-7 absolute, 0 for inputs below about -17.9)."""
+
+
+CONSTANT_ULPS = 8
+"""The most ulps onnxruntime's value of a folded :data:`APPROXIMATED` constant may differ by."""
+
+
 class ConstantFolder:
     """Folds the ONNX nodes whose inputs are all constant (or whose value is a shape)."""
 
     def __init__(self, model: onnx.ModelProto, dynamic: bool) -> None:
         self.model, self.dynamic = model, dynamic
+        self.approximate_ulps = 0  # the largest discrepancy of a folded APPROXIMATED constant
 
     def fold(self, node: onnx.NodeProto, label: str, refs: list[Ref | None]) -> list[Const]:
         """The node's outputs as constants (both worlds where an input is batch dependent)."""
@@ -60,5 +75,28 @@ class ConstantFolder:
             reason = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise DualgraphError(f"cannot evaluate constant node '{label}' ({node.op_type}) at load time: "
                                  f"{reason}") from None
-        results = iter(np.asarray(r) for r in results)
+        results = [np.asarray(r) for r in results]
+        if node.op_type in APPROXIMATED:
+            ulps = _onnxruntime_discrepancy(model, feeds, results)
+            if ulps > CONSTANT_ULPS:
+                raise DualgraphError(f"constant node '{label}' ({node.op_type}): onnxruntime computes it {ulps:.3g} "
+                                     "ulps away from its exact value (its kernel is an approximation), so the "
+                                     "network would differ between evaluators; store the constant as an initializer")
+            self.approximate_ulps = max(self.approximate_ulps, math.ceil(ulps))
+        results = iter(results)
         return [next(results) if o else np.zeros(0) for o in node.output]
+
+
+def _onnxruntime_discrepancy(model: onnx.ModelProto, feeds: dict, results: list) -> float:
+    """The most ulps (of the larger of the two) by which onnxruntime's floating-point outputs
+    differ from ``results``."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for ours, theirs in zip(results, session.run(None, feeds)):
+        if not np.issubdtype(ours.dtype, np.floating) or ours.size == 0:
+            continue
+        theirs = np.asarray(theirs, dtype=ours.dtype)
+        ulp = np.spacing(np.maximum(np.abs(ours), np.abs(theirs))).astype(np.float64)
+        worst = max(worst, float(np.max(np.abs(ours.astype(np.float64) - theirs) / ulp)))
+    return worst

@@ -682,3 +682,24 @@ def test_a_batchnorm_whose_bias_cancels_pays_for_its_parts(tmp_path):
     evaluated = float(ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": xs})[0].min())
     for dtype in (torch.float32, torch.float64):
         assert _lower_bound(path, 1.0, 2.0 ** -10, dtype) <= evaluated
+
+
+def test_a_constant_onnxruntime_approximates_is_counted_or_refused(tmp_path):
+    """``Sigmoid`` of a constant is folded at import, but onnxruntime's approximation computes
+    another constant: Sigmoid(-20) is 2.06e-9 exactly and 0 in onnxruntime (a fourth review's
+    case: 1e9 x sigmoid(-20) - 1 was certified at +1.04 where onnxruntime gives -1), which the
+    import refuses with a one-line error; Sigmoid of moderate constants, within 8 ulps of each
+    other, is folded and its ulps counted as roundings of every evaluation."""
+    from dualgraph.errors import DualgraphError
+    from dualgraph.ir import APPROXIMATE_CONSTANTS
+
+    def net(c: list) -> str:
+        nodes = [helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["x", "s"], ["t"]),
+                 helper.make_node("Gemm", ["t", "W", "b"], ["y"], transB=1)]
+        return _graph_onnx(tmp_path / f"net{len(c)}.onnx", nodes,
+                           {"c": c, "W": [[1e9] * len(c), [0.0] * len(c)], "b": [-1.0, 0.0]}, len(c), 2)
+    with pytest.raises(DualgraphError, match=r"constant node 's' \(Sigmoid\): onnxruntime computes it .* ulps"):
+        load_model(net([-20.0]))
+    moderate = [0.25, -0.5, 1.0, 2.0]
+    graph = load_model(net(moderate))
+    assert graph.meta.get(APPROXIMATE_CONSTANTS, 0) <= 8  # loaded: within 8 ulps (counted if above 0)
