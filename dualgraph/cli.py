@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from .allocator import use_huge_pages
+from .allocator import tune_allocator
 from .errors import DualgraphError
 
 DEFAULT_MODEL = "digits-small"
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if args.debug:
         os.environ["DUALGRAPH_DEBUG"] = "1"  # read by the plugin loader
-    use_huge_pages()  # before torch's first large buffer: the dual passes' temporaries fault in 2 MB pages
+    tune_allocator()  # before torch's first large buffer: huge pages, and freed buffers kept for the next
     threads = getattr(args, "threads", None)
     if threads is not None and args.command not in ("bench",):  # the benchmarks set theirs themselves
         if threads < 1:

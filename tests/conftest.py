@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 from hypothesis import settings
 
-from dualgraph.allocator import use_huge_pages
+from dualgraph.allocator import tune_allocator
 
 # hypothesis's "ci" profile (derandomized examples, no deadline, no example database) on every
 # machine, not only where $CI is set: a user's run of the README's test command then draws
@@ -17,10 +17,10 @@ from dualgraph.allocator import use_huge_pages
 # asked for with DUALGRAPH_FRESH_SEEDS, below)
 settings.load_profile("ci")
 
-# before any tensor of 2 MB: large buffers in huge pages, as the command line runs (each fresh
-# 4 KB page of a freed and reallocated buffer faults; the MNIST model card's certification
-# of 10,000 images spends a third of its time in the kernel without them)
-use_huge_pages()
+# before any tensor of 2 MB: large buffers in huge pages and freed ones kept for reuse, as the
+# command line runs (each fresh 4 KB page of a freed and reallocated buffer faults; the MNIST
+# model card's certification of 10,000 images spends a third of its time in the kernel without them)
+tune_allocator()
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 

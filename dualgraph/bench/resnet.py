@@ -400,8 +400,8 @@ def _phases(sched, runs: list[dict], direction: str) -> dict:
 def _worker_main(argv: list[str]) -> int:
     """``python -m dualgraph.bench.resnet --worker SPEC_JSON``: one row after RESULT_MARK; a
     failure (out of memory under the limit included) is a row too."""
-    from dualgraph.allocator import use_huge_pages
-    use_huge_pages()  # as the command line does (cli.main)
+    from dualgraph.allocator import tune_allocator
+    tune_allocator()  # as the command line does (cli.main)
     from .scaling import RESULT_MARK
     spec = Spec(**json.loads(argv[argv.index("--worker") + 1]))
     try:

@@ -660,8 +660,8 @@ def _argv_of(args) -> list[str]:
 
 
 def _worker_main(argv: list[str]) -> int:
-    from dualgraph.allocator import use_huge_pages
-    use_huge_pages()  # as the command line does (cli.main)
+    from dualgraph.allocator import tune_allocator
+    tune_allocator()  # as the command line does (cli.main)
     spec = Spec(**json.loads(argv[argv.index("--worker") + 1]))
     row = measure(spec)
     print(RESULT_MARK + json.dumps(row), flush=True)
