@@ -128,7 +128,9 @@ channels 2.1-2.7x slower."""
 
 
 def conv_transpose_by_taps(lam: torch.Tensor, w: torch.Tensor, stride, pad, dil, in_hw) -> torch.Tensor:
-    """``conv_transpose2d`` as ``W^T lam`` (one plane per filter tap) + a strided add per tap."""
+    """``conv_transpose2d`` as ``W^T lam`` (one plane per filter tap), then the planes summed
+    into the map: by ``F.fold`` (col2im) where its blocks are the rows' positions, else by a
+    strided add per tap."""
     return _TapsTranspose.apply(lam, w, (tuple(stride), tuple(pad), tuple(dil), tuple(in_hw)))
 
 
@@ -142,6 +144,15 @@ class _TapsTranspose(torch.autograd.Function):
         (ho, wo), (kh, kw) = lam.shape[2:], w.shape[2:]
         return (max(in_hw[0] + 2 * pad[0], (ho - 1) * stride[0] + dil[0] * (kh - 1) + 1),
                 max(in_hw[1] + 2 * pad[1], (wo - 1) * stride[1] + dil[1] * (kw - 1) + 1))
+
+    @staticmethod
+    def _fold_fits(lam, w, stride, pad, dil, in_hw) -> bool:
+        """Whether ``F.fold`` onto ``in_hw`` with this geometry takes exactly ``lam``'s
+        positions as its blocks (it has no output padding: a map cut short or padded past
+        the last block's reach does not fit)."""
+        return all(in_hw[i] + 2 * pad[i] >= dil[i] * (w.shape[2 + i] - 1) + 1
+                   and (in_hw[i] + 2 * pad[i] - dil[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1 == lam.shape[2 + i]
+                   for i in range(2))
 
     @staticmethod
     def _tap_views(t, lam, w, stride, dil):
@@ -163,6 +174,11 @@ class _TapsTranspose(torch.autograd.Function):
         # expanded filters: matmul would fold the rows into one product through two copies)
         filters = w.reshape(c_out, c_in * kh * kw).t()
         planes = torch.bmm(filters.expand(r, *filters.shape), lam.reshape(r, c_out, ho * wo))
+        if kh * kw > 1 and _TapsTranspose._fold_fits(lam, w, stride, pad, dil, in_hw):
+            # the strided adds in one call (col2im, the same sums in the same order): 1.3-1.5x
+            # faster here on a stem's transpose (3x3 stride 2 to 3 channels, 2,048 rows on 11-
+            # to 16-pixel maps); with one tap its single add is faster
+            return F.fold(planes, tuple(in_hw), (kh, kw), dilation=dil, padding=pad, stride=stride)
         planes = planes.view(r, c_in, kh * kw, ho, wo)
         out = lam.new_zeros(r, c_in, *_TapsTranspose._full_size(lam, w, stride, pad, dil, in_hw))
         for k, view in enumerate(_TapsTranspose._tap_views(out, lam, w, stride, dil)):

@@ -100,3 +100,20 @@ def test_first_layers_transpose_by_taps(monkeypatch):
     linalg.conv_transpose2d(x, torch.randn(16, 16, 3, 3), (2, 2))    # 144
     linalg.conv_transpose2d(x, torch.randn(16, 3, 3, 3), (1, 1), groups=1)
     assert calls == ["taps", "taps"]
+
+
+def test_taps_fold_where_the_blocks_fit_and_add_per_tap_elsewhere(monkeypatch):
+    """The taps' sums go through ``F.fold`` where its blocks are exactly the rows' positions (a
+    stem, 3x3 stride 2 padding 1, 16 -> 32 pixels) and through one strided add per tap where
+    the map asked for reaches past the last block (15 pixels onto 32: rows 30 and 31 are
+    zeros): both equal the library's transpose in float64."""
+    calls = []
+    real = F.fold
+    monkeypatch.setattr(F, "fold", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    w = torch.randn(16, 3, 3, 3, dtype=torch.float64)
+    for n, zeros in ((16, 0), (15, 2)):
+        lam = torch.randn(5, 16, n, n, dtype=torch.float64)
+        got = linalg.conv_transpose_by_taps(lam, w, (2, 2), (1, 1), (1, 1), (32, 32))
+        want = F.pad(F.conv_transpose2d(lam, w, stride=2, padding=1, output_padding=1), (0, zeros, 0, zeros))
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert calls == [(32, 32)]
