@@ -388,6 +388,19 @@ def test_auto_pad_is_normalised_to_explicit_pads():
     assert conv.output.shape == ("N", 2, 3, 3)
 
 
+@pytest.mark.parametrize("op", ["AveragePool", "MaxPool", "Conv"])
+def test_auto_pad_same_with_dilation_is_refused(op):
+    """onnxruntime's pools pad SAME for the undilated kernel (the spec: the dilated span), so
+    the network it evaluates differs from the one we would bound (found by a review: a
+    certified lower bound 8.3 where onnxruntime gives 5.0); its Conv refuses the combination."""
+    attrs = {"kernel_shape": [1, 3], "dilations": [1, 2], "auto_pad": "SAME_UPPER"}
+    node = (helper.make_node(op, ["x", "W"], ["y"], name="p", **attrs) if op == "Conv"
+            else helper.make_node(op, ["x"], ["y"], name="p", **attrs))
+    consts = {"W": w(1, 1, 1, 3)} if op == "Conv" else {}
+    with pytest.raises(UnsupportedOpError, match=r"node 'p' \(" + op + r"\): auto_pad SAME_UPPER with dilations"):
+        load_onnx(make_model([node], [("x", ["N", 1, 1, 6])], [("y", None)], consts))
+
+
 def test_plugin_ops_pass_through():
     double = define_op("Double", domain="test.plugin")
     double.evaluate(lambda node, inputs: inputs[0] * 2)

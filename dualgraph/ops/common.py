@@ -103,12 +103,13 @@ def window(node: Node, spatial: Sequence[int], kernel: Sequence[int] | None = No
                   tuple(pads[:n]), tuple(pads[n:]))
 
 
-def conv_pads(attrs: dict[str, Any], spatial: Sequence[int], kernel: Sequence[int]) -> list[int]:
+def conv_pads(attrs: dict[str, Any], spatial: Sequence[int], kernel: Sequence[int], where: str = "a node") -> list[int]:
     """Explicit ONNX ``pads`` ``[b_1..b_n, e_1..e_n]`` for Conv/pool attributes.
 
     Resolves ``auto_pad`` (NOTSET, VALID, SAME_UPPER, SAME_LOWER) against the spatial input
     shape, so that frontends can normalise nodes to explicit pads and rules share one
-    definition of the geometry.
+    definition of the geometry. SAME with a dilation is refused (``where`` names the node):
+    onnxruntime's pools pad for the undilated kernel, against the spec.
     """
     n = len(spatial)
     strides = list(attrs.get("strides") or [1] * n)
@@ -122,6 +123,11 @@ def conv_pads(attrs: dict[str, Any], spatial: Sequence[int], kernel: Sequence[in
     if auto == "VALID":
         return [0] * (2 * n)
     if auto in ("SAME_UPPER", "SAME_LOWER"):
+        if any(int(d) != 1 for d in dilations):
+            # the spec pads for the dilated span (k-1)d+1; onnxruntime's pools pad for k (and its
+            # Conv refuses the combination): the network as evaluated is not the one we would bound
+            raise UnsupportedOpError(f"{where}: auto_pad {auto} with dilations {dilations} is computed differently "
+                                     "by onnx runtimes; export the model with explicit pads")
         begins, ends = [], []
         for size, k, s, d in zip(spatial, kernel, strides, dilations):
             out = -(-int(size) // s)

@@ -315,7 +315,7 @@ def _(ctx, n):
     spatial = [int(d) for d in x.value.shape[2:]]
     kernel = [int(k) for k in (n.attrs.get("kernel_shape") or ctx.batch_free(n, w).shape[2:])]
     attrs = {"kernel_shape": kernel, "strides": list(n.attrs.get("strides") or [1] * len(kernel)),
-             "pads": conv_pads(n.attrs, spatial, kernel),
+             "pads": conv_pads(n.attrs, spatial, kernel, f"node '{n.name}' ({n.op})"),
              "dilations": list(n.attrs.get("dilations") or [1] * len(kernel)),
              "group": int(n.attrs.get("group", 1))}
     inputs = [x.value, ctx.const_input(n, 1)]

@@ -58,7 +58,7 @@ def _onnx_pool(ctx, n):
         raise DualgraphError(f"node '{n.name}' ({n.op}) has no kernel_shape")
     kernel = [int(k) for k in n.attrs["kernel_shape"]]
     attrs = {"kernel_shape": kernel, "strides": list(n.attrs.get("strides") or [1] * len(kernel)),
-             "pads": conv_pads(n.attrs, [int(d) for d in x.value.shape[2:]], kernel),
+             "pads": conv_pads(n.attrs, [int(d) for d in x.value.shape[2:]], kernel, f"node '{n.name}' ({n.op})"),
              "dilations": list(n.attrs.get("dilations") or [1] * len(kernel)),
              "ceil_mode": int(n.attrs.get("ceil_mode", 0))}
     if n.op == "AveragePool":
