@@ -97,6 +97,12 @@ A node a pass made from several ops (a folded BatchNormalization or input normal
 carries a :class:`~dualgraph.ir.FoldedRounding` note: the ops' extra roundings and the
 magnitudes their cancellations hide, added to its ``n_e`` and ``T``.
 
+*Fused sums.* onnxruntime may evaluate ``P + s`` as one sum when ``P`` is a Conv, MatMul or
+Gemm whose only user is the Add (its Conv with a "Sum" input, ``MatMulAddFusion`` into a
+Gemm): the partial sums then carry ``|s|``, so the error is ``gamma(n_P + 1)(T_P + |s|)``, not
+``gamma(n_P) T_P`` and one rounding of ``P + s``. Such an Add or Sub
+(:func:`fused_sum_producers`) is charged ``n_e`` and ``T`` of its producers besides its own.
+
 ``SAFETY = 1.01`` covers the rounding of the allowance itself and the second-order
 difference between computed and exact dual variables (each ``n u`` is kept below
 0.005). The input box is rounded outward when it is formed
@@ -117,7 +123,7 @@ from .dual_registry import AffineRule, Bounds, ElementwiseRule, Relaxation, dual
 from .errors import InternalError
 from .input_sets import InputSet
 from .interpreter import naming_node
-from .ir import APPROXIMATE_CONSTANTS, EVALUATED_IN, FOLD_GAIN, FoldedRounding, Graph, Value
+from .ir import APPROXIMATE_CONSTANTS, EVALUATED_IN, FOLD_GAIN, FoldedRounding, Graph, Node, Value
 from .linalg import batched_dot, take_examples
 
 SAFETY = 1.01
@@ -182,6 +188,7 @@ class RoundingAllowance:
         self._m_lin: dict[Value, torch.Tensor] = {}  # |v| over the linearised network (forward path)
         self._eps_fwd: dict[Value, torch.Tensor] = {}
         self._noise: dict = {}                       # node -> (gamma of its evaluation, T per output, underflow)
+        self._n_eval: dict = {}                      # node -> its n_e (a fused Add takes its producers')
         self._tightened: set = set()                 # values whose m already uses their bounds
         self._position = {n: i for i, n in enumerate(graph.nodes)}  # topological order, built once
         self._units = sum(v.numel for v in graph.inputs) + sum(v.numel for n in graph.nodes for v in n.outputs)
@@ -447,6 +454,10 @@ class RoundingAllowance:
             if note.ops:
                 terms[0] = terms[0] + note.magnitude.to(terms[0])
             m_out = _detach(rule.output_magnitude(node, m_in, in_bounds, cfg, terms))
+        for producer in fused_sum_producers(node):  # one sum with its producers' (module docstring)
+            n_eval += self._n_eval[producer]
+            terms = [t + self._noise[producer][1][0] for t in terms]
+        self._n_eval[node] = n_eval
         evaluation = gamma(n_eval, self.u_e)                               # the network's own rounding
         underflow = (2 * n_eval + 1) * self.sigma_e if n_eval else 0.0     # ... below sigma_e, per unit
         reach = sum(map(_largest_sum, m_in))
@@ -501,6 +512,20 @@ class RoundingAllowance:
         if rule.bounds_needed(node):
             self._columns += node.output.numel  # the forward path may add a gap column per unit
             self._column_mass += node.output.numel
+
+
+FUSED_SUM_PRODUCERS = {("", "Conv"), ("", "MatMul"), ("", "Gemm")}
+"""Ops whose sum onnxruntime may continue into a following Add (module docstring, *Fused sums*)."""
+
+
+def fused_sum_producers(node: Node) -> list[Node]:
+    """The producers whose sums an Add or Sub ``node`` of two variables may be evaluated in:
+    a Conv, MatMul or Gemm output of the Add's own shape that nothing else reads."""
+    if node.op not in (("", "Add"), ("", "Sub")) or len(node.var_inputs) != 2:
+        return []
+    return [v.producer for v in node.var_inputs
+            if v.producer is not None and v.producer.op in FUSED_SUM_PRODUCERS and len(v.users) == 1
+            and tuple(v.unit_shape) == tuple(node.output.unit_shape)]
 
 
 def _abs_pair(rule, node, xs: list, ys: list, bounds, config) -> tuple[list, list]:

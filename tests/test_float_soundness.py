@@ -703,3 +703,51 @@ def test_a_constant_onnxruntime_approximates_is_counted_or_refused(tmp_path):
     moderate = [0.25, -0.5, 1.0, 2.0]
     graph = load_model(net(moderate))
     assert graph.meta.get(APPROXIMATE_CONSTANTS, 0) <= 8  # loaded: within 8 ulps (counted if above 0)
+
+
+def _fused_sum_onnx(path, producer: str, k: int) -> tuple[str, np.ndarray]:
+    """``y = P(xa) + (xb + 2^24)``: ``P`` a MatMul over ``k`` inputs (onnxruntime fuses it with the
+    Add into a Gemm whose C is the residual) or a 3x3 Conv over ``k`` channels (fused with the Add
+    as the Conv's sum input). Its sums, 0.99 per block of 256 inputs (MatMul) or 16 channels
+    (Conv), are each lost when added to 2^24; the exact value at the centre is 2^24 + about
+    0.99 k / 256 (or k / 16). Returns the path and the centre ``[1, ...]``."""
+    if producer == "MatMul":
+        shape, x_shape, per_block = [k + 4], ["N", k + 4], 0.99 * (k // 256) / k
+        nodes = [helper.make_node("MatMul", ["xa", "W"], ["p"])]
+        inits = {"W": np.full((k, 4), per_block, np.float32), "e0": [4], "s1": [4], "e1": [k + 4]}
+        residual = [helper.make_node("Add", ["xb", "B"], ["s"])]
+        inits["B"] = np.full(4, 2.0 ** 24, np.float32)
+    else:
+        shape, x_shape = [k + 1, 4, 4], ["N", k + 1, 4, 4]
+        nodes = [helper.make_node("Conv", ["xa", "W"], ["p"], pads=[1] * 4)]
+        inits = {"W": np.full((16, k, 3, 3), 0.99 * (k // 16) / (k * 9), np.float32), "e0": [1], "s1": [1], "e1": [k + 1],
+                 "W2": np.full((16, 1, 1, 1), 2.0 ** -10, np.float32), "B2": np.full(16, 2.0 ** 24, np.float32)}
+        residual = [helper.make_node("Conv", ["xb", "W2", "B2"], ["s"])]
+    nodes = [helper.make_node("Slice", ["x", "s0", "e0", "ax"], ["xb"]), helper.make_node("Slice", ["x", "s1", "e1", "ax"], ["xa"]),
+             *nodes, *residual, helper.make_node("Add", ["p", "s"], ["y"])]
+    inits |= {"s0": [0], "ax": [1]}
+    tensors = [numpy_helper.from_array(np.asarray(v, np.int64 if k_ in ("s0", "e0", "s1", "e1", "ax") else np.float32), k_)
+               for k_, v in inits.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], tensors)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    centre = np.ones([1, *shape], np.float32)
+    centre[:, :4 if producer == "MatMul" else 1] = 0.0
+    return str(path), centre
+
+
+@pytest.mark.parametrize("producer, k", [("MatMul", 4096), ("Conv", 512)])
+def test_a_sum_onnxruntime_fuses_with_the_next_add_is_charged_as_one(tmp_path, producer, k):
+    """onnxruntime (default optimisations) evaluates ``P + s`` as one sum whose partial sums
+    carry ``s = 2^24``: every block's 0.99 is lost, and it computes exactly 2^24 where the
+    exact value is 2^24 + 16 (found by a review: a float64 lower bound of 2^24 + 7.7 for the
+    MatMul, 2^24 + 25 for the Conv with 512 channels). The Add is charged as that one sum."""
+    path, centre = _fused_sum_onnx(tmp_path / "net.onnx", producer, k)
+    y = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": centre})[0].reshape(-1)
+    assert float(y[0]) == 2.0 ** 24, "onnxruntime no longer fuses this sum; the test needs another construction"
+    for dtype in (torch.float32, torch.float64):
+        cert = Certifier(load_model(path), dtype=dtype)
+        spec = torch.zeros(1, 1, y.size, dtype=dtype)
+        spec[0, 0, 0] = 1.0
+        low = cert.lower_bounds(cert.input_set(torch.tensor(centre, dtype=dtype), 0.001), spec)
+        assert float(low[0, 0]) <= float(y[0]), f"{dtype}: certified {float(low[0, 0]) - 2 ** 24} above 2^24"
