@@ -120,7 +120,7 @@ import torch
 
 from .dual_graph import FAN_OUT_SUM, INPUT_SET
 from .dual_registry import AffineRule, Bounds, ElementwiseRule, Relaxation, dual_rule
-from .errors import InternalError
+from .errors import DualgraphError, InternalError
 from .input_sets import InputSet
 from .interpreter import naming_node
 from .ir import APPROXIMATE_CONSTANTS, EVALUATED_IN, FOLD_GAIN, FoldedRounding, Graph, Node, Value
@@ -143,11 +143,16 @@ def underflow(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
 
 
-def gamma(n: int, u: float) -> float:
-    """Higham's ``gamma_n = n u / (1 - n u)``: the relative error bound of a sum of ``n`` products."""
+def gamma(n: int, u: float, evaluated: bool = False) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: the relative error bound of a sum of ``n`` products
+    (``evaluated``: a sum of the network's own evaluation, at its precision ``u_e``; else of the
+    bound's arithmetic). Past ``n u = 0.005`` (what :data:`SAFETY` covers) a one-line error."""
     nu = n * u
-    if nu >= 0.005:
-        raise InternalError(f"sums of {n} terms are too long for a rounding analysis at unit roundoff {u:g}")
+    if nu >= 0.005:  # a model's size, not a bug
+        hint = ("the network's own precision cannot be analysed at this size; export it in float64"
+                if evaluated else "compute the bounds in float64 (--dtype float64, or dtype=torch.float64)")
+        raise DualgraphError(f"sums of {n} terms are too long for a rounding analysis at unit roundoff {u:g} "
+                             f"(n u must stay below 0.005): {hint}")
     return nu / (1 - nu)
 
 
@@ -330,7 +335,7 @@ class RoundingAllowance:
         n_off = int(with_offset.flatten(1).sum(1).max()) if with_offset.numel() else 0
         with naming_node(node, "rounding analysis"):
             n_eval = rule.eval_length(node, [b], self.config) + self.cast_terms
-        coef = SAFETY * (gamma(n_off + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e))
+        coef = SAFETY * (gamma(n_off + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e, evaluated=True))
         underflow = SAFETY * ((2 * n_eval + 1) * self.sigma_e + rule.eval_absolute(node) * self.u_e
                               + 8 * self.sigma_c)
         m = torch.maximum(b.lower.abs(), b.upper.abs()).detach()
@@ -338,7 +343,7 @@ class RoundingAllowance:
         # free lines with offsets of their own (FreeLines): chosen, their offsets enter as
         # corrections lam (b(a) - b) of the fixed lines' dot product, twice the terms and a
         # subtraction each, and they pay for their own slope and offset on top of delta
-        free_coef = SAFETY * (gamma(2 * n_off + 2 + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e))
+        free_coef = SAFETY * (gamma(2 * n_off + 2 + 8 + self.terms, self.u_c) + gamma(n_eval, self.u_e, evaluated=True))
         return r.moved_out(delta, free_coef, m)
 
     # ---- the forward passes over magnitudes -------------------------------------------------------
@@ -458,7 +463,7 @@ class RoundingAllowance:
             n_eval += self._n_eval[producer]
             terms = [t + self._noise[producer][1][0] for t in terms]
         self._n_eval[node] = n_eval
-        evaluation = gamma(n_eval, self.u_e)                               # the network's own rounding
+        evaluation = gamma(n_eval, self.u_e, evaluated=True)                # the network's own rounding
         underflow = (2 * n_eval + 1) * self.sigma_e if n_eval else 0.0     # ... below sigma_e, per unit
         reach = sum(map(_largest_sum, m_in))
         if n_eval and self._subnormal_constants:  # a subnormal weight read as zero: < sigma_e m_k

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dualgraph.api import load_model
+from dualgraph.api import Certifier, load_model
 from dualgraph.cli import main
 from dualgraph.frontends.onnx import load_onnx
 from dualgraph.errors import DualgraphError
@@ -67,3 +67,16 @@ def test_a_module_in_training_mode_is_lowered_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_model(net.eval(), torch.randn(2, 3))  # no warning in eval mode
+
+
+@pytest.mark.parametrize("net_dtype, bound_dtype, hint", [
+    (torch.float32, torch.float32, "compute the bounds in float64"),
+    (torch.float32, torch.float64, "the network's own precision cannot be analysed at this size")])
+def test_sums_too_long_for_the_rounding_analysis_are_a_one_line_error(net_dtype, bound_dtype, hint):
+    """An input of 3x224x224 units in float32: one sum of 150,528 terms is beyond the analysis
+    (n u >= 0.005): a user error naming the remedy, where the bounds' precision is the cause."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 224 * 224, 2)).eval().to(net_dtype)
+    x = torch.rand(1, 3, 224, 224, dtype=net_dtype)
+    cert = Certifier(load_model(model, x), dtype=bound_dtype)
+    with pytest.raises(DualgraphError, match=hint):
+        cert.lower_bounds(cert.input_set(x.to(bound_dtype), 0.001), torch.eye(2, dtype=bound_dtype)[None])
