@@ -100,6 +100,12 @@ class DualRule:
     #: who to blame if the rule is unsound ("<distribution>, op <name>"): set for rules from
     #: outside dualgraph until their first use has been checked (dualgraph.trust)
     trust_source: str | None = None
+    #: whether onnxruntime may continue the op's sums into a following Add (a Conv's "Sum"
+    #: input, MatMul + Add as a Gemm); and whether the op is such an Add (or Sub) of two
+    #: variables, evaluated in its producers' sums: the rounding allowance then charges it as
+    #: one sum with them (:func:`dualgraph.rounding.fused_sum_producers`)
+    sums_into_next_add: bool = False
+    adds_into_producer_sum: bool = False
 
     def bounds_needed(self, node: Node) -> bool:
         """Whether this node's dual layer needs bounds of its variable inputs (a relaxation,

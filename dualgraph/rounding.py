@@ -519,17 +519,15 @@ class RoundingAllowance:
             self._column_mass += node.output.numel
 
 
-FUSED_SUM_PRODUCERS = {("", "Conv"), ("", "MatMul"), ("", "Gemm")}
-"""Ops whose sum onnxruntime may continue into a following Add (module docstring, *Fused sums*)."""
-
-
 def fused_sum_producers(node: Node) -> list[Node]:
-    """The producers whose sums an Add or Sub ``node`` of two variables may be evaluated in:
-    a Conv, MatMul or Gemm output of the Add's own shape that nothing else reads."""
-    if node.op not in (("", "Add"), ("", "Sub")) or len(node.var_inputs) != 2:
+    """The producers whose sums an Add or Sub ``node`` of two variables may be evaluated in
+    (module docstring, *Fused sums*; :attr:`DualRule.adds_into_producer_sum`): a Conv, MatMul
+    or Gemm output (:attr:`DualRule.sums_into_next_add`) of the Add's own shape that nothing
+    else reads."""
+    if not dual_rule(node).adds_into_producer_sum or len(node.var_inputs) != 2:
         return []
     return [v.producer for v in node.var_inputs
-            if v.producer is not None and v.producer.op in FUSED_SUM_PRODUCERS and len(v.users) == 1
+            if v.producer is not None and dual_rule(v.producer).sums_into_next_add and len(v.users) == 1
             and tuple(v.unit_shape) == tuple(node.output.unit_shape)]
 
 

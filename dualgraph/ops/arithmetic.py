@@ -60,7 +60,7 @@ add.evaluate(lambda node, inputs: inputs[0] + inputs[1])
 
 @add.dual
 class AddDual(ElementwiseAffineDual):
-    pass
+    adds_into_producer_sum = True
 
 
 add.onnx_import(_onnx_binary)
@@ -79,6 +79,8 @@ sub.evaluate(lambda node, inputs: inputs[0] - inputs[1])
 
 @sub.dual
 class SubDual(ElementwiseAffineDual):
+    adds_into_producer_sum = True
+
     def abs_linear(self, node, xs, bounds, config):
         return self.eval_with_abs_constants(node, xs, ("", "Add"))  # |a - b| <= |a| + |b|
 

@@ -51,6 +51,7 @@ class GemmDual(AffineRule):
     """With variable A: ``lam_A = alpha * lam B'^T`` (transposed if transA)."""
 
     bias_slot = 2
+    sums_into_next_add = True
 
     def transpose(self, node, lam_rows):
         require_const(node, 1, 2)
@@ -174,6 +175,7 @@ class MatMulDual(AffineRule):
     |lam| . w_A w_B / 4``."""
 
     abs_by_eval = True
+    sums_into_next_add = True
 
     def bounds_needed(self, node) -> bool:
         return all(v is not None and not v.is_const for v in node.inputs[:2])
@@ -280,6 +282,7 @@ class ConvDual(AffineRule):
 
     abs_by_eval = True
     bias_slot = 2
+    sums_into_next_add = True
 
     def eval_length(self, node, bounds, config):
         w = node.inputs[1].const
