@@ -101,11 +101,15 @@ class DualRule:
     #: outside dualgraph until their first use has been checked (dualgraph.trust)
     trust_source: str | None = None
     #: whether onnxruntime may continue the op's sums into a following Add (a Conv's "Sum"
-    #: input, MatMul + Add as a Gemm); and whether the op is such an Add (or Sub) of two
-    #: variables, evaluated in its producers' sums: the rounding allowance then charges it as
-    #: one sum with them (:func:`dualgraph.rounding.fused_sum_producers`)
+    #: input, MatMul + Add as a Gemm); whether the op is such an Add (or Sub), of a variable or
+    #: a constant, that may be evaluated in its producers' sums; and whether the op only
+    #: rearranges entries (each output entry is one input entry, each input entry lands in one
+    #: output entry), so that onnxruntime's layout passes may take it out of a fusion's way. The
+    #: rounding allowance charges such an Add as one sum with its producers
+    #: (:func:`dualgraph.rounding.fused_sum_producers`)
     sums_into_next_add: bool = False
     adds_into_producer_sum: bool = False
+    rearranges_entries: bool = False
 
     def bounds_needed(self, node: Node) -> bool:
         """Whether this node's dual layer needs bounds of its variable inputs (a relaxation,

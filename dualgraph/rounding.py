@@ -99,9 +99,13 @@ magnitudes their cancellations hide, added to its ``n_e`` and ``T``.
 
 *Fused sums.* onnxruntime may evaluate ``P + s`` as one sum when ``P`` is a Conv, MatMul or
 Gemm whose only user is the Add (its Conv with a "Sum" input, ``MatMulAddFusion`` into a
-Gemm): the partial sums then carry ``|s|``, so the error is ``gamma(n_P + 1)(T_P + |s|)``, not
-``gamma(n_P) T_P`` and one rounding of ``P + s``. Such an Add or Sub
-(:func:`fused_sum_producers`) is charged ``n_e`` and ``T`` of its producers besides its own.
+Gemm whose C is ``s``): the partial sums then carry ``|s|``, so the error is
+``gamma(n_P + 1)(T_P + |s|)``, not ``gamma(n_P) T_P`` and one rounding of ``P + s``. ``s`` may
+be a variable (a residual) or a constant (a Dense layer's bias written as MatMul + Add), either
+operand, and ops that only move entries (Transpose, Reshape: an NHWC model's layout) may stand
+between ``P`` and the Add, which onnxruntime's layout passes take out of the way first. Such an
+Add or Sub (:func:`fused_sum_producers`) is charged ``n_e`` and ``T`` of its producers besides
+its own; an Add so fused may itself be fused into the next one.
 
 ``SAFETY = 1.01`` covers the rounding of the allowance itself and the second-order
 difference between computed and exact dual variables (each ``n u`` is kept below
@@ -459,9 +463,13 @@ class RoundingAllowance:
             if note.ops:
                 terms[0] = terms[0] + note.magnitude.to(terms[0])
             m_out = _detach(rule.output_magnitude(node, m_in, in_bounds, cfg, terms))
-        for producer in fused_sum_producers(node):  # one sum with its producers' (module docstring)
+        for producer, path in fused_sum_producers(node):  # one sum with its producers' (module docstring)
             n_eval += self._n_eval[producer]
-            terms = [t + self._noise[producer][1][0] for t in terms]
+            carried = self._noise[producer][1][0]
+            for step in path:  # the producer's T where the Add reads it
+                with naming_node(step, "rounding analysis"):
+                    carried = _detach(dual_rule(step).abs_linear(step, [carried], [], cfg))[0]
+            terms = [t + carried.reshape(carried.shape[0], *node.output.unit_shape) for t in terms]
         self._n_eval[node] = n_eval
         evaluation = gamma(n_eval, self.u_e, evaluated=True)                # the network's own rounding
         underflow = (2 * n_eval + 1) * self.sigma_e if n_eval else 0.0     # ... below sigma_e, per unit
@@ -519,16 +527,33 @@ class RoundingAllowance:
             self._column_mass += node.output.numel
 
 
-def fused_sum_producers(node: Node) -> list[Node]:
-    """The producers whose sums an Add or Sub ``node`` of two variables may be evaluated in
-    (module docstring, *Fused sums*; :attr:`DualRule.adds_into_producer_sum`): a Conv, MatMul
-    or Gemm output (:attr:`DualRule.sums_into_next_add`) of the Add's own shape that nothing
-    else reads."""
-    if not dual_rule(node).adds_into_producer_sum or len(node.var_inputs) != 2:
+def fused_sum_producers(node: Node) -> list[tuple[Node, list[Node]]]:
+    """The producers whose sums an Add or Sub ``node`` may be evaluated in (module docstring,
+    *Fused sums*; :attr:`DualRule.adds_into_producer_sum`), each with the ops between it and
+    the Add (first to last): for every variable operand with as many entries as the Add's
+    output (not broadcast), the node computing it behind any ops that only rearrange entries
+    (:attr:`DualRule.rearranges_entries`: onnxruntime's layout passes cancel or move them),
+    each value on the way read by nothing else, if that node is a Conv, MatMul or Gemm
+    (:attr:`DualRule.sums_into_next_add`) or itself such an Add with producers of its own
+    (whose charge includes theirs). The other operand may be a variable or a constant."""
+    if not dual_rule(node).adds_into_producer_sum:
         return []
-    return [v.producer for v in node.var_inputs
-            if v.producer is not None and dual_rule(v.producer).sums_into_next_add and len(v.users) == 1
-            and tuple(v.unit_shape) == tuple(node.output.unit_shape)]
+    found = []
+    for v in dict.fromkeys(node.var_inputs):
+        if v.numel != node.output.numel:
+            continue
+        path: list[Node] = []
+        while (v.producer is not None and len(v.users) == 1 and len(v.producer.outputs) == 1
+               and dual_rule(v.producer).rearranges_entries and len(v.producer.var_inputs) == 1):
+            path.append(v.producer)
+            v = v.producer.var_inputs[0]
+        producer = v.producer
+        if producer is None or len(v.users) != 1:
+            continue
+        rule = dual_rule(producer)
+        if rule.sums_into_next_add or (rule.adds_into_producer_sum and fused_sum_producers(producer)):
+            found.append((producer, path[::-1]))
+    return found
 
 
 def _abs_pair(rule, node, xs: list, ys: list, bounds, config) -> tuple[list, list]:

@@ -175,6 +175,13 @@ class IndexMapDual(AffineRule):
         return offset_dot_length(self, node)
 
 
+class RearrangeDual(IndexMapDual):
+    """Ops that only rearrange entries, one output entry per input entry (Identity, Reshape,
+    Transpose, ...): :attr:`~dualgraph.dual_registry.DualRule.rearranges_entries`."""
+
+    rearranges_entries = True
+
+
 class ElementwiseAffineDual(AffineRule):
     """Elementwise arithmetic with constants or between variables (broadcasting allowed)."""
 

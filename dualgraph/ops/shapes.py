@@ -22,7 +22,7 @@ from ..errors import DualgraphError
 from ..ir import EVALUATED_IN, Value
 from ..lowering import BATCH_SIZE, FLOAT_TYPES, PAD_MODES, Call, Const, Missing, OnnxNode, Unsupported, Var, reshape_to
 from ..op_registry import SAME, define_op, random_const, var
-from .common import IndexMapDual, example_axis, int_list, node_axis, onnx_elementwise, slice_range, torch_pad
+from .common import IndexMapDual, RearrangeDual, example_axis, int_list, node_axis, onnx_elementwise, slice_range, torch_pad
 
 Tensor = torch.Tensor
 
@@ -35,7 +35,7 @@ def _ints(*values: int) -> torch.Tensor:
 
 identity = define_op("Identity")
 identity.evaluate(lambda node, inputs: inputs[0])
-identity.dual(IndexMapDual)
+identity.dual(RearrangeDual)
 identity.onnx_import(onnx_elementwise)
 
 
@@ -109,7 +109,7 @@ def _(node, inputs):
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
-flatten.dual(IndexMapDual)
+flatten.dual(RearrangeDual)
 
 
 @flatten.onnx_import
@@ -161,7 +161,7 @@ def _(node, inputs):
     return x.reshape(x.shape[0], *rest)
 
 
-reshape.dual(IndexMapDual)
+reshape.dual(RearrangeDual)
 
 
 def _resolve_reshape(n: OnnxNode, target: np.ndarray, shape: list[int], allowzero: int) -> list[int]:
@@ -221,7 +221,7 @@ def _(node, inputs):
     return x.permute(*perm)
 
 
-transpose.dual(IndexMapDual)
+transpose.dual(RearrangeDual)
 transpose.onnx_import(lambda ctx, n: [ctx.transpose(n, ctx.var(n, 0), n.attrs.get("perm"), n.outs)])
 
 
@@ -259,7 +259,7 @@ def _(node, inputs):
     return x
 
 
-squeeze.dual(IndexMapDual)
+squeeze.dual(RearrangeDual)
 
 
 @squeeze.onnx_import
@@ -306,7 +306,7 @@ def _(node, inputs):
     return x
 
 
-unsqueeze.dual(IndexMapDual)
+unsqueeze.dual(RearrangeDual)
 
 
 @unsqueeze.onnx_import
