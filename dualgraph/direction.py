@@ -84,7 +84,7 @@ class DirectionCost:
         if not self.forward_ok:
             if self.config.direction == "forward":
                 raise DualgraphError("direction 'forward' needs linear dual layers everywhere (paper ReLU "
-                                     "relaxation, no MaxPool); use direction 'backward' or 'auto'")
+                                     "relaxation, no MaxPool before the last bounded value); use direction 'backward' or 'auto'")
             return False
         return True
 

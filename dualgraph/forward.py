@@ -104,12 +104,16 @@ class ForwardBounds(GraphWalk):
         self.scheme = scheme or ExactColumns()
 
     def bounds(self, targets: list[Value], input_set: InputSet,
-               bounds: dict[Value, Bounds] | None = None, widen=None) -> dict[Value, Bounds]:
+               bounds: dict[Value, Bounds] | None = None, widen=None, image=None) -> dict[Value, Bounds]:
         """Bounds of ``targets`` (in topological order); fills and returns ``bounds``.
 
         ``widen(v, bounds) -> bounds`` (the rounding allowance) is applied to each target's
-        bounds as soon as they are formed, before any later relaxation uses them."""
+        bounds as soon as they are formed, before any later relaxation uses them.
+        ``image(v, bounds) -> bounds or None``: a target's bounds from those of its producer's
+        inputs (:meth:`dualgraph.scheduler.BoundScheduler.image_bounds`), taken instead of the
+        pushed columns' where given (a ReLU before a max pool: as the backward direction does)."""
         self._widen = widen or (lambda v, b: b)
+        self._image = image or (lambda v, b: None)
         self.out = bounds = {} if bounds is None else bounds
         if not targets:
             return bounds
@@ -129,7 +133,8 @@ class ForwardBounds(GraphWalk):
         for v, out in zip(node.outputs, outs):
             env[v] = out
             if v in self.wanted:
-                self.out[v] = self._finish(v, *out)
+                image = self._image(v, self.out)
+                self.out[v] = image if image is not None else self._finish(v, *out)
 
     def _finish(self, v: Value, c: torch.Tensor, srcs: dict) -> Bounds:
         n = v.numel

@@ -363,7 +363,7 @@ class Projections:
         cls = GaussianColumns if isinstance(input_set, L2Ball) else CauchyColumns
         return cls(cfg.proj, self.generator(input_set.center.device), cfg.proj_estimator, cfg.delta)
 
-    def bounds(self, graph, targets: list, input_set: InputSet, bounds: dict, widen=None) -> dict:
+    def bounds(self, graph, targets: list, input_set: InputSet, bounds: dict, widen=None, image=None) -> dict:
         """Estimated bounds of ``targets`` (topological order), filled into ``bounds``.
 
         One forward run pushes one set of draws through every layer (Algorithm 1). With
@@ -374,9 +374,9 @@ class Projections:
         """
         from .forward import ForwardBounds
         if self.config.delta is None:
-            return ForwardBounds(graph, self.config, self.scheme(input_set)).bounds(targets, input_set, bounds, widen)
+            return ForwardBounds(graph, self.config, self.scheme(input_set)).bounds(targets, input_set, bounds, widen, image)
         for t in targets:
-            ForwardBounds(graph, self.config, self.scheme(input_set)).bounds([t], input_set, bounds, widen)
+            ForwardBounds(graph, self.config, self.scheme(input_set)).bounds([t], input_set, bounds, widen, image)
         return bounds
 
 

@@ -137,12 +137,12 @@ class BoundScheduler:
         with full_precision_matmul(input_set.center.device):
             if self.bound_targets and self.config.proj is not None:
                 return self._projections().bounds(self.graph, self.bound_targets, input_set, batch.bounds,
-                                                  batch.rounding.widen_forward)
+                                                  batch.rounding.widen_forward, self.image_bounds)
             center = input_set.center
             if self.bound_targets and self.forward_for(center.shape[0], center.element_size()):
                 with _out_of_memory_as_error("the forward direction"):
                     forward = ForwardBounds(self.graph, self.config, deadline=self.deadline).bounds(
-                        self.bound_targets, input_set, batch.bounds, batch.rounding.widen_forward)
+                        self.bound_targets, input_set, batch.bounds, batch.rounding.widen_forward, self.image_bounds)
                 if (self.config.direction != "auto" or not batch.rounding.enabled
                         or not self.direction.too_loose(self._forward_shares(forward))):
                     return forward  # (asked for, or exact arithmetic, or tight enough)
@@ -151,19 +151,29 @@ class BoundScheduler:
             for v in self.bound_targets:
                 start = time.perf_counter()
                 with _out_of_memory_as_error(v.name):
-                    if v in self.by_image:  # as tight as a pass could be
-                        node = v.producer
-                        raw = dual_rule(node).image_bounds(node, [batch.bounds[x] for x in node.var_inputs])[0]
-                    else:
+                    image = self.image_bounds(v, batch.bounds)
+                    if image is None:
                         raw = self.value_bounds(v, replace(batch, per_row=True))  # each row its own allowance
                         if optimise_slopes:
                             raw = self._optimise_unit_bounds(v, batch, raw)
                             raw = Bounds(torch.fmax(raw.lower, floor[v].lower),  # NaN: no bound
                                          torch.fmin(raw.upper, floor[v].upper))
-                    batch.bounds[v] = batch.rounding.adopt(v, raw)
+                        image = batch.rounding.adopt(v, raw)
+                    batch.bounds[v] = image
                 if self.phase_seconds is not None:
                     self.phase_seconds[v.name] = self.phase_seconds.get(v.name, 0.0) + time.perf_counter() - start
         return batch.bounds
+
+    def image_bounds(self, v: Value, bounds: BoundMap) -> Bounds | None:
+        """For a target in :attr:`by_image`, its bounds as the image of its producer's input
+        bounds (``DualRule.image_bounds``: a ReLU's ``[relu(l), relu(u)]``), as tight as a pass
+        could make them and adopted by the rounding allowance; else None. Both directions take
+        it, so that they agree in exact arithmetic."""
+        if v not in self.by_image:
+            return None
+        node = v.producer
+        raw = dual_rule(node).image_bounds(node, [bounds[x] for x in node.var_inputs])[0]
+        return bounds.batch.rounding.adopt(v, raw)
 
     def _forward_shares(self, bounds: dict[Value, Bounds]) -> list[tuple[float, float]]:
         """Each target's forward rounding allowance and bound width, summed over units and examples."""
