@@ -134,7 +134,7 @@ class Falsifier:
         reported point is then the exact one in the box, and the method says so."""
         dtype = self.model.onnx_input_dtype()
         lo, hi = p.input_lo, p.input_hi
-        feed = np.stack([cast_into_box(x, lo, hi, dtype) for x in xs])
+        feed = np.stack([cast_into_box(x, lo, hi, dtype, p.open_lo, p.open_hi) for x in xs])
         report = feed.copy()
         unrepresentable = (feed < lo) | (feed > hi)
         if unrepresentable.any():
@@ -143,7 +143,7 @@ class Falsifier:
             feed[unrepresentable] = exact[unrepresentable].astype(dtype).astype(np.float64)
             method += f" (inputs the box holds no {np.dtype(dtype).name} value for, fed rounded to nearest)"
         ys = self.model.run_onnx(feed)
-        hit = p.violations(ys).min(axis=1, initial=np.inf) <= 0
+        hit = (p.violations(ys).min(axis=1, initial=np.inf) <= 0) & ~outside_open_box(feed, p)
         if hit.any():
             i = int(np.argmax(hit))
             raise Found(report[i], ys[i], method)
@@ -179,12 +179,29 @@ def _aimed_inside(p: VnnlibProperty) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.tensor(c.C), torch.tensor(c.d - 1e-5 * (1 + np.abs(c.d)))) for c in p.unsafe]
 
 
-def cast_into_box(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def cast_into_box(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, dtype: np.dtype,
+                  open_lo: np.ndarray | None = None, open_hi: np.ndarray | None = None) -> np.ndarray:
     """``x`` in the model's input precision, nudged by one ulp back into ``[lo, hi]``
-    where rounding pushed it out (values stay as close to ``x`` as the precision allows)."""
+    where rounding pushed it out (values stay as close to ``x`` as the precision allows),
+    and off a strict bound it lies on (``open_lo``/``open_hi``: ``X_i > lo_i`` / ``< hi_i``)."""
     x = np.clip(np.asarray(x, dtype=np.float64).ravel(), lo, hi)
     c = x.astype(dtype)
     below, above = c.astype(np.float64) < lo, c.astype(np.float64) > hi
+    if open_lo is not None:
+        below |= open_lo & (c.astype(np.float64) <= lo)
+    if open_hi is not None:
+        above |= open_hi & (c.astype(np.float64) >= hi)
     c[below] = np.nextafter(c[below], np.asarray(np.inf, dtype))
     c[above] = np.nextafter(c[above], np.asarray(-np.inf, dtype))
     return c.astype(np.float64)
+
+
+def outside_open_box(points: np.ndarray, p: VnnlibProperty) -> np.ndarray:
+    """``[B]``: the points on or past a strict input bound of ``p`` (an open interval that
+    holds no value of the input precision leaves its candidates there)."""
+    out = np.zeros(len(points), dtype=bool)
+    if p.open_lo is not None:
+        out |= (p.open_lo & (points <= p.input_lo)).any(axis=1)
+    if p.open_hi is not None:
+        out |= (p.open_hi & (points >= p.input_hi)).any(axis=1)
+    return out

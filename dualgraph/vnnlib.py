@@ -10,9 +10,13 @@ box on the inputs (an input comparison must bound one ``X_i`` by a constant) plu
     unsafe(y)  <=>  OR_m ( C_m @ y <= d_m )      (row-wise; a union of polyhedra)
 
 The property *holds* (competition answer ``unsat``) iff no ``x`` in ``[input_lo, input_hi]``
-has ``f(x)`` in the unsafe region. Strict comparisons are read as non-strict: the closed
-region contains the strict one, so proving the closed region unreachable is still sound;
-a counterexample exactly on the boundary of a strict comparison is not a real one.
+has ``f(x)`` in the unsafe region. Proofs treat strict comparisons as non-strict: the closed
+region contains the strict one, so proving the closed region unreachable is still sound. A
+counterexample must satisfy them strictly: each output row and input bound remembers
+whether it is strict (``Conjunction.strict``, ``VnnlibProperty.open_lo``/``open_hi``), a point
+on the boundary of a strict row is not in the unsafe region (:meth:`Conjunction.violations`),
+and a candidate on an open input bound is moved one step of the input precision inside
+(:func:`dualgraph.falsify.cast_into_box`).
 """
 
 from __future__ import annotations
@@ -50,25 +54,32 @@ _BOUND = re.compile(
 _SIMPLE = re.compile(rf"\({_S}(<=|>=|<|>){_S1}([^\s()]+){_S1}([^\s()]+){_S}\)")
 _IGNORED = {"set-logic", "set-info", "set-option", "check-sat", "get-model", "exit"}
 
-Atom = tuple  # ("x", i, is_upper, bound) or ("y", {j: coef}, d) meaning sum coef*Y_j <= d
+Atom = tuple  # ("x", i, is_upper, bound, strict) or ("y", {j: coef}, d, strict): sum coef*Y_j <= d (< if strict)
 Linear = tuple[dict[tuple[bool, int], float], float]  # ({(is_output, index): coef}, const)
 Dnf = list[list[Atom]]  # a disjunction of terms, each a conjunction of atoms
 
 
 @dataclass(frozen=True, eq=False)
 class Conjunction:
-    """The polyhedron ``{y : C @ y <= d}`` (``C``: ``k x n_outputs``, ``d``: ``k``).
+    """The polyhedron ``{y : C @ y <= d}`` (``C``: ``k x n_outputs``, ``d``: ``k``), with
+    ``C_r @ y < d_r`` on the rows where ``strict`` is set (None: no strict row).
 
     ``k == 0`` is the whole output space: every input in the box is a counterexample.
     """
 
     C: np.ndarray
     d: np.ndarray
+    strict: np.ndarray | None = None
 
     def violations(self, y_batch: Any) -> np.ndarray:
-        """``max_rows (C @ y - d)`` for each ``y`` of a ``[B, n_outputs]`` batch; ``<= 0``: inside."""
+        """``max_rows (C @ y - d)`` for each ``y`` of a ``[B, n_outputs]`` batch; ``<= 0``: inside.
+        A strict row's value is moved up to the next number, so that it is ``<= 0`` only where
+        ``C_r @ y - d_r < 0``."""
         y = np.asarray(y_batch, dtype=np.float64).reshape(-1, self.C.shape[1])
-        return np.max(y @ self.C.T - self.d, axis=1, initial=-np.inf)
+        v = y @ self.C.T - self.d
+        if self.strict is not None and self.strict.any():
+            v = np.where(self.strict, np.nextafter(v, np.inf), v)
+        return np.max(v, axis=1, initial=-np.inf)
 
     def holds(self, y: Any, tol: float = 0.0) -> bool:
         """Whether ``C @ y <= d + tol`` for one output vector ``y``."""
@@ -83,6 +94,9 @@ class VnnlibProperty:
     input_hi: np.ndarray
     n_outputs: int
     unsafe: tuple[Conjunction, ...]
+    #: the inputs whose lower (upper) bound is strict, ``X_i > lo_i``; None: none
+    open_lo: np.ndarray | None = None
+    open_hi: np.ndarray | None = None
 
     @property
     def n_inputs(self) -> int:
@@ -147,29 +161,32 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
     common, terms = _conjoin([reader.dnf(e, line) for e, line in asserts])
     if terms is None:
         return []
-    for i, (l, h) in _narrow(common, base_lo, base_hi).items():
-        base_lo[i], base_hi[i] = l, h
+    base_open_lo, base_open_hi = np.zeros(n_in, dtype=bool), np.zeros(n_in, dtype=bool)
+    for i, (l, h, lo_open, hi_open) in _narrow(common, base_lo, base_hi, base_open_lo, base_open_hi).items():
+        base_lo[i], base_hi[i], base_open_lo[i], base_open_hi[i] = l, h, lo_open, hi_open
     common_rows = [a for a in common if a[0] == "y"]
     conjunctions = _conjunctions([common_rows + [a for a in t if a[0] == "y"] for t in terms], n_out)
     groups: dict[tuple, list[Conjunction]] = {}
     for term, conj in zip(terms, conjunctions):
         # Key a term's box by where it differs from the common box: hashing whole
         # arrays would cost O(n_inputs) for each of possibly thousands of disjuncts.
-        key = tuple(sorted(_narrow(term, base_lo, base_hi).items()))
+        key = tuple(sorted(_narrow(term, base_lo, base_hi, base_open_lo, base_open_hi).items()))
         groups.setdefault(key, []).append(conj)
     props = []
     for key, unsafe in groups.items():
-        lo, hi = base_lo.copy(), base_hi.copy()
-        for i, (l, h) in key:
-            lo[i], hi[i] = l, h
+        lo, hi, open_lo, open_hi = base_lo.copy(), base_hi.copy(), base_open_lo.copy(), base_open_hi.copy()
+        for i, (l, h, lo_open, hi_open) in key:
+            lo[i], hi[i], open_lo[i], open_hi[i] = l, h, lo_open, hi_open
         for arr, what, op in ((lo, "lower", ">="), (hi, "upper", "<=")):
             if not np.isfinite(arr).all():
                 i = int(np.argmin(np.isfinite(arr)))
                 _fail(source, None, f"input X_{i} has no finite {what} bound; add (assert ({op} X_{i} c)) "
                                     "with a finite number c")
-        if (lo > hi).any():
+        if (lo > hi).any() or ((lo == hi) & (open_lo | open_hi)).any():
             continue  # no input satisfies this disjunct: it is false, the others still count
-        props.append(VnnlibProperty(_frozen(lo), _frozen(hi), n_out, tuple(unsafe)))
+        props.append(VnnlibProperty(_frozen(lo), _frozen(hi), n_out, tuple(unsafe),
+                                    _frozen(open_lo) if open_lo.any() else None,
+                                    _frozen(open_hi) if open_hi.any() else None))
     return props
 
 
@@ -294,14 +311,15 @@ class _Reader:
         """``(op a b)`` with variables or numbers ``a, b``; the common shapes skip linear forms."""
         if op[0] == ">":
             a, b = b, a  # now a <= b
+        strict = len(op) == 1
         va, vb = self.names.get(a), self.names.get(b)
         if va is not None and vb is None and _NUMBER.match(b):
-            return ("y", {va[1]: 1.0}, float(b)) if va[0] else ("x", va[1], True, float(b))
+            return ("y", {va[1]: 1.0}, float(b), strict) if va[0] else ("x", va[1], True, float(b), strict)
         if vb is not None and va is None and _NUMBER.match(a):
-            return ("y", {vb[1]: -1.0}, 0.0 - float(a)) if vb[0] else ("x", vb[1], False, float(a))
+            return ("y", {vb[1]: -1.0}, 0.0 - float(a), strict) if vb[0] else ("x", vb[1], False, float(a), strict)
         if va is not None and vb is not None and va[0] and vb[0] and va != vb:
-            return ("y", {va[1]: 1.0, vb[1]: -1.0}, 0.0)
-        return self._atom(_axpy(self._linear(a), self._linear(b), -1.0))  # the rest, errors included
+            return ("y", {va[1]: 1.0, vb[1]: -1.0}, 0.0, strict)
+        return self._atom(_axpy(self._linear(a), self._linear(b), -1.0), strict)  # the rest, errors included
 
     def dnf(self, e: Any, line: int | None = None) -> Dnf:
         self.line = line or self.line  # nested calls keep the line of the assert
@@ -320,11 +338,12 @@ class _Reader:
             self.fail(f"unknown function symbol or arity in {_show(e)}; supported: and, or, <=, >=, <, >, =")
         args = [self._linear(a) for a in e[1:]]
         atoms: list[Atom | bool] = []
+        strict = head in ("<", ">")
         for a, b in zip(args, args[1:]):  # a chain (<= a b c) means a <= b and b <= c
             if head in ("<=", "<", "="):
-                atoms.append(self._atom(_axpy(a, b, -1.0)))
+                atoms.append(self._atom(_axpy(a, b, -1.0), strict))
             if head in (">=", ">", "="):
-                atoms.append(self._atom(_axpy(b, a, -1.0)))
+                atoms.append(self._atom(_axpy(b, a, -1.0), strict))
         return [] if any(a is False for a in atoms) else [[a for a in atoms if a is not True]]
 
     def _head(self, e: Any, what: str) -> str:
@@ -332,20 +351,21 @@ class _Reader:
             self.fail(f"expected {what}, got {_show(e)}")
         return e[0]
 
-    def _atom(self, form: Linear) -> Atom | bool:
-        """Normalise ``form <= 0``; a comparison of constants is simply ``True``/``False``."""
+    def _atom(self, form: Linear, strict: bool = False) -> Atom | bool:
+        """Normalise ``form <= 0`` (``< 0`` if ``strict``); a comparison of constants is simply
+        ``True``/``False``."""
         coefs, k = {v: c for v, c in form[0].items() if c != 0.0}, form[1]
         n_out = sum(1 for v in coefs if v[0])
         if not coefs:
-            return bool(k <= 0)
+            return bool(k < 0) if strict else bool(k <= 0)
         if n_out == len(coefs):
-            return ("y", {j: c for (_, j), c in coefs.items()}, 0.0 - k)  # 0.0 - k: never -0.0
+            return ("y", {j: c for (_, j), c in coefs.items()}, 0.0 - k, strict)  # 0.0 - k: never -0.0
         if n_out:
             self.fail("mixed input/output constraints are not supported; compare X and Y in separate asserts")
         if len(coefs) > 1:
             self.fail("an input constraint must bound one X_i by a constant; linear input constraints are not supported")
         ((_, i), c), = coefs.items()
-        return ("x", i, c > 0, -k / c)  # c*x + k <= 0: an upper bound if c > 0, else a lower one
+        return ("x", i, c > 0, -k / c, strict)  # c*x + k <= 0: an upper bound if c > 0, else a lower one
 
     def _linear(self, e: Any) -> Linear:
         if isinstance(e, str):
@@ -378,14 +398,20 @@ def _show(e: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def _narrow(atoms: list[Atom], lo: np.ndarray, hi: np.ndarray) -> dict[int, tuple[float, float]]:
-    """``{i: (lo_i, hi_i)}`` for the inputs whose bounds the atoms narrow inside ``[lo, hi]``."""
-    box: dict[int, tuple[float, float]] = {}
+def _narrow(atoms: list[Atom], lo: np.ndarray, hi: np.ndarray,
+            open_lo: np.ndarray, open_hi: np.ndarray) -> dict[int, tuple[float, float, bool, bool]]:
+    """``{i: (lo_i, hi_i, lo_i open, hi_i open)}`` for the inputs whose bounds the atoms narrow
+    inside ``[lo, hi]`` (or make open: of two equal bounds the strict one counts)."""
+    box: dict[int, tuple[float, float, bool, bool]] = {}
     for a in atoms:
         if a[0] == "x":
-            l, h = box.get(a[1], (float(lo[a[1]]), float(hi[a[1]])))
-            box[a[1]] = (l, min(h, a[3])) if a[2] else (max(l, a[3]), h)
-    return {i: b for i, b in box.items() if b != (lo[i], hi[i])}
+            i, bound, strict = a[1], a[3], a[4]
+            l, h, lo_open, hi_open = box.get(i, (float(lo[i]), float(hi[i]), bool(open_lo[i]), bool(open_hi[i])))
+            if a[2]:
+                box[i] = (l, bound, lo_open, strict) if bound < h else (l, h, lo_open, hi_open or (strict and bound == h))
+            else:
+                box[i] = (bound, h, strict, hi_open) if bound > l else (l, h, lo_open or (strict and bound == l), hi_open)
+    return {i: b for i, b in box.items() if b != (lo[i], hi[i], open_lo[i], open_hi[i])}
 
 
 def _conjunctions(row_lists: list[list[Atom]], n_out: int) -> list[Conjunction]:
@@ -397,8 +423,10 @@ def _conjunctions(row_lists: list[list[Atom]], n_out: int) -> list[Conjunction]:
         r, j, c = zip(*entries)
         C[list(r), list(j)] = c
     C, d = _frozen(C), _frozen(np.array([a[2] for a in flat], dtype=np.float64))
+    strict = _frozen(np.array([a[3] for a in flat], dtype=bool))
     ends = np.cumsum([len(x) for x in row_lists]).tolist()
-    return [Conjunction(C[e - len(x) : e], d[e - len(x) : e]) for x, e in zip(row_lists, ends)]
+    return [Conjunction(C[e - len(x) : e], d[e - len(x) : e], strict[e - len(x) : e] if strict.any() else None)
+            for x, e in zip(row_lists, ends)]
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:

@@ -56,8 +56,16 @@ def check_counterexample(onnx_path: Path, vnnlib_path_or_props, text: str) -> No
     y = sess.run(None, {inp.name: x.astype(np.float32).reshape(shape)})[0].astype(np.float64).ravel()
     assert x.astype(np.float32).astype(np.float64).tolist() == x.tolist(), "X values are not the float32 inputs"
     np.testing.assert_allclose(y, y_written, rtol=0, atol=0)
-    ok = [p for p in props if np.all(x >= p.input_lo) and np.all(x <= p.input_hi)
-          and any(np.all(c.C @ y <= c.d) for c in p.unsafe)]
+    def inside_box(p) -> bool:
+        lo_ok = np.where(p.open_lo if p.open_lo is not None else False, x > p.input_lo, x >= p.input_lo)
+        hi_ok = np.where(p.open_hi if p.open_hi is not None else False, x < p.input_hi, x <= p.input_hi)
+        return bool(np.all(lo_ok) and np.all(hi_ok))
+
+    def inside(c) -> bool:  # strict rows strictly
+        strict = c.strict if c.strict is not None else np.zeros(len(c.d), dtype=bool)
+        return bool(np.all(np.where(strict, c.C @ y < c.d, c.C @ y <= c.d)))
+
+    ok = [p for p in props if inside_box(p) and any(inside(c) for c in p.unsafe)]
     assert ok, "the counterexample does not violate the property"
 
 
@@ -388,3 +396,26 @@ def test_read_instances_errors(tmp_path):
     good = tmp_path / "good.csv"
     good.write_text("# comment\nm.onnx, p.vnnlib ,60\n")
     assert read_instances(good, root="/r") == [(Path("/r/m.onnx"), Path("/r/p.vnnlib"), 60.0)]
+
+
+RELU = [(np.eye(1), np.zeros(1)), (np.eye(1), np.zeros(1))]               # y = relu(x)
+
+
+@pytest.mark.parametrize("layers, box, body", [
+    (RELU, [(-1.0, 1.0)], "(assert (< Y_0 0))"),                   # relu(x) < 0 nowhere; 0 only on the boundary
+    (IDENTITY, None, "(assert (> X_0 0))\n(assert (< X_0 1))\n(assert (<= Y_0 0))"),   # x > 0 strictly
+    (IDENTITY, None, "(assert (> X_0 -1))\n(assert (<= X_0 0))\n(assert (<= Y_0 -1))"),  # x = -1 is outside
+])
+def test_a_point_on_a_strict_boundary_is_no_counterexample(tmp_path, layers, box, body):
+    """Strict comparisons: a property reachable only on the boundary of a strict output row
+    or a strict input bound holds; ``verify`` may not prove it with closed relaxations, but it
+    may not answer ``sat`` (found by a review: ``(< Y_0 0)`` on ``relu(x)`` was ``sat`` at
+    ``x = 0``, ``Y_0 = 0``)."""
+    result, _, _ = answer(tmp_path, layers, vnnlib_text(1, 1, box, body))
+    assert result.answer != "sat", result.result_text()
+
+
+def test_a_strict_property_inside_is_sat(tmp_path):
+    """``x < 0`` for ``x`` in ``[-1, 1]``: a counterexample strictly inside (checked strictly)."""
+    result, _, _ = answer(tmp_path, IDENTITY, vnnlib_text(1, 1, [(-1.0, 1.0)], "(assert (< Y_0 0))"))
+    assert result.answer == "sat"

@@ -168,14 +168,14 @@ N_OUT = 3
 
 @st.composite
 def atoms(draw):
-    op = draw(st.sampled_from(["<=", ">="]))
+    op = draw(st.sampled_from(["<=", ">=", "<", ">"]))
     j = draw(st.integers(0, N_OUT - 1))
-    c = draw(st.integers(-4, 4)) + 0.5  # never tied with the integer-valued sample points below
+    c = draw(st.integers(-4, 4)) + draw(st.sampled_from([0.0, 0.5]))  # ties with the integer sample points, or none
     kind = draw(st.sampled_from(["var-const", "const-var", "var-var", "linear"]))
     if kind == "var-const":
         return f"({op} Y_{j} {c})", (op, {j: 1.0}, c)
     if kind == "const-var":
-        return f"({op} {c} Y_{j})", (">=" if op == "<=" else "<=", {j: 1.0}, c)
+        return f"({op} {c} Y_{j})", ({"<=": ">=", ">=": "<=", "<": ">", ">": "<"}[op], {j: 1.0}, c)
     k = draw(st.integers(0, N_OUT - 1).filter(lambda k: k != j))
     if kind == "var-var":
         return f"({op} Y_{j} Y_{k})", (op, {j: 1.0, k: -1.0}, 0.0)
@@ -198,7 +198,7 @@ def evaluate(f, y: np.ndarray) -> bool:
         return all(vals) if f[0] == "and" else any(vals)
     op, coefs, c = f
     lhs = sum(a * y[j] for j, a in coefs.items())
-    return lhs <= c if op == "<=" else lhs >= c
+    return {"<=": lhs <= c, ">=": lhs >= c, "<": lhs < c, ">": lhs > c}[op]
 
 
 @settings(max_examples=150, deadline=None)
@@ -326,3 +326,22 @@ def test_conjunction_is_plain_data() -> None:
     c = Conjunction(np.array([[1.0, -1.0]]), np.array([0.5]))
     assert c.holds([1.0, 0.5]) and not c.holds([2.0, 0.5])
     np.testing.assert_array_equal(c.violations(np.array([[1.0, 0.5], [2.0, 0.5]])), [0.0, 1.0])
+
+
+def test_strict_comparisons_are_kept_for_counterexamples() -> None:
+    """Strict rows and bounds are read as closed for proofs, and remembered: a point on a
+    strict row's boundary is outside the unsafe region, and the box knows its open ends."""
+    (p,) = parse_vnnlib("(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n"
+                        "(assert (> X_0 0))\n(assert (<= X_0 1))\n(assert (>= X_1 0))\n(assert (< X_1 1))\n"
+                        "(assert (<= X_1 1))\n(assert (< Y_0 2.5))")
+    assert p.input_lo.tolist() == [0.0, 0.0] and p.input_hi.tolist() == [1.0, 1.0]
+    assert p.open_lo.tolist() == [True, False] and p.open_hi.tolist() == [False, True]  # equal bounds: strict wins
+    (c,) = p.unsafe
+    assert c.strict.tolist() == [True]
+    assert p.violations(np.array([[2.5], [np.nextafter(2.5, 0)]])).ravel().tolist()[0] > 0
+    assert p.violations(np.array([[np.nextafter(2.5, 0)]])).item() <= 0
+    (q,) = parse_vnnlib("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (>= X_0 0))\n"
+                        "(assert (<= X_0 1))\n(assert (<= Y_0 2.5))")
+    assert q.open_lo is None and q.open_hi is None and q.unsafe[0].strict is None
+    assert not parse_vnnlib("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (> X_0 1))\n"
+                            "(assert (<= X_0 1))\n(assert (<= Y_0 2.5))")  # an empty open interval: false
