@@ -20,6 +20,7 @@ Gemm, where the cancellation no longer shows).
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 import random
 from unittest import mock
@@ -37,6 +38,7 @@ from scipy import special
 
 from dualgraph.api import Certifier, load_model, margin_spec
 from dualgraph.input_sets import linf_ball
+from dualgraph.errors import DualgraphError
 from dualgraph.scheduler import BoundConfig
 
 SETTINGS = dict(derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -690,7 +692,6 @@ def test_a_constant_onnxruntime_approximates_is_counted_or_refused(tmp_path):
     case: 1e9 x sigmoid(-20) - 1 was certified at +1.04 where onnxruntime gives -1), which the
     import refuses with a one-line error; Sigmoid of moderate constants, within 8 ulps of each
     other, is folded and its ulps counted as roundings of every evaluation."""
-    from dualgraph.errors import DualgraphError
     from dualgraph.ir import APPROXIMATE_CONSTANTS
 
     def net(c: list) -> str:
@@ -845,3 +846,57 @@ def test_the_fused_sum_generator_finds_the_hole_without_the_charge(tmp_path_fact
     with mock.patch("dualgraph.rounding.fused_sum_producers", return_value=[]):
         case = find(FUSED_SUMS, violated, settings=settings(max_examples=40, **SETTINGS))
     assert case["blocks"] >= 2
+
+
+def _gelu_onnx(path, half: float, tanh_form: bool) -> str:
+    """``x 0.5 (1 + erf(x / sqrt 2))``, or its tanh form, with ``half`` for the 0.5, followed by
+    a Gemm (onnxruntime fuses the tanh form only where it is not the graph's output)."""
+    if tanh_form:
+        nodes = [helper.make_node("Pow", ["x", "three"], ["p"]), helper.make_node("Mul", ["p", "k"], ["q"]),
+                 helper.make_node("Add", ["x", "q"], ["r"]), helper.make_node("Mul", ["r", "c"], ["s"]),
+                 helper.make_node("Tanh", ["s"], ["t"]), helper.make_node("Add", ["t", "one"], ["f"]),
+                 helper.make_node("Mul", ["x", "half"], ["g"]), helper.make_node("Mul", ["g", "f"], ["z"])]
+        inits = {"three": 3.0, "k": 0.044715, "c": math.sqrt(2 / math.pi), "one": 1.0, "half": half}
+    else:
+        nodes = [helper.make_node("Div", ["x", "r2"], ["a"]), helper.make_node("Erf", ["a"], ["e"]),
+                 helper.make_node("Add", ["e", "one"], ["f"]), helper.make_node("Mul", ["x", "f"], ["g"]),
+                 helper.make_node("Mul", ["g", "half"], ["z"])]
+        inits = {"r2": math.sqrt(2.0), "one": 1.0, "half": half}
+    nodes.append(helper.make_node("Gemm", ["z", "W", "b"], ["y"], transB=1))
+    tensors = [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in inits.items()]
+    tensors += [numpy_helper.from_array(np.ones((1, 1), np.float32), "W"), numpy_helper.from_array(np.zeros(1, np.float32), "b")]
+    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], tensors)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("tanh_form", [False, True])
+def test_a_gelu_whose_constants_onnxruntime_replaces_is_refused(tmp_path, tanh_form):
+    """onnxruntime runs the Gelu subgraph as its own kernel with the exact 0.5, so a model with
+    0.500005 computes ``1.00001 x`` where onnxruntime computes ``x`` (found by a review: lower
+    bounds 9999.03 / 999.50 above onnxruntime's 9999.00 / 999.50). Refused at import; with the
+    exact constant the model loads and its bounds hold against onnxruntime's kernel."""
+    path = _gelu_onnx(tmp_path / "off.onnx", 0.500005, tanh_form)
+    kernel = "FastGelu" if tanh_form else "Gelu"
+    with pytest.raises(DualgraphError, match=rf"constant 'half' \(0\.500005.*one {kernel} kernel with 0\.5 instead"):
+        load_model(path)
+    path = _gelu_onnx(tmp_path / "exact.onnx", 0.5, tanh_form)
+    xs = np.concatenate([np.linspace(-6, 6, 241), np.linspace(-1e4, 1e4, 41), [999.5, 9999.0]]).astype(np.float32)[:, None]
+    y = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": xs})[0][:, 0].astype(np.float64)
+    cert = Certifier(load_model(path))
+    box = cert.input_set(torch.from_numpy(xs), 0.0)
+    low = cert.lower_bounds(box, torch.ones(1, 1, 1)).numpy()[:, 0]
+    high = -cert.lower_bounds(box, -torch.ones(1, 1, 1)).numpy()[:, 0]
+    assert (low <= y).all() and (y <= high).all(), (xs[low > y].ravel()[:5], xs[y > high].ravel()[:5])
+
+
+def test_a_constant_near_a_gelu_constant_outside_a_fusion_is_kept(tmp_path):
+    """0.500005 in a graph with no Erf or Tanh: nothing replaces it, the model loads."""
+    nodes = [helper.make_node("Mul", ["x", "half"], ["z"]), helper.make_node("Gemm", ["z", "W", "b"], ["y"], transB=1)]
+    tensors = [numpy_helper.from_array(np.array(0.500005, np.float32), "half"),
+               numpy_helper.from_array(np.ones((1, 1), np.float32), "W"), numpy_helper.from_array(np.zeros(1, np.float32), "b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], tensors)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    load_model(str(tmp_path / "m.onnx"))
