@@ -111,6 +111,14 @@ class DualRule:
     adds_into_producer_sum: bool = False
     rearranges_entries: bool = False
 
+    def constant_factor(self, node: Node) -> torch.Tensor | None:
+        """The constant factor the op multiplies its one variable input by, if it is such a
+        scaling (a Mul or Div by a constant, an inference BatchNormalization), else None:
+        onnxruntime may fold it into a neighbouring Conv, MatMul or Gemm (its weights, or a
+        FusedMatMul's alpha), where it changes the sizes the evaluation computes with
+        (:func:`dualgraph.rounding.fused_scale_gain`)."""
+        return None
+
     def bounds_needed(self, node: Node) -> bool:
         """Whether this node's dual layer needs bounds of its variable inputs (a relaxation,
         not an exact adjoint). Default: :attr:`needs_bounds`; e.g. Mul needs them only when

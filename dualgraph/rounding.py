@@ -97,6 +97,14 @@ A node a pass made from several ops (a folded BatchNormalization or input normal
 carries a :class:`~dualgraph.ir.FoldedRounding` note: the ops' extra roundings and the
 magnitudes their cancellations hide, added to its ``n_e`` and ``T``.
 
+*Fused scales.* onnxruntime folds a constant Mul or Div next to a MatMul or Gemm into its
+result (a FusedMatMul's ``alpha``, applied after the sum), and one after a Conv (or a
+BatchNormalization) into its weights. Where the passes kept such a scale apart (a factor past
+``FOLD_GAIN``), the evaluated sum is the node's scaled by up to its :func:`fused_scale_gain`
+``G`` either way, and the folded weights ``W s`` may underflow (each off by ``< sigma_e``, times
+``|x|``): the node is charged as a fold of gain ``G`` (underflow times ``G``, overflow at the
+limit over ``G``) with ``sigma_e sum m_in`` more underflow.
+
 *Fused sums.* onnxruntime may evaluate ``P + s`` as one sum when ``P`` is a Conv, MatMul or
 Gemm whose only user is the Add (its Conv with a "Sum" input, ``MatMulAddFusion`` into a
 Gemm whose C is ``s``): the partial sums then carry ``|s|``, so the error is
@@ -127,7 +135,7 @@ from .dual_registry import AffineRule, Bounds, ElementwiseRule, Relaxation, dual
 from .errors import DualgraphError, InternalError
 from .input_sets import InputSet
 from .interpreter import naming_node
-from .ir import APPROXIMATE_CONSTANTS, EVALUATED_IN, FOLD_GAIN, FoldedRounding, Graph, Node, Value
+from .ir import APPROXIMATE_CONSTANTS, EVALUATED_IN, FOLD_GAIN, FoldedRounding, Graph, Node, Value, fold_gain
 from .linalg import batched_dot, take_examples
 
 SAFETY = 1.01
@@ -480,6 +488,10 @@ class RoundingAllowance:
         # division, between the ops a pass folded into this node (FoldedRounding.gain, at most
         # ir.FOLD_GAIN), with their errors amplified as much
         gain = rule.evaluation_gain(node) * note.gain
+        scaled = fused_scale_gain(node)
+        if scaled > 1 and n_eval:  # weights folded with a scale may underflow: each < sigma_e, times |x|
+            underflow = underflow + self.sigma_e * reach
+            gain *= scaled
         if gain > 1 and n_eval:
             underflow = underflow * gain
             if note.ops:  # each folded op's result off by < 2 sigma_e, seen through |A| or directly
@@ -554,6 +566,26 @@ def fused_sum_producers(node: Node) -> list[tuple[Node, list[Node]]]:
         if rule.sums_into_next_add or (rule.adds_into_producer_sum and fused_sum_producers(producer)):
             found.append((producer, path[::-1]))
     return found
+
+
+def fused_scale_gain(node: Node) -> float:
+    """How far onnxruntime's folding of a neighbouring constant scale into ``node`` (a Conv,
+    MatMul or Gemm: :attr:`DualRule.sums_into_next_add`) may move the values its evaluation
+    computes from the node's own magnitudes (module docstring, *Fused scales*): the product of
+    :func:`~dualgraph.ir.fold_gain` over the factors (:meth:`DualRule.constant_factor`) of the
+    scale that is the node's only user and of the scales that only the node reads; 1 if none."""
+    if not dual_rule(node).sums_into_next_add:
+        return 1.0
+    neighbours = [v.producer for v in node.var_inputs if v.producer is not None and len(v.users) == 1]
+    out = node.outputs[0]
+    if len(out.users) == 1:
+        neighbours.append(out.users[0])
+    gain = 1.0
+    for n in neighbours:
+        factor = dual_rule(n).constant_factor(n)
+        if factor is not None:
+            gain *= fold_gain(factor.detach().double())
+    return gain
 
 
 def _abs_pair(rule, node, xs: list, ys: list, bounds, config) -> tuple[list, list]:

@@ -118,6 +118,10 @@ class MulDual(ElementwiseAffineDual):
     def bounds_needed(self, node) -> bool:
         return sum(1 for v in node.inputs[:2] if v is not None and not v.is_const) == 2
 
+    def constant_factor(self, node):
+        consts = [v.const for v in node.inputs[:2] if v is not None and v.is_const]
+        return consts[0] if len(consts) == 1 and len(node.var_inputs) == 1 else None
+
     def backward(self, node, lam, bounds, config):
         if not self.bounds_needed(node):
             return super().backward(node, lam, bounds, config)
@@ -179,6 +183,10 @@ class DivDual(ElementwiseAffineDual):
     def backward(self, node, lam, bounds, config):
         require_const(node, 1)
         return super().backward(node, lam, bounds, config)
+
+    def constant_factor(self, node):
+        divisor = node.inputs[1]
+        return 1 / divisor.const if divisor is not None and divisor.is_const else None
 
 
 @div.onnx_import

@@ -396,6 +396,10 @@ def _(node, inputs):
 class BatchNormDual(ElementwiseAffineDual):
     """Inference BatchNorm: with |scale| and |B| its linear part is |scale| / sqrt(var + eps)."""
 
+    def constant_factor(self, node):
+        scale, var = node.inputs[1].const, node.inputs[4].const
+        return scale / torch.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+
     def constant_magnitude(self, node, m_in, bounds, config):
         """``|B| + |mean s|`` (``s = scale / sqrt(var + eps)``), not ``|B - mean s|``: the
         evaluation forms ``B - mean s`` or ``(x - mean) s``, whose rounding is relative to the
