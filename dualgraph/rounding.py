@@ -488,9 +488,9 @@ class RoundingAllowance:
         # division, between the ops a pass folded into this node (FoldedRounding.gain, at most
         # ir.FOLD_GAIN), with their errors amplified as much
         gain = rule.evaluation_gain(node) * note.gain
-        scaled = fused_scale_gain(node)
-        if scaled > 1 and n_eval:  # weights folded with a scale may underflow: each < sigma_e, times |x|
-            underflow = underflow + self.sigma_e * reach
+        scaled, scales = fused_scale_gain(node)
+        if scaled > 1 and n_eval:  # weights folded with each scale may underflow: each < sigma_e, times |x|
+            underflow = underflow + scales * self.sigma_e * reach
             gain *= scaled
         if gain > 1 and n_eval:
             underflow = underflow * gain
@@ -568,24 +568,33 @@ def fused_sum_producers(node: Node) -> list[tuple[Node, list[Node]]]:
     return found
 
 
-def fused_scale_gain(node: Node) -> float:
-    """How far onnxruntime's folding of a neighbouring constant scale into ``node`` (a Conv,
+def fused_scale_gain(node: Node) -> tuple[float, int]:
+    """How far onnxruntime's folding of neighbouring constant scales into ``node`` (a Conv,
     MatMul or Gemm: :attr:`DualRule.sums_into_next_add`) may move the values its evaluation
-    computes from the node's own magnitudes (module docstring, *Fused scales*): the product of
-    :func:`~dualgraph.ir.fold_gain` over the factors (:meth:`DualRule.constant_factor`) of the
-    scale that is the node's only user and of the scales that only the node reads; 1 if none."""
+    computes from the node's own magnitudes (module docstring, *Fused scales*), and how many
+    scales it may fold: the product of :func:`~dualgraph.ir.fold_gain` over the factors
+    (:meth:`DualRule.constant_factor`) of the chain of scales after the node and of those
+    before each of its inputs, through ops that only rearrange entries (a Transpose becomes
+    a FusedMatMul's ``transA``), each value on the way read by one node; ``(1, 0)`` if none."""
     if not dual_rule(node).sums_into_next_add:
-        return 1.0
-    neighbours = [v.producer for v in node.var_inputs if v.producer is not None and len(v.users) == 1]
-    out = node.outputs[0]
-    if len(out.users) == 1:
-        neighbours.append(out.users[0])
-    gain = 1.0
-    for n in neighbours:
-        factor = dual_rule(n).constant_factor(n)
+        return 1.0, 0
+    gain, count = 1.0, 0
+
+    def passes(n: Node) -> bool:  # a scale or a rearrangement, counted; False: the chain ends
+        nonlocal gain, count
+        rule = dual_rule(n)
+        factor = rule.constant_factor(n)
         if factor is not None:
-            gain *= fold_gain(factor.detach().double())
-    return gain
+            gain, count = gain * fold_gain(factor.detach().double()), count + 1
+        return (factor is not None or rule.rearranges_entries) and len(n.var_inputs) == 1 and len(n.outputs) == 1
+
+    for v in dict.fromkeys(node.var_inputs):
+        while v.producer is not None and len(v.users) == 1 and passes(v.producer):
+            v = v.producer.var_inputs[0]
+    out = node.outputs[0]
+    while len(out.users) == 1 and passes(out.users[0]):
+        out = out.users[0].outputs[0]
+    return gain, count
 
 
 def _abs_pair(rule, node, xs: list, ys: list, bounds, config) -> tuple[list, list]:

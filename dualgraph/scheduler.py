@@ -158,7 +158,7 @@ class BoundScheduler:
                             raw = self._optimise_unit_bounds(v, batch, raw)
                             raw = Bounds(torch.fmax(raw.lower, floor[v].lower),  # NaN: no bound
                                          torch.fmin(raw.upper, floor[v].upper))
-                        image = batch.rounding.adopt(v, raw)
+                        image = batch.rounding.adopt(v, _no_nan(raw))
                     batch.bounds[v] = image
                 if self.phase_seconds is not None:
                     self.phase_seconds[v.name] = self.phase_seconds.get(v.name, 0.0) + time.perf_counter() - start
@@ -485,10 +485,21 @@ def _allocation_failure(exc: BaseException | None) -> bool:
     return isinstance(exc, RuntimeError) and "alloc" in str(exc)
 
 
+def _no_nan(b: Bounds) -> Bounds:
+    """Bounds whose NaN entries (a float32 pass whose own arithmetic overflowed) are no bounds:
+    ``[-inf, inf]``, which every relaxation and pruning cut after reads as a crossing unit with
+    no finite bound (and a NaN relaxation makes the final bound NaN, hence ``-inf``)."""
+    if not (bool(torch.isnan(b.lower).any()) or bool(torch.isnan(b.upper).any())):
+        return b
+    return Bounds(torch.nan_to_num(b.lower, nan=float("-inf")), torch.nan_to_num(b.upper, nan=float("inf")))
+
+
 def _without_overflow(lower: torch.Tensor, rounding: RoundingAllowance) -> torch.Tensor:
     """``lower`` with ``-inf`` for the examples whose evaluation may overflow (no certificate:
     the rounding model assumes finite values, :meth:`RoundingAllowance.may_overflow`), and a
-    warning that names the node."""
+    warning that names the node; a NaN bound (the bound's own arithmetic overflowed, e.g.
+    ``inf - inf`` in float32 dual variables) is ``-inf`` too, no bound."""
+    lower = torch.nan_to_num(lower, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     flags = rounding.may_overflow()
     if flags is None or not bool(flags.any()):
         return lower

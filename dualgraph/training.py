@@ -131,5 +131,5 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     margins = robust_bounds(model, x, y, eps, config, clip, norm)
     f = torch.cat([margins.new_zeros(margins.shape[0], 1), -margins], 1)
     loss = torch.logsumexp(f, 1).mean()
-    robust_err = float((margins.detach() <= 0).any(1).double().mean())
+    robust_err = float((~(margins.detach() > 0)).any(1).double().mean())  # a NaN margin is no certificate
     return loss, robust_err
