@@ -136,14 +136,16 @@ class Falsifier:
         lo, hi = p.input_lo, p.input_hi
         feed = np.stack([cast_into_box(x, lo, hi, dtype, p.open_lo, p.open_hi) for x in xs])
         report = feed.copy()
-        unrepresentable = (feed < lo) | (feed > hi)
+        unrepresentable = (feed < lo) | (feed > hi) | on_open_bound(feed, p)
         if unrepresentable.any():
             exact = np.clip(np.asarray(xs, dtype=np.float64).reshape(feed.shape), lo, hi)
             report[unrepresentable] = exact[unrepresentable]
             feed[unrepresentable] = exact[unrepresentable].astype(dtype).astype(np.float64)
             method += f" (inputs the box holds no {np.dtype(dtype).name} value for, fed rounded to nearest)"
         ys = self.model.run_onnx(feed)
-        hit = (p.violations(ys).min(axis=1, initial=np.inf) <= 0) & ~outside_open_box(feed, p)
+        hit = p.violations(ys).min(axis=1, initial=np.inf) <= 0
+        hit &= np.array([bool(h) and (bool(unrepresentable[k].any()) or p.holds_exactly(feed[k], ys[k]))
+                         for k, h in enumerate(hit)], dtype=bool)  # the float64 screen, checked exactly
         if hit.any():
             i = int(np.argmax(hit))
             raise Found(report[i], ys[i], method)
@@ -196,12 +198,13 @@ def cast_into_box(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, dtype: np.dtype
     return c.astype(np.float64)
 
 
-def outside_open_box(points: np.ndarray, p: VnnlibProperty) -> np.ndarray:
-    """``[B]``: the points on or past a strict input bound of ``p`` (an open interval that
-    holds no value of the input precision leaves its candidates there)."""
-    out = np.zeros(len(points), dtype=bool)
+def on_open_bound(points: np.ndarray, p: VnnlibProperty) -> np.ndarray:
+    """``[B, n]``: the coordinates on or past an open input bound of ``p`` (a strict bound, or
+    one whose decimal float64 cannot hold; an open interval that holds no value of the input
+    precision leaves its candidates there)."""
+    out = np.zeros(points.shape, dtype=bool)
     if p.open_lo is not None:
-        out |= (p.open_lo & (points <= p.input_lo)).any(axis=1)
+        out |= p.open_lo & (points <= p.input_lo)
     if p.open_hi is not None:
-        out |= (p.open_hi & (points >= p.input_hi)).any(axis=1)
+        out |= p.open_hi & (points >= p.input_hi)
     return out

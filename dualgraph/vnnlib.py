@@ -17,6 +17,17 @@ whether it is strict (``Conjunction.strict``, ``VnnlibProperty.open_lo``/``open_
 on the boundary of a strict row is not in the unsafe region (:meth:`Conjunction.violations`),
 and a candidate on an open input bound is moved one step of the input precision inside
 (:func:`dualgraph.falsify.cast_into_box`).
+
+Numbers are read and combined exactly (:class:`fractions.Fraction`: ``(+ Y_0 1e20)`` against
+``(+ 3 1e20)`` is ``Y_0 <= 3``), then rounded: an output row's ``d`` up for proofs, and where
+float64 cannot hold it the row is strict at the rounded value (for float64 values ``y <= d`` is
+``y < d_up``), so a counterexample still meets the exact row. Input bounds are rounded to the
+nearest float64 number: the inputs a counterexample is fed as (a point box at ``0.1`` holds no
+float value; see :meth:`dualgraph.falsify.Falsifier.confirm`). The coefficients of an output row are rounded
+to the nearest float64 number for proofs (a relative change below 2^-53, e.g. ``0.1``; integer
+and dyadic ones are exact); a conjunction with such a coefficient keeps its exact rows
+(``Conjunction.exact``), against which a counterexample is checked
+(:meth:`VnnlibProperty.holds_exactly`).
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ import gc
 import itertools
 import math
 import re
+from decimal import Decimal
+from fractions import Fraction
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +68,7 @@ _SIMPLE = re.compile(rf"\({_S}(<=|>=|<|>){_S1}([^\s()]+){_S1}([^\s()]+){_S}\)")
 _IGNORED = {"set-logic", "set-info", "set-option", "check-sat", "get-model", "exit"}
 
 Atom = tuple  # ("x", i, is_upper, bound, strict) or ("y", {j: coef}, d, strict): sum coef*Y_j <= d (< if strict)
-Linear = tuple[dict[tuple[bool, int], float], float]  # ({(is_output, index): coef}, const)
+Linear = tuple[dict[tuple[bool, int], Fraction], Fraction]  # ({(is_output, index): coef}, const), exact
 Dnf = list[list[Atom]]  # a disjunction of terms, each a conjunction of atoms
 
 
@@ -70,6 +83,9 @@ class Conjunction:
     C: np.ndarray
     d: np.ndarray
     strict: np.ndarray | None = None
+    #: the rows as read, ``({j: coefficient}, d, strict)`` in exact arithmetic, where a
+    #: coefficient was rounded to form ``C`` (None: ``C`` is exact)
+    exact: tuple | None = None
 
     def violations(self, y_batch: Any) -> np.ndarray:
         """``max_rows (C @ y - d)`` for each ``y`` of a ``[B, n_outputs]`` batch; ``<= 0``: inside.
@@ -106,6 +122,25 @@ class VnnlibProperty:
         """``[B, len(unsafe)]``: each conjunction's violation; ``y`` is unsafe iff its row's min is ``<= 0``."""
         y = np.asarray(y_batch, dtype=np.float64).reshape(-1, self.n_outputs)
         return np.stack([c.violations(y) for c in self.unsafe], axis=1) if self.unsafe else np.empty((len(y), 0))
+
+    def holds_exactly(self, x: Any, y: Any) -> bool:
+        """Whether the point ``x`` is in the box and ``y`` in an unsafe conjunction, in exact
+        arithmetic on the stored numbers (what :meth:`violations` says up to its rounding)."""
+        xs = [Fraction(float(v)) for v in np.asarray(x, dtype=np.float64).ravel()]
+        for i, v in enumerate(xs):
+            lo, hi = Fraction(float(self.input_lo[i])), Fraction(float(self.input_hi[i]))
+            open_lo = self.open_lo is not None and bool(self.open_lo[i])
+            open_hi = self.open_hi is not None and bool(self.open_hi[i])
+            if v < lo or v > hi or (open_lo and v == lo) or (open_hi and v == hi):
+                return False
+        ys = [Fraction(float(v)) for v in np.asarray(y, dtype=np.float64).ravel()]
+        for c in self.unsafe:
+            rows = c.exact or [({j: Fraction(float(a)) for j, a in enumerate(c.C[r]) if a != 0.0}, Fraction(float(c.d[r])),
+                                c.strict is not None and bool(c.strict[r])) for r in range(len(c.d))]
+            if all((lhs := sum((a * ys[j] for j, a in coefs.items()), Fraction(0))) < d or (lhs == d and not strict)
+                   for coefs, d, strict in rows):
+                return True
+        return False
 
 
 def read_vnnlib(path: str | Path) -> list[VnnlibProperty]:
@@ -147,7 +182,7 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
         stripped = _DECL.sub(lambda m: "\n" * m[0].count("\n"), text)
     text = stripped
     n_in, n_out = _count(names, False, source), _count(names, True, source)
-    base_lo, base_hi = _top_bounds(_BOUND.findall(text), n_in, text, source)
+    base_lo, base_hi, base_open_lo, base_open_hi = _top_bounds(_BOUND.findall(text), n_in, text, source)
     text = _BOUND.sub("", text)
     reader = _Reader(names, source)
     text, atoms = reader.simple_atoms(text)
@@ -161,7 +196,6 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
     common, terms = _conjoin([reader.dnf(e, line) for e, line in asserts])
     if terms is None:
         return []
-    base_open_lo, base_open_hi = np.zeros(n_in, dtype=bool), np.zeros(n_in, dtype=bool)
     for i, (l, h, lo_open, hi_open) in _narrow(common, base_lo, base_hi, base_open_lo, base_open_hi).items():
         base_lo[i], base_hi[i], base_open_lo[i], base_open_hi[i] = l, h, lo_open, hi_open
     common_rows = [a for a in common if a[0] == "y"]
@@ -205,19 +239,21 @@ def _line_at(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def _top_bounds(bounds: list[tuple[str, ...]], n_in: int, text: str, source: str) -> tuple[np.ndarray, np.ndarray]:
-    """The box given by the one-line input bounds ``(op, i, c, c, i)`` that ``_BOUND`` found."""
+def _top_bounds(bounds: list[tuple[str, ...]], n_in: int, text: str,
+                source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The box given by the one-line input bounds ``(op, i, c, c, i)`` that ``_BOUND`` found:
+    ``lo, hi`` (the nearest float64 numbers, module docstring) and no open bound."""
     lo, hi = np.full(n_in, -np.inf), np.full(n_in, np.inf)
     idx = np.array([int(b[1] or b[4]) for b in bounds], dtype=np.int64)
-    val = np.array([float(b[2] or b[3]) for b in bounds], dtype=np.float64)
-    upper = np.array([(b[0] == "<=") == bool(b[1]) for b in bounds], dtype=bool)  # (<= X c), (>= c X)
     if len(idx) and idx.max() >= n_in:
         name = f"X_{idx.max()}"
         line = _line_at(text, re.search(rf"\b{name}\b", text).start())
         _fail(source, line, f"undeclared variable {name!r}; add (declare-const {name} Real)")
+    val = np.array([float(b[2] or b[3]) for b in bounds], dtype=np.float64)  # the nearest: what is fed
+    upper = np.array([(b[0] == "<=") == bool(b[1]) for b in bounds], dtype=bool)  # (<= X c), (>= c X)
     np.minimum.at(hi, idx[upper], val[upper])
     np.maximum.at(lo, idx[~upper], val[~upper])
-    return lo, hi
+    return lo, hi, np.zeros(n_in, dtype=bool), np.zeros(n_in, dtype=bool)
 
 
 def _parse_sexprs(text: str, source: str, atoms: Iterator[Atom | bool]) -> tuple[list[Any], list[int]]:
@@ -279,11 +315,26 @@ def _conjoin(dnfs: list[Dnf]) -> tuple[list[Atom], Dnf | None]:
     return common, terms
 
 
-def _axpy(a: Linear, b: Linear, s: float) -> Linear:  # a + s * b
+def _axpy(a: Linear, b: Linear, s: int) -> Linear:  # a + s * b, exactly
     coefs = dict(a[0])
     for v, c in b[0].items():
-        coefs[v] = coefs.get(v, 0.0) + s * c
+        coefs[v] = coefs.get(v, 0) + s * c
     return coefs, a[1] + s * b[1]
+
+
+ONE = Fraction(1)
+
+
+def _exact(f: float, like: Fraction | Decimal) -> Fraction | Decimal:
+    """``f`` exactly, in the type of ``like`` (a decimal number read by a fast path is a
+    :class:`~decimal.Decimal`, which is exact and several times cheaper than a Fraction)."""
+    return Decimal(f) if isinstance(like, Decimal) else Fraction(f)
+
+
+def _up(q: Fraction | Decimal) -> float:
+    """The smallest float64 number at least ``q``."""
+    f = float(q)
+    return f if _exact(f, q) >= q else float(np.nextafter(f, np.inf))
 
 
 class _Reader:
@@ -314,11 +365,11 @@ class _Reader:
         strict = len(op) == 1
         va, vb = self.names.get(a), self.names.get(b)
         if va is not None and vb is None and _NUMBER.match(b):
-            return ("y", {va[1]: 1.0}, float(b), strict) if va[0] else ("x", va[1], True, float(b), strict)
+            return ("y", {va[1]: ONE}, Decimal(b), strict) if va[0] else ("x", va[1], True, Decimal(b), strict)
         if vb is not None and va is None and _NUMBER.match(a):
-            return ("y", {vb[1]: -1.0}, 0.0 - float(a), strict) if vb[0] else ("x", vb[1], False, float(a), strict)
+            return ("y", {vb[1]: -ONE}, -Decimal(a), strict) if vb[0] else ("x", vb[1], False, Decimal(a), strict)
         if va is not None and vb is not None and va[0] and vb[0] and va != vb:
-            return ("y", {va[1]: 1.0, vb[1]: -1.0}, 0.0, strict)
+            return ("y", {va[1]: ONE, vb[1]: -ONE}, Decimal(0), strict)
         return self._atom(_axpy(self._linear(a), self._linear(b), -1.0), strict)  # the rest, errors included
 
     def dnf(self, e: Any, line: int | None = None) -> Dnf:
@@ -341,9 +392,9 @@ class _Reader:
         strict = head in ("<", ">")
         for a, b in zip(args, args[1:]):  # a chain (<= a b c) means a <= b and b <= c
             if head in ("<=", "<", "="):
-                atoms.append(self._atom(_axpy(a, b, -1.0), strict))
+                atoms.append(self._atom(_axpy(a, b, -1), strict))
             if head in (">=", ">", "="):
-                atoms.append(self._atom(_axpy(b, a, -1.0), strict))
+                atoms.append(self._atom(_axpy(b, a, -1), strict))
         return [] if any(a is False for a in atoms) else [[a for a in atoms if a is not True]]
 
     def _head(self, e: Any, what: str) -> str:
@@ -354,12 +405,12 @@ class _Reader:
     def _atom(self, form: Linear, strict: bool = False) -> Atom | bool:
         """Normalise ``form <= 0`` (``< 0`` if ``strict``); a comparison of constants is simply
         ``True``/``False``."""
-        coefs, k = {v: c for v, c in form[0].items() if c != 0.0}, form[1]
+        coefs, k = {v: c for v, c in form[0].items() if c != 0}, form[1]
         n_out = sum(1 for v in coefs if v[0])
         if not coefs:
             return bool(k < 0) if strict else bool(k <= 0)
         if n_out == len(coefs):
-            return ("y", {j: c for (_, j), c in coefs.items()}, 0.0 - k, strict)  # 0.0 - k: never -0.0
+            return ("y", {j: c for (_, j), c in coefs.items()}, -k, strict)
         if n_out:
             self.fail("mixed input/output constraints are not supported; compare X and Y in separate asserts")
         if len(coefs) > 1:
@@ -370,24 +421,24 @@ class _Reader:
     def _linear(self, e: Any) -> Linear:
         if isinstance(e, str):
             if e in self.names:
-                return {self.names[e]: 1.0}, 0.0
+                return {self.names[e]: ONE}, Fraction(0)
             if _NUMBER.match(e):
-                return {}, float(e)
+                return {}, Fraction(e)
             if _VARIABLE.match(e):
                 self.fail(f"undeclared variable {e!r}; add (declare-const {e} Real)")
             self.fail(f"unknown symbol {e!r}; expected a declared X_i/Y_j or a decimal number")
         head = self._head(e, "a term")
         args = [self._linear(a) for a in e[1:]]
         if head in ("+", "-") and args:
-            acc = ({}, 0.0) if head == "-" and len(args) == 1 else args.pop(0)  # unary minus: 0 - a
+            acc = ({}, Fraction(0)) if head == "-" and len(args) == 1 else args.pop(0)  # unary minus: 0 - a
             for a in args:
-                acc = _axpy(acc, a, -1.0 if head == "-" else 1.0)
+                acc = _axpy(acc, a, -1 if head == "-" else 1)
             return acc
         if head == "*" and args:
             if sum(1 for a in args if a[0]) > 1:
                 self.fail(f"non-linear term {_show(e)}: at most one factor of * may contain a variable")
-            scale = math.prod(a[1] for a in args if not a[0])
-            var = next((a for a in args if a[0]), ({}, 1.0))
+            scale = math.prod((a[1] for a in args if not a[0]), start=ONE)
+            var = next((a for a in args if a[0]), ({}, ONE))
             return {v: c * scale for v, c in var[0].items()}, var[1] * scale
         self.fail(f"unknown function symbol {head!r} in the term {_show(e)}; supported: + - *")
 
@@ -405,9 +456,9 @@ def _narrow(atoms: list[Atom], lo: np.ndarray, hi: np.ndarray,
     box: dict[int, tuple[float, float, bool, bool]] = {}
     for a in atoms:
         if a[0] == "x":
-            i, bound, strict = a[1], a[3], a[4]
+            i, is_upper, bound, strict = a[1], a[2], float(a[3]), a[4]  # the nearest float64: what is fed
             l, h, lo_open, hi_open = box.get(i, (float(lo[i]), float(hi[i]), bool(open_lo[i]), bool(open_hi[i])))
-            if a[2]:
+            if is_upper:
                 box[i] = (l, bound, lo_open, strict) if bound < h else (l, h, lo_open, hi_open or (strict and bound == h))
             else:
                 box[i] = (bound, h, strict, hi_open) if bound > l else (l, h, lo_open or (strict and bound == l), hi_open)
@@ -417,15 +468,18 @@ def _narrow(atoms: list[Atom], lo: np.ndarray, hi: np.ndarray,
 def _conjunctions(row_lists: list[list[Atom]], n_out: int) -> list[Conjunction]:
     """One conjunction per list of output atoms, as views of one matrix (one fill, not 50k)."""
     flat = [a for rows in row_lists for a in rows]
-    entries = [(r, j, c) for r, a in enumerate(flat) for j, c in a[1].items()]
+    entries = [(r, j, float(c)) for r, a in enumerate(flat) for j, c in a[1].items()]  # exact (_Reader._atom)
     C = np.zeros((len(flat), n_out))
     if entries:
         r, j, c = zip(*entries)
         C[list(r), list(j)] = c
-    C, d = _frozen(C), _frozen(np.array([a[2] for a in flat], dtype=np.float64))
-    strict = _frozen(np.array([a[3] for a in flat], dtype=bool))
+    d = np.array([_up(a[2]) for a in flat], dtype=np.float64)  # C y <= d_up holds the exact region
+    strict = np.array([a[3] or _exact(float(u), a[2]) != a[2] for a, u in zip(flat, d)], dtype=bool)
+    C, d, strict = _frozen(C), _frozen(d), _frozen(strict)
     ends = np.cumsum([len(x) for x in row_lists]).tolist()
-    return [Conjunction(C[e - len(x) : e], d[e - len(x) : e], strict[e - len(x) : e] if strict.any() else None)
+    rounded = [any(Fraction(float(c)) != c for c in a[1].values()) for a in flat]
+    return [Conjunction(C[e - len(x) : e], d[e - len(x) : e], strict[e - len(x) : e] if strict.any() else None,
+                        tuple((a[1], a[2], a[3]) for a in x) if any(rounded[e - len(x) : e]) else None)
             for x, e in zip(row_lists, ends)]
 
 

@@ -419,3 +419,14 @@ def test_a_strict_property_inside_is_sat(tmp_path):
     """``x < 0`` for ``x`` in ``[-1, 1]``: a counterexample strictly inside (checked strictly)."""
     result, _, _ = answer(tmp_path, IDENTITY, vnnlib_text(1, 1, [(-1.0, 1.0)], "(assert (< Y_0 0))"))
     assert result.answer == "sat"
+
+
+def test_numbers_in_a_property_are_exact(tmp_path):
+    """``(+ Y_0 1e20) <= (+ 3 1e20)`` is ``Y_0 <= 3``: every input of ``[1, 2]`` violates it (float64
+    sums made it ``Y_0 <= 0``, a wrong ``unsat``); ``Y_0 <= 1073741823.9999999999`` is not met at
+    ``2^30`` (rounded to nearest it was, a wrong ``sat``). Both found by a review."""
+    result, _, _ = answer(tmp_path, IDENTITY, vnnlib_text(1, 1, [(1.0, 2.0)], "(assert (<= (+ Y_0 1e20) (+ 3 1e20)))"))
+    assert result.answer == "sat"
+    result, _, _ = answer(tmp_path, IDENTITY, vnnlib_text(1, 1, [(2.0 ** 30, 2.0 ** 30 + 128)],
+                                                          "(assert (<= Y_0 1073741823.9999999999))"), name="big")
+    assert result.answer != "sat", result.result_text()

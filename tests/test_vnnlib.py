@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import re
+from fractions import Fraction
 import time
 from pathlib import Path
 
@@ -68,8 +69,11 @@ def test_mnistfc_prop_0_003() -> None:
 
 def test_acas_property_3() -> None:
     (p,) = read_vnnlib(bench("test/test_prop.vnnlib"))
-    np.testing.assert_array_equal(p.input_lo, [-0.30353115613746867, -0.009549296585513092, 0.4933803235848431, 0.3, 0.3])
-    np.testing.assert_array_equal(p.input_hi, [-0.29855281193475053, 0.009549296585513092, 0.49999999998567607, 0.5, 0.5])
+    lo = ["-0.30353115613746867", "-0.009549296585513092", "0.4933803235848431", "0.3", "0.3"]
+    hi = ["-0.29855281193475053", "0.009549296585513092", "0.49999999998567607", "0.5", "0.5"]
+    np.testing.assert_array_equal(p.input_lo, [float(t) for t in lo])  # the nearest float64 numbers
+    np.testing.assert_array_equal(p.input_hi, [float(t) for t in hi])
+    assert p.open_lo is None and p.open_hi is None
     (conj,) = p.unsafe  # COC (Y_0) is minimal: Y_0 - Y_j <= 0 for j = 1..4
     np.testing.assert_array_equal(conj.C, np.hstack([np.ones((4, 1)), -np.eye(4)]))
     np.testing.assert_array_equal(conj.d, np.zeros(4))
@@ -345,3 +349,21 @@ def test_strict_comparisons_are_kept_for_counterexamples() -> None:
     assert q.open_lo is None and q.open_hi is None and q.unsafe[0].strict is None
     assert not parse_vnnlib("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (> X_0 1))\n"
                             "(assert (<= X_0 1))\n(assert (<= Y_0 2.5))")  # an empty open interval: false
+
+
+def test_numbers_are_combined_exactly_and_output_bounds_rounded_up() -> None:
+    """``(+ Y_0 1e20) <= (+ 3 1e20)`` is ``Y_0 <= 3`` (float64 sums would make it ``Y_0 <= 0``:
+    found by a review, a wrong ``unsat``); an output constant float64 cannot hold is rounded
+    up and its row made strict, so a point on the rounded value is no counterexample (found by a
+    review: ``Y_0 <= 1073741823.9999999999`` read as ``Y_0 <= 2^30``, a wrong ``sat``)."""
+    head = "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (>= X_0 1))\n(assert (<= X_0 2))\n"
+    (p,) = parse_vnnlib(head + "(assert (<= (+ Y_0 1e20) (+ 3 1e20)))")
+    assert p.unsafe[0].d.tolist() == [3.0] and p.unsafe[0].strict is None
+    (p,) = parse_vnnlib(head + "(assert (<= (+ X_0 1e20) (+ 3 1e20)))\n(assert (<= Y_0 0))")
+    assert p.input_hi.tolist() == [2.0]
+    (p,) = parse_vnnlib(head + "(assert (<= Y_0 1073741823.9999999999))")
+    assert p.unsafe[0].d.tolist() == [2.0 ** 30] and p.unsafe[0].strict.tolist() == [True]
+    assert p.violations(np.array([[2.0 ** 30]])).item() > 0  # on the rounded value: outside
+    assert not p.holds_exactly([1.5], [2.0 ** 30]) and p.holds_exactly([1.5], [2.0 ** 30 - 128])
+    (p,) = parse_vnnlib(head + "(assert (<= (* 0.1 Y_0) 1))")  # a rounded coefficient keeps its exact row
+    assert p.unsafe[0].exact is not None and p.holds_exactly([1.5], [10.0]) and not p.holds_exactly([1.5], [10.000001])
