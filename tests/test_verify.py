@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from dualgraph.errors import DualgraphError, UnsupportedOpError
+from dualgraph.errors import DualgraphError
 from dualgraph import verification as verify_mod
 from dualgraph import competition
 from dualgraph.competition import read_instances, run_instances

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import re
-from fractions import Fraction
 import time
 from pathlib import Path
 
