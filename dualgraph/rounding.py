@@ -125,6 +125,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import weakref
 from typing import Iterator
 
@@ -554,11 +555,7 @@ def fused_sum_producers(node: Node) -> list[tuple[Node, list[Node]]]:
     for v in dict.fromkeys(node.var_inputs):
         if v.numel != node.output.numel:
             continue
-        path: list[Node] = []
-        while (v.producer is not None and len(v.users) == 1 and len(v.producer.outputs) == 1
-               and dual_rule(v.producer).rearranges_entries and len(v.producer.var_inputs) == 1):
-            path.append(v.producer)
-            v = v.producer.var_inputs[0]
+        v, path = _back_through(v, lambda n: dual_rule(n).rearranges_entries)
         producer = v.producer
         if producer is None or len(v.users) != 1:
             continue
@@ -578,23 +575,32 @@ def fused_scale_gain(node: Node) -> tuple[float, int]:
     a FusedMatMul's ``transA``), each value on the way read by one node; ``(1, 0)`` if none."""
     if not dual_rule(node).sums_into_next_add:
         return 1.0, 0
-    gain, count = 1.0, 0
 
-    def passes(n: Node) -> bool:  # a scale or a rearrangement, counted; False: the chain ends
-        nonlocal gain, count
-        rule = dual_rule(n)
-        factor = rule.constant_factor(n)
-        if factor is not None:
-            gain, count = gain * fold_gain(factor.detach().double()), count + 1
-        return (factor is not None or rule.rearranges_entries) and len(n.var_inputs) == 1 and len(n.outputs) == 1
+    def moves_or_scales(n: Node) -> bool:
+        return dual_rule(n).rearranges_entries or dual_rule(n).constant_factor(n) is not None
 
-    for v in dict.fromkeys(node.var_inputs):
-        while v.producer is not None and len(v.users) == 1 and passes(v.producer):
-            v = v.producer.var_inputs[0]
+    chain = [n for v in dict.fromkeys(node.var_inputs) for n in _back_through(v, moves_or_scales)[1]]
     out = node.outputs[0]
-    while len(out.users) == 1 and passes(out.users[0]):
+    while len(out.users) == 1 and _one_in_one_out(out.users[0]) and moves_or_scales(out.users[0]):
+        chain.append(out.users[0])
         out = out.users[0].outputs[0]
-    return gain, count
+    factors = [f for f in (dual_rule(n).constant_factor(n) for n in chain) if f is not None]
+    return math.prod((fold_gain(f.detach().double()) for f in factors), start=1.0), len(factors)
+
+
+def _one_in_one_out(n: Node) -> bool:
+    return len(n.var_inputs) == 1 and len(n.outputs) == 1
+
+
+def _back_through(v: Value, passes) -> tuple[Value, list[Node]]:
+    """From ``v`` back through the producers that ``passes(node)`` accepts (one variable input,
+    one output), each value on the way read by one node: the value where the walk stops and the
+    nodes passed (last first)."""
+    path: list[Node] = []
+    while v.producer is not None and len(v.users) == 1 and _one_in_one_out(v.producer) and passes(v.producer):
+        path.append(v.producer)
+        v = v.producer.var_inputs[0]
+    return v, path
 
 
 def _abs_pair(rule, node, xs: list, ys: list, bounds, config) -> tuple[list, list]:
