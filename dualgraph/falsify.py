@@ -199,9 +199,8 @@ def cast_into_box(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, dtype: np.dtype
 
 
 def on_open_bound(points: np.ndarray, p: VnnlibProperty) -> np.ndarray:
-    """``[B, n]``: the coordinates on or past an open input bound of ``p`` (a strict bound, or
-    one whose decimal float64 cannot hold; an open interval that holds no value of the input
-    precision leaves its candidates there)."""
+    """``[B, n]``: the coordinates on or past a strict input bound of ``p`` (an open interval
+    that holds no value of the input precision leaves its candidates there)."""
     out = np.zeros(points.shape, dtype=bool)
     if p.open_lo is not None:
         out |= p.open_lo & (points <= p.input_lo)

@@ -135,14 +135,15 @@ class BoundScheduler:
         bounds = BoundMap()
         batch = bounds.batch = self.batch(input_set, bounds)
         with full_precision_matmul(input_set.center.device):
+            widen = lambda v, b: batch.rounding.widen_forward(v, _no_nan(b))  # noqa: E731
             if self.bound_targets and self.config.proj is not None:
                 return self._projections().bounds(self.graph, self.bound_targets, input_set, batch.bounds,
-                                                  batch.rounding.widen_forward, self.image_bounds)
+                                                  widen, self.image_bounds)
             center = input_set.center
             if self.bound_targets and self.forward_for(center.shape[0], center.element_size()):
                 with _out_of_memory_as_error("the forward direction"):
                     forward = ForwardBounds(self.graph, self.config, deadline=self.deadline).bounds(
-                        self.bound_targets, input_set, batch.bounds, batch.rounding.widen_forward, self.image_bounds)
+                        self.bound_targets, input_set, batch.bounds, widen, self.image_bounds)
                 if (self.config.direction != "auto" or not batch.rounding.enabled
                         or not self.direction.too_loose(self._forward_shares(forward))):
                     return forward  # (asked for, or exact arithmetic, or tight enough)
