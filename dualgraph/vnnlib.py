@@ -113,6 +113,9 @@ class VnnlibProperty:
     #: the inputs whose lower (upper) bound is strict, ``X_i > lo_i``; None: none
     open_lo: np.ndarray | None = None
     open_hi: np.ndarray | None = None
+    #: the input bounds as read where float64 does not hold them, ``(i, is_upper, value)``
+    #: (the box has their nearest values); None: none
+    exact_inputs: tuple | None = None
 
     @property
     def n_inputs(self) -> int:
@@ -127,6 +130,12 @@ class VnnlibProperty:
         """Whether the point ``x`` is in the box and ``y`` in an unsafe conjunction, in exact
         arithmetic on the stored numbers (what :meth:`violations` says up to its rounding)."""
         xs = [Fraction(float(v)) for v in np.asarray(x, dtype=np.float64).ravel()]
+        for i, is_upper, q in self.exact_inputs or ():
+            if (xs[i] > q) if is_upper else (xs[i] < q):
+                return False
+        y = np.asarray(y, dtype=np.float64)
+        if not np.isfinite(y).all():  # an infinite output (NaN: never unsafe): the float64 screen
+            return bool((self.violations(y) <= 0).any())
         for i, v in enumerate(xs):
             lo, hi = Fraction(float(self.input_lo[i])), Fraction(float(self.input_hi[i]))
             open_lo = self.open_lo is not None and bool(self.open_lo[i])
@@ -182,7 +191,10 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
         stripped = _DECL.sub(lambda m: "\n" * m[0].count("\n"), text)
     text = stripped
     n_in, n_out = _count(names, False, source), _count(names, True, source)
-    base_lo, base_hi, base_open_lo, base_open_hi = _top_bounds(_BOUND.findall(text), n_in, text, source)
+    top = _BOUND.findall(text)
+    base_lo, base_hi, base_open_lo, base_open_hi = _top_bounds(top, n_in, text, source)
+    top_inexact = _inexact_inputs(("x", int(b[1] or b[4]), (b[0] == "<=") == bool(b[1]), Decimal(b[2] or b[3]), False)
+                                  for b in top)
     text = _BOUND.sub("", text)
     reader = _Reader(names, source)
     text, atoms = reader.simple_atoms(text)
@@ -201,26 +213,31 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
     common_rows = [a for a in common if a[0] == "y"]
     conjunctions = _conjunctions([common_rows + [a for a in t if a[0] == "y"] for t in terms], n_out)
     groups: dict[tuple, list[Conjunction]] = {}
+    inexact: dict[tuple, list[Atom]] = {}
     for term, conj in zip(terms, conjunctions):
         # Key a term's box by where it differs from the common box: hashing whole
         # arrays would cost O(n_inputs) for each of possibly thousands of disjuncts.
         key = tuple(sorted(_narrow(term, base_lo, base_hi, base_open_lo, base_open_hi).items()))
+        if key not in groups:
+            inexact[key] = _inexact_inputs(term)
         groups.setdefault(key, []).append(conj)
+    shared_inexact = top_inexact + _inexact_inputs(common)
     props = []
     for key, unsafe in groups.items():
         lo, hi, open_lo, open_hi = base_lo.copy(), base_hi.copy(), base_open_lo.copy(), base_open_hi.copy()
         for i, (l, h, lo_open, hi_open) in key:
             lo[i], hi[i], open_lo[i], open_hi[i] = l, h, lo_open, hi_open
+        if (lo > hi).any() or ((lo == hi) & (open_lo | open_hi)).any():
+            continue  # no input satisfies this disjunct: it is false, the others still count
         for arr, what, op in ((lo, "lower", ">="), (hi, "upper", "<=")):
             if not np.isfinite(arr).all():
                 i = int(np.argmin(np.isfinite(arr)))
                 _fail(source, None, f"input X_{i} has no finite {what} bound; add (assert ({op} X_{i} c)) "
                                     "with a finite number c")
-        if (lo > hi).any() or ((lo == hi) & (open_lo | open_hi)).any():
-            continue  # no input satisfies this disjunct: it is false, the others still count
         props.append(VnnlibProperty(_frozen(lo), _frozen(hi), n_out, tuple(unsafe),
                                     _frozen(open_lo) if open_lo.any() else None,
-                                    _frozen(open_hi) if open_hi.any() else None))
+                                    _frozen(open_hi) if open_hi.any() else None,
+                                    tuple((a[1], a[2], a[3]) for a in shared_inexact + inexact[key]) or None))
     return props
 
 
@@ -239,6 +256,12 @@ def _line_at(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
+def _inexact_inputs(atoms) -> list[Atom]:
+    """The input bounds among ``atoms`` that float64 does not hold exactly (the box has their
+    nearest values; a counterexample is checked against them, :meth:`VnnlibProperty.holds_exactly`)."""
+    return [a for a in atoms if a[0] == "x" and not _is_float(_float(a[3]), a[3])]
+
+
 def _top_bounds(bounds: list[tuple[str, ...]], n_in: int, text: str,
                 source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The box given by the one-line input bounds ``(op, i, c, c, i)`` that ``_BOUND`` found:
@@ -249,7 +272,7 @@ def _top_bounds(bounds: list[tuple[str, ...]], n_in: int, text: str,
         name = f"X_{idx.max()}"
         line = _line_at(text, re.search(rf"\b{name}\b", text).start())
         _fail(source, line, f"undeclared variable {name!r}; add (declare-const {name} Real)")
-    val = np.array([float(b[2] or b[3]) for b in bounds], dtype=np.float64)  # the nearest: what is fed
+    val = np.array([_float(Decimal(b[2] or b[3])) for b in bounds], dtype=np.float64)  # the nearest: what is fed
     upper = np.array([(b[0] == "<=") == bool(b[1]) for b in bounds], dtype=bool)  # (<= X c), (>= c X)
     np.minimum.at(hi, idx[upper], val[upper])
     np.maximum.at(lo, idx[~upper], val[~upper])
@@ -331,10 +354,27 @@ def _exact(f: float, like: Fraction | Decimal) -> Fraction | Decimal:
     return Decimal(f) if isinstance(like, Decimal) else Fraction(f)
 
 
+def _float(q: Fraction | Decimal) -> float:
+    """The float64 number nearest ``q``, ``+-inf`` past the largest."""
+    try:
+        return float(q)
+    except OverflowError:
+        return math.inf if q > 0 else -math.inf
+
+
+def _is_float(f: float, q: Fraction | Decimal) -> bool:
+    """Whether the float64 number ``f`` is exactly ``q``."""
+    return math.isfinite(f) and _exact(f, q) == q
+
+
 def _up(q: Fraction | Decimal) -> float:
-    """The smallest float64 number at least ``q``."""
-    f = float(q)
-    return f if _exact(f, q) >= q else float(np.nextafter(f, np.inf))
+    """The smallest float64 number at least ``q`` (inf past the largest)."""
+    f = _float(q)
+    if f == -math.inf:
+        return -float(np.finfo(np.float64).max)
+    if f == math.inf or _exact(f, q) >= q:
+        return f
+    return float(np.nextafter(f, np.inf))
 
 
 class _Reader:
@@ -367,10 +407,10 @@ class _Reader:
         if va is not None and vb is None and _NUMBER.match(b):
             return ("y", {va[1]: ONE}, Decimal(b), strict) if va[0] else ("x", va[1], True, Decimal(b), strict)
         if vb is not None and va is None and _NUMBER.match(a):
-            return ("y", {vb[1]: -ONE}, -Decimal(a), strict) if vb[0] else ("x", vb[1], False, Decimal(a), strict)
+            return ("y", {vb[1]: -ONE}, Decimal(a).copy_negate(), strict) if vb[0] else ("x", vb[1], False, Decimal(a), strict)
         if va is not None and vb is not None and va[0] and vb[0] and va != vb:
             return ("y", {va[1]: ONE, vb[1]: -ONE}, Decimal(0), strict)
-        return self._atom(_axpy(self._linear(a), self._linear(b), -1.0), strict)  # the rest, errors included
+        return self._atom(_axpy(self._linear(a), self._linear(b), -1), strict)  # the rest, errors included
 
     def dnf(self, e: Any, line: int | None = None) -> Dnf:
         self.line = line or self.line  # nested calls keep the line of the assert
@@ -410,6 +450,12 @@ class _Reader:
         if not coefs:
             return bool(k < 0) if strict else bool(k <= 0)
         if n_out == len(coefs):
+            for c in coefs.values():
+                f = _float(c)
+                if not math.isfinite(f) or abs(Fraction(f) - c) > abs(c) / 2 ** 53:
+                    shown = format(Decimal(c.numerator) / Decimal(c.denominator), ".6g")
+                    self.fail(f"the coefficient {shown} of an output comparison is beyond what float64 holds to "
+                              "2^-53 relative; scale the comparison")
             return ("y", {j: c for (_, j), c in coefs.items()}, -k, strict)
         if n_out:
             self.fail("mixed input/output constraints are not supported; compare X and Y in separate asserts")
@@ -456,7 +502,8 @@ def _narrow(atoms: list[Atom], lo: np.ndarray, hi: np.ndarray,
     box: dict[int, tuple[float, float, bool, bool]] = {}
     for a in atoms:
         if a[0] == "x":
-            i, is_upper, bound, strict = a[1], a[2], float(a[3]), a[4]  # the nearest float64: what is fed
+            i, is_upper, bound = a[1], a[2], _float(a[3])  # the nearest float64: what is fed
+            strict = a[4] and _is_float(bound, a[3])  # X > c for an inexact c is X >= the floats above c
             l, h, lo_open, hi_open = box.get(i, (float(lo[i]), float(hi[i]), bool(open_lo[i]), bool(open_hi[i])))
             if is_upper:
                 box[i] = (l, bound, lo_open, strict) if bound < h else (l, h, lo_open, hi_open or (strict and bound == h))
@@ -474,10 +521,12 @@ def _conjunctions(row_lists: list[list[Atom]], n_out: int) -> list[Conjunction]:
         r, j, c = zip(*entries)
         C[list(r), list(j)] = c
     d = np.array([_up(a[2]) for a in flat], dtype=np.float64)  # C y <= d_up holds the exact region
-    strict = np.array([a[3] or _exact(float(u), a[2]) != a[2] for a, u in zip(flat, d)], dtype=bool)
+    moved = [not _is_float(float(u), a[2]) for a, u in zip(flat, d)]
+    strict = np.array([a[3] or m for a, m in zip(flat, moved)], dtype=bool)
     C, d, strict = _frozen(C), _frozen(d), _frozen(strict)
     ends = np.cumsum([len(x) for x in row_lists]).tolist()
-    rounded = [any(Fraction(float(c)) != c for c in a[1].values()) for a in flat]
+    # rows whose C or d is rounded keep their exact form: counterexamples are checked against it
+    rounded = [m or any(Fraction(float(c)) != c for c in a[1].values()) for a, m in zip(flat, moved)]
     return [Conjunction(C[e - len(x) : e], d[e - len(x) : e], strict[e - len(x) : e] if strict.any() else None,
                         tuple((a[1], a[2], a[3]) for a in x) if any(rounded[e - len(x) : e]) else None)
             for x, e in zip(row_lists, ends)]

@@ -430,3 +430,23 @@ def test_numbers_in_a_property_are_exact(tmp_path):
     result, _, _ = answer(tmp_path, IDENTITY, vnnlib_text(1, 1, [(2.0 ** 30, 2.0 ** 30 + 128)],
                                                           "(assert (<= Y_0 1073741823.9999999999))"), name="big")
     assert result.answer != "sat", result.result_text()
+
+
+@pytest.mark.parametrize("layers, box, body, truth", [
+    # y0 + y1 = 1 + 1e-20 (float32 1e-20): above the bound, though y0 + y1 rounds to it in float64
+    ([(np.array([[1.0], [0.0]]), np.array([0.0, 1e-20]))], [(1.0, 1.0)],
+     "(assert (<= (+ Y_0 Y_1) 1.000000000000000000005))", "unsat"),
+    (IDENTITY, [(0.0, 1.0)], "(assert (<= 0.1000000000000000000001 0.1))\n(assert (<= Y_0 100))", "unsat"),
+    (IDENTITY, [(0.0, 0.5)], "(assert (>= Y_0 0.5000000000000000000000000000001))", "unsat"),  # 31 digits
+    (IDENTITY, None, "(assert (>= X_0 0.50000000000000000001))\n(assert (<= X_0 1))\n(assert (<= Y_0 0.5))", "unsat"),
+    (IDENTITY, None, "(assert (> X_0 0.49999999999999999999))\n(assert (<= X_0 0.5))\n(assert (<= Y_0 0.5))", "sat"),
+    ([(np.array([[-3e38]]), np.array([-3e38]))], [(0.0, 1.0)], "(assert (<= Y_0 0))", "sat"),  # y = -inf in float32
+])
+def test_properties_whose_numbers_float64_cannot_hold(tmp_path, layers, box, body, truth):
+    """A fourth review's cases of the exact reading (each a wrong answer or a traceback before):
+    a sum of outputs against a rounded bound, a constant comparison, a 31-digit bound, an input
+    bound just above a float64 number, a strict one just below one, an output onnxruntime
+    evaluates to -inf. ``sat`` is checked strictly in :func:`answer`; an ``unsat`` truth allows
+    ``unknown``."""
+    result, _, _ = answer(tmp_path, layers, vnnlib_text(1, len(layers[-1][1]), box, body))
+    assert result.answer == truth if truth == "sat" else result.answer in ("unsat", "unknown"), result.result_text()

@@ -366,3 +366,19 @@ def test_numbers_are_combined_exactly_and_output_bounds_rounded_up() -> None:
     assert not p.holds_exactly([1.5], [2.0 ** 30]) and p.holds_exactly([1.5], [2.0 ** 30 - 128])
     (p,) = parse_vnnlib(head + "(assert (<= (* 0.1 Y_0) 1))")  # a rounded coefficient keeps its exact row
     assert p.unsafe[0].exact is not None and p.holds_exactly([1.5], [10.0]) and not p.holds_exactly([1.5], [10.000001])
+
+
+@pytest.mark.parametrize("body", ["(assert (<= (+ Y_0 Y_1) 1e400))", "(assert (<= (+ Y_0 Y_1) -1e400))",
+                                  "(assert (<= (* 2 X_0) 1e400))\n(assert (<= Y_0 1))", "(assert (>= Y_0 1e1000000))",
+                                  "(assert (<= X_0 -1e400))\n(assert (<= Y_0 1))"])
+def test_numbers_past_float64_are_read(body) -> None:
+    """Bounds past float64's range are infinite or make the box empty; no traceback."""
+    head = "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n(assert (>= X_0 -1))\n"
+    for p in parse_vnnlib(head + "(assert (<= X_0 1))\n" + body):
+        assert p.violations(np.zeros((1, 2))).shape == (1, len(p.unsafe))
+
+
+def test_a_coefficient_float64_cannot_hold_is_refused() -> None:
+    head = "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (>= X_0 -1))\n(assert (<= X_0 1))\n"
+    with pytest.raises(DualgraphError, match=r"coefficient 7e-324 .* scale the comparison"):
+        parse_vnnlib(head + "(assert (<= (* 7e-324 Y_0) -1e-300))")
