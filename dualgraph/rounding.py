@@ -110,8 +110,9 @@ Gemm whose only user is the Add (its Conv with a "Sum" input, ``MatMulAddFusion`
 Gemm whose C is ``s``): the partial sums then carry ``|s|``, so the error is
 ``gamma(n_P + 1)(T_P + |s|)``, not ``gamma(n_P) T_P`` and one rounding of ``P + s``. ``s`` may
 be a variable (a residual) or a constant (a Dense layer's bias written as MatMul + Add), either
-operand, and ops that only move entries (Transpose, Reshape: an NHWC model's layout) may stand
-between ``P`` and the Add, which onnxruntime's layout passes take out of the way first. Such an
+operand, and ops that only move entries (Transpose, Reshape: an NHWC model's layout) or scale
+by a constant may stand between ``P`` and the Add, which onnxruntime takes out of the way first
+(a scale folded into the Conv's weights, *Fused scales*; ``T_P`` is carried through). Such an
 Add or Sub (:func:`fused_sum_producers`) is charged ``n_e`` and ``T`` of its producers besides
 its own; an Add so fused may itself be fused into the next one.
 
@@ -545,7 +546,8 @@ def fused_sum_producers(node: Node) -> list[tuple[Node, list[Node]]]:
     *Fused sums*; :attr:`DualRule.adds_into_producer_sum`), each with the ops between it and
     the Add (first to last): for every variable operand with as many entries as the Add's
     output (not broadcast), the node computing it behind any ops that only rearrange entries
-    (:attr:`DualRule.rearranges_entries`: onnxruntime's layout passes cancel or move them),
+    (:attr:`DualRule.rearranges_entries`: onnxruntime's layout passes cancel or move them) or
+    scale by a constant (folded into a Conv's weights first, :func:`fused_scale_gain`),
     each value on the way read by nothing else, if that node is a Conv, MatMul or Gemm
     (:attr:`DualRule.sums_into_next_add`) or itself such an Add with producers of its own
     (whose charge includes theirs). The other operand may be a variable or a constant."""
@@ -555,7 +557,7 @@ def fused_sum_producers(node: Node) -> list[tuple[Node, list[Node]]]:
     for v in dict.fromkeys(node.var_inputs):
         if v.numel != node.output.numel:
             continue
-        v, path = _back_through(v, lambda n: dual_rule(n).rearranges_entries)
+        v, path = _back_through(v, _moves_or_scales)
         producer = v.producer
         if producer is None or len(v.users) != 1:
             continue
@@ -575,17 +577,19 @@ def fused_scale_gain(node: Node) -> tuple[float, int]:
     a FusedMatMul's ``transA``), each value on the way read by one node; ``(1, 0)`` if none."""
     if not dual_rule(node).sums_into_next_add:
         return 1.0, 0
-
-    def moves_or_scales(n: Node) -> bool:
-        return dual_rule(n).rearranges_entries or dual_rule(n).constant_factor(n) is not None
-
-    chain = [n for v in dict.fromkeys(node.var_inputs) for n in _back_through(v, moves_or_scales)[1]]
+    chain = [n for v in dict.fromkeys(node.var_inputs) for n in _back_through(v, _moves_or_scales)[1]]
     out = node.outputs[0]
-    while len(out.users) == 1 and _one_in_one_out(out.users[0]) and moves_or_scales(out.users[0]):
+    while len(out.users) == 1 and _one_in_one_out(out.users[0]) and _moves_or_scales(out.users[0]):
         chain.append(out.users[0])
         out = out.users[0].outputs[0]
     factors = [f for f in (dual_rule(n).constant_factor(n) for n in chain) if f is not None]
     return math.prod((fold_gain(f.detach().double()) for f in factors), start=1.0), len(factors)
+
+
+def _moves_or_scales(n: Node) -> bool:
+    """Whether onnxruntime may take ``n`` out of a fusion's way: it only rearranges entries, or
+    scales by a constant (folded into the neighbouring Conv's weights or MatMul's alpha)."""
+    return dual_rule(n).rearranges_entries or dual_rule(n).constant_factor(n) is not None
 
 
 def _one_in_one_out(n: Node) -> bool:
