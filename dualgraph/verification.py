@@ -29,7 +29,7 @@ rounding allowance of :mod:`dualgraph.rounding` (the bound computation and the m
 float32 evaluation, scaled by the magnitudes of the terms summed), the boxes are rounded
 outward, and a proof needs ``lower > d + unsat_margin * (1 + |d|)`` (a small extra margin
 for the property's decimal constants). Before bounding, the lowered IR is compared
-with onnxruntime at the box centre: a frontend that lowered the model wrongly would make
+with onnxruntime at the box centre and a few random points: a frontend that lowered the model wrongly would make
 proofs about another function, so a disagreement is an error, not an answer. A final
 Softmax is bounded like any op (the certifiers keep it, ``logits=False``: VNN-LIB's ``Y`` are
 the model's outputs); a final ArgMax is refused.

@@ -21,7 +21,7 @@ from dualgraph.op_registry import OPS, ensure_ops_loaded
 from dualgraph.plugins import failed_plugins_note
 from dualgraph.frontends.onnx_context import HandlerContext
 from dualgraph.frontends.onnx_folding import ConstantFolder
-from dualgraph.frontends.onnx_fusions import check_constant_fusions
+from dualgraph.frontends.onnx_fusions import check_fusions
 from dualgraph.frontends.onnx_refs import CONTROL_FLOW_OPS, SHAPE_OPS, node_attrs
 
 
@@ -54,7 +54,7 @@ class Importer(HandlerContext):
         self.folder = ConstantFolder(self.model, self.dynamic)  # the inputs decide whether the batch is symbolic
         nodes = self._live_nodes()
         self._check_supported(nodes)
-        check_constant_fusions(self.model)
+        check_fusions(self.model)
         for node in nodes:
             self._convert(node)
         self.g.meta["onnx_inputs"] = specs

@@ -910,6 +910,73 @@ def test_a_constant_near_a_gelu_constant_outside_a_fusion_is_kept(tmp_path):
     load_model(str(tmp_path / "m.onnx"))
 
 
+def _layer_norm_onnx(path, exponent=2.0, mean_minus_x=False, sqrt_over_d=False, simplified=False,
+                     reciprocal=False) -> str:
+    """A layer norm over the last axis written out as ops (what exports before opset 17 give),
+    with a scale and a bias, then a Gemm; the keywords write it wrongly in ways onnxruntime's
+    LayerNormFusion does not notice (the exponent, the order of the Sub or the Div), or write
+    its simplified (RMS) form, or divide as ``d * Reciprocal(s)``."""
+    if simplified:
+        nodes = [helper.make_node("Identity", ["x"], ["d"])]
+    else:
+        nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1]),
+                 helper.make_node("Sub", ["m", "x"] if mean_minus_x else ["x", "m"], ["d"])]
+    nodes += [helper.make_node("Pow", ["d", "p"], ["q"]), helper.make_node("ReduceMean", ["q"], ["v"], axes=[-1]),
+              helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"])]
+    if reciprocal:
+        nodes += [helper.make_node("Reciprocal", ["s"], ["r"]), helper.make_node("Mul", ["d", "r"], ["z"])]
+    else:
+        nodes.append(helper.make_node("Div", ["s", "d"] if sqrt_over_d else ["d", "s"], ["z"]))
+    nodes += [helper.make_node("Mul", ["z", "g"], ["zg"]), helper.make_node("Add", ["zg", "b"], ["t"]),
+              helper.make_node("Gemm", ["t", "W", "c"], ["y"], transB=1)]
+    inits = {"p": np.float32(exponent), "eps": np.float32(1e-5), "g": np.array([1.0, 2.0, 0.5, 1.5], np.float32),
+             "b": np.array([0.1, -0.2, 0.0, 0.3], np.float32), "W": np.array([[1.0, 0.0, -1.0, 0.0]], np.float32),
+             "c": np.zeros(1, np.float32)}
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("wrong,message", [
+    (dict(exponent=4.0), r"'q' \(Pow\) does not square its input"),
+    (dict(exponent=2.0001), r"'q' \(Pow\) does not square its input"),
+    (dict(mean_minus_x=True), r"'d' \(Sub\) is not x - mean\(x\)"),
+    (dict(sqrt_over_d=True), r"'z' \(Div\) does not divide by the square root of the variance"),
+])
+def test_what_onnxruntime_fuses_into_a_layer_norm_must_be_one(tmp_path, wrong, message):
+    """onnxruntime's LayerNormFusion matches op types and links only: a Pow of 4, ``mean - x`` or
+    ``sqrt(v + eps) / d`` becomes its LayerNormalization kernel (found by a review: a certified
+    lower bound of 1.7318 where onnxruntime gives -1.732; a wrong ``unsat``). Such a model is
+    refused at import, naming the node; onnxruntime does fuse every one of them (the check is
+    not vacuous: the default session's outputs differ from the unoptimised ones)."""
+    path = _layer_norm_onnx(tmp_path / "ln.onnx", **wrong)
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = ort.InferenceSession(path, plain, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    fused = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert not np.allclose(as_written, fused, rtol=1e-6, atol=1e-6, equal_nan=True)
+    with pytest.raises(DualgraphError, match=message + ".*LayerNormalization kernel|LayerNormalization kernel.*" + message):
+        load_model(path)
+
+
+@pytest.mark.parametrize("form", [dict(), dict(simplified=True), dict(reciprocal=True)])
+def test_an_exact_layer_norm_that_onnxruntime_fuses_loads_and_its_bounds_hold(tmp_path, form):
+    """The exact layer norm (and its simplified form, and ``d * Reciprocal(s)``) loads, and the
+    bounds hold against onnxruntime's default session at sampled points of the box."""
+    path = _layer_norm_onnx(tmp_path / "ln.onnx", **form)
+    cert = Certifier(load_model(path))
+    centre = torch.tensor([[0.5, -1.0, 2.0, 0.25]])
+    box = cert.input_set(centre, 0.2)
+    low = float(cert.lower_bounds(box, torch.ones(1, 1, 1))[0, 0])
+    high = -float(cert.lower_bounds(box, -torch.ones(1, 1, 1))[0, 0])
+    xs = (centre.numpy() + np.random.default_rng(1).uniform(-0.2, 0.2, size=(4000, 4))).astype(np.float32)
+    y = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": xs})[0][:, 0]
+    assert low <= y.min() and y.max() <= high, (low, y.min(), y.max(), high)
+
+
 def _scaled_onnx(path, case: str) -> tuple[str, float, list[int]]:
     """A scale onnxruntime folds into its neighbour, past what dualgraph's passes fold, then
     ``2^60 relu(.) - 0.5`` (exactly +0.5 at the centre as written): ``x 2^100`` into a MatMul by

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -308,6 +309,36 @@ def test_disagreement_with_onnxruntime_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(model, "run_onnx", lambda x: real(x) + 1.0)
     props = parse_vnnlib(vnnlib_text(1, 1, [(-1.0, 1.0)], "(assert (>= Y_0 1.5))"))
     with pytest.raises(DualgraphError, match="disagrees with onnxruntime"):
+        verify_property(model, props, 30, FAST)
+
+
+def test_a_model_that_agrees_with_onnxruntime_only_at_the_centre_is_an_error(tmp_path, monkeypatch):
+    """onnxruntime computing another function that happens to agree at the box centre (a
+    review's written-out layer norm with ``d^4`` for ``d^2``, fused by onnxruntime into its
+    LayerNormalization kernel, at ``x = [a, -a, b, -b]`` with ``a^4 + b^4 = a^2 + b^2``) is
+    caught at the random points of the box as well; the import-time check that refuses this
+    model first (``frontends/onnx_fusions.py``) is switched off to reach it."""
+    from dualgraph.frontends import onnx_importer
+    monkeypatch.setattr(onnx_importer, "check_fusions", lambda model: None)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1]), helper.make_node("Sub", ["x", "m"], ["d"]),
+             helper.make_node("Pow", ["d", "p"], ["q"]), helper.make_node("ReduceMean", ["q"], ["v"], axes=[-1]),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
+             helper.make_node("Div", ["d", "s"], ["z"]), helper.make_node("Mul", ["z", "g"], ["zg"]),
+             helper.make_node("Add", ["zg", "b"], ["y"])]
+    inits = {"p": np.float32(4.0), "eps": np.float32(1e-5), "g": np.ones(4, np.float32), "b": np.zeros(4, np.float32)}
+    graph = helper.make_graph(nodes, "ln4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    path = tmp_path / "ln4.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    a = 1.05
+    b = np.sqrt((1 - np.sqrt(1 + 4 * (a ** 2 - a ** 4))) / 2)
+    centre = np.array([a, -a, b, -b], np.float32)
+    model = VerifyModel(path)
+    at_centre = model.forward(torch.as_tensor(centre[None], dtype=torch.float64)).numpy()
+    assert np.allclose(at_centre, model.run_onnx(centre[None].astype(np.float64)), rtol=1e-4, atol=1e-4)
+    props = parse_vnnlib(vnnlib_text(4, 4, [(c - 0.3, c + 0.3) for c in centre.tolist()], "(assert (>= Y_0 9.0))"))
+    with pytest.raises(DualgraphError, match="disagrees with onnxruntime on 'ln4.onnx' at a point of the box"):
         verify_property(model, props, 30, FAST)
 
 
