@@ -32,7 +32,10 @@ from .scheduler import BoundConfig, BoundScheduler
 def load_model(source, example_input: torch.Tensor | None = None, *, simplify: bool = True,
                warn_training: bool = True) -> Graph:
     """An IR graph from an ``.onnx`` path, an ``onnx.ModelProto``, a model name from ``models/``
-    or an ``nn.Module`` (with ``example_input``, through torch.fx), simplified by the passes.
+    or an ``nn.Module`` (with ``example_input``, through torch.fx), simplified by the passes. An
+    ONNX model's graph is compared with onnxruntime on random inputs as lowered, before the
+    passes (:func:`~dualgraph.frontends.onnx.check_against_onnxruntime`; the passes keep the
+    function, which their tests check in exact arithmetic).
     A module in training mode is lowered with inference semantics (warned, unless
     ``warn_training=False``)."""
     if isinstance(source, torch.nn.Module):
@@ -43,13 +46,17 @@ def load_model(source, example_input: torch.Tensor | None = None, *, simplify: b
     elif isinstance(source, Graph):
         graph = source
     else:
-        path = Path(str(source))
-        if not path.exists():
-            from dualgraph.models import ZOO, resolve_model
-            if str(source) in ZOO or not path.suffix:  # a zoo name ("digits-small", "mnist-small-0.1")
-                path = resolve_model(str(source))
-        from dualgraph.frontends.onnx import load_onnx
-        graph = load_onnx(path if isinstance(source, (str, Path)) else source)
+        import onnx
+        onnx_source = source
+        if not isinstance(source, onnx.ModelProto):
+            onnx_source = Path(str(source))
+            if not onnx_source.exists():
+                from dualgraph.models import ZOO, resolve_model
+                if str(source) in ZOO or not onnx_source.suffix:  # a zoo name ("digits-small", "mnist-small-0.1")
+                    onnx_source = resolve_model(str(source))
+        from dualgraph.frontends.onnx import check_against_onnxruntime, load_onnx
+        graph = load_onnx(onnx_source)
+        check_against_onnxruntime(onnx_source, graph)  # as lowered: op by op, as onnxruntime runs it
     if simplify:
         from dualgraph.passes.pipeline import simplify as run_passes
         graph = run_passes(graph)

@@ -5,7 +5,7 @@ A candidate is moved into the property's box in the model's input precision
 (:func:`cast_into_box`) and run in onnxruntime; only a point whose onnxruntime outputs
 satisfy every row of one unsafe conjunction is reported (:class:`Found`). Before any
 bound is trusted, :meth:`Falsifier.check_lowering` compares the lowered IR with
-onnxruntime at the box centre and a few random points of the box (free candidates as well).
+onnxruntime at the box centre (a free candidate as well) and a few random points of the box.
 """
 
 from __future__ import annotations
@@ -182,10 +182,9 @@ class Falsifier:
             raise DualgraphError(f"the lowered model disagrees with onnxruntime on '{self.model.path.name}' at {where} "
                                  f"(output {j}: {ir[k, j]!r} vs {ort[k, j]!r}); refusing to verify a different "
                                  "function -- please report this frontend bug")
-        # the points are free candidate counterexamples
-        for rows, method in ((slice(0, 1), "box centre"), (slice(1, None), "a random point of the box")):
-            if p.violations(ort[rows]).min(initial=np.inf) <= 0:
-                self.confirm(p, points[rows], method)
+        # the centre is a free candidate counterexample
+        if p.violations(ort[:1]).min(initial=np.inf) <= 0:
+            self.confirm(p, points[:1], "box centre")
 
 
 def _aimed_inside(p: VnnlibProperty) -> list[tuple[torch.Tensor, torch.Tensor]]:

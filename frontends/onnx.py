@@ -40,7 +40,17 @@ from dualgraph.files import read_bytes
 from dualgraph.ir import Graph
 from dualgraph.frontends.onnx_importer import Importer, supported_ops
 
-__all__ = ["load_onnx", "onnx_feeds", "run_onnxruntime", "supported_ops"]
+__all__ = ["check_against_onnxruntime", "load_onnx", "onnx_feeds", "run_onnxruntime", "supported_ops"]
+
+AGREEMENT_TOLERANCE = 1e-3
+""":func:`check_against_onnxruntime` accepts differences up to this share of ``1 + max |y|``
+over an example's outputs, plus :data:`ROUNDING_FACTOR` times the graph's own float32 and
+float64 results' difference there: rounding stays within that, a lowering that computes
+another function does not."""
+
+ROUNDING_FACTOR = 100
+"""Models whose float32 evaluation cancels heavily at a point (so that two evaluation orders
+differ far more than ``1e-3``) show it in the graph's own two precisions as well."""
 
 
 # ---- public API -------------------------------------------------------------------------------
@@ -103,6 +113,51 @@ def run_onnxruntime(source: str | os.PathLike | onnx.ModelProto, graph: Graph,
         return results[0]
     return [np.concatenate([r[j] for r in results]) if o["layout"] == "batch"
             else np.stack([r[j] for r in results]) for j, o in enumerate(outs)]
+
+
+def check_against_onnxruntime(source: str | os.PathLike | onnx.ModelProto, graph: Graph) -> None:
+    """Raise :class:`DualgraphError` unless ``graph`` (lowered from ``source``) computes what onnxruntime computes for the file: both run on two examples, one uniform in
+    ``[0, 1]`` (an image) and one standard normal, in the model's own precision, and every float
+    output must agree within :data:`AGREEMENT_TOLERANCE` (and :data:`ROUNDING_FACTOR`). A certificate is about the graph; this
+    is what makes it one about the file (``verify`` compares at its boxes' points as well).
+
+    Skipped where there is no reference: inputs that are not floats (indices need valid values),
+    or a file onnxruntime cannot run (ops that plugins define). NaN entries are not compared."""
+    if not all(v.dtype.is_floating_point for v in graph.inputs):
+        return
+    from dualgraph.interpreter import Interpreter
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for v in graph.inputs:
+        shape = (1, *v.unit_shape)
+        inputs.append(torch.cat([torch.rand(shape, generator=generator, dtype=torch.float64),
+                                 torch.randn(shape, generator=generator, dtype=torch.float64)]).to(v.dtype))
+    if not isinstance(source, onnx.ModelProto) and str(source).endswith(".gz"):
+        source = _read_model(Path(source))  # onnxruntime reads plain files only
+    try:
+        reference = run_onnxruntime(source, graph, *inputs)
+    except Exception:  # noqa: BLE001 -- onnxruntime cannot run it: nothing to compare with
+        return
+    with torch.no_grad():
+        lowered = Interpreter(graph).run(*inputs)
+        exact = Interpreter(graph).run(*(x.double() for x in inputs)) if graph.inputs[0].dtype != torch.float64 \
+            else lowered
+    for k, (ours, accurate, theirs) in enumerate(zip(lowered, exact, reference)):
+        if not (ours.dtype.is_floating_point and np.asarray(theirs).dtype.kind == "f") or ours.numel() != theirs.size:
+            continue
+        ours, accurate = (t.detach().double().cpu().numpy().reshape(2, -1) for t in (ours, accurate))
+        theirs = np.asarray(theirs, dtype=np.float64).reshape(2, -1)
+        rounding = np.nanmax(np.abs(ours - accurate), axis=1, keepdims=True, initial=0.0)
+        scale = 1 + np.nanmax(np.abs(theirs), axis=1, keepdims=True, initial=0.0)
+        off = np.abs(ours - theirs) > AGREEMENT_TOLERANCE * scale + ROUNDING_FACTOR * rounding  # False at NaN
+        if off.any():
+            e, j = np.argwhere(off)[0]
+            name = graph.meta["onnx_outputs"][k]["name"]
+            raise DualgraphError(
+                f"the lowered model computes another function than onnxruntime: output '{name}' entry {j} is "
+                f"{float(ours[e, j])!r} against onnxruntime's {float(theirs[e, j])!r} on a random "
+                f"{('uniform', 'normal')[e]} input; refusing to certify a different function -- please report this "
+                "frontend bug")
 
 
 # ---- reading ---------------------------------------------------------------------------------

@@ -426,3 +426,46 @@ def test_shared_vnncomp_models_layouts(shared_dir):
     assert fc.inputs[0].shape == ("N", 784, 1) and fc.meta["onnx_inputs"][0]["shape"] == [1, 784, 1]
     paper = load_onnx(shared / "paper_models" / "mnist_small_0_3_stage0.onnx")
     assert paper.meta["onnx_inputs"][0]["dynamic"] and paper.num_parameters() == 166406
+
+
+# ---- the lowered graph against onnxruntime ----------------------------------------------------
+def _dense_model() -> onnx.ModelProto:
+    w = np.array([[1.0, -2.0, 0.5], [0.25, 1.5, -1.0]], np.float32)
+    return make_model([helper.make_node("Gemm", ["x", "W", "b"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["y"])],
+                      [("x", ["N", 3])], [("y", ["N", 2])], {"W": w, "b": np.array([0.1, -0.2], np.float32)})
+
+
+def test_a_graph_that_computes_another_function_than_onnxruntime_is_refused():
+    """A certificate is about the lowered graph: one whose function differs from onnxruntime's
+    (here a weight changed after lowering: what a frontend bug would do) is refused, naming the
+    output and the values; the graph as lowered passes."""
+    from dualgraph.frontends.onnx import check_against_onnxruntime
+    model = _dense_model()
+    graph = load_onnx(model)
+    check_against_onnxruntime(model, graph)
+    gemm = next(n for n in graph.nodes if n.op == ("", "Gemm"))
+    weight = gemm.inputs[1]
+    weight.const = weight.const.clone()
+    weight.const[0, 0] = 1.01
+    with pytest.raises(DualgraphError, match=r"computes another function than onnxruntime: output 'y' entry 0 is .* "
+                                             r"against onnxruntime's .* on a random (uniform|normal) input"):
+        check_against_onnxruntime(model, graph)
+
+
+def test_load_model_refuses_what_onnxruntime_fuses_into_another_function(monkeypatch):
+    """The backstop behind the fusion checks: a written-out layer norm with ``d^4`` that
+    onnxruntime runs as its LayerNormalization kernel, with ``check_fusions`` switched off, is
+    refused by the comparison on random inputs when it is loaded."""
+    from dualgraph.api import load_model
+    from dualgraph.frontends import onnx_importer
+    monkeypatch.setattr(onnx_importer, "check_fusions", lambda model: None)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1]), helper.make_node("Sub", ["x", "m"], ["d"]),
+             helper.make_node("Pow", ["d", "p"], ["q"]), helper.make_node("ReduceMean", ["q"], ["v"], axes=[-1]),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
+             helper.make_node("Div", ["d", "s"], ["z"]), helper.make_node("Mul", ["z", "g"], ["zg"]),
+             helper.make_node("Add", ["zg", "b"], ["y"])]
+    model = make_model(nodes, [("x", ["N", 4])], [("y", ["N", 4])],
+                       {"p": np.array(4.0, np.float32), "eps": np.array(1e-5, np.float32),
+                        "g": np.ones(4, np.float32), "b": np.zeros(4, np.float32)})
+    with pytest.raises(DualgraphError, match="computes another function than onnxruntime: output 'y'"):
+        load_model(model)
