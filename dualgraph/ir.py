@@ -33,10 +33,6 @@ EVALUATED_IN = "evaluated_in"
 """``Graph.meta`` key: the float dtypes the network as evaluated also computes in, besides its
 input's (the targets of float ``Cast`` nodes, which the IR drops as identities); a set."""
 
-APPROXIMATE_CONSTANTS = "approximate_constants"
-"""``Graph.meta`` key: how many ulps a constant folded at import from an approximated op (its
-onnxruntime value against the reference's) may be off (:mod:`dualgraph.frontends.onnx_folding`)."""
-
 FOLDED_ROUNDING = "folded_rounding"
 """``Node.meta`` key of a node that a pass made from several evaluated ops (a BatchNormalization
 or an input normalisation folded into a Gemm or Conv): a :class:`FoldedRounding`."""

@@ -137,7 +137,7 @@ from .dual_registry import AffineRule, Bounds, ElementwiseRule, Relaxation, dual
 from .errors import DualgraphError, InternalError
 from .input_sets import InputSet
 from .interpreter import naming_node
-from .ir import APPROXIMATE_CONSTANTS, EVALUATED_IN, FOLD_GAIN, FoldedRounding, Graph, Node, Value, fold_gain
+from .ir import EVALUATED_IN, FOLD_GAIN, FoldedRounding, Graph, Node, Value, fold_gain
 from .linalg import batched_dot, take_examples
 
 SAFETY = 1.01
@@ -190,8 +190,6 @@ class RoundingAllowance:
         precisions = {graph.inputs[0].dtype, *graph.meta.get(EVALUATED_IN, ())}
         self.u_e = max([unit_roundoff(d) for d in precisions] + [self.u_c])
         self.cast_terms = 1 if len(precisions) > 1 else 0
-        # a constant folded from an approximated op is off by that many ulps, relative: as many roundings more
-        self.cast_terms += int(graph.meta.get(APPROXIMATE_CONSTANTS, 0))
         self.sigma_c = underflow(input_set.center.dtype)
         self.sigma_e = max([underflow(d) for d in precisions] + [self.sigma_c])
         # half the largest number of the coarsest precision: beyond it an evaluation may overflow

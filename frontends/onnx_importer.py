@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dualgraph.errors import DualgraphError, UnsupportedOpError
 from dualgraph.interpreter import infer_shapes
-from dualgraph.ir import APPROXIMATE_CONSTANTS, Graph, check_graph
+from dualgraph.ir import Graph, check_graph
 from dualgraph.lowering import FLOAT_TYPES, Const, Missing, OnnxNode, Ref, Var
 from dualgraph.op_registry import OPS, ensure_ops_loaded
 from dualgraph.plugins import failed_plugins_note
@@ -60,8 +60,6 @@ class Importer(HandlerContext):
         self.g.meta["onnx_inputs"] = specs
         self.g.meta["onnx_outputs"] = [self._add_output(vi) for vi in gp.output]
         self.g.meta["onnx_opset"] = self.opset
-        if self.folder.approximate_ulps:  # constants folded from approximated ops: see onnx_folding
-            self.g.meta[APPROXIMATE_CONSTANTS] = self.folder.approximate_ulps
         infer_shapes(self.g, self.dtype)
         check_graph(self.g)
         return self.g
