@@ -157,6 +157,11 @@ CASES = {
     "pad_edge": ("Pad", (3, 5), [i64(0, 2, 1, 0, 1, 3)], {"mode": "edge"}),
     "pad_axes": ("Pad", (3, 5), [i64(1, 2), None, i64(-1)], {}, 18),
     "pad_wrap": ("Pad", (3, 5), [i64(0, 0, 2, 0, 0, 3)], {"mode": "wrap"}, 19),
+    # onnxruntime crops the negative side first, then wraps around what is left (a review)
+    "pad_wrap_mixed": ("Pad", (3, 5), [i64(0, -1, 2, 0, 2, -1)], {"mode": "wrap"}, 19),
+    # Resize-10: asymmetric coordinates (opset 11's half_pixel default was taken: a review)
+    "resize_opset10_linear": ("Resize", (2, 3), [np.float32([1, 1, 2])], {"mode": "linear"}, 10),
+    "resize_opset10_nearest": ("Resize", (1, 5), [np.float32([1, 1, 1.25])], {"mode": "nearest"}, 10),
     "slice_negative_step": ("Slice", (4, 7), [i64(-1), i64(-100), i64(2), i64(-2)], {}),
     "slice_clamped": ("Slice", (4, 7), [i64(1, -5), i64(100, -1), i64(1, -1), i64(2, 1)], {}),
     "split_num_outputs": ("Split", (4, 7), [], {"axis": 2, "num_outputs": 3}, 18, 3),
@@ -177,6 +182,7 @@ CASES = {
     "neg": ("Neg", (5,), [], {}),
     "identity": ("Identity", (5,), [], {}),
     "dropout": ("Dropout", (5,), [], {}),
+    "dropout_not_training": ("Dropout", (5,), [np.float32(0.5), np.array(False)], {}),
     "clip_min_only": ("Clip", (5,), [np.float32(-0.2)], {}),
     "clip_max_only": ("Clip", (5,), [None, np.float32(0.3)], {}),
     "clip_attrs": ("Clip", (5,), [], {"min": -0.1, "max": 0.4}, 6),

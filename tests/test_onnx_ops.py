@@ -374,6 +374,7 @@ CONV_TRANSPOSE = [  # input [N, 2, 4, 5], weight [2, 3 / group, 3, 3], attribute
     {"strides": [2, 2]},
     {"strides": [2, 1], "pads": [1, 0, 0, 2], "output_padding": [1, 0]},
     {"strides": [2, 2], "output_shape": [9, 10]},
+    {"strides": [2, 2], "output_shape": [10, 12]},  # past the full output: zeros (and the bias) at the end
     {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
     {"strides": [1, 2], "auto_pad": "SAME_LOWER", "dilations": [2, 1]},
     {"group": 2, "strides": [2, 2], "pads": [1, 1, 1, 1]},
@@ -495,6 +496,43 @@ def test_resize_agrees_with_onnxruntime_and_bounds(attrs, given, opset):
     check_network(model, 0.5, 21)
 
 
+def _resize_cases(count: int = 48):
+    rng = np.random.default_rng(31)
+    for _ in range(count):
+        mode = str(rng.choice(["nearest", "linear"]))
+        attrs = {"mode": mode, "coordinate_transformation_mode": str(rng.choice(
+            ["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "half_pixel_symmetric"]))}
+        if mode == "nearest":
+            attrs["nearest_mode"] = str(rng.choice(["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]))
+        size_in, size_out = int(rng.integers(2, 10)), int(rng.integers(1, 22))
+        given = "sizes" if rng.random() < 0.5 else "scales"
+        yield attrs, size_in, size_out, given
+
+
+@pytest.mark.parametrize("attrs,size_in,size_out,given", list(_resize_cases()))
+def test_resize_indices_and_weights_are_onnxruntime_s(attrs, size_in, size_out, given):
+    """onnxruntime computes Resize's sizes, scales, source coordinates and weights in float32; in
+    float64, 7 -> 9 by half_pixel reads input 2 where onnxruntime reads 3, and a scale of
+    float32(5/3) makes 4 columns of 3 where onnxruntime makes 5 (a review's sweep: about 900 of
+    8,400 cases differed). Random cases, the IR against onnxruntime."""
+    scale = np.float32(size_out) / np.float32(size_in)
+    inits = [numpy_helper.from_array(np.array([1, 1, scale] if given == "scales" else [], np.float32), "scales")]
+    names = ["x", "", "scales"]
+    if given == "sizes":
+        inits.append(numpy_helper.from_array(np.array([1, 1, size_out], np.int64), "sizes"))
+        names = ["x", "", "", "sizes"]
+    graph = helper.make_graph([helper.make_node("Resize", names, ["y"], **attrs)], "t",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, size_in])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    x = np.random.default_rng(size_in * 31 + size_out).standard_normal((1, 1, size_in)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = Interpreter(load_onnx(model)).run(torch.from_numpy(x))[0].numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("reduction,const_updates", [("none", False), ("add", False), ("none", True)])
 def test_scatter_nd_agrees_and_bounds(reduction, const_updates):
     """ScatterND as exports write in-place slice assignment (batch 1: the indices address it)."""
@@ -542,6 +580,12 @@ def test_one_hot_and_upsample_agree_with_onnxruntime():
     x = rng.uniform(-1, 1, (6, 4)).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(Interpreter(load_onnx(model)).run(torch.from_numpy(x))[0].numpy(), want)
+    # a class past the depth is a row of off values in onnxruntime (it wrapped around: a review)
+    inits[1] = numpy_helper.from_array(np.array(3, np.int64), "depth")
+    model = four_input_model(nodes, inits, 3)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert (want.sum(1) == 0).any()
+    np.testing.assert_array_equal(Interpreter(load_onnx(model)).run(torch.from_numpy(x))[0].numpy(), want)
 
     inits = [numpy_helper.from_array(rng.standard_normal((4, 12)).astype(np.float32), "w"),
              numpy_helper.from_array(np.array([-1, 2, 2, 3], np.int64), "s"),
@@ -553,6 +597,40 @@ def test_one_hot_and_upsample_agree_with_onnxruntime():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
     model.ir_version = 4
     check_network(model, 0.5, 25)
+
+
+def test_a_dropout_in_training_mode_is_refused():
+    """onnxruntime drops random entries then (the IR read it as the identity: a review)."""
+    graph = helper.make_graph([helper.make_node("Dropout", ["x", "r", "t"], ["y"], name="drop")], "t",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(np.array(0.5, np.float32), "r"),
+                               numpy_helper.from_array(np.array(True), "t")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(DualgraphError, match=r"node 'drop' \(Dropout\) runs in training mode"):
+        load_onnx(model)
+
+
+def test_a_float64_pad_value_keeps_its_precision():
+    """0.1 in a float64 model is float64's 0.1 (it was rounded to float32's: a review)."""
+    graph = helper.make_graph([helper.make_node("Pad", ["x", "p", "v"], ["y"])], "t",
+                              [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", 3])],
+                              [numpy_helper.from_array(np.array([0, 1, 0, 0], np.int64), "p"),
+                               numpy_helper.from_array(np.array(0.1, np.float64), "v")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    y = Interpreter(load_onnx(model)).run(torch.zeros(1, 2, dtype=torch.float64))[0]
+    assert float(y[0, 0]) == 0.1
+
+
+def test_resize_10_nearest_downsampling_is_refused():
+    graph = helper.make_graph([helper.make_node("Resize", ["x", "s"], ["y"], mode="nearest", name="down")], "t",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4])],
+                              [numpy_helper.from_array(np.array([1, 1, 0.75], np.float32), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+    with pytest.raises(DualgraphError, match=r"node 'down' \(Resize, opset 10\): nearest downsampling"):
+        load_onnx(model)
 
 
 def test_scatter_nd_refuses_repeated_indices_without_a_reduction():

@@ -474,8 +474,10 @@ def _transpose_geometry(attrs, spatial, kernel) -> tuple[list[int], list[int], l
     if wanted is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
         wanted = [int(o) for o in wanted][-n:] if wanted is not None else [int(s) * st for s, st in zip(spatial, strides)]
         begins, ends = [], []
-        for size, k, s, d, e, out in zip(spatial, kernel, strides, dilations, extra, wanted):
-            total = max(0, s * (int(size) - 1) + e + (k - 1) * d + 1 - out)
+        for i, (size, k, s, d, e, out) in enumerate(zip(spatial, kernel, strides, dilations, extra, wanted)):
+            total = s * (int(size) - 1) + e + (k - 1) * d + 1 - out
+            if total < 0:  # an output_shape past the full output: more rows at the end, as onnxruntime
+                extra[i], total = e - total, 0
             small, big = total // 2, total - total // 2
             # the ONNX spec: the larger half at the end only for SAME_UPPER
             begins.append(small if auto == "SAME_UPPER" else big)

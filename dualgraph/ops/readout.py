@@ -54,6 +54,8 @@ def _(node, inputs):
     indices, depth, values = inputs[0], node.const_input(1), inputs[2]
     depth = int(depth.reshape(-1)[0])
     axis = int(node.attrs.get("axis", -1))
-    hot = torch.nn.functional.one_hot(torch.remainder(indices.long(), depth), depth)  # negative: from the end
+    indices = indices.long()
+    inside = (indices >= -depth) & (indices < depth)  # outside: a row of off values (onnxruntime's reading)
+    hot = torch.nn.functional.one_hot(torch.remainder(indices, depth), depth) * inside.unsqueeze(-1)  # negative: from the end
     hot = hot.movedim(-1, axis if axis >= 0 else indices.dim() + 1 + axis)
     return torch.where(hot.bool(), values[1], values[0])

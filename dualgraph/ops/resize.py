@@ -3,7 +3,9 @@
 Each resized axis is a matrix ``M [out, in]`` built from the ONNX coordinate transformation
 (``half_pixel``, ``pytorch_half_pixel``, ``align_corners``, ``asymmetric``,
 ``half_pixel_symmetric``), the nearest-rounding mode, or linear interpolation weights (source
-indices clamped to the edges); the op applies one matrix per axis. Its dual layer is the exact
+indices clamped to the edges), computed in float32 as onnxruntime computes them (sizes from
+scales, scales from sizes, coordinates, weights); the op applies one matrix per axis. Its dual
+layer is the exact
 adjoint (the generic vector-Jacobian product). The weights are nonnegative, so ``|A| x`` is
 the op itself. Cubic mode and ``tf_crop_and_resize`` are refused.
 """
@@ -26,41 +28,52 @@ TRANSFORMS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
 NEAREST = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 
 
-def _source(i: int, scale: float, size_in: int, size_out: int, transform: str) -> float:
-    """Coordinate in the input of output index ``i`` (the ONNX formulas)."""
+F32 = np.float32
+
+
+def _source(i: int, scale: float, size_in: int, size_out: int, transform: str) -> np.float32:
+    """Coordinate in the input of output index ``i`` (the ONNX formulas), in float32 as
+    onnxruntime computes it: in float64, 7 -> 9 by half_pixel puts output 4 at 2.9999999999999996,
+    where onnxruntime reads 3 (found by a review)."""
+    i, scale, n_in, n_out, half = F32(i), F32(scale), F32(size_in), F32(size_out), F32(0.5)
     if transform == "half_pixel":
-        return (i + 0.5) / scale - 0.5
+        return (i + half) / scale - half
     if transform == "pytorch_half_pixel":
-        return (i + 0.5) / scale - 0.5 if size_out > 1 else 0.0
+        return (i + half) / scale - half if size_out > 1 else F32(0)
     if transform == "align_corners":
-        return i * (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+        return i * (n_in - F32(1)) / (n_out - F32(1)) if size_out > 1 else F32(0)
     if transform == "asymmetric":
         return i / scale
-    adjustment = size_out / (scale * size_in)      # half_pixel_symmetric
-    return size_in / 2 * (1 - adjustment) + (i + 0.5) / scale - 0.5
+    adjustment = n_out / (scale * n_in)      # half_pixel_symmetric
+    return n_in / F32(2) * (F32(1) - adjustment) + (i + half) / scale - half
 
 
 def resize_matrix(size_in: int, size_out: int, scale: float, mode: str, transform: str, nearest: str) -> np.ndarray:
-    """``M [out, in]`` with ``y = M x`` along one axis."""
+    """``M [out, in]`` with ``y = M x`` along one axis (indices and weights in float32, as
+    onnxruntime computes them)."""
     m = np.zeros((size_out, size_in))
+    last = size_in - 1
     for i in range(size_out):
         x = _source(i, scale, size_in, size_out, transform)
         if mode == "nearest":
-            frac = x - math.floor(x)
             if nearest == "floor":
                 j = math.floor(x)
             elif nearest == "ceil":
                 j = math.ceil(x)
-            elif frac == 0.5:
+            elif x - F32(math.floor(x)) == F32(0.5):
                 j = math.floor(x) if nearest == "round_prefer_floor" else math.ceil(x)
+            else:  # std::round (no tie here); in float64, where x + 0.5 is exact
+                j = math.floor(float(x) + 0.5)
+            m[i, min(max(j, 0), last)] = 1.0
+        else:  # onnxruntime: the coordinate clamped into the axis, its two neighbours' distances
+            x = min(max(x, F32(0)), F32(last))
+            x1 = min(int(x), last)
+            x2 = min(x1 + 1, last)
+            if x1 == x2:
+                m[i, x1] = 1.0
             else:
-                j = math.floor(x + 0.5)
-            m[i, min(max(j, 0), size_in - 1)] = 1.0
-        else:
-            x0 = math.floor(x)
-            frac = x - x0
-            m[i, min(max(x0, 0), size_in - 1)] += 1 - frac
-            m[i, min(max(x0 + 1, 0), size_in - 1)] += frac
+                m[i, x1] += float(F32(x2) - x)
+                m[i, x2] += float(x - F32(x1))
     return m
 
 
@@ -103,13 +116,19 @@ def _onnx_resize(ctx, n):
         scales = [float(s) for s in (ctx.batch_free(n, c).reshape(-1) if c is not None else n.attrs["scales"])]
         sizes, transform, nearest = None, "asymmetric", "floor"
         mode = "linear" if mode in ("linear", "bilinear") else mode
+    elif ctx.opset < 11:  # Resize-10 is Upsample's arithmetic: x_in = x_out / scale
+        c = ctx.const(n, 1, "the Resize scales")
+        scales, sizes = [float(s) for s in ctx.batch_free(n, c).reshape(-1)], None
+        transform, nearest = "asymmetric", "floor"
+        if mode == "nearest" and min(scales) < 1:
+            raise DualgraphError(f"node '{n.name}' (Resize, opset 10): nearest downsampling is not supported "
+                                 "(onnxruntime rounds it its own way); export with opset 11 or later")
     else:
         transform = n.attrs.get("coordinate_transformation_mode", "half_pixel")
         nearest = n.attrs.get("nearest_mode", "round_prefer_floor")
-        index_scales, index_sizes = (2, 3) if ctx.opset >= 11 else (1, None)
-        c = ctx.const(n, index_scales, "the Resize scales") if len(n.ins) > index_scales else None
+        c = ctx.const(n, 2, "the Resize scales") if len(n.ins) > 2 else None
         scales = [float(s) for s in ctx.batch_free(n, c).reshape(-1)] if c is not None and c.t1.size else None
-        s = ctx.const(n, index_sizes, "the Resize sizes") if index_sizes and len(n.ins) > index_sizes else None
+        s = ctx.const(n, 3, "the Resize sizes") if len(n.ins) > 3 else None
         sizes = _sizes(ctx, n, s) if s is not None and s.t1.size else None
         axes = n.attrs.get("axes")
         if axes is not None:  # opset 18: scales / sizes for some axes only
@@ -131,9 +150,9 @@ def _onnx_resize(ctx, n):
     if sizes is None:
         if scales is None or len(scales) != rank:
             raise DualgraphError(f"node '{n.name}' ({n.op}): neither scales nor sizes for every axis")
-        sizes = [int(math.floor(d * s)) for d, s in zip(shape, scales)]
+        sizes = [int(F32(s) * F32(d)) for d, s in zip(shape, scales)]  # float32, as onnxruntime
     else:
-        scales = [o / d for o, d in zip(sizes, shape)]
+        scales = [float(F32(o) / F32(d)) for o, d in zip(sizes, shape)]
     if sizes[0] != shape[0] or (len(sizes) > 1 and sizes[1] != shape[1] and rank > 2):
         raise DualgraphError(f"node '{n.name}' ({n.op}) resizes the batch or channel axis; only spatial axes "
                              "are supported")

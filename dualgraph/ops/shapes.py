@@ -66,6 +66,12 @@ dropout.dual(IndexMapDual)
 @dropout.onnx_import
 def _(ctx, n):
     x = ctx.var(n, 0)
+    training = ctx.const(n, 2, "Dropout's training_mode")  # opset 12: a third input, False if omitted
+    if training is not None and bool(np.any(ctx.batch_free(n, training))):
+        ratio = ctx.const(n, 1, "Dropout's ratio")
+        if ratio is None or float(ctx.batch_free(n, ratio).reshape(-1)[0]) != 0.0:
+            raise DualgraphError(f"node '{n.name}' (Dropout) runs in training mode (training_mode is true): "
+                                 "onnxruntime then drops random entries; export the model for inference")
     mask = Missing(f"the mask output of Dropout node '{n.name}' is not supported")
     return ctx.emit(n, "Identity", [x.value], {}, x.added, n.outs[:1]) + [mask] * (len(n.outs) - 1)
 
@@ -493,11 +499,13 @@ pad = define_op("Pad")
 
 def _pad_indices(size: int, begin: int, end: int, mode: str, device) -> Tensor:
     """Source index of every output cell along one axis for reflect/edge/wrap padding."""
+    if mode == "wrap":  # onnxruntime crops first (negative pads), then wraps around what is left
+        first, kept = max(0, -begin), size - max(0, -begin) - max(0, -end)
+        idx = torch.arange(-max(0, begin), kept + max(0, end), device=device)
+        return first + torch.remainder(idx, kept)
     idx = torch.arange(-begin, size + end, device=device)
     if mode == "edge" or (mode == "reflect" and size == 1):
         return idx.clamp(0, size - 1)
-    if mode == "wrap":
-        return torch.remainder(idx, size)
     period = 2 * (size - 1)
     idx = torch.remainder(idx, period)
     return torch.where(idx >= size, period - idx, idx)
@@ -556,7 +564,8 @@ def _(ctx, n):
         pads = [0, *pads[:rank], 0, *pads[rank:]]
     inputs = [x.value, ctx.int_const(n, pads, "pads")]
     if mode == "constant":
-        inputs.append(ctx.ir_const(np.array(value, dtype=np.float32), f"{n.name}/dg_value"))
+        dtype = np.float64 if x.value.dtype == torch.float64 else np.float32  # the model's precision
+        inputs.append(ctx.ir_const(np.array(value, dtype=dtype), f"{n.name}/dg_value"))
     return ctx.emit(n, "Pad", inputs, {"mode": mode}, x.added, n.outs)
 
 
