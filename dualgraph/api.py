@@ -26,6 +26,7 @@ from .errors import DualgraphError
 from .input_sets import InputSet, make_input_set
 from .interpreter import Interpreter
 from .ir import Graph, Value
+from .rounding import unit_roundoff
 from .scheduler import BoundConfig, BoundScheduler
 
 
@@ -79,15 +80,19 @@ def add_input_normalization(graph: Graph, mean, std) -> Graph:
             wanted = "1 value (the input has one channel)" if channels == 1 else \
                 f"1 or {channels} values (one per input channel)"
             raise DualgraphError(f"{name} needs {wanted}, got {len(vals)}")
+    dtype = x.dtype  # the constants are the input's precision: checked as they will be
+    mean, std = (torch.tensor([float(v) for v in vals], dtype=torch.float64).to(dtype).tolist() for vals in (mean, std))
     if not all(math.isfinite(v) for v in [*mean, *std]):
-        raise DualgraphError("--mean and --std values must be finite numbers")
-    if any(s <= 0 for s in std):
-        raise DualgraphError("--std values must be positive")
+        raise DualgraphError(f"--mean and --std values must be finite numbers in the model's "
+                             f"{str(dtype).replace('torch.', '')} input")
+    if any(s < torch.finfo(dtype).tiny for s in std):
+        raise DualgraphError(f"--std values must be positive (at least {torch.finfo(dtype).tiny:.3g} in the model's "
+                             f"{str(dtype).replace('torch.', '')} input)")
     tail = [1] * (len(x.unit_shape) - 1)
     shape = [len(mean) if len(mean) > 1 else 1, *tail] if x.unit_shape else [1]
-    mean_v = graph.add_const(graph.fresh_name("input_mean"), torch.tensor(mean).reshape(shape))
+    mean_v = graph.add_const(graph.fresh_name("input_mean"), torch.tensor(mean, dtype=dtype).reshape(shape))
     std_v = graph.add_const(graph.fresh_name("input_std"),
-                            torch.tensor(std).reshape([len(std) if len(std) > 1 else 1, *tail] if x.unit_shape else [1]))
+                            torch.tensor(std, dtype=dtype).reshape([len(std) if len(std) > 1 else 1, *tail] if x.unit_shape else [1]))
     first = graph.nodes[0] if graph.nodes else None
     sub = graph.add_node("Sub", [x, mean_v], name=graph.fresh_name("normalize_sub"))
     div = graph.add_node("Div", [sub.output, std_v], name=graph.fresh_name("normalize_div"))
@@ -122,10 +127,24 @@ def strip_readout(graph: Graph) -> Graph:
     """Drop trailing class readouts **in place**: a Softmax (it keeps the logits' order) and an
     ArgMax over the classes (the class it reads off is what margins > 0 certify), so
     certification works on the logits; the graph itself when there is none."""
+    _strip_readouts(graph)
+    return graph
+
+
+def _strip_readouts(graph: Graph) -> list[tuple[str, str]]:
+    """:func:`strip_readout`'s work: the ops removed, outermost first."""
+    removed = []
     while (node := _readout(graph)) is not None:
         graph.outputs = [node.inputs[0]]
         graph.remove_node(node)
-    return graph
+        removed.append(node.op)
+    return removed
+
+
+SOFTMAX_TIE_ULPS = 64
+"""Where a trailing Softmax was left out, a certificate needs every logit margin above this
+many unit roundoffs of the evaluated precision (float32: 3.8e-6): ``exp`` of a margin below it
+may round to 1 (a few ulps of onnxruntime's approximation included) and the probabilities tie."""
 
 
 def margin_spec(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -159,12 +178,17 @@ class Certifier:
     the logits, which is what margin certificates need (softmax keeps their order; the class
     argmax reads off is the one positive margins prove).
     ``logits=False`` keeps the graph as it is (a trailing Softmax then has no dual layer).
+    Where a Softmax was left out, :meth:`certify` needs every margin above
+    :attr:`margin_needed` (:data:`SOFTMAX_TIE_ULPS`), not only above 0.
     """
 
     def __init__(self, graph: Graph, config: BoundConfig = BoundConfig(),
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
                  logits: bool = True) -> None:
-        self.graph = strip_readout(graph.copy()) if logits and ends_in_readout(graph) else graph
+        self.graph, removed = graph, []
+        if logits and ends_in_readout(graph):
+            self.graph = graph.copy()
+            removed = _strip_readouts(self.graph)
         self.config, self.device, self.dtype = config, torch.device(device), dtype
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise DualgraphError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
@@ -172,6 +196,9 @@ class Certifier:
         self.interpreter = Interpreter(self.graph)
         self.output: Value = self.graph.outputs[0]
         self.input: Value = self.graph.inputs[0]
+        # a stripped Softmax keeps the logits' order only up to its own rounding: logits closer than
+        # a few ulps of 1 give equal probabilities, and the ArgMax then takes the first (a review)
+        self.margin_needed = SOFTMAX_TIE_ULPS * unit_roundoff(self.input.dtype) if ("", "Softmax") in removed else 0.0
 
     @property
     def num_outputs(self) -> int:
@@ -221,5 +248,5 @@ class Certifier:
             spec = margin_spec(labels.to(self.device), self.num_outputs)
             # optimised slopes only where they can still make a certificate
             margins = self.lower_bounds(self.input_set(x, eps, norm, clip), spec, goal=0.0, candidates=correct)
-        return CertifyResult(preds.cpu(), correct.cpu(), (correct & (margins > 0).all(1)).cpu(), margins.cpu(),
-                             sound=self.config.sound)
+        certified = correct & (margins > self.margin_needed).all(1)
+        return CertifyResult(preds.cpu(), correct.cpu(), certified.cpu(), margins.cpu(), sound=self.config.sound)

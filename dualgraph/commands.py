@@ -137,7 +137,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     eps = args.eps if args.eps is not None else (info or {}).get("eps")
     if eps is None:
         raise DualgraphError("--eps is required for this model")
-    if info and args.model == DEFAULT_MODEL and args.mean is None:
+    if info and args.model == DEFAULT_MODEL and args.mean is None and args.std is None:
         args.mean, args.std = info.get("mean"), info.get("std")
     from .input_sets import check_eps
     eps = check_eps(eps)
@@ -178,6 +178,9 @@ def _certify_cascade(args: argparse.Namespace) -> int:
     eps = check_eps(eps)
     if args.proj is not None:
         raise DualgraphError("a cascade is certified with exact bounds; drop --proj")
+    if args.mean is not None or args.std is not None:
+        raise DualgraphError("--mean/--std are not applied to a cascade's stages; export each stage with its "
+                             "input normalisation inside, and drop --mean/--std")
     certs = load_stages(files, _bound_config(args), device=args.device, dtype=_dtype(args))
     data = load_dataset(args.dataset, args.data_dir, split=args.split, limit=args.limit)
     names = [str(f.relative_to(Path(args.model).parent)) for f in files]
@@ -274,7 +277,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
             from .api import margin_spec
             predictions = certifier.forward(x).argmax(1)
             margins = certifier.lower_bounds(input_set, margin_spec(labels, certifier.num_outputs))
-            certificates = printer.certificate_rows(certifier.graph, bounds, labels, predictions, margins)
+            certificates = printer.certificate_rows(certifier.graph, bounds, labels, predictions, margins,
+                                                    certifier.margin_needed)
     estimate = not certifier.config.sound
     if args.format == "dot":
         shown = certifier.graph  # the graph the bounds are about (a final readout left out)

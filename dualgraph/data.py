@@ -245,4 +245,6 @@ def load_dataset(name: str, data_dir: str | Path | None = None, split: str = "te
     else:
         raise DualgraphError(f"unknown dataset {name!r}; choose one of "
                              f"{', '.join(KNOWN_DATASETS)}")
+    if len(ds) == 0:
+        raise DualgraphError(f"the {key} {split} set in {data_dir} holds no examples; check the files")
     return ds if limit is None else ds.take(limit)

@@ -30,7 +30,7 @@ def parse_radius(text: str) -> float:
         if slash and not den.strip():
             raise ValueError(text)
         value = float(Fraction(num) / Fraction(den or 1))
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):
         raise DualgraphError(f"'{text}' is not a radius; give a number or a fraction such as 0.1 or 2/255") from None
     return check_eps(value)
 

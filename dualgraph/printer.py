@@ -260,11 +260,12 @@ def bound_notes(graph: Graph, bounds: Mapping[Value, Any]) -> dict[Value, str]:
             for v in bounds if v.name in by_name}
 
 
-def certificate_rows(graph: Graph, bounds: Mapping[Value, Any], labels, predictions, margins) -> list[dict[str, Any]]:
+def certificate_rows(graph: Graph, bounds: Mapping[Value, Any], labels, predictions, margins,
+                     margin_needed: float = 0.0) -> list[dict[str, Any]]:
     """Why each example is (not) certified: its label and prediction, the certified lower bound of
-    ``logit[label] - logit[j]`` per class ``j`` (certified when all are > 0 and the prediction is
-    right), and the bounded value where most of its units cross zero (where the relaxation is
-    loosest)."""
+    ``logit[label] - logit[j]`` per class ``j`` (certified when all are above ``margin_needed``,
+    :attr:`~dualgraph.api.Certifier.margin_needed`, and the prediction is right), and the bounded
+    value where most of its units cross zero (where the relaxation is loosest)."""
     rows = []
     crossing = {v: ((b[0] < 0) & (b[1] > 0)).flatten(1).sum(1) for v, b in bounds.items()}
     for i in range(len(labels)):
@@ -274,7 +275,7 @@ def certificate_rows(graph: Graph, bounds: Mapping[Value, Any], labels, predicti
         counts = {v: int(c[i] if c.shape[0] > 1 else c[0]) for v, c in crossing.items()}
         worst = max(counts, key=counts.get) if counts else None
         rows.append({"example": i, "label": label, "predicted": pred,
-                     "certified": bool(pred == label and all(m > 0 for m in per_class.values())),
+                     "certified": bool(pred == label and all(m > margin_needed for m in per_class.values())),
                      "margins": per_class, "min_margin": min(per_class.values()) if per_class else float("inf"),
                      "most_crossing": None if worst is None else {"value": worst.name, "units": counts[worst]}})
     return rows

@@ -60,14 +60,16 @@ def check_fusions(model: onnx.ModelProto) -> None:
     if not (gelu or layer_norm):
         return
     kernels = FUSED_KERNELS | LAYER_NORM_KERNELS
-    fused = [n for n in _optimised(model).graph.node if n.op_type in kernels]
+    optimised = _optimised(model)
+    fused = [] if optimised is None else [n for n in optimised.graph.node if n.op_type in kernels]
     if not fused:
         return
     producers = {out: n for n in model.graph.node for out in n.output}
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            constants[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        if n.op_type == "Constant" and len(n.attribute) == 1:
+            constants[n.output[0]] = _constant_value(n.attribute[0])
+    ranks = None
     for kernel in fused:
         nodes = _replaced_nodes(kernel, producers)
         if kernel.op_type in FUSED_KERNELS:
@@ -77,12 +79,15 @@ def check_fusions(model: onnx.ModelProto) -> None:
                     if value is not None and value.dtype.kind == "f" and value.size == 1:  # the matchers' scalars
                         _check_constant(kernel, name, value)
         elif len(nodes) > 1 or (nodes and nodes[0].op_type != kernel.op_type):  # a fusion, not the model's own node
-            _check_layer_norm(kernel, nodes, producers, constants)
+            if ranks is None:
+                ranks = _ranks(model)
+            _check_layer_norm(kernel, nodes, producers, constants, ranks)
 
 
-def _optimised(model: onnx.ModelProto) -> onnx.ModelProto:
+def _optimised(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """The model as onnxruntime's optimiser leaves it at the level that holds these fusions
-    (extended: before the layout changes of the default level, which do not touch them)."""
+    (extended: before the layout changes of the default level, which do not touch them); None
+    where onnxruntime cannot open the model (ops that plugins define): it fuses nothing then."""
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "optimised.onnx")
@@ -90,8 +95,27 @@ def _optimised(model: onnx.ModelProto) -> onnx.ModelProto:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = path
         options.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 -- onnxruntime's own error types
+            return None
         return onnx.load(path)
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """The rank of every value whose shape onnx's inference knows (none where it fails)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 -- onnx's inference errors: no ranks, raw axes compared
+        return {}
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
+
+
+def _constant_value(attribute: onnx.AttributeProto) -> np.ndarray:
+    """A Constant node's value, whichever attribute holds it (``value``, ``value_float``, ...)."""
+    value = onnx.helper.get_attribute_value(attribute)
+    return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.asarray(value)
 
 
 def _replaced_nodes(kernel: onnx.NodeProto, producers: dict) -> list[onnx.NodeProto]:
@@ -109,11 +133,13 @@ def _replaced_nodes(kernel: onnx.NodeProto, producers: dict) -> list[onnx.NodePr
     return found
 
 
-def _check_layer_norm(kernel: onnx.NodeProto, nodes: list[onnx.NodeProto], producers: dict, constants: dict) -> None:
+def _check_layer_norm(kernel: onnx.NodeProto, nodes: list[onnx.NodeProto], producers: dict, constants: dict,
+                      ranks: dict[str, int]) -> None:
     """Raise unless ``nodes`` compute exactly what the layer-norm ``kernel`` does: every Pow
     squares (exponent 2), every Sub is ``x - mean(x)``, every Div and Reciprocal divides by a
     ``sqrt``, the constant added under the ``sqrt`` is the kernel's ``epsilon`` (in float32) and
-    every mean is over the same axes. Checked on the nodes, whatever links onnxruntime's matcher
+    every mean is over the same axes (negative ones read by ``ranks``) and keeps them. Checked
+    on the nodes, whatever links onnxruntime's matcher
     followed (with or without Casts, one Sub or two)."""
     epsilon = next((a.f for a in kernel.attribute if a.name == "epsilon"), 1e-5)
 
@@ -147,10 +173,15 @@ def _check_layer_norm(kernel: onnx.NodeProto, nodes: list[onnx.NodeProto], produ
             if len(offsets) != 1 or not np.all(offsets[0].astype(np.float32) == np.float32(epsilon)):
                 refuse(node, f"is not the square root of the variance plus the kernel's epsilon {epsilon:.9g}")
         elif node.op_type == "ReduceMean":
-            given = next((tuple(a.ints) for a in node.attribute if a.name == "axes"), None)
+            given = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
             if given is None and len(node.input) > 1 and node.input[1] in constants:
-                given = tuple(int(a) for a in constants[node.input[1]].ravel())
-            axes.add(given)
+                given = [int(a) for a in constants[node.input[1]].ravel()]
+            if next((a.i for a in node.attribute if a.name == "keepdims"), 1) != 1:
+                refuse(node, "drops the reduced dimensions (keepdims 0), which the kernel keeps")
+            rank = ranks.get(node.input[0])
+            if given is not None and rank is not None:
+                given = [a % rank for a in given]
+            axes.add(None if given is None else tuple(sorted(given)))
             if len(axes) > 1:
                 refuse(node, "takes its mean over other axes than the other mean")
 

@@ -80,3 +80,42 @@ def test_sums_too_long_for_the_rounding_analysis_are_a_one_line_error(net_dtype,
     cert = Certifier(load_model(model, x), dtype=bound_dtype)
     with pytest.raises(DualgraphError, match=hint):
         cert.lower_bounds(cert.input_set(x.to(bound_dtype), 0.001), torch.eye(2, dtype=bound_dtype)[None])
+
+
+def test_certify_refuses_what_its_model_would_not_compute_or_read(tmp_path, capsys):
+    """Input a review found mishandled (each a clear one-line error now, or honoured):
+    a radius past float64 (a traceback), a float32-subnormal or -infinite --std (checked in
+    float64, used in float32), --std with the default model (dropped), --mean/--std with a
+    cascade (ignored), a dataset without examples (NaN in the report)."""
+    import struct
+
+    from dualgraph.api import add_input_normalization
+    from dualgraph.input_sets import parse_radius
+    with pytest.raises(DualgraphError, match="'1e400' is not a radius"):
+        parse_radius("1e400")
+    for std in (1e-46, 1e39):
+        with pytest.raises(DualgraphError, match="--(mean and --)?std values must be"):
+            add_input_normalization(load_model("digits-small", simplify=False), None, [std])
+
+    def certify(*extra):
+        code = main(["certify", "--eps", "0.05", "--json", "--no-progress", "--limit", "40", *extra])
+        out = capsys.readouterr()
+        return code, out.out.strip(), out.err.strip()
+    plain, scaled = certify(), certify("--std", "10")
+    assert plain[0] == scaled[0] == 0 and plain[1] != scaled[1]  # --std is applied to the default model
+    code, _, err = certify("--std", "0")
+    assert code != 0 and "--std values must be positive" in err and len(err.splitlines()) == 1
+
+    import json
+    (tmp_path / "c.json").write_text(json.dumps({"kind": "cascade", "eps": 0.05, "stages": [str(ZOO_DIR / "digits_small.onnx")]}))
+    assert main(["certify", str(tmp_path / "c.json"), "--dataset", "digits", "--std", "10"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "not applied to a cascade" in err and len(err.splitlines()) == 1
+
+    def idx(dims, data=b""):
+        return bytes((0, 0, 8, len(dims))) + b"".join(struct.pack(">I", d) for d in dims) + data
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx((0, 28, 28)))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx((0,)))
+    assert main(["certify", "mnist-small-0.1", "--dataset", "mnist", "--data-dir", str(tmp_path)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "holds no examples" in err and len(err.splitlines()) == 1

@@ -978,6 +978,82 @@ def test_an_exact_layer_norm_that_onnxruntime_fuses_loads_and_its_bounds_hold(tm
     assert low <= y.min() and y.max() <= high, (low, y.min(), y.max(), high)
 
 
+@pytest.mark.parametrize("form", ["exponent from a Constant's value_float", "epsilon from a Constant's value_float",
+                                  "means over axes [2] and [-1] of a rank-3 input"])
+def test_an_exact_layer_norm_written_otherwise_is_not_refused(form):
+    """The layer-norm check reads a Constant node in any attribute form and normalises negative
+    axes (a review of the check found these exact layer norms refused)."""
+    N = helper.make_node
+    inits = {"g": np.ones(4, np.float32), "b": np.zeros(4, np.float32), "p": np.array(2.0, np.float32),
+             "eps": np.array(1e-5, np.float32)}
+    constants = []
+    if form.startswith("exponent"):
+        constants.append(N("Constant", [], ["p"], value_float=2.0))
+        del inits["p"]
+    elif form.startswith("epsilon"):
+        constants.append(N("Constant", [], ["eps"], value_float=1e-5))
+        del inits["eps"]
+    nodes = constants + [N("ReduceMean", ["x"], ["m"], axes=[2] if form.startswith("means") else [-1]),
+                         N("Sub", ["x", "m"], ["d"]), N("Pow", ["d", "p"], ["q"]),
+                         N("ReduceMean", ["q"], ["v"], axes=[-1]), N("Add", ["v", "eps"], ["ve"]),
+                         N("Sqrt", ["ve"], ["s"]), N("Div", ["d", "s"], ["z"]), N("Mul", ["z", "g"], ["zg"]),
+                         N("Add", ["zg", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_a_layer_norm_that_drops_its_reduced_axes_is_refused(tmp_path):
+    """keepdims 0 on the means: onnxruntime fuses it all the same (a review)."""
+    path = _layer_norm_onnx(tmp_path / "ln.onnx")
+    model = onnx.load(path)
+    for node in model.graph.node:
+        if node.op_type == "ReduceMean":
+            node.attribute.append(helper.make_attribute("keepdims", 0))
+    from dualgraph.frontends.onnx_fusions import _optimised, check_fusions
+    optimised = _optimised(model)
+    assert optimised is not None and "LayerNormalization" in [n.op_type for n in optimised.graph.node]
+    with pytest.raises(DualgraphError, match="drops the reduced dimensions"):
+        check_fusions(model)
+
+
+def test_a_model_onnxruntime_cannot_open_skips_the_fusion_checks():
+    """A plugin op onnxruntime lacks beside a ReduceMean and a Sqrt: onnxruntime fuses nothing
+    there, and the model loads (it raised onnxruntime's own error: a review)."""
+    example = pytest.importorskip("dualgraph_example_ops", reason="the example plugin package is not installed")
+    N = helper.make_node
+    nodes = [N("Gemm", ["x", "W", "c"], ["h"], transB=1), N("Softplus", ["h"], ["s"], domain=example.DOMAIN),
+             N("ReduceMean", ["s"], ["m"], axes=[-1]), N("Sqrt", ["s"], ["r"]), N("Add", ["r", "m"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+                              [numpy_helper.from_array(np.ones((2, 3), np.float32), "W"),
+                               numpy_helper.from_array(np.zeros(2, np.float32), "c")])
+    load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                       helper.make_opsetid(example.DOMAIN, 1)]))
+
+
+@pytest.mark.parametrize("gap,certified", [(2e-8, False), (1e-4, True)])
+def test_a_stripped_softmax_needs_margins_that_survive_its_rounding(tmp_path, gap, certified):
+    """Certificates are about the logits when a trailing Softmax (and ArgMax) is left out, but
+    float32 Softmax ties logits closer than a few ulps of 1, and the ArgMax then reads the first
+    class (a review: class 1 certified at a logit gap of 2e-8, onnxruntime answers class 0
+    everywhere). Such margins no longer certify; a gap of 1e-4 still does."""
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["z"], transB=1), helper.make_node("Softmax", ["z"], ["p"], axis=1),
+             helper.make_node("ArgMax", ["p"], ["y"], axis=1, keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, ["N"])],
+                              [numpy_helper.from_array(np.full((3, 2), 1e-12, np.float32), "W"),
+                               numpy_helper.from_array(np.array([0.0, gap, 0.0], np.float32), "b")])
+    path = str(tmp_path / "tie.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = np.array([[0.5, 0.5]], np.float32)
+    read = int(ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0][0])
+    assert read == (1 if certified else 0)
+    result = Certifier(load_model(path)).certify(torch.from_numpy(x), torch.tensor([1]), 0.01)
+    assert bool(result.certified[0]) == certified and float(result.margins.min()) > 0
+
+
 def _scaled_onnx(path, case: str) -> tuple[str, float, list[int]]:
     """A scale onnxruntime folds into its neighbour, past what dualgraph's passes fold, then
     ``2^60 relu(.) - 0.5`` (exactly +0.5 at the centre as written): ``x 2^100`` into a MatMul by

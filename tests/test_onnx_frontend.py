@@ -452,10 +452,13 @@ def test_a_graph_that_computes_another_function_than_onnxruntime_is_refused():
         check_against_onnxruntime(model, graph)
 
 
-def test_load_model_refuses_what_onnxruntime_fuses_into_another_function(monkeypatch):
+@pytest.mark.parametrize("beside", [None, "a large output", "an infinite output"])
+def test_load_model_refuses_what_onnxruntime_fuses_into_another_function(monkeypatch, beside):
     """The backstop behind the fusion checks: a written-out layer norm with ``d^4`` that
     onnxruntime runs as its LayerNormalization kernel, with ``check_fusions`` switched off, is
-    refused by the comparison on random inputs when it is loaded."""
+    refused by the comparison on random inputs when it is loaded -- also where the same output
+    carries ``1e4 x`` or ``exp(1000 x)`` beside it (the tolerance is per entry: a review found a
+    tolerance over the whole output that one large or infinite entry switched off)."""
     from dualgraph.api import load_model
     from dualgraph.frontends import onnx_importer
     monkeypatch.setattr(onnx_importer, "check_fusions", lambda model: None)
@@ -463,9 +466,16 @@ def test_load_model_refuses_what_onnxruntime_fuses_into_another_function(monkeyp
              helper.make_node("Pow", ["d", "p"], ["q"]), helper.make_node("ReduceMean", ["q"], ["v"], axes=[-1]),
              helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
              helper.make_node("Div", ["d", "s"], ["z"]), helper.make_node("Mul", ["z", "g"], ["zg"]),
-             helper.make_node("Add", ["zg", "b"], ["y"])]
-    model = make_model(nodes, [("x", ["N", 4])], [("y", ["N", 4])],
-                       {"p": np.array(4.0, np.float32), "eps": np.array(1e-5, np.float32),
-                        "g": np.ones(4, np.float32), "b": np.zeros(4, np.float32)})
+             helper.make_node("Add", ["zg", "b"], ["ln"])]
+    inits = {"p": np.array(4.0, np.float32), "eps": np.array(1e-5, np.float32), "g": np.ones(4, np.float32),
+             "b": np.zeros(4, np.float32)}
+    if beside is None:
+        nodes.append(helper.make_node("Identity", ["ln"], ["y"]))
+    else:
+        inits["k"] = np.array(1e4 if beside == "a large output" else 1e3, np.float32)
+        nodes.append(helper.make_node("Mul", ["x", "k"], ["e0"]))
+        nodes.append(helper.make_node("Identity" if beside == "a large output" else "Exp", ["e0"], ["e"]))
+        nodes.append(helper.make_node("Concat", ["ln", "e"], ["y"], axis=-1))
+    model = make_model(nodes, [("x", ["N", 4])], [("y", ["N", 4 if beside is None else 8])], inits)
     with pytest.raises(DualgraphError, match="computes another function than onnxruntime: output 'y'"):
         load_model(model)

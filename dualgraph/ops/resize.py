@@ -44,8 +44,11 @@ def _source(i: int, scale: float, size_in: int, size_out: int, transform: str) -
         return i * (n_in - F32(1)) / (n_out - F32(1)) if size_out > 1 else F32(0)
     if transform == "asymmetric":
         return i / scale
-    adjustment = n_out / (scale * n_in)      # half_pixel_symmetric
-    return n_in / F32(2) * (F32(1) - adjustment) + (i + half) / scale - half
+    # half_pixel_symmetric: onnxruntime's float32 offset, then the rest with double literals
+    # (float64), rounded to float32 once
+    adjustment = n_out / (scale * n_in)
+    offset = n_in / F32(2) * (F32(1) - adjustment)
+    return F32(float(offset) + (float(i) + 0.5) / float(scale) - 0.5)
 
 
 def resize_matrix(size_in: int, size_out: int, scale: float, mode: str, transform: str, nearest: str) -> np.ndarray:
@@ -84,6 +87,8 @@ resize = define_op("Resize")
 def _(node, inputs):
     x = inputs[0]
     sizes, scales = node.attrs["out_sizes"], node.attrs["scales"]
+    if list(sizes) == [int(d) for d in x.shape[1:]]:
+        return x  # onnxruntime copies the input when no size changes, whatever the scales
     for axis, (size_out, scale) in enumerate(zip(sizes, scales), start=1):
         size_in = int(x.shape[axis])
         if size_out == size_in and scale == 1.0:
