@@ -25,7 +25,7 @@ from .dual_registry import Bounds
 from .errors import DualgraphError
 from .input_sets import InputSet, make_input_set
 from .interpreter import Interpreter
-from .ir import Graph, Value
+from .ir import EVALUATED_IN, Graph, Value
 from .rounding import unit_roundoff
 from .scheduler import BoundConfig, BoundScheduler
 
@@ -112,8 +112,10 @@ def _readout(graph: Graph):
     node = graph.outputs[0].producer if len(graph.outputs) == 1 else None
     if node is None or len(node.var_inputs) != 1 or len(node.inputs[0].users) != 1:
         return None
-    if node.op == ("", "Softmax"):
-        return node
+    if node.op == ("", "Softmax"):  # keeps the order of the classes only over all of them (a review)
+        x = node.inputs[0]
+        axis = int(node.attrs.get("axis", -1)) % len(x.shape)
+        return node if int(x.shape[axis]) == x.numel else None
     if node.op == ("", "ArgMax") and len(node.inputs[0].shape) == 2 and int(node.attrs.get("axis", 0)) in (1, -1):
         return node
     return None
@@ -198,7 +200,9 @@ class Certifier:
         self.input: Value = self.graph.inputs[0]
         # a stripped Softmax keeps the logits' order only up to its own rounding: logits closer than
         # a few ulps of 1 give equal probabilities, and the ArgMax then takes the first (a review)
-        self.margin_needed = SOFTMAX_TIE_ULPS * unit_roundoff(self.input.dtype) if ("", "Softmax") in removed else 0.0
+        evaluated = {self.input.dtype, *self.graph.meta.get(EVALUATED_IN, ())}  # the coarsest precision (a Cast)
+        self.margin_needed = SOFTMAX_TIE_ULPS * max(map(unit_roundoff, evaluated)) if ("", "Softmax") in removed \
+            else 0.0
 
     @property
     def num_outputs(self) -> int:

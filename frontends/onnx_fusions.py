@@ -41,6 +41,9 @@ KERNEL_CONSTANTS = tuple(float(np.float32(c)) for c in (
 """The constants of those kernels, as float32 (sqrt 2 for a division, 1/sqrt 2 for a product,
 sqrt(2/pi), 0.044715 and their product for the tanh form)."""
 
+UNKNOWN_OP_ERRORS = ("is not a registered function/op", "Could not find an implementation", "NOT_IMPLEMENTED")
+"""onnxruntime's words for an op it has no kernel for (a plugin's): it fuses nothing then."""
+
 LAYER_NORM_KERNELS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
                       "SkipSimplifiedLayerNormalization"}
 """onnxruntime's kernels that replace a written-out layer norm (domains ``""`` and ``com.microsoft``)."""
@@ -67,8 +70,8 @@ def check_fusions(model: onnx.ModelProto) -> None:
     producers = {out: n for n in model.graph.node for out in n.output}
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for n in model.graph.node:
-        if n.op_type == "Constant" and len(n.attribute) == 1:
-            constants[n.output[0]] = _constant_value(n.attribute[0])
+        if n.op_type == "Constant" and len(n.attribute) == 1 and (value := _constant_value(n.attribute[0])) is not None:
+            constants[n.output[0]] = value
     ranks = None
     for kernel in fused:
         nodes = _replaced_nodes(kernel, producers)
@@ -97,8 +100,12 @@ def _optimised(model: onnx.ModelProto) -> onnx.ModelProto | None:
         options.log_severity_level = 3
         try:
             ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception:  # noqa: BLE001 -- onnxruntime's own error types
-            return None
+        except Exception as exc:  # noqa: BLE001 -- onnxruntime's own error types
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            if any(words in reason for words in UNKNOWN_OP_ERRORS):
+                return None
+            raise DualgraphError(f"onnxruntime cannot open the model to check what it fuses ({reason[:200]}); "
+                                 "a model with external data: load it from a single file") from None
         return onnx.load(path)
 
 
@@ -112,10 +119,13 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
 
 
-def _constant_value(attribute: onnx.AttributeProto) -> np.ndarray:
-    """A Constant node's value, whichever attribute holds it (``value``, ``value_float``, ...)."""
+def _constant_value(attribute: onnx.AttributeProto) -> np.ndarray | None:
+    """A Constant node's value, whichever attribute holds it (``value``, ``value_float``, ...);
+    None for a sparse one (left out: a check that needs it refuses)."""
     value = onnx.helper.get_attribute_value(attribute)
-    return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.asarray(value)
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    return np.asarray(value) if isinstance(value, (int, float, list, bytes)) else None
 
 
 def _replaced_nodes(kernel: onnx.NodeProto, producers: dict) -> list[onnx.NodeProto]:

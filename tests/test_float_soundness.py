@@ -1004,6 +1004,24 @@ def test_an_exact_layer_norm_written_otherwise_is_not_refused(form):
     load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
+def test_a_layer_norm_with_a_sparse_constant_gets_an_error_not_a_traceback():
+    """A sparse Constant (the epsilon) is left out of the check, which then refuses the fused
+    layer norm in one line (it raised a TypeError: a review)."""
+    N = helper.make_node
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.array([1e-5], np.float32), "v"),
+                                       numpy_helper.from_array(np.array([0], np.int64), "i"), [1])
+    nodes = [N("Constant", [], ["eps"], sparse_value=sparse), N("ReduceMean", ["x"], ["m"], axes=[-1]),
+             N("Sub", ["x", "m"], ["d"]), N("Pow", ["d", "p"], ["q"]), N("ReduceMean", ["q"], ["v"], axes=[-1]),
+             N("Add", ["v", "eps"], ["ve"]), N("Sqrt", ["ve"], ["s"]), N("Div", ["d", "s"], ["z"]),
+             N("Mul", ["z", "g"], ["zg"]), N("Add", ["zg", "b"], ["y"])]
+    inits = {"g": np.ones(4, np.float32), "b": np.zeros(4, np.float32), "p": np.array(2.0, np.float32)}
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    with pytest.raises(DualgraphError, match="LayerNormalization kernel"):
+        load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
 def test_a_layer_norm_that_drops_its_reduced_axes_is_refused(tmp_path):
     """keepdims 0 on the means: onnxruntime fuses it all the same (a review)."""
     path = _layer_norm_onnx(tmp_path / "ln.onnx")
@@ -1033,25 +1051,49 @@ def test_a_model_onnxruntime_cannot_open_skips_the_fusion_checks():
                                                        helper.make_opsetid(example.DOMAIN, 1)]))
 
 
-@pytest.mark.parametrize("gap,certified", [(2e-8, False), (1e-4, True)])
-def test_a_stripped_softmax_needs_margins_that_survive_its_rounding(tmp_path, gap, certified):
+@pytest.mark.parametrize("gap,certified,float64_input", [(2e-8, False, False), (1e-4, True, False), (2e-8, False, True)])
+def test_a_stripped_softmax_needs_margins_that_survive_its_rounding(tmp_path, gap, certified, float64_input):
     """Certificates are about the logits when a trailing Softmax (and ArgMax) is left out, but
     float32 Softmax ties logits closer than a few ulps of 1, and the ArgMax then reads the first
     class (a review: class 1 certified at a logit gap of 2e-8, onnxruntime answers class 0
-    everywhere). Such margins no longer certify; a gap of 1e-4 still does."""
-    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["z"], transB=1), helper.make_node("Softmax", ["z"], ["p"], axis=1),
+    everywhere). Such margins no longer certify; a gap of 1e-4 still does. The threshold is the
+    coarsest precision's: a float64 input cast to float32 before the Softmax (a later review)."""
+    nodes = [helper.make_node("Gemm", ["x32", "W", "b"], ["z"], transB=1), helper.make_node("Softmax", ["z"], ["p"], axis=1),
              helper.make_node("ArgMax", ["p"], ["y"], axis=1, keepdims=0)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+    nodes.insert(0, helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT) if float64_input
+                 else helper.make_node("Identity", ["x"], ["x32"]))
+    x_type = TensorProto.DOUBLE if float64_input else TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", x_type, ["N", 2])],
                               [helper.make_tensor_value_info("y", TensorProto.INT64, ["N"])],
                               [numpy_helper.from_array(np.full((3, 2), 1e-12, np.float32), "W"),
                                numpy_helper.from_array(np.array([0.0, gap, 0.0], np.float32), "b")])
     path = str(tmp_path / "tie.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    x = np.array([[0.5, 0.5]], np.float32)
+    x = np.array([[0.5, 0.5]], np.float64 if float64_input else np.float32)
     read = int(ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0][0])
     assert read == (1 if certified else 0)
     result = Certifier(load_model(path)).certify(torch.from_numpy(x), torch.tensor([1]), 0.01)
     assert bool(result.certified[0]) == certified and float(result.margins.min()) > 0
+
+
+def test_a_softmax_over_part_of_the_outputs_is_bounded_not_stripped(tmp_path):
+    """A trailing Softmax over the last axis of ``[N, 2, 2]`` does not keep the order of the
+    four outputs (a review: class 0 certified by its logits, onnxruntime's outputs have class 2
+    largest everywhere): it is kept and bounded, and the certified class is onnxruntime's."""
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["z"], transB=1), helper.make_node("Reshape", ["z", "shape"], ["r"]),
+             helper.make_node("Softmax", ["r"], ["y"], axis=2)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 2])],
+                              [numpy_helper.from_array(np.zeros((4, 2), np.float32), "W"),
+                               numpy_helper.from_array(np.array([10.0, 9.99, 0.0, -10.0], np.float32), "b"),
+                               numpy_helper.from_array(np.array([-1, 2, 2], np.int64), "shape")])
+    path = str(tmp_path / "sm.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = np.array([[0.5, 0.5]], np.float32)
+    read = int(ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].reshape(1, -1).argmax())
+    cert = Certifier(load_model(path))
+    assert not bool(cert.certify(torch.from_numpy(x), torch.tensor([0]), 0.01).certified[0])
+    assert read == 2 and bool(cert.certify(torch.from_numpy(x), torch.tensor([read]), 0.01).certified[0])
 
 
 def _scaled_onnx(path, case: str) -> tuple[str, float, list[int]]:
