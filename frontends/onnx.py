@@ -122,10 +122,12 @@ def run_onnxruntime(source: str | os.PathLike | onnx.ModelProto, graph: Graph,
 
 
 def check_against_onnxruntime(source: str | os.PathLike | onnx.ModelProto, graph: Graph) -> None:
-    """Raise :class:`DualgraphError` unless ``graph`` (lowered from ``source``) computes what onnxruntime computes for the file: both run on two examples, one uniform in
-    ``[0, 1]`` (an image) and one standard normal, in the model's own precision, and every float
-    output must agree within :data:`AGREEMENT_TOLERANCE` (and :data:`ROUNDING_FACTOR`). A certificate is about the graph; this
-    is what makes it one about the file (``verify`` compares at its boxes' points as well).
+    """Raise :class:`DualgraphError` unless ``graph`` (lowered from ``source``) computes what
+    onnxruntime computes for the file: both run on two examples, one uniform in ``[0, 1]`` (an
+    image) and one standard normal, in the model's own precision, and every float output entry
+    must agree within :data:`AGREEMENT_TOLERANCE` (and :data:`ROUNDING_FACTOR`). A certificate is
+    about the graph; this is what makes it one about the file (``verify`` compares at its boxes'
+    points as well).
 
     Skipped where there is no reference: inputs that are not floats (indices need valid values),
     or a file onnxruntime cannot run (ops that plugins define). Entries that are not finite on
@@ -134,11 +136,9 @@ def check_against_onnxruntime(source: str | os.PathLike | onnx.ModelProto, graph
         return
     from dualgraph.interpreter import Interpreter
     generator = torch.Generator().manual_seed(0)
-    inputs = []
-    for v in graph.inputs:
-        shape = (1, *v.unit_shape)
-        inputs.append(torch.cat([torch.rand(shape, generator=generator, dtype=torch.float64),
-                                 torch.randn(shape, generator=generator, dtype=torch.float64)]).to(v.dtype))
+    inputs = [torch.cat([torch.rand((1, *v.unit_shape), generator=generator, dtype=torch.float64),
+                         torch.randn((1, *v.unit_shape), generator=generator, dtype=torch.float64)]).to(v.dtype)
+              for v in graph.inputs]
     if not isinstance(source, onnx.ModelProto) and str(source).endswith(".gz"):
         source = _read_model(Path(source))  # onnxruntime reads plain files only
     try:
@@ -147,30 +147,34 @@ def check_against_onnxruntime(source: str | os.PathLike | onnx.ModelProto, graph
         return
     with torch.no_grad():
         lowered = Interpreter(graph).run(*inputs)
-        exact = Interpreter(graph).run(*(x.double() for x in inputs)) if graph.inputs[0].dtype != torch.float64 \
-            else lowered
+        exact = lowered if graph.inputs[0].dtype == torch.float64 else Interpreter(graph).run(*(x.double() for x in inputs))
     for k, (ours, accurate, theirs) in enumerate(zip(lowered, exact, reference)):
         if not (ours.dtype.is_floating_point and np.asarray(theirs).dtype.kind == "f") or ours.numel() != theirs.size:
             continue
+        limit = OVERFLOW_SHARE * torch.finfo(ours.dtype).max
         ours, accurate = (t.detach().double().cpu().numpy().reshape(2, -1) for t in (ours, accurate))
-        theirs = np.asarray(theirs, dtype=np.float64).reshape(2, -1)
-        with np.errstate(invalid="ignore"):  # inf - inf
-            rounding = np.nan_to_num(np.abs(ours - accurate), nan=0.0, posinf=0.0)
-            tolerance = AGREEMENT_TOLERANCE * (1 + np.abs(theirs)) + ROUNDING_FACTOR * rounding
-            # where both overflowed, the evaluators may differ (inf against NaN): not compared; where
-            # one did, the other must be near the largest number of the model's precision
-            finite_ours, finite_theirs = np.isfinite(ours), np.isfinite(theirs)
-            near_limit = OVERFLOW_SHARE * torch.finfo(lowered[k].dtype).max
-            one_sided = (finite_ours != finite_theirs) & ~(np.abs(np.where(finite_ours, ours, theirs)) > near_limit)
-            off = one_sided | (finite_ours & finite_theirs & ~(np.abs(ours - theirs) <= tolerance))
+        off = _differences(ours, accurate, np.asarray(theirs, dtype=np.float64).reshape(2, -1), limit)
         if off.any():
             e, j = np.argwhere(off)[0]
-            name = graph.meta["onnx_outputs"][k]["name"]
             raise DualgraphError(
-                f"the lowered model computes another function than onnxruntime: output '{name}' entry {j} is "
-                f"{float(ours[e, j])!r} against onnxruntime's {float(theirs[e, j])!r} on a random "
-                f"{('uniform', 'normal')[e]} input; refusing to certify a different function -- please report this "
-                "frontend bug")
+                f"the lowered model computes another function than onnxruntime: output "
+                f"'{graph.meta['onnx_outputs'][k]['name']}' entry {j} is {float(ours[e, j])!r} against onnxruntime's "
+                f"{float(np.asarray(theirs).reshape(2, -1)[e, j])!r} on a random {('uniform', 'normal')[e]} input; "
+                "refusing to certify a different function -- please report this frontend bug")
+
+
+def _differences(ours: np.ndarray, accurate: np.ndarray, theirs: np.ndarray, limit: float) -> np.ndarray:
+    """Where ``ours`` (the graph in the model's precision) and ``theirs`` (onnxruntime's) differ by
+    more than rounding explains (:func:`check_against_onnxruntime`); ``accurate`` is the graph in
+    float64, ``limit`` where an overflow may start."""
+    with np.errstate(invalid="ignore"):  # inf - inf
+        rounding = np.nan_to_num(np.abs(ours - accurate), nan=0.0, posinf=0.0)
+        tolerance = AGREEMENT_TOLERANCE * (1 + np.abs(theirs)) + ROUNDING_FACTOR * rounding
+        # both overflowed: the evaluators may differ (inf against NaN), not compared; one did: the
+        # other must be near the largest number
+        finite_ours, finite_theirs = np.isfinite(ours), np.isfinite(theirs)
+        one_sided = (finite_ours != finite_theirs) & ~(np.abs(np.where(finite_ours, ours, theirs)) > limit)
+        return one_sided | (finite_ours & finite_theirs & ~(np.abs(ours - theirs) <= tolerance))
 
 
 # ---- reading ---------------------------------------------------------------------------------
