@@ -191,4 +191,12 @@ def _read_model(path: Path) -> onnx.ModelProto:
         raise DualgraphError(f"'{path}' is not a valid ONNX model (cannot parse it: {reason})") from None
     if not model.HasField("graph") or not (model.graph.node or model.graph.input):
         raise DualgraphError(f"'{path}' is not an ONNX model (it holds no graph)")
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+    if any(uses_external_data(t) for t in model.graph.initializer):  # weights in files beside the model
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # noqa: BLE001 -- missing, truncated or misplaced data files
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise DualgraphError(f"'{path}' keeps its weights in external data that cannot be read ({reason}); "
+                                 "keep the data files beside the model") from None
     return model

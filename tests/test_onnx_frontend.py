@@ -483,3 +483,24 @@ def test_load_model_refuses_what_onnxruntime_fuses_into_another_function(monkeyp
     model = make_model(nodes, [("x", ["N", 4])], [("y", ["N", 4 if beside is None else 8])], inits)
     with pytest.raises(DualgraphError, match="computes another function than onnxruntime: output 'y'"):
         load_model(model)
+
+
+def test_a_model_with_external_data_loads_from_anywhere(tmp_path, monkeypatch):
+    """Weights kept in a file beside the model (what large exports write) are read from the
+    model's folder, not the working directory (they were not: 'cannot read initializer'); a
+    missing data file is a one-line error."""
+    from dualgraph.api import load_model
+    model = _dense_model()
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.data", size_threshold=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    graph = load_model(str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(0).standard_normal((3, 3)).astype(np.float32)
+    np.testing.assert_allclose(Interpreter(graph).run(torch.from_numpy(x))[0].numpy(), ort_run(_dense_model(), {"x": x})[0],
+                               rtol=1e-6, atol=1e-6)
+    (tmp_path / "m.data").unlink()
+    with pytest.raises(DualgraphError, match="keeps its weights in external data that cannot be read") as info:
+        load_model(str(tmp_path / "m.onnx"))
+    one_line(info)
