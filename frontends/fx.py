@@ -43,6 +43,7 @@ frontend's own plumbing (sizes, indexing) in :mod:`dualgraph.frontends.fx_plumbi
 
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 from contextlib import contextmanager
@@ -180,6 +181,32 @@ def _rule_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[FxRule | N
         return None, None
 
 
+_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def _mutates_a_reused_input(node: torch.fx.Node, module: nn.Module | None) -> bool:
+    """Whether ``node`` overwrites its first input (``inplace=True``, an in-place operator) while
+    another node reads that input too: torch then sees the new values there, a lowering the old
+    (a review: ``identity = x; out = relu_inplace(x); out + identity`` is ``2 relu(x)`` in torch).
+    Dropout is the identity at inference, in place or not."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, torch.fx.Node) or len(first.users) <= 1:
+        return False
+    if module is not None:
+        return bool(getattr(module, "inplace", False)) and not isinstance(module, nn.modules.dropout._DropoutNd)
+    if node.op == "call_function":
+        if node.target in _IN_PLACE_OPERATORS:
+            return True
+        if getattr(node.target, "__name__", "").startswith(("dropout", "alpha_dropout", "feature_alpha_dropout")):
+            return False
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):
+            return bool(node.kwargs.get("inplace", False))
+        return bool(bound.arguments.get("inplace", False))
+    return False
+
+
 def _lower_call(lo: Lowering, node: torch.fx.Node) -> Any:
     """Lower one call node; returns its env entry (a Value, a constant, or POISON)."""
     args = map_arg(node.args, lo.env.__getitem__)
@@ -208,6 +235,10 @@ def _lower_call(lo: Lowering, node: torch.fx.Node) -> Any:
     if rule is None:
         lo.problems.append(where)
         lo.unknown_targets = True
+        return POISON
+    if _mutates_a_reused_input(node, module):
+        lo.problems.append(f"{where}: runs in place on a value that is used again (the IR would read the value "
+                           "before the op, torch after it); pass inplace=False")
         return POISON
     try:
         return rule(lo, Call(node, tuple(args), dict(kwargs), module))

@@ -144,18 +144,23 @@ def _softplus_relaxation(node, b: Bounds, config) -> Relaxation:
 softplus = _define("Softplus", F.softplus, _softplus_relaxation, free_lines=True)
 
 
+def _softplus_call(lo, call: Call, beta: float, threshold: float):
+    """torch's softplus with ONNX's parameters only: beta 1, the switch to ``z`` at
+    :data:`SOFTPLUS_SWITCH` (another threshold was read as 20: a review)."""
+    if float(beta) != 1.0 or float(threshold) != SOFTPLUS_SWITCH:
+        raise Unsupported(f"beta={beta}, threshold={threshold} (ONNX Softplus is torch's with beta 1 and "
+                          f"threshold {SOFTPLUS_SWITCH:g})")
+    return lo.emit("Softplus", [lo.var(call.arg(0, "input"))])
+
+
 @softplus.fx_lowering(nn.Softplus)
 def _(lo, call: Call):
-    if float(call.module.beta) != 1.0:
-        raise Unsupported(f"beta={call.module.beta} (ONNX Softplus has beta 1)")
-    return lo.emit("Softplus", [lo.var(call.arg(0, "input"))])
+    return _softplus_call(lo, call, call.module.beta, call.module.threshold)
 
 
 @softplus.fx_lowering(F.softplus)
 def _(lo, call: Call):
-    if float(call.arg(1, "beta", 1.0)) != 1.0:
-        raise Unsupported("beta != 1 (ONNX Softplus has beta 1)")
-    return lo.emit("Softplus", [lo.var(call.arg(0, "input"))])
+    return _softplus_call(lo, call, call.arg(1, "beta", 1.0), call.arg(2, "threshold", 20.0))
 
 
 softplus.example(var(6))
