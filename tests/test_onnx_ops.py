@@ -165,6 +165,7 @@ STRUCTURAL = [  # op, constant inputs, attributes, opset
     ("ReduceMean", [np.array([3], np.int64)], {}, 18),
     ("Gather", [np.array([[2, 0], [1, -1]], np.int64)], {"axis": 3}, 17),
     ("Gather", [np.array(1, np.int64)], {"axis": 1}, 17),
+    ("Pad", [np.array([0, 0, -1, 2, 0, 0, 2, -1], np.int64)], {"mode": "wrap"}, 19),  # crop, then wrap
 ]
 SIDS = [f"{op}-{i}" for i, (op, *_) in enumerate(STRUCTURAL)]
 
