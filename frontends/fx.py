@@ -28,9 +28,10 @@ ReLU, LeakyReLU, Sigmoid, Tanh, Hardtanh / ReLU6 / clamp (Clip), Softmax, BatchN
 chunk, cat, F.pad, Identity / Dropout, and ``+ - * /`` between variables or with constants.
 
 Every unsupported node is collected and reported in one :class:`UnsupportedOpError`. The
-lowered graph is checked against the module on ``example_input`` (shapes and values), so a
-lowering that disagrees with torch (e.g. an in-place op whose input is reused) is an error
-instead of a wrong certificate.
+lowered graph is checked against the module on ``example_input`` (shapes and values) and on a
+uniform and a normal random batch of its shapes (values, up to rounding), so a lowering that
+disagrees with torch (e.g. an in-place op whose input is reused) is an error instead of a
+wrong certificate.
 
 Supporting another op: write ``rule(lo, call) -> Value`` next to the op's definition and
 decorate it with ``@definition.fx_lowering(nn.MyLayer, my_function, "tensor_method_name")``.
@@ -56,6 +57,7 @@ from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
 from dualgraph.errors import DualgraphError, UnsupportedOpError
+from dualgraph.frontends.agreement import OVERFLOW_SHARE, differences
 from dualgraph.interpreter import infer_shapes, run_graph
 from dualgraph.ir import BATCH, Graph, Value, check_graph
 from dualgraph.lowering import BATCH_SIZE, Call, FxRule, Unsupported
@@ -336,6 +338,40 @@ def _check_against_module(graph: Graph, module: nn.Module, inputs: Sequence[torc
                 f"output '{v.name}' of the lowered graph differs from the module by {err:.3g} on "
                 "example_input (an in-place op whose input is reused, or a frontend bug); export the "
                 "model to ONNX instead")
+    _check_at_random_inputs(graph, module, inputs)
+
+
+def _check_at_random_inputs(graph: Graph, module: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    """The lowered graph must reproduce the module at random inputs too, entry by entry up to
+    rounding (:mod:`dualgraph.frontends.agreement`): an example can hide a lowering of another
+    function (one that agrees wherever the example's entries are positive, say). One uniform
+    batch in ``[0, 1]`` and one standard normal batch, shaped like ``example_input``."""
+    if not all(x.dtype.is_floating_point for x in inputs):
+        return  # indices need valid values: the example is the only reference
+    generator = torch.Generator().manual_seed(0)
+    for kind, draw in (("uniform", torch.rand), ("normal", torch.randn)):
+        batch = [draw(x.shape, generator=generator, dtype=torch.float64).to(x) for x in inputs]
+        with torch.no_grad(), _eval_mode(module):
+            try:
+                ref = module(*(x.clone() for x in batch))
+            except Exception:  # noqa: BLE001 -- the module refuses such inputs: nothing to compare with
+                return
+            ours = run_graph(graph, *batch)
+            accurate = ours if batch[0].dtype == torch.float64 else run_graph(graph, *(x.double() for x in batch))
+        refs = list(ref) if isinstance(ref, (tuple, list)) else [ref]
+        for v, got, exact, want in zip(graph.outputs, ours, accurate, refs):
+            if not (got.dtype.is_floating_point and want.dtype.is_floating_point):
+                continue
+            limit = OVERFLOW_SHARE * torch.finfo(got.dtype).max
+            got, exact, want = (t.detach().double().cpu().numpy().ravel() for t in (got, exact, want))
+            off = differences(got, exact, want, limit)
+            if off.any():
+                j = int(off.nonzero()[0][0])
+                raise DualgraphError(
+                    f"output '{v.name}' of the lowered graph differs from the module on a random {kind} "
+                    f"input (entry {j}: {got[j]!r} against the module's {want[j]!r}; example_input agreed): "
+                    "the lowering computes another function -- export the model to ONNX instead, and "
+                    "please report this frontend bug")
 
 
 _TRAINING_SENSITIVE = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)

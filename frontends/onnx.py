@@ -38,23 +38,10 @@ import torch
 from dualgraph.errors import DualgraphError
 from dualgraph.files import read_bytes
 from dualgraph.ir import Graph
+from dualgraph.frontends.agreement import OVERFLOW_SHARE, differences
 from dualgraph.frontends.onnx_importer import Importer, supported_ops
 
 __all__ = ["check_against_onnxruntime", "load_onnx", "onnx_feeds", "run_onnxruntime", "supported_ops"]
-
-AGREEMENT_TOLERANCE = 1e-3
-""":func:`check_against_onnxruntime` accepts differences up to this share of ``1 + |y|`` in
-each output entry, plus :data:`ROUNDING_FACTOR` times the graph's own float32 and float64
-results' difference there: rounding stays within that, a lowering that computes another
-function does not. (Per entry: one large entry of an output does not hide another's.)"""
-
-OVERFLOW_SHARE = 2.0 ** -20
-"""An output entry that is infinite (or NaN) on one side only counts as rounding where the other
-side's is above this share of the precision's largest number (an overflow at the edge)."""
-
-ROUNDING_FACTOR = 100
-"""Models whose float32 evaluation cancels heavily at a point (so that two evaluation orders
-differ far more than ``1e-3``) show it in the graph's own two precisions as well."""
 
 
 # ---- public API -------------------------------------------------------------------------------
@@ -125,7 +112,7 @@ def check_against_onnxruntime(source: str | os.PathLike | onnx.ModelProto, graph
     """Raise :class:`DualgraphError` unless ``graph`` (lowered from ``source``) computes what
     onnxruntime computes for the file: both run on two examples, one uniform in ``[0, 1]`` (an
     image) and one standard normal, in the model's own precision, and every float output entry
-    must agree within :data:`AGREEMENT_TOLERANCE` (and :data:`ROUNDING_FACTOR`). A certificate is
+    must agree up to rounding (:mod:`dualgraph.frontends.agreement`). A certificate is
     about the graph; this is what makes it one about the file (``verify`` compares at its boxes'
     points as well).
 
@@ -153,7 +140,7 @@ def check_against_onnxruntime(source: str | os.PathLike | onnx.ModelProto, graph
             continue
         limit = OVERFLOW_SHARE * torch.finfo(ours.dtype).max
         ours, accurate = (t.detach().double().cpu().numpy().reshape(2, -1) for t in (ours, accurate))
-        off = _differences(ours, accurate, np.asarray(theirs, dtype=np.float64).reshape(2, -1), limit)
+        off = differences(ours, accurate, np.asarray(theirs, dtype=np.float64).reshape(2, -1), limit)
         if off.any():
             e, j = np.argwhere(off)[0]
             raise DualgraphError(
@@ -161,20 +148,6 @@ def check_against_onnxruntime(source: str | os.PathLike | onnx.ModelProto, graph
                 f"'{graph.meta['onnx_outputs'][k]['name']}' entry {j} is {float(ours[e, j])!r} against onnxruntime's "
                 f"{float(np.asarray(theirs).reshape(2, -1)[e, j])!r} on a random {('uniform', 'normal')[e]} input; "
                 "refusing to certify a different function -- please report this frontend bug")
-
-
-def _differences(ours: np.ndarray, accurate: np.ndarray, theirs: np.ndarray, limit: float) -> np.ndarray:
-    """Where ``ours`` (the graph in the model's precision) and ``theirs`` (onnxruntime's) differ by
-    more than rounding explains (:func:`check_against_onnxruntime`); ``accurate`` is the graph in
-    float64, ``limit`` where an overflow may start."""
-    with np.errstate(invalid="ignore"):  # inf - inf
-        rounding = np.nan_to_num(np.abs(ours - accurate), nan=0.0, posinf=0.0)
-        tolerance = AGREEMENT_TOLERANCE * (1 + np.abs(theirs)) + ROUNDING_FACTOR * rounding
-        # both overflowed: the evaluators may differ (inf against NaN), not compared; one did: the
-        # other must be near the largest number
-        finite_ours, finite_theirs = np.isfinite(ours), np.isfinite(theirs)
-        one_sided = (finite_ours != finite_theirs) & ~(np.abs(np.where(finite_ours, ours, theirs)) > limit)
-        return one_sided | (finite_ours & finite_theirs & ~(np.abs(ours - theirs) <= tolerance))
 
 
 # ---- reading ---------------------------------------------------------------------------------

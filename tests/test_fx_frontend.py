@@ -535,6 +535,28 @@ def test_an_in_place_activation_on_a_reused_value_is_refused(act):
     load_module(ResidualInPlace(type(act)()), torch.rand(2, 3))  # not in place: fine
 
 
+def test_a_lowering_that_agrees_only_at_the_example_is_refused(monkeypatch):
+    """A backstop for lowerings nobody has listed: a rule that computes another function where
+    the example cannot show it (here ReLU read as the identity, the example positive) is caught
+    at the random normal batch, and lowering the same model is fine with the right rule."""
+    from dualgraph.op_registry import MODULE_RULES
+    model = nn.Sequential(nn.ReLU(), nn.Linear(3, 2))
+    example = torch.rand(4, 3) + 0.1
+    load_module(model, example)
+    monkeypatch.setitem(MODULE_RULES, nn.ReLU, lambda lo, call: lo.var(call.arg(0, "input")))
+    with pytest.raises(DualgraphError, match="differs from the module on a random normal input"):
+        load_module(model, example)
+
+
+def test_random_inputs_outside_a_model_s_domain_are_not_a_difference():
+    """Where the module itself is not finite at a random input (a Log of a negative entry), only
+    a difference on one side counts: both sides NaN agree."""
+    class LogModel(nn.Module):
+        def forward(self, x):
+            return torch.log(x) * 2.0
+    load_module(LogModel(), torch.rand(3, 4) + 0.5)
+
+
 @pytest.mark.parametrize("make", [lambda: nn.Softplus(threshold=1.0), lambda: nn.Softplus(beta=2.0)])
 def test_a_softplus_with_other_parameters_than_onnx_s_is_refused(make):
     """torch returns ``x`` above ``threshold``; the IR's Softplus switches at 20 (another
