@@ -120,7 +120,7 @@ def _add_verify_parsers(sub) -> None:
     p.add_argument("instances", help="the instances CSV")
     p.add_argument("--root", help="folder the CSV's paths are relative to (default: the CSV's folder)")
     p.add_argument("--out", default="results.csv", help="results CSV to write (default results.csv)")
-    p.add_argument("--results-dir", help="also write one competition result file per instance here")
+    p.add_argument("--results-dir", help="also write one competition result file per instance here (ONNX__VNNLIB.txt by the files' stems; a name that repeats gets __2, __3, ...)")
     p.add_argument("--max-timeout", type=float, help="cap every instance's timeout at this many seconds")
     p.add_argument("--limit", type=int, help="run only the first N instances")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

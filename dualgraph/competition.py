@@ -125,9 +125,14 @@ def run_instances(csv_path: str | Path, root: str | Path | None = None, out: str
     load_seconds = 0.0
     rows: list[InstanceRow] = []
     bar = tqdm(instances, desc="instances", unit="inst", disable=not progress, file=sys.stderr)
+    seen: Counter = Counter()
     for onnx_path, vnnlib_path, timeout in bar:
         timeout = min(timeout, max_timeout) if max_timeout is not None else timeout
-        name = f"{onnx_path.stem}/{vnnlib_path.stem}"
+        # files of the same names in other folders: numbered, so no result file overwrites another
+        stems = f"{onnx_path.stem}__{vnnlib_path.stem}"
+        seen[stems] += 1
+        suffix = f"__{seen[stems]}" if seen[stems] > 1 else ""
+        name = f"{onnx_path.stem}/{vnnlib_path.stem}" + suffix.replace("__", "#")
         key = onnx_path.resolve()
         if key not in models:
             t = time.monotonic()
@@ -154,7 +159,7 @@ def run_instances(csv_path: str | Path, root: str | Path | None = None, out: str
             text = "error\n"
         rows.append(row)
         if results_dir is not None:
-            write_result(Path(results_dir) / f"{onnx_path.stem}__{vnnlib_path.stem}.txt", text)
+            write_result(Path(results_dir) / f"{stems}{suffix}.txt", text)
         bar.set_postfix(Counter(r.answer for r in rows), refresh=False)
     summary = RunSummary(rows, time.monotonic() - t0, load_seconds)
     if out is not None:

@@ -132,24 +132,26 @@ class Falsifier:
 
     def confirm(self, p: VnnlibProperty, xs: np.ndarray, method: str) -> None:
         """Raise :class:`Found` for the first of the candidates ``xs [B, n]`` that
-        onnxruntime confirms (inside the box, outputs in a conjunction).
+        onnxruntime confirms: a point exactly in the box (:meth:`VnnlibProperty.holds_exactly`)
+        whose outputs, as onnxruntime computes them at the point rounded to the nearest value of
+        the model's input precision, are exactly in an unsafe conjunction.
 
-        A coordinate whose interval holds no value of the model's input precision (a point
-        box at a value float32 cannot represent) can only be fed as its nearest value: the
-        reported point is then the exact one in the box, and the method says so."""
+        The point is a value of that precision wherever the box holds one (it is then fed as
+        it is); a coordinate whose interval holds none (``X_0 > 1``, ``X_0 < 1.00000001`` in
+        float32) takes the nearest float64 point inside and is fed rounded, as the competition's
+        checker feeds it (proofs cover those inputs too: :meth:`VnnlibProperty.fed_bounds`)."""
         dtype = self.model.onnx_input_dtype()
         lo, hi = p.input_lo, p.input_hi
-        feed = np.stack([cast_into_box(x, lo, hi, dtype, p.open_lo, p.open_hi) for x in xs])
-        report = feed.copy()
-        unrepresentable = (feed < lo) | (feed > hi) | on_open_bound(feed, p)
-        if unrepresentable.any():
-            exact = np.clip(np.asarray(xs, dtype=np.float64).reshape(feed.shape), lo, hi)
-            report[unrepresentable] = exact[unrepresentable]
-            feed[unrepresentable] = exact[unrepresentable].astype(dtype).astype(np.float64)
+        report = np.stack([cast_into_box(x, lo, hi, dtype, p.open_lo, p.open_hi) for x in xs])
+        no_value = (report < lo) | (report > hi) | on_open_bound(report, p)
+        if no_value.any():
+            inside = np.stack([cast_into_box(x, lo, hi, np.float64, p.open_lo, p.open_hi) for x in xs])
+            report[no_value] = inside[no_value]
             method += f" (inputs the box holds no {np.dtype(dtype).name} value for, fed rounded to nearest)"
+        feed = report.astype(dtype).astype(np.float64)
         ys = self.model.run_onnx(feed)
         hit = p.violations(ys).min(axis=1, initial=np.inf) <= 0
-        hit &= np.array([bool(h) and (bool(unrepresentable[k].any()) or p.holds_exactly(feed[k], ys[k]))
+        hit &= np.array([bool(h) and p.holds_exactly(report[k], ys[k])
                          for k, h in enumerate(hit)], dtype=bool)  # the float64 screen, checked exactly
         if hit.any():
             i = int(np.argmax(hit))

@@ -28,10 +28,11 @@ def read_bytes(path: str | Path, what: str) -> bytes:
 
 
 def read_text(path: str | Path, what: str) -> str:
-    """:func:`read_bytes` decoded as UTF-8 (an error names the file and the offset)."""
+    """:func:`read_bytes` decoded as UTF-8, without a byte-order mark (an error names the file
+    and the offset)."""
     data = read_bytes(path, what)
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise DualgraphError(f"'{path}' is not UTF-8 text (byte {e.start}); is it really a {what}?") from None
 

@@ -26,8 +26,8 @@ Proofs from different relaxations or pieces combine soundly (each bound is valid
 
 Soundness. Bounds run in float64 (the float32 weights convert exactly); they include the
 rounding allowance of :mod:`dualgraph.rounding` (the bound computation and the model's own
-float32 evaluation, scaled by the magnitudes of the terms summed), the boxes are rounded
-outward, and a proof needs ``lower > d + unsat_margin * (1 + |d|)`` (a small extra margin
+float32 evaluation, scaled by the magnitudes of the terms summed), the boxes hold their
+inputs as the model is fed them (rounded to its input precision) and are rounded outward, and a proof needs ``lower > d + unsat_margin * (1 + |d|)`` (a small extra margin
 for the property's decimal constants). Before bounding, the lowered IR is compared
 with onnxruntime at the box centre and a few random points: a frontend that lowered the model wrongly would make
 proofs about another function, so a disagreement is an error, not an answer. A final
@@ -357,6 +357,11 @@ class _Search:
             raise _Timeout
 
     # ---- proofs ----------------------------------------------------------------------
+    def _fed_bounds(self, p: VnnlibProperty) -> tuple[np.ndarray, np.ndarray]:
+        """The box a proof covers: ``p``'s inputs as the model is fed them, rounded to its input
+        precision (:meth:`VnnlibProperty.fed_bounds`)."""
+        return p.fed_bounds(self.model.onnx_input_dtype())
+
     def _rows(self, p: VnnlibProperty, conjs: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Spec rows of the conjunctions ``conjs``: every row, plus the mean of each
         multi-row conjunction's rows; returns ``(C [m, n_out], d [m], owner [m])``."""
@@ -387,7 +392,7 @@ class _Search:
         cert = self.model.certifier(relaxation, self.config.alpha_steps)
         cert.scheduler.deadline = self.clock
         lo, hi = (torch.tensor(a, dtype=torch.float64).reshape(1, *self.model.input_shape)
-                  for a in (p.input_lo, p.input_hi))
+                  for a in self._fed_bounds(p))
         lo, hi = outward(lo, hi, torch.float64)  # the decimals of the file were rounded to binary
         with torch.no_grad():
             lower = cert.lower_bounds(Box(lo, hi), torch.as_tensor(C, dtype=torch.float64)[None])[0].cpu().numpy()
@@ -410,7 +415,7 @@ class _Search:
         cert = self.model.certifier("alpha", self.config.bab_steps)
         cert.scheduler.deadline = self.clock
         lo, hi = outward(*(torch.tensor(a, dtype=torch.float64).reshape(1, *self.model.input_shape)
-                           for a in (p.input_lo, p.input_hi)), torch.float64)
+                           for a in self._fed_bounds(p)), torch.float64)
 
         def check(xs: np.ndarray) -> None:
             self.falsifier.descend_from(p, xs, self.config.bab_attack_steps,
@@ -450,7 +455,7 @@ class _Search:
                                     else cfg.relaxations[-1])
         cert.scheduler.deadline = self.clock
         spec = torch.as_tensor(C, dtype=torch.float64)[None]
-        lo0, hi0 = outward(*(torch.tensor(a, dtype=torch.float64)[None] for a in (p.input_lo, p.input_hi)),
+        lo0, hi0 = outward(*(torch.tensor(a, dtype=torch.float64)[None] for a in self._fed_bounds(p)),
                            torch.float64)
         scale = torch.where(hi0 > lo0, hi0 - lo0, torch.ones_like(lo0))
         queue_lo, queue_hi = lo0, hi0

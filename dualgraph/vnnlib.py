@@ -22,8 +22,12 @@ Numbers are read and combined exactly (:class:`fractions.Fraction`: ``(+ Y_0 1e2
 ``(+ 3 1e20)`` is ``Y_0 <= 3``), then rounded: an output row's ``d`` up for proofs, and where
 float64 cannot hold it the row is strict at the rounded value (for float64 values ``y <= d`` is
 ``y < d_up``), so a counterexample still meets the exact row. Input bounds are rounded to the
-nearest float64 number: the inputs a counterexample is fed as (a point box at ``0.1`` holds no
-float value; see :meth:`dualgraph.falsify.Falsifier.confirm`). The coefficients of an output row are rounded
+nearest float64 number, and every bound of an input with a bound float64 does not hold is kept
+as read (``VnnlibProperty.exact_inputs``). The model is fed each input rounded to the nearest
+value of its input precision, as the competition's checker feeds a counterexample: a
+counterexample is a point exactly in the box whose rounded value violates the property (a point
+box at ``0.1`` holds no float value; see :meth:`dualgraph.falsify.Falsifier.confirm`), and a
+proof covers every rounded value (:meth:`VnnlibProperty.fed_bounds`). The coefficients of an output row are rounded
 to the nearest float64 number for proofs (a relative change below 2^-53, e.g. ``0.1``; integer
 and dyadic ones are exact); a conjunction with such a coefficient keeps its exact rows
 (``Conjunction.exact``), against which a counterexample is checked
@@ -62,10 +66,15 @@ _S, _S1 = r"[ \t\r]*", r"[ \t\r]+"
 _DECL = re.compile(r"\(\s*declare-const\s+([XY]_\d+)\s+Real\s*\)")
 _OTHER_DECL = re.compile(r"\(\s*declare-const\s+(\S+)\s+(?!Real\s*\))([^\s()]+)\s*\)")
 _BOUND = re.compile(
-    rf"^{_S}\(assert{_S}\({_S}(<=|>=){_S1}(?:X_(\d+){_S1}({_NUM})|({_NUM}){_S1}X_(\d+)){_S}\){_S}\){_S}$", re.M
+    rf"^{_S}\(assert{_S}\({_S}(<=|>=){_S1}(?:X_(0|[1-9]\d*){_S1}({_NUM})|({_NUM}){_S1}X_(0|[1-9]\d*)){_S}\){_S}\){_S}$",
+    re.M
 )
 _SIMPLE = re.compile(rf"\({_S}(<=|>=|<|>){_S1}([^\s()]+){_S1}([^\s()]+){_S}\)")
 _IGNORED = {"set-logic", "set-info", "set-option", "check-sat", "get-model", "exit"}
+
+MAX_DISJUNCTS = 100_000
+"""The most disjuncts the product of the asserts' disjunctions may have (each is bounded on its
+own; 18 asserts of two-way ors already make 262,144)."""
 
 Atom = tuple  # ("x", i, is_upper, bound, strict) or ("y", {j: coef}, d, strict): sum coef*Y_j <= d (< if strict)
 Linear = tuple[dict[tuple[bool, int], Fraction], Fraction]  # ({(is_output, index): coef}, const), exact
@@ -113,13 +122,23 @@ class VnnlibProperty:
     #: the inputs whose lower (upper) bound is strict, ``X_i > lo_i``; None: none
     open_lo: np.ndarray | None = None
     open_hi: np.ndarray | None = None
-    #: the input bounds as read where float64 does not hold them, ``(i, is_upper, value)``
-    #: (the box has their nearest values); None: none
+    #: every bound of each input that has a bound float64 does not hold, as read:
+    #: ``(i, is_upper, value: Fraction, strict)`` (the box has the nearest values); None: none
     exact_inputs: tuple | None = None
 
     @property
     def n_inputs(self) -> int:
         return int(self.input_lo.shape[0])
+
+    def fed_bounds(self, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+        """A box (float64 arrays) holding every input of the box as the model is fed it: rounded
+        to the nearest value of its input precision ``dtype`` (what onnxruntime is given for a
+        counterexample, :meth:`dualgraph.falsify.Falsifier.confirm`). Nearest rounding is
+        monotone, so ``[min(lo, fl(lo)), max(hi, fl(hi))]``; a proof over it covers both the box
+        and its rounding (a bound such as ``0.2`` rounds to a float32 above it)."""
+        lo, hi = self.input_lo, self.input_hi
+        return (np.minimum(lo, lo.astype(dtype).astype(np.float64)),
+                np.maximum(hi, hi.astype(dtype).astype(np.float64)))
 
     def violations(self, y_batch: Any) -> np.ndarray:
         """``[B, len(unsafe)]``: each conjunction's violation; ``y`` is unsafe iff its row's min is ``<= 0``."""
@@ -128,15 +147,24 @@ class VnnlibProperty:
 
     def holds_exactly(self, x: Any, y: Any) -> bool:
         """Whether the point ``x`` is in the box and ``y`` in an unsafe conjunction, in exact
-        arithmetic on the stored numbers (what :meth:`violations` says up to its rounding)."""
+        arithmetic on the stored numbers (what :meth:`violations` says up to its rounding).
+
+        An input with a bound float64 does not hold (``X_0 = 0.1``) is checked as the decimal a
+        counterexample file states for it (:func:`format_counterexample`: ``repr``, ``0.1``),
+        against each of its bounds as read; the others as the float64 numbers they are."""
         xs = [Fraction(float(v)) for v in np.asarray(x, dtype=np.float64).ravel()]
-        for i, is_upper, q in self.exact_inputs or ():
-            if (xs[i] > q) if is_upper else (xs[i] < q):
+        read = {i for i, *_ in self.exact_inputs or ()}
+        for i in read:
+            xs[i] = Fraction(repr(float(xs[i])))
+        for i, is_upper, q, strict in self.exact_inputs or ():
+            if (xs[i] > q if is_upper else xs[i] < q) or (strict and xs[i] == q):
                 return False
         y = np.asarray(y, dtype=np.float64)
         if not np.isfinite(y).all():  # an infinite output (NaN: never unsafe): the float64 screen
             return bool((self.violations(y) <= 0).any())
         for i, v in enumerate(xs):
+            if i in read:
+                continue
             lo, hi = Fraction(float(self.input_lo[i])), Fraction(float(self.input_hi[i]))
             open_lo = self.open_lo is not None and bool(self.open_lo[i])
             open_hi = self.open_hi is not None and bool(self.open_hi[i])
@@ -193,8 +221,7 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
     n_in, n_out = _count(names, False, source), _count(names, True, source)
     top = _BOUND.findall(text)
     base_lo, base_hi, base_open_lo, base_open_hi = _top_bounds(top, n_in, text, source)
-    top_inexact = _inexact_inputs(("x", int(b[1] or b[4]), (b[0] == "<=") == bool(b[1]), Decimal(b[2] or b[3]), False)
-                                  for b in top)
+    top_atoms = [("x", int(b[1] or b[4]), (b[0] == "<=") == bool(b[1]), Decimal(b[2] or b[3]), False) for b in top]
     text = _BOUND.sub("", text)
     reader = _Reader(names, source)
     text, atoms = reader.simple_atoms(text)
@@ -213,22 +240,28 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
     common_rows = [a for a in common if a[0] == "y"]
     conjunctions = _conjunctions([common_rows + [a for a in t if a[0] == "y"] for t in terms], n_out)
     groups: dict[tuple, list[Conjunction]] = {}
-    inexact: dict[tuple, list[Atom]] = {}
+    term_of: dict[tuple, list[Atom]] = {}
     for term, conj in zip(terms, conjunctions):
         # Key a term's box by where it differs from the common box: hashing whole
         # arrays would cost O(n_inputs) for each of possibly thousands of disjuncts.
         key = tuple(sorted(_narrow(term, base_lo, base_hi, base_open_lo, base_open_hi).items()))
         if key not in groups:
-            inexact[key] = _inexact_inputs(term)
+            term_of[key] = term
         groups.setdefault(key, []).append(conj)
-    shared_inexact = top_inexact + _inexact_inputs(common)
+    shared = _InputBounds(top_atoms + common)
     props = []
     for key, unsafe in groups.items():
         lo, hi, open_lo, open_hi = base_lo.copy(), base_hi.copy(), base_open_lo.copy(), base_open_hi.copy()
         for i, (l, h, lo_open, hi_open) in key:
             lo[i], hi[i], open_lo[i], open_hi[i] = l, h, lo_open, hi_open
-        if (lo > hi).any() or ((lo == hi) & (open_lo | open_hi)).any():
-            continue  # no input satisfies this disjunct: it is false, the others still count
+        # no input satisfies this disjunct: it is false, the others still count (equal float64
+        # bounds with a strict one are empty only where both are the numbers as written: the
+        # interval (0.5, 0.50000000000000000001) is not empty)
+        exact = shared.as_read(term_of[key])
+        rounded = np.zeros(len(lo), dtype=bool)
+        rounded[[a[0] for a in exact]] = True
+        if (lo > hi).any() or ((lo == hi) & (open_lo | open_hi) & ~rounded).any():
+            continue
         for arr, what, op in ((lo, "lower", ">="), (hi, "upper", "<=")):
             if not np.isfinite(arr).all():
                 i = int(np.argmin(np.isfinite(arr)))
@@ -237,7 +270,7 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
         props.append(VnnlibProperty(_frozen(lo), _frozen(hi), n_out, tuple(unsafe),
                                     _frozen(open_lo) if open_lo.any() else None,
                                     _frozen(open_hi) if open_hi.any() else None,
-                                    tuple((a[1], a[2], a[3]) for a in shared_inexact + inexact[key]) or None))
+                                    exact or None))
     return props
 
 
@@ -256,10 +289,30 @@ def _line_at(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def _inexact_inputs(atoms) -> list[Atom]:
-    """The input bounds among ``atoms`` that float64 does not hold exactly (the box has their
-    nearest values; a counterexample is checked against them, :meth:`VnnlibProperty.holds_exactly`)."""
-    return [a for a in atoms if a[0] == "x" and not _is_float(_float(a[3]), a[3])]
+class _InputBounds:
+    """The input bounds every disjunct shares, by input, and which inputs have one that float64
+    does not hold exactly (found once: a file may bound 784 inputs for thousands of disjuncts)."""
+
+    def __init__(self, atoms: list[Atom]) -> None:
+        self.by_input: dict[int, list[Atom]] = {}
+        for a in atoms:
+            if a[0] == "x":
+                self.by_input.setdefault(a[1], []).append(a)
+        self.inexact = {i for i, bounds in self.by_input.items() if any(map(_inexact, bounds))}
+
+    def as_read(self, term: list[Atom]) -> tuple:
+        """``VnnlibProperty.exact_inputs`` of a disjunct with the input bounds ``term``: every
+        bound, as read, of each input that has a bound float64 does not hold (the box has their
+        nearest values; a counterexample is checked against all of them,
+        :meth:`VnnlibProperty.holds_exactly`)."""
+        own = [a for a in term if a[0] == "x"]
+        inexact = self.inexact | {a[1] for a in own if _inexact(a)}
+        atoms = [*(a for i in sorted(inexact) for a in self.by_input.get(i, ())), *(a for a in own if a[1] in inexact)]
+        return tuple((a[1], a[2], Fraction(a[3]), bool(a[4])) for a in atoms)
+
+
+def _inexact(atom: Atom) -> bool:
+    return not _is_float(_float(atom[3]), atom[3])
 
 
 def _top_bounds(bounds: list[tuple[str, ...]], n_in: int, text: str,
@@ -332,6 +385,10 @@ def _conjoin(dnfs: list[Dnf]) -> tuple[list[Atom], Dnf | None]:
         if len(dnf) == 1:
             common.extend(dnf[0])
         elif dnf:
+            if len(terms) * len(dnf) > MAX_DISJUNCTS:
+                raise DualgraphError(f"the asserts multiply out to more than {MAX_DISJUNCTS:,} disjuncts (an "
+                                     "assert of an or, times another, ...); dualgraph puts a property in "
+                                     "disjunctive normal form: split it into several properties")
             terms = [t + s for t in terms for s in dnf]
         else:
             return common, None

@@ -416,6 +416,21 @@ def test_run_instances_loads_each_model_once_and_survives_errors(tmp_path, monke
                          (results_dir / "test_sat__test_prop.txt").read_text())
 
 
+def test_result_files_of_equal_names_in_other_folders(tmp_path):
+    """``a/net.onnx,p.vnnlib`` and ``b/net.onnx,p.vnnlib``: two result files and two names (the
+    second overwrote the first: a review)."""
+    for folder, bias in (("a", 0.0), ("b", 10.0)):
+        (tmp_path / folder).mkdir()
+        make_onnx(tmp_path / folder / "net.onnx", [(np.eye(1), np.array([bias]))])
+    (tmp_path / "p.vnnlib").write_text(vnnlib_text(1, 1, [(0.0, 1.0)], "(assert (>= Y_0 5))"))
+    instances = tmp_path / "instances.csv"
+    instances.write_text("a/net.onnx,p.vnnlib,10\nb/net.onnx,p.vnnlib,10\n")
+    summary = run_instances(instances, root=tmp_path, config=FAST, results_dir=tmp_path / "res", progress=False)
+    assert [(r.instance, r.answer) for r in summary.rows] == [("net/p", "unsat"), ("net/p#2", "sat")]
+    assert (tmp_path / "res" / "net__p.txt").read_text() == "unsat\n"
+    assert (tmp_path / "res" / "net__p__2.txt").read_text().startswith("sat\n")
+
+
 def test_read_instances_errors(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("a.onnx,b.vnnlib\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import re
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +274,52 @@ def test_a_disjunct_with_an_empty_box_is_false_and_the_others_count() -> None:
     assert prop.input_hi[0] == 0.5 and prop.input_lo[1] == -1
     assert prop.violations(np.array([[9.0, 3.0]]))[0, 0] <= 0  # the kept disjunct: Y_1 <= 3
     assert parse_vnnlib(HEADER + BOX + "(assert (>= X_1 2))\n") == []  # every disjunct false: unsat
+
+
+def test_equal_float64_bounds_of_an_interval_that_is_not_empty() -> None:
+    """``(0.5, 0.50000000000000000001)`` rounds to ``[0.5, 0.5]`` with a strict side; it is not
+    empty (a review: it was dropped, a wrong unsat); ``(0.5, 0.5)`` as written is."""
+    body = "(assert (> X_0 0.5))\n(assert (< X_0 {}))\n(assert (<= Y_0 1))\n"
+    head = "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+    (prop,) = parse_vnnlib(head + body.format("0.50000000000000000001"))
+    assert prop.input_lo[0] == prop.input_hi[0] == 0.5
+    assert parse_vnnlib(head + body.format("0.5")) == []
+
+
+def test_a_counterexample_is_checked_against_every_bound_as_read() -> None:
+    """An input with a bound float64 cannot hold is checked as the decimal the file states, against
+    each of its bounds, exact ones included (``X_0 >= 0.1`` and ``X_0 >= fl(0.1)``: 0.1 is out)."""
+    head = "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+    (prop,) = parse_vnnlib(head + "(assert (>= X_0 0.1))\n(assert (<= X_0 1))\n(assert (<= Y_0 1))\n")
+    assert prop.holds_exactly([0.1], [0.0])  # the file says 0.1: exactly the bound
+    float_of_tenth = Decimal(0.1)  # 0.1000000000000000055511...: the float64 nearest 0.1, written out
+    text = head + f"(assert (>= X_0 0.1))\n(assert (>= X_0 {float_of_tenth}))\n(assert (<= X_0 1))\n(assert (<= Y_0 1))\n"
+    (prop,) = parse_vnnlib(text)
+    assert not prop.holds_exactly([0.1], [0.0])  # 0.1 as the file states it is below the second bound
+    assert prop.holds_exactly([np.nextafter(0.1, 1)], [0.0])
+
+
+def test_a_product_of_disjunctions_past_the_limit_is_an_error() -> None:
+    """18 asserts of two-way ors are 262,144 disjuncts: refused at once, not parsed for a minute
+    past the deadline (a review)."""
+    head = "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"
+    body = "(assert (>= X_0 0))\n(assert (<= X_0 1))\n" + "".join(
+        f"(assert (or (>= Y_0 {k}) (>= Y_1 {k})))\n" for k in range(18))
+    start = time.perf_counter()
+    with pytest.raises(DualgraphError, match="more than 100,000 disjuncts"):
+        parse_vnnlib(head + body)
+    assert time.perf_counter() - start < 10
+
+
+def test_byte_order_mark_and_leading_zeros(tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark is not part of the text; ``X_00`` is not ``X_0`` on any path (the
+    one-line bound's fast path read it as ``X_0``, the general parser refused it)."""
+    path = tmp_path / "bom.vnnlib"
+    path.write_bytes("\ufeff".encode() + (HEADER + BOX + "(assert (<= Y_0 1))\n").encode())
+    assert len(read_vnnlib(path)) == 1
+    for text in (HEADER + BOX + "(assert (<= X_00 0.5))\n", HEADER + BOX + "(assert (<= X_00\n 0.5))\n"):
+        with pytest.raises(DualgraphError, match="undeclared variable 'X_00'"):
+            parse_vnnlib(text)
 
 
 @pytest.mark.parametrize("text, message", ERRORS, ids=[m[:40] for _, m in ERRORS])
