@@ -165,11 +165,21 @@ def cmd_certify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shown(path: Path, folder: Path) -> str:
+    """``path`` relative to ``folder`` where it is inside it (a manifest's stages), else as it is."""
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path)
+
+
 def _certify_cascade(args: argparse.Namespace) -> int:
     from .cascade import certify_cascade, load_stages, read_manifest
     from .data import load_dataset
     from .input_sets import check_eps
-    files, manifest_eps = read_manifest(args.model)
+    files, manifest_eps, manifest_norm = read_manifest(args.model)
+    if manifest_norm is not None and manifest_norm != args.norm:
+        raise DualgraphError(f"the cascade {args.model} was trained for the {manifest_norm} norm; pass --norm {manifest_norm}")
     if args.dataset is None:
         raise DualgraphError("--dataset is required to certify a cascade (mnist, cifar10 or digits)")
     eps = args.eps if args.eps is not None else manifest_eps
@@ -181,9 +191,12 @@ def _certify_cascade(args: argparse.Namespace) -> int:
     if args.mean is not None or args.std is not None:
         raise DualgraphError("--mean/--std are not applied to a cascade's stages; export each stage with its "
                              "input normalisation inside, and drop --mean/--std")
+    if args.timeout is not None:
+        raise DualgraphError("--timeout is not supported for a cascade (every example is routed through the "
+                             "stages); drop it, or certify fewer examples with --limit")
     certs = load_stages(files, _bound_config(args), device=args.device, dtype=_dtype(args))
     data = load_dataset(args.dataset, args.data_dir, split=args.split, limit=args.limit)
-    names = [str(f.relative_to(Path(args.model).parent)) for f in files]
+    names = [_shown(f, Path(args.model).parent) for f in files]
     report = certify_cascade(certs, names, data, eps, args.norm,
                              None if args.no_clip else (0.0, 1.0), args.batch_size, progress=not args.no_progress)
     if args.json:
@@ -228,7 +241,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.cascade:
         from .cascade import certify_cascade, load_stages, read_manifest, train_cascade
         path = train_cascade(config, args.cascade, train_set, test_set, out, resume=args.resume, progress=progress)
-        files, eps = read_manifest(path)
+        files, eps, _ = read_manifest(path)
         from .scheduler import BoundConfig
         report = certify_cascade(load_stages(files, BoundConfig()),
                                  [str(f.relative_to(out)) for f in files],

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -159,8 +160,11 @@ def train(config: TrainConfig, train_set: Dataset, test_set: Dataset, out: str |
     history: list[dict] = []
     first_epoch, projection_state = 0, None
     checkpoint = out / "checkpoint.pt"
+    data = _fingerprint(train_set)
     if resume:
-        first_epoch, history, projection_state = _load_checkpoint(checkpoint, config, model, opt, shuffle)
+        first_epoch, history, projection_state = _load_checkpoint(checkpoint, config, data, model, opt, shuffle)
+        if w.is_main:  # the export of an earlier run is not this run's until it ends
+            (out / "model.onnx").unlink(missing_ok=True)
     elif w.is_main:
         make_folder(out, "--out")
     n = len(train_set)
@@ -212,7 +216,7 @@ def train(config: TrainConfig, train_set: Dataset, test_set: Dataset, out: str |
                        f"test robust err {test_rob:.4f} ({row['train_seconds']:.1f} s)")
         generator = _projection_generator(model, x_all, bound_config, config.device)
         if w.is_main:
-            _save_checkpoint(checkpoint, config, model, opt, shuffle, history, epoch + 1,
+            _save_checkpoint(checkpoint, config, data, model, opt, shuffle, history, epoch + 1,
                              None if generator is None else generator.get_state())
             write_metrics(out, history)
         barrier(w)
@@ -257,22 +261,45 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _save_checkpoint(path: Path, config, model, opt, shuffle, history, epoch, projection_state) -> None:
-    state = {"config": dataclasses.asdict(config), "model": model.state_dict(), "optimizer": opt.state_dict(),
-             "shuffle": shuffle.get_state(), "history": history, "epoch": epoch,
+def _fingerprint(data: Dataset) -> dict:
+    """What a checkpoint records of its training set: a resumed run must train on the same one."""
+    digest = hashlib.sha256(data.images.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(data.labels.detach().cpu().contiguous().numpy().tobytes())
+    return {"dataset": data.name, "examples": len(data), "sha256": digest.hexdigest()[:16]}
+
+
+def _save_checkpoint(path: Path, config, data: dict, model, opt, shuffle, history, epoch, projection_state) -> None:
+    state = {"config": dataclasses.asdict(config), "data": data, "model": model.state_dict(),
+             "optimizer": opt.state_dict(), "shuffle": shuffle.get_state(), "history": history, "epoch": epoch,
              "projection_state": projection_state}
     _atomic_write(path, lambda p: torch.save(state, p))
 
 
-def _load_checkpoint(path: Path, config, model, opt, shuffle) -> tuple[int, list[dict], torch.Tensor | None]:
+def _load_checkpoint(path: Path, config, data: dict, model, opt,
+                     shuffle) -> tuple[int, list[dict], torch.Tensor | None]:
+    """Load ``path`` into ``model``, ``opt`` and ``shuffle`` after checking that it was made with
+    ``config`` (``--epochs`` may grow) on the training set ``data`` (:func:`_fingerprint`)."""
     if not path.exists():
         raise DualgraphError(f"--resume: no checkpoint at {path}; start without --resume")
-    state = torch.load(path, weights_only=False)
-    saved = state["config"]
+    try:
+        state = torch.load(path, weights_only=False)
+        saved = state["config"]
+    except Exception as exc:  # noqa: BLE001 -- truncated, foreign or corrupt files
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DualgraphError(f"--resume: {path} is not a dualgraph checkpoint (cannot read it: {reason}); "
+                             "start without --resume in a new --out folder") from None
     for key, value in dataclasses.asdict(config).items():
         if key not in ("epochs", "device") and _normal(saved.get(key)) != _normal(value):
             raise DualgraphError(f"--resume: the checkpoint in {path.parent} was made with {key}={saved.get(key)!r}, "
                                  f"not {value!r}; use the same settings (only --epochs may grow)")
+    if state.get("data", data) != data:  # (checkpoints before the record have none)
+        was = state.get("data") or {}
+        raise DualgraphError(f"--resume: the checkpoint in {path.parent} was trained on {was.get('examples', '?')} "
+                             f"examples of {was.get('dataset', '?')}, not these {data['examples']} of "
+                             f"{data['dataset']}; resume with the same --dataset, --data-dir and --limit")
+    if int(state["epoch"]) > config.epochs:
+        raise DualgraphError(f"--resume: the checkpoint in {path.parent} has {state['epoch']} epochs done; "
+                             f"--epochs {config.epochs} would not finish it (only --epochs may grow)")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     shuffle.set_state(state["shuffle"])

@@ -67,6 +67,19 @@ def bind_parameters(graph: Graph, module: nn.Module, strict: bool = True) -> dic
     return bound
 
 
+def _refuse_derived_constants(graph: Graph) -> None:
+    """A constant the frontend computed from parameters (``F.linear(h, self.fc.weight.t())``: tied
+    weights) keeps their values at lowering time; bound to live parameters it would not follow
+    them (the bounds would be about the network before the optimiser's steps, and no gradient
+    would reach it), so it is refused (a review found bounds above the true margins)."""
+    from dualgraph.frontends.fx_lowering import DERIVED_FROM
+    derived = sorted({name for v in graph.values.values() if v.is_const for name in v.meta.get(DERIVED_FROM, ())})
+    if derived:
+        raise DualgraphError(f"the module computes constants from parameters ({', '.join(derived)}) outside the "
+                             "network's ops (e.g. weight.t()); the robust loss could not follow them as they train: "
+                             "apply the op to the activations instead (h @ W rather than F.linear(h, W.t()))")
+
+
 @dataclass
 class _Lowered:
     """A module's lowered graph, bound to its parameters, and one scheduler per config."""
@@ -102,6 +115,7 @@ def lower_module(model: nn.Module, x: torch.Tensor) -> _Lowered:
     from .api import strip_readout
     with torch.no_grad():
         graph = strip_readout(load_module(model, x[:2].detach(), warn_training=False))  # inference semantics meant
+    _refuse_derived_constants(graph)
     names = bind_parameters(graph, model)
     live = dict([*model.named_parameters(), *model.named_buffers()])
     low = _LOWERED[model] = _Lowered(graph, {k: live[k] for k in names}, tuple(x.shape[1:]))

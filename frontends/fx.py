@@ -229,11 +229,13 @@ def _lower_call(lo: Lowering, node: torch.fx.Node) -> Any:
                                "allowed as the first entry of view/reshape")
             return POISON
         try:  # nothing depends on the input: a constant subexpression
-            return _fold(lo.gm, node, tuple(args), dict(kwargs))
+            folded = _fold(lo.gm, node, tuple(args), dict(kwargs))
         except Exception as exc:
             lo.problems.append(f"{where}: failed on constants: {type(exc).__name__}: "
                                f"{(str(exc).splitlines() or [''])[0]}")
             return POISON
+        lo.note_folded(folded, flat, lo.gm.get_submodule(node.target) if node.op == "call_module" else None)
+        return folded
     if rule is None:
         lo.problems.append(where)
         lo.unknown_targets = True

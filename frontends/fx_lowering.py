@@ -23,6 +23,11 @@ from dualgraph.op_registry import register_fx_rule
 
 FRONTEND = "the torch.fx frontend"
 
+DERIVED_FROM = "derived_from_parameters"
+"""``Value.meta`` key of a constant the frontend computed from parameters or buffers at lowering
+time (``self.fc.weight.t()``): the sorted names of those parameters. It keeps their values of
+that moment; :func:`dualgraph.training.lower_module` refuses it (training changes them)."""
+
 
 def lowers(*targets: type | Callable | str) -> Callable[[FxRule], FxRule]:
     """Register a plumbing rule of the frontend itself (not an op) for the given targets."""
@@ -53,10 +58,24 @@ class Lowering:
     problems: list[str] = field(default_factory=list)
     unknown_targets: bool = False  # some problem is a target without any rule
     names: dict[int, str] = field(default_factory=dict)  # id(parameter/buffer) -> qualified name
+    derived: dict[int, tuple[torch.Tensor, tuple[str, ...]]] = field(default_factory=dict)  # folded from those
     _consts: dict[int, tuple[torch.Tensor, Value]] = field(default_factory=dict)
     _node: torch.fx.Node | None = None
 
     # -- values --
+    def note_folded(self, result: Any, inputs: Sequence[Any], module: torch.nn.Module | None) -> None:
+        """Remember which parameters and buffers a folded constant ``result`` was computed from
+        (its tensor ``inputs`` and, for a module call, the module's own): :data:`DERIVED_FROM`."""
+        sources = {self.names[id(t)] for t in inputs if isinstance(t, torch.Tensor) and id(t) in self.names}
+        sources.update(n for t in inputs if isinstance(t, torch.Tensor) and id(t) in self.derived
+                       for n in self.derived[id(t)][1])
+        if module is not None:
+            sources.update(self.names[id(t)] for t in [*module.parameters(), *module.buffers()] if id(t) in self.names)
+        if sources:
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(t, torch.Tensor):
+                    self.derived[id(t)] = (t, tuple(sorted(sources)))  # keeps t alive: its id is not reused
+
     def const(self, x: torch.Tensor | float | int | bool, hint: str = "const") -> Value:
         """An IR constant for tensor or Python scalar ``x`` (one per distinct tensor)."""
         if not isinstance(x, torch.Tensor):
@@ -66,6 +85,8 @@ class Lowering:
             return hit[1]
         hint = self.names.get(id(x), hint)  # parameters keep their module path, e.g. "fc1.weight"
         v = self.graph.add_const(self.graph.fresh_name(hint), x.detach().clone())
+        if id(x) in self.derived:
+            v.meta[DERIVED_FROM] = self.derived[id(x)][1]
         self._consts[id(x)] = (x, v)  # keep x alive so its id is not reused
         return v
 

@@ -46,6 +46,11 @@ def test_the_papers_figure_counts_points_whose_neighbours_route_elsewhere():
     assert report.robust_error == 0.0 and int(report.stage_of[0]) == 1
     assert int(routed_labels(certs, torch.tensor([[0.59]]))[0]) == 0  # inside the ball, another class
     assert report.routed_robust_error == 1.0
+    # what `certify --json` and the table call the robust error is the bound, as for one model
+    # (the paper's figure under "robust_error" was read as certified: a review)
+    assert report.to_json()["robust_error"] == 1.0 and report.to_json()["paper_robust_error"] == 0.0
+    rows = {line[:22].strip(): line[22:].split()[0] for line in report.table().splitlines()}
+    assert rows["robust error"] == "100.00%" and rows["paper's robust error"] == "0.00%"
 
 
 def test_a_first_stage_certificate_is_not_routed_robust_when_a_neighbour_falls_through():

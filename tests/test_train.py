@@ -17,6 +17,7 @@ import torch
 from dualgraph.cascade import certify_cascade, load_stages, read_manifest, train_cascade
 from dualgraph.cli import main
 from dualgraph.data import Dataset, split_digits
+from dualgraph.errors import DualgraphError
 from dualgraph.scheduler import BoundConfig
 from dualgraph.train import METRICS, TrainConfig, train
 
@@ -86,8 +87,10 @@ def test_cascade_trains_on_what_earlier_stages_leave(tmp_path):
     cfg = TrainConfig(**FAST)
     path = train_cascade(cfg, 2, tr, te, tmp_path, progress=False)
     manifest = json.loads(path.read_text())
-    assert manifest == {"kind": "cascade", "eps": 0.05, "stages": ["stage0/model.onnx", "stage1/model.onnx"]}
-    files, eps = read_manifest(path)
+    assert manifest == {"kind": "cascade", "eps": 0.05, "norm": "linf",
+                        "stages": ["stage0/model.onnx", "stage1/model.onnx"]}
+    files, eps, norm = read_manifest(path)
+    assert norm == "linf"
     certs = load_stages(files, BoundConfig())
     report = certify_cascade(certs, ["a", "b"], te, eps, progress=False)
     # an example assigned to stage 1 is not certified by stage 0 against stage 0's prediction
@@ -104,16 +107,16 @@ def test_the_released_cascade(shared_dir):
     if shared_dir is None or not (shared_dir / "paper_models" / "mnist_small_0_3_cascade.json").exists():
         pytest.skip("../shared/paper_models and ../shared/data/mnist not found: the released cascade needs them")
     from dualgraph.data import load_mnist
-    files, eps = read_manifest(shared_dir / "paper_models" / "mnist_small_0_3_cascade.json")
+    files, eps, _ = read_manifest(shared_dir / "paper_models" / "mnist_small_0_3_cascade.json")
     data = load_mnist(shared_dir / "data" / "mnist")
     raw = certify_cascade(load_stages(files, BoundConfig(rounding_allowance=False)), [], data, eps, progress=False)
     assert round(100 * raw.robust_error, 2) == 33.64 and round(100 * raw.clean_error, 2) == 33.64
     assert [round(100 * c, 2) for c in raw.cumulative_certified] == [58.62, 87.00, 100.00]
 
 
-def run_cli(args, capsys) -> tuple[int, str]:
+def run_cli(args, capsys, stream: str = "err") -> tuple[int, str]:
     code = main(args)
-    return code, capsys.readouterr().err
+    return code, getattr(capsys.readouterr(), stream)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -147,6 +150,67 @@ def test_manifest_errors(tmp_path, capsys):
     bad.write_text('{"kind": "cascade", "eps": 0.1, "stages": ["a.onnx", "b.onnx"]}')
     code, err = run_cli(["certify", str(bad), "--dataset", "digits"], capsys)
     assert code == 2 and "same input and output shapes" in err
+
+
+def test_resume_checks_what_it_resumes(tmp_path):
+    """A review's cases: another training set (a traceback, or a silent switch with another
+    --limit), a corrupt checkpoint (a traceback), fewer epochs than done (the later model exported
+    without comment), and the export of the earlier run left beside a resumed run that stopped."""
+    tr, te = small_data()
+    train(TrainConfig(**FAST), tr, te, tmp_path / "run", progress=False)
+    more = TrainConfig(**{**FAST, "epochs": 3})
+    with pytest.raises(DualgraphError, match="trained on 120 examples of .*not these 100"):
+        train(more, tr.take(100), te, tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(DualgraphError, match="has 2 epochs done; --epochs 1"):
+        train(TrainConfig(**{**FAST, "epochs": 1}), tr, te, tmp_path / "run", resume=True, progress=False)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    import dualgraph.train as train_module
+    real = train_module.evaluate
+    train_module.evaluate = stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(more, tr, te, tmp_path / "run", resume=True, progress=False)
+    finally:
+        train_module.evaluate = real
+    assert not (tmp_path / "run" / "model.onnx").exists()  # the first run's export is not this run's
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DualgraphError, match="is not a dualgraph checkpoint"):
+        train(more, tr, te, tmp_path / "run", resume=True, progress=False)
+
+
+def test_a_finished_cascade_stage_is_resumed_with_its_settings_checked(tmp_path):
+    """Resuming a cascade with other settings reused its finished stages without a look (a
+    review: cascade.json then named the new eps for models trained at the old one)."""
+    tr, te = small_data(160, 80)
+    train_cascade(TrainConfig(**FAST), 1, tr, te, tmp_path, progress=False)
+    with pytest.raises(DualgraphError, match="was made with eps=0.05, not 0.1"):
+        train_cascade(TrainConfig(**{**FAST, "eps": 0.1}), 1, tr, te, tmp_path, resume=True, progress=False)
+    path = train_cascade(TrainConfig(**FAST), 1, tr, te, tmp_path, resume=True, progress=False)
+    assert read_manifest(path)[1:] == (0.05, "linf")
+
+
+def test_manifest_fields(tmp_path, capsys):
+    """A stage given by an absolute path (a traceback), an eps of true (read as 1), a cascade
+    trained for another norm, and --timeout (ignored) with a cascade."""
+    from dualgraph.train import export_onnx
+    from dualgraph.models.architectures import mlp
+    export_onnx(mlp(64, 10), tmp_path / "a.onnx", torch.rand(2, 1, 8, 8))
+    manifest = tmp_path / "sub" / "c.json"
+    manifest.parent.mkdir()
+    manifest.write_text(f'{{"kind": "cascade", "eps": 0.01, "stages": ["{tmp_path / "a.onnx"}"]}}')
+    code, out = run_cli(["certify", str(manifest), "--dataset", "digits", "--limit", "5", "--no-progress"], capsys,
+                        stream="out")
+    assert code == 0 and str(tmp_path / "a.onnx") in out
+    for fields, message in [('"eps": true', '"eps" must be a number'),
+                            ('"eps": 0.01, "norm": "l2"', "trained for the l2 norm; pass --norm l2")]:
+        manifest.write_text(f'{{"kind": "cascade", {fields}, "stages": ["../a.onnx"]}}')
+        code, err = run_cli(["certify", str(manifest), "--dataset", "digits"], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    manifest.write_text('{"kind": "cascade", "eps": 0.01, "stages": ["../a.onnx"]}')
+    code, err = run_cli(["certify", str(manifest), "--dataset", "digits", "--timeout", "1"], capsys)
+    assert code == 2 and "--timeout is not supported for a cascade" in err
 
 
 def test_existing_run_is_not_overwritten(tmp_path, capsys):

@@ -108,6 +108,44 @@ def test_folded_parameter_is_an_error():
     assert bind_parameters(graph, mod, strict=False) == {}
 
 
+class TiedWeights(nn.Module):
+    """``l1.weight`` used as it is and transposed (an autoencoder's tied decoder)."""
+
+    def __init__(self, transposed_constant: bool):
+        super().__init__()
+        self.l1, self.out, self.transposed_constant = nn.Linear(6, 6), nn.Linear(6, 3), transposed_constant
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        back = torch.nn.functional.linear(h, self.l1.weight.t()) if self.transposed_constant else h @ self.l1.weight
+        return self.out(torch.relu(back))
+
+
+def test_a_constant_computed_from_a_used_parameter_is_refused():
+    """``F.linear(h, W.t())`` folds ``W.t()`` into a constant of the lowering's moment; ``W`` is also
+    bound directly, so nothing noticed: after optimiser steps the bounds were above the network's
+    true margins at eps 0 (a review). Refused now; ``h @ W`` (the op on the activations) trains
+    and its bounds stay below the margins."""
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 6), torch.randint(0, 3, (8,))
+    with pytest.raises(DualgraphError, match=r"constants from parameters \(l1.weight\)"):
+        robust_loss(TiedWeights(True), x, y, 0.01)
+    model = TiedWeights(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        loss, _ = robust_loss(model, x, y, 0.01, clip=(0, 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        J = robust_bounds(model, x, y, 0.0)
+        out = model(x)
+    others = torch.stack([torch.tensor([j for j in range(3) if j != int(t)]) for t in y])
+    margins = out.gather(1, y[:, None]) - out.gather(1, others)
+    assert (J <= margins + 1e-5).all()
+    assert torch.allclose(J, margins, atol=1e-4)  # eps 0: the bound is the margin itself
+
+
 def test_projected_training_step_reduces_the_loss():
     net = model()
     x, y = data(8)
