@@ -125,13 +125,14 @@ def run_instances(csv_path: str | Path, root: str | Path | None = None, out: str
     load_seconds = 0.0
     rows: list[InstanceRow] = []
     bar = tqdm(instances, desc="instances", unit="inst", disable=not progress, file=sys.stderr)
-    seen: Counter = Counter()
+    taken: set[str] = set()
     for onnx_path, vnnlib_path, timeout in bar:
         timeout = min(timeout, max_timeout) if max_timeout is not None else timeout
         # files of the same names in other folders: numbered, so no result file overwrites another
-        stems = f"{onnx_path.stem}__{vnnlib_path.stem}"
-        seen[stems] += 1
-        suffix = f"__{seen[stems]}" if seen[stems] > 1 else ""
+        stems, k = f"{onnx_path.stem}__{vnnlib_path.stem}", 1
+        while (stems + (suffix := f"__{k}" if k > 1 else "")) in taken:
+            k += 1
+        taken.add(stems + suffix)
         name = f"{onnx_path.stem}/{vnnlib_path.stem}" + suffix.replace("__", "#")
         key = onnx_path.resolve()
         if key not in models:

@@ -239,20 +239,23 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
         base_lo[i], base_hi[i], base_open_lo[i], base_open_hi[i] = l, h, lo_open, hi_open
     common_rows = [a for a in common if a[0] == "y"]
     conjunctions = _conjunctions([common_rows + [a for a in t if a[0] == "y"] for t in terms], n_out)
+    shared = _InputBounds(top_atoms + common)
     groups: dict[tuple, list[Conjunction]] = {}
     term_of: dict[tuple, list[Atom]] = {}
     for term, conj in zip(terms, conjunctions):
         # Key a term's box by where it differs from the common box: hashing whole
-        # arrays would cost O(n_inputs) for each of possibly thousands of disjuncts.
-        key = tuple(sorted(_narrow(term, base_lo, base_hi, base_open_lo, base_open_hi).items()))
+        # arrays would cost O(n_inputs) for each of possibly thousands of disjuncts. Two
+        # boxes with the same float64 bounds are one only if their bounds as read agree too
+        # (else a counterexample would be checked against the other's box: a review).
+        key = (tuple(sorted(_narrow(term, base_lo, base_hi, base_open_lo, base_open_hi).items())),
+               shared.own_bounds_as_read(term))
         if key not in groups:
             term_of[key] = term
         groups.setdefault(key, []).append(conj)
-    shared = _InputBounds(top_atoms + common)
     props = []
     for key, unsafe in groups.items():
         lo, hi, open_lo, open_hi = base_lo.copy(), base_hi.copy(), base_open_lo.copy(), base_open_hi.copy()
-        for i, (l, h, lo_open, hi_open) in key:
+        for i, (l, h, lo_open, hi_open) in key[0]:
             lo[i], hi[i], open_lo[i], open_hi[i] = l, h, lo_open, hi_open
         # no input satisfies this disjunct: it is false, the others still count (equal float64
         # bounds with a strict one are empty only where both are the numbers as written: the
@@ -260,7 +263,7 @@ def _parse(text: str, source: str) -> list[VnnlibProperty]:
         exact = shared.as_read(term_of[key])
         rounded = np.zeros(len(lo), dtype=bool)
         rounded[[a[0] for a in exact]] = True
-        if (lo > hi).any() or ((lo == hi) & (open_lo | open_hi) & ~rounded).any():
+        if (lo > hi).any() or ((lo == hi) & (open_lo | open_hi) & ~rounded).any() or _empty_as_read(exact):
             continue
         for arr, what, op in ((lo, "lower", ">="), (hi, "upper", "<=")):
             if not np.isfinite(arr).all():
@@ -300,6 +303,11 @@ class _InputBounds:
                 self.by_input.setdefault(a[1], []).append(a)
         self.inexact = {i for i, bounds in self.by_input.items() if any(map(_inexact, bounds))}
 
+    def own_bounds_as_read(self, term: list[Atom]) -> tuple:
+        """The bounds of ``term`` itself, as read, on the inputs :meth:`as_read` keeps exactly."""
+        return tuple(sorted((a[1], a[2], Fraction(a[3]), bool(a[4])) for a in term
+                            if a[0] == "x" and (a[1] in self.inexact or _inexact(a))))
+
     def as_read(self, term: list[Atom]) -> tuple:
         """``VnnlibProperty.exact_inputs`` of a disjunct with the input bounds ``term``: every
         bound, as read, of each input that has a bound float64 does not hold (the box has their
@@ -309,6 +317,23 @@ class _InputBounds:
         inexact = self.inexact | {a[1] for a in own if _inexact(a)}
         atoms = [*(a for i in sorted(inexact) for a in self.by_input.get(i, ())), *(a for a in own if a[1] in inexact)]
         return tuple((a[1], a[2], Fraction(a[3]), bool(a[4])) for a in atoms)
+
+
+def _empty_as_read(bounds: tuple) -> bool:
+    """Whether the bounds ``(i, is_upper, value, strict)`` (every bound of each input they name,
+    :meth:`_InputBounds.as_read`) leave some input no real value."""
+    tightest: dict[tuple[int, bool], tuple[Fraction, bool]] = {}
+    for i, is_upper, q, strict in bounds:
+        best = tightest.get((i, is_upper))
+        if best is None or (q < best[0] if is_upper else q > best[0]):
+            tightest[i, is_upper] = (q, strict)
+        elif q == best[0]:
+            tightest[i, is_upper] = (q, best[1] or strict)
+    for (i, is_upper), (low, low_strict) in tightest.items():
+        high, high_strict = tightest.get((i, True), (None, False))
+        if not is_upper and high is not None and (low > high or (low == high and (low_strict or high_strict))):
+            return True
+    return False
 
 
 def _inexact(atom: Atom) -> bool:

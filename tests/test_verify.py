@@ -424,11 +424,14 @@ def test_result_files_of_equal_names_in_other_folders(tmp_path):
         make_onnx(tmp_path / folder / "net.onnx", [(np.eye(1), np.array([bias]))])
     (tmp_path / "p.vnnlib").write_text(vnnlib_text(1, 1, [(0.0, 1.0)], "(assert (>= Y_0 5))"))
     instances = tmp_path / "instances.csv"
-    instances.write_text("a/net.onnx,p.vnnlib,10\nb/net.onnx,p.vnnlib,10\n")
+    (tmp_path / "p__2.vnnlib").write_text(vnnlib_text(1, 1, [(0.0, 1.0)], "(assert (>= Y_0 50))"))
+    instances.write_text("a/net.onnx,p.vnnlib,10\nb/net.onnx,p.vnnlib,10\nb/net.onnx,p__2.vnnlib,10\n")
     summary = run_instances(instances, root=tmp_path, config=FAST, results_dir=tmp_path / "res", progress=False)
-    assert [(r.instance, r.answer) for r in summary.rows] == [("net/p", "unsat"), ("net/p#2", "sat")]
+    assert [(r.instance, r.answer) for r in summary.rows] == [("net/p", "unsat"), ("net/p#2", "sat"),
+                                                              ("net/p__2#2", "unsat")]
     assert (tmp_path / "res" / "net__p.txt").read_text() == "unsat\n"
-    assert (tmp_path / "res" / "net__p__2.txt").read_text().startswith("sat\n")
+    assert (tmp_path / "res" / "net__p__2.txt").read_text().startswith("sat\n")  # not the third's answer
+    assert (tmp_path / "res" / "net__p__2__2.txt").read_text() == "unsat\n"
 
 
 def test_read_instances_errors(tmp_path):

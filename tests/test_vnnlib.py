@@ -6,6 +6,7 @@ import gc
 import re
 import time
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,22 @@ def test_equal_float64_bounds_of_an_interval_that_is_not_empty() -> None:
     (prop,) = parse_vnnlib(head + body.format("0.50000000000000000001"))
     assert prop.input_lo[0] == prop.input_hi[0] == 0.5
     assert parse_vnnlib(head + body.format("0.5")) == []
+
+
+def test_disjuncts_with_one_float64_box_and_other_bounds_as_read() -> None:
+    """Two disjuncts whose boxes round to the same float64 box were one property checked against
+    the first's bounds (a review: 'sat' at X_0 = 0.1 for the second's Y_0 <= 1, whose box
+    [0.10000000000000000002, 0.10000000000000000001] is empty as read); and which of two such
+    disjuncts came first decided whether an empty one dropped the other."""
+    head = "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+    empty_second = head + ("(assert (or (and (>= X_0 0.1) (<= X_0 0.1) (<= Y_0 -1))\n"
+                           "            (and (>= X_0 0.10000000000000000002) (<= X_0 0.10000000000000000001) (<= Y_0 1))))\n")
+    (prop,) = parse_vnnlib(empty_second)
+    assert len(prop.unsafe) == 1 and prop.unsafe[0].d[0] == -1
+    a, b = "(and (> X_0 0.5) (<= X_0 0.5) (>= Y_0 0.4))", "(and (> X_0 0.5) (<= X_0 0.50000000000000000001) (>= Y_0 0.4))"
+    for first, second in ((a, b), (b, a)):
+        (prop,) = parse_vnnlib(head + f"(assert (or {first}\n {second}))\n")
+        assert len(prop.unsafe) == 1 and any(q == Fraction("0.50000000000000000001") for *_, q, _ in prop.exact_inputs)
 
 
 def test_a_counterexample_is_checked_against_every_bound_as_read() -> None:
