@@ -44,6 +44,7 @@ import torch
 from .dual_registry import ElementwiseRule, FreeSlopes, Relaxation, SplitMultipliers
 from .dual_run import needed_bounds
 from .patches import Patches, geometry, windows_of
+from .trust import SLOPES_CHECKED, needs_check, verify_free_slopes
 
 
 LR_FINAL = 0.3
@@ -64,6 +65,9 @@ def free_variables(runner, dual, bounds: dict) -> dict[str, dict[str, FreeSlopes
         if not b or any(x is None for x in b):
             continue
         found = rule.free_variables(primal, b, runner.config)
+        if found and rule.trust_source is not None and not isinstance(rule, ElementwiseRule) \
+                and needs_check(rule, primal, SLOPES_CHECKED):  # a plugin's free variables, at the ends of their ranges
+            verify_free_slopes(rule, primal, b, runner.config, found)
         if found:
             out[primal.name] = found
     return out

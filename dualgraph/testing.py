@@ -394,6 +394,19 @@ def check_paths(template: Node, seed: int = 0, domain: tuple[float, float] | Non
 
 # ---- the checker ------------------------------------------------------------------------------------
 
+def check_free_slopes(rule: DualRule, n: Node, config, gen: torch.Generator, mode: str,
+                      domain: tuple[float, float] | None = None) -> None:
+    """A dual layer's steps with its free variables (``free_variables``, optimised with
+    ``--relaxation alpha``) at the ends and the middle of their declared ranges, on one draw of
+    bounds (:func:`dualgraph.trust.verify_free_slopes`; relaxations' free lines are checked
+    with the relaxation)."""
+    from .trust import verify_free_slopes
+    bounds = [random_bounds(v.unit_shape, gen, mode, domain=domain) for v in n.var_inputs]
+    free = rule.free_variables(n, bounds, config)
+    if free:
+        verify_free_slopes(rule, n, bounds, config, free)
+
+
 def check_op(op: str | tuple[str, str] | OpDefinition, *, examples: list[OpExample] | None = None,
              seed: int | None = None, paths: bool = True) -> OpCheckReport:
     """Check every rule of one op (see the module docstring); raises :class:`OpCheckFailure`.
@@ -436,6 +449,8 @@ def check_op(op: str | tuple[str, str] | OpDefinition, *, examples: list[OpExamp
                     check_contract(rule, n, config, gen, mode, (1, B)[k % 2], special,
                                    exact=isinstance(rule, AffineRule) and not relaxed, domain=example.domain)
                     report.contract_checks += 1
+                    if relaxed and not isinstance(rule, ElementwiseRule):
+                        check_free_slopes(rule, n, config, gen, mode, example.domain)
             if paths:
                 report.paths += check_paths(n, domain=example.domain)
         except (OpCheckFailure, DualgraphError) as exc:

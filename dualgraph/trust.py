@@ -4,15 +4,18 @@ A plugin's relaxation is a claim: ``a_lo z + b_lo <= f(z) <= a_up z + b_up`` for
 in ``[l, u]``. A wrong one (a chord used as both lines) would produce certificates for
 properties that do not hold. So the first time a process uses a relaxation that dualgraph
 did not ship *at a node*, the claim is tested on points inside the bounds it was actually
-given there: each interval's ends, its midpoint and random points, evaluated in float64
+given there (every example of the batch, or as many as a fixed number of evaluations allows,
+spread over it): each interval's ends, its midpoint and random points, evaluated in float64
 with the op's own evaluation rule. The tolerance is what the rounding allowance adds to a
 relaxation's offsets anyway (8 units of roundoff of the bounds' precision, relative to
 ``|a| max(|l|, |u|) + 2 |b|``), so a relaxation passes only if it is sound up to the
 rounding dualgraph accounts for. A rule that is not a relaxation (a
 :class:`~dualgraph.dual_registry.DualRule` subclass) is tested on its first backward step at
 a node the same way, against inequality (1) of the contract, and (2) when it declares
-itself linear. A violation stops the run with an error naming the plugin, the op, the node
-and a violating point; a node that passed is not checked again in that process.
+itself linear; one that declares free variables (optimised by ``--relaxation alpha``) also
+with them at the ends and the middle of their declared ranges. A violation stops the run
+with an error naming the plugin, the op, the node and a violating point; a node that passed
+is not checked again in that process (for that rule: a redefined op's rule is checked anew).
 
 Sampling cannot prove a relaxation sound (``dualgraph check-op`` tests far more points);
 it catches the claims that are wrong where they are used, at a cost measured in
@@ -33,13 +36,19 @@ POINTS_PER_UNIT = 16     # per sampled unit: both ends, the midpoint and 13 rand
 MAX_ENTRIES = 1 << 16    # a cap on the evaluations, so the check costs the same on any batch
 
 
-def needs_check(rule: DualRule, node: Node) -> bool:
-    """Whether ``rule`` comes from outside dualgraph and has not yet been checked at ``node``."""
-    return rule.trust_source is not None and not node.meta.get(("trust checked", id(rule)), False)
+CHECKED = "trust checked"
+SLOPES_CHECKED = "trust checked: free slopes"
 
 
-def _passed(rule: DualRule, node: Node) -> None:
-    node.meta[("trust checked", id(rule))] = True
+def needs_check(rule: DualRule, node: Node, what: str = CHECKED) -> bool:
+    """Whether ``rule`` comes from outside dualgraph and has not yet been checked at ``node``
+    (``what``: its steps, or those with its free slopes, :func:`verify_free_slopes`)."""
+    return rule.trust_source is not None and not any(r is rule for r in node.meta.get(what, ()))
+
+
+def _passed(rule: DualRule, node: Node, what: str = CHECKED) -> None:
+    # the rule itself, not its id: a redefined op's new rule may get a freed rule's id (a review)
+    node.meta.setdefault(what, []).append(rule)
 
 
 def verify_relaxation(rule: DualRule, node: Node, bounds, r: Relaxation) -> None:
@@ -48,11 +57,11 @@ def verify_relaxation(rule: DualRule, node: Node, bounds, r: Relaxation) -> None
         raise DualgraphError(f"the relaxation of {rule.trust_source} returned a {type(r).__name__} at node "
                              f"'{node.name}'; it must return a dualgraph.Relaxation")
     lower, upper = bounds.lower.detach(), bounds.upper.detach()
-    rows = _rows(lower.shape)
-    l, u = (t[:rows].to(torch.float64) for t in (lower, upper))
+    rows, points = _sample(lower.shape)
+    l, u = (_take(t, rows).to(torch.float64) for t in (lower, upper))
     gen = torch.Generator().manual_seed(0)
     t = torch.cat([torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64),
-                   torch.rand(POINTS_PER_UNIT - 3, generator=gen, dtype=torch.float64)])
+                   torch.rand(points - 3, generator=gen, dtype=torch.float64)])
     t = t.view(-1, *([1] * l.dim()))
     z = between(l, u, t).where(torch.isfinite(l) & torch.isfinite(u), torch.zeros_like(l))   # [K, rows, *unit]
     fz = _evaluate(node, z.reshape(-1, *l.shape[1:])).view_as(z)
@@ -87,9 +96,11 @@ def verify_relaxation(rule: DualRule, node: Node, bounds, r: Relaxation) -> None
     _passed(rule, node)
 
 
-def verify_dual_step(rule: DualRule, node: Node, lam, bounds: list, config, step: DualStep) -> None:
+def verify_dual_step(rule: DualRule, node: Node, lam, bounds: list, config, step: DualStep, *,
+                     mark: bool = True) -> None:
     """Check one backward step against the contract on points within ``bounds`` (or, for a
-    rule that gets no bounds, standard normal points): the first use of a plugin dual layer."""
+    rule that gets no bounds, standard normal points): the first use of a plugin dual layer
+    (``mark``: record that ``node`` passed)."""
     lams = lam if isinstance(lam, list) else [lam]
     b_lam = lams[0].shape[0]
     var_inputs = node.var_inputs
@@ -121,14 +132,16 @@ def verify_dual_step(rule: DualRule, node: Node, lam, bounds: list, config, step
     lhs = sum(_dot(_take(lm.detach(), rows).to(torch.float64), y.reshape(points, rows, *y.shape[1:]))
               for lm, y in zip(lams, outs))
     rhs = torch.zeros_like(lhs)
-    scale = torch.ones_like(lhs) + lhs.abs()
+    lower = _offset(step.lower, rows)
+    # relative to the magnitudes summed, with no absolute floor: an offset 1e-4 too high passed
+    # where every term was 1e-5 (a review: a wrong float32 certificate)
+    scale = lhs.abs() + lower.abs()
     for z, li in zip(zs, step.lam_in):
         if li is not None:
             term = _dot(_take(li.detach(), rows).to(torch.float64), z)
             rhs, scale = rhs + term, scale + term.abs()
     eps = torch.finfo(lams[0].dtype).eps
     tol = 1e3 * eps * scale
-    lower = _offset(step.lower, rows)
     bad = rhs + lower - lhs - tol
     what = "(1): lam . f(z) >= sum lam_i . z_i + lower"
     if rule.linear(node, config) and step.upper is not None and not bool((bad > 0).any()):
@@ -143,17 +156,49 @@ def verify_dual_step(rule: DualRule, node: Node, lam, bounds: list, config, step
             f"the dual layer of {rule.trust_source} is unsound at node '{node.name}': inequality {what} "
             f"fails by {float(bad.flatten()[k]):.6g} at a point {where} (first entries "
             f"{[round(x, 6) for x in z0]}); test it with `dualgraph check-op`")
-    _passed(rule, node)
+    if mark:
+        _passed(rule, node)
 
 
-def _rows(shape: torch.Size) -> int:
-    """How many examples of a ``[B, *unit]`` tensor to sample (the cap on evaluations)."""
-    units = max(1, int(torch.Size(shape[1:]).numel()))
-    return max(1, min(int(shape[0]), MAX_ENTRIES // (POINTS_PER_UNIT * units)))
+def verify_free_slopes(rule: DualRule, node: Node, bounds: list, config, free: dict) -> None:
+    """Check a plugin dual layer's optimised-slope steps (``backward_with_slopes``) where its free
+    variables (``free``, :meth:`~dualgraph.dual_registry.DualRule.free_variables`) are at the
+    ends and the middle of their declared ranges, for random ``lam`` of both signs: every value
+    in range must give a sound step, and the optimiser goes anywhere in it (a review: slopes
+    declared in [0, 2] for a ReLU passed, checked only at their starting values)."""
+    import dataclasses
+    rows = bounds[0].lower.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    for where in (0.0, 1.0, 0.5):
+        chosen = {}
+        for kind, fs in free.items():
+            lo, hi = (torch.as_tensor(x, dtype=fs.values.dtype) for x in (fs.lo, fs.hi))
+            value = (lo + where * (hi - lo)).expand_as(fs.values).clone()
+            chosen[kind] = dataclasses.replace(fs, values=value.detach())
+        for _ in range(2):
+            lam = torch.randn((rows, 2, *node.outputs[0].unit_shape), generator=gen, dtype=torch.float64)
+            lam = lam.to(bounds[0].lower.dtype)
+            step = rule.backward_with_slopes(node, lam, bounds[0], config, chosen.get("slopes"),
+                                             None, chosen.get("upper slopes"))
+            verify_dual_step(rule, node, lam, bounds, config, step, mark=False)
+    _passed(rule, node, SLOPES_CHECKED)
 
 
-def _take(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return t[:rows] if t.dim() > 0 and t.shape[0] > 1 else t
+def _sample(shape: torch.Size) -> tuple[torch.Tensor, int]:
+    """Which examples of a ``[B, *unit]`` tensor to sample, and how many points per unit: every
+    example where the cap on evaluations allows, with fewer points (at least both ends and the
+    midpoint) before fewer examples, which are then spread over the batch (the first rows alone
+    missed a wrong relaxation on a later example: a review)."""
+    units, batch = max(1, int(torch.Size(shape[1:]).numel())), int(shape[0])
+    points = max(3, min(POINTS_PER_UNIT, MAX_ENTRIES // (units * batch)))
+    count = max(1, min(batch, MAX_ENTRIES // (points * units)))
+    return torch.linspace(0, batch - 1, count).round().long().unique(), points
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor | int) -> torch.Tensor:
+    if not (t.dim() > 0 and t.shape[0] > 1):
+        return t
+    return t[:rows] if isinstance(rows, int) else t[rows]
 
 
 def _evaluate(node: Node, z: torch.Tensor) -> torch.Tensor:

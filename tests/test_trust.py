@@ -259,3 +259,143 @@ def test_a_relaxation_exact_at_an_end_of_its_interval_is_trusted():
         verify_relaxation(rule, g.nodes[0], b, rule.relaxation(g.nodes[0], b, BoundConfig()))
     finally:
         remove_op(op.key)
+
+
+# ---- a fifth review's cases (plugin trust) -------------------------------------------------------
+
+def wide_net(op_key, units: int, dtype=torch.float64, w: float = 1.0) -> Graph:
+    """``w * sum_i op(x)_i`` over ``units`` inputs."""
+    g = Graph("wide")
+    x = g.add_input("x", (units,), dtype)
+    y = g.add_node(op_key, [x], name="the_plugin_node").output
+    g.outputs = [g.add_node("Gemm", [y, g.add_const("w", torch.full((1, units), w, dtype=dtype))], {"transB": 1},
+                            name="out").output]
+    infer_shapes(g, dtype)
+    return g
+
+
+class _Described(DualRule):
+    """What the rounding allowance needs of a DualRule with slopes in [0, 2] at most."""
+
+    def abs_linear(self, node, xs, bounds, config):
+        return [2 * xs[0]]
+
+    def constant_magnitude(self, node, m_in, bounds, config):
+        return [torch.maximum(*(b.abs() for b in bounds[0])) if bounds else 0.0]
+
+    def eval_length(self, node, bounds, config):
+        return 0
+
+    def dual_length(self, node, bounds, config):
+        return 2
+
+
+def test_a_dual_layer_offset_too_high_is_caught_whatever_the_scale_of_lam():
+    """``lam . z + 1e-4`` as a lower bound of ``lam . z``: an absolute floor of about 1.2e-4 in
+    float32 let it through where lam is 1e-5, and certify printed a bound above a reachable value."""
+    class IdentityPlusSlack(_Described):
+        def backward(self, node, lam, bounds, config):
+            return DualStep([lam], torch.full(lam.shape[:2], 1e-4, dtype=lam.dtype), None)
+
+    op = define_op("Slack", domain=DOMAIN)
+    op.evaluate(lambda node, inputs: inputs[0].clone())
+    op.dual(IdentityPlusSlack)
+    try:
+        graph = wide_net(op.key, 1, torch.float32, w=1e-5)
+        box = Box(torch.full((1, 1), -1.0), torch.full((1, 1), 1.0))
+        with pytest.raises(DualgraphError, match="Slack is unsound"):
+            BoundScheduler(graph, BoundConfig()).bound_output(box, torch.ones(1, 1, 1))
+    finally:
+        remove_op(op.key)
+
+
+def test_a_dual_layer_s_free_slopes_are_checked_over_their_whole_range():
+    """A ReLU-like DualRule declaring its lower slopes in [0, 2]: checked only at the starting
+    slopes, ``alpha`` bounded ``relu(x) - 2x`` on [-1, 1] at -0.87 (the minimum is -1), and
+    ``check-op`` said ok."""
+    from dualgraph.dual_registry import FreeSlopes
+    from dualgraph.testing import OpCheckFailure, check_op
+
+    def lines(bounds):
+        l, u = bounds
+        cross = (l < 0) & (u > 0)
+        a_up = torch.where(cross, u / (u - l).clamp(min=1e-12), (l >= 0).to(l.dtype))
+        return cross, (l >= 0).to(l.dtype), a_up, torch.where(cross, -a_up * l, torch.zeros_like(l))
+
+    class WideSlopes(_Described):
+        needs_bounds = True
+
+        def backward(self, node, lam, bounds, config):
+            return self.backward_with_slopes(node, lam, bounds[0], config, None)
+
+        def free_variables(self, node, bounds, config):
+            cross, a_lo, _, _ = lines(bounds[0])
+            values = a_lo.view(len(a_lo), 1, -1).clone()
+            return {"slopes": FreeSlopes(torch.arange(values.shape[-1]), values, cross.view(len(a_lo), 1, -1),
+                                         0.0, 2.0, width=values.shape[-1])}
+
+        def backward_with_slopes(self, node, lam, bounds, config, slopes, splits=None, upper=None):
+            cross, a_lo, a_up, b_up = lines(bounds)
+            a = a_lo.unsqueeze(1)
+            if slopes is not None:
+                a = torch.where(cross.unsqueeze(1), slopes.slopes().reshape(lam.shape[0], 1, *a_lo.shape[1:]), a)
+            lam_in = lam.clamp(min=0) * a + lam.clamp(max=0) * a_up.unsqueeze(1)
+            return DualStep([lam_in], (lam.clamp(max=0) * b_up.unsqueeze(1)).flatten(2).sum(-1), None)
+
+    op = define_op("WideSlopes", domain=DOMAIN)
+    op.evaluate(lambda node, inputs: torch.relu(inputs[0]))
+    op.dual(WideSlopes)
+    op.example(var(3))
+    try:
+        g = Graph("net")
+        x = g.add_input("x", (1,), torch.float64)
+        y = g.add_node(op.key, [x], name="the_plugin_node").output
+        both = g.add_node("Concat", [y, x], {"axis": 1}).output
+        g.outputs = [g.add_node("Gemm", [both, g.add_const("w", torch.tensor([[1.0, -2.0]], dtype=torch.float64))],
+                                {"transB": 1}).output]
+        infer_shapes(g, torch.float64)
+        box = Box(torch.full((1, 1), -1.0, dtype=torch.float64), torch.full((1, 1), 1.0, dtype=torch.float64))
+        spec = torch.ones(1, 1, 1, dtype=torch.float64)
+        assert float(BoundScheduler(g, BoundConfig(relu_relaxation="crown")).bound_output(box, spec)) <= -1
+        with pytest.raises(DualgraphError, match="WideSlopes is unsound"):
+            BoundScheduler(g, BoundConfig(relu_relaxation="alpha")).bound_output(box, spec)
+        with pytest.raises(OpCheckFailure, match="WideSlopes is unsound"):
+            check_op(op.key)
+    finally:
+        remove_op(op.key)
+
+
+def test_every_example_of_a_batch_is_sampled(swish_op):
+    """4,096 units: the check sampled the first example only, and a relaxation wrong only for
+    the second one's bounds ([3, 3.5], where ``z tanh(z/2)`` is not convex) gave a bound above a
+    reachable value."""
+    def convex_everywhere(node, bounds, config) -> Relaxation:  # a tangent below, a chord above
+        l, u = bounds
+        m = ((l + u) / 2).requires_grad_(True)
+        (slope,) = torch.autograd.grad(sym_swish(m).sum(), m)
+        m, slope = m.detach(), slope.detach()
+        a_up = (sym_swish(u) - sym_swish(l)) / (u - l).clamp(min=1e-12)
+        return Relaxation(slope, sym_swish(m) - slope * m, a_up, sym_swish(l) - a_up * l + 1e-9)
+
+    swish_op.relaxation()(convex_everywhere)
+    n = 4096
+    lo = torch.stack([torch.full((n,), -1.0), torch.full((n,), 3.0)]).double()
+    hi = torch.stack([torch.full((n,), 1.0), torch.full((n,), 3.5)]).double()
+    with pytest.raises(DualgraphError, match="unsound at node 'the_plugin_node'"):
+        BoundScheduler(wide_net(swish_op.key, n), BoundConfig()).bound_output(Box(lo, hi),
+                                                                              torch.ones(2, 1, 1, dtype=torch.float64))
+
+
+def test_a_redefined_op_is_checked_again_at_a_node_that_trusted_the_old_rule(swish_op):
+    """The mark was the rule's id, which a new rule may reuse once the old one is freed (a review
+    redefined an op eleven times, as a notebook does): the mark is the rule itself now."""
+    from dualgraph.trust import CHECKED
+    swish_op.relaxation()(sound)
+    graph = scalar_net(swish_op.key)
+    bound(graph)
+    node = next(n for n in graph.nodes if n.name == "the_plugin_node")
+    assert any(r is DUAL_RULES[swish_op.key] for r in node.meta[CHECKED])
+    replacement = define_op("SymSwish", domain=DOMAIN, override=True)
+    replacement.evaluate(lambda node, inputs: sym_swish(inputs[0]))
+    replacement.relaxation()(chord_twice)
+    assert needs_check(DUAL_RULES[swish_op.key], node)
