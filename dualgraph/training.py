@@ -43,18 +43,28 @@ def bind_parameters(graph: Graph, module: nn.Module, strict: bool = True) -> dic
 
     A constant is matched to the parameter whose qualified name it carries (``"0.weight"``,
     or ``"0.weight_<k>"`` where the frontend had to make the name unique) and whose value
-    it equals. Returns ``{parameter name: value name}``. With ``strict``, a parameter that
+    it equals, or whose transpose it holds where the frontend marked it so (``nn.Linear`` on
+    a sequence: bound to the live parameter's transposed view). Returns ``{parameter name:
+    value name}``. With ``strict``, a parameter that
     requires grad but has no constant (folded into another constant by the frontend, so
     gradients could not reach it) is an error.
     """
+    from dualgraph.frontends.fx_lowering import TRANSPOSE_OF
     consts = {v.name: v for v in graph.values.values() if v.is_const}
     bound: dict[str, str] = {}
     missing = []
     tensors = [*module.named_parameters(), *module.named_buffers()]
     for name, p in tensors:
+        # a transposed use (Linear on a sequence): the live parameter's transpose, a view of it
+        for v in consts.values():
+            if v.meta.get(TRANSPOSE_OF) == name and torch.equal(v.const, p.detach().t().to(v.const.device)):
+                v.const = p.t()
+                bound[name] = v.name
         pat = re.compile(re.escape(name) + r"(_\d+)?$")
         hit = next((v for vname, v in consts.items() if pat.match(vname) and v.const.shape == p.shape
                     and v.const.dtype == p.dtype and torch.equal(v.const, p.detach().to(v.const.device))), None)
+        if hit is None and name in bound:
+            continue
         if hit is None:
             if isinstance(p, nn.Parameter) and p.requires_grad:
                 missing.append(name)

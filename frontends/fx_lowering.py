@@ -23,6 +23,11 @@ from dualgraph.op_registry import register_fx_rule
 
 FRONTEND = "the torch.fx frontend"
 
+TRANSPOSE_OF = "transpose_of_parameter"
+"""``Value.meta`` key of a constant that is a 2-D parameter transposed (:meth:`Lowering.transposed`,
+``nn.Linear`` on inputs of rank 3 or more): the parameter's name, so that training binds the
+constant to the live parameter's transpose (:func:`dualgraph.training.bind_parameters`)."""
+
 DERIVED_FROM = "derived_from_parameters"
 """``Value.meta`` key of a constant the frontend computed from parameters or buffers at lowering
 time (``self.fc.weight.t()``): the sorted names of those parameters. It keeps their values of
@@ -88,6 +93,17 @@ class Lowering:
         if id(x) in self.derived:
             v.meta[DERIVED_FROM] = self.derived[id(x)][1]
         self._consts[id(x)] = (x, v)  # keep x alive so its id is not reused
+        return v
+
+    def transposed(self, matrix: torch.Tensor) -> Value:
+        """An IR constant holding ``matrix.t()``, which remembers where it came from: a parameter
+        (:data:`TRANSPOSE_OF`) or constants folded from parameters (:data:`DERIVED_FROM`)."""
+        v = self.graph.add_const(self.graph.fresh_name(f"{self.names.get(id(matrix), self._node.name)}_t"),
+                                 matrix.detach().t().contiguous())
+        if id(matrix) in self.names:
+            v.meta[TRANSPOSE_OF] = self.names[id(matrix)]
+        elif id(matrix) in self.derived:
+            v.meta[DERIVED_FROM] = self.derived[id(matrix)][1]
         return v
 
     def var(self, x: Any, what: str = "input") -> Value:

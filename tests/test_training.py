@@ -146,6 +146,42 @@ def test_a_constant_computed_from_a_used_parameter_is_refused():
     assert torch.allclose(J, margins, atol=1e-4)  # eps 0: the bound is the margin itself
 
 
+class SequenceTied(nn.Module):
+    """``nn.Linear`` on a ``[B, 2, 3]`` input (its rule transposes the weight) and the same weight
+    used directly: the transposed copy was neither bound nor refused (a review: bounds above the
+    margins after steps), and a Linear on a sequence alone was refused as unbound."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.l1, self.out, self.tied = nn.Linear(3, 3), nn.Linear(6, 2), tied
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        if self.tied:
+            h = torch.relu(h @ self.l1.weight)
+        return self.out(h.flatten(1))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_linear_layer_on_sequences_trains_bound_to_its_weight(tied):
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 2, 3), torch.randint(0, 2, (8,))
+    model = SequenceTied(tied)
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    for step in range(10):
+        loss, _ = robust_loss(model, x, y, 0.0)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:  # the gradient reaches the weight (later steps may leave every unit off)
+            assert bool(model.l1.weight.grad.abs().sum() > 0)
+        opt.step()
+    with torch.no_grad():
+        J = robust_bounds(model, x, y, 0.0).squeeze(1)
+        z = model(x)
+    margins = z.gather(1, y[:, None]).squeeze(1) - z.gather(1, (1 - y)[:, None]).squeeze(1)
+    assert (J <= margins + 1e-5).all() and torch.allclose(J, margins, atol=1e-4)
+
+
 def test_projected_training_step_reduces_the_loss():
     net = model()
     x, y = data(8)

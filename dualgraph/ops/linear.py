@@ -129,7 +129,7 @@ def _affine(lo, x: Any, weight: Any, bias: Any):
     b = lo.constant(bias, "bias")
     if lo.rank(x) == 2:
         return lo.emit("Gemm", [x, w, b], {"transB": 1})
-    y = lo.emit("MatMul", [x, w.t().contiguous()], hint=f"{lo.node_name}_matmul")
+    y = lo.emit("MatMul", [x, lo.transposed(w)], hint=f"{lo.node_name}_matmul")
     return y if b is None else lo.emit("Add", [y, b])
 
 
