@@ -105,7 +105,8 @@ def verify_dual_step(rule: DualRule, node: Node, lam, bounds: list, config, step
     b_lam = lams[0].shape[0]
     var_inputs = node.var_inputs
     n_rows = max([b_lam] + [bd.lower.shape[0] for bd in bounds if bd is not None])
-    rows = min(n_rows, 8)
+    picked = _spread(n_rows, 8)  # examples spread over the batch, not its first ones
+    rows = len(picked)
     gen = torch.Generator().manual_seed(0)
     points = POINTS_PER_UNIT
     drawn: dict = {}   # one draw per distinct value: a node may read one value in two slots
@@ -117,7 +118,7 @@ def verify_dual_step(rule: DualRule, node: Node, lam, bounds: list, config, step
         if bd is None:
             drawn[v] = torch.randn(shape, generator=gen, dtype=torch.float64)
             continue
-        l, u = (_take(t.detach(), rows).to(torch.float64).expand(rows, *v.unit_shape) for t in bd)
+        l, u = (_take(t.detach(), picked).to(torch.float64).expand(rows, *v.unit_shape) for t in bd)
         t = torch.rand(shape, generator=gen, dtype=torch.float64)
         t[0], t[1] = 0.0, 1.0
         drawn[v] = between(l, u, t)
@@ -129,23 +130,25 @@ def verify_dual_step(rule: DualRule, node: Node, lam, bounds: list, config, step
     with torch.no_grad():
         outs = EVAL_RULES[node.op](node, full)
     outs = [outs] if torch.is_tensor(outs) else list(outs)
-    lhs = sum(_dot(_take(lm.detach(), rows).to(torch.float64), y.reshape(points, rows, *y.shape[1:]))
-              for lm, y in zip(lams, outs))
+    picked_lams = [_take(lm.detach(), picked).to(torch.float64) for lm in lams]
+    ys = [y.reshape(points, rows, *y.shape[1:]) for y in outs]
+    lhs = sum(_dot(lm, y) for lm, y in zip(picked_lams, ys))
     rhs = torch.zeros_like(lhs)
-    lower = _offset(step.lower, rows)
-    # relative to the magnitudes summed, with no absolute floor: an offset 1e-4 too high passed
-    # where every term was 1e-5 (a review: a wrong float32 certificate)
-    scale = lhs.abs() + lower.abs()
+    lower = _offset(step.lower, picked)
+    # relative to the magnitudes summed (sums of |products|: rounding is relative to them, not to
+    # a cancelled sum), with no absolute floor: an offset 1e-4 too high passed where every term
+    # was 1e-5 (a review: a wrong float32 certificate)
+    scale = sum(_dot(lm.abs(), y.abs()) for lm, y in zip(picked_lams, ys)) + lower.abs()
     for z, li in zip(zs, step.lam_in):
         if li is not None:
-            term = _dot(_take(li.detach(), rows).to(torch.float64), z)
-            rhs, scale = rhs + term, scale + term.abs()
+            li = _take(li.detach(), picked).to(torch.float64)
+            rhs, scale = rhs + _dot(li, z), scale + _dot(li.abs(), z.abs())
     eps = torch.finfo(lams[0].dtype).eps
     tol = 1e3 * eps * scale
     bad = rhs + lower - lhs - tol
     what = "(1): lam . f(z) >= sum lam_i . z_i + lower"
     if rule.linear(node, config) and step.upper is not None and not bool((bad > 0).any()):
-        bad = lhs - rhs - _offset(step.upper, rows) - tol
+        bad = lhs - rhs - _offset(step.upper, picked) - tol
         what = "(2): lam . f(z) <= sum lam_i . z_i + upper"
     bad = torch.nan_to_num(bad, nan=float("inf"))
     if bool((bad > 0).any()):
@@ -192,7 +195,12 @@ def _sample(shape: torch.Size) -> tuple[torch.Tensor, int]:
     units, batch = max(1, int(torch.Size(shape[1:]).numel())), int(shape[0])
     points = max(3, min(POINTS_PER_UNIT, MAX_ENTRIES // (units * batch)))
     count = max(1, min(batch, MAX_ENTRIES // (points * units)))
-    return torch.linspace(0, batch - 1, count).round().long().unique(), points
+    return _spread(batch, count), points
+
+
+def _spread(batch: int, most: int) -> torch.Tensor:
+    """Up to ``most`` example indices of a batch, spread over it (its ends included)."""
+    return torch.linspace(0, batch - 1, min(batch, most)).round().long().unique()
 
 
 def _take(t: torch.Tensor, rows: torch.Tensor | int) -> torch.Tensor:
@@ -216,7 +224,7 @@ def _dot(lam: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (lam.unsqueeze(0) * z.unsqueeze(2)).flatten(3).sum(-1)
 
 
-def _offset(x, rows: int) -> torch.Tensor:
+def _offset(x, rows: torch.Tensor | int) -> torch.Tensor:
     if torch.is_tensor(x):
         return _take(x.detach(), rows).to(torch.float64).unsqueeze(0)
     return torch.tensor(float(x or 0.0), dtype=torch.float64)

@@ -399,3 +399,26 @@ def test_a_redefined_op_is_checked_again_at_a_node_that_trusted_the_old_rule(swi
     replacement.evaluate(lambda node, inputs: sym_swish(inputs[0]))
     replacement.relaxation()(chord_twice)
     assert needs_check(DUAL_RULES[swish_op.key], node)
+
+
+def test_a_dual_layer_is_checked_on_examples_spread_over_the_batch():
+    """The first-use check of a DualRule took the batch's first 8 examples: a dual layer wrong
+    only where its bounds lie above 5 (the tenth example here) passed (a review of 9bd3852)."""
+    class WrongFarOut(_Described):
+        needs_bounds = True
+
+        def backward(self, node, lam, bounds, config):
+            far = (bounds[0].lower.flatten(1).min(1).values > 5).to(lam.dtype)  # [B]
+            return DualStep([lam], far[:, None].expand(lam.shape[:2]).clone(), None)
+
+    op = define_op("FarOut", domain=DOMAIN)
+    op.evaluate(lambda node, inputs: inputs[0].clone())
+    op.dual(WrongFarOut)
+    try:
+        lo = torch.zeros(10, 1, dtype=torch.float64)
+        lo[9] = 10.0
+        with pytest.raises(DualgraphError, match="FarOut is unsound"):
+            BoundScheduler(wide_net(op.key, 1), BoundConfig()).bound_output(
+                Box(lo, lo + 1.0), torch.ones(10, 1, 1, dtype=torch.float64))
+    finally:
+        remove_op(op.key)
