@@ -52,29 +52,37 @@ def bind_parameters(graph: Graph, module: nn.Module, strict: bool = True) -> dic
     from dualgraph.frontends.fx_lowering import TRANSPOSE_OF
     consts = {v.name: v for v in graph.values.values() if v.is_const}
     bound: dict[str, str] = {}
-    missing = []
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    for name, p in tensors:
+    bound_ids: set[int] = set()
+    unbound: dict[int, str] = {}
+    for name, p in _named_tensors(module):  # every alias of a shared parameter: the frontend names it by one
+        if id(p) in bound_ids:
+            continue
         # a transposed use (Linear on a sequence): the live parameter's transpose, a view of it
         for v in consts.values():
             if v.meta.get(TRANSPOSE_OF) == name and torch.equal(v.const, p.detach().t().to(v.const.device)):
                 v.const = p.t()
                 bound[name] = v.name
+                bound_ids.add(id(p))
         pat = re.compile(re.escape(name) + r"(_\d+)?$")
         hit = next((v for vname, v in consts.items() if pat.match(vname) and v.const.shape == p.shape
                     and v.const.dtype == p.dtype and torch.equal(v.const, p.detach().to(v.const.device))), None)
-        if hit is None and name in bound:
-            continue
         if hit is None:
-            if isinstance(p, nn.Parameter) and p.requires_grad:
-                missing.append(name)
+            if isinstance(p, nn.Parameter) and p.requires_grad and id(p) not in bound_ids:
+                unbound.setdefault(id(p), name)
             continue
         hit.const = p
         bound[name] = hit.name
+        bound_ids.add(id(p))
+    missing = [name for i, name in unbound.items() if i not in bound_ids]
     if missing and strict:
         raise DualgraphError(f"parameters {', '.join(missing)} have no matching constant in the lowered graph "
                              "(the frontend folded them), so gradients would not reach them")
     return bound
+
+
+def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer under every name it has (a shared one under each)."""
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
 
 
 def _refuse_derived_constants(graph: Graph) -> None:
@@ -109,7 +117,7 @@ class _Lowered:
         """Still bound to the module's current tensors (a replaced Parameter needs a new lowering)."""
         if tuple(x.shape[1:]) != self.unit_shape:
             return False
-        live = dict([*module.named_parameters(), *module.named_buffers()])
+        live = dict(_named_tensors(module))
         return all(live.get(k) is t for k, t in self.params.items())
 
 
@@ -127,7 +135,7 @@ def lower_module(model: nn.Module, x: torch.Tensor) -> _Lowered:
         graph = strip_readout(load_module(model, x[:2].detach(), warn_training=False))  # inference semantics meant
     _refuse_derived_constants(graph)
     names = bind_parameters(graph, model)
-    live = dict([*model.named_parameters(), *model.named_buffers()])
+    live = dict(_named_tensors(model))
     low = _LOWERED[model] = _Lowered(graph, {k: live[k] for k in names}, tuple(x.shape[1:]))
     return low
 

@@ -216,3 +216,33 @@ def test_gradient_of_trailing_batchnorm_matches_finite_differences():
         down = robust_loss(net, x, y, 0.05)[0].item()
         w += h * d
     assert (up - down) / (2 * h) == pytest.approx(float((w.grad * d).sum()), rel=1e-5)
+
+
+class SharedLinear(nn.Module):
+    """``c.weight`` is ``b.weight`` (registered under two names): the frontend named the
+    constant by one alias and binding looked for the other, refusing a sound model (a review)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b, self.c, self.out = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+        self.c.weight = self.b.weight
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.c(x)))))
+
+
+def test_a_parameter_shared_by_two_modules_is_bound_under_either_name():
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3), torch.randint(0, 2, (8,))
+    model = SharedLinear()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(5):
+        loss, _ = robust_loss(model, x, y, 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        J = robust_bounds(model, x, y, 0.0).squeeze(1)
+        z = model(x)
+    margins = z.gather(1, y[:, None]).squeeze(1) - z.gather(1, (1 - y)[:, None]).squeeze(1)
+    assert (J <= margins + 1e-5).all() and torch.allclose(J, margins, atol=1e-4)
