@@ -108,6 +108,17 @@ def test_folded_parameter_is_an_error():
     assert bind_parameters(graph, mod, strict=False) == {}
 
 
+def assert_bounds_are_the_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """At eps 0 the bounds of ``logit_y - logit_j`` are the module's margins themselves (and never
+    above them): the lowering follows the module's current parameters."""
+    with torch.no_grad():
+        J = robust_bounds(model, x, y, 0.0)
+        out = model(x)
+    others = torch.stack([torch.tensor([j for j in range(out.shape[1]) if j != int(t)]) for t in y])
+    margins = out.gather(1, y[:, None]) - out.gather(1, others)
+    assert (J <= margins + 1e-5).all() and torch.allclose(J, margins, atol=1e-4)
+
+
 class TiedWeights(nn.Module):
     """``l1.weight`` used as it is and transposed (an autoencoder's tied decoder)."""
 
@@ -137,13 +148,7 @@ def test_a_constant_computed_from_a_used_parameter_is_refused():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        J = robust_bounds(model, x, y, 0.0)
-        out = model(x)
-    others = torch.stack([torch.tensor([j for j in range(3) if j != int(t)]) for t in y])
-    margins = out.gather(1, y[:, None]) - out.gather(1, others)
-    assert (J <= margins + 1e-5).all()
-    assert torch.allclose(J, margins, atol=1e-4)  # eps 0: the bound is the margin itself
+    assert_bounds_are_the_margins(model, x, y)
 
 
 class SequenceTied(nn.Module):
@@ -175,11 +180,7 @@ def test_a_linear_layer_on_sequences_trains_bound_to_its_weight(tied):
         if step == 0:  # the gradient reaches the weight (later steps may leave every unit off)
             assert bool(model.l1.weight.grad.abs().sum() > 0)
         opt.step()
-    with torch.no_grad():
-        J = robust_bounds(model, x, y, 0.0).squeeze(1)
-        z = model(x)
-    margins = z.gather(1, y[:, None]).squeeze(1) - z.gather(1, (1 - y)[:, None]).squeeze(1)
-    assert (J <= margins + 1e-5).all() and torch.allclose(J, margins, atol=1e-4)
+    assert_bounds_are_the_margins(model, x, y)
 
 
 def test_projected_training_step_reduces_the_loss():
@@ -241,8 +242,4 @@ def test_a_parameter_shared_by_two_modules_is_bound_under_either_name():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        J = robust_bounds(model, x, y, 0.0).squeeze(1)
-        z = model(x)
-    margins = z.gather(1, y[:, None]).squeeze(1) - z.gather(1, (1 - y)[:, None]).squeeze(1)
-    assert (J <= margins + 1e-5).all() and torch.allclose(J, margins, atol=1e-4)
+    assert_bounds_are_the_margins(model, x, y)
