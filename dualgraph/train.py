@@ -100,6 +100,10 @@ class TrainConfig:
                                      f"{'>' if strict else '>='} {least:g}, got {value}")
         if self.eps_start is not None:
             check_eps(self.eps_start)
+        if self.epochs < self.ramp_epochs:
+            warnings.warn(f"--epochs {self.epochs} ends before the eps ramp (--ramp-epochs {self.ramp_epochs}): "
+                          f"training reaches about eps {self.eps_at(self.epochs, 1):g}, not {self.eps:g} (the test "
+                          "robust error is measured at the target eps)", UserWarning, stacklevel=3)
         if self.eval_limit is not None and self.eval_limit < 1:
             raise DualgraphError(f"--eval-limit must be a positive number of test examples (0: all), "
                                  f"got {self.eval_limit}")

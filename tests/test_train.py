@@ -152,6 +152,12 @@ def test_manifest_errors(tmp_path, capsys):
     assert code == 2 and "same input and output shapes" in err
 
 
+def test_fewer_epochs_than_the_ramp_is_said():
+    """The ramp would never reach the target eps, silently (a review)."""
+    with pytest.warns(UserWarning, match="--epochs 1 ends before the eps ramp"):
+        TrainConfig(**{**FAST, "epochs": 1, "ramp_epochs": 2})
+
+
 def test_resume_checks_what_it_resumes(tmp_path):
     """A review's cases: another training set (a traceback, or a silent switch with another
     --limit), a corrupt checkpoint (a traceback), fewer epochs than done (the later model exported
