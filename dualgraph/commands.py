@@ -317,9 +317,11 @@ def _bounds_input_set(args, certifier):
     from .input_sets import Box
     if args.vnnlib:
         from .vnnlib import read_vnnlib
+        from .input_sets import outward
         prop = read_vnnlib(args.vnnlib)[0]
-        lo = torch.tensor(prop.input_lo, dtype=certifier.dtype).unsqueeze(0)
-        hi = torch.tensor(prop.input_hi, dtype=certifier.dtype).unsqueeze(0)
+        # the box verify bounds: its inputs as the model is fed them, rounded outward
+        fed = prop.fed_bounds(torch.empty(0, dtype=certifier.graph.inputs[0].dtype).numpy().dtype)
+        lo, hi = outward(*(torch.tensor(a, dtype=torch.float64).unsqueeze(0) for a in fed), certifier.dtype)
         return Box(certifier._prepare(lo), certifier._prepare(hi)), None, None
     if args.eps is None:
         raise DualgraphError("dump --bounds needs --eps (and --dataset/--data-dir) or --vnnlib PROPERTY")
